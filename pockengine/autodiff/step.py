@@ -1,0 +1,188 @@
+"""The whole training step as ONE Relax function, derived at compile time.
+
+    train_step(batch..., params..., buffers..., lr, step, optimizer slots...)
+        -> (loss, new trainable params..., new mutated buffers..., new step, new slots...)
+
+Forward + loss come from a frontend (`forward_loss`); Relax's `Gradient` pass differentiates it with
+respect to the trainable parameters only (the backward of frozen parts is never generated); the
+optimizer's update is emitted after the gradients in the same dataflow block, so later passes see
+and schedule forward, backward and update together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..errors import UnsupportedOpError
+from ..frontend import FUNC_NAME, ImportedModel, TensorSpec
+from ..ir import inline_body
+from ..optim import LR, STEP, Optimizer, _Emitter
+from . import gradients
+
+STEP_FUNC = "train_step"
+
+# Ops without a gradient rule that DecomposeOpsForTraining rewrites into differentiable ones first.
+DECOMPOSED_FOR_TRAINING = {"relax.nn.layer_norm", "relax.nn.batch_norm"}
+
+# State categories, used by the runtime, the manifest and the memory report.
+PARAM, FROZEN, BUFFER, OPTIMIZER = "param", "frozen_param", "buffer", "optimizer"
+
+
+@dataclass
+class StepSignature:
+    """How to call `train_step`: its inputs in order and which state each output replaces."""
+
+    batch: list[TensorSpec]
+    state: list[TensorSpec]  # every state tensor the step reads, in argument order after the batch
+    categories: dict  # state name -> PARAM | FROZEN | BUFFER | OPTIMIZER
+    outputs: list[str]  # state names written by outputs 1.. (output 0 is the loss)
+    loss_dtype: str
+
+    def to_json(self) -> dict:
+        return {
+            "batch": [s.to_json() for s in self.batch],
+            "state": [dict(s.to_json(), category=self.categories[s.name]) for s in self.state],
+            "outputs": ["loss"] + self.outputs,
+            "loss_dtype": self.loss_dtype,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "StepSignature":
+        return cls(
+            batch=[TensorSpec.from_json(s) for s in d["batch"]],
+            state=[TensorSpec.from_json(s) for s in d["state"]],
+            categories={s["name"]: s["category"] for s in d["state"]},
+            outputs=list(d["outputs"][1:]),
+            loss_dtype=d["loss_dtype"],
+        )
+
+
+def slot_name(slot: str, param: str) -> str:
+    return f"optimizer.{slot}.{param}"
+
+
+def check_differentiable(imported: ImportedModel, trainable: list[str]) -> None:
+    """Raise UnsupportedOpError naming every op (and its torch origin) that lies between a trainable
+    parameter and the loss and has no gradient rule. Ops only frozen parts use are fine."""
+    gradients.install()
+    func = imported.func
+    n_in = len(imported.inputs)
+    pvars = {spec.name: var for spec, var in zip(imported.params, func.params[n_in:])}
+    live = {pvars[name] for name in trainable}  # vars a gradient can flow back into
+    bindings = [b for block in func.body.blocks for b in block.bindings]
+    for b in bindings:
+        # Boolean and integer tensors (masks, indices) carry no gradient: the chain stops there.
+        if _carries_gradient(b.var.ty) and any(v in live for v in relax.analysis.free_vars(b.value)):
+            live.add(b.var)
+    loss = _loss_expr(func)
+    needed = set(relax.analysis.free_vars(loss))  # vars the loss depends on
+    missing = []
+    for b in reversed(bindings):
+        if b.var not in needed:
+            continue
+        needed.update(relax.analysis.free_vars(b.value))
+        value = b.value
+        if b.var in live and isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+            name = value.op.name
+            if name not in DECOMPOSED_FOR_TRAINING and not gradients.has_gradient(name):
+                if name == "relax.call_tir":
+                    name = f"relax.call_tir({value.args[0].name_hint})"
+                missing.append(f"  {name}  <-  {imported.origin.get(b.var.name, 'unknown origin')}")
+    if missing:
+        listing = "\n".join(dict.fromkeys(reversed(missing)))
+        raise UnsupportedOpError(
+            f"no gradient rule for {len(missing)} operation(s) between the trained parameters and the loss:\n"
+            f"{listing}\n"
+            "Fix: freeze the parameters before these operations (sparse_update / requires_grad=False), "
+            "replace the operation in the model, or add a rule to pockengine/autodiff/gradients.py."
+        )
+
+
+def _carries_gradient(ty) -> bool:
+    if isinstance(ty, relax.TupleType):
+        return any(_carries_gradient(f) for f in ty.fields)
+    return isinstance(ty, relax.TensorType) and str(ty.dtype).startswith(("float", "bfloat"))
+
+
+def _loss_expr(func):
+    body = func.body.body
+    bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+    while isinstance(body, relax.Var) and body in bound:
+        body = bound[body]
+    return body.fields[0] if isinstance(body, relax.Tuple) else body
+
+
+def build_train_step(imported: ImportedModel, optimizer: Optimizer, trainable: list[str]):
+    """(IRModule with `train_step`, StepSignature, initial optimizer state as {name: array})."""
+    gradients.install()
+    if not trainable:
+        raise UnsupportedOpError("nothing to train: every parameter is frozen")
+    check_differentiable(imported, trainable)
+    n_in = len(imported.inputs)
+    trainable_set = set(trainable)
+    mod = relax.transform.DecomposeOpsForTraining(FUNC_NAME)(imported.mod)
+    fparams = list(mod[FUNC_NAME].params)
+    pvars = dict(zip([s.name for s in imported.params], fparams[n_in:]))
+    require = [pvars[s.name] for s in imported.params if s.name in trainable_set]
+    mod = relax.transform.Gradient(FUNC_NAME, require_grads=require, target_index=0)(mod)
+    adjoint = mod[FUNC_NAME + "_adjoint"]
+
+    # The adjoint takes the same parameters as forward_loss; we reuse its Vars as ours.
+    aparams = list(adjoint.params)
+    n_p = len(imported.params)
+    param_vars = aparams[n_in:n_in + n_p]
+    by_name = {s.name: v for s, v in zip(imported.params, param_vars)}
+
+    lr_var = relax.Var(LR, relax.TensorType((), "float64"))
+    step_var = relax.Var(STEP, relax.TensorType((), "int64"))
+    trained = [s for s in imported.params if s.name in trainable_set]
+    slot_specs, slot_vars = [], {}
+    for slot in optimizer.slots():
+        for s in trained:
+            spec = TensorSpec(slot_name(slot, s.name), s.shape, s.dtype)
+            slot_specs.append(spec)
+            slot_vars[(slot, s.name)] = relax.Var(spec.name, relax.TensorType(s.shape, s.dtype))
+
+    bb = relax.BlockBuilder()
+    all_params = aparams + [lr_var, step_var] + [slot_vars[k] for k in slot_vars]
+    with bb.function(STEP_FUNC, all_params, attrs={"num_input": n_in}):
+        with bb.dataflow():
+            ret = inline_body(bb, adjoint)
+            outputs, grads = ret
+            loss, new_buffers = outputs[0], outputs[1:]
+            new_step = bb.emit(relax.op.add(step_var, relax.const(1, "int64")), "new_step")
+            step_f64 = bb.emit(relax.op.astype(new_step, "float64"), "step_f64")
+            new_params, new_slots = [], []
+            for s, grad in zip(trained, grads):
+                em = _Emitter(bb, s.dtype)
+                slots = {slot: slot_vars[(slot, s.name)] for slot in optimizer.slots()}
+                p, updated = optimizer.update(em, by_name[s.name], grad, slots, lr_var, step_f64)
+                new_params.append(p)
+                new_slots.append(updated)
+            slot_out = [new_slots[i][slot] for slot in optimizer.slots() for i in range(len(trained))]
+            out = bb.emit_output(relax.Tuple([loss] + new_params + list(new_buffers) + [new_step] + slot_out))
+        bb.emit_func_output(out)
+    step_mod = tvm.IRModule({STEP_FUNC: bb.get()[STEP_FUNC]})
+    step_mod = relax.transform.DeadCodeElimination([STEP_FUNC])(step_mod)
+
+    categories = {s.name: (PARAM if s.name in trainable_set else FROZEN) for s in imported.params}
+    categories.update({s.name: BUFFER for s in imported.buffers})
+    opt_specs = [TensorSpec(LR, (), "float64"), TensorSpec(STEP, (), "int64")] + slot_specs
+    categories.update({s.name: OPTIMIZER for s in opt_specs})
+    signature = StepSignature(
+        batch=list(imported.inputs),
+        state=list(imported.params) + list(imported.buffers) + opt_specs,
+        categories=categories,
+        outputs=[s.name for s in trained] + list(imported.mutated_buffers) + [STEP]
+        + [slot_name(slot, s.name) for slot in optimizer.slots() for s in trained],
+        loss_dtype=str(_loss_expr(imported.func).ty.dtype),
+    )
+    init = {LR: np.array(optimizer.lr, "float64"), STEP: np.array(0, "int64")}
+    for slot in optimizer.slots():
+        for s in trained:
+            init[slot_name(slot, s.name)] = optimizer.init_slot(slot, imported.initial[s.name])
+    return step_mod, signature, init

@@ -1,0 +1,100 @@
+"""The pipeline: TrainingJob -> compiled Program, stage by stage.
+
+    import (frontend) -> autodiff (train_step) -> lower (legalize, fuse, plan memory) -> memory report
+    -> codegen (TIR + VM executable)
+
+Each stage takes the previous stage's value and returns a new one. `progress` receives
+(stage index, stage count, name, seconds or None when it starts) so the CLI can show the build.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import tvm
+from tvm import relax
+
+from . import targets
+from .autodiff.step import STEP_FUNC, build_train_step
+from .passes.memory_plan import memory_report
+from .runtime import LIBRARY
+
+STAGES = ("import", "autodiff", "lower", "memory plan", "codegen")
+
+
+def print_progress(index: int, total: int, name: str, seconds: float | None, stream=sys.stderr) -> None:
+    if seconds is None:
+        print(f"[{index}/{total}] {name} ...", end="", flush=True, file=stream)
+    else:
+        print(f" {seconds:.1f} s", flush=True, file=stream)
+
+
+@contextmanager
+def _stage(name: str, progress):
+    index = STAGES.index(name) + 1
+    if progress:
+        progress(index, len(STAGES), name, None)
+    start = time.perf_counter()
+    yield
+    if progress:
+        progress(index, len(STAGES), name, time.perf_counter() - start)
+
+
+def lowering_passes(target) -> list:
+    """Relax passes from the training step to a memory-planned function (TVM's CPU pipeline, split
+    before the finalisation passes so the plan can be read)."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    return (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + cpu.dataflow_lower_passes(target)
+            + [relax.transform.StaticPlanBlockMemory()])
+
+
+def finalize_passes() -> list:
+    return [
+        relax.transform.LowerAllocTensor(),
+        relax.transform.KillAfterLastUse(),
+        relax.transform.LowerRuntimeBuiltin(),
+        relax.transform.ComputePrimValue(),
+        relax.transform.VMShapeLower(),
+        relax.transform.AttachGlobalSymbol(),
+    ]
+
+
+def compile(job, target="host", progress=None):  # noqa: A001 - the public name of the contract
+    """Compile `job` for `target` (preset name, TVM target dict or tag) -> runtime.Program."""
+    from .runtime import Program
+
+    preset = targets.resolve(target)
+    tvm_target = preset.target()
+    with _stage("import", progress):
+        imported = job.import_model()
+    with _stage("autodiff", progress):
+        step_mod, signature, optimizer_state = build_train_step(imported, job.optimizer, job.trainable(imported))
+    with _stage("lower", progress):
+        with tvm_target:
+            lowered = tvm.transform.Sequential(lowering_passes(tvm_target))(step_mod)
+    with _stage("memory plan", progress):
+        report = memory_report(lowered[STEP_FUNC], step_mod[STEP_FUNC], signature, imported.origin)
+    with _stage("codegen", progress):
+        with tvm_target:
+            final = tvm.transform.Sequential(finalize_passes())(lowered)
+        executable = relax.build(final, target=tvm_target, relax_pipeline=None)
+        # LLVM emits machine code when the library is written; doing it once here (instead of a JIT
+        # link for the VM and again on export) halves the build. The Program owns the file.
+        library = os.path.join(tempfile.mkdtemp(prefix="pockengine-"), LIBRARY)
+        executable.export_library(library)
+    state = {**imported.initial, **optimizer_state}
+    meta = {
+        "name": job.name,
+        "target": preset.name,
+        "tvm_target": dict(tvm_target.export()),
+        "optimizer": job.optimizer.to_json(),
+        "source": imported.source,
+        "state_dict_keys": job.state_dict_keys() or [s.name for s in imported.params + imported.buffers],
+        "non_persistent": sorted(imported.non_persistent),
+    }
+    return Program(library, signature, state, report, meta, owns_library=True)

@@ -1,0 +1,191 @@
+"""`pockengine` command line: build | run | inspect | targets.
+
+    pockengine build train.py --target host -o build/mlp
+    pockengine run build/mlp --steps 20 [--data batches.npz] [--save]
+    pockengine inspect build/mlp
+    pockengine targets
+
+Errors a user can cause print one line (`error: ...`) and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from .errors import InputError, PockEngineError
+
+EXAMPLE = "example.npz"
+
+
+def _parse_target(text: str):
+    """--target takes a preset name, a TVM tag or a JSON target dict."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PockEngineError(f"--target looks like JSON but does not parse: {e}") from None
+    return text
+
+
+def cmd_build(args) -> int:
+    from .build import compile as compile_job, print_progress
+    from .job import load_job
+    from .runtime import _write_npz
+
+    job = load_job(args.train_py)
+    out = args.output or os.path.join("build", job.name)
+    print(f"building {args.train_py} (job {job.name!r}) for target {args.target}", file=sys.stderr)
+    start = time.perf_counter()
+    program = compile_job(job, _parse_target(args.target), progress=None if args.quiet else print_progress)
+    program.export(out)
+    # The example batch travels with the artifact so `pockengine run` works without --data.
+    example = [_numpy(x) for x in job.example_inputs + (job.example_targets,)]
+    _write_npz(os.path.join(out, EXAMPLE), {s.name: a for s, a in zip(program.signature.batch, example)})
+    report = program.memory_report()
+    print(f"wrote {out} in {time.perf_counter() - start:.1f} s; planned peak memory {report.peak_bytes / 2**20:.2f} MiB")
+    return 0
+
+
+def _numpy(x):
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+def _batches(program, data_path: str | None, artifact: str):
+    """Yield batches forever: from --data (arrays named after the inputs, with an optional leading
+    batch-index axis, cycled) or the example batch saved at build time."""
+    specs = program.signature.batch
+    path = data_path or os.path.join(artifact, EXAMPLE)
+    if not os.path.isfile(path):
+        raise InputError(f"no data: {path} does not exist (pass --data FILE.npz with arrays "
+                         f"{', '.join(s.name for s in specs)})")
+    with np.load(path, allow_pickle=False) as npz:
+        missing = [s.name for s in specs if s.name not in npz.files]
+        if missing:
+            raise InputError(f"{path} lacks arrays {missing}; it has {npz.files}. Name the arrays "
+                             f"{[s.name for s in specs]} (shapes {[s.shape for s in specs]}, optionally with a "
+                             "leading axis indexing batches)")
+        arrays = [npz[s.name] for s in specs]
+    counts = set()
+    for a, s in zip(arrays, specs):
+        if a.shape == s.shape:
+            continue
+        if a.shape[1:] == s.shape:
+            counts.add(a.shape[0])
+        else:
+            raise InputError(f"{path}: {s.name} has shape {a.shape}; expected {s.shape} or (N, *{s.shape})")
+    n = min(counts) if counts else 1
+    i = 0
+    while True:
+        yield [a if a.shape == s.shape else a[i % n] for a, s in zip(arrays, specs)]
+        i += 1
+
+
+def cmd_run(args) -> int:
+    from .runtime import load
+
+    program = load(args.artifact)
+    batches = _batches(program, args.data, args.artifact)
+    times = []
+    for step in range(1, args.steps + 1):
+        batch = next(batches)
+        start = time.perf_counter()
+        loss = program.step(*batch)
+        times.append(time.perf_counter() - start)
+        print(f"step {step:>5}  loss {loss:.6f}  {times[-1] * 1e3:8.2f} ms", flush=True)
+    if times:
+        print(f"{len(times)} steps, median {np.median(times) * 1e3:.2f} ms/step")
+    if args.save:
+        program.save_state(args.artifact)
+        print(f"saved the trained state to {args.artifact}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .passes.memory_plan import MemoryReport
+    from .runtime import read_manifest
+
+    m = read_manifest(args.artifact)
+    if args.json:
+        print(json.dumps(m, indent=1))
+        return 0
+    sig = m["signature"]
+    print(f"artifact   {args.artifact}")
+    print(f"job        {m['name']} ({m['source']})")
+    print(f"target     {m['target']}  {json.dumps(m['tvm_target'])}")
+    opt = {k: v for k, v in m["optimizer"].items() if k != "kind"}
+    print(f"optimizer  {m['optimizer']['kind']}({', '.join(f'{k}={v}' for k, v in opt.items())})")
+    print("inputs     " + ", ".join(f"{b['name']} {tuple(b['shape'])} {b['dtype']}" for b in sig["batch"]))
+    params = m["parameters"]
+    trained = [p for p in params if p["trained"]]
+    n_el = lambda ps: sum(int(np.prod(p["shape"], dtype=np.int64)) for p in ps)  # noqa: E731
+    print(f"parameters {len(params)} tensors, {n_el(params):,} values; trained {len(trained)} tensors, "
+          f"{n_el(trained):,} values; buffers {len(m['buffers'])}")
+    print(f"versions   " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+    print()
+    print(MemoryReport.from_json(m["memory"]))
+    return 0
+
+
+def cmd_targets(args) -> int:
+    from .targets import presets
+
+    for name, preset in presets().items():
+        missing = [pkg for prog, pkg in preset.requires if not _which(prog)]
+        status = "ready" if not missing else "missing: apt-get install " + " ".join(missing)
+        print(f"{name:<18}{preset.description:<44}{status}")
+        print(f"{'':<18}{json.dumps(preset.tvm_target)}")
+    return 0
+
+
+def _which(program: str) -> bool:
+    import shutil
+
+    return shutil.which(program) is not None
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pockengine", description="Compile and run training steps with TVM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="compile the `job` of a train.py into an artifact directory")
+    b.add_argument("train_py")
+    b.add_argument("--target", default="host", help="preset name, TVM tag or JSON target dict (default: host)")
+    b.add_argument("-o", "--output", help="artifact directory (default: build/<job name>)")
+    b.add_argument("-q", "--quiet", action="store_true", help="do not show the build stages")
+    b.set_defaults(func=cmd_build)
+
+    r = sub.add_parser("run", help="run training steps of an artifact, printing the loss")
+    r.add_argument("artifact")
+    r.add_argument("--steps", type=int, default=10)
+    r.add_argument("--data", help=".npz with one array per input (optionally with a leading axis of batches)")
+    r.add_argument("--save", action="store_true", help="write the trained state back into the artifact")
+    r.set_defaults(func=cmd_run)
+
+    i = sub.add_parser("inspect", help="show an artifact's manifest and memory plan")
+    i.add_argument("artifact")
+    i.add_argument("--json", action="store_true", help="print the raw manifest")
+    i.set_defaults(func=cmd_inspect)
+
+    t = sub.add_parser("targets", help="list target presets and whether this machine can build them")
+    t.set_defaults(func=cmd_targets)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PockEngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Every error a user can cause. Each message names the cause and the fix.
+
+They derive from `PockEngineError` so a caller can catch them all, and from the matching built-in
+exception (ValueError, TypeError, ...) so generic handlers keep working.
+"""
+
+
+class PockEngineError(Exception):
+    """Base class of all errors PockEngine raises on purpose."""
+
+
+class JobError(PockEngineError, ValueError):
+    """The TrainingJob (or the train.py defining it) is malformed."""
+
+
+class LossError(PockEngineError, ValueError):
+    """The loss is unknown or does not produce a scalar."""
+
+
+class UnsupportedOpError(PockEngineError, NotImplementedError):
+    """An operator cannot be imported or has no gradient rule."""
+
+
+class FrontendError(PockEngineError, ValueError):
+    """The model could not be captured or imported (torch.export / ONNX)."""
+
+
+class InputError(PockEngineError, ValueError):
+    """A batch passed to step() does not match what the program was compiled for."""
+
+
+class StateError(PockEngineError, ValueError):
+    """A state dict passed to load_state_dict() does not match the program."""
+
+
+class TargetError(PockEngineError, ValueError):
+    """The target is unknown or cannot be built for on this machine."""
+
+
+class ArtifactError(PockEngineError, OSError):
+    """An exported artifact is missing, corrupt or truncated."""
+
+
+class OptimizerError(PockEngineError, ValueError):
+    """Optimizer hyper-parameters are invalid."""

@@ -1,0 +1,80 @@
+"""Frontends: a user's model + loss -> one Relax function `forward_loss` and its tables.
+
+`forward_loss(inputs..., target, params..., buffers...) -> (loss, new values of mutated buffers...)`
+
+Both frontends (torch.export, ONNX) return an `ImportedModel`; nothing downstream knows which one ran.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FUNC_NAME = "forward_loss"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, static shape and dtype (a numpy dtype name) of one tensor the step reads or writes."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TensorSpec":
+        return cls(d["name"], tuple(int(s) for s in d["shape"]), d["dtype"])
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an operation of the imported graph came from in the user's model."""
+
+    op: str  # e.g. "aten.gelu.default" or an ONNX node's op_type
+    module: str = ""  # e.g. "encoder.layers.0.linear1 (Linear)"
+    location: str = ""  # e.g. "train.py:12"
+
+    @property
+    def module_path(self) -> str:
+        return self.module.split(" (")[0]
+
+    def __str__(self) -> str:
+        parts = [self.op]
+        if self.module:
+            parts.append(f"in module {self.module}")
+        if self.location:
+            parts.append(f"at {self.location}")
+        return " ".join(parts)
+
+
+@dataclass
+class ImportedModel:
+    """What a frontend hands to autodiff.
+
+    `mod["forward_loss"]` takes `inputs` (model inputs, then the target), then `params`, then
+    `buffers`, and returns `(loss, *new values of mutated_buffers)`.
+    """
+
+    mod: object  # tvm.IRModule
+    inputs: list[TensorSpec]
+    params: list[TensorSpec]
+    buffers: list[TensorSpec]
+    mutated_buffers: list[str]
+    initial: dict[str, np.ndarray]
+    # Binding name in forward_loss -> Origin of the op in the user's model (errors, per-layer reports).
+    origin: dict = field(default_factory=dict)
+    # Buffers that state_dict() leaves out, as torch does for register_buffer(..., persistent=False).
+    non_persistent: set = field(default_factory=set)
+    source: str = "torch"
+
+    @property
+    def func(self):
+        return self.mod[FUNC_NAME]

@@ -1,0 +1,338 @@
+"""PyTorch frontend: torch.export of (model + loss) -> Relax `forward_loss`.
+
+We drive TVM's `ExportedProgramImporter` ourselves instead of calling `from_exported_program` because
+that function (a) binds buffers as constants, (b) drops buffer-mutation outputs and (c) imports a
+training-mode BatchNorm as an op whose new running statistics are zeros. A trainer needs the buffers
+as state that flows in and out of the step, so here buffers stay inputs, mutations become outputs,
+and BatchNorm is converted to explicit, differentiable arithmetic with PyTorch's running-stat update.
+Along the way every Relax binding is traced back to the torch node it came from, for error messages.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+import tvm
+from tvm import relax
+
+from ..errors import FrontendError, LossError, UnsupportedOpError
+from . import FUNC_NAME, ImportedModel, Origin, TensorSpec
+
+LOSSES = {
+    "cross_entropy": nn.functional.cross_entropy,
+    "mse": nn.functional.mse_loss,
+}
+
+
+def resolve_loss(loss):
+    """'cross_entropy' | 'mse' | a callable loss(output, target) -> scalar tensor."""
+    if isinstance(loss, str):
+        if loss not in LOSSES:
+            raise LossError(f"unknown loss {loss!r}: use one of {sorted(LOSSES)} or a callable loss(output, target)")
+        return LOSSES[loss]
+    if callable(loss):
+        return loss
+    raise LossError(f"loss must be a name ({sorted(LOSSES)}) or a callable loss(output, target), got {type(loss).__name__}")
+
+
+class _ForwardLoss(nn.Module):
+    """The graph we export: the user's model followed by the loss. Parameters keep their names under
+    the `model.` prefix, which the importer strips again."""
+
+    def __init__(self, model: nn.Module, loss_fn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, *inputs_and_target):
+        *inputs, target = inputs_and_target
+        return self.loss_fn(self.model(*inputs), target)
+
+
+def import_torch(model: nn.Module, example_inputs: tuple, example_targets, loss) -> ImportedModel:
+    """Export `loss(model(*example_inputs), example_targets)` and import it as `forward_loss`."""
+    loss_fn = resolve_loss(loss)
+    args = tuple(example_inputs) + (example_targets,)
+    try:
+        with warnings.catch_warnings():  # torch's own deprecation chatter from inside export
+            warnings.simplefilter("ignore", FutureWarning)
+            ep = torch.export.export(_ForwardLoss(model, loss_fn), args, strict=False)
+            # Core ATen decomposition: fewer distinct ops to differentiate, and PyTorch's own
+            # semantics for composite ops (cross_entropy's ignore_index/label_smoothing, attention).
+            ep = ep.run_decompositions()
+    except Exception as e:  # torch raises many kinds; the user needs the message, not the type
+        raise FrontendError(
+            f"torch.export could not capture the model with its loss: {type(e).__name__}: {str(e)[:2000]}\n"
+            "Fix: the model's forward (and the loss) must be exportable with torch.export.export "
+            "(no data-dependent Python control flow; see torch.export's documentation)."
+        ) from e
+    _check_loss_is_scalar(ep)
+    return _Importer(ep).run()
+
+
+def _check_loss_is_scalar(ep) -> None:
+    outputs = [s for s in ep.graph_signature.output_specs if s.kind == torch.export.graph_signature.OutputKind.USER_OUTPUT]
+    out_node = next(n for n in ep.graph.nodes if n.op == "output")
+    by_name = {n.name: n for n in out_node.args[0] if isinstance(n, torch.fx.Node)}
+    if len(outputs) != 1:
+        raise LossError(f"the loss must return one tensor, it returned {len(outputs)} values")
+    val = by_name[outputs[0].arg.name].meta.get("val")
+    if val is None or tuple(val.shape) != ():
+        shape = None if val is None else tuple(val.shape)
+        raise LossError(
+            f"the loss returned a tensor of shape {shape}, not a scalar: reduce it (e.g. .mean()) "
+            "or use reduction='mean'/'sum'"
+        )
+    if not val.dtype.is_floating_point:
+        raise LossError(f"the loss returned dtype {val.dtype}; a training loss must be floating point")
+
+
+def _torch_name(target: str) -> str:
+    return target[len("model."):] if target.startswith("model.") else target
+
+
+def node_origin(node) -> Origin:
+    """Where a torch fx node came from: its aten op, module path and user source line."""
+    module = ""
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path, mtype = list(stack.values())[-1]
+        path = re.sub(r"^L\['self'\]\.?", "", str(path))
+        path = _torch_name(path.replace("._modules['", ".").replace("']", ""))
+        if path and path != "model":
+            module = f"{path} ({str(getattr(mtype, '__name__', mtype)).split('.')[-1]})"
+    frames = re.findall(r'File "([^"]+)", line (\d+)', node.meta.get("stack_trace") or "")
+    user = [(f, ln) for f, ln in frames if f"{os.sep}torch{os.sep}" not in f and "pockengine" not in f]
+    location = f"{os.path.basename(user[-1][0])}:{user[-1][1]}" if user else ""
+    return Origin(str(node.target), module, location)
+
+
+class _Importer:
+    """One import of one ExportedProgram."""
+
+    def __init__(self, ep):
+        from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+        self.ep = ep
+        self.imp = ExportedProgramImporter()
+        self.imp.update_convert_map(_BATCH_NORM_CONVERTERS)
+
+    def run(self) -> ImportedModel:
+        ep, imp = self.ep, self.imp
+        self._check_supported()
+        kinds = torch.export.graph_signature.InputKind
+        state, user_vars, _ = imp.create_input_vars(ep)  # name -> relax.Var, in input-spec order
+        named_buffers = dict(ep.named_buffers())
+        inputs, params, buffers, constants, non_persistent = [], [], [], {}, set()
+        initial = {}
+        param_vars, buffer_vars = [], []
+        for spec in ep.graph_signature.input_specs:
+            var = user_vars[spec.arg.name] if spec.arg.name in user_vars else state[spec.arg.name]
+            tspec = TensorSpec(_torch_name(spec.target or spec.arg.name), _shape(var), _dtype(var))
+            if spec.kind == kinds.USER_INPUT:
+                inputs.append(tspec)
+            elif spec.kind == kinds.PARAMETER:
+                params.append(tspec)
+                param_vars.append(var)
+                initial[tspec.name] = ep.state_dict[spec.target].detach().cpu().numpy().copy()
+            elif spec.kind == kinds.BUFFER:
+                buffers.append(tspec)
+                buffer_vars.append(var)
+                initial[tspec.name] = named_buffers[spec.target].detach().cpu().numpy().copy()
+                if not spec.persistent:
+                    non_persistent.add(tspec.name)
+            else:  # lifted tensor constants are folded into the graph
+                constants[spec.arg.name] = ep.constants[spec.target]
+        n_inputs = len(inputs)
+        inputs = [TensorSpec(f"input{i}" if n_inputs > 2 else "x", s.shape, s.dtype) for i, s in enumerate(inputs[:-1])] + [
+            TensorSpec("target", inputs[-1].shape, inputs[-1].dtype)
+        ]
+        user_var_list = list(user_vars.values())
+
+        bb = imp.block_builder = _InputDtypeBlockBuilder()
+        all_vars = {**user_vars, **state}
+        with bb.function(FUNC_NAME, params=user_var_list + param_vars + buffer_vars + [all_vars[n] for n in constants],
+                         attrs={"num_input": n_inputs}):
+            with bb.dataflow():
+                outs = imp._translate_fx_graph(ep.graph_module, list(ep.graph.nodes), all_vars,
+                                               set(_BATCH_NORM_CONVERTERS))
+                loss, mutated, mutated_values = None, [], []
+                out_kinds = torch.export.graph_signature.OutputKind
+                for spec, value in zip(ep.graph_signature.output_specs, outs):
+                    if spec.kind == out_kinds.BUFFER_MUTATION:
+                        mutated.append(_torch_name(spec.target))
+                        mutated_values.append(value)
+                    elif spec.kind in (out_kinds.USER_OUTPUT, out_kinds.LOSS_OUTPUT):
+                        loss = value
+                    else:
+                        raise UnsupportedOpError(
+                            f"the exported model has a {spec.kind.name} output ({spec.target}); "
+                            "in-place mutation of model inputs is not supported: return new tensors instead"
+                        )
+                # Gradient's target_index needs the tuple itself as the function result, not a var.
+                ret = relax.Tuple([bb.emit_output(v) for v in [loss] + mutated_values])
+            bb.emit_func_output(ret)
+        mod = bb.get()
+        if constants:
+            mod = relax.transform.BindParams(FUNC_NAME, {k: imp._convert_pytorch_tensor_to_tvm(v) for k, v in constants.items()})(mod)
+        return ImportedModel(
+            mod=mod, inputs=inputs, params=params, buffers=buffers, mutated_buffers=mutated,
+            initial=initial, origin=self._origins(mod), non_persistent=non_persistent, source="torch",
+        )
+
+    def _check_supported(self) -> None:
+        missing = {}
+        for node in self.ep.graph.nodes:
+            if node.op == "call_function" and node.target.__name__ not in self.imp.convert_map:
+                missing.setdefault(str(node.target), str(node_origin(node)))
+        if missing:
+            lines = "\n".join(f"  {where}" for where in missing.values())
+            raise UnsupportedOpError(
+                f"TVM's importer has no conversion for {len(missing)} operator(s) of this model:\n{lines}\n"
+                "Fix: replace these operations in the model (or file an issue naming them)."
+            )
+
+    def _origins(self, mod) -> dict:
+        """Name of each forward_loss binding -> Origin of the torch node that produced it.
+
+        The importer records only each node's final var; the helper bindings it emitted before that
+        var (a node can lower to several Relax ops) belong to the same node. Names, not Var objects,
+        are the keys: they survive the passes that rebuild the function.
+        """
+        node_of = {}
+        for node, value in self.imp.env.items():
+            if getattr(node, "op", None) != "call_function":
+                continue
+            for var in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(var, relax.Var):
+                    node_of.setdefault(var, node)
+        origin, pending = {}, []
+        for block in mod[FUNC_NAME].body.blocks:
+            for binding in block.bindings:
+                pending.append(binding.var.name)
+                node = node_of.get(binding.var)
+                if node is not None:
+                    where = node_origin(node)
+                    for name in pending:
+                        origin[name] = where
+                    pending = []
+        return origin
+
+
+class _InputDtypeBlockBuilder(relax.BlockBuilder):
+    """TVM's importer hard-codes out_dtype="float32" on matmul/linear/conv calls, which breaks float64
+    models (float32 products meet float64 biases). For a float64 operand we restore out_dtype to the
+    operand's dtype at emission, before the mismatch can reach any later op."""
+
+    def emit(self, expr, name_hint=""):
+        return super().emit(_keep_input_dtype(expr), name_hint)
+
+
+def _keep_input_dtype(expr):
+    attrs = getattr(expr, "attrs", None)
+    if not isinstance(expr, relax.Call) or attrs is None or not expr.args:
+        return expr
+    info = type(attrs).__tvm_ffi_type_info__
+    names = [f.name for f in info.fields]
+    if "out_dtype" not in names or str(attrs.out_dtype) != "float32":
+        return expr
+    arg_ty = getattr(expr.args[0], "ty", None)
+    if not isinstance(arg_ty, relax.TensorType) or str(arg_ty.dtype) != "float64":
+        return expr
+    fields = {n: getattr(attrs, n) for n in names}
+    fields["out_dtype"] = "float64"
+    return relax.Call(expr.op, expr.args, tvm.ir.make_node(info.type_key, **fields))
+
+
+def _shape(var) -> tuple[int, ...]:
+    try:
+        return tuple(int(d) for d in var.ty.shape)
+    except TypeError as e:
+        raise FrontendError(f"input {var.name} has a symbolic shape; PockEngine compiles static shapes only") from e
+
+
+def _dtype(var) -> str:
+    return str(var.ty.dtype)
+
+
+# ------------------------------------------------------------------ BatchNorm as arithmetic
+
+
+def _batch_norm(importer, x, weight, bias, eps, running=None, momentum=None):
+    """Normalise with batch statistics (training) or running statistics (eval), as PyTorch does.
+
+    Returns (out, mean, rstd, new_running_mean, new_running_var); the last two are None when
+    `running` is None or when the running stats are used for normalisation.
+    """
+    bb = importer.block_builder
+    ndim = len(x.ty.shape)
+    channels = int(x.ty.shape[1])
+    dtype = _dtype(x)
+    axes = [0] + list(range(2, ndim))
+    bshape = [1, channels] + [1] * (ndim - 2)
+    c = lambda v: relax.const(v, dtype)  # noqa: E731
+    if momentum is None and running is not None:  # eval mode: running stats normalise, nothing updates
+        mean = bb.emit(relax.op.reshape(running[0], bshape))
+        rstd = bb.emit(relax.op.rsqrt(relax.op.add(relax.op.reshape(running[1], bshape), c(eps))))
+        centred = bb.emit(relax.op.subtract(x, mean))
+        new_mean = new_var = None
+    else:
+        mean = bb.emit(relax.op.mean(x, axes, keepdims=True))
+        centred = bb.emit(relax.op.subtract(x, mean))
+        var = bb.emit(relax.op.mean(relax.op.multiply(centred, centred), axes, keepdims=True))
+        rstd = bb.emit(relax.op.rsqrt(relax.op.add(var, c(eps))))
+        new_mean = new_var = None
+        if running is not None:
+            n = int(np.prod([int(x.ty.shape[a]) for a in axes]))
+            flat_mean = relax.op.reshape(mean, [channels])
+            unbiased = relax.op.multiply(relax.op.reshape(var, [channels]), c(n / max(n - 1, 1)))
+            new_mean = bb.emit(relax.op.add(relax.op.multiply(c(momentum), flat_mean),
+                                            relax.op.multiply(c(1 - momentum), running[0])))
+            new_var = bb.emit(relax.op.add(relax.op.multiply(c(momentum), unbiased),
+                                           relax.op.multiply(c(1 - momentum), running[1])))
+    out = relax.op.multiply(centred, rstd)
+    if weight is not None:
+        out = relax.op.multiply(out, relax.op.reshape(weight, bshape))
+    if bias is not None:
+        out = relax.op.add(out, relax.op.reshape(bias, bshape))
+    out = bb.emit(out)
+    return out, mean, rstd, new_mean, new_var
+
+
+def _arg(importer, node, i):
+    a = node.args[i] if len(node.args) > i else None
+    return importer.env[a] if isinstance(a, torch.fx.Node) else a
+
+
+def _bn_functional(node, importer):
+    # _native_batch_norm_legit_functional(input, weight, bias, running_mean, running_var, training, momentum, eps)
+    x, w, b, rm, rv = (_arg(importer, node, i) for i in range(5))
+    training, momentum, eps = node.args[5], node.args[6], node.args[7]
+    out, mean, rstd, new_mean, new_var = _batch_norm(importer, x, w, b, eps, (rm, rv), momentum if training else None)
+    return (out, mean, rstd, new_mean if training else rm, new_var if training else rv)
+
+
+def _bn_no_training(node, importer):
+    # _native_batch_norm_legit_no_training(input, weight, bias, running_mean, running_var, momentum, eps)
+    x, w, b, rm, rv = (_arg(importer, node, i) for i in range(5))
+    out, mean, rstd, _, _ = _batch_norm(importer, x, w, b, node.args[6], (rm, rv), None)
+    return (out, mean, rstd)
+
+
+def _bn_no_stats(node, importer):
+    # _native_batch_norm_legit.no_stats(input, weight, bias, training, momentum, eps)
+    x, w, b = (_arg(importer, node, i) for i in range(3))
+    out, mean, rstd, _, _ = _batch_norm(importer, x, w, b, node.args[5])
+    return (out, mean, rstd)
+
+
+_BATCH_NORM_CONVERTERS = {
+    "_native_batch_norm_legit_functional.default": _bn_functional,
+    "_native_batch_norm_legit_no_training.default": _bn_no_training,
+    "_native_batch_norm_legit.no_stats": _bn_no_stats,
+}

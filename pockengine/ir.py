@@ -1,0 +1,27 @@
+"""Small Relax helpers shared by the pipeline stages."""
+
+from __future__ import annotations
+
+from tvm import relax
+
+
+def inline_body(bb: relax.BlockBuilder, func):
+    """Re-emit `func`'s bindings into `bb` (inside the caller's dataflow block) and return its result
+    as nested Python tuples of Relax expressions, resolving tuple-valued bindings statically.
+
+    The function's parameter Vars are reused as they are: the caller makes them its own parameters.
+    """
+    bound = {}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            bb.emit_normalized(binding)
+            bound[binding.var] = binding.value
+
+    def resolve(expr):
+        while isinstance(expr, relax.Var) and expr in bound and isinstance(bound[expr], (relax.Tuple, relax.Var)):
+            expr = bound[expr]
+        if isinstance(expr, relax.Tuple):
+            return tuple(resolve(f) for f in expr.fields)
+        return expr
+
+    return resolve(func.body.body)

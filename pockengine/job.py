@@ -1,0 +1,129 @@
+"""TrainingJob: what to train (model, example batch, loss, optimizer, which parameters) — validated early.
+
+A job is plain data; `pockengine.compile(job, target)` turns it into a program. Errors that a user can
+cause are raised here, at construction, before anything slow happens.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .errors import JobError
+from .optim import Optimizer
+
+
+class TrainingJob:
+    """A model, an example batch, a loss, an optimizer and which parameters to update.
+
+    model: a `torch.nn.Module` (its train/eval mode is respected: BatchNorm in training mode updates
+        its running statistics every step) or an ONNX model (path or `onnx.ModelProto`).
+    example_inputs: the model's positional inputs (a tensor or a tuple of tensors); the compiled step
+        is specialised to their shapes and dtypes.
+    example_targets: the target tensor passed to the loss.
+    loss: "cross_entropy", "mse" or a callable `loss(output, target) -> scalar tensor` (torch only).
+    optimizer: a `pockengine.optim` optimizer (SGD, Adam, AdamW).
+    sparse_update: None trains every parameter with `requires_grad=True`.
+    """
+
+    def __init__(self, model, example_inputs, example_targets, loss, optimizer, sparse_update=None, name=None):
+        self.model = model
+        self.example_inputs = _as_tuple(example_inputs)
+        self.example_targets = example_targets
+        self.loss = loss
+        self.optimizer = optimizer
+        self.sparse_update = sparse_update
+        self.name = name or _default_name(model)
+        self._validate()
+
+    def _validate(self) -> None:
+        if not isinstance(self.optimizer, Optimizer):
+            hint = ""
+            if type(self.optimizer).__module__.startswith("torch.optim"):
+                hint = f" (got torch.optim.{type(self.optimizer).__name__}: use pockengine.optim.{type(self.optimizer).__name__} with the same arguments)"
+            raise JobError(f"optimizer must be a pockengine.optim optimizer such as pe.optim.SGD(lr=0.01){hint}")
+        if self.sparse_update is not None:
+            raise JobError("sparse_update schemes are not available in this version; pass sparse_update=None "
+                           "and freeze parameters with requires_grad=False")
+        if not self.example_inputs:
+            raise JobError("example_inputs is empty: pass the model's input tensor(s)")
+        if self.example_targets is None:
+            raise JobError("example_targets is missing: pass a target tensor for the loss")
+        if self.is_onnx:
+            return
+        try:
+            import torch
+        except ImportError as e:  # pragma: no cover - torch is a dependency
+            raise JobError("a torch model needs PyTorch installed") from e
+        if not isinstance(self.model, torch.nn.Module):
+            raise JobError(f"model must be a torch.nn.Module or an ONNX model, got {type(self.model).__name__}")
+        for i, x in enumerate(self.example_inputs + (self.example_targets,)):
+            if not isinstance(x, torch.Tensor):
+                what = "example_targets" if i == len(self.example_inputs) else f"example_inputs[{i}]"
+                raise JobError(f"{what} must be a torch.Tensor for a torch model, got {type(x).__name__}")
+
+    @property
+    def is_onnx(self) -> bool:
+        if isinstance(self.model, (str, os.PathLike)):
+            return str(self.model).endswith(".onnx")
+        return type(self.model).__name__ == "ModelProto"
+
+    def import_model(self):
+        """Run the frontend: -> ImportedModel."""
+        if self.is_onnx:
+            from .frontend.onnx import import_onnx
+
+            return import_onnx(self.model, self.example_inputs, self.example_targets, self.loss)
+        from .frontend.torch import import_torch
+
+        return import_torch(self.model, self.example_inputs, self.example_targets, self.loss)
+
+    def trainable(self, imported) -> list[str]:
+        """Names of the parameters the step updates: those with requires_grad (all, for ONNX)."""
+        if self.is_onnx:
+            return [p.name for p in imported.params if p.dtype.startswith("float")]
+        frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
+        return [p.name for p in imported.params if p.name not in frozen]
+
+    def state_dict_keys(self) -> list[str] | None:
+        """The model's state_dict() key order (torch interleaves parameters and buffers by module)."""
+        if self.is_onnx:
+            return None
+        return list(self.model.state_dict().keys())
+
+
+def _as_tuple(x) -> tuple:
+    if isinstance(x, (tuple, list)):
+        return tuple(x)
+    return (x,) if x is not None else ()
+
+
+def _default_name(model) -> str:
+    if isinstance(model, (str, os.PathLike)):
+        return os.path.splitext(os.path.basename(str(model)))[0]
+    return type(model).__name__.lower()
+
+
+def load_job(path: str) -> TrainingJob:
+    """Execute a train.py and return its module-level `job`."""
+    import runpy
+
+    if not os.path.isfile(path):
+        raise JobError(f"no such file: {path}")
+    # As `python train.py` would, let the script import modules that sit beside it.
+    script_dir = os.path.dirname(os.path.abspath(path))
+    sys.path.insert(0, script_dir)
+    try:
+        scope = runpy.run_path(path, run_name="__pockengine_job__")
+    except JobError:
+        raise
+    except Exception as e:
+        raise JobError(f"{path} failed while defining the job: {type(e).__name__}: {e}") from e
+    finally:
+        sys.path.remove(script_dir)
+    job = scope.get("job")
+    if job is None:
+        raise JobError(f"{path} defines no `job`: add a module-level `job = pockengine.TrainingJob(...)`")
+    if not isinstance(job, TrainingJob):
+        raise JobError(f"`job` in {path} is a {type(job).__name__}, not a pockengine.TrainingJob")
+    return job

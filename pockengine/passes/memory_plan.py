@@ -1,0 +1,195 @@
+"""Memory plan analysis: what the compiled training step holds, in bytes, by category and by layer.
+
+Two views of the same step, because fusion renames the tensors:
+  * the lowered function, after TVM's StaticPlanBlockMemory, gives the real planned pool (storages the
+    VM allocates for intermediates) and the unplanned allocations (the step's outputs: new state);
+  * the Relax-level `train_step`, before fusion, says which forward tensors are still needed by the
+    backward ("saved activations") and, through the frontend's origins, which layer produced them.
+
+The persistent state (parameters, buffers, optimizer state) comes from the step signature.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, StepSignature
+
+CATEGORIES = ("parameters", "buffers", "optimizer_state", "new_state", "planned_pool")
+_NO_COPY_OPS = {"relax.reshape", "relax.squeeze", "relax.expand_dims", "relax.flatten"}
+
+
+@dataclass
+class LayerRow:
+    layer: str
+    trained: str  # "full", "frozen" or "partial"
+    param_bytes: int = 0
+    grad_bytes: int = 0
+    optimizer_bytes: int = 0
+    saved_activation_bytes: int = 0
+
+
+@dataclass
+class MemoryReport:
+    """Planned memory of one training step.
+
+    `peak_bytes` = sum of `by_category`: the state the step reads, the new state it writes, and TVM's
+    statically planned pool for everything in between (activations, gradients, workspace). The pool is
+    allocated as planned storages, so this is what the step holds at most, not a sampled measurement.
+    """
+
+    peak_bytes: int
+    by_category: dict
+    layers: list = field(default_factory=list)
+    n_storages: int = 0
+    saved_activation_bytes: int = 0
+    gradient_bytes: int = 0
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["layers"] = [asdict(r) for r in self.layers]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "MemoryReport":
+        d = dict(d)
+        d["layers"] = [LayerRow(**r) for r in d.get("layers", [])]
+        return cls(**d)
+
+    def __str__(self) -> str:
+        lines = [f"planned peak: {_fmt(self.peak_bytes)}  ({self.n_storages} planned storages)"]
+        for cat, b in self.by_category.items():
+            lines.append(f"  {cat:<18}{_fmt(b):>12}")
+        lines.append(f"  (within the pool: gradients {_fmt(self.gradient_bytes)}, "
+                     f"saved activations {_fmt(self.saved_activation_bytes)})")
+        header = f"{'layer':<32}{'trained':>8}{'params':>12}{'grads':>12}{'opt state':>12}{'saved act':>12}"
+        lines += ["", header, "-" * len(header)]
+        for r in self.layers:
+            lines.append(f"{r.layer[:31]:<32}{r.trained:>8}{_fmt(r.param_bytes):>12}{_fmt(r.grad_bytes):>12}"
+                         f"{_fmt(r.optimizer_bytes):>12}{_fmt(r.saved_activation_bytes):>12}")
+        return "\n".join(lines)
+
+
+def _fmt(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _tensor_bytes(ty) -> int:
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return 0
+    try:
+        n = int(np.prod([int(d) for d in ty.shape], dtype=np.int64))
+    except TypeError:
+        return 0
+    return n * tvm.DataType(str(ty.dtype)).bits // 8
+
+
+def planned_storage(lowered_func) -> tuple[int, int, int]:
+    """(pool bytes, number of storages, unplanned tensor bytes) of a function lowered through
+    StaticPlanBlockMemory."""
+    storage_op = tvm.ir.Op.get("relax.memory.alloc_storage")
+    tensor_op = tvm.ir.Op.get("relax.builtin.alloc_tensor")
+    pool = n = unplanned = 0
+
+    def visit(e):
+        nonlocal pool, n, unplanned
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
+            if e.op.same_as(storage_op):
+                pool += int(e.args[0].values[0])
+                n += 1
+            elif e.op.same_as(tensor_op):
+                count = int(np.prod([int(d) for d in e.args[0].values], dtype=np.int64))
+                unplanned += count * tvm.DataType(str(e.args[1].value)).bits // 8
+
+    relax.analysis.post_order_visit(lowered_func.body, visit)
+    return pool, n, unplanned
+
+
+def saved_activations(step_func) -> dict[str, int]:
+    """Forward tensors of `train_step` that the backward reads: {binding name: bytes}.
+
+    The backward starts at the first binding the Gradient pass named `*_adjoint`. Reshape-like views
+    are not counted (they share their input's buffer).
+    """
+    bindings = [b for block in step_func.body.blocks for b in block.bindings]
+    start = next((i for i, b in enumerate(bindings) if b.var.name.endswith("_adjoint")), len(bindings))
+    forward = {b.var: b for b in bindings[:start]}
+    used_later = set()
+    for b in bindings[start:]:
+        used_later.update(v for v in relax.analysis.free_vars(b.value) if v in forward)
+    saved = {}
+    for var in used_later:
+        value = forward[var].value
+        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name in _NO_COPY_OPS:
+            continue
+        if isinstance(value, (relax.Var, relax.TupleGetItem, tvm.ir.expr.Constant)):
+            continue
+        saved[var.name] = _tensor_bytes(var.ty)
+    return saved
+
+
+def layer_of(name: str) -> str:
+    """'features.3.conv.1.weight' -> 'features.3.conv.1'."""
+    return name.rsplit(".", 1)[0] if "." in name else "(model)"
+
+
+def memory_report(lowered_func, step_func, signature: StepSignature, origin: dict) -> MemoryReport:
+    pool, n_storages, unplanned = planned_storage(lowered_func)
+    cats = signature.categories
+    state_bytes = defaultdict(int)
+    for spec in signature.state:
+        key = {PARAM: "parameters", FROZEN: "parameters", BUFFER: "buffers", OPTIMIZER: "optimizer_state"}[cats[spec.name]]
+        state_bytes[key] += spec.nbytes
+    by_category = {
+        "parameters": state_bytes["parameters"],
+        "buffers": state_bytes["buffers"],
+        "optimizer_state": state_bytes["optimizer_state"],
+        "new_state": unplanned,
+        "planned_pool": pool,
+    }
+    rows: dict[str, LayerRow] = {}
+    trained_flags = defaultdict(set)
+    param_specs = {s.name: s for s in signature.state}
+    for spec in signature.state:
+        cat = cats[spec.name]
+        if cat in (PARAM, FROZEN):
+            row = rows.setdefault(layer_of(spec.name), LayerRow(layer_of(spec.name), ""))
+            row.param_bytes += spec.nbytes
+            trained_flags[row.layer].add(cat == PARAM)
+            if cat == PARAM:
+                row.grad_bytes += spec.nbytes
+        elif cat == OPTIMIZER and spec.name.count(".") >= 2:
+            pname = spec.name.split(".", 2)[2]
+            if pname in param_specs:
+                rows.setdefault(layer_of(pname), LayerRow(layer_of(pname), "")).optimizer_bytes += spec.nbytes
+    saved = saved_activations(step_func)
+    for var_name, nbytes in saved.items():
+        where = origin.get(var_name)
+        layer = where.module_path if where is not None and where.module_path else "(model)"
+        rows.setdefault(layer, LayerRow(layer, "")).saved_activation_bytes += nbytes
+    for row in rows.values():
+        flags = trained_flags.get(row.layer, set())
+        row.trained = {frozenset({True}): "full", frozenset({True, False}): "partial",
+                       frozenset({False}): "frozen"}.get(frozenset(flags), "-")
+    # Rows in forward order: by where each layer first appears in the imported graph.
+    first_seen = {}
+    for where in origin.values():
+        first_seen.setdefault(where.module_path or "(model)", len(first_seen))
+    ordered = sorted(rows.values(), key=lambda r: first_seen.get(r.layer, len(first_seen)))
+    return MemoryReport(
+        peak_bytes=sum(by_category.values()),
+        by_category=by_category,
+        layers=ordered,
+        n_storages=n_storages,
+        saved_activation_bytes=sum(saved.values()),
+        gradient_bytes=sum(s.nbytes for s in signature.state if cats[s.name] == PARAM),
+    )

@@ -1,0 +1,298 @@
+"""A compiled training program: run steps, read and write state, export and load artifacts.
+
+Only numpy and the TVM runtime are imported here: a loaded artifact trains without PyTorch. Tensors
+from torch are accepted duck-typed (anything with `.detach().cpu().numpy()`).
+
+Artifact layout (a directory):
+    manifest.json   format, step signature, parameter table, target, optimizer, memory report, versions,
+                    sha256 of the library
+    train_step.so   the compiled step (TVM Relax VM executable)
+    state.npz       parameters, buffers and optimizer state, by name
+Every file is written to a temporary name and renamed into place; a directory is assembled beside
+the destination and swapped in, so a crash leaves either the old artifact or the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import weakref
+import zipfile
+
+import numpy as np
+
+from .autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, STEP_FUNC, StepSignature
+from .errors import ArtifactError, InputError, StateError
+from .passes.memory_plan import MemoryReport
+
+FORMAT = "pockengine-artifact"
+FORMAT_VERSION = 1
+LIBRARY, STATE, MANIFEST = "train_step.so", "state.npz", "manifest.json"
+
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+class Program:
+    """One compiled training step and the state it trains."""
+
+    def __init__(self, library: str, signature: StepSignature, state: dict, report: MemoryReport, meta: dict,
+                 owns_library: bool = False):
+        import tvm
+        from tvm import relax
+
+        self._tvm = tvm
+        self.library = library
+        try:
+            executable = tvm.runtime.load_module(library)
+        except Exception as e:
+            raise ArtifactError(f"cannot load {library}: {str(e).splitlines()[0][:300]}; rebuild the artifact") from e
+        if owns_library:  # a compile's private copy: removed with the Program (the loaded code stays mapped)
+            weakref.finalize(self, shutil.rmtree, os.path.dirname(library), True)
+        self.signature = signature
+        self.meta = meta
+        self._report = report
+        self._device = tvm.cpu()
+        self._vm = relax.VirtualMachine(executable, self._device)
+        self._fn = self._vm[STEP_FUNC]
+        self._specs = {s.name: s for s in signature.state}
+        self._state = {}
+        for spec in signature.state:
+            if spec.name not in state:
+                raise StateError(f"no initial value for {spec.name}")
+            self._state[spec.name] = self._tensor(np.asarray(state[spec.name], dtype=spec.dtype).reshape(spec.shape))
+        self.steps_taken = 0
+
+    def _tensor(self, array: np.ndarray):
+        return self._tvm.runtime.tensor(np.array(array, order="C", copy=True), self._device)
+
+    # ------------------------------------------------------------------ training
+
+    def step(self, *batch) -> float:
+        """Run one training step on (inputs..., target) and return the loss."""
+        specs = self.signature.batch
+        if len(batch) != len(specs):
+            names = ", ".join(s.name for s in specs)
+            raise InputError(f"step() takes {len(specs)} arrays ({names}), got {len(batch)}")
+        args = []
+        for i, (x, spec) in enumerate(zip(batch, specs)):
+            a = _to_numpy(x)
+            if tuple(a.shape) != spec.shape or str(a.dtype) != spec.dtype:
+                raise InputError(
+                    f"input {i} ({spec.name}): expected shape {spec.shape} dtype {spec.dtype}, got shape "
+                    f"{tuple(a.shape)} dtype {a.dtype}. The program is compiled for the example batch's "
+                    "shapes and dtypes: convert the array, or compile again with an example of this shape."
+                )
+            args.append(self._tvm.runtime.tensor(np.ascontiguousarray(a), self._device))
+        outs = self._fn(*args, *(self._state[s.name] for s in self.signature.state))
+        for name, value in zip(self.signature.outputs, list(outs)[1:]):
+            self._state[name] = value
+        self.steps_taken += 1
+        return float(outs[0].numpy())
+
+    @property
+    def lr(self) -> float:
+        return float(self._state["lr"].numpy())
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._state["lr"] = self._tensor(np.array(value, "float64"))
+
+    # ------------------------------------------------------------------ state
+
+    def _model_keys(self) -> list[str]:
+        skip = set(self.meta.get("non_persistent", []))
+        return [k for k in self.meta["state_dict_keys"] if k in self._specs and k not in skip]
+
+    def state_dict(self) -> dict:
+        """The model's state, torch names -> numpy arrays (parameters and persistent buffers)."""
+        return {k: self._state[k].numpy() for k in self._model_keys()}
+
+    def optimizer_state_dict(self) -> dict:
+        """lr, step and the per-parameter slots (`optimizer.exp_avg.fc.weight`, ...) -> numpy arrays."""
+        return {s.name: self._state[s.name].numpy() for s in self.signature.state
+                if self.signature.categories[s.name] == OPTIMIZER}
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
+        """Replace model (and/or optimizer) state. With strict, the model's keys must match exactly."""
+        model_keys = set(self._model_keys())
+        unknown = [k for k in state_dict if k not in self._specs]
+        missing = [k for k in self._model_keys() if k not in state_dict]
+        if unknown or (strict and missing):
+            raise StateError(
+                "load_state_dict: "
+                + (f"unexpected keys {unknown[:10]}{'...' if len(unknown) > 10 else ''}; " if unknown else "")
+                + (f"missing keys {missing[:10]}{'...' if len(missing) > 10 else ''}; " if strict and missing else "")
+                + f"the program's keys are {sorted(model_keys)[:10]}{'...' if len(model_keys) > 10 else ''} "
+                "(pass strict=False to load a subset)"
+            )
+        new = {}
+        for k, v in state_dict.items():
+            a = _to_numpy(v)
+            spec = self._specs[k]
+            if tuple(a.shape) != spec.shape:
+                raise StateError(f"load_state_dict: {k} has shape {tuple(a.shape)}, the program expects {spec.shape}")
+            new[k] = self._tensor(a.astype(spec.dtype, copy=False))
+        self._state.update(new)
+
+    def memory_report(self) -> MemoryReport:
+        return self._report
+
+    # ------------------------------------------------------------------ artifacts
+
+    def manifest(self) -> dict:
+        import tvm
+
+        versions = {"pockengine": _package_version(), "tvm": tvm.__version__, "numpy": np.__version__}
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            **{k: v for k, v in self.meta.items()},
+            "signature": self.signature.to_json(),
+            "parameters": [dict(s.to_json(), trained=self.signature.categories[s.name] == PARAM)
+                           for s in self.signature.state if self.signature.categories[s.name] in (PARAM, FROZEN)],
+            "buffers": [s.to_json() for s in self.signature.state if self.signature.categories[s.name] == BUFFER],
+            "memory": self._report.to_json(),
+            "versions": versions,
+            "files": {"library": LIBRARY, "state": STATE},
+        }
+
+    def export(self, directory: str) -> str:
+        """Write the artifact to `directory` (replaced atomically if it exists); return its path."""
+        directory = os.path.abspath(directory)
+        parent = os.path.dirname(directory)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+        try:
+            shutil.copyfile(self.library, os.path.join(tmp, LIBRARY))
+            _write_npz(os.path.join(tmp, STATE), {k: v.numpy() for k, v in self._state.items()})
+            manifest = self.manifest()
+            manifest["sha256"] = {LIBRARY: _sha256(os.path.join(tmp, LIBRARY))}
+            _write_json(os.path.join(tmp, MANIFEST), manifest)
+            _swap_directory(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    def save_state(self, directory: str) -> None:
+        """Write the current state into an exported artifact (atomically replaces its state.npz)."""
+        _write_npz(os.path.join(directory, STATE), {k: v.numpy() for k, v in self._state.items()})
+
+
+def load(directory: str) -> Program:
+    """Load an artifact written by `Program.export` (or `pockengine build`)."""
+    manifest = read_manifest(directory)
+    lib_path = os.path.join(directory, manifest["files"]["library"])
+    if not os.path.isfile(lib_path):
+        raise ArtifactError(f"{lib_path} is missing: the artifact is incomplete; rebuild it with `pockengine build`")
+    expected = manifest.get("sha256", {}).get(LIBRARY)
+    if expected and _sha256(lib_path) != expected:
+        raise ArtifactError(f"{lib_path} is corrupt or truncated (sha256 differs from the manifest); rebuild the artifact")
+    signature = StepSignature.from_json(manifest["signature"])
+    state = _read_state(os.path.join(directory, manifest["files"]["state"]), signature)
+    meta = {k: manifest[k] for k in ("name", "target", "tvm_target", "optimizer", "source", "state_dict_keys", "non_persistent")}
+    return Program(lib_path, signature, state, MemoryReport.from_json(manifest["memory"]), meta)
+
+
+def read_manifest(directory: str) -> dict:
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        raise ArtifactError(f"no PockEngine artifact at {directory}: {MANIFEST} is missing "
+                            "(build one with `pockengine build train.py -o DIR`)")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path} is corrupt or truncated ({e}); rebuild the artifact") from None
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not a PockEngine manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path} has format version {manifest.get('format_version')}, this PockEngine reads "
+                            f"{FORMAT_VERSION}; rebuild the artifact")
+    return manifest
+
+
+def _read_state(path: str, signature: StepSignature) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            state = {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing: the artifact is incomplete; rebuild it") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise ArtifactError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); rebuild the artifact "
+                            "or restore the state file") from None
+    for spec in signature.state:
+        if spec.name not in state:
+            raise ArtifactError(f"{path} lacks {spec.name}; the state does not belong to this artifact")
+        if tuple(state[spec.name].shape) != spec.shape:
+            raise ArtifactError(f"{path}: {spec.name} has shape {state[spec.name].shape}, expected {spec.shape}")
+    return state
+
+
+def _write_npz(path: str, arrays: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".npz", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(_jsonable(data), f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    if isinstance(x, np.generic):
+        return x.item()
+    return str(x)
+
+
+def _swap_directory(new: str, dest: str) -> None:
+    """Move `new` to `dest`; an existing `dest` is renamed away first and removed after."""
+    old = None
+    if os.path.exists(dest):
+        old = f"{dest}.old-{os.getpid()}-{int(time.time() * 1000)}"
+        os.rename(dest, old)
+    os.rename(new, dest)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("pockengine")
+    except Exception:
+        return "0+unknown"

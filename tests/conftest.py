@@ -1,0 +1,112 @@
+"""Shared test helpers: reference models, a PyTorch-eager trainer (the numerical oracle) and comparisons."""
+
+import copy
+import importlib.util
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import pockengine as pe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+# The host preset uses LLVM -O3, whose machine-code emission dominates builds of untuned graphs
+# (~1 min for MobileNetV2). Tests of the big models use -O0: same IR, same kernels, faster builds.
+FAST_HOST = {"kind": "llvm", "num-cores": os.cpu_count() or 1, "opt-level": 0}
+
+
+def load_example_module(relpath: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def mobilenetv2(**kw):
+    return load_example_module("examples/mobilenetv2/mobilenetv2.py", "mobilenetv2").MobileNetV2(**kw)
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in=32, hidden=64, classes=10):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class TransformerClassifier(nn.Module):
+    """A torch.nn.TransformerEncoderLayer (LayerNorm, GELU, multi-head attention, dropout off) between
+    an input projection and a mean-pooled linear head."""
+
+    def __init__(self, d_in=16, d_model=32, heads=4, classes=5):
+        super().__init__()
+        self.embed = nn.Linear(d_in, d_model)
+        self.encoder = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=64, dropout=0.0,
+                                                  activation="gelu", batch_first=True)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+# name -> (model factory, input shape, number of classes)
+MODELS = {
+    "mlp": (MLP, (8, 32), 10),
+    "mobilenetv2": (lambda: mobilenetv2(width_mult=0.35, num_classes=10), (4, 3, 32, 32), 10),
+    "transformer": (TransformerClassifier, (4, 8, 16), 5),
+}
+
+
+def make_batches(shape, classes, steps, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=g, dtype=dtype), torch.randint(0, classes, (shape[0],), generator=g))
+            for _ in range(steps)]
+
+
+def train_torch(model, optimizer: pe.optim.Optimizer, batches, loss_fn=nn.functional.cross_entropy):
+    """PyTorch eager, the oracle: the same steps with torch.optim's implementation."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer.to_torch(params)
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def compile_and_train(model, optimizer, batches, target="host", loss="cross_entropy"):
+    """(program, losses): compile a copy of `model` (the original stays untouched for the oracle)."""
+    job = pe.TrainingJob(copy.deepcopy(model), (batches[0][0],), batches[0][1], loss, optimizer)
+    program = pe.compile(job, target=target)
+    losses = [program.step(x, y) for x, y in batches]
+    return program, losses
+
+
+def max_scaled_diff(ours: dict, theirs: dict) -> tuple[float, str]:
+    """Largest |ours - theirs| / max(|theirs|_max, 1) over all tensors: relative for tensors of
+    magnitude >= 1, absolute below (a tensor whose true value is ~0 has no meaningful relative error)."""
+    worst, where = 0.0, ""
+    assert set(ours) == set(theirs), f"keys differ: {set(ours) ^ set(theirs)}"
+    for k, v in theirs.items():
+        v = v.detach().numpy() if hasattr(v, "detach") else np.asarray(v)
+        diff = float(np.abs(ours[k].astype(np.float64) - v.astype(np.float64)).max(initial=0.0))
+        scaled = diff / max(float(np.abs(v).max(initial=0.0)), 1.0)
+        if scaled > worst:
+            worst, where = scaled, k
+    return worst, where
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
