@@ -38,12 +38,14 @@ def cmd_build(args) -> int:
     from .build import compile as compile_job, print_progress
     from .job import load_job
     from .runtime import _write_npz
+    from .targets import resolve
 
+    target = resolve(_parse_target(args.target))  # fail fast, before running the user's script
     job = load_job(args.train_py)
     out = args.output or os.path.join("build", job.name)
-    print(f"building {args.train_py} (job {job.name!r}) for target {args.target}", file=sys.stderr)
+    print(f"building {args.train_py} (job {job.name!r}) for target {target.name}", file=sys.stderr)
     start = time.perf_counter()
-    program = compile_job(job, _parse_target(args.target), progress=None if args.quiet else print_progress)
+    program = compile_job(job, target, progress=None if args.quiet else print_progress)
     program.export(out)
     # The example batch travels with the artifact so `pockengine run` works without --data.
     example = [_numpy(x) for x in job.example_inputs + (job.example_targets,)]

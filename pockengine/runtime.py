@@ -267,6 +267,10 @@ def _jsonable(x):
         return x
     if isinstance(x, np.generic):
         return x.item()
+    if hasattr(x, "items"):  # TVM maps
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if hasattr(x, "__iter__"):  # TVM arrays (target keys, ...)
+        return [_jsonable(v) for v in x]
     return str(x)
 
 

@@ -102,6 +102,53 @@ def check_differentiable(imported: ImportedModel, trainable: list[str]) -> None:
         )
 
 
+@relax.expr_functor.mutator
+class _Substitute(relax.PyExprMutator):
+    def __init__(self, mapping: dict):
+        super().__init__()
+        self.mapping = mapping
+
+    def visit_var_(self, op):
+        return self.mapping.get(op, op)
+
+    def visit_dataflow_var_(self, op):
+        return self.mapping.get(op, op)
+
+
+def hoist_frozen(func, trainable_vars):
+    """Split `func` into the bindings that do not depend on a trainable parameter (returned as a
+    list, to run first) and a function of everything else that takes the hoisted values it uses as
+    extra parameters.
+
+    Relax's Gradient pass builds adjoints for every binding on the backward path, including frozen
+    prefixes and target-only masks, and needs a rule for each of their ops; after hoisting, it sees
+    only what a gradient can actually flow through. Returns (prefix bindings, function, hoisted vars
+    in the order of the function's extra parameters).
+    """
+    if len(func.body.blocks) != 1:
+        raise UnsupportedOpError("the imported forward has control flow; only a single dataflow graph is supported")
+    depends = set(trainable_vars)
+    prefix, main = [], []
+    for b in func.body.blocks[0].bindings:
+        if any(v in depends for v in relax.analysis.free_vars(b.value)):
+            depends.add(b.var)
+            main.append(b)
+        else:
+            prefix.append(b)
+    if _loss_expr(func) not in depends and not any(v in depends for v in relax.analysis.free_vars(_loss_expr(func))):
+        raise UnsupportedOpError("the loss does not depend on any trained parameter: nothing to differentiate")
+    hoisted = {b.var for b in prefix}
+    used = []
+    for expr in [b.value for b in main] + [func.body.body]:
+        for v in relax.analysis.free_vars(expr):
+            if v in hoisted and v not in used:
+                used.append(v)
+    new_params = {v: relax.Var(v.name, v.ty) for v in used}
+    body = relax.BlockBuilder().normalize(relax.SeqExpr([relax.DataflowBlock(main)], func.body.body))
+    main_func = relax.Function(list(func.params) + list(new_params.values()), body, attrs=func.attrs)
+    return prefix, _Substitute(new_params).visit_expr(main_func), used
+
+
 def _carries_gradient(ty) -> bool:
     if isinstance(ty, relax.TupleType):
         return any(_carries_gradient(f) for f in ty.fields)
@@ -126,13 +173,18 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, trainable: l
     trainable_set = set(trainable)
     mod = relax.transform.DecomposeOpsForTraining(FUNC_NAME)(imported.mod)
     fparams = list(mod[FUNC_NAME].params)
+    n_orig = len(fparams)
     pvars = dict(zip([s.name for s in imported.params], fparams[n_in:]))
     require = [pvars[s.name] for s in imported.params if s.name in trainable_set]
+    prefix, main, hoisted = hoist_frozen(mod[FUNC_NAME], require)
+    mod = tvm.IRModule({FUNC_NAME: main})
     mod = relax.transform.Gradient(FUNC_NAME, require_grads=require, target_index=0)(mod)
     adjoint = mod[FUNC_NAME + "_adjoint"]
 
-    # The adjoint takes the same parameters as forward_loss; we reuse its Vars as ours.
+    # The adjoint takes forward_loss's parameters, then the hoisted frozen values; we reuse its Vars.
     aparams = list(adjoint.params)
+    hoisted_params = aparams[n_orig:]
+    aparams = aparams[:n_orig]
     n_p = len(imported.params)
     param_vars = aparams[n_in:n_in + n_p]
     by_name = {s.name: v for s, v in zip(imported.params, param_vars)}
@@ -151,6 +203,12 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, trainable: l
     all_params = aparams + [lr_var, step_var] + [slot_vars[k] for k in slot_vars]
     with bb.function(STEP_FUNC, all_params, attrs={"num_input": n_in}):
         with bb.dataflow():
+            # The prefix was cut from forward_loss: point it at the adjoint's parameter Vars (ours).
+            to_ours = _Substitute(dict(zip(fparams, aparams)))
+            for binding in prefix:
+                bb.emit_normalized(relax.VarBinding(binding.var, to_ours.visit_expr(binding.value)))
+            for param, value in zip(hoisted_params, hoisted):
+                bb.emit_normalized(relax.VarBinding(param, value))
             ret = inline_body(bb, adjoint)
             outputs, grads = ret
             loss, new_buffers = outputs[0], outputs[1:]

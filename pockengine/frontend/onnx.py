@@ -3,8 +3,8 @@
 TVM's ONNX importer keeps initializers as function inputs (`keep_params_in_input`), so parameters
 keep their ONNX initializer names. The loss is appended in Relax (a torch callable cannot be attached
 to an ONNX graph). ONNX graphs carry no running-statistic updates: BatchNorm nodes import in inference
-form, and some importer lowerings (e.g. BatchNorm's NaN guards as `call_tir`) cannot be differentiated;
-autodiff then names them.
+form, so a BatchNormalization in training mode is refused; in inference form its running statistics
+are buffers. Importer lowerings that cannot be differentiated are named by autodiff.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import numpy as np
 from tvm import relax
 
-from ..errors import FrontendError, LossError
+from ..errors import FrontendError, LossError, UnsupportedOpError
 from ..ir import inline_body
 from . import FUNC_NAME, ImportedModel, Origin, TensorSpec
 
@@ -29,6 +29,7 @@ def import_onnx(model, example_inputs, example_targets, loss) -> ImportedModel:
         raise LossError(f"an ONNX model trains with a named loss {LOSSES}, got {loss!r} "
                         "(callable losses need the torch frontend)")
     proto = _load(model, onnx)
+    statistics = _batch_norm_statistics(proto)
     initializers = {i.name for i in proto.graph.initializer}
     graph_inputs = [i.name for i in proto.graph.input if i.name not in initializers]
     arrays = [_numpy(x) for x in example_inputs]
@@ -49,7 +50,8 @@ def import_onnx(model, example_inputs, example_targets, loss) -> ImportedModel:
     target_var = relax.Var("target", relax.TensorType(target.shape, str(target.dtype)))
 
     bb = relax.BlockBuilder()
-    with bb.function(FUNC_NAME, list(main.params[:n_in]) + [target_var] + param_vars, attrs={"num_input": n_in + 1}):
+    ordered = [v for v in param_vars if v.name not in statistics] + [v for v in param_vars if v.name in statistics]
+    with bb.function(FUNC_NAME, list(main.params[:n_in]) + [target_var] + ordered, attrs={"num_input": n_in + 1}):
         with bb.dataflow():
             output = inline_body(bb, main)
             if isinstance(output, tuple):
@@ -60,12 +62,32 @@ def import_onnx(model, example_inputs, example_targets, loss) -> ImportedModel:
         bb.emit_func_output(relax.Tuple([value]))
     fmod = bb.get()
     names = [v.name for v in param_vars]
-    params = [TensorSpec(n, tuple(a.shape), str(a.dtype)) for n, a in zip(names, values)]
+    specs = [TensorSpec(n, tuple(a.shape), str(a.dtype)) for n, a in zip(names, values)]
+    params = [s for s in specs if s.name not in statistics]
+    buffers = [s for s in specs if s.name in statistics]
     inputs = [TensorSpec(n, a.shape, str(a.dtype)) for n, a in zip(graph_inputs, arrays)]
     inputs.append(TensorSpec("target", target.shape, str(target.dtype)))
     origin = {b.var.name: Origin("onnx node") for blk in fmod[FUNC_NAME].body.blocks for b in blk.bindings}
-    return ImportedModel(mod=fmod, inputs=inputs, params=params, buffers=[], mutated_buffers=[],
+    return ImportedModel(mod=fmod, inputs=inputs, params=params, buffers=buffers, mutated_buffers=[],
                          initial=dict(zip(names, values)), origin=origin, source="onnx")
+
+
+def _batch_norm_statistics(proto) -> set:
+    """Names of BatchNormalization running statistics (buffers, never trained). A node in training
+    mode is an error: TVM's importer normalises with the running statistics, which would silently
+    train a different model than the one exported."""
+    stats = set()
+    for node in proto.graph.node:
+        if node.op_type != "BatchNormalization":
+            continue
+        if any(a.name == "training_mode" and a.i for a in node.attribute):
+            raise UnsupportedOpError(
+                f"ONNX BatchNormalization node {node.name!r} is in training mode; TVM's ONNX importer would "
+                "normalise with the running statistics instead of the batch's. Use the torch frontend for "
+                "BatchNorm models, or export with training=torch.onnx.TrainingMode.EVAL (statistics frozen)."
+            )
+        stats.update(node.input[3:5])
+    return stats
 
 
 def _loss(name, output, target):

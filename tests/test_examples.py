@@ -1,0 +1,33 @@
+"""The shipped examples work as documented."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+import pockengine as pe
+from conftest import FAST_HOST, ROOT
+from pockengine.job import load_job
+
+
+def test_digits_demo_reaches_90_percent():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "mlp_digits", "train.py")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    accuracies = [float(line.split()[-1].rstrip("%")) for line in result.stdout.splitlines() if line.startswith("epoch")]
+    assert accuracies[-1] > accuracies[0]
+    assert "reached the 90% goal" in result.stdout
+
+
+def test_mobilenetv2_example_job_trains():
+    job = load_job(os.path.join(ROOT, "examples", "mobilenetv2", "train.py"))
+    assert job.example_inputs[0].shape == (8, 3, 64, 64)
+    program = pe.compile(job, target=FAST_HOST)
+    x, y = job.example_inputs[0], job.example_targets
+    losses = [program.step(x, y) for _ in range(4)]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    names = [n for n, _ in job.model.named_parameters()]
+    assert set(names) <= set(program.state_dict())
+    assert any(isinstance(m, torch.nn.ReLU6) for m in job.model.modules())

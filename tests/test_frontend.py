@@ -1,0 +1,199 @@
+"""The torch and ONNX frontends through whole training steps: BatchNorm state, losses, freezing, and
+the errors a user gets for what cannot be imported or differentiated."""
+
+import copy
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import pockengine as pe
+from conftest import FAST_HOST, make_batches, max_scaled_diff, train_torch
+from pockengine.errors import FrontendError, JobError, LossError, UnsupportedOpError
+
+F64 = 1e-10
+
+
+def parity(model, batches, optimizer, loss="cross_entropy", loss_fn=nn.functional.cross_entropy, steps=None):
+    job = pe.TrainingJob(copy.deepcopy(model), (batches[0][0],), batches[0][1], loss, optimizer)
+    program = pe.compile(job, target=FAST_HOST)
+    ours = [program.step(x, y) for x, y in batches]
+    theirs = train_torch(model, optimizer, batches, loss_fn)
+    np.testing.assert_allclose(ours, theirs, rtol=F64 if batches[0][0].dtype == torch.float64 else 1e-5)
+    return program, max_scaled_diff(program.state_dict(), model.state_dict())
+
+
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8, momentum=0.2)
+        self.bn1d = nn.BatchNorm1d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.fc(self.bn1d(x.mean((2, 3))))
+
+
+def test_batchnorm_running_statistics_and_counter_are_state():
+    model = BNNet().double().train()
+    batches = make_batches((6, 3, 8, 8), 4, 4, dtype=torch.float64)
+    program, (worst, where) = parity(model, batches, pe.optim.SGD(lr=0.1, momentum=0.9))
+    sd = program.state_dict()
+    assert list(sd) == list(model.state_dict())  # torch's key order, buffers included
+    assert int(sd["bn.num_batches_tracked"]) == 4
+    assert not np.allclose(sd["bn.running_var"], 1.0)
+    assert worst <= F64, where
+
+
+def test_batchnorm_in_eval_mode_uses_and_keeps_running_statistics():
+    model = BNNet().double()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    batches = make_batches((6, 3, 8, 8), 4, 3, dtype=torch.float64)
+    program, (worst, where) = parity(model, batches, pe.optim.SGD(lr=0.1))
+    assert worst <= F64, where
+    np.testing.assert_array_equal(program.state_dict()["bn.running_mean"], before["bn.running_mean"].numpy())
+    assert int(program.state_dict()["bn.num_batches_tracked"]) == 0
+
+
+def test_callable_loss_and_mse():
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    g = torch.Generator().manual_seed(0)
+    regression = [(torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64))
+                  for _ in range(4)]
+    _, (worst, _) = parity(model, regression, pe.optim.Adam(lr=1e-2), loss="mse", loss_fn=nn.functional.mse_loss)
+    assert worst <= F64
+    smoothed = nn.CrossEntropyLoss(label_smoothing=0.1)
+    batches = make_batches((7, 5), 3, 4, dtype=torch.float64)
+    _, (worst, _) = parity(model, batches, pe.optim.SGD(lr=0.1), loss=smoothed, loss_fn=smoothed)
+    assert worst <= F64
+
+
+def test_requires_grad_false_parameters_stay_bit_identical_and_are_not_outputs():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    model[0].weight.requires_grad_(False)
+    initial = model[0].weight.detach().clone().numpy()
+    batches = make_batches((5, 6), 3, 3)
+    program, (worst, where) = parity(model, batches, pe.optim.SGD(lr=0.1, momentum=0.9))
+    assert worst < 1e-6, where
+    np.testing.assert_array_equal(program.state_dict()["0.weight"], initial)
+    assert "0.weight" not in program.signature.outputs
+    assert program.signature.categories["0.weight"] == "frozen_param"
+
+
+class Atan(nn.Module):
+    def __init__(self, freeze_first=False):
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.second = nn.Linear(4, 2)
+        if freeze_first:
+            self.first.requires_grad_(False)
+
+    def forward(self, x):
+        return self.second(torch.atan(self.first(x)))
+
+
+def test_op_without_gradient_rule_names_op_module_and_line():
+    job = pe.TrainingJob(Atan(), (torch.randn(3, 4),), torch.tensor([0, 1, 0]), "cross_entropy", pe.optim.SGD(lr=0.1))
+    with pytest.raises(UnsupportedOpError) as e:
+        pe.compile(job)
+    text = str(e.value)
+    assert "relax.atan" in text and "aten.atan.default" in text
+    assert f"test_frontend.py:{Atan.forward.__code__.co_firstlineno + 1}" in text
+    assert "freeze the parameters before" in text
+
+
+def test_op_without_gradient_rule_is_fine_in_a_frozen_prefix():
+    model = Atan(freeze_first=True)
+    batches = make_batches((3, 4), 2, 3)
+    _, (worst, where) = parity(model, batches, pe.optim.SGD(lr=0.1))
+    assert worst < 1e-6, where
+
+
+def test_op_the_importer_does_not_know_is_named():
+    class Digamma(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(torch.digamma(x.abs() + 1))
+
+    job = pe.TrainingJob(Digamma(), (torch.randn(2, 3),), torch.tensor([0, 1]), "cross_entropy", pe.optim.SGD())
+    with pytest.raises(UnsupportedOpError, match=r"(?s)no conversion for 1 operator.*aten.digamma.default at test_frontend.py"):
+        pe.compile(job)
+
+
+def test_loss_errors():
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    with pytest.raises(LossError, match=r"shape \(4, 2\), not a scalar"):
+        pe.compile(pe.TrainingJob(model, (x,), y, lambda o, t: (o - t) ** 2, pe.optim.SGD()))
+    with pytest.raises(LossError, match="unknown loss 'hinge'"):
+        pe.compile(pe.TrainingJob(model, (x,), y, "hinge", pe.optim.SGD()))
+
+
+def test_unexportable_model_is_a_frontend_error():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent Python control flow
+                return self.fc(x)
+            return -self.fc(x)
+
+    job = pe.TrainingJob(DataDependent(), (torch.randn(2, 3),), torch.tensor([0, 1]), "cross_entropy", pe.optim.SGD())
+    with pytest.raises(FrontendError, match="torch.export could not capture"):
+        pe.compile(job)
+
+
+def test_job_validation():
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(JobError, match="use pockengine.optim.SGD"):
+        pe.TrainingJob(model, (x,), y, "cross_entropy", torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(JobError, match="must be a torch.nn.Module or an ONNX model"):
+        pe.TrainingJob(lambda x: x, (x,), y, "cross_entropy", pe.optim.SGD())
+    with pytest.raises(JobError, match=r"example_inputs\[0\] must be a torch.Tensor"):
+        pe.TrainingJob(model, (x.numpy(),), y, "cross_entropy", pe.optim.SGD())
+
+
+def export_onnx(model, x, path):
+    torch.onnx.export(model, (x,), path, dynamo=False, input_names=["x"], training=torch.onnx.TrainingMode.TRAINING)
+
+
+def test_onnx_mlp_trains_like_torch(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+    batches = make_batches((5, 6), 4, 4)
+    path = str(tmp_path / "mlp.onnx")
+    export_onnx(model, batches[0][0], path)
+    job = pe.TrainingJob(path, (batches[0][0],), batches[0][1], "cross_entropy", pe.optim.SGD(lr=0.1, momentum=0.9))
+    program = pe.compile(job, target=FAST_HOST)
+    ours = [program.step(x, y) for x, y in batches]
+    theirs = train_torch(model, pe.optim.SGD(lr=0.1, momentum=0.9), batches)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+    worst, where = max_scaled_diff(program.state_dict(), model.state_dict())
+    assert worst < 1e-5, where
+
+
+def test_onnx_batchnorm_in_training_mode_is_refused_not_silently_wrong(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    x = torch.randn(2, 3, 8, 8)
+    path = str(tmp_path / "bn.onnx")
+    export_onnx(model, x, path)
+    job = pe.TrainingJob(path, (x,), torch.tensor([0, 1]), "cross_entropy", pe.optim.SGD())
+    with pytest.raises(UnsupportedOpError, match="ONNX BatchNormalization node .* is in training mode"):
+        pe.compile(job)
+    with pytest.raises(LossError, match="named loss"):
+        pe.compile(pe.TrainingJob(path, (x,), torch.tensor([0, 1]), lambda o, t: o.sum(), pe.optim.SGD()))

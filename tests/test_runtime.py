@@ -1,0 +1,184 @@
+"""Program and artifacts: step() input checks, state dicts, learning rate, export / load, corruption."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import pockengine as pe
+from conftest import MLP, ROOT, make_batches, max_scaled_diff, train_torch
+from pockengine.errors import ArtifactError, InputError, StateError
+
+BATCHES = make_batches((8, 32), 10, 6)
+
+
+def make_program():
+    torch.manual_seed(0)
+    model = MLP()
+    job = pe.TrainingJob(model, (BATCHES[0][0],), BATCHES[0][1], "cross_entropy", pe.optim.Adam(lr=1e-2))
+    return pe.compile(job), model
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    """A program trained 3 steps and exported; the same program trained 3 more steps in-process."""
+    program, _ = make_program()
+    for x, y in BATCHES[:3]:
+        program.step(x, y)
+    path = str(tmp_path_factory.mktemp("art") / "mlp")
+    program.export(path)
+    for x, y in BATCHES[3:]:
+        program.step(x, y)
+    return path, program.state_dict(), program.optimizer_state_dict()
+
+
+def copy_artifact(path, tmp_path):
+    dest = str(tmp_path / "copy")
+    shutil.copytree(path, dest)
+    return dest
+
+
+# A fresh interpreter in which `import torch` fails: what a device without PyTorch sees.
+NO_TORCH = textwrap.dedent("""
+    import importlib.abc, sys
+    class NoTorch(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError("torch is not available on this device")
+    sys.meta_path.insert(0, NoTorch())
+""")
+
+
+def test_export_then_load_in_fresh_process_without_torch_continues_identically(artifact, tmp_path):
+    path, expected_state, expected_optimizer = artifact
+    batches = tmp_path / "batches.npz"
+    np.savez(batches, **{f"x{i}": x.numpy() for i, (x, _) in enumerate(BATCHES[3:])},
+             **{f"y{i}": y.numpy() for i, (_, y) in enumerate(BATCHES[3:])})
+    out = tmp_path / "state.npz"
+    script = NO_TORCH + textwrap.dedent(f"""
+        import numpy as np
+        import pockengine as pe
+        program = pe.load({path!r})
+        data = np.load({str(batches)!r})
+        for i in range(3):
+            program.step(data[f"x{{i}}"], data[f"y{{i}}"])
+        assert "torch" not in sys.modules
+        np.savez({str(out)!r}, **program.state_dict(), **program.optimizer_state_dict())
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT)
+    with np.load(out) as saved:
+        for k, v in {**expected_state, **expected_optimizer}.items():
+            np.testing.assert_array_equal(saved[k], v, err_msg=k)
+
+
+def test_manifest_describes_the_step(artifact):
+    path, _, _ = artifact
+    with open(os.path.join(path, "manifest.json")) as f:
+        m = json.load(f)
+    assert m["format"] == "pockengine-artifact" and m["target"] == "host"
+    assert [b["name"] for b in m["signature"]["batch"]] == ["x", "target"]
+    assert [p["name"] for p in m["parameters"]] == [n for n, _ in MLP().named_parameters()]
+    assert m["tvm_target"]["kind"] == "llvm" and m["versions"]["tvm"].startswith("0.27")
+    assert m["optimizer"]["kind"] == "Adam" and m["memory"]["peak_bytes"] > 0
+
+
+def test_truncated_library_is_reported(artifact, tmp_path):
+    path = copy_artifact(artifact[0], tmp_path)
+    lib = os.path.join(path, "train_step.so")
+    with open(lib, "r+b") as f:
+        f.truncate(os.path.getsize(lib) // 2)
+    with pytest.raises(ArtifactError, match="train_step.so is corrupt or truncated"):
+        pe.load(path)
+
+
+def test_corrupt_manifest_is_reported(artifact, tmp_path):
+    path = copy_artifact(artifact[0], tmp_path)
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        f.write('{"format": "pockengine-artifact", "signat')
+    with pytest.raises(ArtifactError, match="manifest.json is corrupt or truncated"):
+        pe.load(path)
+
+
+def test_truncated_state_is_reported(artifact, tmp_path):
+    path = copy_artifact(artifact[0], tmp_path)
+    state = os.path.join(path, "state.npz")
+    with open(state, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ArtifactError, match="state.npz is corrupt or truncated"):
+        pe.load(path)
+
+
+def test_missing_artifact_is_reported(tmp_path):
+    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+        pe.load(str(tmp_path / "nothing"))
+
+
+def test_export_replaces_an_artifact_and_a_failed_export_keeps_the_old_one(artifact, tmp_path, monkeypatch):
+    path = copy_artifact(artifact[0], tmp_path)
+    program = pe.load(path)
+    program.step(*BATCHES[0])
+    program.export(path)  # over an existing artifact
+    np.testing.assert_array_equal(pe.load(path).state_dict()["net.0.weight"], program.state_dict()["net.0.weight"])
+    before = open(os.path.join(path, "state.npz"), "rb").read()
+    program.step(*BATCHES[1])
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("pockengine.runtime._write_json", crash)
+    with pytest.raises(OSError, match="disk full"):
+        program.export(path)
+    assert open(os.path.join(path, "state.npz"), "rb").read() == before
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n], "temporary directory left behind"
+    pe.load(path)
+
+
+def test_step_rejects_wrong_shape_dtype_and_count():
+    program, _ = make_program()
+    x, y = BATCHES[0]
+    with pytest.raises(InputError, match=r"input 0 \(x\): expected shape \(8, 32\) dtype float32, got shape \(4, 32\)"):
+        program.step(x[:4], y)
+    with pytest.raises(InputError, match=r"input 0 \(x\): expected shape \(8, 32\) dtype float32, got .* dtype float64"):
+        program.step(x.double(), y)
+    with pytest.raises(InputError, match=r"input 1 \(target\).*dtype int64, got shape \(8,\) dtype int32"):
+        program.step(x, y.int())
+    with pytest.raises(InputError, match=r"step\(\) takes 2 arrays \(x, target\), got 1"):
+        program.step(x)
+    assert program.steps_taken == 0
+
+
+def test_state_dict_round_trip_and_errors():
+    program, model = make_program()
+    sd = {k: v.numpy() * 0.5 for k, v in model.state_dict().items()}
+    program.load_state_dict(sd)
+    for k, v in program.state_dict().items():
+        np.testing.assert_array_equal(v, sd[k])
+    with pytest.raises(StateError, match=r"unexpected keys \['net.9.weight'\]"):
+        program.load_state_dict({**sd, "net.9.weight": np.zeros(3)})
+    with pytest.raises(StateError, match=r"missing keys \['net.4.bias'\]"):
+        program.load_state_dict({k: v for k, v in sd.items() if k != "net.4.bias"})
+    program.load_state_dict({"net.4.bias": torch.zeros(10)}, strict=False)  # torch tensors too
+    with pytest.raises(StateError, match=r"net.0.weight has shape \(3, 3\), the program expects \(64, 32\)"):
+        program.load_state_dict({"net.0.weight": np.zeros((3, 3))}, strict=False)
+
+
+def test_learning_rate_schedule_matches_torch_scheduler():
+    program, model = make_program()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for x, y in BATCHES:
+        program.step(x, y)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+        program.lr = sched.get_last_lr()[0]
+    assert program.lr == pytest.approx(1e-2 * 0.5 ** 3)
+    worst, where = max_scaled_diff(program.state_dict(), model.state_dict())
+    assert worst < 1e-5, where
