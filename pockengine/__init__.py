@@ -12,8 +12,9 @@ loaded artifact need only numpy and the TVM runtime.
 
 from . import errors, optim
 from .job import TrainingJob
+from .sparse import SparseUpdate
 
-__all__ = ["TrainingJob", "compile", "load", "optim", "errors", "targets"]
+__all__ = ["TrainingJob", "SparseUpdate", "compile", "load", "optim", "errors", "targets"]
 
 
 def compile(job, target="host", verbose=False):  # noqa: A001 - the contract's name

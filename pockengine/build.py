@@ -73,7 +73,7 @@ def compile(job, target="host", progress=None):  # noqa: A001 - the public name 
     with _stage("import", progress):
         imported = job.import_model()
     with _stage("autodiff", progress):
-        step_mod, signature, optimizer_state = build_train_step(imported, job.optimizer, job.trainable(imported))
+        step_mod, signature, optimizer_state = build_train_step(imported, job.optimizer, job.plan(imported))
     with _stage("lower", progress):
         with tvm_target:
             lowered = tvm.transform.Sequential(lowering_passes(tvm_target))(step_mod)

@@ -11,6 +11,7 @@ import sys
 
 from .errors import JobError
 from .optim import Optimizer
+from .sparse import FROZEN, FULL, SparseUpdate
 
 
 class TrainingJob:
@@ -23,7 +24,8 @@ class TrainingJob:
     example_targets: the target tensor passed to the loss.
     loss: "cross_entropy", "mse" or a callable `loss(output, target) -> scalar tensor` (torch only).
     optimizer: a `pockengine.optim` optimizer (SGD, Adam, AdamW).
-    sparse_update: None trains every parameter with `requires_grad=True`.
+    sparse_update: a `SparseUpdate` scheme (or a dict of its rules) choosing the parameters, and the
+        channels of them, to train; None trains every parameter with `requires_grad=True`.
     """
 
     def __init__(self, model, example_inputs, example_targets, loss, optimizer, sparse_update=None, name=None):
@@ -42,9 +44,11 @@ class TrainingJob:
             if type(self.optimizer).__module__.startswith("torch.optim"):
                 hint = f" (got torch.optim.{type(self.optimizer).__name__}: use pockengine.optim.{type(self.optimizer).__name__} with the same arguments)"
             raise JobError(f"optimizer must be a pockengine.optim optimizer such as pe.optim.SGD(lr=0.01){hint}")
-        if self.sparse_update is not None:
-            raise JobError("sparse_update schemes are not available in this version; pass sparse_update=None "
-                           "and freeze parameters with requires_grad=False")
+        if isinstance(self.sparse_update, dict):
+            self.sparse_update = SparseUpdate(self.sparse_update)
+        if self.sparse_update is not None and not isinstance(self.sparse_update, SparseUpdate):
+            raise JobError(f"sparse_update must be a pockengine.SparseUpdate, a dict of rules or None, "
+                           f"got {type(self.sparse_update).__name__}")
         if not self.example_inputs:
             raise JobError("example_inputs is empty: pass the model's input tensor(s)")
         if self.example_targets is None:
@@ -78,12 +82,23 @@ class TrainingJob:
 
         return import_torch(self.model, self.example_inputs, self.example_targets, self.loss)
 
-    def trainable(self, imported) -> list[str]:
-        """Names of the parameters the step updates: those with requires_grad (all, for ONNX)."""
+    def plan(self, imported) -> dict:
+        """{parameter name: "full" | "frozen" | sparse.Partial} for the imported model.
+
+        Without a sparse_update scheme: parameters with requires_grad train (all floating-point
+        parameters, for ONNX); with one, the scheme decides.
+        """
+        if self.sparse_update is not None:
+            from .passes.prune_backward import parameter_ops
+
+            func = imported.func
+            n_in = len(imported.inputs)
+            kinds = parameter_ops(func, {s.name: v for s, v in zip(imported.params, func.params[n_in:])})
+            return self.sparse_update.resolve([(s.name, s.shape, kinds[s.name]) for s in imported.params])
         if self.is_onnx:
-            return [p.name for p in imported.params if p.dtype.startswith("float")]
+            return {p.name: FULL if p.dtype.startswith("float") else FROZEN for p in imported.params}
         frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
-        return [p.name for p in imported.params if p.name not in frozen]
+        return {p.name: FROZEN if p.name in frozen else FULL for p in imported.params}
 
     def state_dict_keys(self) -> list[str] | None:
         """The model's state_dict() key order (torch interleaves parameters and buffers by module)."""

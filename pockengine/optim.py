@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 from tvm import relax
 from tvm.relax import op as R
 
 from .errors import OptimizerError
 
 LR, STEP = "lr", "step"
+UPDATE_PREFIX = "update_"
 
 
 def _scalar(value: float, dtype: str):
@@ -41,7 +41,8 @@ class _Emitter:
         return scalar_f64 if self.dtype == "float64" else R.astype(scalar_f64, self.dtype)
 
     def emit(self, expr, name: str = ""):
-        return self.bb.emit(expr, name)
+        # The `update_` prefix marks optimizer bindings for passes (reorder_updates) and reports.
+        return self.bb.emit(expr, UPDATE_PREFIX + (name or "param"))
 
 
 @dataclass
@@ -60,9 +61,6 @@ class Optimizer:
     def validate(self) -> None:
         if not (self.lr >= 0):
             raise OptimizerError(f"Invalid learning rate: {self.lr} (must be >= 0)")
-
-    def init_slot(self, slot: str, param: np.ndarray) -> np.ndarray:
-        return np.zeros_like(param)
 
     def update(self, em: _Emitter, param, grad, slots: dict, lr_f64, step_f64):
         """Return (new_param, {slot: new value}); `step_f64` is the step count *after* this step."""

@@ -41,19 +41,8 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-class TransformerClassifier(nn.Module):
-    """A torch.nn.TransformerEncoderLayer (LayerNorm, GELU, multi-head attention, dropout off) between
-    an input projection and a mean-pooled linear head."""
-
-    def __init__(self, d_in=16, d_model=32, heads=4, classes=5):
-        super().__init__()
-        self.embed = nn.Linear(d_in, d_model)
-        self.encoder = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=64, dropout=0.0,
-                                                  activation="gelu", batch_first=True)
-        self.head = nn.Linear(d_model, classes)
-
-    def forward(self, x):
-        return self.head(self.encoder(self.embed(x)).mean(1))
+def TransformerClassifier(**kw):
+    return load_example_module("examples/transformer/model.py", "transformer_model").TransformerClassifier(**kw)
 
 
 # name -> (model factory, input shape, number of classes)

@@ -11,16 +11,18 @@ and schedule forward, backward and update together.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import tvm
 from tvm import relax
 
-from ..errors import UnsupportedOpError
+from ..errors import JobError, UnsupportedOpError
 from ..frontend import FUNC_NAME, ImportedModel, TensorSpec
 from ..ir import inline_body
-from ..optim import LR, STEP, Optimizer, _Emitter
+from ..passes.prune_backward import FROZEN_PART, TRAINED, prune_backward
+from ..sparse import FROZEN as FROZEN_RULE, Partial
+from ..optim import LR, STEP, UPDATE_PREFIX, Optimizer, _Emitter
 from . import gradients
 
 STEP_FUNC = "train_step"
@@ -41,6 +43,8 @@ class StepSignature:
     categories: dict  # state name -> PARAM | FROZEN | BUFFER | OPTIMIZER
     outputs: list[str]  # state names written by outputs 1.. (output 0 is the loss)
     loss_dtype: str
+    # Partially trained parameters -> the shape of their trained leading channels.
+    trained_shapes: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -48,6 +52,7 @@ class StepSignature:
             "state": [dict(s.to_json(), category=self.categories[s.name]) for s in self.state],
             "outputs": ["loss"] + self.outputs,
             "loss_dtype": self.loss_dtype,
+            "trained_shapes": {k: list(v) for k, v in self.trained_shapes.items()},
         }
 
     @classmethod
@@ -58,6 +63,7 @@ class StepSignature:
             categories={s["name"]: s["category"] for s in d["state"]},
             outputs=list(d["outputs"][1:]),
             loss_dtype=d["loss_dtype"],
+            trained_shapes={k: tuple(v) for k, v in d.get("trained_shapes", {}).items()},
         )
 
 
@@ -115,28 +121,30 @@ class _Substitute(relax.PyExprMutator):
         return self.mapping.get(op, op)
 
 
-def hoist_frozen(func, trainable_vars):
+def hoist_frozen(func, trainable_vars, trained_slices=()):
     """Split `func` into the bindings that do not depend on a trainable parameter (returned as a
     list, to run first) and a function of everything else that takes the hoisted values it uses as
     extra parameters.
 
     Relax's Gradient pass builds adjoints for every binding on the backward path, including frozen
     prefixes and target-only masks, and needs a rule for each of their ops; after hoisting, it sees
-    only what a gradient can actually flow through. Returns (prefix bindings, function, hoisted vars
-    in the order of the function's extra parameters).
+    only what a gradient can actually flow through. `trained_slices` are bindings (the trained part of
+    a partially trained weight) that are computed in the prefix but differentiated: they become
+    parameters of the function like other hoisted values, and what they feed stays in it.
+    Returns (prefix bindings, function, hoisted vars in the order of the function's extra parameters).
     """
     if len(func.body.blocks) != 1:
         raise UnsupportedOpError("the imported forward has control flow; only a single dataflow graph is supported")
-    depends = set(trainable_vars)
+    depends = set(trainable_vars) | set(trained_slices)
     prefix, main = [], []
     for b in func.body.blocks[0].bindings:
-        if any(v in depends for v in relax.analysis.free_vars(b.value)):
+        if b.var not in trained_slices and any(v in depends for v in relax.analysis.free_vars(b.value)):
             depends.add(b.var)
             main.append(b)
         else:
             prefix.append(b)
-    if _loss_expr(func) not in depends and not any(v in depends for v in relax.analysis.free_vars(_loss_expr(func))):
-        raise UnsupportedOpError("the loss does not depend on any trained parameter: nothing to differentiate")
+    if not any(v in depends for v in relax.analysis.free_vars(_loss_expr(func))):
+        raise JobError("the loss does not depend on any trained parameter: nothing to differentiate")
     hoisted = {b.var for b in prefix}
     used = []
     for expr in [b.value for b in main] + [func.body.body]:
@@ -147,6 +155,15 @@ def hoist_frozen(func, trainable_vars):
     body = relax.BlockBuilder().normalize(relax.SeqExpr([relax.DataflowBlock(main)], func.body.body))
     main_func = relax.Function(list(func.params) + list(new_params.values()), body, attrs=func.attrs)
     return prefix, _Substitute(new_params).visit_expr(main_func), used
+
+
+def _trained_spec(spec: TensorSpec, part) -> TensorSpec:
+    """The shape the optimizer sees: the whole parameter, or its trained leading channels."""
+    if part is None:
+        return spec
+    shape = list(spec.shape)
+    shape[part.axis] = part.channels
+    return TensorSpec(spec.name, tuple(shape), spec.dtype)
 
 
 def _carries_gradient(ty) -> bool:
@@ -163,20 +180,29 @@ def _loss_expr(func):
     return body.fields[0] if isinstance(body, relax.Tuple) else body
 
 
-def build_train_step(imported: ImportedModel, optimizer: Optimizer, trainable: list[str]):
-    """(IRModule with `train_step`, StepSignature, initial optimizer state as {name: array})."""
+def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
+    """plan: {parameter name: "full" | "frozen" | sparse.Partial}
+    -> (IRModule with `train_step`, StepSignature, initial optimizer state as {name: array})."""
     gradients.install()
+    trainable = [s.name for s in imported.params if plan.get(s.name, FROZEN_RULE) != FROZEN_RULE]
     if not trainable:
-        raise UnsupportedOpError("nothing to train: every parameter is frozen")
+        raise JobError("nothing to train: every parameter is frozen")
     check_differentiable(imported, trainable)
     n_in = len(imported.inputs)
-    trainable_set = set(trainable)
+    partial = {name: rule for name, rule in plan.items() if isinstance(rule, Partial)}
     mod = relax.transform.DecomposeOpsForTraining(FUNC_NAME)(imported.mod)
     fparams = list(mod[FUNC_NAME].params)
     n_orig = len(fparams)
     pvars = dict(zip([s.name for s in imported.params], fparams[n_in:]))
-    require = [pvars[s.name] for s in imported.params if s.name in trainable_set]
-    prefix, main, hoisted = hoist_frozen(mod[FUNC_NAME], require)
+    mod = prune_backward(FUNC_NAME, {pvars[n]: (p.channels, p.axis) for n, p in partial.items()})(mod)
+    bound = {b.var.name: b.var for block in mod[FUNC_NAME].body.blocks for b in block.bindings}
+    slices = {n: (bound[pvars[n].name + TRAINED], bound[pvars[n].name + FROZEN_PART]) for n in partial}
+    full = [pvars[n] for n in trainable if n not in partial]
+    prefix, main, hoisted = hoist_frozen(mod[FUNC_NAME], full, [t for t, _ in slices.values()])
+    # Gradient differentiates w.r.t. parameters of the function: full weights, and the trained slices
+    # of partial ones, which hoisting turned into extra parameters.
+    slice_params = {n: main.params[n_orig + hoisted.index(t)] for n, (t, _) in slices.items()}
+    require = [pvars[n] if n not in partial else slice_params[n] for n in trainable]
     mod = tvm.IRModule({FUNC_NAME: main})
     mod = relax.transform.Gradient(FUNC_NAME, require_grads=require, target_index=0)(mod)
     adjoint = mod[FUNC_NAME + "_adjoint"]
@@ -186,12 +212,13 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, trainable: l
     hoisted_params = aparams[n_orig:]
     aparams = aparams[:n_orig]
     n_p = len(imported.params)
-    param_vars = aparams[n_in:n_in + n_p]
-    by_name = {s.name: v for s, v in zip(imported.params, param_vars)}
+    by_name = dict(zip([s.name for s in imported.params], aparams[n_in:n_in + n_p]))
+    by_name.update({n: hoisted_params[hoisted.index(t)] for n, (t, _) in slices.items()})
+    trainable_set = set(trainable)
 
     lr_var = relax.Var(LR, relax.TensorType((), "float64"))
     step_var = relax.Var(STEP, relax.TensorType((), "int64"))
-    trained = [s for s in imported.params if s.name in trainable_set]
+    trained = [_trained_spec(s, partial.get(s.name)) for s in imported.params if s.name in trainable_set]
     slot_specs, slot_vars = [], {}
     for slot in optimizer.slots():
         for s in trained:
@@ -212,13 +239,15 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, trainable: l
             ret = inline_body(bb, adjoint)
             outputs, grads = ret
             loss, new_buffers = outputs[0], outputs[1:]
-            new_step = bb.emit(relax.op.add(step_var, relax.const(1, "int64")), "new_step")
-            step_f64 = bb.emit(relax.op.astype(new_step, "float64"), "step_f64")
+            new_step = bb.emit(relax.op.add(step_var, relax.const(1, "int64")), UPDATE_PREFIX + "step")
+            step_f64 = bb.emit(relax.op.astype(new_step, "float64"), UPDATE_PREFIX + "step_f64")
             new_params, new_slots = [], []
             for s, grad in zip(trained, grads):
                 em = _Emitter(bb, s.dtype)
                 slots = {slot: slot_vars[(slot, s.name)] for slot in optimizer.slots()}
                 p, updated = optimizer.update(em, by_name[s.name], grad, slots, lr_var, step_f64)
+                if s.name in partial:  # write the trained channels back in front of the frozen ones
+                    p = bb.emit(relax.op.concat([p, slices[s.name][1]], axis=partial[s.name].axis), UPDATE_PREFIX + "merge")
                 new_params.append(p)
                 new_slots.append(updated)
             slot_out = [new_slots[i][slot] for slot in optimizer.slots() for i in range(len(trained))]
@@ -238,9 +267,10 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, trainable: l
         outputs=[s.name for s in trained] + list(imported.mutated_buffers) + [STEP]
         + [slot_name(slot, s.name) for slot in optimizer.slots() for s in trained],
         loss_dtype=str(_loss_expr(imported.func).ty.dtype),
+        trained_shapes={s.name: s.shape for s in trained if s.name in partial},
     )
     init = {LR: np.array(optimizer.lr, "float64"), STEP: np.array(0, "int64")}
     for slot in optimizer.slots():
         for s in trained:
-            init[slot_name(slot, s.name)] = optimizer.init_slot(slot, imported.initial[s.name])
+            init[slot_name(slot, s.name)] = np.zeros(s.shape, s.dtype)
     return step_mod, signature, init

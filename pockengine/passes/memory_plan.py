@@ -19,6 +19,7 @@ import tvm
 from tvm import relax
 
 from ..autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, StepSignature
+from .flops import step_flops
 
 CATEGORIES = ("parameters", "buffers", "optimizer_state", "new_state", "planned_pool")
 _NO_COPY_OPS = {"relax.reshape", "relax.squeeze", "relax.expand_dims", "relax.flatten"}
@@ -49,6 +50,7 @@ class MemoryReport:
     n_storages: int = 0
     saved_activation_bytes: int = 0
     gradient_bytes: int = 0
+    flops: dict = field(default_factory=dict)  # {"forward": n, "backward": n} (conv/matmul)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -67,6 +69,9 @@ class MemoryReport:
             lines.append(f"  {cat:<18}{_fmt(b):>12}")
         lines.append(f"  (within the pool: gradients {_fmt(self.gradient_bytes)}, "
                      f"saved activations {_fmt(self.saved_activation_bytes)})")
+        if self.flops:
+            lines.append(f"FLOPs per step: forward {self.flops['forward'] / 1e6:.1f} M, "
+                         f"backward {self.flops['backward'] / 1e6:.1f} M (conv and matmul)")
         header = f"{'layer':<32}{'trained':>8}{'params':>12}{'grads':>12}{'opt state':>12}{'saved act':>12}"
         lines += ["", header, "-" * len(header)]
         for r in self.layers:
@@ -164,9 +169,11 @@ def memory_report(lowered_func, step_func, signature: StepSignature, origin: dic
         if cat in (PARAM, FROZEN):
             row = rows.setdefault(layer_of(spec.name), LayerRow(layer_of(spec.name), ""))
             row.param_bytes += spec.nbytes
-            trained_flags[row.layer].add(cat == PARAM)
+            partial = spec.name in signature.trained_shapes
+            trained_flags[row.layer].add("partial" if partial else cat == PARAM)
             if cat == PARAM:
-                row.grad_bytes += spec.nbytes
+                shape = signature.trained_shapes.get(spec.name, spec.shape)
+                row.grad_bytes += int(np.prod(shape, dtype=np.int64)) * np.dtype(spec.dtype).itemsize
         elif cat == OPTIMIZER and spec.name.count(".") >= 2:
             pname = spec.name.split(".", 2)[2]
             if pname in param_specs:
@@ -178,8 +185,8 @@ def memory_report(lowered_func, step_func, signature: StepSignature, origin: dic
         rows.setdefault(layer, LayerRow(layer, "")).saved_activation_bytes += nbytes
     for row in rows.values():
         flags = trained_flags.get(row.layer, set())
-        row.trained = {frozenset({True}): "full", frozenset({True, False}): "partial",
-                       frozenset({False}): "frozen"}.get(frozenset(flags), "-")
+        row.trained = ("-" if not flags else "full" if flags == {True} else "frozen" if flags == {False}
+                       else "partial")
     # Rows in forward order: by where each layer first appears in the imported graph.
     first_seen = {}
     for where in origin.values():
@@ -191,5 +198,6 @@ def memory_report(lowered_func, step_func, signature: StepSignature, origin: dic
         layers=ordered,
         n_storages=n_storages,
         saved_activation_bytes=sum(saved.values()),
-        gradient_bytes=sum(s.nbytes for s in signature.state if cats[s.name] == PARAM),
+        gradient_bytes=sum(r.grad_bytes for r in rows.values()),
+        flops=step_flops(step_func),
     )

@@ -1,0 +1,134 @@
+"""prune_backward: make the backward compute only what the sparse-update scheme trains.
+
+Frozen parameters need nothing: autodiff differentiates with respect to trained parameters only and
+hoists everything that does not depend on them out of the differentiated function. This pass handles
+the remaining case, a weight trained on its first k of C channels (MCUNetV3's sub-tensor update):
+
+    y = conv2d(x, W)         ->  y = conv2d(x[:, :k], W[:, :k]) + conv2d(x[:, k:], W[:, k:])
+    y = x @ W^T              ->  y = x[..., :k] @ W[:, :k]^T + x[..., k:] @ W[:, k:]^T
+    y = depthwise(x, W)      ->  y = concat(depthwise(x[:, :k], W[:k]), depthwise(x[:, k:], W[k:]))
+
+`W[:, :k]` is bound as `<W>__trained` and differentiated; `W[:, k:]` (`<W>__frozen`) is not. The weight
+gradient then reads only the first k channels of the saved input activation and costs k/C of the
+full weight gradient's FLOPs; the forward costs the same.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.relax import op as R
+
+from ..errors import JobError
+
+TRAINED, FROZEN_PART = "__trained", "__frozen"
+
+
+def parameter_ops(func, param_vars: dict) -> dict:
+    """{parameter name: "conv" | "depthwise" | "linear" | None}: how each weight is used."""
+    consumers = {}
+    bindings = [b for block in func.body.blocks for b in block.bindings]
+    for b in bindings:
+        if isinstance(b.value, relax.Call):
+            for i, arg in enumerate(b.value.args):
+                consumers.setdefault(arg, []).append((b, i))
+    kinds = {}
+    for name, var in param_vars.items():
+        kinds[name] = None
+        for b, i in consumers.get(var, []):
+            op = _op_name(b.value)
+            if op == "relax.nn.conv2d" and i == 1:
+                groups = int(b.value.attrs.groups)
+                kinds[name] = "depthwise" if groups > 1 and groups == int(var.ty.shape[0]) else "conv"
+            elif op == "relax.permute_dims" and any(_op_name(c.value) == "relax.matmul" for c, _ in consumers.get(b.var, [])):
+                kinds[name] = "linear"
+    return kinds
+
+
+def prune_backward(func_name: str, partial: dict) -> tvm.transform.Pass:
+    """partial: {parameter Var: (channels, axis)} for weights trained on their first channels."""
+
+    @tvm.transform.module_pass(opt_level=0, name="PruneBackward")
+    def transform(mod, _ctx):
+        if not partial:
+            return mod
+        func = mod[func_name]
+        new = _split_partial_weights(func, partial, func_name)
+        mod = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(dict(mod.functions))
+        mod[func_name] = new
+        return mod
+
+    return transform
+
+
+def _split_partial_weights(func, partial: dict, name: str):
+    bb = relax.BlockBuilder()
+    bindings = [b for block in func.body.blocks for b in block.bindings]
+    transposed = {}  # var bound to permute_dims(W) -> W, for linear layers
+    with bb.function(name, list(func.params), attrs=dict(func.attrs)):
+        with bb.dataflow():
+            pieces = {}
+            for w, (k, axis) in partial.items():
+                total = int(w.ty.shape[axis])
+                trained = bb.emit(R.strided_slice(w, [axis], [0], [k]), w.name + TRAINED)
+                frozen = bb.emit(R.strided_slice(w, [axis], [k], [total]), w.name + FROZEN_PART)
+                pieces[w] = (trained, frozen, k, total)
+            for b in bindings:
+                value = b.value
+                op = _op_name(value)
+                if op == "relax.permute_dims" and value.args[0] in pieces:
+                    transposed[b.var] = value.args[0]
+                    continue
+                if op == "relax.nn.conv2d" and value.args[1] in pieces:
+                    bb.emit_normalized(relax.VarBinding(b.var, bb.normalize(_split_conv(bb, value, pieces[value.args[1]]))))
+                    continue
+                if op == "relax.matmul" and value.args[1] in transposed:
+                    w = transposed[value.args[1]]
+                    bb.emit_normalized(relax.VarBinding(b.var, bb.normalize(_split_matmul(bb, value, pieces[w]))))
+                    continue
+                used = [v for v in relax.analysis.free_vars(value) if v in pieces or v in transposed]
+                if used:
+                    w = used[0] if used[0] in pieces else transposed[used[0]]
+                    raise JobError(f"channel-ratio update of {w.name}: it is used by {op or type(value).__name__}, "
+                                   "not by a conv2d or linear layer; train it fully or freeze it")
+                bb.emit_normalized(b)
+            outputs = func.body.body
+        bb.emit_func_output(outputs)
+    return bb.get()[name]
+
+
+def _split_conv(bb, call, piece):
+    trained, frozen, k, total = piece
+    x = call.args[0]
+    attrs = call.attrs
+    groups = int(attrs.groups)
+    x_trained = bb.emit(R.strided_slice(x, [1], [0], [k]))
+    x_frozen = bb.emit(R.strided_slice(x, [1], [k], [total]))
+    common = dict(strides=attrs.strides, padding=attrs.padding, dilation=attrs.dilation, data_layout=attrs.data_layout,
+                  kernel_layout=attrs.kernel_layout, out_layout=attrs.out_layout, out_dtype=attrs.out_dtype)
+    if groups == 1:
+        a = bb.emit(R.nn.conv2d(x_trained, trained, groups=1, **common))
+        b = bb.emit(R.nn.conv2d(x_frozen, frozen, groups=1, **common))
+        return R.add(a, b)
+    if groups == total:  # depthwise: channel i of the output reads only channel i of the input
+        a = bb.emit(R.nn.conv2d(x_trained, trained, groups=k, **common))
+        b = bb.emit(R.nn.conv2d(x_frozen, frozen, groups=total - k, **common))
+        return R.concat([a, b], axis=1)
+    raise JobError(f"channel-ratio update of a grouped conv (groups={groups}) is not supported; train it fully or freeze it")
+
+
+def _split_matmul(bb, call, piece):
+    trained, frozen, k, total = piece
+    x = call.args[0]
+    last = len(x.ty.shape) - 1
+    x_trained = bb.emit(R.strided_slice(x, [last], [0], [k]))
+    x_frozen = bb.emit(R.strided_slice(x, [last], [k], [total]))
+    a = bb.emit(R.matmul(x_trained, R.permute_dims(trained, [1, 0]), out_dtype=call.attrs.out_dtype))
+    b = bb.emit(R.matmul(x_frozen, R.permute_dims(frozen, [1, 0]), out_dtype=call.attrs.out_dtype))
+    return R.add(a, b)
+
+
+def _op_name(value) -> str:
+    if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+        return value.op.name
+    return ""

@@ -1,0 +1,214 @@
+"""Sparse-update schemes: which parameters, and which channels of them, a training step updates.
+
+A scheme is data: an ordered list of (pattern, rule) plus a default for parameters no rule names.
+Later rules win. A pattern is a glob over parameter names; a pattern naming a module (`classifier`,
+`features.3.*`) covers the parameters under it. Rules:
+
+    "full"    train the parameter
+    "frozen"  do not train it (its backward is never generated)
+    "bias"    train only biases among the parameters the pattern covers
+    r (float, 0 < r <= 1)   train the first round(r * C) input channels of a conv/linear weight
+              (for a depthwise conv, its first round(r * C) channels) — MCUNetV3's sub-tensor update
+
+    pe.SparseUpdate.bias_only() | {"classifier.*": "full", "features.5.conv.0.0.weight": 0.25}
+
+`resolve(params)` validates the scheme against the model's parameter table and returns, per parameter,
+"full", "frozen" or the number of leading channels to train.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, replace
+
+from .errors import JobError
+
+FULL, FROZEN, BIAS = "full", "frozen", "bias"
+RULES = (FULL, FROZEN, BIAS)
+
+
+@dataclass(frozen=True)
+class Partial:
+    """Train the first `channels` entries of `axis` of a weight (the rest stays frozen)."""
+
+    channels: int
+    axis: int
+    total: int
+
+
+@dataclass(frozen=True)
+class SparseUpdate:
+    rules: tuple = ()
+    default: str = FROZEN
+    # ("last_k", k) or ("mcunetv3", n_bias_update, weight indices, ratios): rules derived from the model
+    preset: tuple = ()
+
+    def __post_init__(self):
+        rules = tuple(self.rules.items()) if isinstance(self.rules, dict) else tuple(tuple(r) for r in self.rules)
+        object.__setattr__(self, "rules", rules)
+        if self.default not in (FULL, FROZEN):
+            raise JobError(f"SparseUpdate default must be 'full' or 'frozen', got {self.default!r}")
+        for pattern, rule in rules:
+            _check_rule(pattern, rule)
+
+    def __or__(self, other) -> "SparseUpdate":
+        """This scheme with `other`'s rules (a dict or a SparseUpdate) applied after its own."""
+        extra = other.rules if isinstance(other, SparseUpdate) else tuple(dict(other).items())
+        return replace(self, rules=self.rules + tuple(extra))
+
+    # ------------------------------------------------------------------ presets
+
+    @classmethod
+    def full(cls) -> "SparseUpdate":
+        return cls((), FULL)
+
+    @classmethod
+    def bias_only(cls) -> "SparseUpdate":
+        """TinyTL: every bias (for conv+BN models, the BatchNorm shifts), no weights."""
+        return cls((("*", BIAS),))
+
+    @classmethod
+    def last_k(cls, k: int) -> "SparseUpdate":
+        """Every parameter of the last k layers (modules that own parameters, in model order)."""
+        if not isinstance(k, int) or k < 1:
+            raise JobError(f"last_k needs an integer k >= 1, got {k!r}")
+        return cls(preset=("last_k", k))
+
+    @classmethod
+    def mcunetv3(cls, n_bias_update: int, manual_weight_idx, weight_update_ratio) -> "SparseUpdate":
+        """tiny-training's flags: biases of the last `n_bias_update` convs; the weights of the convs
+        at `manual_weight_idx` (e.g. "21-24-27" or a list), each at its `weight_update_ratio`."""
+        idx, ratios = _ints(manual_weight_idx), _floats(weight_update_ratio)
+        if len(idx) != len(ratios):
+            raise JobError(f"mcunetv3: {len(idx)} weight indices but {len(ratios)} ratios")
+        for r in ratios:
+            _check_rule(f"ratio {r}", r)
+        return cls(preset=("mcunetv3", int(n_bias_update), tuple(idx), tuple(ratios)))
+
+    # ------------------------------------------------------------------ resolution
+
+    def expand(self, params) -> list:
+        """The scheme's concrete (pattern, rule) list for a model's parameter table."""
+        kind = self.preset[0] if self.preset else None
+        derived = {"last_k": _last_k_rules, "mcunetv3": _mcunetv3_rules}[kind](params, *self.preset[1:]) if kind else []
+        return derived + list(self.rules)
+
+    def resolve(self, params) -> dict:
+        """params: [(name, shape, op)] in model order, op in {"conv", "depthwise", "linear", None}.
+        -> {name: "full" | "frozen" | Partial}."""
+        names = [p[0] for p in params]
+        shape_of = {p[0]: tuple(p[1]) for p in params}
+        kind_of = {p[0]: p[2] for p in params}
+        decided = {n: self.default for n in names}
+        for pattern, rule in self.expand(params):
+            matched = [n for n in names if _matches(n, pattern)]
+            if not matched:
+                raise JobError(f"sparse_update rule {pattern!r}: {rule!r} names no parameter of the model. "
+                               f"Parameters: {_listing(names)}")
+            for n in matched:
+                if rule == BIAS:
+                    decided[n] = FULL if n.rsplit(".", 1)[-1] == "bias" else FROZEN
+                elif isinstance(rule, (int, float)):
+                    decided[n] = _partial(n, float(rule), shape_of[n], kind_of[n])
+                else:
+                    decided[n] = rule
+        return decided
+
+
+def _last_k_rules(params, k):
+    layers = list(dict.fromkeys(_layer(p[0]) for p in params))
+    if k > len(layers):
+        raise JobError(f"last_k({k}): the model has only {len(layers)} layers with parameters")
+    return [(layer, FULL) for layer in layers[-k:]]
+
+
+def _mcunetv3_rules(params, n_bias_update, weight_idx, weight_ratio):
+    """Convs are the conv/linear weights in model order (tiny-training counts the classifier too).
+    A conv's bias is its own or, for a bias-free conv, the bias of the normalisation right after it."""
+    names = [p[0] for p in params]
+    convs = [i for i, p in enumerate(params) if p[2] in ("conv", "depthwise", "linear") and p[0].endswith("weight")]
+    rules = []
+    for i in convs[len(convs) - n_bias_update:] if n_bias_update else []:
+        bias = _bias_of(names, i)
+        if bias is not None:
+            rules.append((bias, FULL))
+    for idx, ratio in zip(weight_idx, weight_ratio):
+        if not 0 <= idx < len(convs):
+            raise JobError(f"mcunetv3: conv index {idx} out of range; the model has {len(convs)} convs (0..{len(convs) - 1})")
+        rules.append((names[convs[idx]], FULL if ratio == 1 else ratio))
+    return rules
+
+
+def _bias_of(names, i):
+    layer = _layer(names[i])
+    if f"{layer}.bias" in names:
+        return f"{layer}.bias"
+    # the next layer's bias if that layer has a weight and a bias and no other parameters (a norm)
+    j = i + 1
+    while j < len(names) and _layer(names[j]) == layer:
+        j += 1
+    if j + 1 < len(names) and names[j].endswith(".weight") and names[j + 1] == f"{_layer(names[j])}.bias":
+        return names[j + 1]
+    return None
+
+
+def _partial(name, ratio, shape, kind):
+    if kind not in ("conv", "depthwise", "linear") or not name.endswith("weight"):
+        raise JobError(f"sparse_update ratio {ratio} on {name}: channel ratios apply to conv and linear weights only")
+    axis = 0 if kind == "depthwise" else 1
+    total = shape[axis]
+    channels = int(round(ratio * total))
+    if channels == 0:
+        raise JobError(f"sparse_update ratio {ratio} on {name} keeps 0 of its {total} channels; use a larger ratio or 'frozen'")
+    return FULL if channels == total else Partial(channels, axis, total)
+
+
+def _check_rule(pattern, rule):
+    if not isinstance(pattern, str):
+        raise JobError(f"sparse_update pattern must be a string, got {pattern!r}")
+    if isinstance(rule, (int, float)) and not isinstance(rule, bool):
+        if not 0 < rule <= 1:
+            raise JobError(f"sparse_update ratio for {pattern!r} must be in (0, 1], got {rule}")
+        return
+    if rule not in RULES:
+        raise JobError(f"sparse_update rule for {pattern!r} must be one of {RULES} or a ratio in (0, 1], got {rule!r}")
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+
+
+def _layer(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def _listing(names, limit=40) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _ints(v):
+    return [int(x) for x in (v.split("-") if isinstance(v, str) else v)]
+
+
+def _floats(v):
+    return [float(x) for x in (v.split("-") if isinstance(v, str) else v)]
+
+
+def apply_to_torch(model, plan: dict):
+    """Make a PyTorch model train what `plan` trains: frozen parameters get requires_grad=False,
+    partially trained weights a gradient mask on their first channels. For like-for-like
+    comparisons with the compiled step (tests, benchmarks). Returns the model."""
+    import torch
+
+    for name, p in model.named_parameters():
+        rule = plan[name]
+        if rule == FROZEN:
+            p.requires_grad_(False)
+        elif isinstance(rule, Partial):
+            mask = torch.zeros_like(p)
+            index = [slice(None)] * p.ndim
+            index[rule.axis] = slice(0, rule.channels)
+            mask[tuple(index)] = 1
+            p.register_hook(lambda g, m=mask: g * m)
+    return model

@@ -1,0 +1,133 @@
+"""Sparse-update schemes: resolution against the parameter table, training parity with PyTorch run
+with the same frozen set (requires_grad=False; channel ratios as gradient masks on the first
+channels), frozen parameters untouched, and the pruned backward's FLOPs."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import pockengine as pe
+from conftest import FAST_HOST, MLP, make_batches, max_scaled_diff, train_torch
+from pockengine.errors import JobError
+from pockengine.passes.flops import step_flops
+from pockengine.sparse import FROZEN, FULL, Partial, SparseUpdate, apply_to_torch
+
+
+class SmallNet(nn.Module):
+    """conv-BN-ReLU6, depthwise conv-BN-ReLU6, pointwise conv-BN, pool, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        self.pw = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.pw(self.dw(self.stem(x)))
+        return self.head(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+SCHEMES = {
+    "full": SparseUpdate.full(),
+    "frozen by default, head full": SparseUpdate({"head": "full"}),
+    "bias rule": SparseUpdate({"*": "bias"}),
+    "bias_only preset": SparseUpdate.bias_only(),
+    "conv ratio": SparseUpdate({"pw.0.weight": 0.25, "head.*": "full"}),
+    "depthwise ratio": SparseUpdate({"dw.0.weight": 0.5}),
+    "linear ratio": SparseUpdate.bias_only() | {"head.weight": 0.5},
+    "last_k(3)": SparseUpdate.last_k(3),
+    "mcunetv3": SparseUpdate.mcunetv3(3, "0-1-3", "0.5-0.25-1"),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_scheme_trains_like_pytorch_with_the_same_frozen_set(name):
+    torch.manual_seed(0)
+    model = SmallNet().double().train()
+    batches = make_batches((8, 3, 16, 16), 10, 10, dtype=torch.float64)
+    optimizer = pe.optim.SGD(lr=0.05, momentum=0.9)
+    job = pe.TrainingJob(copy.deepcopy(model), (batches[0][0],), batches[0][1], "cross_entropy", optimizer,
+                         sparse_update=SCHEMES[name])
+    program = pe.compile(job, target=FAST_HOST)
+    plan = job.plan(job.import_model())
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    ours = [program.step(x, y) for x, y in batches]
+    theirs = train_torch(apply_to_torch(model, plan), optimizer, batches)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-10)
+    worst, where = max_scaled_diff(program.state_dict(), model.state_dict())
+    assert worst <= 1e-9, f"{where}: {worst:.3g}"
+    state = program.state_dict()
+    for pname, rule in plan.items():
+        if rule == FROZEN:
+            np.testing.assert_array_equal(state[pname], initial[pname].numpy(), err_msg=pname)
+            assert pname not in program.signature.outputs  # never written
+        elif isinstance(rule, Partial):  # the untrained channels are untouched too
+            index = [slice(None)] * state[pname].ndim
+            index[rule.axis] = slice(rule.channels, None)
+            np.testing.assert_array_equal(state[pname][tuple(index)], initial[pname].numpy()[tuple(index)])
+
+
+PARAMS = [("stem.0.weight", (8, 3, 3, 3), "conv"), ("stem.1.weight", (8,), None), ("stem.1.bias", (8,), None),
+          ("dw.0.weight", (8, 1, 3, 3), "depthwise"), ("dw.1.weight", (8,), None), ("dw.1.bias", (8,), None),
+          ("pw.0.weight", (16, 8, 1, 1), "conv"), ("pw.1.weight", (16,), None), ("pw.1.bias", (16,), None),
+          ("head.weight", (10, 16), "linear"), ("head.bias", (10,), None)]
+
+
+def test_resolution_of_presets():
+    bias = SparseUpdate.bias_only().resolve(PARAMS)
+    assert [n for n, r in bias.items() if r == FULL] == ["stem.1.bias", "dw.1.bias", "pw.1.bias", "head.bias"]
+    last = SparseUpdate.last_k(2).resolve(PARAMS)
+    assert [n for n, r in last.items() if r == FULL] == ["pw.1.weight", "pw.1.bias", "head.weight", "head.bias"]
+    mcu = SparseUpdate.mcunetv3(2, [1, 2], [0.5, 0.25]).resolve(PARAMS)
+    assert mcu["dw.0.weight"] == Partial(4, 0, 8) and mcu["pw.0.weight"] == Partial(2, 1, 8)
+    assert mcu["pw.1.bias"] == FULL and mcu["head.bias"] == FULL and mcu["dw.1.bias"] == FROZEN
+    override = (SparseUpdate.bias_only() | {"head.*": "full", "pw.0.weight": 1.0}).resolve(PARAMS)
+    assert override["head.weight"] == FULL and override["pw.0.weight"] == FULL
+
+
+def test_invalid_schemes_name_the_real_parameters():
+    with pytest.raises(JobError, match=r"'blocks\.\*': 'full' names no parameter.*stem\.0\.weight, stem\.1\.weight"):
+        SparseUpdate({"blocks.*": "full"}).resolve(PARAMS)
+    with pytest.raises(JobError, match=r"ratio for 'pw.0.weight' must be in \(0, 1\], got 1.5"):
+        SparseUpdate({"pw.0.weight": 1.5})
+    with pytest.raises(JobError, match="must be one of"):
+        SparseUpdate({"pw.0.weight": "half"})
+    with pytest.raises(JobError, match="channel ratios apply to conv and linear weights only"):
+        SparseUpdate({"pw.1.weight": 0.5}).resolve(PARAMS)
+    with pytest.raises(JobError, match="conv index 9 out of range; the model has 4 convs"):
+        SparseUpdate.mcunetv3(1, [9], [0.5]).resolve(PARAMS)
+    with pytest.raises(JobError, match="sparse_update must be"):
+        pe.TrainingJob(SmallNet(), (torch.randn(2, 3, 8, 8),), torch.tensor([0, 1]), "cross_entropy",
+                       pe.optim.SGD(), sparse_update="bias")
+
+
+def step_of(scheme):
+    torch.manual_seed(0)
+    job = pe.TrainingJob(MLP(), (torch.randn(8, 32),), torch.randint(0, 10, (8,)), "cross_entropy",
+                         pe.optim.SGD(lr=0.1), sparse_update=scheme)
+    from pockengine.autodiff.step import build_train_step
+
+    imported = job.import_model()
+    mod, signature, _ = build_train_step(imported, job.optimizer, job.plan(imported))
+    return step_flops(mod["train_step"]), signature
+
+
+def test_pruned_backward_costs_the_expected_flops():
+    """MLP 32-64-64-10, batch 8: each linear costs 2*8*in*out for forward, weight gradient and input
+    gradient. The first layer's input gradient is never needed."""
+    mm = lambda i, o: 2 * 8 * i * o  # noqa: E731
+    forward = mm(32, 64) + mm(64, 64) + mm(64, 10)
+    full, _ = step_of(SparseUpdate.full())
+    assert full == {"forward": forward, "backward": forward + mm(64, 64) + mm(64, 10)}
+    bias, _ = step_of(SparseUpdate.bias_only())
+    assert bias == {"forward": forward, "backward": mm(64, 64) + mm(64, 10)}  # input gradients only
+    ratio, signature = step_of({"net.0.weight": 0.25})  # 8 of 32 input channels of the first layer
+    assert ratio == {"forward": forward, "backward": mm(8, 64) + mm(64, 64) + mm(64, 10)}
+    assert signature.trained_shapes == {"net.0.weight": (64, 8)}
+    assert signature.outputs[0] == "net.0.weight"
+    head, _ = step_of({"net.4": "full"})  # last layer only: nothing flows further back
+    assert head == {"forward": forward, "backward": mm(64, 10)}
