@@ -21,6 +21,8 @@ from tvm import relax
 from . import targets
 from .autodiff.step import STEP_FUNC, build_train_step
 from .passes.memory_plan import memory_report
+from .passes.memory_timeline import timeline
+from .sparse import FULL
 from .runtime import LIBRARY
 
 STAGES = ("import", "autodiff", "lower", "memory plan", "codegen")
@@ -73,12 +75,17 @@ def compile(job, target="host", progress=None):  # noqa: A001 - the public name 
     with _stage("import", progress):
         imported = job.import_model()
     with _stage("autodiff", progress):
-        step_mod, signature, optimizer_state = build_train_step(imported, job.optimizer, job.plan(imported))
+        plan = job.plan(imported)
+        step_mod, signature, optimizer_state = build_train_step(imported, job.optimizer, plan)
     with _stage("lower", progress):
         with tvm_target:
             lowered = tvm.transform.Sequential(lowering_passes(tvm_target))(step_mod)
     with _stage("memory plan", progress):
-        report = memory_report(lowered[STEP_FUNC], step_mod[STEP_FUNC], signature, imported.origin)
+        timelines = {"this step": timeline(step_mod[STEP_FUNC], signature)}
+        if any(rule != FULL for rule in plan.values()):  # the same model fully updated, for comparison
+            full_mod, full_sig, _ = build_train_step(imported, job.optimizer, {name: FULL for name in plan})
+            timelines["full update"] = timeline(full_mod[STEP_FUNC], full_sig)
+        report = memory_report(lowered[STEP_FUNC], step_mod[STEP_FUNC], signature, imported.origin, timelines)
     with _stage("codegen", progress):
         with tvm_target:
             final = tvm.transform.Sequential(finalize_passes())(lowered)

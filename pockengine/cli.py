@@ -131,7 +131,10 @@ def cmd_inspect(args) -> int:
           f"{n_el(trained):,} values; buffers {len(m['buffers'])}")
     print(f"versions   " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
     print()
-    print(MemoryReport.from_json(m["memory"]))
+    report = MemoryReport.from_json(m["memory"])
+    print(report)
+    if args.plot:
+        print(f"wrote {report.plot(args.plot)}")
     return 0
 
 
@@ -173,6 +176,7 @@ def make_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show an artifact's manifest and memory plan")
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print the raw manifest")
+    i.add_argument("--plot", metavar="PNG", help="draw the step's memory timeline (and the full update's) to a PNG")
     i.set_defaults(func=cmd_inspect)
 
     t = sub.add_parser("targets", help="list target presets and whether this machine can build them")

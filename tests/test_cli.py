@@ -75,6 +75,15 @@ def test_inspect_shows_manifest_and_memory_table(built):
     assert manifest["name"] == "mlp_digits"
 
 
+def test_inspect_plots_the_memory_timeline(built, tmp_path):
+    png = str(tmp_path / "memory.png")
+    result = pockengine("inspect", built[0], "--plot", png)
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {png}" in result.stdout
+    with open(png, "rb") as f:
+        assert f.read(4) == b"\x89PNG"
+
+
 def test_targets_lists_presets():
     result = pockengine("targets")
     assert result.returncode == 0 and result.stdout.startswith("host") and "ready" in result.stdout

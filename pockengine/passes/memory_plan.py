@@ -51,6 +51,16 @@ class MemoryReport:
     saved_activation_bytes: int = 0
     gradient_bytes: int = 0
     flops: dict = field(default_factory=dict)  # {"forward": n, "backward": n} (conv/matmul)
+    # label -> Timeline as JSON: this step, and (for sparse schemes) the same model fully updated
+    timelines: dict = field(default_factory=dict)
+
+    def plot(self, path: str) -> str:
+        """Draw the memory timelines (this step vs full update) to a PNG."""
+        from .memory_timeline import Timeline, plot
+
+        if not self.timelines:
+            raise ValueError("this report has no timeline")
+        return plot({k: Timeline.from_json(v) for k, v in self.timelines.items()}, path)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -147,7 +157,7 @@ def layer_of(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else "(model)"
 
 
-def memory_report(lowered_func, step_func, signature: StepSignature, origin: dict) -> MemoryReport:
+def memory_report(lowered_func, step_func, signature: StepSignature, origin: dict, timelines=None) -> MemoryReport:
     pool, n_storages, unplanned = planned_storage(lowered_func)
     cats = signature.categories
     state_bytes = defaultdict(int)
@@ -200,4 +210,5 @@ def memory_report(lowered_func, step_func, signature: StepSignature, origin: dic
         saved_activation_bytes=sum(saved.values()),
         gradient_bytes=sum(r.grad_bytes for r in rows.values()),
         flops=step_flops(step_func),
+        timelines={k: t.to_json() for k, t in (timelines or {}).items()},
     )
