@@ -1,6 +1,6 @@
 """The pipeline: TrainingJob -> compiled Program, stage by stage.
 
-    import (frontend) -> autodiff (train_step) -> lower (legalize, fuse, plan memory) -> memory report
+    import (frontend) -> autodiff (prune_backward + train_step) -> lower (legalize, fuse, plan memory) -> memory report
     -> codegen (TIR + VM executable)
 
 Each stage takes the previous stage's value and returns a new one. `progress` receives
@@ -9,6 +9,7 @@ Each stage takes the previous stage's value and returns a new one. `progress` re
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -22,7 +23,9 @@ from . import targets
 from .autodiff.step import STEP_FUNC, build_train_step
 from .passes.memory_plan import memory_report
 from .passes.memory_timeline import timeline
-from .sparse import FULL
+from .frontend import FUNC_NAME
+from .passes.prune_backward import prune_backward
+from .sparse import FULL, Partial
 from .runtime import LIBRARY
 
 STAGES = ("import", "autodiff", "lower", "memory plan", "codegen")
@@ -44,6 +47,19 @@ def _stage(name: str, progress):
     yield
     if progress:
         progress(index, len(STAGES), name, time.perf_counter() - start)
+
+
+def derive_step(imported, optimizer, plan):
+    """forward_loss -> train_step for a plan: split partially trained weights (prune_backward), then
+    differentiate and add the optimizer (autodiff)."""
+    partial = {name: rule for name, rule in plan.items() if isinstance(rule, Partial)}
+    if partial:
+        func = imported.func
+        n_in = len(imported.inputs)
+        pvars = {s.name: v for s, v in zip(imported.params, func.params[n_in:])}
+        pruned = prune_backward(FUNC_NAME, {pvars[n]: (p.channels, p.axis) for n, p in partial.items()})(imported.mod)
+        imported = dataclasses.replace(imported, mod=pruned)
+    return build_train_step(imported, optimizer, plan)
 
 
 def lowering_passes(target) -> list:
@@ -76,14 +92,14 @@ def compile(job, target="host", progress=None):  # noqa: A001 - the public name 
         imported = job.import_model()
     with _stage("autodiff", progress):
         plan = job.plan(imported)
-        step_mod, signature, optimizer_state = build_train_step(imported, job.optimizer, plan)
+        step_mod, signature, optimizer_state = derive_step(imported, job.optimizer, plan)
     with _stage("lower", progress):
         with tvm_target:
             lowered = tvm.transform.Sequential(lowering_passes(tvm_target))(step_mod)
     with _stage("memory plan", progress):
         timelines = {"this step": timeline(step_mod[STEP_FUNC], signature)}
         if any(rule != FULL for rule in plan.values()):  # the same model fully updated, for comparison
-            full_mod, full_sig, _ = build_train_step(imported, job.optimizer, {name: FULL for name in plan})
+            full_mod, full_sig, _ = derive_step(imported, job.optimizer, {name: FULL for name in plan})
             timelines["full update"] = timeline(full_mod[STEP_FUNC], full_sig)
         report = memory_report(lowered[STEP_FUNC], step_mod[STEP_FUNC], signature, imported.origin, timelines)
     with _stage("codegen", progress):

@@ -109,10 +109,10 @@ def step_of(scheme):
     torch.manual_seed(0)
     job = pe.TrainingJob(MLP(), (torch.randn(8, 32),), torch.randint(0, 10, (8,)), "cross_entropy",
                          pe.optim.SGD(lr=0.1), sparse_update=scheme)
-    from pockengine.autodiff.step import build_train_step
+    from pockengine.build import derive_step
 
     imported = job.import_model()
-    mod, signature, _ = build_train_step(imported, job.optimizer, job.plan(imported))
+    mod, signature, _ = derive_step(imported, job.optimizer, job.plan(imported))
     return step_flops(mod["train_step"]), signature
 
 

@@ -3,10 +3,12 @@
     train_step(batch..., params..., buffers..., lr, step, optimizer slots...)
         -> (loss, new trainable params..., new mutated buffers..., new step, new slots...)
 
-Forward + loss come from a frontend (`forward_loss`); Relax's `Gradient` pass differentiates it with
-respect to the trainable parameters only (the backward of frozen parts is never generated); the
-optimizer's update is emitted after the gradients in the same dataflow block, so later passes see
-and schedule forward, backward and update together.
+Forward + loss come from a frontend (`forward_loss`). Everything that does not depend on a trained
+parameter is hoisted out (computed first, never differentiated); Relax's `Gradient` pass then
+differentiates the rest with respect to the trained parameters only, and the optimizer's update is
+emitted after the gradients in the same dataflow block, so later passes see and schedule forward,
+backward and update together. Weights trained on their leading channels arrive already split by
+passes/prune_backward.py.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from tvm import relax
 from ..errors import JobError, UnsupportedOpError
 from ..frontend import FUNC_NAME, ImportedModel, TensorSpec
 from ..ir import inline_body
-from ..passes.prune_backward import FROZEN_PART, TRAINED, prune_backward
 from ..sparse import FROZEN as FROZEN_RULE, Partial
 from ..optim import LR, STEP, UPDATE_PREFIX, Optimizer, _Emitter
 from . import gradients
 
 STEP_FUNC = "train_step"
+
+# A weight trained on its leading channels arrives split (passes/prune_backward.py): the binding
+# `<param var>__trained` is differentiated and updated, `<param var>__frozen` is written back unchanged.
+TRAINED, FROZEN_PART = "__trained", "__frozen"
 
 # Ops without a gradient rule that DecomposeOpsForTraining rewrites into differentiable ones first.
 DECOMPOSED_FOR_TRAINING = {"relax.nn.layer_norm", "relax.nn.batch_norm"}
@@ -194,8 +199,10 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
     fparams = list(mod[FUNC_NAME].params)
     n_orig = len(fparams)
     pvars = dict(zip([s.name for s in imported.params], fparams[n_in:]))
-    mod = prune_backward(FUNC_NAME, {pvars[n]: (p.channels, p.axis) for n, p in partial.items()})(mod)
     bound = {b.var.name: b.var for block in mod[FUNC_NAME].body.blocks for b in block.bindings}
+    missing = [n for n in partial if pvars[n].name + TRAINED not in bound]
+    if missing:
+        raise ValueError(f"partially trained {missing} arrive unsplit: run passes.prune_backward first")
     slices = {n: (bound[pvars[n].name + TRAINED], bound[pvars[n].name + FROZEN_PART]) for n in partial}
     full = [pvars[n] for n in trainable if n not in partial]
     prefix, main, hoisted = hoist_frozen(mod[FUNC_NAME], full, [t for t, _ in slices.values()])

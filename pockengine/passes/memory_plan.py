@@ -22,7 +22,7 @@ from ..autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, StepSignature
 from .flops import step_flops
 
 CATEGORIES = ("parameters", "buffers", "optimizer_state", "new_state", "planned_pool")
-_NO_COPY_OPS = {"relax.reshape", "relax.squeeze", "relax.expand_dims", "relax.flatten"}
+VIEW_OPS = {"relax.reshape", "relax.squeeze", "relax.expand_dims", "relax.flatten"}  # share their input's buffer
 
 
 @dataclass
@@ -98,7 +98,7 @@ def _fmt(n: int) -> str:
     return str(n)
 
 
-def _tensor_bytes(ty) -> int:
+def tensor_bytes(ty) -> int:
     if not isinstance(ty, relax.TensorType) or ty.shape is None:
         return 0
     try:
@@ -144,11 +144,11 @@ def saved_activations(step_func) -> dict[str, int]:
     saved = {}
     for var in used_later:
         value = forward[var].value
-        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name in _NO_COPY_OPS:
+        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name in VIEW_OPS:
             continue
         if isinstance(value, (relax.Var, relax.TupleGetItem, tvm.ir.expr.Constant)):
             continue
-        saved[var.name] = _tensor_bytes(var.ty)
+        saved[var.name] = tensor_bytes(var.ty)
     return saved
 
 

@@ -20,10 +20,10 @@ from tvm import relax
 
 from ..autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, StepSignature
 from ..optim import UPDATE_PREFIX
+from .memory_plan import VIEW_OPS, tensor_bytes
 
 STATE = ("parameters", "buffers", "optimizer_state")
 TRANSIENT = ("saved_activations", "forward_workspace", "gradients", "updates")
-_VIEWS = {"relax.reshape", "relax.squeeze", "relax.expand_dims", "relax.flatten"}
 
 
 @dataclass
@@ -44,15 +44,6 @@ class Timeline:
     @classmethod
     def from_json(cls, d: dict) -> "Timeline":
         return cls(list(d["ops"]), {k: list(v) for k, v in d["bytes"].items()}, int(d["backward_start"]))
-
-
-def _nbytes(ty) -> int:
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return 0
-    try:
-        return int(np.prod([int(d) for d in ty.shape], dtype=np.int64)) * np.dtype(str(ty.dtype)).itemsize
-    except (TypeError, ValueError):
-        return 0
 
 
 def timeline(step_func, signature: StepSignature) -> Timeline:
@@ -89,7 +80,7 @@ def timeline(step_func, signature: StepSignature) -> Timeline:
             cat = "saved_activations"
         else:
             cat = "forward_workspace"
-        size = _nbytes(b.var.ty)
+        size = tensor_bytes(b.var.ty)
         delta[cat][i] += size
         if end + 1 <= n:
             delta[cat][end + 1] -= size
@@ -106,7 +97,7 @@ def timeline(step_func, signature: StepSignature) -> Timeline:
 def _is_view(value) -> bool:
     if isinstance(value, (relax.Var, relax.TupleGetItem)):
         return True
-    return isinstance(value, relax.Call) and hasattr(value.op, "name") and value.op.name in _VIEWS
+    return isinstance(value, relax.Call) and hasattr(value.op, "name") and value.op.name in VIEW_OPS
 
 
 def plot(timelines: dict, path: str, title: str = "training step memory") -> str:

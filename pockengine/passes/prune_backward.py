@@ -19,9 +19,8 @@ import tvm
 from tvm import relax
 from tvm.relax import op as R
 
+from ..autodiff.step import FROZEN_PART, TRAINED
 from ..errors import JobError
-
-TRAINED, FROZEN_PART = "__trained", "__frozen"
 
 
 def parameter_ops(func, param_vars: dict) -> dict:
