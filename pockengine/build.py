@@ -23,6 +23,7 @@ from . import targets
 from .autodiff.step import STEP_FUNC, build_train_step
 from .passes.memory_plan import memory_report
 from .passes.memory_timeline import timeline
+from .errors import UnsupportedOpError
 from .frontend import FUNC_NAME
 from .passes.prune_backward import prune_backward
 from .sparse import FULL, Partial
@@ -99,8 +100,11 @@ def compile(job, target="host", progress=None):  # noqa: A001 - the public name 
     with _stage("memory plan", progress):
         timelines = {"this step": timeline(step_mod[STEP_FUNC], signature)}
         if any(rule != FULL for rule in plan.values()):  # the same model fully updated, for comparison
-            full_mod, full_sig, _ = derive_step(imported, job.optimizer, {name: FULL for name in plan})
-            timelines["full update"] = timeline(full_mod[STEP_FUNC], full_sig)
+            try:
+                full_mod, full_sig, _ = derive_step(imported, job.optimizer, {name: FULL for name in plan})
+                timelines["full update"] = timeline(full_mod[STEP_FUNC], full_sig)
+            except UnsupportedOpError:
+                pass  # a frozen part has ops without gradients: there is no full update to compare with
         report = memory_report(lowered[STEP_FUNC], step_mod[STEP_FUNC], signature, imported.origin, timelines)
     with _stage("codegen", progress):
         with tvm_target:
