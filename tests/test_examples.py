@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 import pockengine as pe
-from conftest import FAST_HOST, ROOT
+from conftest import FAST_HOST, ROOT, load_example_module
 from pockengine.job import load_job
 
 
@@ -31,3 +31,12 @@ def test_mobilenetv2_example_job_trains():
     names = [n for n, _ in job.model.named_parameters()]
     assert set(names) <= set(program.state_dict())
     assert any(isinstance(m, torch.nn.ReLU6) for m in job.model.modules())
+
+
+def test_transfer_digits_fine_tunes_with_sparse_schemes():
+    example = load_example_module("examples/transfer_digits/train.py", "transfer_digits")
+    example.pretrain(example.model, epochs=2)
+    full_acc, full_trained, full_peak = example.fine_tune(example.model, example.SCHEMES["full"], epochs=2)
+    ratio_acc, ratio_trained, ratio_peak = example.fine_tune(example.model, example.SCHEMES["channel ratio"], epochs=2)
+    assert full_acc > 0.5 and ratio_acc > 0.5
+    assert ratio_trained < full_trained and ratio_peak < full_peak
