@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -129,7 +130,7 @@ def cmd_inspect(args) -> int:
     n_el = lambda ps: sum(int(np.prod(p["shape"], dtype=np.int64)) for p in ps)  # noqa: E731
     print(f"parameters {len(params)} tensors, {n_el(params):,} values; trained {len(trained)} tensors, "
           f"{n_el(trained):,} values; buffers {len(m['buffers'])}")
-    print(f"versions   " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+    print("versions   " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
     print()
     report = MemoryReport.from_json(m["memory"])
     print(report)
@@ -142,17 +143,11 @@ def cmd_targets(args) -> int:
     from .targets import presets
 
     for name, preset in presets().items():
-        missing = [pkg for prog, pkg in preset.requires if not _which(prog)]
+        missing = [pkg for prog, pkg in preset.requires if shutil.which(prog) is None]
         status = "ready" if not missing else "missing: apt-get install " + " ".join(missing)
         print(f"{name:<18}{preset.description:<44}{status}")
         print(f"{'':<18}{json.dumps(preset.tvm_target)}")
     return 0
-
-
-def _which(program: str) -> bool:
-    import shutil
-
-    return shutil.which(program) is not None
 
 
 def make_parser() -> argparse.ArgumentParser:

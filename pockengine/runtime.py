@@ -154,7 +154,7 @@ class Program:
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            **{k: v for k, v in self.meta.items()},
+            **self.meta,
             "signature": self.signature.to_json(),
             "parameters": [dict(s.to_json(), trained=self.signature.categories[s.name] == PARAM)
                            for s in self.signature.state if self.signature.categories[s.name] in (PARAM, FROZEN)],
