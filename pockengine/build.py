@@ -25,6 +25,7 @@ from .passes.memory_plan import memory_report
 from .passes.memory_timeline import timeline
 from .errors import UnsupportedOpError
 from .frontend import FUNC_NAME
+from .passes.fold_broadcasts import fold_broadcasts
 from .passes.prune_backward import prune_backward
 from .sparse import FULL, Partial
 from .runtime import LIBRARY
@@ -91,6 +92,7 @@ def compile(job, target="host", progress=None):  # noqa: A001 - the public name 
     tvm_target = preset.target()
     with _stage("import", progress):
         imported = job.import_model()
+        imported = dataclasses.replace(imported, mod=fold_broadcasts(FUNC_NAME)(imported.mod))
     with _stage("autodiff", progress):
         plan = job.plan(imported)
         step_mod, signature, optimizer_state = derive_step(imported, job.optimizer, plan)

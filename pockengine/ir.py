@@ -25,3 +25,18 @@ def inline_body(bb: relax.BlockBuilder, func):
         return expr
 
     return resolve(func.body.body)
+
+
+@relax.expr_functor.mutator
+class Substitute(relax.PyExprMutator):
+    """Replace uses of Vars according to a mapping (definitions are left alone)."""
+
+    def __init__(self, mapping: dict):
+        super().__init__()
+        self.mapping = mapping
+
+    def visit_var_(self, op):
+        return self.mapping.get(op, op)
+
+    def visit_dataflow_var_(self, op):
+        return self.mapping.get(op, op)

@@ -21,7 +21,7 @@ from tvm import relax
 
 from ..errors import JobError, UnsupportedOpError
 from ..frontend import FUNC_NAME, ImportedModel, TensorSpec
-from ..ir import inline_body
+from ..ir import Substitute, inline_body
 from ..sparse import FROZEN as FROZEN_RULE, Partial
 from ..optim import LR, STEP, UPDATE_PREFIX, Optimizer, _Emitter
 from . import gradients
@@ -113,19 +113,6 @@ def check_differentiable(imported: ImportedModel, trainable: list[str]) -> None:
         )
 
 
-@relax.expr_functor.mutator
-class _Substitute(relax.PyExprMutator):
-    def __init__(self, mapping: dict):
-        super().__init__()
-        self.mapping = mapping
-
-    def visit_var_(self, op):
-        return self.mapping.get(op, op)
-
-    def visit_dataflow_var_(self, op):
-        return self.mapping.get(op, op)
-
-
 def hoist_frozen(func, trainable_vars, trained_slices=()):
     """Split `func` into the bindings that do not depend on a trainable parameter (returned as a
     list, to run first) and a function of everything else that takes the hoisted values it uses as
@@ -159,7 +146,7 @@ def hoist_frozen(func, trainable_vars, trained_slices=()):
     new_params = {v: relax.Var(v.name, v.ty) for v in used}
     body = relax.BlockBuilder().normalize(relax.SeqExpr([relax.DataflowBlock(main)], func.body.body))
     main_func = relax.Function(list(func.params) + list(new_params.values()), body, attrs=func.attrs)
-    return prefix, _Substitute(new_params).visit_expr(main_func), used
+    return prefix, Substitute(new_params).visit_expr(main_func), used
 
 
 def _trained_spec(spec: TensorSpec, part) -> TensorSpec:
@@ -238,7 +225,7 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
     with bb.function(STEP_FUNC, all_params, attrs={"num_input": n_in}):
         with bb.dataflow():
             # The prefix was cut from forward_loss: point it at the adjoint's parameter Vars (ours).
-            to_ours = _Substitute(dict(zip(fparams, aparams)))
+            to_ours = Substitute(dict(zip(fparams, aparams)))
             for binding in prefix:
                 bb.emit_normalized(relax.VarBinding(binding.var, to_ours.visit_expr(binding.value)))
             for param, value in zip(hoisted_params, hoisted):
