@@ -72,6 +72,12 @@ class StepSignature:
         )
 
 
+def backward_start(bindings) -> int:
+    """Index of the first backward binding of a train_step's bindings: Relax's Gradient pass names
+    every binding it creates `*_adjoint`; everything before is the forward (frozen prefix included)."""
+    return next((i for i, b in enumerate(bindings) if b.var.name.endswith("_adjoint")), len(bindings))
+
+
 def slot_name(slot: str, param: str) -> str:
     return f"optimizer.{slot}.{param}"
 

@@ -8,6 +8,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from ..autodiff.step import backward_start
+
 
 def _shape(expr) -> list[int]:
     return [int(d) for d in expr.ty.shape]
@@ -34,7 +36,7 @@ def call_flops(call) -> int:
 def step_flops(step_func) -> dict:
     """{"forward": flops, "backward": flops} of a train_step (or any function) before lowering."""
     bindings = [b for block in step_func.body.blocks for b in block.bindings]
-    start = next((i for i, b in enumerate(bindings) if b.var.name.endswith("_adjoint")), len(bindings))
+    start = backward_start(bindings)
     return {
         "forward": sum(call_flops(b.value) for b in bindings[:start]),
         "backward": sum(call_flops(b.value) for b in bindings[start:]),

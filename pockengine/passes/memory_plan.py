@@ -18,7 +18,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, StepSignature
+from ..autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, StepSignature, backward_start
 from .flops import step_flops
 
 CATEGORIES = ("parameters", "buffers", "optimizer_state", "new_state", "planned_pool")
@@ -136,7 +136,7 @@ def saved_activations(step_func) -> dict[str, int]:
     are not counted (they share their input's buffer).
     """
     bindings = [b for block in step_func.body.blocks for b in block.bindings]
-    start = next((i for i, b in enumerate(bindings) if b.var.name.endswith("_adjoint")), len(bindings))
+    start = backward_start(bindings)
     forward = {b.var: b for b in bindings[:start]}
     used_later = set()
     for b in bindings[start:]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tvm import relax
 
-from ..autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, StepSignature
+from ..autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, StepSignature, backward_start
 from ..optim import UPDATE_PREFIX
 from .memory_plan import VIEW_OPS, tensor_bytes
 
@@ -49,7 +49,7 @@ class Timeline:
 def timeline(step_func, signature: StepSignature) -> Timeline:
     bindings = [b for block in step_func.body.blocks for b in block.bindings]
     n = len(bindings)
-    start = next((i for i, b in enumerate(bindings) if b.var.name.endswith("_adjoint")), n)
+    start = backward_start(bindings)
     # A view (reshape, alias, tuple item) shares its source's buffer: uses of it keep the source alive.
     base = {}
     for b in bindings:
