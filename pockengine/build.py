@@ -56,9 +56,7 @@ def derive_step(imported, optimizer, plan):
     differentiate and add the optimizer (autodiff)."""
     partial = {name: rule for name, rule in plan.items() if isinstance(rule, Partial)}
     if partial:
-        func = imported.func
-        n_in = len(imported.inputs)
-        pvars = {s.name: v for s, v in zip(imported.params, func.params[n_in:])}
+        pvars = imported.param_vars
         pruned = prune_backward(FUNC_NAME, {pvars[n]: (p.channels, p.axis) for n, p in partial.items()})(imported.mod)
         imported = dataclasses.replace(imported, mod=pruned)
     return build_train_step(imported, optimizer, plan)

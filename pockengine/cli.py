@@ -38,6 +38,7 @@ def _parse_target(text: str):
 def cmd_build(args) -> int:
     from .build import compile as compile_job, print_progress
     from .job import load_job
+    from .frontend import to_numpy
     from .runtime import _write_npz
     from .targets import resolve
 
@@ -49,15 +50,11 @@ def cmd_build(args) -> int:
     program = compile_job(job, target, progress=None if args.quiet else print_progress)
     program.export(out)
     # The example batch travels with the artifact so `pockengine run` works without --data.
-    example = [_numpy(x) for x in job.example_inputs + (job.example_targets,)]
+    example = [to_numpy(x) for x in job.example_inputs + (job.example_targets,)]
     _write_npz(os.path.join(out, EXAMPLE), {s.name: a for s, a in zip(program.signature.batch, example)})
     report = program.memory_report()
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s; planned peak memory {report.peak_bytes / 2**20:.2f} MiB")
     return 0
-
-
-def _numpy(x):
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
 def _batches(program, data_path: str | None, artifact: str):

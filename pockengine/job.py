@@ -91,9 +91,7 @@ class TrainingJob:
         if self.sparse_update is not None:
             from .passes.prune_backward import parameter_ops
 
-            func = imported.func
-            n_in = len(imported.inputs)
-            kinds = parameter_ops(func, {s.name: v for s, v in zip(imported.params, func.params[n_in:])})
+            kinds = parameter_ops(imported.func, imported.param_vars)
             return self.sparse_update.resolve([(s.name, s.shape, kinds[s.name]) for s in imported.params])
         if self.is_onnx:
             return {p.name: FULL if p.dtype.startswith("float") else FROZEN for p in imported.params}

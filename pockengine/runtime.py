@@ -27,17 +27,12 @@ import numpy as np
 
 from .autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, STEP_FUNC, StepSignature
 from .errors import ArtifactError, InputError, StateError
+from .frontend import to_numpy
 from .passes.memory_plan import MemoryReport
 
 FORMAT = "pockengine-artifact"
 FORMAT_VERSION = 1
 LIBRARY, STATE, MANIFEST = "train_step.so", "state.npz", "manifest.json"
-
-
-def _to_numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):  # a torch tensor, without importing torch
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
 
 
 class Program:
@@ -83,7 +78,7 @@ class Program:
             raise InputError(f"step() takes {len(specs)} arrays ({names}), got {len(batch)}")
         args = []
         for i, (x, spec) in enumerate(zip(batch, specs)):
-            a = _to_numpy(x)
+            a = to_numpy(x)
             if tuple(a.shape) != spec.shape or str(a.dtype) != spec.dtype:
                 raise InputError(
                     f"input {i} ({spec.name}): expected shape {spec.shape} dtype {spec.dtype}, got shape "
@@ -135,7 +130,7 @@ class Program:
             )
         new = {}
         for k, v in state_dict.items():
-            a = _to_numpy(v)
+            a = to_numpy(v)
             spec = self._specs[k]
             if tuple(a.shape) != spec.shape:
                 raise StateError(f"load_state_dict: {k} has shape {tuple(a.shape)}, the program expects {spec.shape}")

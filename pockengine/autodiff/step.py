@@ -87,8 +87,7 @@ def check_differentiable(imported: ImportedModel, trainable: list[str]) -> None:
     parameter and the loss and has no gradient rule. Ops only frozen parts use are fine."""
     gradients.install()
     func = imported.func
-    n_in = len(imported.inputs)
-    pvars = {spec.name: var for spec, var in zip(imported.params, func.params[n_in:])}
+    pvars = imported.param_vars
     live = {pvars[name] for name in trainable}  # vars a gradient can flow back into
     bindings = [b for block in func.body.blocks for b in block.bindings]
     for b in bindings:
@@ -144,11 +143,8 @@ def hoist_frozen(func, trainable_vars, trained_slices=()):
     if not any(v in depends for v in relax.analysis.free_vars(_loss_expr(func))):
         raise JobError("the loss does not depend on any trained parameter: nothing to differentiate")
     hoisted = {b.var for b in prefix}
-    used = []
-    for expr in [b.value for b in main] + [func.body.body]:
-        for v in relax.analysis.free_vars(expr):
-            if v in hoisted and v not in used:
-                used.append(v)
+    used = list(dict.fromkeys(v for expr in [b.value for b in main] + [func.body.body]
+                              for v in relax.analysis.free_vars(expr) if v in hoisted))
     new_params = {v: relax.Var(v.name, v.ty) for v in used}
     body = relax.BlockBuilder().normalize(relax.SeqExpr([relax.DataflowBlock(main)], func.body.body))
     main_func = relax.Function(list(func.params) + list(new_params.values()), body, attrs=func.attrs)

@@ -14,6 +14,13 @@ import numpy as np
 FUNC_NAME = "forward_loss"
 
 
+def to_numpy(x) -> np.ndarray:
+    """A numpy array from a numpy array or a torch tensor, without importing torch."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """Name, static shape and dtype (a numpy dtype name) of one tensor the step reads or writes."""
@@ -78,3 +85,8 @@ class ImportedModel:
     @property
     def func(self):
         return self.mod[FUNC_NAME]
+
+    @property
+    def param_vars(self) -> dict:
+        """Parameter name -> its Var in forward_loss (parameters follow the inputs)."""
+        return dict(zip([s.name for s in self.params], self.func.params[len(self.inputs):]))

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 from tvm import relax
 
 from ..errors import FrontendError, LossError, UnsupportedOpError
 from ..ir import inline_body
-from . import FUNC_NAME, ImportedModel, Origin, TensorSpec
+from . import FUNC_NAME, ImportedModel, Origin, TensorSpec, to_numpy
 
 LOSSES = ("cross_entropy", "mse")
 
@@ -32,7 +31,7 @@ def import_onnx(model, example_inputs, example_targets, loss) -> ImportedModel:
     statistics = _batch_norm_statistics(proto)
     initializers = {i.name for i in proto.graph.initializer}
     graph_inputs = [i.name for i in proto.graph.input if i.name not in initializers]
-    arrays = [_numpy(x) for x in example_inputs]
+    arrays = [to_numpy(x) for x in example_inputs]
     if len(arrays) != len(graph_inputs):
         raise FrontendError(f"the ONNX graph has {len(graph_inputs)} inputs {graph_inputs}, "
                             f"example_inputs has {len(arrays)}")
@@ -46,7 +45,7 @@ def import_onnx(model, example_inputs, example_targets, loss) -> ImportedModel:
     n_in = len(graph_inputs)
     values = [v.numpy() for v in main.attrs["params"]] if "params" in main.attrs else []
     param_vars = list(main.params[n_in:])
-    target = _numpy(example_targets)
+    target = to_numpy(example_targets)
     target_var = relax.Var("target", relax.TensorType(target.shape, str(target.dtype)))
 
     bb = relax.BlockBuilder()
@@ -108,7 +107,3 @@ def _load(model, onnx):
         except Exception as e:
             raise FrontendError(f"cannot read ONNX model {model}: {e}") from e
     return model
-
-
-def _numpy(x):
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)

@@ -157,17 +157,20 @@ def layer_of(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else "(model)"
 
 
+def state_bytes(signature: StepSignature) -> dict:
+    """Bytes of the state the step reads: {"parameters", "buffers", "optimizer_state"}."""
+    report_category = {PARAM: "parameters", FROZEN: "parameters", BUFFER: "buffers", OPTIMIZER: "optimizer_state"}
+    totals = {"parameters": 0, "buffers": 0, "optimizer_state": 0}
+    for spec in signature.state:
+        totals[report_category[signature.categories[spec.name]]] += spec.nbytes
+    return totals
+
+
 def memory_report(lowered_func, step_func, signature: StepSignature, origin: dict, timelines=None) -> MemoryReport:
     pool, n_storages, unplanned = planned_storage(lowered_func)
     cats = signature.categories
-    state_bytes = defaultdict(int)
-    for spec in signature.state:
-        key = {PARAM: "parameters", FROZEN: "parameters", BUFFER: "buffers", OPTIMIZER: "optimizer_state"}[cats[spec.name]]
-        state_bytes[key] += spec.nbytes
     by_category = {
-        "parameters": state_bytes["parameters"],
-        "buffers": state_bytes["buffers"],
-        "optimizer_state": state_bytes["optimizer_state"],
+        **state_bytes(signature),
         "new_state": unplanned,
         "planned_pool": pool,
     }

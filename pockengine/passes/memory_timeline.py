@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tvm import relax
 
-from ..autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, StepSignature, backward_start
+from ..autodiff.step import StepSignature, backward_start
 from ..optim import UPDATE_PREFIX
-from .memory_plan import VIEW_OPS, tensor_bytes
+from .memory_plan import VIEW_OPS, state_bytes, tensor_bytes
 
 STATE = ("parameters", "buffers", "optimizer_state")
 TRANSIENT = ("saved_activations", "forward_workspace", "gradients", "updates")
@@ -84,11 +84,7 @@ def timeline(step_func, signature: StepSignature) -> Timeline:
         delta[cat][i] += size
         if end + 1 <= n:
             delta[cat][end + 1] -= size
-    state = {c: 0 for c in STATE}
-    cats = signature.categories
-    for spec in signature.state:
-        key = {PARAM: "parameters", FROZEN: "parameters", BUFFER: "buffers", OPTIMIZER: "optimizer_state"}[cats[spec.name]]
-        state[key] += spec.nbytes
+    state = state_bytes(signature)
     alive = {c: [state[c]] * n for c in STATE}
     alive.update({c: np.cumsum(delta[c])[:n].tolist() for c in TRANSIENT})
     return Timeline(ops, alive, start)
