@@ -20,13 +20,18 @@ import tvm
 from tvm import relax
 
 from . import targets
-from .autodiff.step import STEP_FUNC, build_train_step
+from .autodiff.step import STEP_FUNC, StepSignature, build_train_step
 from .passes.memory_plan import memory_report
 from .passes.memory_timeline import timeline
 from .errors import UnsupportedOpError
 from .frontend import FUNC_NAME
+from .passes.drop_saved_activations import drop_saved_activations
 from .passes.fold_broadcasts import fold_broadcasts
+from .passes.plan_arena import plan_arena
 from .passes.prune_backward import prune_backward
+from .passes.reorder_updates import reorder_updates
+from .passes.schedule_reductions import schedule_reductions
+from .passes.update_in_place import update_in_place
 from .sparse import FULL, Partial
 from .runtime import LIBRARY
 
@@ -52,23 +57,36 @@ def _stage(name: str, progress):
 
 
 def derive_step(imported, optimizer, plan):
-    """forward_loss -> train_step for a plan: split partially trained weights (prune_backward), then
-    differentiate and add the optimizer (autodiff)."""
+    """forward_loss -> train_step for a plan: split partially trained weights (prune_backward),
+    differentiate and add the optimizer (autodiff), then keep only what the backward needs of the
+    forward (drop_saved_activations) and update each parameter once its gradient is complete
+    (reorder_updates)."""
     partial = {name: rule for name, rule in plan.items() if isinstance(rule, Partial)}
     if partial:
         pvars = imported.param_vars
         pruned = prune_backward(FUNC_NAME, {pvars[n]: (p.channels, p.axis) for n, p in partial.items()})(imported.mod)
         imported = dataclasses.replace(imported, mod=pruned)
-    return build_train_step(imported, optimizer, plan)
+    step_mod, signature, optimizer_state = build_train_step(imported, optimizer, plan)
+    step_mod = tvm.transform.Sequential([drop_saved_activations(STEP_FUNC), reorder_updates(STEP_FUNC)])(step_mod)
+    return step_mod, signature, optimizer_state
 
 
-def lowering_passes(target) -> list:
+def lowering_passes(target, signature: StepSignature) -> list:
     """Relax passes from the training step to a memory-planned function (TVM's CPU pipeline, split
-    before the finalisation passes so the plan can be read)."""
+    before the finalisation passes so the plan can be read): schedule_reductions undoes what fusion's
+    re-sorting does to gradient lifetimes, update_in_place writes new state over the old, and
+    plan_arena replaces StaticPlanBlockMemory."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    return (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + cpu.dataflow_lower_passes(target)
-            + [relax.transform.StaticPlanBlockMemory()])
+    return (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + [schedule_reductions(STEP_FUNC)]
+            + cpu.dataflow_lower_passes(target)
+            + [update_in_place(state_aliases(signature), STEP_FUNC), plan_arena(STEP_FUNC)])
+
+
+def state_aliases(signature: StepSignature) -> dict:
+    """{position in train_step's returned tuple: index of the parameter holding the old value}."""
+    state_index = {spec.name: i for i, spec in enumerate(signature.state)}
+    return {1 + k: len(signature.batch) + state_index[name] for k, name in enumerate(signature.outputs)}
 
 
 def finalize_passes() -> list:
@@ -96,7 +114,7 @@ def compile(job, target="host", progress=None):  # noqa: A001 - the public name 
         step_mod, signature, optimizer_state = derive_step(imported, job.optimizer, plan)
     with _stage("lower", progress):
         with tvm_target:
-            lowered = tvm.transform.Sequential(lowering_passes(tvm_target))(step_mod)
+            lowered = tvm.transform.Sequential(lowering_passes(tvm_target, signature))(step_mod)
     with _stage("memory plan", progress):
         timelines = {"this step": timeline(step_mod[STEP_FUNC], signature)}
         if any(rule != FULL for rule in plan.values()):  # the same model fully updated, for comparison

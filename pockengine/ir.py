@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tvm
 from tvm import relax
 
 
@@ -40,3 +41,17 @@ class Substitute(relax.PyExprMutator):
 
     def visit_dataflow_var_(self, op):
         return self.mapping.get(op, op)
+
+
+def with_function(mod, name: str, func):
+    """A copy of `mod` with `name` replaced by `func` (passes never mutate their input module)."""
+    mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    mod[name] = func
+    return mod
+
+
+def same_tensor_type(a, b) -> bool:
+    """Same dtype and the same static shape."""
+    return (isinstance(a, relax.TensorType) and isinstance(b, relax.TensorType) and str(a.dtype) == str(b.dtype)
+            and a.shape is not None and b.shape is not None
+            and [int(d) for d in a.shape] == [int(d) for d in b.shape])

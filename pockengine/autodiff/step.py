@@ -27,6 +27,7 @@ from ..optim import LR, STEP, UPDATE_PREFIX, Optimizer, _Emitter
 from . import gradients
 
 STEP_FUNC = "train_step"
+RECOMPUTED_SUFFIX = "_recomputed"  # forward values the backward computes again
 
 # A weight trained on its leading channels arrives split (passes/prune_backward.py): the binding
 # `<param var>__trained` is differentiated and updated, `<param var>__frozen` is written back unchanged.
@@ -74,8 +75,10 @@ class StepSignature:
 
 def backward_start(bindings) -> int:
     """Index of the first backward binding of a train_step's bindings: Relax's Gradient pass names
-    every binding it creates `*_adjoint`; everything before is the forward (frozen prefix included)."""
-    return next((i for i, b in enumerate(bindings) if b.var.name.endswith("_adjoint")), len(bindings))
+    every binding it creates `*_adjoint`, drop_saved_activations its recomputations `*_recomputed`;
+    everything before is the forward (frozen prefix included)."""
+    return next((i for i, b in enumerate(bindings) if b.var.name.endswith(("_adjoint", RECOMPUTED_SUFFIX))),
+                len(bindings))
 
 
 def slot_name(slot: str, param: str) -> str:

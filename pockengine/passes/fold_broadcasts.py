@@ -19,7 +19,7 @@ import tvm
 from tvm import relax
 from tvm.relax import op as R
 
-from ..ir import Substitute
+from ..ir import Substitute, with_function
 
 
 def fold_broadcasts(func_name: str) -> tvm.transform.Pass:
@@ -28,8 +28,7 @@ def fold_broadcasts(func_name: str) -> tvm.transform.Pass:
         func = mod[func_name]
         if len(func.body.blocks) != 1:
             return mod
-        mod = tvm.IRModule(dict(mod.functions))
-        mod[func_name] = _fold(func, func_name)
+        mod = with_function(mod, func_name, _fold(func, func_name))
         return relax.transform.DeadCodeElimination([func_name])(mod)  # the folded broadcasts
 
     return transform

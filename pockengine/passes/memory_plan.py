@@ -1,8 +1,8 @@
 """Memory plan analysis: what the compiled training step holds, in bytes, by category and by layer.
 
 Two views of the same step, because fusion renames the tensors:
-  * the lowered function, after TVM's StaticPlanBlockMemory, gives the real planned pool (storages the
-    VM allocates for intermediates) and the unplanned allocations (the step's outputs: new state);
+  * the lowered function, after plan_arena, gives the real planned pool (the arena the VM allocates
+    for intermediates) and the unplanned allocations (the step's outputs not written in place);
   * the Relax-level `train_step`, before fusion, says which forward tensors are still needed by the
     backward ("saved activations") and, through the frontend's origins, which layer produced them.
 
@@ -18,8 +18,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, StepSignature, backward_start
-from .flops import step_flops
+from ..autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, TRAINED, StepSignature, backward_start
+from .flops import call_flops, step_flops
 
 CATEGORIES = ("parameters", "buffers", "optimizer_state", "new_state", "planned_pool")
 VIEW_OPS = {"relax.reshape", "relax.squeeze", "relax.expand_dims", "relax.flatten"}  # share their input's buffer
@@ -33,15 +33,18 @@ class LayerRow:
     grad_bytes: int = 0
     optimizer_bytes: int = 0
     saved_activation_bytes: int = 0
+    forward_flops: int = 0
+    backward_flops: int = 0
 
 
 @dataclass
 class MemoryReport:
     """Planned memory of one training step.
 
-    `peak_bytes` = sum of `by_category`: the state the step reads, the new state it writes, and TVM's
-    statically planned pool for everything in between (activations, gradients, workspace). The pool is
-    allocated as planned storages, so this is what the step holds at most, not a sampled measurement.
+    `peak_bytes` = sum of `by_category`: the state the step reads, the new state it writes beside it
+    (what is not updated in place), and the arena planned for everything in between (activations,
+    gradients, workspace). The arena is allocated whole, so this is what the step holds at most, not
+    a sampled measurement.
     """
 
     peak_bytes: int
@@ -82,11 +85,13 @@ class MemoryReport:
         if self.flops:
             lines.append(f"FLOPs per step: forward {self.flops['forward'] / 1e6:.1f} M, "
                          f"backward {self.flops['backward'] / 1e6:.1f} M (conv and matmul)")
-        header = f"{'layer':<32}{'trained':>8}{'params':>12}{'grads':>12}{'opt state':>12}{'saved act':>12}"
+        header = (f"{'layer':<32}{'trained':>8}{'params':>12}{'grads':>12}{'opt state':>12}{'saved act':>12}"
+                  f"{'fwd MFLOP':>11}{'bwd MFLOP':>11}")
         lines += ["", header, "-" * len(header)]
         for r in self.layers:
             lines.append(f"{r.layer[:31]:<32}{r.trained:>8}{_fmt(r.param_bytes):>12}{_fmt(r.grad_bytes):>12}"
-                         f"{_fmt(r.optimizer_bytes):>12}{_fmt(r.saved_activation_bytes):>12}")
+                         f"{_fmt(r.optimizer_bytes):>12}{_fmt(r.saved_activation_bytes):>12}"
+                         f"{r.forward_flops / 1e6:>11.2f}{r.backward_flops / 1e6:>11.2f}")
         return "\n".join(lines)
 
 
@@ -109,8 +114,8 @@ def tensor_bytes(ty) -> int:
 
 
 def planned_storage(lowered_func) -> tuple[int, int, int]:
-    """(pool bytes, number of storages, unplanned tensor bytes) of a function lowered through
-    StaticPlanBlockMemory."""
+    """(pool bytes, number of storages, unplanned tensor bytes) of a lowered function whose memory
+    is planned (plan_arena, or TVM's StaticPlanBlockMemory)."""
     storage_op = tvm.ir.Op.get("relax.memory.alloc_storage")
     tensor_op = tvm.ir.Op.get("relax.builtin.alloc_tensor")
     pool = n = unplanned = 0
@@ -129,11 +134,11 @@ def planned_storage(lowered_func) -> tuple[int, int, int]:
     return pool, n, unplanned
 
 
-def saved_activations(step_func) -> dict[str, int]:
-    """Forward tensors of `train_step` that the backward reads: {binding name: bytes}.
+def saved_activations(step_func) -> dict:
+    """Forward tensors of `train_step` that the backward reads: {binding Var: bytes}.
 
-    The backward starts at the first binding the Gradient pass named `*_adjoint`. Reshape-like views
-    are not counted (they share their input's buffer).
+    Keyed by Var, not name: the optimizer's bindings may reuse the importer's names. Reshape-like
+    views are not counted (they share their input's buffer).
     """
     bindings = [b for block in step_func.body.blocks for b in block.bindings]
     start = backward_start(bindings)
@@ -148,13 +153,58 @@ def saved_activations(step_func) -> dict[str, int]:
             continue
         if isinstance(value, (relax.Var, relax.TupleGetItem, tvm.ir.expr.Constant)):
             continue
-        saved[var.name] = tensor_bytes(var.ty)
+        saved[var] = tensor_bytes(var.ty)
     return saved
 
 
 def layer_of(name: str) -> str:
     """'features.3.conv.1.weight' -> 'features.3.conv.1'."""
     return name.rsplit(".", 1)[0] if "." in name else "(model)"
+
+
+def _module_of(origin: dict, name: str):
+    """The module a forward binding came from; passes name what they split `<original>__<part>`."""
+    where = origin.get(name) or origin.get(name.split("__")[0])
+    return where.module_path if where is not None and where.module_path else None
+
+
+def layer_flops(step_func, signature: StepSignature, origin: dict) -> dict:
+    """{layer: (forward FLOPs, backward FLOPs)} of conv and matmul ops. A forward op belongs to the
+    module it came from; a backward op to the layer whose parameter it reads (a data gradient), or
+    whose parameter gradient it is (`<parameter>_adjoint`, a weight gradient)."""
+    n_batch = len(signature.batch)
+    torch_name = {p.name: spec.name for p, spec in zip(step_func.params[n_batch:], signature.state)}
+    bindings = [b for block in step_func.body.blocks for b in block.bindings]
+    start = backward_start(bindings)
+    value = {b.var: b.value for b in bindings}
+
+    def parameter_of(var, depth=0):
+        """The parameter a value is (or a view, transpose, cast or slice of)."""
+        name = var.name.split("__")[0]  # a partially trained weight's parts: <weight>__trained/__frozen
+        if name in torch_name:
+            return torch_name[name]
+        v = value.get(var)
+        if isinstance(v, relax.Call) and v.args and isinstance(v.args[0], relax.Var):
+            v = v.args[0]
+        return parameter_of(v, depth + 1) if depth < 4 and isinstance(v, relax.Var) else None
+
+    totals = defaultdict(lambda: [0, 0])
+    for i, b in enumerate(bindings):
+        flops = call_flops(b.value)
+        if not flops:
+            continue
+        layer = None
+        if i < start:
+            layer = _module_of(origin, b.var.name)
+        else:
+            name = b.var.name.removesuffix("_adjoint").removesuffix(TRAINED)
+            param = torch_name.get(name) if b.var.name.endswith("_adjoint") else None
+            for arg in b.value.args:
+                if param is None and isinstance(arg, relax.Var):
+                    param = parameter_of(arg)
+            layer = layer_of(param) if param else None
+        totals[layer or "(model)"][0 if i < start else 1] += flops
+    return {k: tuple(v) for k, v in totals.items()}
 
 
 def state_bytes(signature: StepSignature) -> dict:
@@ -192,10 +242,12 @@ def memory_report(lowered_func, step_func, signature: StepSignature, origin: dic
             if pname in param_specs:
                 rows.setdefault(layer_of(pname), LayerRow(layer_of(pname), "")).optimizer_bytes += spec.nbytes
     saved = saved_activations(step_func)
-    for var_name, nbytes in saved.items():
-        where = origin.get(var_name)
-        layer = where.module_path if where is not None and where.module_path else "(model)"
+    for var, nbytes in saved.items():
+        layer = _module_of(origin, var.name) or "(model)"
         rows.setdefault(layer, LayerRow(layer, "")).saved_activation_bytes += nbytes
+    for layer, (forward, backward) in layer_flops(step_func, signature, origin).items():
+        row = rows.setdefault(layer, LayerRow(layer, ""))
+        row.forward_flops, row.backward_flops = forward, backward
     for row in rows.values():
         flags = trained_flags.get(row.layer, set())
         row.trained = ("-" if not flags else "full" if flags == {True} else "frozen" if flags == {False}

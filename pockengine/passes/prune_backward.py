@@ -21,6 +21,7 @@ from tvm.relax import op as R
 
 from ..autodiff.step import FROZEN_PART, TRAINED
 from ..errors import JobError
+from ..ir import with_function
 
 
 def parameter_ops(func, param_vars: dict) -> dict:
@@ -52,10 +53,7 @@ def prune_backward(func_name: str, partial: dict) -> tvm.transform.Pass:
         if not partial:
             return mod
         func = mod[func_name]
-        new = _split_partial_weights(func, partial, func_name)
-        mod = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(dict(mod.functions))
-        mod[func_name] = new
-        return mod
+        return with_function(mod, func_name, _split_partial_weights(func, partial, func_name))
 
     return transform
 
@@ -79,11 +77,11 @@ def _split_partial_weights(func, partial: dict, name: str):
                     transposed[b.var] = value.args[0]
                     continue
                 if op == "relax.nn.conv2d" and value.args[1] in pieces:
-                    bb.emit_normalized(relax.VarBinding(b.var, bb.normalize(_split_conv(bb, value, pieces[value.args[1]]))))
+                    bb.emit_normalized(relax.VarBinding(b.var, bb.normalize(_split_conv(bb, value, pieces[value.args[1]], b.var.name))))
                     continue
                 if op == "relax.matmul" and value.args[1] in transposed:
                     w = transposed[value.args[1]]
-                    bb.emit_normalized(relax.VarBinding(b.var, bb.normalize(_split_matmul(bb, value, pieces[w]))))
+                    bb.emit_normalized(relax.VarBinding(b.var, bb.normalize(_split_matmul(bb, value, pieces[w], b.var.name))))
                     continue
                 used = [v for v in relax.analysis.free_vars(value) if v in pieces or v in transposed]
                 if used:
@@ -96,35 +94,38 @@ def _split_partial_weights(func, partial: dict, name: str):
     return bb.get()[name]
 
 
-def _split_conv(bb, call, piece):
+def _split_conv(bb, call, piece, name):
     trained, frozen, k, total = piece
     x = call.args[0]
     attrs = call.attrs
     groups = int(attrs.groups)
-    x_trained = bb.emit(R.strided_slice(x, [1], [0], [k]))
-    x_frozen = bb.emit(R.strided_slice(x, [1], [k], [total]))
+    x_trained = bb.emit(R.strided_slice(x, [1], [0], [k]), name + SPLIT)
+    x_frozen = bb.emit(R.strided_slice(x, [1], [k], [total]), name + SPLIT)
     common = dict(strides=attrs.strides, padding=attrs.padding, dilation=attrs.dilation, data_layout=attrs.data_layout,
                   kernel_layout=attrs.kernel_layout, out_layout=attrs.out_layout, out_dtype=attrs.out_dtype)
     if groups == 1:
-        a = bb.emit(R.nn.conv2d(x_trained, trained, groups=1, **common))
-        b = bb.emit(R.nn.conv2d(x_frozen, frozen, groups=1, **common))
+        a = bb.emit(R.nn.conv2d(x_trained, trained, groups=1, **common), name + SPLIT)
+        b = bb.emit(R.nn.conv2d(x_frozen, frozen, groups=1, **common), name + SPLIT)
         return R.add(a, b)
     if groups == total:  # depthwise: channel i of the output reads only channel i of the input
-        a = bb.emit(R.nn.conv2d(x_trained, trained, groups=k, **common))
-        b = bb.emit(R.nn.conv2d(x_frozen, frozen, groups=total - k, **common))
+        a = bb.emit(R.nn.conv2d(x_trained, trained, groups=k, **common), name + SPLIT)
+        b = bb.emit(R.nn.conv2d(x_frozen, frozen, groups=total - k, **common), name + SPLIT)
         return R.concat([a, b], axis=1)
     raise JobError(f"channel-ratio update of a grouped conv (groups={groups}) is not supported; train it fully or freeze it")
 
 
-def _split_matmul(bb, call, piece):
+def _split_matmul(bb, call, piece, name):
     trained, frozen, k, total = piece
     x = call.args[0]
     last = len(x.ty.shape) - 1
-    x_trained = bb.emit(R.strided_slice(x, [last], [0], [k]))
-    x_frozen = bb.emit(R.strided_slice(x, [last], [k], [total]))
-    a = bb.emit(R.matmul(x_trained, R.permute_dims(trained, [1, 0]), out_dtype=call.attrs.out_dtype))
-    b = bb.emit(R.matmul(x_frozen, R.permute_dims(frozen, [1, 0]), out_dtype=call.attrs.out_dtype))
+    x_trained = bb.emit(R.strided_slice(x, [last], [0], [k]), name + SPLIT)
+    x_frozen = bb.emit(R.strided_slice(x, [last], [k], [total]), name + SPLIT)
+    a = bb.emit(R.matmul(x_trained, R.permute_dims(trained, [1, 0]), out_dtype=call.attrs.out_dtype), name + SPLIT)
+    b = bb.emit(R.matmul(x_frozen, R.permute_dims(frozen, [1, 0]), out_dtype=call.attrs.out_dtype), name + SPLIT)
     return R.add(a, b)
+
+
+SPLIT = "__split"  # names the parts of a split op after it, so reports find the layer it came from
 
 
 def _op_name(value) -> str:

@@ -1,0 +1,160 @@
+"""update_in_place: the optimizer writes each new parameter (and optimizer state, running statistic)
+into the buffer of the old one — the step's outputs alias its inputs.
+
+Without it the step returns a second copy of everything it updates: for a fully trained network,
+parameters plus optimizer state twice over. With reorder_updates the kernel that produces a new
+value runs after every other reader of the old one, so writing in place is safe when, in addition:
+  * the kernel reads the old value only at the element it writes (elementwise: `p - lr * g`,
+    Adam's moments). Checked on the kernel's TIR: every block that reads the old buffer writes the
+    output at exactly the indices it reads; no other block reads it;
+  * nothing after the kernel reads the old value.
+Otherwise the new value keeps its own buffer. Runs after CallTIRRewrite, where each output is an
+explicit `R.builtin.alloc_tensor` passed to its kernel; that allocation becomes the input itself.
+"""
+
+from __future__ import annotations
+
+import tvm
+import tvm_ffi
+from tvm import relax, s_tir
+
+from ..ir import same_tensor_type, with_function
+
+
+def update_in_place(aliases: dict, func_name: str = "train_step") -> tvm.transform.Pass:
+    """aliases: {position in the returned tuple: index of the function parameter it replaces}."""
+
+    @tvm.transform.module_pass(opt_level=0, name="UpdateInPlace")
+    def transform(mod, _ctx):
+        func = mod[func_name]
+        new_func, _ = rewrite(mod, func, aliases)
+        return mod if new_func is None else with_function(mod, func_name, new_func)
+
+    return transform
+
+
+def rewrite(mod, func, aliases: dict):
+    """(new function or None, {output position: True if written in place})."""
+    alloc_op = tvm.ir.Op.get("relax.builtin.alloc_tensor")
+    blocks = list(func.body.blocks)
+    bindings = [b for block in blocks for b in block.bindings]
+    value_of = {b.var: b.value for b in bindings}
+    position = {b.var: i for i, b in enumerate(bindings)}
+    result = func.body.body
+    while isinstance(result, relax.Var) and isinstance(value_of.get(result), relax.Var):
+        result = value_of[result]
+    fields = value_of.get(result) if isinstance(result, relax.Var) else result
+    if not isinstance(fields, relax.Tuple):
+        return None, {}
+
+    def alloc_of(var):
+        while isinstance(value_of.get(var), relax.Var):
+            var = value_of[var]
+        value = value_of.get(var)
+        return var if isinstance(value, relax.Call) and value.op.same_as(alloc_op) else None
+
+    readers = {}  # var -> binding positions reading it
+    for i, b in enumerate(bindings):
+        for v in relax.analysis.free_vars(b.value):
+            readers.setdefault(v, []).append(i)
+    views = {}
+    for var, root in _view_roots(bindings).items():
+        views.setdefault(root, []).append(var)
+    replace, done = {}, {}
+    for out_pos, param_index in aliases.items():
+        param = func.params[param_index]
+        field = fields.fields[out_pos]
+        alloc = alloc_of(field) if isinstance(field, relax.Var) else None
+        done[out_pos] = False
+        if alloc is None or not same_tensor_type(alloc.ty, param.ty):
+            continue
+        writer = next((i for i in readers.get(alloc, []) if _kernel_call(bindings[i].value) is not None), None)
+        if writer is None:
+            continue
+        callee, args = _kernel_call(bindings[writer].value)
+        # Reshapes of the old value share its memory: reading one later reads the new value too.
+        later_reads = [i for v in [param] + views.get(param, []) for i in readers.get(v, [])
+                       if i > writer and i != position.get(result)]
+        if later_reads or param not in args or not isinstance(mod[callee], tvm.tirx.PrimFunc):
+            continue
+        if elementwise_in_place(mod[callee], args.index(param), args.index(alloc)):
+            replace[alloc] = param
+            done[out_pos] = True
+    if not replace:
+        return None, done
+    new_blocks = [type(block)([relax.VarBinding(b.var, replace[b.var]) if b.var in replace else b
+                               for b in block.bindings]) for block in blocks]
+    body = relax.BlockBuilder().normalize(relax.SeqExpr(new_blocks, func.body.body))
+    return relax.Function(func.params, body, attrs=func.attrs), done
+
+
+def _view_roots(bindings) -> dict:
+    """{var: the var whose buffer it shares} for aliases and reshapes (they are views, not copies)."""
+    root = {}
+    for b in bindings:
+        v = b.value
+        src = v if isinstance(v, relax.Var) else (
+            v.args[0] if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op)
+            and v.op.name in ("relax.reshape", "relax.memory.view") else None)
+        if isinstance(src, relax.Var):
+            root[b.var] = root.get(src, src)
+    return root
+
+
+
+
+def _kernel_call(value):
+    """(GlobalVar, args) of a destination-passing kernel call, else None."""
+    if isinstance(value, relax.Call) and isinstance(value.op, relax.GlobalVar):
+        return value.op, list(value.args)
+    return None
+
+
+def elementwise_in_place(prim_func, read_index: int, write_index: int) -> bool:
+    """Can buffer `write_index` share memory with buffer `read_index`?
+
+    Yes when the kernel is elementwise over their shape: every block that reads a buffer of that
+    shape (the old value, or an intermediate computed from it) reads exactly the element the block
+    writes. Then each output element depends on the same element of the input only, whatever order
+    the blocks run in and however a schedule later inlines them.
+    """
+    params = list(prim_func.params)
+    if max(read_index, write_index) >= len(params):
+        return False
+    shape = _shape(params[write_index])
+    if shape != _shape(params[read_index]):
+        return False
+    try:
+        sch = s_tir.Schedule(prim_func)
+        blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    except Exception:  # noqa: BLE001 - a kernel of unusual structure: keep the copy
+        return False
+    for block in blocks:
+        writes = [w for w in block.writes if _shape(w.source) == shape]
+        for r in block.reads:
+            if _shape(r.source) == shape and not (len(writes) == 1 and _same_point(r, writes[0])):
+                return False
+    return True
+
+
+def _shape(buffer) -> list:
+    try:
+        return [int(d) for d in buffer.shape]
+    except TypeError:
+        return None
+
+
+def _same_point(a, b) -> bool:
+    if len(a.region) != len(b.region):
+        return False
+    for ra, rb in zip(a.region, b.region):
+        if not (_is_one(ra.extent) and _is_one(rb.extent) and tvm_ffi.structural_equal(ra.min, rb.min)):
+            return False
+    return True
+
+
+def _is_one(expr) -> bool:
+    try:
+        return int(expr) == 1
+    except TypeError:
+        return False

@@ -1,0 +1,55 @@
+"""schedule_reductions: after fusion, every reduction of a big tensor runs right after its inputs."""
+
+import torch
+import tvm
+from tvm import relax
+
+import pockengine as pe
+from conftest import FAST_HOST, mobilenetv2
+from pockengine import build
+from pockengine.autodiff.step import STEP_FUNC
+from pockengine.passes.schedule_reductions import SHRINK, schedule_reductions, value_bytes
+from pockengine.sparse import SparseUpdate
+
+
+def fused_step():
+    job = pe.TrainingJob(mobilenetv2(width_mult=0.35, num_classes=10), (torch.randn(2, 3, 32, 32),),
+                         torch.randint(0, 10, (2,)), "cross_entropy", pe.optim.SGD(lr=0.1, momentum=0.9),
+                         sparse_update=SparseUpdate.bias_only())
+    imported = job.import_model()
+    step_mod, _, _ = build.derive_step(imported, job.optimizer, job.plan(imported))
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    target = tvm.target.Target(FAST_HOST)
+    with target:
+        return tvm.transform.Sequential(cpu.legalize_passes(target))(step_mod)
+
+
+def waits(mod):
+    """For each binding whose output is at most 1/SHRINK of its largest input: how many bindings
+    run between its last input and it."""
+    bindings = [b for block in mod[STEP_FUNC].body.blocks for b in block.bindings]
+    position = {b.var: i for i, b in enumerate(bindings)}
+    out = []
+    for i, b in enumerate(bindings):
+        inputs = [v for v in relax.analysis.free_vars(b.value) if v in position]
+        largest = max((value_bytes(v.ty) for v in relax.analysis.free_vars(b.value)), default=0)
+        if inputs and value_bytes(b.var.ty) * SHRINK <= largest:
+            out.append(i - 1 - max(position[v] for v in inputs))
+    return out
+
+
+def test_reductions_follow_their_inputs_after_fusion():
+    fused = fused_step()
+    before = waits(fused)
+    after = waits(schedule_reductions(STEP_FUNC)(fused))
+    assert max(before) >= 10, before  # fusion's re-sorting: some gradient reductions wait for many kernels
+    assert len(after) == len(before) and max(after) == 0, after
+
+
+def test_the_step_is_the_same_computation():
+    fused = fused_step()
+    after = schedule_reductions(STEP_FUNC)(fused)
+    def bindings(m):
+        return sorted(str(b.value) for block in m[STEP_FUNC].body.blocks for b in block.bindings)
+    assert bindings(fused) == bindings(after)
