@@ -3,13 +3,15 @@
     python benchmarks/sparse_memory.py            # MobileNetV2-0.35 @128x128 batch 8, transformer classifier
     python benchmarks/sparse_memory.py --small    # reduced sizes (what CI runs)
 
-Ours: the planned peak of the compiled step (state read + new state written + TVM's static pool).
+Ours: the planned peak of the compiled step (the state it reads and updates in place, new state it
+cannot write in place, and the one arena planned for everything in between).
 PyTorch: the same step (forward, backward, optimizer) with the same parameters frozen
 (requires_grad=False; channel ratios as gradient masks), measured by a TorchDispatchMode that adds up
 the bytes of every tensor allocated during the step and still alive (weakref finalizers subtract them
 when freed), on top of the persistent state it starts from (parameters, buffers, optimizer state,
 gradients left from the previous step). PyTorch's profiler memory events were unreliable on CPU here.
-Both are measured in this process, after warm-up steps; times are medians.
+Both are measured in this process, after warm-up steps; times are medians. "BN frozen" rows put
+BatchNorm in eval mode on both sides (TinyTL / MCUNetV3 practice).
 """
 
 from __future__ import annotations
@@ -84,32 +86,46 @@ def measure_torch(model, optimizer, x, y, repeats):
 
 
 def mobilenet_schemes(model):
+    """name -> (scheme, freeze BatchNorm statistics). TinyTL and MCUNetV3 train with BatchNorm
+    frozen (eval mode; MCUNetV3 folds it into the conv): both sides then run BN with running stats."""
     convs = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     last = len(convs) - 1
+    mcunet = SparseUpdate.mcunetv3(22, [last - 9, last - 6, last - 3, last], [1, 0.5, 0.25, 1])
     return {
-        "full": SparseUpdate.full(),
-        "bias-only": SparseUpdate.bias_only(),
-        "last-2-blocks": SparseUpdate({"features.16": "full", "features.17": "full", "features.18": "full",
-                                       "classifier": "full"}),
-        "mcunetv3-style": SparseUpdate.mcunetv3(22, [last - 9, last - 6, last - 3, last], [1, 0.5, 0.25, 1]),
+        "full": (SparseUpdate.full(), False),
+        "bias-only": (SparseUpdate.bias_only(), False),
+        "bias-only, BN frozen": (SparseUpdate.bias_only(), True),
+        "last-2-blocks": (SparseUpdate({"features.16": "full", "features.17": "full", "features.18": "full",
+                                        "classifier": "full"}), False),
+        "mcunetv3-style": (mcunet, False),
+        "mcunetv3-style, BN frozen": (mcunet, True),
     }
 
 
 def transformer_schemes(model):
     n = len(model.layers)
     return {
-        "full": SparseUpdate.full(),
-        "bias-only": SparseUpdate.bias_only(),
-        "last-k (last block + head)": SparseUpdate({f"layers.{n - 1}": "full", "head": "full"}),
-        "mcunetv3-style": SparseUpdate.bias_only() | {f"layers.{n - 1}.linear1.weight": 0.25,
-                                                      f"layers.{n - 1}.linear2.weight": 0.25, "head": "full"},
+        "full": (SparseUpdate.full(), False),
+        "bias-only": (SparseUpdate.bias_only(), False),
+        "last-k (last block + head)": (SparseUpdate({f"layers.{n - 1}": "full", "head": "full"}), False),
+        "mcunetv3-style": (SparseUpdate.bias_only() | {f"layers.{n - 1}.linear1.weight": 0.25,
+                                                       f"layers.{n - 1}.linear2.weight": 0.25, "head": "full"}, False),
     }
 
 
+def freeze_batchnorm(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return model
+
+
 def run(name, make_model, x, y, schemes, target, repeats, rows):
-    for scheme_name, scheme in schemes(make_model()).items():
+    for scheme_name, (scheme, bn_frozen) in schemes(make_model()).items():
         torch.manual_seed(0)
         model = make_model().train()
+        if bn_frozen:
+            freeze_batchnorm(model)
         optimizer = pe.optim.SGD(lr=0.01, momentum=0.9)
         job = pe.TrainingJob(copy.deepcopy(model), (x,), y, "cross_entropy", optimizer, sparse_update=scheme)
         print(f"[{name} / {scheme_name}] compiling ...", file=sys.stderr, flush=True)

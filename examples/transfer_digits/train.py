@@ -52,6 +52,8 @@ SCHEMES = {
     "channel ratio": pe.SparseUpdate.bias_only() | {"classifier": "full", "features.3.0.weight": 0.5,
                                                      "features.2.0.weight": 0.25},
 }
+# Fewer trained parameters take a larger step, as in TinyTL: bias-only trains ~1/60 of the network.
+LEARNING_RATE = {"full": 0.05, "bias-only": 0.4, "last-k (last block + head)": 0.05, "channel ratio": 0.05}
 
 job = pe.TrainingJob(
     model=model,
@@ -84,10 +86,10 @@ def accuracy(net, state_dict):
     return float((predicted == y_new_test).mean())
 
 
-def fine_tune(pretrained, scheme, epochs=20, seed=0):
+def fine_tune(pretrained, scheme, lr, epochs=20, seed=0):
     net = copy.deepcopy(pretrained)
     j = pe.TrainingJob(net, job.example_inputs, job.example_targets, "cross_entropy",
-                       pe.optim.SGD(lr=0.05, momentum=0.9), sparse_update=scheme)
+                       pe.optim.SGD(lr=lr, momentum=0.9), sparse_update=scheme)
     program = pe.compile(j)
     rng = np.random.default_rng(seed)
     x, y = images(x_new_train).numpy(), y_new_train.astype("int64")
@@ -104,11 +106,11 @@ def fine_tune(pretrained, scheme, epochs=20, seed=0):
 if __name__ == "__main__":
     pretrain(model)
     model.classifier = nn.Linear(64, 5)  # a new head for the new classes
-    print(f"{'scheme':<30}{'test acc':>10}{'trained params':>16}{'planned memory':>16}")
+    print(f"{'scheme':<30}{'lr':>6}{'test acc':>10}{'trained params':>16}{'planned memory':>16}")
     results = {}
     for name, scheme in SCHEMES.items():
-        acc, trained, peak = fine_tune(model, scheme)
+        acc, trained, peak = fine_tune(model, scheme, LEARNING_RATE[name])
         results[name] = acc
-        print(f"{name:<30}{100 * acc:>9.1f}%{trained:>16,}{peak / 1024:>13.0f} KiB", flush=True)
+        print(f"{name:<30}{LEARNING_RATE[name]:>6}{100 * acc:>9.1f}%{trained:>16,}{peak / 1024:>13.0f} KiB", flush=True)
     gap = max(results["full"] - acc for acc in results.values())
     print(f"largest gap to full fine-tuning: {100 * gap:.1f} points")

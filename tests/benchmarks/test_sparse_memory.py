@@ -8,7 +8,7 @@ from conftest import FAST_HOST, load_example_module
 def test_sparse_memory_benchmark_small(capsys):
     bench = load_example_module("benchmarks/sparse_memory.py", "sparse_memory")
     rows = bench.main(["--small", "--repeats", "1", "--target", json.dumps(FAST_HOST)])
-    assert len(rows) == 8
+    assert len(rows) == 10  # 6 MobileNetV2 schemes (two with BatchNorm frozen), 4 transformer schemes
     by_scheme = {(r[0].split()[0], r[1]): r for r in rows}
     for model in ("MobileNetV2-0.35", "Transformer"):
         full, bias = by_scheme[(model, "full")], by_scheme[(model, "bias-only")]
