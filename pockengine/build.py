@@ -27,6 +27,7 @@ from .errors import UnsupportedOpError
 from .frontend import FUNC_NAME
 from .passes.drop_saved_activations import drop_saved_activations
 from .passes.fold_broadcasts import fold_broadcasts
+from .passes.inline_elementwise import inline_elementwise
 from .passes.plan_arena import plan_arena
 from .passes.prune_backward import prune_backward
 from .passes.reorder_updates import reorder_updates
@@ -73,12 +74,14 @@ def derive_step(imported, optimizer, plan):
 
 def lowering_passes(target, signature: StepSignature) -> list:
     """Relax passes from the training step to a memory-planned function (TVM's CPU pipeline, split
-    before the finalisation passes so the plan can be read): schedule_reductions undoes what fusion's
+    before the finalisation passes so the plan can be read): inline_elementwise removes the fused
+    kernels' intermediate buffers, schedule_reductions undoes what fusion's
     re-sorting does to gradient lifetimes, update_in_place writes new state over the old, and
     plan_arena replaces StaticPlanBlockMemory."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    return (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + [schedule_reductions(STEP_FUNC)]
+    return (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+            + [inline_elementwise(), schedule_reductions(STEP_FUNC)]
             + cpu.dataflow_lower_passes(target)
             + [update_in_place(state_aliases(signature), STEP_FUNC), plan_arena(STEP_FUNC)])
 
@@ -123,7 +126,7 @@ def compile(job, target="host", progress=None):  # noqa: A001 - the public name 
                 timelines["full update"] = timeline(full_mod[STEP_FUNC], full_sig)
             except UnsupportedOpError:
                 pass  # a frozen part has ops without gradients: there is no full update to compare with
-        report = memory_report(lowered[STEP_FUNC], step_mod[STEP_FUNC], signature, imported.origin, timelines)
+        report = memory_report(lowered, step_mod[STEP_FUNC], signature, imported.origin, timelines)
     with _stage("codegen", progress):
         with tvm_target:
             final = tvm.transform.Sequential(finalize_passes())(lowered)

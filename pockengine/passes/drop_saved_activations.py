@@ -134,7 +134,7 @@ class _Plan:
             if v in seen or v in self.params or v not in self.producer:
                 return True
             seen.add(v)
-            if v is not var and (v in self.saved or v in self.pinned or not self.recomputable(v)):
+            if not v.same_as(var) and (v in self.saved or v in self.pinned or not self.recomputable(v)):
                 leaves.add(v)
                 return True
             count += 1

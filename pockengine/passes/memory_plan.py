@@ -18,10 +18,10 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, TRAINED, StepSignature, backward_start
+from ..autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, STEP_FUNC, TRAINED, StepSignature, backward_start
 from .flops import call_flops, step_flops
 
-CATEGORIES = ("parameters", "buffers", "optimizer_state", "new_state", "planned_pool")
+CATEGORIES = ("parameters", "buffers", "optimizer_state", "new_state", "planned_pool", "kernel_workspace")
 VIEW_OPS = {"relax.reshape", "relax.squeeze", "relax.expand_dims", "relax.flatten"}  # share their input's buffer
 
 
@@ -42,9 +42,9 @@ class MemoryReport:
     """Planned memory of one training step.
 
     `peak_bytes` = sum of `by_category`: the state the step reads, the new state it writes beside it
-    (what is not updated in place), and the arena planned for everything in between (activations,
-    gradients, workspace). The arena is allocated whole, so this is what the step holds at most, not
-    a sampled measurement.
+    (what is not updated in place), the arena planned for everything in between (activations,
+    gradients), and the largest workspace one kernel allocates while it runs. The arena is allocated
+    whole, so this bounds what the step holds; it is not a sampled measurement.
     """
 
     peak_bytes: int
@@ -216,13 +216,28 @@ def state_bytes(signature: StepSignature) -> dict:
     return totals
 
 
-def memory_report(lowered_func, step_func, signature: StepSignature, origin: dict, timelines=None) -> MemoryReport:
-    pool, n_storages, unplanned = planned_storage(lowered_func)
+def kernel_workspace(lowered_mod, func_name: str) -> int:
+    """The largest buffer set a kernel of the step allocates for itself while it runs (stages that
+    could not be inlined, such as a convolution's padded input). Kernels run one at a time."""
+    from .inline_elementwise import intermediate_bytes
+
+    called = set()
+    relax.analysis.post_order_visit(
+        lowered_mod[func_name].body,
+        lambda e: isinstance(e, relax.Call) and isinstance(e.op, relax.GlobalVar) and called.add(e.op.name_hint))
+    return max((intermediate_bytes(f) for gv, f in lowered_mod.functions.items()
+                if gv.name_hint in called and isinstance(f, tvm.tirx.PrimFunc)), default=0)
+
+
+def memory_report(lowered_mod, step_func, signature: StepSignature, origin: dict, timelines=None) -> MemoryReport:
+    """lowered_mod: the module after the lowering passes; step_func: `train_step` before them."""
+    pool, n_storages, unplanned = planned_storage(lowered_mod[STEP_FUNC])
     cats = signature.categories
     by_category = {
         **state_bytes(signature),
         "new_state": unplanned,
         "planned_pool": pool,
+        "kernel_workspace": kernel_workspace(lowered_mod, STEP_FUNC),
     }
     rows: dict[str, LayerRow] = {}
     trained_flags = defaultdict(set)
