@@ -99,3 +99,18 @@ def max_scaled_diff(ours: dict, theirs: dict) -> tuple[float, str]:
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+def fused_step_module(job):
+    """The job's train_step after TVM's legalisation and fusion (FuseOps, FuseTIR), before our
+    post-fusion passes: what those passes receive."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from pockengine import build
+
+    imported = job.import_model()
+    step_mod, _, _ = build.derive_step(imported, job.optimizer, job.plan(imported))
+    target = tvm.target.Target(FAST_HOST)
+    with target:
+        return tvm.transform.Sequential(cpu.legalize_passes(target))(step_mod)

@@ -6,23 +6,15 @@ import tvm
 from torch import nn
 
 import pockengine as pe
-from conftest import FAST_HOST
-from pockengine import build
+from conftest import FAST_HOST, fused_step_module
 from pockengine.passes.inline_elementwise import inline_elementwise, intermediate_bytes
 
 
-def fused_module():
+def job():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(), nn.Flatten(), nn.Linear(8 * 64, 4))
-    job = pe.TrainingJob(model, (torch.randn(4, 3, 8, 8),), torch.randint(0, 4, (4,)), "cross_entropy",
-                         pe.optim.SGD(lr=0.1))
-    imported = job.import_model()
-    step_mod, _, _ = build.derive_step(imported, job.optimizer, job.plan(imported))
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-
-    target = tvm.target.Target(FAST_HOST)
-    with target:
-        return tvm.transform.Sequential(cpu.legalize_passes(target))(step_mod)
+    return pe.TrainingJob(model, (torch.randn(4, 3, 8, 8),), torch.randint(0, 4, (4,)), "cross_entropy",
+                          pe.optim.SGD(lr=0.1))
 
 
 def workspaces(mod):
@@ -30,7 +22,7 @@ def workspaces(mod):
 
 
 def test_elementwise_chains_become_single_loop_nests():
-    before = fused_module()
+    before = fused_step_module(job())
     after = inline_elementwise()(before)
     b, a = workspaces(before), workspaces(after)
     activation = 4 * 8 * 8 * 8 * 4  # one (4, 8, 8, 8) float32 tensor
@@ -42,10 +34,6 @@ def test_elementwise_chains_become_single_loop_nests():
 
 
 def test_report_counts_what_kernels_still_allocate():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(), nn.Flatten(), nn.Linear(8 * 64, 4))
-    job = pe.TrainingJob(model, (torch.randn(4, 3, 8, 8),), torch.randint(0, 4, (4,)), "cross_entropy",
-                         pe.optim.SGD(lr=0.1))
-    report = pe.compile(job, target=FAST_HOST).memory_report()
+    report = pe.compile(job(), target=FAST_HOST).memory_report()
     assert 0 < report.by_category["kernel_workspace"] <= 4 * 8 * 8 * 8 * 4
     assert report.peak_bytes == sum(report.by_category.values())

@@ -1,28 +1,19 @@
 """schedule_reductions: after fusion, every reduction of a big tensor runs right after its inputs."""
 
 import torch
-import tvm
 from tvm import relax
 
 import pockengine as pe
-from conftest import FAST_HOST, mobilenetv2
-from pockengine import build
+from conftest import fused_step_module, mobilenetv2
 from pockengine.autodiff.step import STEP_FUNC
 from pockengine.passes.schedule_reductions import SHRINK, schedule_reductions, value_bytes
 from pockengine.sparse import SparseUpdate
 
 
 def fused_step():
-    job = pe.TrainingJob(mobilenetv2(width_mult=0.35, num_classes=10), (torch.randn(2, 3, 32, 32),),
-                         torch.randint(0, 10, (2,)), "cross_entropy", pe.optim.SGD(lr=0.1, momentum=0.9),
-                         sparse_update=SparseUpdate.bias_only())
-    imported = job.import_model()
-    step_mod, _, _ = build.derive_step(imported, job.optimizer, job.plan(imported))
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-
-    target = tvm.target.Target(FAST_HOST)
-    with target:
-        return tvm.transform.Sequential(cpu.legalize_passes(target))(step_mod)
+    return fused_step_module(pe.TrainingJob(
+        mobilenetv2(width_mult=0.35, num_classes=10), (torch.randn(2, 3, 32, 32),), torch.randint(0, 10, (2,)),
+        "cross_entropy", pe.optim.SGD(lr=0.1, momentum=0.9), sparse_update=SparseUpdate.bias_only()))
 
 
 def waits(mod):
