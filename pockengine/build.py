@@ -27,6 +27,7 @@ from .errors import UnsupportedOpError
 from .frontend import FUNC_NAME
 from .passes.drop_saved_activations import drop_saved_activations
 from .passes.fold_broadcasts import fold_broadcasts
+from .passes.fuse_variance import fuse_variance
 from .passes.inline_elementwise import inline_elementwise
 from .passes.plan_arena import plan_arena
 from .passes.prune_backward import prune_backward
@@ -59,8 +60,8 @@ def _stage(name: str, progress):
 
 def derive_step(imported, optimizer, plan):
     """forward_loss -> train_step for a plan: split partially trained weights (prune_backward),
-    differentiate and add the optimizer (autodiff), then keep only what the backward needs of the
-    forward (drop_saved_activations) and update each parameter once its gradient is complete
+    differentiate and add the optimizer (autodiff), then compute batch variances in one reduction
+    (fuse_variance), keep only what the backward needs of the forward (drop_saved_activations) and update each parameter once its gradient is complete
     (reorder_updates)."""
     partial = {name: rule for name, rule in plan.items() if isinstance(rule, Partial)}
     if partial:
@@ -68,7 +69,8 @@ def derive_step(imported, optimizer, plan):
         pruned = prune_backward(FUNC_NAME, {pvars[n]: (p.channels, p.axis) for n, p in partial.items()})(imported.mod)
         imported = dataclasses.replace(imported, mod=pruned)
     step_mod, signature, optimizer_state = build_train_step(imported, optimizer, plan)
-    step_mod = tvm.transform.Sequential([drop_saved_activations(STEP_FUNC), reorder_updates(STEP_FUNC)])(step_mod)
+    step_mod = tvm.transform.Sequential([fuse_variance(STEP_FUNC), drop_saved_activations(STEP_FUNC),
+                                         reorder_updates(STEP_FUNC)])(step_mod)
     return step_mod, signature, optimizer_state
 
 

@@ -1,0 +1,58 @@
+"""fuse_variance: compute a batch variance in one reduction instead of through two activation copies.
+
+Training-mode BatchNorm is imported as arithmetic: `var = mean((x - mean(x))^2)`. TVM's FuseOps does
+not fuse the elementwise `(x - m)^2` into the following `mean`, so the step materialises both
+`x - m` and its square, two activation-sized tensors alive at once at the layer where the forward
+peaks. Relax's `variance` op computes the same two-pass value (sum of squared deviations from the
+mean, divided by the count) as one kernel that stores neither. The rewrite runs after autodiff:
+the backward keeps reading the same values, only the forward's way of computing `var` changes.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from ..ir import with_function
+
+
+def fuse_variance(func_name: str = "train_step") -> tvm.transform.Pass:
+    @tvm.transform.module_pass(opt_level=0, name="FuseVariance")
+    def transform(mod, _ctx):
+        func = mod[func_name]
+        value = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+        rewrites = {}
+        for block in func.body.blocks:
+            for b in block.bindings:
+                source = _variance_of(b.value, value)
+                if source is not None:
+                    rewrites[b.var] = relax.op.variance(source, b.value.attrs.axis, keepdims=b.value.attrs.keepdims)
+        if not rewrites:
+            return mod
+        blocks = [type(block)([relax.VarBinding(b.var, rewrites[b.var]) if b.var in rewrites else b
+                               for b in block.bindings]) for block in func.body.blocks]
+        body = relax.BlockBuilder().normalize(relax.SeqExpr(blocks, func.body.body))
+        mod = with_function(mod, func_name, relax.Function(func.params, body, attrs=func.attrs))
+        return relax.transform.DeadCodeElimination([func_name])(mod)  # the squares nobody reads now
+
+    return transform
+
+
+def _op(expr, value, name):
+    """The call bound to `expr` if it is op `name`."""
+    call = value.get(expr) if isinstance(expr, relax.Var) else expr
+    return call if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and call.op.name == name else None
+
+
+def _variance_of(expr, value):
+    """x when expr is mean((x - mean(x))^2) over the same axes, else None."""
+    outer = _op(expr, value, "relax.mean")
+    square = _op(outer.args[0], value, "relax.multiply") if outer is not None else None
+    if square is None or not square.args[0].same_as(square.args[1]):
+        return None
+    deviation = _op(square.args[0], value, "relax.subtract")
+    inner = _op(deviation.args[1], value, "relax.mean") if deviation is not None else None
+    if inner is None or not inner.args[0].same_as(deviation.args[0]) or not bool(inner.attrs.keepdims):
+        return None
+    same_axes = [int(a) for a in outer.attrs.axis] == [int(a) for a in inner.attrs.axis]
+    return deviation.args[0] if same_axes else None
