@@ -115,8 +115,9 @@ def elementwise_in_place(prim_func, read_index: int, write_index: int) -> bool:
 
     Yes when the kernel is elementwise over their shape: every block that reads a buffer of that
     shape (the old value, or an intermediate computed from it) reads exactly the element the block
-    writes. Then each output element depends on the same element of the input only, whatever order
-    the blocks run in and however a schedule later inlines them.
+    writes, one block writes the output, and no block after it reads the old value (it would find
+    the new one). Each output element then depends on the same element of the input only, and a
+    schedule that later inlines the stages keeps it so.
     """
     params = list(prim_func.params)
     if max(read_index, write_index) >= len(params):
@@ -129,10 +130,16 @@ def elementwise_in_place(prim_func, read_index: int, write_index: int) -> bool:
         blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
     except Exception:  # noqa: BLE001 - a kernel of unusual structure: keep the copy
         return False
-    for block in blocks:
+    src, dst = params[read_index], params[write_index]
+    writers = [i for i, block in enumerate(blocks) if any(w.source.same_as(dst) for w in block.writes)]
+    if len(writers) != 1:
+        return False
+    for i, block in enumerate(blocks):
         writes = [w for w in block.writes if _shape(w.source) == shape]
         for r in block.reads:
             if _shape(r.source) == shape and not (len(writes) == 1 and _same_point(r, writes[0])):
+                return False
+            if i > writers[0] and r.source.same_as(src):
                 return False
     return True
 

@@ -17,24 +17,25 @@ def fused_step():
 
 
 def waits(mod):
-    """For each binding whose output is at most 1/SHRINK of its largest input: how many bindings
-    run between its last input and it."""
+    """For each binding whose output is at most 1/SHRINK of its largest input: how many other
+    bindings (not such reductions themselves) run between its last input and it."""
     bindings = [b for block in mod[STEP_FUNC].body.blocks for b in block.bindings]
     position = {b.var: i for i, b in enumerate(bindings)}
-    out = []
+    early, last_input = set(), {}
     for i, b in enumerate(bindings):
         inputs = [v for v in relax.analysis.free_vars(b.value) if v in position]
         largest = max((value_bytes(v.ty) for v in relax.analysis.free_vars(b.value)), default=0)
         if inputs and value_bytes(b.var.ty) * SHRINK <= largest:
-            out.append(i - 1 - max(position[v] for v in inputs))
-    return out
+            early.add(i)
+            last_input[i] = max(position[v] for v in inputs)
+    return [sum(1 for j in range(last_input[i] + 1, i) if j not in early) for i in sorted(early)]
 
 
 def test_reductions_follow_their_inputs_after_fusion():
     fused = fused_step()
     before = waits(fused)
     after = waits(schedule_reductions(STEP_FUNC)(fused))
-    assert max(before) >= 10, before  # fusion's re-sorting: some gradient reductions wait for many kernels
+    assert max(before) >= 5, before  # fusion's re-sorting: some gradient reductions wait for many kernels
     assert len(after) == len(before) and max(after) == 0, after
 
 

@@ -27,6 +27,10 @@ def test_kernel_check_accepts_elementwise_and_rejects_other_indices():
     decayed = te.compute((4, 4), lambda i, j: a[i, j] * 0.9, name="decayed")  # two stages, same element
     momentum = te.compute((4, 4), lambda i, j: decayed[i, j] + g[i, j], name="momentum")
     assert elementwise_in_place(prim(a, g, momentum), 0, 2)
+    # The output written first, the old value read by a later stage: it would read the new one.
+    first = te.compute((4, 4), lambda i, j: g[i, j] * 2.0, name="first")
+    later = te.compute((4, 4), lambda i, j: a[i, j] + first[i, j], name="later")
+    assert not elementwise_in_place(prim(a, g, first, later), 0, 2)
     transposed = te.compute((4, 4), lambda i, j: a[j, i] + g[i, j], name="t")
     assert not elementwise_in_place(prim(a, g, transposed), 0, 2)
     k = te.reduce_axis((0, 4), name="k")
