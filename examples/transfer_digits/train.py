@@ -19,6 +19,7 @@ from torch import nn
 import pockengine as pe
 
 BATCH = 32
+SEEDS = 3
 torch.manual_seed(0)
 
 
@@ -53,7 +54,7 @@ SCHEMES = {
                                                      "features.2.0.weight": 0.25},
 }
 # Fewer trained parameters take a larger step, as in TinyTL: bias-only trains ~1/60 of the network.
-LEARNING_RATE = {"full": 0.05, "bias-only": 0.4, "last-k (last block + head)": 0.05, "channel ratio": 0.05}
+LEARNING_RATE = {"full": 0.05, "bias-only": 0.2, "last-k (last block + head)": 0.05, "channel ratio": 0.05}
 
 job = pe.TrainingJob(
     model=model,
@@ -106,11 +107,17 @@ def fine_tune(pretrained, scheme, lr, epochs=20, seed=0):
 if __name__ == "__main__":
     pretrain(model)
     model.classifier = nn.Linear(64, 5)  # a new head for the new classes
-    print(f"{'scheme':<30}{'lr':>6}{'test acc':>10}{'trained params':>16}{'planned memory':>16}")
+    # 269 test images: one run moves by a point or two with the data order, so each scheme is
+    # fine-tuned with SEEDS shuffles and the mean is compared.
+    print(f"{'scheme':<30}{'lr':>6}{'test acc (mean ± sd, ' + str(SEEDS) + ' runs)':>32}{'trained params':>16}"
+          f"{'planned memory':>16}")
     results = {}
     for name, scheme in SCHEMES.items():
-        acc, trained, peak = fine_tune(model, scheme, LEARNING_RATE[name])
-        results[name] = acc
-        print(f"{name:<30}{LEARNING_RATE[name]:>6}{100 * acc:>9.1f}%{trained:>16,}{peak / 1024:>13.0f} KiB", flush=True)
+        runs = [fine_tune(model, scheme, LEARNING_RATE[name], seed=seed) for seed in range(SEEDS)]
+        accs = np.array([acc for acc, _, _ in runs])
+        _, trained, peak = runs[0]
+        results[name] = accs.mean()
+        print(f"{name:<30}{LEARNING_RATE[name]:>6}{100 * accs.mean():>24.1f}% ± {100 * accs.std():.1f}"
+              f"{trained:>16,}{peak / 1024:>13.0f} KiB", flush=True)
     gap = max(results["full"] - acc for acc in results.values())
-    print(f"largest gap to full fine-tuning: {100 * gap:.1f} points")
+    print(f"largest gap to full fine-tuning (means): {100 * gap:.1f} points")
