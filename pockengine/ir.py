@@ -55,3 +55,8 @@ def same_tensor_type(a, b) -> bool:
     return (isinstance(a, relax.TensorType) and isinstance(b, relax.TensorType) and str(a.dtype) == str(b.dtype)
             and a.shape is not None and b.shape is not None
             and [int(d) for d in a.shape] == [int(d) for d in b.shape])
+
+
+def op_name(value):
+    """The Relax op a binding's value calls (e.g. "relax.add"), or None."""
+    return value.op.name if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else None

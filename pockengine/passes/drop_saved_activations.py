@@ -26,7 +26,7 @@ import tvm
 from tvm import relax, te
 
 from ..autodiff.step import RECOMPUTED_SUFFIX, backward_start
-from ..ir import Substitute, with_function
+from ..ir import Substitute, op_name, with_function
 from .memory_plan import tensor_bytes
 
 # Elementwise (and broadcasting) ops cheap enough to run twice; reshape-like views cost nothing.
@@ -79,10 +79,6 @@ def _opaque_copy(shape, dtype, name):
     return te.create_prim_func([src, dst]).with_attr({"global_symbol": name, "op_pattern": OPAQUE})
 
 
-def _op_name(value):
-    return value.op.name if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else None
-
-
 def _inputs(value) -> list:
     return list(dict.fromkeys(relax.analysis.free_vars(value)))
 
@@ -90,7 +86,7 @@ def _inputs(value) -> list:
 def _is_mask(binding) -> bool:
     """Elementwise, and smaller than a float activation (a bool or integer mask)."""
     ty = binding.var.ty
-    return (_op_name(binding.value) in RECOMPUTABLE and isinstance(ty, relax.TensorType)
+    return (op_name(binding.value) in RECOMPUTABLE and isinstance(ty, relax.TensorType)
             and tvm.DataType(str(ty.dtype)).bits < 16)
 
 
@@ -123,7 +119,7 @@ class _Plan:
 
     def recomputable(self, var) -> bool:
         b = self.producer.get(var)
-        return b is not None and _op_name(b.value) in RECOMPUTABLE
+        return b is not None and op_name(b.value) in RECOMPUTABLE
 
     def leaves(self, var):
         """Forward tensors that recomputing `var` reads, stopping at saved ones; None if too costly."""

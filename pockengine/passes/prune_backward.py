@@ -21,7 +21,7 @@ from tvm.relax import op as R
 
 from ..autodiff.step import FROZEN_PART, TRAINED
 from ..errors import JobError
-from ..ir import with_function
+from ..ir import op_name, with_function
 
 
 def parameter_ops(func, param_vars: dict) -> dict:
@@ -36,11 +36,11 @@ def parameter_ops(func, param_vars: dict) -> dict:
     for name, var in param_vars.items():
         kinds[name] = None
         for b, i in consumers.get(var, []):
-            op = _op_name(b.value)
+            op = op_name(b.value)
             if op == "relax.nn.conv2d" and i == 1:
                 groups = int(b.value.attrs.groups)
                 kinds[name] = "depthwise" if groups > 1 and groups == int(var.ty.shape[0]) else "conv"
-            elif op == "relax.permute_dims" and any(_op_name(c.value) == "relax.matmul" for c, _ in consumers.get(b.var, [])):
+            elif op == "relax.permute_dims" and any(op_name(c.value) == "relax.matmul" for c, _ in consumers.get(b.var, [])):
                 kinds[name] = "linear"
     return kinds
 
@@ -72,7 +72,7 @@ def _split_partial_weights(func, partial: dict, name: str):
                 pieces[w] = (trained, frozen, k, total)
             for b in bindings:
                 value = b.value
-                op = _op_name(value)
+                op = op_name(value)
                 if op == "relax.permute_dims" and value.args[0] in pieces:
                     transposed[b.var] = value.args[0]
                     continue
@@ -126,9 +126,3 @@ def _split_matmul(bb, call, piece, name):
 
 
 SPLIT = "__split"  # names the parts of a split op after it, so reports find the layer it came from
-
-
-def _op_name(value) -> str:
-    if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
-        return value.op.name
-    return ""
