@@ -1,5 +1,6 @@
-"""inline_elementwise: fused kernels stop allocating activation-sized intermediates, and what is left
-is reported as kernel workspace."""
+"""inline_elementwise: fused kernels stop allocating activation-sized intermediates (elementwise
+chains inlined, epilogues finished per output point of their reduction), and what is left is
+reported as kernel workspace."""
 
 import torch
 import tvm
@@ -28,12 +29,15 @@ def test_elementwise_chains_become_single_loop_nests():
     activation = 4 * 8 * 8 * 8 * 4  # one (4, 8, 8, 8) float32 tensor
     # BatchNorm's apply chain (subtract, multiply, multiply, add, clip) stored 4 such buffers.
     assert max(b.values()) >= 3 * activation
-    assert max(a.values()) <= activation  # at most a convolution's result before its epilogue
-    assert sum(a.values()) < sum(b.values()) / 3
+    # A convolution's or matmul's epilogue now runs per output point right after its sum, so no
+    # kernel keeps more than a few scalars (a reduction's running value, BatchNorm's per-row sums).
+    assert max(a.values()) <= 64
+    epilogued = [name for name in b if name.startswith("fused_") and ("conv2d" in name or "matmul" in name) and b[name] > 64]
+    assert len(epilogued) >= 2  # a convolution and a matmul stored their whole result before the epilogue
     assert set(a) == set(b)
 
 
 def test_report_counts_what_kernels_still_allocate():
     report = pe.compile(job(), target=FAST_HOST).memory_report()
-    assert 0 < report.by_category["kernel_workspace"] <= 4 * 8 * 8 * 8 * 4
+    assert 0 < report.by_category["kernel_workspace"] <= 64
     assert report.peak_bytes == sum(report.by_category.values())
