@@ -32,6 +32,7 @@ from .passes.inline_elementwise import inline_elementwise
 from .passes.plan_arena import plan_arena
 from .passes.prune_backward import prune_backward
 from .passes.reorder_updates import reorder_updates
+from .passes.schedule_cpu import schedule_cpu
 from .passes.schedule_reductions import schedule_reductions
 from .passes.update_in_place import update_in_place
 from .sparse import FULL, Partial
@@ -74,16 +75,18 @@ def derive_step(imported, optimizer, plan):
     return step_mod, signature, optimizer_state
 
 
-def lowering_passes(target, signature: StepSignature) -> list:
+def lowering_passes(preset, signature: StepSignature) -> list:
     """Relax passes from the training step to a memory-planned function (TVM's CPU pipeline, split
     before the finalisation passes so the plan can be read): inline_elementwise removes the fused
     kernels' intermediate buffers, schedule_reductions undoes what fusion's
-    re-sorting does to gradient lifetimes, update_in_place writes new state over the old, and
-    plan_arena replaces StaticPlanBlockMemory."""
+    re-sorting does to gradient lifetimes, schedule_cpu gives untuned kernels threads and vectors,
+    update_in_place writes new state over the old, and plan_arena replaces StaticPlanBlockMemory."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    target = preset.target()
+    lanes = preset.vector_lanes(32)
     return (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
-            + [inline_elementwise(), schedule_reductions(STEP_FUNC)]
+            + [inline_elementwise(lanes), schedule_reductions(STEP_FUNC), schedule_cpu(lanes, preset.cores)]
             + cpu.dataflow_lower_passes(target)
             + [update_in_place(state_aliases(signature), STEP_FUNC), plan_arena(STEP_FUNC)])
 
@@ -119,7 +122,7 @@ def compile(job, target="host", progress=None):  # noqa: A001 - the public name 
         step_mod, signature, optimizer_state = derive_step(imported, job.optimizer, plan)
     with _stage("lower", progress):
         with tvm_target:
-            lowered = tvm.transform.Sequential(lowering_passes(tvm_target, signature))(step_mod)
+            lowered = tvm.transform.Sequential(lowering_passes(preset, signature))(step_mod)
     with _stage("memory plan", progress):
         timelines = {"this step": timeline(step_mod[STEP_FUNC], signature)}
         if any(rule != FULL for rule in plan.values()):  # the same model fully updated, for comparison

@@ -50,6 +50,18 @@ def with_function(mod, name: str, func):
     return mod
 
 
+def map_kernels(mod, rewrite):
+    """A copy of `mod` where each TIR kernel is replaced by `rewrite(kernel)` unless that is None."""
+    updates = {gv: new for gv, func in mod.functions.items()
+               if isinstance(func, tvm.tirx.PrimFunc) and (new := rewrite(func)) is not None}
+    if not updates:
+        return mod
+    mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod
+
+
 def same_tensor_type(a, b) -> bool:
     """Same dtype and the same static shape."""
     return (isinstance(a, relax.TensorType) and isinstance(b, relax.TensorType) and str(a.dtype) == str(b.dtype)

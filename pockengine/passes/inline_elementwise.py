@@ -10,8 +10,11 @@ GPU schedule does), so such a kernel is one loop nest; a reduction absorbs its e
 
 An epilogue cannot be inlined into a reduction (a convolution followed by its bias, BatchNorm or
 ReLU mask): there the epilogue is moved under the reduction's spatial loops (`reverse_compute_at`),
-so each output point is finished right after its sum and the convolution's result is one scalar
-instead of a whole activation (TIR's buffer compaction shrinks it when the kernel is built).
+so each group of `vector_lanes` output points is finished right after its sums and the
+convolution's result is that many scalars instead of a whole activation (TIR's buffer compaction
+shrinks it when the kernel is built). With `vector_lanes` > 1 the reduction's innermost spatial
+loop is split by it and its inner part moved inside the reduction loops, so a CPU schedule can
+vectorize it (one vector of running sums); the loop order is all this pass decides.
 TVM's schedule primitives check that the move preserves the kernel's meaning; a move they refuse
 (the epilogue reads other points of the sum, as a softmax does) is not made.
 
@@ -22,25 +25,17 @@ analysed is kept unchanged.
 from __future__ import annotations
 
 import tvm
+import tvm_ffi
 from tvm import s_tir
 from tvm.s_tir import dlight
 
+from ..ir import map_kernels
 
-def inline_elementwise() -> tvm.transform.Pass:
+
+def inline_elementwise(vector_lanes: int = 1) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="InlineElementwise")
     def transform(mod, _ctx):
-        updates = {}
-        for gv, func in mod.functions.items():
-            if isinstance(func, tvm.tirx.PrimFunc) and intermediate_bytes(func):
-                inlined = _inline(func)
-                if inlined is not None:
-                    updates[gv] = inlined
-        if not updates:
-            return mod
-        mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
+        return map_kernels(mod, lambda func: _inline(func, vector_lanes))
 
     return transform
 
@@ -58,7 +53,7 @@ def intermediate_bytes(func) -> int:
     except Exception:  # noqa: BLE001 - not a block-structured kernel
         return 0
     total = 0
-    for buf in _allocations(compacted.body, []):
+    for buf in _allocations(compacted.body):
         try:
             n = 1
             for d in buf.shape:
@@ -69,45 +64,59 @@ def intermediate_bytes(func) -> int:
     return total
 
 
-def _allocations(stmt, found: list) -> list:
-    if stmt is None:
-        return found
-    found.extend(getattr(stmt, "alloc_buffers", None) or [])
-    for field in ("body", "block", "then_case", "else_case", "init"):
-        _allocations(getattr(stmt, field, None), found)
-    for child in getattr(stmt, "seq", None) or []:
-        _allocations(child, found)
+def _allocations(stmt) -> list:
+    found = []
+    tvm_ffi.structural_walk(stmt, (s_tir.SBlock, lambda block: found.extend(block.alloc_buffers)))
     return found
 
 
-def _inline(func):
+def _inline(func, vector_lanes: int):
     try:
         sch = s_tir.Schedule(func)
         blocks = dlight.normalize_prim_func(sch)
         if blocks is None:
             return None
         dlight.try_inline(sch, blocks)
-        _epilogues_at_reductions(sch)
+        _epilogues_at_reductions(sch, vector_lanes)
         return sch.mod["main"].with_attrs(func.attrs) if func.attrs is not None else sch.mod["main"]
     except Exception:  # noqa: BLE001 - keep the kernel as FuseTIR wrote it
         return None
 
 
-def _epilogues_at_reductions(sch) -> None:
-    """Move every non-reduction stage that reads a reduction's result under that reduction's spatial
+def _epilogues_at_reductions(sch, vector_lanes: int) -> None:
+    """Split each reduction's innermost spatial loop by `vector_lanes` (inner part innermost), then
+    move every non-reduction stage that reads a reduction's result under that reduction's spatial
     loops (the loops outside its reduction loops), when TVM's checks allow it."""
-    for block in sch.get_child_blocks(sch.get_sblock("root")):
-        if dlight.analysis.get_sblock_info(sch, block).is_reduction():
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    # Loops are one per block iterator in order here (normalize_prim_func), so kinds can be read off.
+    kinds = {i: [it.kind for it in dlight.analysis.get_sblock_info(sch, b).iters] for i, b in enumerate(blocks)}
+    tile_loop = {}  # reduction block index -> the loop its epilogue goes under
+    for i, block in enumerate(blocks):
+        k = kinds[i]
+        if "R" not in k:
+            continue
+        spatial = k.index("R")
+        if spatial == 0 or set(k[spatial:]) != {"R"}:
+            continue
+        loops = sch.get_loops(block)
+        inner = loops[spatial - 1]
+        extent = sch.get(inner).extent
+        if vector_lanes > 1 and isinstance(extent, tvm.tirx.IntImm) and int(extent) % vector_lanes == 0 \
+                and int(extent) >= vector_lanes:
+            outer, lanes = sch.split(inner, [None, vector_lanes])
+            sch.reorder(*loops[spatial:], lanes)
+            tile_loop[i] = outer
+        else:
+            tile_loop[i] = inner
+    for i, block in enumerate(blocks):
+        if i in tile_loop:
             continue
         for producer in sch.get_producers(block):
-            kinds = [it.kind for it in dlight.analysis.get_sblock_info(sch, producer).iters]
-            if "R" not in kinds:
-                continue
-            spatial = kinds.index("R")
-            if spatial == 0 or set(kinds[spatial:]) != {"R"}:
+            j = next((j for j, b in enumerate(blocks) if sch.get(b).same_as(sch.get(producer))), None)
+            if j not in tile_loop:
                 continue
             try:
-                sch.reverse_compute_at(block, sch.get_loops(producer)[spatial - 1], preserve_unit_loops=True)
-            except s_tir.schedule.ScheduleError:  # the epilogue needs more than this point of the sum
+                sch.reverse_compute_at(block, tile_loop[j], preserve_unit_loops=True)
+            except s_tir.schedule.ScheduleError:  # the epilogue needs more than these points of the sum
                 continue
             break

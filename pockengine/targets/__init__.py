@@ -21,6 +21,14 @@ class TargetPreset:
     # Which builder/runner family handles it; the build and runtime code is shared per family.
     family: str = "host"
     requires: tuple = field(default_factory=tuple)  # (program, Debian package) pairs to build/run
+    vector_bytes: int = 16  # SIMD register width the default schedule vectorizes for (SSE/NEON: 16)
+
+    @property
+    def cores(self) -> int:
+        return int(self.tvm_target.get("num-cores", 1))
+
+    def vector_lanes(self, bits: int = 32) -> int:
+        return max(1, self.vector_bytes * 8 // bits)
 
     def target(self):
         import tvm
@@ -42,7 +50,8 @@ def _host_target() -> dict:
 
 def presets() -> dict[str, TargetPreset]:
     return {
-        "host": TargetPreset("host", "this machine's CPU (LLVM, all cores)", _host_target()),
+        "host": TargetPreset("host", "this machine's CPU (LLVM, all cores)", _host_target(),
+                             vector_bytes=_host_vector_bytes()),
     }
 
 
@@ -70,11 +79,26 @@ def _from_tvm_target(target, label: str) -> TargetPreset:
     triple = str(target.attrs.get("mtriple", "") or "")
     host_triple = _host_triple()
     if kind == "llvm" and (not triple or triple.split("-")[0] == host_triple.split("-")[0]):
-        return TargetPreset(label, "TVM target for this machine's CPU", dict(target.export()))
+        return TargetPreset(label, "TVM target for this machine's CPU", dict(target.export()),
+                            vector_bytes=_host_vector_bytes())
     raise TargetError(
         f"target {label!r} ({kind}{' ' + triple if triple else ''}) cannot be built and run from this machine yet; "
         f"available: {', '.join(presets())} or an llvm target for this CPU ({host_triple})"
     )
+
+
+def _host_vector_bytes() -> int:
+    """Widest SIMD registers this CPU has (LLVM's own query answers 512 for any x86 CPU here)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        return 16
+    if "avx512f" in flags:
+        return 64
+    if "avx2" in flags or "avx" in flags:
+        return 32
+    return 16
 
 
 def _host_triple() -> str:

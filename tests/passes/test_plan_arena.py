@@ -8,7 +8,7 @@ from tvm import relax
 
 import pockengine as pe
 from conftest import FAST_HOST, mobilenetv2
-from pockengine import build
+from pockengine import build, targets
 from pockengine.autodiff.step import STEP_FUNC
 from pockengine.passes.memory_plan import planned_storage
 from pockengine.passes.plan_arena import ALIGNMENT, assign_offsets, lifetimes, plan_arena
@@ -40,9 +40,9 @@ def lowered(planner_pass, model, x, scheme):
                          pe.optim.SGD(lr=0.1, momentum=0.9), sparse_update=scheme)
     imported = job.import_model()
     step_mod, signature, _ = build.derive_step(imported, job.optimizer, job.plan(imported))
-    target = tvm.target.Target(FAST_HOST)
-    with target:
-        passes = build.lowering_passes(target, signature)[:-1] + [planner_pass]
+    preset = targets.resolve(FAST_HOST)
+    with preset.target():
+        passes = build.lowering_passes(preset, signature)[:-1] + [planner_pass]
         return tvm.transform.Sequential(passes)(step_mod)[STEP_FUNC]
 
 

@@ -1,0 +1,179 @@
+"""schedule_cpu: the default schedule of every kernel nobody tuned — outer loops on all cores,
+innermost loops as SIMD vectors.
+
+Legalized kernels are naive loop nests run by one thread, an order of magnitude behind PyTorch, and
+dlight's CPU rules cover only GEMV and reductions. This pass gives each top-level loop nest of a
+kernel:
+  * `parallel` on its outer loops (the loops shared by every stage of the nest, spatial for all of
+    them, fused into one so there is work for every core);
+  * `vectorize` on each stage's innermost loop when it is spatial and short (the `vector_lanes`
+    inner part inline_elementwise split off a reduction's output loop; an elementwise nest is fused
+    and split by `vector_lanes` here). A reduction's initialisation is then split off
+    (`decompose_reduction`) so its update loop is a plain vector of running sums.
+No register tiling, no cache blocking: that is what tuning (MetaSchedule) is for.
+Every step is a TVM schedule primitive, which refuses a transformation that would change the
+kernel's result; a refused step is skipped and the kernel keeps what was applied before it.
+Kernels already scheduled (`tirx.is_scheduled`, e.g. from a tuning database) are left alone.
+"""
+
+from __future__ import annotations
+
+import tvm
+import tvm_ffi
+from tvm import s_tir
+from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
+
+from ..ir import map_kernels
+
+MAX_VECTOR = 64  # longest innermost loop turned into one vector
+# Waking the thread pool costs microseconds: an elementwise kernel smaller than this runs on one core.
+MIN_PARALLEL_ELEMENTS = 4096
+
+
+def schedule_cpu(vector_lanes: int, cores: int) -> tvm.transform.Pass:
+    @tvm.transform.module_pass(opt_level=0, name="ScheduleCPU")
+    def transform(mod, _ctx):
+        return map_kernels(mod, lambda func: None if func.attrs and func.attrs.get("tirx.is_scheduled")
+                           else schedule_kernel(func, vector_lanes, cores))
+
+    return transform
+
+
+def schedule_kernel(func, vector_lanes: int, cores: int):
+    try:
+        sch = s_tir.Schedule(func)
+        root = sch.get_sblock("root")
+    except Exception:  # noqa: BLE001 - not a block-structured kernel
+        return None
+    for nest in _nests(sch, root):
+        _schedule_nest(sch, nest, vector_lanes, cores)
+    scheduled = sch.mod["main"]
+    return scheduled.with_attrs(func.attrs) if func.attrs is not None else scheduled
+
+
+def _nests(sch, root) -> list[list]:
+    """The root's blocks grouped by their outermost loop (blocks outside any loop are skipped)."""
+    nests: list[tuple[object, list]] = []
+    for block in sch.get_child_blocks(root):
+        loops = sch.get_loops(block)
+        if not loops:
+            continue
+        top = sch.get(loops[0])
+        for stmt, members in nests:
+            if stmt.same_as(top):
+                members.append(block)
+                break
+        else:
+            nests.append((top, [block]))
+    return [members for _, members in nests]
+
+
+def _try(primitive, *args, **kwargs):
+    try:
+        return primitive(*args, **kwargs)
+    except s_tir.schedule.ScheduleError:
+        return None
+
+
+def _schedule_nest(sch, blocks, vector_lanes: int, cores: int) -> None:
+    if len(blocks) == 1 and not _is_reduction(sch, blocks[0]):
+        _schedule_elementwise(sch, blocks[0], vector_lanes, cores)
+        return
+    # Annotate while the reductions still carry their initialisation (TVM only proves a loop
+    # parallel or vectorizable for a complete reduction block), then split the initialisation off.
+    _vectorize_innermost(sch, blocks)
+    _parallel_outer(sch, blocks, cores)
+    for block in blocks:
+        if _is_reduction(sch, block):
+            first_reduction = next((loop for loop in sch.get_loops(block)
+                                    if _loop_kind(sch, block, loop) == "R"), None)
+            init = _try(sch.decompose_reduction, block, first_reduction) if first_reduction is not None else None
+            if init is not None:
+                _vectorize_innermost(sch, [init])
+
+
+def _vectorize_innermost(sch, blocks) -> None:
+    for block in blocks:
+        loops = sch.get_loops(block)
+        if loops and _loop_kind(sch, block, loops[-1]) == "S" and 1 < _extent(sch, loops[-1]) <= MAX_VECTOR:
+            _try(sch.vectorize, loops[-1])
+
+
+def _schedule_elementwise(sch, block, vector_lanes: int, cores: int) -> None:
+    loops = sch.get_loops(block)
+    if any(_loop_kind(sch, block, loop) != "S" for loop in loops):
+        return
+    fused = _try(sch.fuse, *loops) if len(loops) > 1 else loops[0]
+    if fused is None:
+        return
+    extent = _extent(sch, fused)
+    threaded = cores > 1 and extent >= MIN_PARALLEL_ELEMENTS
+    if extent >= 2 * vector_lanes and extent % vector_lanes == 0 and vector_lanes > 1:
+        outer, inner = sch.split(fused, [None, vector_lanes])
+        _try(sch.vectorize, inner)
+        if threaded:
+            _try(sch.parallel, outer)
+    elif threaded:
+        _try(sch.parallel, fused)
+
+
+def _parallel_outer(sch, blocks, cores: int) -> None:
+    """Fuse the leading loops every block of the nest shares (spatial for all, not vectorized) until
+    there is work for each core, and run them in parallel."""
+    if cores <= 1:
+        return
+    shared = sch.get_loops(blocks[0])
+    for block in blocks[1:]:
+        loops, n = sch.get_loops(block), 0
+        while n < min(len(shared), len(loops)) and sch.get(shared[n]).same_as(sch.get(loops[n])):
+            n += 1
+        shared = shared[:n]
+    chosen, work = [], 1
+    for loop in shared:
+        stmt = sch.get(loop)
+        if stmt.kind != tvm.tirx.ForKind.SERIAL or any(_loop_kind(sch, b, loop) != "S" for b in blocks):
+            break
+        chosen.append(loop)
+        work *= _extent(sch, loop)
+        if work >= 4 * cores:
+            break
+    if not chosen or work < cores:
+        return
+    fused = _try(sch.fuse, *chosen) if len(chosen) > 1 else chosen[0]
+    if fused is not None:
+        _try(sch.parallel, fused)
+
+
+def _extent(sch, loop) -> int:
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tvm.tirx.IntImm) else 0
+
+
+def _is_reduction(sch, block) -> bool:
+    return any(iv.iter_type == tvm.tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+
+def _loop_kind(sch, block, loop) -> str:
+    """'R' if the loop drives one of the block's reduction iterators, 'S' if only spatial ones,
+    '-' if it does not drive the block at all (a unit loop)."""
+    var = sch.get(loop).loop_var
+    realize = _realize(sch, block)
+    kinds = set()
+    for iv, value in zip(realize.block.iter_vars, realize.iter_values):
+        if _uses(value, var):
+            kinds.add("R" if iv.iter_type == tvm.tirx.IterVar.CommReduce else "S")
+    if not kinds:
+        return "-" if _extent(sch, loop) == 1 else "S"
+    return "R" if "R" in kinds else "S"
+
+
+def _realize(sch, block):
+    target = sch.get(block)
+    found = []
+    tvm_ffi.structural_walk(sch.mod["main"].body,
+                            (s_tir.SBlockRealize, lambda r: found.append(r) if r.block.same_as(target) else None))
+    return found[0]
+
+
+def _uses(expr, var) -> bool:
+    return any(v.same_as(var) for v in collect_vars_used_in_prim_expr(expr))

@@ -1,0 +1,85 @@
+"""schedule_cpu: untuned kernels get parallel outer loops and vectorized inner loops, and compute
+exactly what the unscheduled kernels compute (each kernel run on random inputs both ways)."""
+
+import numpy as np
+import pytest
+import torch
+import tvm
+import tvm_ffi
+from torch import nn
+
+import pockengine as pe
+from conftest import FAST_HOST, fused_step_module
+from pockengine.passes.inline_elementwise import inline_elementwise
+from pockengine.passes.schedule_cpu import schedule_cpu
+
+LANES, CORES = 8, 2
+
+
+def job():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6(),
+                          nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16), nn.Flatten(),
+                          nn.Linear(16 * 8 * 8, 32), nn.GELU(), nn.Linear(32, 4))
+    return pe.TrainingJob(model, (torch.randn(4, 3, 16, 16),), torch.randint(0, 4, (4,)), "cross_entropy",
+                          pe.optim.SGD(lr=0.1, momentum=0.9))
+
+
+@pytest.fixture(scope="module")
+def modules():
+    fused = fused_step_module(job())
+    unscheduled = inline_elementwise(LANES)(fused)
+    return unscheduled, schedule_cpu(LANES, CORES)(unscheduled)
+
+
+def loop_kinds(func) -> set:
+    kinds = set()
+    tvm_ffi.structural_walk(func.body, (tvm.tirx.For, lambda loop: kinds.add(loop.kind)))
+    return kinds
+
+
+def kernels(mod):
+    return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def test_heavy_kernels_get_threads_and_vectors(modules):
+    _, scheduled = modules
+    heavy = {name: f for name, f in kernels(scheduled).items() if "conv2d" in name or "matmul" in name}
+    assert len(heavy) >= 6  # forward, data and weight gradients of the convolutions and linears
+    for name, func in heavy.items():
+        assert tvm.tirx.ForKind.PARALLEL in loop_kinds(func), name
+    # Those whose output rows fill whole vectors (a 3x3 weight gradient has 3 columns: nothing to
+    # vectorize) compute LANES outputs at a time.
+    wide = [n for n, f in heavy.items() if int(f.params[-1].shape[-1]) % LANES == 0]
+    assert len(wide) >= 6
+    for name in wide:
+        assert tvm.tirx.ForKind.VECTORIZED in loop_kinds(heavy[name]), name
+    everything = kernels(scheduled)
+    threaded = [n for n, f in everything.items() if tvm.tirx.ForKind.PARALLEL in loop_kinds(f)]
+    assert len(threaded) >= len(everything) // 2
+
+
+def test_scheduled_kernels_compute_what_the_unscheduled_ones_do(modules):
+    unscheduled, scheduled = modules
+    target, dev = tvm.target.Target(FAST_HOST), tvm.cpu()
+    rng = np.random.default_rng(0)
+    compared = 0
+    for name, before in kernels(unscheduled).items():
+        after = kernels(scheduled)[name]
+        if tvm_ffi.structural_equal(before, after):
+            continue
+        inputs = []
+        for buf in before.params:
+            shape, dtype = [int(d) for d in buf.shape], str(buf.dtype)
+            data = rng.standard_normal(shape) if dtype.startswith("float") else rng.integers(0, 2, shape)
+            inputs.append(np.asarray(data, dtype=dtype))
+        results = []
+        for func in (before, after):
+            lib = tvm.compile(func.with_attr("global_symbol", "main"), target=target)
+            args = [tvm.runtime.tensor(a.copy(), dev) for a in inputs]
+            lib["main"](*args)
+            results.append([a.numpy() for a in args])
+        for a, b in zip(*results):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+        compared += 1
+    assert compared >= 10
