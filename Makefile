@@ -23,7 +23,7 @@ demo: setup
 	$(VENV)/bin/pockengine inspect build/mlp_digits
 
 test: setup
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=10
 
 clean:
 	rm -rf build .pytest_cache

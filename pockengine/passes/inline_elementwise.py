@@ -12,9 +12,10 @@ An epilogue cannot be inlined into a reduction (a convolution followed by its bi
 ReLU mask): there the epilogue is moved under the reduction's spatial loops (`reverse_compute_at`),
 so each group of `vector_lanes` output points is finished right after its sums and the
 convolution's result is that many scalars instead of a whole activation (TIR's buffer compaction
-shrinks it when the kernel is built). With `vector_lanes` > 1 the reduction's innermost spatial
-loop is split by it and its inner part moved inside the reduction loops, so a CPU schedule can
-vectorize it (one vector of running sums); the loop order is all this pass decides.
+shrinks it when the kernel is built). With `vector_lanes` > 1 one output loop of the reduction
+(the innermost one a multiple of it long, else the longest such) is split by it and its inner part
+moved inside the reduction loops, so a CPU schedule can vectorize it (one vector of running sums);
+the loop order is all this pass decides.
 TVM's schedule primitives check that the move preserves the kernel's meaning; a move they refuse
 (the epilogue reads other points of the sum, as a softmax does) is not made.
 
@@ -83,8 +84,26 @@ def _inline(func, vector_lanes: int):
         return None
 
 
+def _vector_axis(sch, spatial_loops, vector_lanes: int):
+    """Which output loop to compute `vector_lanes` points of at a time: the innermost whose extent
+    is a multiple of it, else the longest such (a convolution over 4x4 pixels vectorizes its
+    channels); None when none is, or when vectors are off."""
+    if vector_lanes <= 1:
+        return None
+    extents = []
+    for loop in spatial_loops:
+        extent = sch.get(loop).extent
+        extents.append(int(extent) if isinstance(extent, tvm.tirx.IntImm) else 0)
+    fits = [i for i, e in enumerate(extents) if e and e % vector_lanes == 0]
+    if not fits:
+        return None
+    if fits[-1] == len(extents) - 1:
+        return fits[-1]
+    return max(fits, key=lambda i: (extents[i], i))
+
+
 def _epilogues_at_reductions(sch, vector_lanes: int) -> None:
-    """Split each reduction's innermost spatial loop by `vector_lanes` (inner part innermost), then
+    """Split an output loop of each reduction by `vector_lanes` (inner part innermost), then
     move every non-reduction stage that reads a reduction's result under that reduction's spatial
     loops (the loops outside its reduction loops), when TVM's checks allow it."""
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
@@ -99,15 +118,16 @@ def _epilogues_at_reductions(sch, vector_lanes: int) -> None:
         if spatial == 0 or set(k[spatial:]) != {"R"}:
             continue
         loops = sch.get_loops(block)
-        inner = loops[spatial - 1]
-        extent = sch.get(inner).extent
-        if vector_lanes > 1 and isinstance(extent, tvm.tirx.IntImm) and int(extent) % vector_lanes == 0 \
-                and int(extent) >= vector_lanes:
-            outer, lanes = sch.split(inner, [None, vector_lanes])
-            sch.reorder(*loops[spatial:], lanes)
-            tile_loop[i] = outer
-        else:
-            tile_loop[i] = inner
+        vector = _vector_axis(sch, loops[:spatial], vector_lanes)
+        if vector is None:
+            tile_loop[i] = loops[spatial - 1]
+            continue
+        outer, lanes = sch.split(loops[vector], [None, vector_lanes])
+        # reorder() permutes the loops it is given among their own positions: list every loop from
+        # the split on, so the spatial ones keep their place and the reduction loops stay inside them.
+        sch.reorder(*loops[vector + 1:], lanes)
+        # The epilogue goes under the innermost spatial loop left outside the reduction loops.
+        tile_loop[i] = outer if vector == spatial - 1 else loops[spatial - 1]
     for i, block in enumerate(blocks):
         if i in tile_loop:
             continue

@@ -76,7 +76,7 @@ def _try(primitive, *args, **kwargs):
 
 
 def _schedule_nest(sch, blocks, vector_lanes: int, cores: int) -> None:
-    if len(blocks) == 1 and not _is_reduction(sch, blocks[0]):
+    if len(blocks) == 1 and not is_reduction(sch, blocks[0]):
         _schedule_elementwise(sch, blocks[0], vector_lanes, cores)
         return
     # Annotate while the reductions still carry their initialisation (TVM only proves a loop
@@ -84,9 +84,9 @@ def _schedule_nest(sch, blocks, vector_lanes: int, cores: int) -> None:
     _vectorize_innermost(sch, blocks)
     _parallel_outer(sch, blocks, cores)
     for block in blocks:
-        if _is_reduction(sch, block):
+        if is_reduction(sch, block):
             first_reduction = next((loop for loop in sch.get_loops(block)
-                                    if _loop_kind(sch, block, loop) == "R"), None)
+                                    if loop_kind(sch, block, loop) == "R"), None)
             init = _try(sch.decompose_reduction, block, first_reduction) if first_reduction is not None else None
             if init is not None:
                 _vectorize_innermost(sch, [init])
@@ -95,13 +95,13 @@ def _schedule_nest(sch, blocks, vector_lanes: int, cores: int) -> None:
 def _vectorize_innermost(sch, blocks) -> None:
     for block in blocks:
         loops = sch.get_loops(block)
-        if loops and _loop_kind(sch, block, loops[-1]) == "S" and 1 < _extent(sch, loops[-1]) <= MAX_VECTOR:
+        if loops and loop_kind(sch, block, loops[-1]) == "S" and 1 < _extent(sch, loops[-1]) <= MAX_VECTOR:
             _try(sch.vectorize, loops[-1])
 
 
 def _schedule_elementwise(sch, block, vector_lanes: int, cores: int) -> None:
     loops = sch.get_loops(block)
-    if any(_loop_kind(sch, block, loop) != "S" for loop in loops):
+    if any(loop_kind(sch, block, loop) != "S" for loop in loops):
         return
     fused = _try(sch.fuse, *loops) if len(loops) > 1 else loops[0]
     if fused is None:
@@ -131,7 +131,7 @@ def _parallel_outer(sch, blocks, cores: int) -> None:
     chosen, work = [], 1
     for loop in shared:
         stmt = sch.get(loop)
-        if stmt.kind != tvm.tirx.ForKind.SERIAL or any(_loop_kind(sch, b, loop) != "S" for b in blocks):
+        if stmt.kind != tvm.tirx.ForKind.SERIAL or any(loop_kind(sch, b, loop) != "S" for b in blocks):
             break
         chosen.append(loop)
         work *= _extent(sch, loop)
@@ -149,11 +149,11 @@ def _extent(sch, loop) -> int:
     return int(extent) if isinstance(extent, tvm.tirx.IntImm) else 0
 
 
-def _is_reduction(sch, block) -> bool:
+def is_reduction(sch, block) -> bool:
     return any(iv.iter_type == tvm.tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
 
-def _loop_kind(sch, block, loop) -> str:
+def loop_kind(sch, block, loop) -> str:
     """'R' if the loop drives one of the block's reduction iterators, 'S' if only spatial ones,
     '-' if it does not drive the block at all (a unit loop)."""
     var = sch.get(loop).loop_var

@@ -41,3 +41,31 @@ def test_report_counts_what_kernels_still_allocate():
     report = pe.compile(job(), target=FAST_HOST).memory_report()
     assert 0 < report.by_category["kernel_workspace"] <= 64
     assert report.peak_bytes == sum(report.by_category.values())
+
+
+def test_epilogues_run_only_on_complete_sums():
+    """An epilogue placed inside a reduction loop would run on partial sums (and an in-place update
+    would then read a value it had already overwritten)."""
+    from tvm import s_tir
+
+    from pockengine.passes.schedule_cpu import is_reduction, loop_kind
+
+    after = inline_elementwise(8)(fused_step_module(job()))
+    placed = 0
+    for gv, func in after.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        sch = s_tir.Schedule(func)
+        try:
+            blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        except s_tir.schedule.ScheduleError:  # a kernel written without blocks (not ours to place)
+            continue
+        for block in blocks:
+            if is_reduction(sch, block):
+                continue
+            for producer in sch.get_producers(block):
+                if is_reduction(sch, producer) and len(sch.get_loops(block)) > 1:
+                    placed += 1
+                    for loop in sch.get_loops(block):
+                        assert loop_kind(sch, producer, loop) != "R", gv.name_hint
+    assert placed >= 5
