@@ -50,6 +50,18 @@ def with_function(mod, name: str, func):
     return mod
 
 
+# Ops whose result shares its input's buffer (no copy): the reshape-likes of the step as autodiff
+# wrote it, and what lowering turns them into.
+VIEW_OPS = frozenset({"relax.reshape", "relax.squeeze", "relax.expand_dims", "relax.flatten", "relax.memory.view"})
+
+
+def viewed(value):
+    """The tensor `value` is a view of, or None when it is not a view."""
+    if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name in VIEW_OPS:
+        return value.args[0]
+    return None
+
+
 def map_kernels(mod, rewrite):
     """A copy of `mod` where each TIR kernel is replaced by `rewrite(kernel)` unless that is None."""
     updates = {gv: new for gv, func in mod.functions.items()

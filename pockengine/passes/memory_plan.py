@@ -19,10 +19,10 @@ import tvm
 from tvm import relax
 
 from ..autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, STEP_FUNC, TRAINED, StepSignature, backward_start
+from ..ir import viewed
 from .flops import call_flops, step_flops
 
 CATEGORIES = ("parameters", "buffers", "optimizer_state", "new_state", "planned_pool", "kernel_workspace")
-VIEW_OPS = {"relax.reshape", "relax.squeeze", "relax.expand_dims", "relax.flatten"}  # share their input's buffer
 
 
 @dataclass
@@ -149,7 +149,7 @@ def saved_activations(step_func) -> dict:
     saved = {}
     for var in used_later:
         value = forward[var].value
-        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name in VIEW_OPS:
+        if viewed(value) is not None:
             continue
         if isinstance(value, (relax.Var, relax.TupleGetItem, tvm.ir.expr.Constant)):
             continue

@@ -19,8 +19,9 @@ import numpy as np
 from tvm import relax
 
 from ..autodiff.step import StepSignature, backward_start
+from ..ir import viewed
 from ..optim import UPDATE_PREFIX
-from .memory_plan import VIEW_OPS, state_bytes, tensor_bytes
+from .memory_plan import state_bytes, tensor_bytes
 
 STATE = ("parameters", "buffers", "optimizer_state")
 TRANSIENT = ("saved_activations", "forward_workspace", "gradients", "updates")
@@ -93,7 +94,7 @@ def timeline(step_func, signature: StepSignature) -> Timeline:
 def _is_view(value) -> bool:
     if isinstance(value, (relax.Var, relax.TupleGetItem)):
         return True
-    return isinstance(value, relax.Call) and hasattr(value.op, "name") and value.op.name in VIEW_OPS
+    return viewed(value) is not None
 
 
 def plot(timelines: dict, path: str, title: str = "training step memory") -> str:

@@ -19,7 +19,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..ir import same_tensor_type, with_function
+from ..ir import same_tensor_type, viewed, with_function
 from .update_in_place import elementwise_in_place
 
 ALIGNMENT = 64  # bytes: cache line, and what TVM's own allocator aligns to
@@ -37,11 +37,6 @@ def plan_arena(func_name: str = "train_step") -> tvm.transform.Pass:
 
 def _alloc_op():
     return tvm.ir.Op.get("relax.builtin.alloc_tensor")
-
-
-def _is_view(value) -> bool:
-    return (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)
-            and value.op.name in ("relax.reshape", "relax.memory.view"))
 
 
 def lifetimes(bindings, outputs) -> tuple[dict, dict, set, dict, dict]:
@@ -68,7 +63,7 @@ def lifetimes(bindings, outputs) -> tuple[dict, dict, set, dict, dict]:
         if isinstance(v, relax.Tuple):  # a kernel's outputs grouped (FuseOps' multi-output functions)
             fields[b.var] = [f if isinstance(f, relax.Var) else None for f in v.fields]
             continue
-        src = v if isinstance(v, relax.Var) else v.args[0] if _is_view(v) else None
+        src = v if isinstance(v, relax.Var) else viewed(v)
         if isinstance(v, relax.TupleGetItem) and v.tuple_value in fields:
             src = fields[v.tuple_value][v.index]
         if isinstance(src, relax.Var) and src in fields:
@@ -86,7 +81,7 @@ def lifetimes(bindings, outputs) -> tuple[dict, dict, set, dict, dict]:
         seen.add(u)
         escapes.update(_allocs_of(u, base, fields))
         if u in value_of and isinstance(value_of[u], (relax.Tuple, relax.Var, relax.TupleGetItem)) \
-                or u in value_of and _is_view(value_of[u]):
+                or u in value_of and viewed(value_of[u]) is not None:
             stack.extend(relax.analysis.free_vars(value_of[u]))
     intervals = {a: (first[a], last[a]) for a in size}
     return intervals, size, escapes, first_use, base

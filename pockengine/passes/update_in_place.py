@@ -18,7 +18,7 @@ import tvm
 import tvm_ffi
 from tvm import relax, s_tir
 
-from ..ir import same_tensor_type, with_function
+from ..ir import same_tensor_type, viewed, with_function
 
 
 def update_in_place(aliases: dict, func_name: str = "train_step") -> tvm.transform.Pass:
@@ -92,10 +92,7 @@ def _view_roots(bindings) -> dict:
     """{var: the var whose buffer it shares} for aliases and reshapes (they are views, not copies)."""
     root = {}
     for b in bindings:
-        v = b.value
-        src = v if isinstance(v, relax.Var) else (
-            v.args[0] if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op)
-            and v.op.name in ("relax.reshape", "relax.memory.view") else None)
+        src = b.value if isinstance(b.value, relax.Var) else viewed(b.value)
         if isinstance(src, relax.Var):
             root[b.var] = root.get(src, src)
     return root
