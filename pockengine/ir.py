@@ -74,6 +74,11 @@ def map_kernels(mod, rewrite):
     return mod
 
 
+def static_shape(expr) -> list[int]:
+    """The static shape of a tensor-typed Relax expression."""
+    return [int(d) for d in expr.ty.shape]
+
+
 def same_tensor_type(a, b) -> bool:
     """Same dtype and the same static shape."""
     return (isinstance(a, relax.TensorType) and isinstance(b, relax.TensorType) and str(a.dtype) == str(b.dtype)

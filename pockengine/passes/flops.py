@@ -9,10 +9,7 @@ import tvm
 from tvm import relax
 
 from ..autodiff.step import backward_start
-
-
-def _shape(expr) -> list[int]:
-    return [int(d) for d in expr.ty.shape]
+from ..ir import static_shape
 
 
 def call_flops(call) -> int:
@@ -21,15 +18,15 @@ def call_flops(call) -> int:
         return 0
     op = call.op.name
     if op == "relax.nn.conv2d":  # each output element reduces over (C_in / groups) * kh * kw
-        weight = _shape(call.args[1])
+        weight = static_shape(call.args[1])
         per_output = np.prod(weight) // weight[str(call.attrs.kernel_layout).index("O")]
-        return int(2 * np.prod(_shape(call)) * per_output)
+        return int(2 * np.prod(static_shape(call)) * per_output)
     if op == "relax.nn.conv2d_transpose":  # each input element scatters into (C_out / groups) * kh * kw
-        weight = _shape(call.args[1])
+        weight = static_shape(call.args[1])
         per_input = np.prod(weight) // weight[str(call.attrs.kernel_layout).index("I")]
-        return int(2 * np.prod(_shape(call.args[0])) * per_input)
+        return int(2 * np.prod(static_shape(call.args[0])) * per_input)
     if op == "relax.matmul":
-        return int(2 * np.prod(_shape(call)) * _shape(call.args[0])[-1])
+        return int(2 * np.prod(static_shape(call)) * static_shape(call.args[0])[-1])
     return 0
 
 

@@ -19,7 +19,7 @@ import tvm
 from tvm import relax
 from tvm.relax import op as R
 
-from ..ir import Substitute, with_function
+from ..ir import Substitute, static_shape, with_function
 
 
 def fold_broadcasts(func_name: str) -> tvm.transform.Pass:
@@ -32,10 +32,6 @@ def fold_broadcasts(func_name: str) -> tvm.transform.Pass:
         return relax.transform.DeadCodeElimination([func_name])(mod)  # the folded broadcasts
 
     return transform
-
-
-def _shape(expr):
-    return [int(d) for d in expr.ty.shape]
 
 
 def _is_broadcast(value) -> bool:
@@ -51,7 +47,7 @@ def _fold(func, name):
         with bb.dataflow():
             for b in bindings:
                 value = Substitute(rename).visit_expr(b.value) if rename else b.value
-                if _is_broadcast(value) and _shape(value.args[0]) == _shape(b.var) and isinstance(value.args[0], relax.Var):
+                if _is_broadcast(value) and static_shape(value.args[0]) == static_shape(b.var) and isinstance(value.args[0], relax.Var):
                     if isinstance(b.var, relax.DataflowVar):  # an output var must stay bound
                         rename[b.var] = value.args[0]
                         continue
@@ -71,14 +67,14 @@ def _fold_matmul(bb, value, value_of):
         return None
     a, b = value.args
     source = value_of.get(b)
-    if not (_is_broadcast(source) and len(_shape(source.args[0])) == 2 and len(_shape(a)) >= 3):
+    if not (_is_broadcast(source) and len(static_shape(source.args[0])) == 2 and len(static_shape(a)) >= 3):
         return None
     weight = source.args[0]
-    k, n = _shape(weight)
-    out = _shape(a)[:-1] + [n]
-    if _shape(value) != out or _shape(a)[-1] != k:
+    k, n = static_shape(weight)
+    out = static_shape(a)[:-1] + [n]
+    if static_shape(value) != out or static_shape(a)[-1] != k:
         return None
-    rows = int(np.prod(_shape(a)[:-1]))
+    rows = int(np.prod(static_shape(a)[:-1]))
     flat = bb.emit(R.reshape(a, [rows, k]))
     product = bb.emit(R.matmul(flat, weight, out_dtype=value.attrs.out_dtype))
     return R.reshape(product, out)
