@@ -55,6 +55,12 @@ class Program:
         self.meta = meta
         self._report = report
         self._device = tvm.cpu()
+        # TVM sizes its thread pool once, on first use, from TVM_NUM_THREADS, else from half the
+        # CPUs on x86 (it assumes hyperthreads): one thread on a 2-core machine, and the kernels'
+        # parallel loops would run serially. The target says how many cores they were scheduled for.
+        cores = meta.get("tvm_target", {}).get("num-cores")
+        if cores:
+            os.environ.setdefault("TVM_NUM_THREADS", str(cores))
         self._vm = relax.VirtualMachine(executable, self._device)
         self._fn = self._vm[STEP_FUNC]
         self._specs = {s.name: s for s in signature.state}

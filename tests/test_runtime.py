@@ -182,3 +182,19 @@ def test_learning_rate_schedule_matches_torch_scheduler():
     assert program.lr == pytest.approx(1e-2 * 0.5 ** 3)
     worst, where = max_scaled_diff(program.state_dict(), model.state_dict())
     assert worst < 1e-5, where
+
+
+def test_program_runs_its_kernels_on_all_the_targets_cores():
+    """TVM's thread pool would otherwise take half the CPUs on x86 (one on a 2-core machine)."""
+    script = textwrap.dedent("""
+        import os, torch, tvm, pockengine as pe
+        from torch import nn
+        job = pe.TrainingJob(nn.Linear(4, 2), (torch.randn(8, 4),), torch.randint(0, 2, (8,)), "cross_entropy",
+                             pe.optim.SGD(lr=0.1))
+        program = pe.compile(job, target={"kind": "llvm", "num-cores": 2})
+        program.step(torch.randn(8, 4), torch.randint(0, 2, (8,)))
+        print(tvm.get_global_func("runtime.NumThreads")())
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split()[-1] == "2"
