@@ -62,6 +62,12 @@ def viewed(value):
     return None
 
 
+def with_blocks(func, blocks):
+    """`func` with its body's binding blocks replaced (same parameters, result and attributes)."""
+    body = relax.BlockBuilder().normalize(relax.SeqExpr(blocks, func.body.body))
+    return relax.Function(func.params, body, attrs=func.attrs)
+
+
 def map_kernels(mod, rewrite):
     """A copy of `mod` where each TIR kernel is replaced by `rewrite(kernel)` unless that is None."""
     updates = {gv: new for gv, func in mod.functions.items()

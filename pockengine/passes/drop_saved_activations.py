@@ -26,7 +26,7 @@ import tvm
 from tvm import relax, te
 
 from ..autodiff.step import RECOMPUTED_SUFFIX, backward_start
-from ..ir import Substitute, op_name, with_function
+from ..ir import Substitute, op_name, with_blocks, with_function
 from .memory_plan import tensor_bytes
 
 # Elementwise (and broadcasting) ops cheap enough to run twice; reshape-like views cost nothing.
@@ -65,9 +65,8 @@ def drop_saved_activations(func_name: str = "train_step") -> tvm.transform.Pass:
         new_bindings = _rewrite(bindings, set(func.params), relax.analysis.free_vars(func.body.body), keep)
         if new_bindings is None:
             return mod
-        body = relax.BlockBuilder().normalize(relax.SeqExpr([relax.DataflowBlock(new_bindings)], func.body.body))
         mod = builder.get()
-        mod[func_name] = relax.Function(func.params, body, attrs=func.attrs)
+        mod[func_name] = with_blocks(func, [relax.DataflowBlock(new_bindings)])
         return mod
 
     return transform

@@ -13,7 +13,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from ..ir import with_function
+from ..ir import with_blocks, with_function
 
 
 def fuse_variance(func_name: str = "train_step") -> tvm.transform.Pass:
@@ -31,8 +31,7 @@ def fuse_variance(func_name: str = "train_step") -> tvm.transform.Pass:
             return mod
         blocks = [type(block)([relax.VarBinding(b.var, rewrites[b.var]) if b.var in rewrites else b
                                for b in block.bindings]) for block in func.body.blocks]
-        body = relax.BlockBuilder().normalize(relax.SeqExpr(blocks, func.body.body))
-        mod = with_function(mod, func_name, relax.Function(func.params, body, attrs=func.attrs))
+        mod = with_function(mod, func_name, with_blocks(func, blocks))
         return relax.transform.DeadCodeElimination([func_name])(mod)  # the squares nobody reads now
 
     return transform

@@ -19,7 +19,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..ir import same_tensor_type, viewed, with_function
+from ..ir import same_tensor_type, viewed, with_blocks, with_function
 from .update_in_place import elementwise_in_place
 
 ALIGNMENT = 64  # bytes: cache line, and what TVM's own allocator aligns to
@@ -176,5 +176,4 @@ def _plan(mod, func):
             else:
                 new.append(b)
         new_blocks.append(type(block)(new))
-    body = relax.BlockBuilder().normalize(relax.SeqExpr(new_blocks, func.body.body))
-    return relax.Function(func.params, body, attrs=func.attrs)
+    return with_blocks(func, new_blocks)

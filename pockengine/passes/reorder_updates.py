@@ -17,7 +17,7 @@ import tvm
 from tvm import relax
 
 from ..autodiff.step import backward_start
-from ..ir import same_tensor_type, with_function
+from ..ir import same_tensor_type, with_blocks, with_function
 
 
 def reorder_updates(func_name: str = "train_step") -> tvm.transform.Pass:
@@ -28,8 +28,7 @@ def reorder_updates(func_name: str = "train_step") -> tvm.transform.Pass:
             return mod
         bindings = list(func.body.blocks[0].bindings)
         block = relax.DataflowBlock(schedule(bindings, {p.name for p in func.params}))
-        body = relax.BlockBuilder().normalize(relax.SeqExpr([block], func.body.body))
-        return with_function(mod, func_name, relax.Function(func.params, body, attrs=func.attrs))
+        return with_function(mod, func_name, with_blocks(func, [block]))
 
     return transform
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from ..ir import with_function
+from ..ir import with_blocks, with_function
 from .memory_plan import tensor_bytes
 
 SHRINK = 4  # output at most 1/SHRINK of the largest input
@@ -29,8 +29,7 @@ def schedule_reductions(func_name: str = "train_step") -> tvm.transform.Pass:
         func = mod[func_name]
         blocks = [relax.DataflowBlock(schedule(list(block.bindings))) if isinstance(block, relax.DataflowBlock)
                   else block for block in func.body.blocks]
-        body = relax.BlockBuilder().normalize(relax.SeqExpr(blocks, func.body.body))
-        return with_function(mod, func_name, relax.Function(func.params, body, attrs=func.attrs))
+        return with_function(mod, func_name, with_blocks(func, blocks))
 
     return transform
 

@@ -18,7 +18,7 @@ import tvm
 import tvm_ffi
 from tvm import relax, s_tir
 
-from ..ir import same_tensor_type, viewed, with_function
+from ..ir import same_tensor_type, viewed, with_blocks, with_function
 
 
 def update_in_place(aliases: dict, func_name: str = "train_step") -> tvm.transform.Pass:
@@ -84,8 +84,7 @@ def rewrite(mod, func, aliases: dict):
         return None, done
     new_blocks = [type(block)([relax.VarBinding(b.var, replace[b.var]) if b.var in replace else b
                                for b in block.bindings]) for block in blocks]
-    body = relax.BlockBuilder().normalize(relax.SeqExpr(new_blocks, func.body.body))
-    return relax.Function(func.params, body, attrs=func.attrs), done
+    return with_blocks(func, new_blocks), done
 
 
 def _view_roots(bindings) -> dict:
