@@ -29,12 +29,16 @@ def images(flat):
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, classes=5):
+    # Bias-only fine-tuning adapts features through per-channel shifts: with 16-64 channels it stayed
+    # 4-5 points behind full fine-tuning here, with twice the channels within 2 (TinyTL's observation
+    # that bias-only needs width to work with).
+    def __init__(self, classes=5, widths=(32, 64, 64, 128)):
         super().__init__()
         def block(cin, cout, stride):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU6())
-        self.features = nn.Sequential(block(1, 16, 1), block(16, 32, 2), block(32, 32, 1), block(32, 64, 2))
-        self.classifier = nn.Linear(64, classes)
+        c = widths
+        self.features = nn.Sequential(block(1, c[0], 1), block(c[0], c[1], 2), block(c[1], c[2], 1), block(c[2], c[3], 2))
+        self.classifier = nn.Linear(c[3], classes)
 
     def forward(self, x):
         return self.classifier(nn.functional.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
@@ -53,8 +57,10 @@ SCHEMES = {
     "channel ratio": pe.SparseUpdate.bias_only() | {"classifier": "full", "features.3.0.weight": 0.5,
                                                      "features.2.0.weight": 0.25},
 }
-# Fewer trained parameters take a larger step, as in TinyTL: bias-only trains ~1/60 of the network.
-LEARNING_RATE = {"full": 0.05, "bias-only": 0.2, "last-k (last block + head)": 0.05, "channel ratio": 0.05}
+# Bias-only trains ~1/60 of the network through per-channel shifts: a larger step and more epochs
+# (TinyTL also trains its bias-only schemes longer); the others converge in 20.
+LEARNING_RATE = {"full": 0.05, "bias-only": 0.1, "last-k (last block + head)": 0.05, "channel ratio": 0.05}
+EPOCHS = {"full": 20, "bias-only": 40, "last-k (last block + head)": 20, "channel ratio": 20}
 
 job = pe.TrainingJob(
     model=model,
@@ -106,18 +112,18 @@ def fine_tune(pretrained, scheme, lr, epochs=20, seed=0):
 
 if __name__ == "__main__":
     pretrain(model)
-    model.classifier = nn.Linear(64, 5)  # a new head for the new classes
+    model.classifier = nn.Linear(model.classifier.in_features, 5)  # a new head for the new classes
     # 269 test images: one run moves by a point or two with the data order, so each scheme is
     # fine-tuned with SEEDS shuffles and the mean is compared.
-    print(f"{'scheme':<30}{'lr':>6}{'test acc (mean ± sd, ' + str(SEEDS) + ' runs)':>32}{'trained params':>16}"
+    print(f"{'scheme':<30}{'lr':>6}{'epochs':>8}{'test acc (mean ± sd, ' + str(SEEDS) + ' runs)':>32}{'trained params':>16}"
           f"{'planned memory':>16}")
     results = {}
     for name, scheme in SCHEMES.items():
-        runs = [fine_tune(model, scheme, LEARNING_RATE[name], seed=seed) for seed in range(SEEDS)]
+        runs = [fine_tune(model, scheme, LEARNING_RATE[name], EPOCHS[name], seed=seed) for seed in range(SEEDS)]
         accs = np.array([acc for acc, _, _ in runs])
         _, trained, peak = runs[0]
         results[name] = accs.mean()
-        print(f"{name:<30}{LEARNING_RATE[name]:>6}{100 * accs.mean():>24.1f}% ± {100 * accs.std():.1f}"
+        print(f"{name:<30}{LEARNING_RATE[name]:>6}{EPOCHS[name]:>8}{100 * accs.mean():>24.1f}% ± {100 * accs.std():.1f}"
               f"{trained:>16,}{peak / 1024:>13.0f} KiB", flush=True)
     gap = max(results["full"] - acc for acc in results.values())
     print(f"largest gap to full fine-tuning (means): {100 * gap:.1f} points")
