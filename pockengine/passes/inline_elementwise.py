@@ -31,6 +31,7 @@ from tvm import s_tir
 from tvm.s_tir import dlight
 
 from ..ir import map_kernels
+from .schedule_cpu import loop_extent
 
 
 def inline_elementwise(vector_lanes: int = 1) -> tvm.transform.Pass:
@@ -90,10 +91,7 @@ def _vector_axis(sch, spatial_loops, vector_lanes: int):
     channels); None when none is, or when vectors are off."""
     if vector_lanes <= 1:
         return None
-    extents = []
-    for loop in spatial_loops:
-        extent = sch.get(loop).extent
-        extents.append(int(extent) if isinstance(extent, tvm.tirx.IntImm) else 0)
+    extents = [loop_extent(sch, loop) for loop in spatial_loops]
     fits = [i for i, e in enumerate(extents) if e and e % vector_lanes == 0]
     if not fits:
         return None

@@ -95,7 +95,7 @@ def _schedule_nest(sch, blocks, vector_lanes: int, cores: int) -> None:
 def _vectorize_innermost(sch, blocks) -> None:
     for block in blocks:
         loops = sch.get_loops(block)
-        if loops and loop_kind(sch, block, loops[-1]) == "S" and 1 < _extent(sch, loops[-1]) <= MAX_VECTOR:
+        if loops and loop_kind(sch, block, loops[-1]) == "S" and 1 < loop_extent(sch, loops[-1]) <= MAX_VECTOR:
             _try(sch.vectorize, loops[-1])
 
 
@@ -106,7 +106,7 @@ def _schedule_elementwise(sch, block, vector_lanes: int, cores: int) -> None:
     fused = _try(sch.fuse, *loops) if len(loops) > 1 else loops[0]
     if fused is None:
         return
-    extent = _extent(sch, fused)
+    extent = loop_extent(sch, fused)
     threaded = cores > 1 and extent >= MIN_PARALLEL_ELEMENTS
     if extent >= 2 * vector_lanes and extent % vector_lanes == 0 and vector_lanes > 1:
         outer, inner = sch.split(fused, [None, vector_lanes])
@@ -134,7 +134,7 @@ def _parallel_outer(sch, blocks, cores: int) -> None:
         if stmt.kind != tvm.tirx.ForKind.SERIAL or any(loop_kind(sch, b, loop) != "S" for b in blocks):
             break
         chosen.append(loop)
-        work *= _extent(sch, loop)
+        work *= loop_extent(sch, loop)
         if work >= 4 * cores:
             break
     if not chosen or work < cores:
@@ -144,7 +144,8 @@ def _parallel_outer(sch, blocks, cores: int) -> None:
         _try(sch.parallel, fused)
 
 
-def _extent(sch, loop) -> int:
+def loop_extent(sch, loop) -> int:
+    """A loop's constant trip count, 0 when it is not a constant."""
     extent = sch.get(loop).extent
     return int(extent) if isinstance(extent, tvm.tirx.IntImm) else 0
 
@@ -163,7 +164,7 @@ def loop_kind(sch, block, loop) -> str:
         if _uses(value, var):
             kinds.add("R" if iv.iter_type == tvm.tirx.IterVar.CommReduce else "S")
     if not kinds:
-        return "-" if _extent(sch, loop) == 1 else "S"
+        return "-" if loop_extent(sch, loop) == 1 else "S"
     return "R" if "R" in kinds else "S"
 
 

@@ -7,6 +7,7 @@ that lists what is available.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -87,6 +88,7 @@ def _from_tvm_target(target, label: str) -> TargetPreset:
     )
 
 
+@functools.cache
 def _host_vector_bytes() -> int:
     """Widest SIMD registers this CPU has (LLVM's own query answers 512 for any x86 CPU here)."""
     try:
