@@ -17,11 +17,12 @@ from .sparse import SparseUpdate
 __all__ = ["TrainingJob", "SparseUpdate", "compile", "load", "optim", "errors", "targets"]
 
 
-def compile(job, target="host", verbose=False):  # noqa: A001 - the contract's name
-    """Compile a TrainingJob for a target (preset name, TVM target dict or TVM tag)."""
+def compile(job, target="host", verbose=False, tuning_logs=()):  # noqa: A001 - the contract's name
+    """Compile a TrainingJob for a target (preset name, TVM target dict or TVM tag), applying the
+    MetaSchedule databases in `tuning_logs` (directories written by `pockengine tune`)."""
     from .build import compile as _compile, print_progress
 
-    return _compile(job, target, progress=print_progress if verbose else None)
+    return _compile(job, target, progress=print_progress if verbose else None, tuning_logs=tuning_logs)
 
 
 def load(directory):

@@ -75,20 +75,40 @@ def derive_step(imported, optimizer, plan):
     return step_mod, signature, optimizer_state
 
 
+def fusion_passes(target) -> list:
+    """Relax passes from the training step to fused TIR kernels (TVM's CPU pipeline up to FuseTIR):
+    the module tuning logs are made for and applied to."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    return cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+
+
 def lowering_passes(preset, signature: StepSignature) -> list:
-    """Relax passes from the training step to a memory-planned function (TVM's CPU pipeline, split
-    before the finalisation passes so the plan can be read): inline_elementwise removes the fused
-    kernels' intermediate buffers, schedule_reductions undoes what fusion's
-    re-sorting does to gradient lifetimes, schedule_cpu gives untuned kernels threads and vectors,
-    update_in_place writes new state over the old, and plan_arena replaces StaticPlanBlockMemory."""
+    """Relax passes from fused kernels to a memory-planned function (the rest of TVM's CPU pipeline,
+    split before the finalisation passes so the plan can be read): inline_elementwise removes the
+    fused kernels' intermediate buffers, schedule_reductions undoes what fusion's re-sorting does to
+    gradient lifetimes, schedule_cpu gives untuned kernels threads and vectors, update_in_place
+    writes new state over the old, and plan_arena replaces StaticPlanBlockMemory."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     target = preset.target()
     lanes = preset.vector_lanes(32)
-    return (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
-            + [inline_elementwise(lanes), schedule_reductions(STEP_FUNC), schedule_cpu(lanes, preset.cores)]
+    return ([inline_elementwise(lanes), schedule_reductions(STEP_FUNC), schedule_cpu(lanes, preset.cores)]
             + cpu.dataflow_lower_passes(target)
             + [update_in_place(state_aliases(signature), STEP_FUNC), plan_arena(STEP_FUNC)])
+
+
+def import_model(job):
+    imported = job.import_model()
+    return dataclasses.replace(imported, mod=fold_broadcasts(FUNC_NAME)(imported.mod))
+
+
+def fused_step(job, preset):
+    """The job's training step as fused kernels for `preset`: what `pockengine tune` tunes."""
+    imported = import_model(job)
+    step_mod = derive_step(imported, job.optimizer, job.plan(imported))[0]
+    with preset.target() as target:
+        return tvm.transform.Sequential(fusion_passes(target))(step_mod)
 
 
 def state_aliases(signature: StepSignature) -> dict:
@@ -108,21 +128,26 @@ def finalize_passes() -> list:
     ]
 
 
-def compile(job, target="host", progress=None):  # noqa: A001 - the public name of the contract
-    """Compile `job` for `target` (preset name, TVM target dict or tag) -> runtime.Program."""
+def compile(job, target="host", progress=None, tuning_logs=()):  # noqa: A001 - the contract's name
+    """Compile `job` for `target` (preset name, TVM target dict or tag) -> runtime.Program.
+
+    tuning_logs: MetaSchedule database directories (see tuning.py) whose records replace the default
+    schedule of the kernels they match."""
+    from . import tuning
     from .runtime import Program
 
     preset = targets.resolve(target)
     tvm_target = preset.target()
     with _stage("import", progress):
-        imported = job.import_model()
-        imported = dataclasses.replace(imported, mod=fold_broadcasts(FUNC_NAME)(imported.mod))
+        imported = import_model(job)
     with _stage("autodiff", progress):
         plan = job.plan(imported)
         step_mod, signature, optimizer_state = derive_step(imported, job.optimizer, plan)
     with _stage("lower", progress):
         with tvm_target:
-            lowered = tvm.transform.Sequential(lowering_passes(preset, signature))(step_mod)
+            fused = tvm.transform.Sequential(fusion_passes(tvm_target))(step_mod)
+            fused, tuning_report = tuning.apply_logs(fused, tvm_target, list(tuning_logs))
+            lowered = tvm.transform.Sequential(lowering_passes(preset, signature))(fused)
     with _stage("memory plan", progress):
         timelines = {"this step": timeline(step_mod[STEP_FUNC], signature)}
         if any(rule != FULL for rule in plan.values()):  # the same model fully updated, for comparison
@@ -149,5 +174,6 @@ def compile(job, target="host", progress=None):  # noqa: A001 - the public name 
         "source": imported.source,
         "state_dict_keys": job.state_dict_keys() or [s.name for s in imported.params + imported.buffers],
         "non_persistent": sorted(imported.non_persistent),
+        "tuning": tuning_report.to_json(),
     }
     return Program(library, signature, state, report, meta, owns_library=True)

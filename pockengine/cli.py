@@ -1,6 +1,7 @@
-"""`pockengine` command line: build | run | inspect | targets.
+"""`pockengine` command line: build | tune | run | inspect | targets.
 
-    pockengine build train.py --target host -o build/mlp
+    pockengine build train.py --target host -o build/mlp [--tuning-log DIR]
+    pockengine tune train.py --target host --trials 500 -o tuning_logs/host/mlp [--time-budget 600]
     pockengine run build/mlp --steps 20 [--data batches.npz] [--save]
     pockengine inspect build/mlp
     pockengine targets
@@ -35,25 +36,58 @@ def _parse_target(text: str):
     return text
 
 
+def _tuning_logs(explicit: str | None, target_name: str) -> list[str]:
+    """--tuning-log DIR (a database or a directory of them), else every database under
+    ./tuning_logs/<target>/ if there is one. Only an explicit directory that does not exist is an error."""
+    from .tuning import log_directories
+
+    if explicit is not None:
+        if not os.path.isdir(explicit):
+            raise InputError(f"--tuning-log {explicit}: no such directory")
+        found = log_directories(explicit)
+        if not found:
+            print(f"warning: {explicit} holds no tuning database; building with default schedules", file=sys.stderr)
+        return found
+    default = os.path.join("tuning_logs", target_name)
+    return log_directories(default) if os.path.isdir(default) else []
+
+
 def cmd_build(args) -> int:
     from .build import compile as compile_job, print_progress
+    from .tuning import TuningReport
     from .job import load_job
     from .frontend import to_numpy
     from .runtime import _write_npz
     from .targets import resolve
 
     target = resolve(_parse_target(args.target))  # fail fast, before running the user's script
+    logs = _tuning_logs(args.tuning_log, target.name)
     job = load_job(args.train_py)
     out = args.output or os.path.join("build", job.name)
     print(f"building {args.train_py} (job {job.name!r}) for target {target.name}", file=sys.stderr)
     start = time.perf_counter()
-    program = compile_job(job, target, progress=None if args.quiet else print_progress)
+    program = compile_job(job, target, progress=None if args.quiet else print_progress, tuning_logs=logs)
     program.export(out)
     # The example batch travels with the artifact so `pockengine run` works without --data.
     example = [to_numpy(x) for x in job.example_inputs + (job.example_targets,)]
     _write_npz(os.path.join(out, EXAMPLE), {s.name: a for s, a in zip(program.signature.batch, example)})
     report = program.memory_report()
+    print(TuningReport.from_json(program.meta["tuning"]).summary())
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s; planned peak memory {report.peak_bytes / 2**20:.2f} MiB")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .job import load_job
+    from .targets import resolve
+    from .tuning import RPCTracker, tune
+
+    target = resolve(_parse_target(args.target))
+    rpc = RPCTracker.parse(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None
+    job = load_job(args.train_py)
+    out = args.output or os.path.join("tuning_logs", target.name, job.name)
+    result = tune(job, target, args.trials, out, time_budget_s=args.time_budget, rpc=rpc)
+    print(f"{result['trials_run']} trials run ({result['already']} were already in the log); database: {out}")
     return 0
 
 
@@ -109,6 +143,7 @@ def cmd_run(args) -> int:
 
 def cmd_inspect(args) -> int:
     from .passes.memory_plan import MemoryReport
+    from .tuning import TuningReport
     from .runtime import read_manifest
 
     m = read_manifest(args.artifact)
@@ -128,6 +163,9 @@ def cmd_inspect(args) -> int:
     print(f"parameters {len(params)} tensors, {n_el(params):,} values; trained {len(trained)} tensors, "
           f"{n_el(trained):,} values; buffers {len(m['buffers'])}")
     print("versions   " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+    print()
+    if "tuning" in m:
+        print(TuningReport.from_json(m["tuning"]).summary())
     print()
     report = MemoryReport.from_json(m["memory"])
     print(report)
@@ -156,7 +194,19 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--target", default="host", help="preset name, TVM tag or JSON target dict (default: host)")
     b.add_argument("-o", "--output", help="artifact directory (default: build/<job name>)")
     b.add_argument("-q", "--quiet", action="store_true", help="do not show the build stages")
+    b.add_argument("--tuning-log", metavar="DIR",
+                   help="MetaSchedule database (or directory of them) to apply (default: tuning_logs/<target>/ if present)")
     b.set_defaults(func=cmd_build)
+
+    tu = sub.add_parser("tune", help="tune the kernels of a train.py's training step with MetaSchedule")
+    tu.add_argument("train_py")
+    tu.add_argument("--target", default="host", help="preset name, TVM tag or JSON target dict (default: host)")
+    tu.add_argument("--trials", type=int, default=1000, help="total measured trials, including those already in the log")
+    tu.add_argument("-o", "--output", help="database directory (default: tuning_logs/<target>/<job name>)")
+    tu.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop after the round running at this time")
+    tu.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on devices registered with this RPC tracker")
+    tu.add_argument("--rpc-key", help="the device key registered with the tracker")
+    tu.set_defaults(func=cmd_tune)
 
     r = sub.add_parser("run", help="run training steps of an artifact, printing the loss")
     r.add_argument("artifact")

@@ -68,10 +68,16 @@ def with_blocks(func, blocks):
     return relax.Function(func.params, body, attrs=func.attrs)
 
 
+def is_scheduled(func) -> bool:
+    """Whether a kernel already has its final schedule (from a tuning log, `tirx.is_scheduled`)."""
+    return bool(func.attrs is not None and func.attrs.get("tirx.is_scheduled"))
+
+
 def map_kernels(mod, rewrite):
-    """A copy of `mod` where each TIR kernel is replaced by `rewrite(kernel)` unless that is None."""
+    """A copy of `mod` where each TIR kernel not yet scheduled (see is_scheduled) is replaced by
+    `rewrite(kernel)` unless that is None. Tuned kernels are left as the tuner made them."""
     updates = {gv: new for gv, func in mod.functions.items()
-               if isinstance(func, tvm.tirx.PrimFunc) and (new := rewrite(func)) is not None}
+               if isinstance(func, tvm.tirx.PrimFunc) and not is_scheduled(func) and (new := rewrite(func)) is not None}
     if not updates:
         return mod
     mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)

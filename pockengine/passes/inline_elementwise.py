@@ -19,8 +19,8 @@ the loop order is all this pass decides.
 TVM's schedule primitives check that the move preserves the kernel's meaning; a move they refuse
 (the epilogue reads other points of the sum, as a softmax does) is not made.
 
-Kernels are otherwise left as they are (tuning is another matter); a kernel that cannot be
-analysed is kept unchanged.
+Kernels are otherwise left as they are; tuned kernels (from a tuning log) and kernels that cannot be
+analysed are kept unchanged.
 """
 
 from __future__ import annotations

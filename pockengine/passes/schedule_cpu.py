@@ -33,8 +33,7 @@ MIN_PARALLEL_ELEMENTS = 4096
 def schedule_cpu(vector_lanes: int, cores: int) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="ScheduleCPU")
     def transform(mod, _ctx):
-        return map_kernels(mod, lambda func: None if func.attrs and func.attrs.get("tirx.is_scheduled")
-                           else schedule_kernel(func, vector_lanes, cores))
+        return map_kernels(mod, lambda func: schedule_kernel(func, vector_lanes, cores))
 
     return transform
 

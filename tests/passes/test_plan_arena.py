@@ -42,7 +42,7 @@ def lowered(planner_pass, model, x, scheme):
     step_mod, signature, _ = build.derive_step(imported, job.optimizer, job.plan(imported))
     preset = targets.resolve(FAST_HOST)
     with preset.target():
-        passes = build.lowering_passes(preset, signature)[:-1] + [planner_pass]
+        passes = build.fusion_passes(preset.target()) + build.lowering_passes(preset, signature)[:-1] + [planner_pass]
         return tvm.transform.Sequential(passes)(step_mod)[STEP_FUNC]
 
 

@@ -1,0 +1,128 @@
+"""MetaSchedule tuning of the training step: a small real tuning run (local and over RPC on loopback),
+its database applied by the build, and what happens with stale, corrupt and missing logs."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pockengine as pe
+from conftest import MLP, ROOT, make_batches, max_scaled_diff, train_torch
+from pockengine import tuning
+from pockengine.errors import InputError
+
+TRIALS = 32  # two rounds: the two costliest kernels get a tuned schedule
+# Tuned kernels sum in a different order than the default schedule: float32 rounding, not a wrong result.
+TUNED_VS_UNTUNED_TOL = 1e-5
+VS_TORCH_TOL = 1e-3
+STEPS = 5
+
+
+def mlp_job(model=None, batch=8):
+    model = model or MLP()
+    x, y = make_batches((batch, 32), 10, 1)[0]
+    return pe.TrainingJob(copy.deepcopy(model), (x,), y, "cross_entropy", pe.optim.SGD(lr=0.05, momentum=0.9))
+
+
+@pytest.fixture(scope="module")
+def mlp_log(tmp_path_factory):
+    torch.manual_seed(0)
+    model = MLP()
+    log = str(tmp_path_factory.mktemp("tuning") / "mlp")
+    result = tuning.tune(mlp_job(model), "host", TRIALS, log)
+    return model, log, result
+
+
+def test_tuning_writes_a_database_that_resumes(mlp_log):
+    model, log, result = mlp_log
+    assert result["trials_run"] >= TRIALS and result["best_ms"]
+    with open(os.path.join(log, tuning.RECORD_FILE)) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(log, tuning.WORKLOAD_FILE)) as f:
+        workloads = [json.loads(line) for line in f if line.strip()]
+    assert len(records) >= TRIALS - 2  # a few candidates may fail to build; they are not recorded
+    assert {r[0] for r in records} <= set(range(len(workloads)))
+    measured = [r for r in records if r[1][1]]
+    assert measured and all(float(t) > 0 for r in measured for t in r[1][1])
+    tuning.open_log(log)  # MetaSchedule itself reads it back
+    again = tuning.tune(mlp_job(model), "host", TRIALS, log)  # resumed: nothing left to run
+    assert again["trials_run"] == 0 and again["already"] >= TRIALS - 2
+
+
+def test_tuned_build_matches_untuned_and_pytorch(mlp_log):
+    model, log, result = mlp_log
+    batches = make_batches((8, 32), 10, STEPS)
+    tuned = pe.compile(mlp_job(model), "host", tuning_logs=[log])
+    untuned = pe.compile(mlp_job(model), "host")
+    report = tuning.TuningReport.from_json(tuned.meta["tuning"])
+    assert report.logs == [log] and report.tuned, report
+    assert set(result["best_ms"]) <= set(report.tuned)  # every kernel measured in tuning runs tuned
+    assert not untuned.meta["tuning"]["tuned"]
+    for x, y in batches:
+        tuned.step(x, y)
+        untuned.step(x, y)
+    reference = copy.deepcopy(model)
+    train_torch(reference, pe.optim.SGD(lr=0.05, momentum=0.9), batches)
+    worst, where = max_scaled_diff(tuned.state_dict(), untuned.state_dict())
+    assert worst < TUNED_VS_UNTUNED_TOL, (worst, where)
+    worst, where = max_scaled_diff(tuned.state_dict(), reference.state_dict())
+    assert worst < VS_TORCH_TOL, (worst, where)
+
+
+def test_stale_log_falls_back_to_default_schedules(mlp_log):
+    _, log, _ = mlp_log
+    other = pe.compile(mlp_job(MLP(d_in=32, hidden=48), batch=4), "host", tuning_logs=[log])
+    report = tuning.TuningReport.from_json(other.meta["tuning"])
+    assert report.tuned == [] and report.fallback
+    assert other.step(*make_batches((4, 32), 10, 1)[0]) > 0
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "pockengine.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_build_names_a_corrupt_log(mlp_log, tmp_path):
+    _, log, _ = mlp_log
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in (tuning.WORKLOAD_FILE, tuning.RECORD_FILE):
+        (bad / name).write_text(open(os.path.join(log, name)).read())
+    with open(bad / tuning.RECORD_FILE, "a") as f:
+        f.write('[0, [["truncated\n')
+    r = _cli("build", "examples/mlp_digits/train.py", "--tuning-log", str(bad), "-o", str(tmp_path / "out"), "-q")
+    assert r.returncode == 2
+    assert f"{bad / tuning.RECORD_FILE}: line" in r.stderr and "corrupt" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("build", "examples/mlp_digits/train.py", "--tuning-log", str(tmp_path / "nowhere"), "-q")
+    assert r.returncode == 2 and "no such directory" in r.stderr
+
+
+def test_rpc_options_are_checked():
+    with pytest.raises(InputError, match="HOST:PORT"):
+        tuning.RPCTracker.parse("localhost", "k")
+    with pytest.raises(InputError, match="--rpc-key"):
+        tuning.RPCTracker.parse("localhost:9190", None)
+
+
+def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path):
+    from tvm import rpc
+    from tvm.rpc.tracker import Tracker
+
+    tracker = Tracker("127.0.0.1", port=9190, port_end=9390, silent=True)
+    server = rpc.Server("127.0.0.1", port=9400, port_end=9600, key="pe-loopback",
+                        tracker_addr=("127.0.0.1", tracker.port), silent=True)
+    try:
+        log = str(tmp_path / "rpc")
+        r = _cli("tune", "examples/mlp_digits/train.py", "--trials", "16", "-o", log,
+                 "--rpc-tracker", f"127.0.0.1:{tracker.port}", "--rpc-key", "pe-loopback")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "16 trials run" in r.stdout
+    finally:
+        server.terminate()
+        tracker.terminate()
+    with open(os.path.join(log, tuning.RECORD_FILE)) as f:
+        measured = [json.loads(line) for line in f if line.strip()]
+    assert len(measured) >= 8 and all(float(t) > 0 for r in measured for t in r[1][1])
