@@ -23,7 +23,7 @@ demo: setup
 	$(VENV)/bin/pockengine inspect build/mlp_digits
 
 test: setup
-	$(PY) -m pytest -q -rs --durations=10
+	$(PY) -m pytest -q -rs --durations=10 -n auto --dist loadfile
 
 clean:
 	rm -rf build .pytest_cache

@@ -10,19 +10,29 @@ This module imports neither torch nor TVM's compiler eagerly: `pe.load(dir)` and
 loaded artifact need only numpy and the TVM runtime.
 """
 
-from . import errors, optim
-from .job import TrainingJob
-from .sparse import SparseUpdate
+import os
+
+# Library kernels (build --backend auto|library) run PyTorch's OpenMP threads next to TVM's thread pool;
+# OpenMP's default active wait makes idle threads spin on the cores TVM needs (10x slower steps). OpenMP
+# reads this once, when torch is first imported — here, ahead of it, unless the user chose otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import errors, optim  # noqa: E402
+from .job import TrainingJob  # noqa: E402
+from .sparse import SparseUpdate  # noqa: E402
 
 __all__ = ["TrainingJob", "SparseUpdate", "compile", "load", "optim", "errors", "targets"]
 
 
-def compile(job, target="host", verbose=False, tuning_logs=()):  # noqa: A001 - the contract's name
+def compile(job, target="host", verbose=False, tuning_logs=(), backend="tvm"):  # noqa: A001 - the contract's name
     """Compile a TrainingJob for a target (preset name, TVM target dict or TVM tag), applying the
-    MetaSchedule databases in `tuning_logs` (directories written by `pockengine tune`)."""
+    MetaSchedule databases in `tuning_logs` (directories written by `pockengine tune`); `backend`
+    "auto" runs each heavy op on whichever of TVM and PyTorch's kernels measures faster, "library"
+    on PyTorch's, "tvm" (default) on TVM's only — the artifact then needs no PyTorch to run."""
     from .build import compile as _compile, print_progress
 
-    return _compile(job, target, progress=print_progress if verbose else None, tuning_logs=tuning_logs)
+    return _compile(job, target, progress=print_progress if verbose else None, tuning_logs=tuning_logs,
+                    backend=backend)
 
 
 def load(directory):

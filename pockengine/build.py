@@ -83,6 +83,12 @@ def fusion_passes(target) -> list:
     return cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
 
 
+def kernel_schedule_passes(preset) -> list:
+    """The default schedule of every fused kernel not tuned: one loop nest, threads and vectors."""
+    lanes = preset.vector_lanes(32)
+    return [inline_elementwise(lanes), schedule_cpu(lanes, preset.cores)]
+
+
 def lowering_passes(preset, signature: StepSignature) -> list:
     """Relax passes from fused kernels to a memory-planned function (the rest of TVM's CPU pipeline,
     split before the finalisation passes so the plan can be read): inline_elementwise removes the
@@ -91,10 +97,8 @@ def lowering_passes(preset, signature: StepSignature) -> list:
     writes new state over the old, and plan_arena replaces StaticPlanBlockMemory."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    target = preset.target()
-    lanes = preset.vector_lanes(32)
-    return ([inline_elementwise(lanes), schedule_reductions(STEP_FUNC), schedule_cpu(lanes, preset.cores)]
-            + cpu.dataflow_lower_passes(target)
+    return (kernel_schedule_passes(preset) + [schedule_reductions(STEP_FUNC)]
+            + cpu.dataflow_lower_passes(preset.target())
             + [update_in_place(state_aliases(signature), STEP_FUNC), plan_arena(STEP_FUNC)])
 
 
@@ -128,12 +132,15 @@ def finalize_passes() -> list:
     ]
 
 
-def compile(job, target="host", progress=None, tuning_logs=()):  # noqa: A001 - the contract's name
+def compile(job, target="host", progress=None, tuning_logs=(), backend="tvm"):  # noqa: A001 - the contract's name
     """Compile `job` for `target` (preset name, TVM target dict or tag) -> runtime.Program.
 
     tuning_logs: MetaSchedule database directories (see tuning.py) whose records replace the default
-    schedule of the kernels they match."""
+    schedule of the kernels they match.
+    backend: "tvm" (every op a TVM kernel), "library" (every heavy op a library kernel: PyTorch on the
+    host) or "auto" (per heavy op, whichever measures faster here; see passes/switch_backend.py)."""
     from . import tuning
+    from .passes import switch_backend as switching
     from .runtime import Program
 
     preset = targets.resolve(target)
@@ -144,8 +151,10 @@ def compile(job, target="host", progress=None, tuning_logs=()):  # noqa: A001 - 
         plan = job.plan(imported)
         step_mod, signature, optimizer_state = derive_step(imported, job.optimizer, plan)
     with _stage("lower", progress):
+        choices = switching.measure(step_mod[STEP_FUNC], preset, backend, tuning_logs)
+        switched = switching.switch_backend(choices, STEP_FUNC)(step_mod)
         with tvm_target:
-            fused = tvm.transform.Sequential(fusion_passes(tvm_target))(step_mod)
+            fused = tvm.transform.Sequential(fusion_passes(tvm_target))(switched)
             fused, tuning_report = tuning.apply_logs(fused, tvm_target, list(tuning_logs))
             lowered = tvm.transform.Sequential(lowering_passes(preset, signature))(fused)
     with _stage("memory plan", progress):
@@ -175,5 +184,7 @@ def compile(job, target="host", progress=None, tuning_logs=()):  # noqa: A001 - 
         "state_dict_keys": job.state_dict_keys() or [s.name for s in imported.params + imported.buffers],
         "non_persistent": sorted(imported.non_persistent),
         "tuning": tuning_report.to_json(),
+        "backend": {"mode": backend, "library_kernels": switching.library_kernels(choices),
+                    "choices": [c.to_json() for c in choices]},
     }
     return Program(library, signature, state, report, meta, owns_library=True)

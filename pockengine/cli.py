@@ -1,7 +1,8 @@
-"""`pockengine` command line: build | tune | run | inspect | targets.
+"""`pockengine` command line: build | tune | bench | run | inspect | targets.
 
     pockengine build train.py --target host -o build/mlp [--tuning-log DIR]
     pockengine tune train.py --target host --trials 500 -o tuning_logs/host/mlp [--time-budget 600]
+    pockengine bench train.py [--tuning-log DIR] [--torch-compile]
     pockengine run build/mlp --steps 20 [--data batches.npz] [--save]
     pockengine inspect build/mlp
     pockengine targets
@@ -21,6 +22,7 @@ import time
 import numpy as np
 
 from .errors import InputError, PockEngineError
+from .tuning import MIN_FLOP_SHARE
 
 EXAMPLE = "example.npz"
 
@@ -66,15 +68,32 @@ def cmd_build(args) -> int:
     out = args.output or os.path.join("build", job.name)
     print(f"building {args.train_py} (job {job.name!r}) for target {target.name}", file=sys.stderr)
     start = time.perf_counter()
-    program = compile_job(job, target, progress=None if args.quiet else print_progress, tuning_logs=logs)
+    program = compile_job(job, target, progress=None if args.quiet else print_progress, tuning_logs=logs,
+                          backend=args.backend)
     program.export(out)
     # The example batch travels with the artifact so `pockengine run` works without --data.
     example = [to_numpy(x) for x in job.example_inputs + (job.example_targets,)]
     _write_npz(os.path.join(out, EXAMPLE), {s.name: a for s, a in zip(program.signature.batch, example)})
     report = program.memory_report()
     print(TuningReport.from_json(program.meta["tuning"]).summary())
+    print(backend_summary(program.meta["backend"]))
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s; planned peak memory {report.peak_bytes / 2**20:.2f} MiB")
     return 0
+
+
+def backend_summary(backend: dict, table: bool = False) -> str:
+    """Which heavy ops run on library kernels (backend switching), with the measured times."""
+    choices = backend["choices"]
+    on_library = sum(c["calls"] for c in choices if c["backend"] == "library")
+    total = sum(c["calls"] for c in choices)
+    text = f"backend: {backend['mode']}; {on_library} of {total} heavy op calls on library kernels"
+    if table and any(c["tvm_ms"] is not None for c in choices):
+        text += f"\n  {'op':<58}{'shapes':<36}{'calls':>6}{'tvm ms':>9}{'lib ms':>9}  chosen"
+        for c in choices:
+            shapes = " ".join("x".join(map(str, s)) for s in c["shapes"])
+            text += (f"\n  {c['kernel'].split('.', 2)[-1][:56]:<58}{shapes[:34]:<36}{c['calls']:>6}"
+                     f"{c['tvm_ms']:>9.3f}{c['library_ms']:>9.3f}  {c['backend']}")
+    return text
 
 
 def cmd_tune(args) -> int:
@@ -86,8 +105,22 @@ def cmd_tune(args) -> int:
     rpc = RPCTracker.parse(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None
     job = load_job(args.train_py)
     out = args.output or os.path.join("tuning_logs", target.name, job.name)
-    result = tune(job, target, args.trials, out, time_budget_s=args.time_budget, rpc=rpc)
+    result = tune(job, target, args.trials, out, time_budget_s=args.time_budget, rpc=rpc, min_flop_share=args.min_share)
     print(f"{result['trials_run']} trials run ({result['already']} were already in the log); database: {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+    from .job import load_job
+    from .targets import resolve
+
+    target = resolve(_parse_target(args.target))
+    logs = _tuning_logs(args.tuning_log, target.name)
+    job = load_job(args.train_py)
+    peers = ("eager", "torch.compile") if args.torch_compile else ("eager",)
+    row = bench.step_times(lambda: load_job(args.train_py), target, logs, args.repeats, peers)
+    print(bench.report([(job.name, "as in train.py", row)]))
     return 0
 
 
@@ -166,6 +199,8 @@ def cmd_inspect(args) -> int:
     print()
     if "tuning" in m:
         print(TuningReport.from_json(m["tuning"]).summary())
+    if "backend" in m:
+        print(backend_summary(m["backend"], table=True))
     print()
     report = MemoryReport.from_json(m["memory"])
     print(report)
@@ -194,6 +229,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--target", default="host", help="preset name, TVM tag or JSON target dict (default: host)")
     b.add_argument("-o", "--output", help="artifact directory (default: build/<job name>)")
     b.add_argument("-q", "--quiet", action="store_true", help="do not show the build stages")
+    b.add_argument("--backend", choices=("tvm", "library", "auto"), default="tvm",
+                   help="heavy ops on TVM kernels (default), PyTorch's library kernels, or whichever measures faster")
     b.add_argument("--tuning-log", metavar="DIR",
                    help="MetaSchedule database (or directory of them) to apply (default: tuning_logs/<target>/ if present)")
     b.set_defaults(func=cmd_build)
@@ -204,9 +241,19 @@ def make_parser() -> argparse.ArgumentParser:
     tu.add_argument("--trials", type=int, default=1000, help="total measured trials, including those already in the log")
     tu.add_argument("-o", "--output", help="database directory (default: tuning_logs/<target>/<job name>)")
     tu.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop after the round running at this time")
+    tu.add_argument("--min-share", type=float, default=MIN_FLOP_SHARE,
+                    help=f"tune kernels with at least this share of the step's FLOPs (default {MIN_FLOP_SHARE})")
     tu.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on devices registered with this RPC tracker")
     tu.add_argument("--rpc-key", help="the device key registered with the tracker")
     tu.set_defaults(func=cmd_tune)
+
+    be = sub.add_parser("bench", help="time the compiled step (untuned, tuned, tuned+switching) against PyTorch")
+    be.add_argument("train_py")
+    be.add_argument("--target", default="host", help="preset name, TVM tag or JSON target dict (default: host)")
+    be.add_argument("--tuning-log", metavar="DIR", help="as for build (default: tuning_logs/<target>/ if present)")
+    be.add_argument("--repeats", type=int, default=10)
+    be.add_argument("--torch-compile", action="store_true", help="also time torch.compile (minutes of cold compile)")
+    be.set_defaults(func=cmd_bench)
 
     r = sub.add_parser("run", help="run training steps of an artifact, printing the loss")
     r.add_argument("artifact")

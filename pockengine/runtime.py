@@ -61,6 +61,11 @@ class Program:
         cores = meta.get("tvm_target", {}).get("num-cores")
         if cores:
             os.environ.setdefault("TVM_NUM_THREADS", str(cores))
+        library_kernels = meta.get("backend", {}).get("library_kernels")
+        if library_kernels:  # ops switched to PyTorch's kernels (passes/switch_backend.py)
+            from .targets import torch_kernels
+
+            torch_kernels.register(library_kernels)
         self._vm = relax.VirtualMachine(executable, self._device)
         self._fn = self._vm[STEP_FUNC]
         self._specs = {s.name: s for s in signature.state}
@@ -200,6 +205,7 @@ def load(directory: str) -> Program:
     signature = StepSignature.from_json(manifest["signature"])
     state = _read_state(os.path.join(directory, manifest["files"]["state"]), signature)
     meta = {k: manifest[k] for k in ("name", "target", "tvm_target", "optimizer", "source", "state_dict_keys", "non_persistent")}
+    meta.update({k: manifest[k] for k in ("tuning", "backend") if k in manifest})
     return Program(lib_path, signature, state, MemoryReport.from_json(manifest["memory"]), meta)
 
 

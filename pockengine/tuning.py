@@ -31,7 +31,7 @@ from .errors import InputError, PockEngineError
 WORKLOAD_FILE, RECORD_FILE = "database_workload.json", "database_tuning_record.json"
 # Kernels below this share of the step's estimated FLOPs keep the default schedule: a training step
 # has dozens of transposes, casts and scalar reductions that would each cost a round of trials.
-MIN_FLOP_SHARE = 0.002
+MIN_FLOP_SHARE = 0.005
 TRIALS_PER_ROUND = 16
 
 
@@ -70,9 +70,9 @@ def kernels(fused_mod, target) -> list[Kernel]:
     return sorted(found, key=lambda k: -k.weighted_flop)
 
 
-def worth_tuning(all_kernels: list[Kernel]) -> list[Kernel]:
+def worth_tuning(all_kernels: list[Kernel], min_flop_share: float = MIN_FLOP_SHARE) -> list[Kernel]:
     total = sum(k.weighted_flop for k in all_kernels) or 1.0
-    return [k for k in all_kernels if k.weighted_flop / total >= MIN_FLOP_SHARE]
+    return [k for k in all_kernels if k.weighted_flop / total >= min_flop_share]
 
 
 # ---------------------------------------------------------------------- databases
@@ -216,6 +216,7 @@ class Progress:
     def __init__(self, total_trials: int, names: list[str], stream=sys.stderr, budget_s: float | None = None):
         self.total, self.names, self.stream, self.budget = total_trials, names, stream, budget_s
         self.done = 0
+        self.stopped = False
         self.best = [float("inf")] * len(names)
         self.trials = [0] * len(names)
         self.errors = [0] * len(names)
@@ -236,7 +237,7 @@ class Progress:
             self.best[task] = min(self.best[task], min(good))
         best = f"{self.best[task] * 1e3:.3f} ms" if self.best[task] < float("inf") else "no valid schedule yet"
         mins, secs = divmod(int(self.elapsed()), 60)
-        print(f"[{self.done:>5}/{self.total} trials {mins:>3}:{secs:02d}] task {task + 1}/{len(self.names)} "
+        print(f"[{self.done:>5}/{max(self.total, self.done)} trials {mins:>3}:{secs:02d}] task {task + 1}/{len(self.names)} "
               f"{self.names[task][:48]:<48} best {best}", file=self.stream, flush=True)
 
     def table(self) -> str:
@@ -253,22 +254,51 @@ def _measure_callback(progress: Progress):
     @derived_object
     class ReportAndStop(PyMeasureCallback):
         def apply(self, task_scheduler, task_id, _candidates, builder_results, runner_results):
+            if any(b.error_msg == BUDGET_USED_UP for b in builder_results):
+                # A round the budgeted builder skipped: stop here, before MetaSchedule's own callbacks
+                # (this one runs first) record it as failed trials. Raising is the only clean exit:
+                # terminating tasks from a callback trips the scheduler's checks.
+                progress.stopped = True
+                raise TimeBudgetExhausted()
             seconds = []
             for built, ran in zip(builder_results, runner_results):
                 ok = built.error_msg is None and ran.error_msg is None and ran.run_secs
                 seconds.append(sum(float(s) for s in ran.run_secs) / len(ran.run_secs) if ok else None)
             progress.record(task_id, seconds)
-            if progress.out_of_time():  # the time budget: every task stops after this round
-                for i, task in enumerate(task_scheduler.tasks_):
-                    if not task.is_terminated:
-                        task_scheduler.terminate_task(i)
 
     return ReportAndStop()
 
 
+class TimeBudgetExhausted(Exception):
+    pass
+
+
+BUDGET_USED_UP = "not built: the time budget is used up"
+
+
+def _budgeted(builder, progress: Progress):
+    """`builder` that stops building once the time budget is used up. MetaSchedule submits a round
+    of every task before it measures the first (a CNN's step has dozens of tasks: many minutes), so
+    the measure callback alone would notice the budget far too late; unbuilt candidates cost nothing
+    to "run" and the next callback ends the tuning."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+
+    @derived_object
+    class BudgetedBuilder(PyBuilder):
+        def build(self, build_inputs):
+            if progress.out_of_time():
+                return [BuilderResult(None, BUDGET_USED_UP) for _ in build_inputs]
+            return builder.build(build_inputs)
+
+    return BudgetedBuilder()
+
+
 def tune(job, target, trials: int, output: str, time_budget_s: float | None = None,
-         rpc: RPCTracker | None = None, stream=sys.stderr, seed: int = 0) -> dict:
-    """Tune the kernels of `job`'s training step for `target` into the database at `output`.
+         rpc: RPCTracker | None = None, stream=sys.stderr, seed: int = 0,
+         min_flop_share: float = MIN_FLOP_SHARE) -> dict:
+    """Tune the kernels of `job`'s training step for `target` into the database at `output`: those
+    with at least `min_flop_share` of the step's estimated FLOPs, costliest first.
 
     Resumable: trials already in `output` for these kernels count toward `trials`, and the search
     starts from their best schedules. Returns a summary dict (tasks, trials run, per-task best)."""
@@ -282,7 +312,7 @@ def tune(job, target, trials: int, output: str, time_budget_s: float | None = No
     tvm_target = preset.target()
     # Builder and runner workers inherit the environment: measure with the cores the step will use.
     os.environ["TVM_NUM_THREADS"] = str(preset.cores)
-    selected = worth_tuning(kernels(build.fused_step(job, preset), tvm_target))
+    selected = worth_tuning(kernels(build.fused_step(job, preset), tvm_target), min_flop_share)
     if not selected:
         raise InputError(f"job {job.name!r} has no kernel worth tuning")
     os.makedirs(output, exist_ok=True)
@@ -307,7 +337,8 @@ def tune(job, target, trials: int, output: str, time_budget_s: float | None = No
                                    logger=None, rand_state=seed + i)
                     for i, k in enumerate(selected)]
         progress = Progress(remaining, [k.name for k in selected], stream, time_budget_s)
-        builder = ms.builder.LocalBuilder(f_build=build_kernel, max_workers=preset.cores, timeout_sec=120)
+        builder = _budgeted(ms.builder.LocalBuilder(f_build=build_kernel, max_workers=preset.cores, timeout_sec=120),
+                            progress)
         evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)
         if rpc is None:
             runner = ms.runner.LocalRunner(timeout_sec=60, evaluator_config=evaluator)
@@ -316,11 +347,17 @@ def tune(job, target, trials: int, output: str, time_budget_s: float | None = No
                 rpc_config=ms.runner.RPCConfig(tracker_host=rpc.host, tracker_port=rpc.port, tracker_key=rpc.key,
                                                session_priority=1, session_timeout_sec=120),
                 evaluator_config=evaluator, max_workers=1)
-        ms.tune.tune_tasks(
-            tasks=contexts, task_weights=[float(k.calls) for k in selected], work_dir=work_dir,
-            max_trials_global=remaining, num_trials_per_iter=TRIALS_PER_ROUND, builder=builder, runner=runner,
-            database=database, cost_model="xgb",
-            measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [_measure_callback(progress)])
+        try:
+            ms.tune.tune_tasks(
+                tasks=contexts, task_weights=[float(k.calls) for k in selected], work_dir=work_dir,
+                max_trials_global=remaining, num_trials_per_iter=TRIALS_PER_ROUND, builder=builder, runner=runner,
+                database=database, cost_model="xgb",
+                measure_callbacks=[_measure_callback(progress)] + ms.measure_callback.MeasureCallback.create("default"))
+        except Exception:
+            if not progress.stopped:
+                raise
+            print(f"time budget of {time_budget_s:.0f} s used up; every measured round is in the database",
+                  file=stream, flush=True)
     print(progress.table(), file=stream, flush=True)
     return {"tasks": [k.name for k in selected], "trials_run": progress.done, "already": already,
             "best_ms": {n: b * 1e3 for n, b in zip(progress.names, progress.best) if b < float("inf")}}

@@ -85,6 +85,26 @@ def _cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "pockengine.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
+def test_time_budget_stops_tuning_cleanly(tmp_path):
+    log = str(tmp_path / "budget")
+    lines = []
+
+    class Lines:
+        def write(self, text):
+            lines.append(text)
+
+        def flush(self):
+            pass
+
+    # 1000 trials would take half an hour; the budget is used up before the first build
+    result = tuning.tune(mlp_job(), "host", 1000, log, time_budget_s=1, stream=Lines())
+    assert result["trials_run"] == 0
+    assert any("time budget of 1 s used up" in line for line in lines)
+    with open(os.path.join(log, tuning.RECORD_FILE)) as f:
+        assert not [line for line in f if line.strip()]  # skipped candidates are not recorded as failures
+    tuning.open_log(log)
+
+
 def test_build_names_a_corrupt_log(mlp_log, tmp_path):
     _, log, _ = mlp_log
     bad = tmp_path / "bad"
@@ -126,3 +146,13 @@ def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path):
     with open(os.path.join(log, tuning.RECORD_FILE)) as f:
         measured = [json.loads(line) for line in f if line.strip()]
     assert len(measured) >= 8 and all(float(t) > 0 for r in measured for t in r[1][1])
+
+
+def test_bench_compares_untuned_tuned_and_switched_with_pytorch(mlp_log):
+    _, log, _ = mlp_log
+    r = _cli("bench", "examples/mlp_digits/train.py", "--repeats", "2", "--tuning-log", log)
+    assert r.returncode == 0, r.stderr[-2000:]
+    header, _, times, ratios, summary = r.stdout.splitlines()[:5]
+    assert header.split()[:6] == ["workload", "scheme", "untuned", "tuned", "tuned+switch", "eager"]
+    assert times.count(" ms") == 4 and ratios.count("x") == 4  # three of ours and eager, each with a ratio
+    assert "GFLOP/s" in summary and "faster than eager" in summary

@@ -1,0 +1,182 @@
+"""Training step time: PockEngine (untuned, tuned, tuned + backend switching) vs PyTorch eager vs
+torch.compile vs ONNX Runtime training, on the same step with the same frozen set.
+
+    python benchmarks/step_time.py                 # the workloads below, full size
+    python benchmarks/step_time.py --small         # reduced sizes (what CI runs)
+    python benchmarks/step_time.py --tune 1800     # tune each workload for up to 1800 s into tuning_logs/host/
+
+Workloads: MobileNetV2-0.35 at 8x3x128x128 (full update and MCUNetV3-style sparse update) and a
+4-layer transformer classifier (d_model 128, seq 128, batch 8; full and last-2-blocks + biases).
+Every time is the median of `--repeats` steps after warm-up, all measured in this one process.
+GFLOP/s = the step's conv and matmul FLOPs (counted on the compiled graph) / median time, against
+this machine's practical peak (pockengine.bench.PEAK_GFLOPS: a large oneDNN sgemm on both cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: its OpenMP threads share cores with TVM's
+import torch  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [os.path.join(ROOT, "examples", "mobilenetv2"), os.path.join(ROOT, "examples", "transformer")]
+
+import pockengine as pe  # noqa: E402
+from mobilenetv2 import MobileNetV2  # noqa: E402
+from model import TransformerClassifier  # noqa: E402
+from pockengine import bench, tuning  # noqa: E402
+from pockengine.sparse import SparseUpdate  # noqa: E402
+
+TUNING_LOGS = os.path.join(ROOT, "tuning_logs", "host")
+
+
+def mobilenet_sparse(model) -> SparseUpdate:
+    """MCUNetV3-style: biases of the last 22 layers, four late weights (two of them in part)."""
+    convs = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    last = len(convs) - 1
+    return SparseUpdate.mcunetv3(22, [last - 9, last - 6, last - 3, last], [1, 0.5, 0.25, 1])
+
+
+def transformer_sparse(model) -> SparseUpdate:
+    """The last two encoder blocks and the head fully, every other bias too."""
+    n = len(model.layers)
+    return SparseUpdate.bias_only() | {f"layers.{n - 2}": "full", f"layers.{n - 1}": "full", "head": "full"}
+
+
+def workloads(small: bool = False) -> list[dict]:
+    """name, model factory, example batch and schemes (scheme name -> SparseUpdate factory)."""
+    g = torch.Generator().manual_seed(0)
+    res, batch, seq, d_model, layers = (32, 2, 16, 32, 4) if small else (128, 8, 128, 128, 4)
+    return [
+        dict(name="mobilenetv2", title=f"MobileNetV2-0.35 {res}x{res} b{batch}",
+             model=lambda: MobileNetV2(num_classes=10, width_mult=0.35),
+             x=torch.randn(batch, 3, res, res, generator=g), y=torch.randint(0, 10, (batch,), generator=g),
+             schemes={"full": lambda m: SparseUpdate.full(), "mcunetv3-sparse": mobilenet_sparse}),
+        dict(name="transformer", title=f"Transformer d{d_model} x{layers} seq{seq} b{batch}",
+             model=lambda: TransformerClassifier(d_in=16, d_model=d_model, heads=4, classes=10, layers=layers,
+                                                 ffn=4 * d_model),
+             x=torch.randn(batch, seq, 16, generator=g), y=torch.randint(0, 10, (batch,), generator=g),
+             schemes={"full": lambda m: SparseUpdate.full(), "last-2-blocks+biases": transformer_sparse}),
+    ]
+
+
+def optimizer():
+    return pe.optim.SGD(lr=0.01, momentum=0.9)
+
+
+def make_job(workload: dict, scheme: str) -> pe.TrainingJob:
+    torch.manual_seed(0)
+    model = workload["model"]().train()
+    return pe.TrainingJob(copy.deepcopy(model), (workload["x"],), workload["y"], "cross_entropy", optimizer(),
+                          sparse_update=workload["schemes"][scheme](model), name=f"{workload['name']}-{scheme}")
+
+
+def tune_all(budget_s: float, trials: int, small: bool, only: str | None = None, scheme: str | None = None,
+             min_flop_share: float = tuning.MIN_FLOP_SHARE) -> None:
+    """Tune every workload's step into tuning_logs/host/<workload>/ (resumable): the full update
+    first, then the sparse scheme, whose kernels are mostly the same and already have records."""
+    for workload in workloads(small):
+        if only and workload["name"] != only:
+            continue
+        for name in workload["schemes"]:
+            if scheme is None or name == scheme:
+                tuning.tune(make_job(workload, name), "host", trials, os.path.join(TUNING_LOGS, workload["name"]),
+                            time_budget_s=budget_s, min_flop_share=min_flop_share)
+
+
+def measure(workload: dict, scheme: str, repeats: int, peers: set, log=sys.stderr) -> dict:
+    """{column: median ms, ...} for one workload and scheme (pockengine.bench), ONNX Runtime added."""
+    logs = tuning.log_directories(os.path.join(TUNING_LOGS, workload["name"]))
+    if not logs:
+        print(f"no tuning log under {TUNING_LOGS}/{workload['name']}: run --tune first", file=log)
+    row = bench.step_times(lambda: make_job(workload, scheme), "host", logs, repeats, peers, log)
+    if "ort" in peers:
+        job = make_job(workload, scheme)
+        print(f"[{job.name}] ONNX Runtime training ...", file=log, flush=True)
+        row["ort"] = measure_ort(job, job.plan(job.import_model()), workload["x"], workload["y"], repeats)
+    return row
+
+
+ORT_VENV = os.path.join(ROOT, ".venv-ort")
+# torch: onnxruntime.training imports it (its CPU wheel, pinned as in the main environment)
+ORT_PACKAGES = ("torch==2.13.0", "onnxruntime-training-cpu==1.19.2", "onnx==1.16.2", "numpy<2")
+
+
+def ort_python(log=sys.stderr) -> str:
+    """The interpreter of the ONNX Runtime training environment, created on first use."""
+    import subprocess
+
+    python = os.path.join(ORT_VENV, "bin", "python")
+    if not os.path.exists(os.path.join(ORT_VENV, ".installed")):
+        print(f"creating {ORT_VENV} ({', '.join(ORT_PACKAGES)}) ...", file=log, flush=True)
+        subprocess.run(["python3", "-m", "venv", ORT_VENV], check=True)
+        subprocess.run([python, "-m", "pip", "install", "--quiet", *ORT_PACKAGES], check=True)
+        open(os.path.join(ORT_VENV, ".installed"), "w").close()
+    return python
+
+
+def measure_ort(job, plan, x, y, repeats: int) -> float:
+    """Export the model (training mode) to ONNX here; ORT builds and times its training step in its
+    own environment. Same frozen set; channel-ratio weights are trained whole (ORT cannot mask)."""
+    import json
+    import subprocess
+    import tempfile
+
+    import numpy as np
+
+    from pockengine.sparse import FROZEN
+
+    model = copy.deepcopy(job.model).train()
+    trained = [n for n, _ in model.named_parameters() if plan[n] != FROZEN]
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = os.path.join(tmp, "model.onnx")
+        torch.onnx.export(model, (x,), onnx_path, dynamo=False, training=torch.onnx.TrainingMode.TRAINING,
+                          do_constant_folding=False, input_names=["x"], output_names=["logits"],
+                          opset_version=14)  # LayerNormalization (opset 17) has no gradient in ORT 1.19
+        np.savez(os.path.join(tmp, "batch.npz"), x=x.numpy(), y=y.numpy().astype("int64"))
+        with open(os.path.join(tmp, "trained.json"), "w") as f:
+            json.dump(trained, f)
+        result = subprocess.run([ort_python(), os.path.join(HERE, "ort_training.py"), onnx_path,
+                                 os.path.join(tmp, "batch.npz"), os.path.join(tmp, "trained.json"), str(repeats)],
+                                capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"ONNX Runtime training failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])["ms"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="reduced sizes (for CI)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--tune", type=float, metavar="SECONDS", help="tune each workload and scheme for this long")
+    parser.add_argument("--trials", type=int, default=4000, help="with --tune: trials per workload and scheme")
+    parser.add_argument("--only", choices=[w["name"] for w in workloads(True)], help="one workload")
+    parser.add_argument("--scheme", help="with --tune: one scheme (e.g. full)")
+    parser.add_argument("--min-share", type=float, default=tuning.MIN_FLOP_SHARE,
+                        help="with --tune: tune kernels with at least this share of the step's FLOPs")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (minutes of cold compile)")
+    parser.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime training (its own venv)")
+    args = parser.parse_args(argv)
+    if args.tune:
+        tune_all(args.tune, args.trials, args.small, args.only, args.scheme, args.min_share)
+        return []
+    torch.set_num_threads(os.cpu_count() or 1)
+    peers = {"eager"} | (set() if args.no_compile else {"torch.compile"}) | (set() if args.no_ort else {"ort"})
+    rows = []
+    for workload in workloads(args.small):
+        if args.only and workload["name"] != args.only:
+            continue
+        for scheme in workload["schemes"]:
+            rows.append((workload["title"], scheme, measure(workload, scheme, args.repeats, peers)))
+            print(bench.report(rows[-1:]), file=sys.stderr, flush=True)
+    print(bench.report(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

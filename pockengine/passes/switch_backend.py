@@ -1,0 +1,146 @@
+"""switch_backend: run each heavy op — matmul, conv2d, and conv2d's data and weight gradients — on
+the faster of TVM's kernel and the target's library kernel, chosen by measuring both here.
+
+On the host the library is PyTorch (BLAS matmul, oneDNN convolutions; targets/torch_kernels.py),
+called through `relax.call_dps_packed` on the step's own buffers (DLPack, no copies). `measure`
+times every distinct op (same op, attributes and shapes) both ways: TVM's kernel built alone with
+the build's default schedule, or its tuned schedule when a tuning log has that kernel, and the
+library kernel on the same shapes; `switch_backend` rewrites the calls whose library kernel won.
+Measuring ops alone ignores what fusion would add to TVM's kernel (a bias or BatchNorm epilogue
+computed in the same loop): a switched op's epilogue runs as a kernel of its own.
+
+Switching happens before fusion, so the rest of the pipeline (fusion, memory plan) sees library
+calls as opaque ops with a destination buffer. An artifact that uses library kernels needs PyTorch
+where it runs; the manifest lists their names (`register` rebuilds them at load).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..bench import median_ms
+from ..ir import static_shape
+from ..targets import torch_kernels
+
+HEAVY_OPS = ("relax.matmul", "relax.nn.conv2d", "relax.nn.conv2d_transpose")
+MODES = ("tvm", "library", "auto")
+
+
+@dataclasses.dataclass
+class Choice:
+    kernel: str  # the library kernel's name
+    shapes: list  # argument shapes
+    calls: int  # how many calls in the step share this op
+    backend: str  # "tvm" or "library"
+    tvm_ms: float | None = None
+    library_ms: float | None = None
+
+    @property
+    def key(self) -> tuple:
+        return self.kernel, tuple(tuple(s) for s in self.shapes)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _key(call) -> tuple | None:
+    if not isinstance(call.op, tvm.ir.Op) or call.op.name not in HEAVY_OPS:
+        return None
+    name = torch_kernels.kernel_name(call)
+    return None if name is None else (name, tuple(tuple(static_shape(a)) for a in call.args))
+
+
+def heavy_ops(func) -> dict[tuple, list]:
+    """{(library kernel, argument shapes): [the calls]} for the heavy ops of a Relax function."""
+    found: dict[tuple, list] = {}
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and (key := _key(expr)) is not None:
+            found.setdefault(key, []).append(expr)
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return found
+
+
+def _time_tvm(call, preset, tuning_logs, repeats: int) -> float:
+    """Build the op alone through the build's own kernel pipeline and time it."""
+    from .. import build, tuning
+
+    params = [relax.Var(f"arg{i}", a.ty) for i, a in enumerate(call.args)]
+    bb = relax.BlockBuilder()
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(relax.Call(call.op, params, call.attrs, call.ty_args))
+        bb.emit_func_output(out)
+    target = preset.target()
+    with target:
+        mod = tvm.transform.Sequential(build.fusion_passes(target))(bb.get())
+        mod, _ = tuning.apply_logs(mod, target, list(tuning_logs))
+        mod = tvm.transform.Sequential(build.kernel_schedule_passes(preset))(mod)
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    rng = np.random.default_rng(0)
+    args = [tvm.runtime.tensor(rng.standard_normal(static_shape(a)).astype(str(a.ty.dtype))) for a in call.args]
+    evaluator = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=repeats, min_repeat_ms=0)
+    return float(np.median(evaluator(*args).results)) * 1e3
+
+
+def _time_library(call, kernel: str, repeats: int) -> float:
+    import torch
+
+    fn = torch_kernels.implementation(kernel)
+    g = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, str(call.ty.dtype))
+    args = [torch.randn(static_shape(a), generator=g, dtype=dtype) for a in call.args]
+    out = torch.empty(static_shape(call), dtype=dtype)
+    return median_ms(lambda: fn(*args, out), repeats, warmup=1)
+
+
+def measure(func, preset, mode: str = "auto", tuning_logs=(), repeats: int = 10, progress=None) -> list[Choice]:
+    """Choose a backend for every distinct heavy op of `func` (mode "auto": by measuring both;
+    "tvm" / "library": forced, nothing measured)."""
+    if mode not in MODES:
+        raise ValueError(f"backend must be one of {', '.join(MODES)}, got {mode!r}")
+    choices = []
+    ops = heavy_ops(func)
+    for i, ((kernel, shapes), calls) in enumerate(ops.items()):
+        choice = Choice(kernel, [list(s) for s in shapes], len(calls), mode)
+        if mode == "auto":
+            choice.tvm_ms = _time_tvm(calls[0], preset, tuning_logs, repeats)
+            choice.library_ms = _time_library(calls[0], kernel, repeats)
+            choice.backend = "library" if choice.library_ms < choice.tvm_ms else "tvm"
+            if progress:
+                progress(i + 1, len(ops), choice)
+        choices.append(choice)
+    return choices
+
+
+def switch_backend(choices: list[Choice], func_name: str) -> tvm.transform.Pass:
+    """Rewrite the heavy ops whose choice is "library" into calls of the library kernel."""
+    to_library = {c.key for c in choices if c.backend == "library"}
+
+    @relax.expr_functor.mutator
+    class Switch(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = self.visit_expr_post_order(call)
+            key = _key(call)
+            if key is None or key not in to_library:
+                return call
+            return relax.call_dps_packed(key[0], relax.Tuple(list(call.args)), call.ty)
+
+    @tvm.transform.module_pass(opt_level=0, name="SwitchBackend")
+    def transform(mod, _ctx):
+        if not to_library:
+            return mod
+        mutator = Switch(mod)
+        mutator.builder_.update_func(mod.get_global_var(func_name), mutator.visit_expr(mod[func_name]))
+        return mutator.builder_.get()
+
+    return transform
+
+
+def library_kernels(choices: list[Choice]) -> list[str]:
+    return sorted({c.kernel for c in choices if c.backend == "library"})
