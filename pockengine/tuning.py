@@ -27,6 +27,7 @@ import tempfile
 import time
 
 from .errors import InputError, PockEngineError
+from .ir import is_scheduled
 
 WORKLOAD_FILE, RECORD_FILE = "database_workload.json", "database_tuning_record.json"
 # Kernels below this share of the step's estimated FLOPs keep the default schedule: a training step
@@ -85,7 +86,7 @@ def log_directories(path: str) -> list[str]:
     return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(path, "*", WORKLOAD_FILE)))
 
 
-def _check_json_lines(path: str, fields: int) -> None:
+def _check_json_lines(path: str, what: str) -> None:
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -95,9 +96,8 @@ def _check_json_lines(path: str, fields: int) -> None:
             except json.JSONDecodeError as e:
                 raise TuningLogError(f"{path}: line {number} is not JSON ({e.msg}); the file is corrupt — delete it "
                                      "or re-run `pockengine tune`") from None
-            if not isinstance(entry, list) or len(entry) != fields:
-                raise TuningLogError(f"{path}: line {number} is not a MetaSchedule "
-                                     f"{'workload' if fields == 2 else 'tuning record'} entry; the file is corrupt")
+            if not isinstance(entry, list) or len(entry) != 2:  # [hash, IR] or [workload index, record]
+                raise TuningLogError(f"{path}: line {number} is not a MetaSchedule {what} entry; the file is corrupt")
 
 
 def open_log(directory: str, create: bool = False):
@@ -108,9 +108,9 @@ def open_log(directory: str, create: bool = False):
     workload, record = os.path.join(directory, WORKLOAD_FILE), os.path.join(directory, RECORD_FILE)
     if not create and not os.path.isfile(workload):
         raise TuningLogError(f"{directory} is not a tuning log: it has no {WORKLOAD_FILE}")
-    for path, fields in ((workload, 2), (record, 2)):
+    for path, what in ((workload, "workload"), (record, "tuning record")):
         if os.path.isfile(path):
-            _check_json_lines(path, fields)
+            _check_json_lines(path, what)
     try:
         return ms.database.JSONDatabase(path_workload=workload, path_tuning_record=record, allow_missing=create)
     except Exception as e:  # noqa: BLE001 - TVM raises its own error types for malformed entries
@@ -156,16 +156,23 @@ def apply_logs(fused_mod, target, directories: list[str]):
     database = databases[0] if len(databases) == 1 else ms.database.UnionDatabase(*databases)
     with target, database:
         tuned_mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(fused_mod)
-    candidates = {k.name for k in worth_tuning(kernels(fused_mod, target))}
+    # Kernels are compared by structure: FuseTIR gives identical kernels different names.
+    candidates = {_structure(k.mod["main"]) for k in worth_tuning(kernels(fused_mod, target))}
     tuned, fallback = [], []
     for gv, func in tuned_mod.functions_items():
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
-        if func.attrs is not None and func.attrs.get("tirx.is_scheduled"):
+        if is_scheduled(func):
             tuned.append(gv.name_hint)
-        elif gv.name_hint in candidates:
+        elif _structure(func) in candidates:
             fallback.append(gv.name_hint)
     return tuned_mod, TuningReport(list(directories), sorted(tuned), sorted(fallback))
+
+
+def _structure(func) -> int:
+    import tvm_ffi
+
+    return tvm_ffi.structural_hash(func.with_attr("global_symbol", "main"))
 
 
 # ---------------------------------------------------------------------- tuning

@@ -156,3 +156,20 @@ def test_bench_compares_untuned_tuned_and_switched_with_pytorch(mlp_log):
     assert header.split()[:6] == ["workload", "scheme", "untuned", "tuned", "tuned+switch", "eager"]
     assert times.count(" ms") == 4 and ratios.count("x") == 4  # three of ours and eager, each with a ratio
     assert "GFLOP/s" in summary and "faster than eager" in summary
+
+
+def test_shipped_logs_tune_the_benchmark_transformer():
+    """tuning_logs/host/transformer was tuned for benchmarks/step_time.py's transformer (full update):
+    building that workload applies a tuned schedule to every kernel the tuner selected."""
+    from conftest import FAST_HOST, load_example_module
+
+    step_time = load_example_module("benchmarks/step_time.py", "step_time")
+    workload = next(w for w in step_time.workloads() if w["name"] == "transformer")
+    logs = tuning.log_directories(os.path.join(ROOT, "tuning_logs", "host"))
+    assert os.path.join(ROOT, "tuning_logs", "host", "transformer") in logs
+    job = step_time.make_job(workload, "full")
+    program = pe.compile(job, FAST_HOST, tuning_logs=logs)
+    report = tuning.TuningReport.from_json(program.meta["tuning"])
+    assert len(report.tuned) >= 14 and report.fallback == [], report.summary()
+    assert any(name.startswith("matmul") for name in report.tuned)
+    assert 0 < program.step(workload["x"], workload["y"]) < 10
