@@ -23,6 +23,7 @@ import tvm
 from tvm import relax
 
 from ..bench import median_ms
+from ..errors import InputError
 from ..ir import static_shape
 from ..targets import torch_kernels
 
@@ -103,7 +104,7 @@ def measure(func, preset, mode: str = "auto", tuning_logs=(), repeats: int = 10,
     """Choose a backend for every distinct heavy op of `func` (mode "auto": by measuring both;
     "tvm" / "library": forced, nothing measured)."""
     if mode not in MODES:
-        raise ValueError(f"backend must be one of {', '.join(MODES)}, got {mode!r}")
+        raise InputError(f"backend must be one of {', '.join(MODES)}, got {mode!r}")
     choices = []
     ops = heavy_ops(func)
     for i, ((kernel, shapes), calls) in enumerate(ops.items()):

@@ -150,3 +150,13 @@ def test_exported_artifact_with_library_kernels_runs_in_a_fresh_process(tmp_path
     assert "heavy op calls on library kernels" in r.stdout
     manifest = json.load(open(tmp_path / "art" / "manifest.json"))
     assert manifest["backend"]["library_kernels"] == program.meta["backend"]["library_kernels"]
+
+
+def test_unknown_backend_is_a_clear_error():
+    from pockengine.errors import InputError
+
+    factory, shape, classes = MODELS["mlp"]
+    x, y = make_batches(shape, classes, 1)[0]
+    job = pe.TrainingJob(factory(), (x,), y, "cross_entropy", pe.optim.SGD(lr=0.01))
+    with pytest.raises(InputError, match="tvm, library, auto"):
+        pe.compile(job, FAST_HOST, backend="onednn")
