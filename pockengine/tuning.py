@@ -144,18 +144,34 @@ class TuningReport:
         return text
 
 
+def open_logs(directories: list[str]):
+    """One database over several tuning logs (None for none)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    databases = [open_log(d) for d in directories]
+    if len(databases) < 2:
+        return databases[0] if databases else None
+    return ms.database.UnionDatabase(*databases)
+
+
+def apply_database(fused_mod, target, database):
+    """`fused_mod` with the kernels `database` has records for replaced by their best schedule
+    (marked `tirx.is_scheduled`)."""
+    from tvm import relax
+
+    if database is None:
+        return fused_mod
+    with target, database:
+        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(fused_mod)
+
+
 def apply_logs(fused_mod, target, directories: list[str]):
     """(module with tuned kernels marked `tirx.is_scheduled`, TuningReport)."""
     import tvm
-    from tvm import relax
-    from tvm.s_tir import meta_schedule as ms
 
     if not directories:
         return fused_mod, TuningReport([], [], [])
-    databases = [open_log(d) for d in directories]
-    database = databases[0] if len(databases) == 1 else ms.database.UnionDatabase(*databases)
-    with target, database:
-        tuned_mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(fused_mod)
+    tuned_mod = apply_database(fused_mod, target, open_logs(directories))
     # Kernels are compared by structure: FuseTIR gives identical kernels different names.
     candidates = {_structure(k.mod["main"]) for k in worth_tuning(kernels(fused_mod, target))}
     tuned, fallback = [], []

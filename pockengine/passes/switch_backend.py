@@ -67,7 +67,7 @@ def heavy_ops(func) -> dict[tuple, list]:
     return found
 
 
-def _time_tvm(call, preset, tuning_logs, repeats: int) -> float:
+def _time_tvm(call, preset, database, repeats: int) -> float:
     """Build the op alone through the build's own kernel pipeline and time it."""
     from .. import build, tuning
 
@@ -80,7 +80,7 @@ def _time_tvm(call, preset, tuning_logs, repeats: int) -> float:
     target = preset.target()
     with target:
         mod = tvm.transform.Sequential(build.fusion_passes(target))(bb.get())
-        mod, _ = tuning.apply_logs(mod, target, list(tuning_logs))
+        mod = tuning.apply_database(mod, target, database)
         mod = tvm.transform.Sequential(build.kernel_schedule_passes(preset))(mod)
     vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
     rng = np.random.default_rng(0)
@@ -103,14 +103,17 @@ def _time_library(call, kernel: str, repeats: int) -> float:
 def measure(func, preset, mode: str = "auto", tuning_logs=(), repeats: int = 10, progress=None) -> list[Choice]:
     """Choose a backend for every distinct heavy op of `func` (mode "auto": by measuring both;
     "tvm" / "library": forced, nothing measured)."""
+    from .. import tuning
+
     if mode not in MODES:
         raise InputError(f"backend must be one of {', '.join(MODES)}, got {mode!r}")
+    database = tuning.open_logs(list(tuning_logs)) if mode == "auto" else None
     choices = []
     ops = heavy_ops(func)
     for i, ((kernel, shapes), calls) in enumerate(ops.items()):
         choice = Choice(kernel, [list(s) for s in shapes], len(calls), mode)
         if mode == "auto":
-            choice.tvm_ms = _time_tvm(calls[0], preset, tuning_logs, repeats)
+            choice.tvm_ms = _time_tvm(calls[0], preset, database, repeats)
             choice.library_ms = _time_library(calls[0], kernel, repeats)
             choice.backend = "library" if choice.library_ms < choice.tvm_ms else "tvm"
             if progress:
