@@ -101,8 +101,8 @@ def report(rows: list[tuple[str, str, dict]]) -> str:
                 f"{row[c] / row['eager']:>13.2f}x" if c in row else f"{'':>14}" for c in COLUMNS))
         ours = min(row[c] for c in VARIANTS if c in row)
         gflops = row["gflop"] / (ours / 1e3)
-        faster = "; ".join(f"{row[c] / ours:.2f}x faster than {c}" for c in ("eager", "torch.compile", "ort") if c in row)
+        faster = ", ".join(f"{c} {row[c] / ours:.2f}x" for c in ("eager", "torch.compile", "ort") if c in row)
         lines.append(f"{'':<56}best of ours {ours:.1f} ms: {gflops:.1f} GFLOP/s = {100 * gflops / PEAK_GFLOPS:.0f}% of "
-                     f"{PEAK_GFLOPS:.0f} peak ({row['gflop']:.3f} GFLOP/step); {faster}")
+                     f"{PEAK_GFLOPS:.0f} peak ({row['gflop']:.3f} GFLOP/step); speed-up over {faster}")
     lines.append("median step time after warm-up, one process; time / eager < 1 is faster than PyTorch eager")
     return "\n".join(lines)
