@@ -156,7 +156,7 @@ def main(argv=None):
     parser.add_argument("--tune", type=float, metavar="SECONDS", help="tune each workload and scheme for this long")
     parser.add_argument("--trials", type=int, default=4000, help="with --tune: trials per workload and scheme")
     parser.add_argument("--only", choices=[w["name"] for w in workloads(True)], help="one workload")
-    parser.add_argument("--scheme", help="with --tune: one scheme (e.g. full)")
+    parser.add_argument("--scheme", help="one scheme (e.g. full)")
     parser.add_argument("--min-share", type=float, default=tuning.MIN_FLOP_SHARE,
                         help="with --tune: tune kernels with at least this share of the step's FLOPs")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (minutes of cold compile)")
@@ -172,6 +172,8 @@ def main(argv=None):
         if args.only and workload["name"] != args.only:
             continue
         for scheme in workload["schemes"]:
+            if args.scheme and scheme != args.scheme:
+                continue
             rows.append((workload["title"], scheme, measure(workload, scheme, args.repeats, peers)))
             print(bench.report(rows[-1:]), file=sys.stderr, flush=True)
     print(bench.report(rows))
