@@ -100,7 +100,7 @@ def _time_library(call, kernel: str, repeats: int) -> float:
     return median_ms(lambda: fn(*args, out), repeats, warmup=1)
 
 
-def measure(func, preset, mode: str = "auto", tuning_logs=(), repeats: int = 10, progress=None) -> list[Choice]:
+def measure(func, preset, mode: str = "auto", tuning_logs=(), repeats: int = 10) -> list[Choice]:
     """Choose a backend for every distinct heavy op of `func` (mode "auto": by measuring both;
     "tvm" / "library": forced, nothing measured)."""
     from .. import tuning
@@ -110,14 +110,12 @@ def measure(func, preset, mode: str = "auto", tuning_logs=(), repeats: int = 10,
     database = tuning.open_logs(list(tuning_logs)) if mode == "auto" else None
     choices = []
     ops = heavy_ops(func)
-    for i, ((kernel, shapes), calls) in enumerate(ops.items()):
+    for (kernel, shapes), calls in ops.items():
         choice = Choice(kernel, [list(s) for s in shapes], len(calls), mode)
         if mode == "auto":
             choice.tvm_ms = _time_tvm(calls[0], preset, database, repeats)
             choice.library_ms = _time_library(calls[0], kernel, repeats)
             choice.backend = "library" if choice.library_ms < choice.tvm_ms else "tvm"
-            if progress:
-                progress(i + 1, len(ops), choice)
         choices.append(choice)
     return choices
 
