@@ -26,6 +26,7 @@ from .passes.memory_timeline import timeline
 from .errors import UnsupportedOpError
 from .frontend import FUNC_NAME
 from .passes.drop_saved_activations import drop_saved_activations
+from .passes.fast_math import fast_math
 from .passes.fold_broadcasts import fold_broadcasts
 from .passes.fuse_variance import fuse_variance
 from .passes.inline_elementwise import inline_elementwise
@@ -76,11 +77,14 @@ def derive_step(imported, optimizer, plan):
 
 
 def fusion_passes(target) -> list:
-    """Relax passes from the training step to fused TIR kernels (TVM's CPU pipeline up to FuseTIR):
-    the module tuning logs are made for and applied to."""
+    """Relax passes from the training step to fused TIR kernels (TVM's CPU pipeline up to FuseTIR,
+    with fast_math right after LegalizeOps has written the kernels): the module tuning logs are made
+    for and applied to."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    return cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+    legalize = cpu.legalize_passes(target)
+    assert legalize[0].info.name == "LegalizeOps", "TVM's CPU legalize passes changed order"
+    return cpu.library_dispatch_passes(target) + legalize[:1] + [fast_math()] + legalize[1:]
 
 
 def kernel_schedule_passes(preset) -> list:

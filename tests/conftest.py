@@ -105,7 +105,6 @@ def fused_step_module(job):
     """The job's train_step after TVM's legalisation and fusion (FuseOps, FuseTIR), before our
     post-fusion passes: what those passes receive."""
     import tvm
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from pockengine import build
 
@@ -113,4 +112,4 @@ def fused_step_module(job):
     step_mod, _, _ = build.derive_step(imported, job.optimizer, job.plan(imported))
     target = tvm.target.Target(FAST_HOST)
     with target:
-        return tvm.transform.Sequential(cpu.legalize_passes(target))(step_mod)
+        return tvm.transform.Sequential(build.fusion_passes(target))(step_mod)
