@@ -9,8 +9,12 @@ kernel:
   * `vectorize` on each stage's innermost loop when it is spatial and short (the `vector_lanes`
     inner part inline_elementwise split off a reduction's output loop; an elementwise nest is fused
     and split by `vector_lanes` here). A reduction's initialisation is then split off
-    (`decompose_reduction`) so its update loop is a plain vector of running sums.
-No register tiling, no cache blocking: that is what tuning (MetaSchedule) is for.
+    (`decompose_reduction`) so its update loop is a plain vector of running sums;
+  * transposes (an elementwise nest reading a full-size input along another axis than it writes)
+    in TRANSPOSE_TILE x TRANSPOSE_TILE tiles, so each cache line read is used whole while it is
+    hot: 1024x512 float32, 2 cores, 2.02 ms flat, 0.21 ms tiled (8: 0.41, 32: 0.61). The
+    transformer's attention and weight-gradient transposes are such kernels.
+No register tiling, no cache blocking of reductions: that is what tuning (MetaSchedule) is for.
 Every step is a TVM schedule primitive, which refuses a transformation that would change the
 kernel's result; a refused step is skipped and the kernel keeps what was applied before it.
 Kernels already scheduled (`tirx.is_scheduled`, e.g. from a tuning database) are left alone.
@@ -28,6 +32,7 @@ from ..ir import map_kernels
 MAX_VECTOR = 64  # longest innermost loop turned into one vector
 # Waking the thread pool costs microseconds: an elementwise kernel smaller than this runs on one core.
 MIN_PARALLEL_ELEMENTS = 4096
+TRANSPOSE_TILE = 16
 
 
 def schedule_cpu(vector_lanes: int, cores: int) -> tvm.transform.Pass:
@@ -102,6 +107,9 @@ def _schedule_elementwise(sch, block, vector_lanes: int, cores: int) -> None:
     loops = sch.get_loops(block)
     if any(loop_kind(sch, block, loop) != "S" for loop in loops):
         return
+    read_axis = _transposed_read_axis(sch, block, loops)
+    if read_axis is not None and _schedule_transpose(sch, loops, read_axis, vector_lanes, cores):
+        return
     fused = _try(sch.fuse, *loops) if len(loops) > 1 else loops[0]
     if fused is None:
         return
@@ -114,6 +122,58 @@ def _schedule_elementwise(sch, block, vector_lanes: int, cores: int) -> None:
             _try(sch.parallel, outer)
     elif threaded:
         _try(sch.parallel, fused)
+
+
+def _transposed_read_axis(sch, block, loops) -> int | None:
+    """The loop (index) indexing the contiguous axis of a read as large as the output, when that is
+    not the innermost loop (the one the write is contiguous along); None for other kernels."""
+    if len(loops) < 2:
+        return None
+    realize = _realize(sch, block)
+    loop_vars = [sch.get(loop).loop_var for loop in loops]
+    loop_of = {}  # block iterator -> the one loop driving it
+    for iv, value in zip(realize.block.iter_vars, realize.iter_values):
+        driving = [i for i, var in enumerate(loop_vars) if _uses(value, var)]
+        if len(driving) == 1:
+            loop_of[iv.var] = driving[0]
+    elements = 1
+    for loop in loops:
+        elements *= loop_extent(sch, loop)
+    for read in sch.get(block).reads:
+        size = 1
+        for dim in read.source.shape:
+            size *= int(dim) if isinstance(dim, tvm.tirx.IntImm) else 0
+        if size < elements:  # a broadcast operand (bias, statistics): read along any axis is cheap
+            continue
+        drivers = {loop_of[v] for v in collect_vars_used_in_prim_expr(read.region[-1].min) if v in loop_of}
+        if drivers and len(loops) - 1 not in drivers:
+            return max(drivers)
+    return None
+
+
+def _schedule_transpose(sch, loops, read_axis: int, vector_lanes: int, cores: int) -> bool:
+    """Tile the read's contiguous loop and the write's (innermost) by TRANSPOSE_TILE; everything
+    outside the tile in parallel, the write's tile loop as vectors. False (nothing changed) when
+    an extent is not a multiple of the tile."""
+    tile = TRANSPOSE_TILE
+    read_loop, write_loop = loops[read_axis], loops[-1]
+    if any(loop_extent(sch, loop) == 0 or loop_extent(sch, loop) % tile for loop in (read_loop, write_loop)):
+        return False  # a symbolic extent, or one the tile does not divide
+    elements = 1
+    for loop in loops:
+        elements *= loop_extent(sch, loop)
+    read_outer, read_inner = sch.split(read_loop, [None, tile])
+    write_outer, write_inner = sch.split(write_loop, [None, tile])
+    others = [loop for i, loop in enumerate(loops[:-1]) if i != read_axis]
+    sch.reorder(*others, read_outer, write_outer, read_inner, write_inner)
+    outer = _try(sch.fuse, *others, read_outer, write_outer)
+    if outer is not None and cores > 1 and elements >= MIN_PARALLEL_ELEMENTS:
+        _try(sch.parallel, outer)
+    if vector_lanes > 1:
+        lanes = min(vector_lanes, tile)
+        _, vector = sch.split(write_inner, [None, lanes])
+        _try(sch.vectorize, vector)
+    return True
 
 
 def _parallel_outer(sch, blocks, cores: int) -> None:
