@@ -77,20 +77,18 @@ def derive_step(imported, optimizer, plan):
 
 
 def fusion_passes(target) -> list:
-    """Relax passes from the training step to fused TIR kernels (TVM's CPU pipeline up to FuseTIR,
-    with fast_math right after LegalizeOps has written the kernels): the module tuning logs are made
-    for and applied to."""
+    """Relax passes from the training step to fused TIR kernels (TVM's CPU pipeline up to FuseTIR):
+    the module tuning logs are made for and applied to."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    legalize = cpu.legalize_passes(target)
-    assert legalize[0].info.name == "LegalizeOps", "TVM's CPU legalize passes changed order"
-    return cpu.library_dispatch_passes(target) + legalize[:1] + [fast_math()] + legalize[1:]
+    return cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
 
 
 def kernel_schedule_passes(preset) -> list:
-    """The default schedule of every fused kernel not tuned: one loop nest, threads and vectors."""
+    """The default schedule of every fused kernel not tuned (one loop nest, threads and vectors),
+    then exp/erf/tanh/sigmoid as vectorizable polynomials in every kernel."""
     lanes = preset.vector_lanes(32)
-    return [inline_elementwise(lanes), schedule_cpu(lanes, preset.cores)]
+    return [inline_elementwise(lanes), schedule_cpu(lanes, preset.cores), fast_math()]
 
 
 def lowering_passes(preset, signature: StepSignature) -> list:

@@ -76,8 +76,13 @@ def is_scheduled(func) -> bool:
 def map_kernels(mod, rewrite):
     """A copy of `mod` where each TIR kernel not yet scheduled (see is_scheduled) is replaced by
     `rewrite(kernel)` unless that is None. Tuned kernels are left as the tuner made them."""
-    updates = {gv: new for gv, func in mod.functions.items()
-               if isinstance(func, tvm.tirx.PrimFunc) and not is_scheduled(func) and (new := rewrite(func)) is not None}
+    return with_functions(mod, {gv: new for gv, func in mod.functions.items() if isinstance(func, tvm.tirx.PrimFunc)
+                                and not is_scheduled(func) and (new := rewrite(func)) is not None})
+
+
+def with_functions(mod, updates: dict):
+    """A copy of `mod` with the functions in `updates` ({GlobalVar: function}) replaced; `mod`
+    itself when there are none."""
     if not updates:
         return mod
     mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)

@@ -11,8 +11,10 @@ All agree with PyTorch's float64 result to 1e-6 relative over [-100, 100] (measu
 own float32 functions: 6e-8), keep +-inf and nan, except `erf(nan)`, which is 1
 (tests/passes/test_fast_math.py). float64 calls are left alone: float64 steps stay exact.
 
-The pass rewrites the calls inside every PrimFunc right after LegalizeOps wrote them, before fusion,
-so the kernels tuning measures are the kernels that run.
+The pass rewrites the calls inside every kernel once it is scheduled, tuned ones included (the
+tuner's builder applies it too, so tuning measures what runs). Not earlier: the approximation binds
+its argument with a `let`, and inlining a stage into two consumers (inline_elementwise, softmax's
+exp) would define that variable twice, which TVM rejects as ill-formed.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from tvm import te, tirx, topi
 from tvm.ir.expr import Call, TensorLoad, Var
 from tvm.tirx.stmt import BufferStore
 
-from ..ir import map_kernels
+from ..ir import with_functions
 
 APPROXIMATED = ("exp", "erf", "tanh", "sigmoid")
 TIR_OPS = {f"tirx.{name}" for name in APPROXIMATED}
@@ -102,10 +104,12 @@ def _rewrite(call):
 def fast_math() -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="FastMath")
     def transform(mod, _ctx):
-        def rewrite(kernel):
-            new = tvm_ffi.structural_map(kernel, [(Call, _rewrite)])
-            return None if new.same_as(kernel) else new
-
-        return map_kernels(mod, rewrite)
+        updates = {}
+        for gvar, kernel in mod.functions.items():
+            if isinstance(kernel, tirx.PrimFunc):
+                new = tvm_ffi.structural_map(kernel, [(Call, _rewrite)])
+                if not new.same_as(kernel):
+                    updates[gvar] = new
+        return with_functions(mod, updates)
 
     return transform

@@ -103,3 +103,26 @@ def test_calls_inside_fused_expressions_are_rewritten():
     t = torch.from_numpy(x.astype(np.float64))
     expected = (torch.nn.functional.gelu(t) * torch.exp(torch.erf(t))).numpy()
     np.testing.assert_allclose(run(fast, x), expected, rtol=2e-6, atol=3e-6)
+
+
+def test_after_scheduling_inlined_stages_stay_well_formed():
+    """Softmax's exp stage is inlined into two consumers (its sum and its normalisation) by
+    inline_elementwise; fast_math runs after it, so each copy gets its own let variable and the
+    kernel is still valid TIR, scheduled (threads) and right."""
+    from pockengine import build, targets
+
+    x = np.random.default_rng(0).standard_normal((4, 4, 32, 32)).astype("float32") * 4
+    bb = relax.BlockBuilder()
+    var = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    with bb.function("main", [var]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.softmax(var, axis=-1))
+        bb.emit_func_output(out)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    preset = targets.resolve(FAST_HOST)
+    scheduled = tvm.transform.Sequential(build.kernel_schedule_passes(preset))(mod)
+    (kernel,) = [f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert tvm.s_tir.analysis.verify_well_formed(kernel)
+    assert "T.parallel" in kernel.script() and not tir_calls(scheduled)
+    expected = torch.softmax(torch.from_numpy(x.astype(np.float64)), -1).numpy()
+    np.testing.assert_allclose(run(scheduled, x), expected, rtol=2e-6, atol=1e-8)
