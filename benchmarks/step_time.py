@@ -7,7 +7,8 @@ torch.compile vs ONNX Runtime training, on the same step with the same frozen se
 
 Workloads: MobileNetV2-0.35 at 8x3x128x128 (full update and MCUNetV3-style sparse update) and a
 4-layer transformer classifier (d_model 128, seq 128, batch 8; full and last-2-blocks + biases).
-Every time is the median of `--repeats` steps after warm-up, all measured in this one process.
+Every time is the median of `--repeats` steps after warm-up: ours in this process, PyTorch's and
+ONNX Runtime's each in a fresh process with their default OpenMP settings (see pockengine.bench).
 GFLOP/s = the step's conv and matmul FLOPs (counted on the compiled graph) / median time, against
 this machine's practical peak (pockengine.bench.PEAK_GFLOPS: a large oneDNN sgemm on both cores).
 """
@@ -76,6 +77,11 @@ def make_job(workload: dict, scheme: str) -> pe.TrainingJob:
                           sparse_update=workload["schemes"][scheme](model), name=f"{workload['name']}-{scheme}")
 
 
+def job_for(name: str, scheme: str, small: bool) -> pe.TrainingJob:
+    """The job of workload `name` (as in workloads(small)) and `scheme`: what another process builds."""
+    return make_job(next(w for w in workloads(small) if w["name"] == name), scheme)
+
+
 def tune_all(budget_s: float, trials: int, small: bool, only: str | None = None, scheme: str | None = None,
              min_flop_share: float = tuning.MIN_FLOP_SHARE) -> None:
     """Tune every workload's step into tuning_logs/host/<workload>/ (resumable): the full update
@@ -89,12 +95,13 @@ def tune_all(budget_s: float, trials: int, small: bool, only: str | None = None,
                             time_budget_s=budget_s, min_flop_share=min_flop_share)
 
 
-def measure(workload: dict, scheme: str, repeats: int, peers: set, log=sys.stderr) -> dict:
+def measure(workload: dict, scheme: str, small: bool, repeats: int, peers: set, log=sys.stderr) -> dict:
     """{column: median ms, ...} for one workload and scheme (pockengine.bench), ONNX Runtime added."""
     logs = tuning.log_directories(os.path.join(TUNING_LOGS, workload["name"]))
     if not logs:
         print(f"no tuning log under {TUNING_LOGS}/{workload['name']}: run --tune first", file=log)
-    row = bench.step_times(lambda: make_job(workload, scheme), "host", logs, repeats, peers, log)
+    source = bench.JobSource(os.path.abspath(__file__), "job_for", (workload["name"], scheme, small))
+    row = bench.step_times(source, "host", logs, repeats, peers, log)
     if "ort" in peers:
         job = make_job(workload, scheme)
         print(f"[{job.name}] ONNX Runtime training ...", file=log, flush=True)
@@ -143,7 +150,7 @@ def measure_ort(job, plan, x, y, repeats: int) -> float:
             json.dump(trained, f)
         result = subprocess.run([ort_python(), os.path.join(HERE, "ort_training.py"), onnx_path,
                                  os.path.join(tmp, "batch.npz"), os.path.join(tmp, "trained.json"), str(repeats)],
-                                capture_output=True, text=True)
+                                capture_output=True, text=True, env=bench.peer_environment())
     if result.returncode != 0:
         raise RuntimeError(f"ONNX Runtime training failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])["ms"]
@@ -174,7 +181,7 @@ def main(argv=None):
         for scheme in workload["schemes"]:
             if args.scheme and scheme != args.scheme:
                 continue
-            rows.append((workload["title"], scheme, measure(workload, scheme, args.repeats, peers)))
+            rows.append((workload["title"], scheme, measure(workload, scheme, args.small, args.repeats, peers)))
             print(bench.report(rows[-1:]), file=sys.stderr, flush=True)
     print(bench.report(rows))
     return rows

@@ -3,14 +3,21 @@ against PyTorch eager and torch.compile running the same step (same frozen set, 
 
     pockengine bench train.py [--tuning-log DIR] [--torch-compile]
 
-Every time is the median of `repeats` steps after warm-up, all in this one process. GFLOP/s counts
-the step's convolutions and matmuls (forward and backward) over the median time.
+Every time is the median of `repeats` steps after warm-up. Ours run in this process, with the
+OpenMP setting importing pockengine makes (OMP_WAIT_POLICY=PASSIVE: PyTorch's idle OpenMP threads
+would otherwise spin on the cores TVM's pool needs). PyTorch runs in a fresh process with its own
+defaults: PASSIVE costs eager ~20% on this machine, so measuring it here would flatter us.
+GFLOP/s counts the step's convolutions and matmuls (forward and backward) over the median time.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -53,18 +60,40 @@ def torch_training_step(job, plan, compiled: bool = False):
     return step
 
 
-def step_times(job_factory, target="host", tuning_logs=(), repeats: int = 10, peers=("eager",),
+@dataclasses.dataclass(frozen=True)
+class JobSource:
+    """Where a job comes from, so another process can build the same one: a train.py (its `job`),
+    or `factory(*args)` defined in a Python file."""
+
+    script: str
+    factory: str | None = None
+    args: tuple = ()
+
+    def load(self):
+        from .job import load_job
+
+        if self.factory is None:
+            return load_job(self.script)
+        import runpy
+
+        return runpy.run_path(self.script, run_name="__pockengine_bench__")[self.factory](*self.args)
+
+
+def step_times(source: JobSource, target="host", tuning_logs=(), repeats: int = 10, peers=("eager",),
                log=sys.stderr) -> dict:
-    """{column: median ms, "gflop": conv+matmul GFLOP per step, ...} for a job (built afresh by
-    `job_factory` for every variant: compiling consumes nothing, but each variant starts equal)."""
+    """{column: median ms, "gflop": conv+matmul GFLOP per step, "job": its name, ...} for a job
+    (built afresh from `source` for every variant: compiling consumes nothing, but each variant
+    starts equal)."""
     import pockengine as pe
 
+    job_factory = source.load
     row = {}
     variants = {"untuned": ((), "tvm"), "tuned": (tuning_logs, "tvm"), "tuned+switch": (tuning_logs, "auto")}
     for column, (logs, backend) in variants.items():
         if column != "untuned" and not logs:
             continue
         job = job_factory()
+        row["job"] = job.name
         print(f"[{job.name}] compiling ({column}) ...", file=log, flush=True)
         program = pe.compile(job, target, tuning_logs=logs, backend=backend)
         batch = job.example_inputs + (job.example_targets,)
@@ -75,18 +104,49 @@ def step_times(job_factory, target="host", tuning_logs=(), repeats: int = 10, pe
             row["tuned kernels"] = len(program.meta["tuning"]["tuned"])
         if column == "tuned+switch":
             row["library ops"] = sum(c["calls"] for c in program.meta["backend"]["choices"] if c["backend"] == "library")
-    job = job_factory()
-    plan = job.plan(job.import_model())
-    for column in ("eager", "torch.compile"):
-        if column in peers:
-            print(f"[{job.name}] {column} ...", file=log, flush=True)
-            step = torch_training_step(job, plan, compiled=column == "torch.compile")
-            start = time.perf_counter()
-            step()  # torch.compile compiles here (minutes, cold)
-            if column == "torch.compile":
-                row["compile s"] = time.perf_counter() - start
-            row[column] = median_ms(step, repeats)
+    torch_peers = [c for c in ("eager", "torch.compile") if c in peers]
+    if torch_peers:
+        print(f"[{job.name}] {', '.join(torch_peers)} (fresh process) ...", file=log, flush=True)
+        row.update(torch_times_in_fresh_process(source, torch_peers, repeats))
     return row
+
+
+def peer_environment() -> dict:
+    """This environment without the OpenMP setting pockengine made for itself."""
+    env = dict(os.environ)
+    if env.get("OMP_WAIT_POLICY") == "PASSIVE":
+        env.pop("OMP_WAIT_POLICY")
+    return env
+
+
+def torch_times_in_fresh_process(source: JobSource, columns, repeats: int) -> dict:
+    request = json.dumps({"source": dataclasses.asdict(source), "columns": list(columns), "repeats": repeats})
+    # torch is imported first, so its OpenMP starts with the child's environment (importing
+    # pockengine first would set PASSIVE again).
+    code = "import sys, torch; from pockengine.bench import _peer_main; _peer_main(sys.argv[1])"
+    result = subprocess.run([sys.executable, "-c", code, request], env=peer_environment(), capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"timing PyTorch failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def torch_times(source: JobSource, columns, repeats: int) -> dict:
+    """Median step times of PyTorch eager and/or torch.compile for the job, in this process."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    job = source.load()
+    plan = job.plan(job.import_model())
+    times = {}
+    for column in columns:
+        step = torch_training_step(job, plan, compiled=column == "torch.compile")
+        start = time.perf_counter()
+        step()  # torch.compile compiles here (minutes, cold)
+        if column == "torch.compile":
+            times["compile s"] = time.perf_counter() - start
+        times[column] = median_ms(step, repeats)
+    return times
 
 
 def report(rows: list[tuple[str, str, dict]]) -> str:
@@ -104,5 +164,15 @@ def report(rows: list[tuple[str, str, dict]]) -> str:
         faster = ", ".join(f"{c} {row[c] / ours:.2f}x" for c in ("eager", "torch.compile", "ort") if c in row)
         lines.append(f"{'':<56}best of ours {ours:.1f} ms: {gflops:.1f} GFLOP/s = {100 * gflops / PEAK_GFLOPS:.0f}% of "
                      f"{PEAK_GFLOPS:.0f} peak ({row['gflop']:.3f} GFLOP/step); speed-up over {faster}")
-    lines.append("median step time after warm-up, one process; time / eager < 1 is faster than PyTorch eager")
+    lines.append("median step time after warm-up; ours in one process, PyTorch's in a fresh one with its default "
+                 "OpenMP settings; time / eager < 1 is faster than PyTorch eager")
     return "\n".join(lines)
+
+
+def _peer_main(request: str) -> None:
+    """The fresh process's side of torch_times_in_fresh_process: PyTorch's times, printed as JSON."""
+    spec = json.loads(request)
+    source = spec["source"]
+    times = torch_times(JobSource(source["script"], source["factory"], tuple(source["args"])), spec["columns"],
+                        spec["repeats"])
+    print(json.dumps(times))

@@ -112,15 +112,13 @@ def cmd_tune(args) -> int:
 
 def cmd_bench(args) -> int:
     from . import bench
-    from .job import load_job
     from .targets import resolve
 
     target = resolve(_parse_target(args.target))
     logs = _tuning_logs(args.tuning_log, target.name)
-    job = load_job(args.train_py)
     peers = ("eager", "torch.compile") if args.torch_compile else ("eager",)
-    row = bench.step_times(lambda: load_job(args.train_py), target, logs, args.repeats, peers)
-    print(bench.report([(job.name, "as in train.py", row)]))
+    row = bench.step_times(bench.JobSource(args.train_py), target, logs, args.repeats, peers)
+    print(bench.report([(row["job"], "as in train.py", row)]))
     return 0
 
 
