@@ -120,8 +120,10 @@ def freeze_batchnorm(model):
     return model
 
 
-def run(name, make_model, x, y, schemes, target, repeats, rows):
+def run(name, make_model, x, y, schemes, target, repeats, rows, only=None):
     for scheme_name, (scheme, bn_frozen) in schemes(make_model()).items():
+        if only is not None and scheme_name not in only:
+            continue
         torch.manual_seed(0)
         model = make_model().train()
         if bn_frozen:
@@ -154,7 +156,9 @@ def main(argv=None):
     parser.add_argument("--small", action="store_true", help="reduced sizes (for CI)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--target", default="host")
+    parser.add_argument("--scheme", action="append", help="run only this scheme (repeatable; default: all)")
     args = parser.parse_args(argv)
+    only = None if args.scheme is None else set(args.scheme)
     torch.set_num_threads(os.cpu_count() or 1)
     rows = []
     if args.small:
@@ -165,11 +169,11 @@ def main(argv=None):
     x = torch.randn(batch, 3, res, res, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
     run(f"MobileNetV2-0.35 {res}x{res} b{batch}", lambda: MobileNetV2(num_classes=10, width_mult=0.35), x, y,
-        mobilenet_schemes, args.target, args.repeats, rows)
+        mobilenet_schemes, args.target, args.repeats, rows, only)
     xt = torch.randn(batch, seq, 16, generator=g)
     run(f"Transformer d{d_model} x{layers} seq{seq} b{batch}",
         lambda: TransformerClassifier(d_in=16, d_model=d_model, heads=4, classes=10, layers=layers, ffn=4 * d_model),
-        xt, y, transformer_schemes, args.target, args.repeats, rows)
+        xt, y, transformer_schemes, args.target, args.repeats, rows, only)
 
     header = (f"{'model':<34}{'scheme':<28}{'trained':>10}{'ours MiB':>10}{'torch MiB':>10}{'mem ratio':>10}"
               f"{'ours ms':>10}{'torch ms':>10}{'time ratio':>11}")

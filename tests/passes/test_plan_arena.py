@@ -35,22 +35,24 @@ def test_offsets_never_overlap_in_space_while_overlapping_in_time():
         assert live_peak <= total
 
 
-def lowered(planner_pass, model, x, scheme):
+def lowered(planners, model, x, scheme) -> list:
+    """The step lowered up to memory planning once, then planned by each of `planners`."""
     job = pe.TrainingJob(model, (x,), torch.randint(0, 10, (x.shape[0],)), "cross_entropy",
                          pe.optim.SGD(lr=0.1, momentum=0.9), sparse_update=scheme)
     imported = job.import_model()
     step_mod, signature, _ = build.derive_step(imported, job.optimizer, job.plan(imported))
     preset = targets.resolve(FAST_HOST)
     with preset.target():
-        passes = build.fusion_passes(preset.target()) + build.lowering_passes(preset, signature)[:-1] + [planner_pass]
-        return tvm.transform.Sequential(passes)(step_mod)[STEP_FUNC]
+        passes = build.fusion_passes(preset.target()) + build.lowering_passes(preset, signature)[:-1]
+        unplanned = tvm.transform.Sequential(passes)(step_mod)
+        return [planner(unplanned)[STEP_FUNC] for planner in planners]
 
 
 def test_one_arena_smaller_than_tvms_plan_on_mobilenet():
     x = torch.randn(2, 3, 32, 32)
     for scheme in (SparseUpdate.full(), SparseUpdate.bias_only()):
-        ours = lowered(plan_arena(STEP_FUNC), mobilenetv2(width_mult=0.35, num_classes=10), x, scheme)
-        tvms = lowered(relax.transform.StaticPlanBlockMemory(), mobilenetv2(width_mult=0.35, num_classes=10), x, scheme)
+        ours, tvms = lowered([plan_arena(STEP_FUNC), relax.transform.StaticPlanBlockMemory()],
+                             mobilenetv2(width_mult=0.35, num_classes=10), x, scheme)
         pool, storages, _ = planned_storage(ours)
         tvm_pool, tvm_storages, _ = planned_storage(tvms)
         assert storages == 1 and tvm_storages > 10
