@@ -87,6 +87,10 @@ def backend_summary(backend: dict, table: bool = False) -> str:
     on_library = sum(c["calls"] for c in choices if c["backend"] == "library")
     total = sum(c["calls"] for c in choices)
     text = f"backend: {backend['mode']}; {on_library} of {total} heavy op calls on library kernels"
+    if "step_ms" in backend:  # auto: the whole step timed with the switched ops and without
+        times = backend["step_ms"]
+        kept = "switched" if on_library else "all TVM"
+        text += f" (whole step: switched {times['switched']:.1f} ms, all TVM {times['tvm']:.1f} ms; kept {kept})"
     if table and any(c["tvm_ms"] is not None for c in choices):
         text += f"\n  {'op':<58}{'shapes':<36}{'calls':>6}{'tvm ms':>9}{'lib ms':>9}  chosen"
         for c in choices:

@@ -83,6 +83,27 @@ class Program:
 
     def step(self, *batch) -> float:
         """Run one training step on (inputs..., target) and return the loss."""
+        outs = self._fn(*self._batch_tensors(batch), *(self._state[s.name] for s in self.signature.state))
+        for name, value in zip(self.signature.outputs, list(outs)[1:]):
+            self._state[name] = value
+        self.steps_taken += 1
+        return float(outs[0].numpy())
+
+    def time_step(self, *batch, repeats: int = 10) -> float:
+        """Median milliseconds of a step on `batch` after warm-up, run on a copy of the state: the
+        program itself trains nothing."""
+        from .bench import median_ms
+
+        args = self._batch_tensors(batch)
+        state = {name: self._tensor(value.numpy()) for name, value in self._state.items()}
+
+        def run():
+            outs = self._fn(*args, *(state[s.name] for s in self.signature.state))
+            state.update(zip(self.signature.outputs, list(outs)[1:]))
+
+        return median_ms(run, repeats)
+
+    def _batch_tensors(self, batch) -> list:
         specs = self.signature.batch
         if len(batch) != len(specs):
             names = ", ".join(s.name for s in specs)
@@ -97,11 +118,7 @@ class Program:
                     "shapes and dtypes: convert the array, or compile again with an example of this shape."
                 )
             args.append(self._tvm.runtime.tensor(np.ascontiguousarray(a), self._device))
-        outs = self._fn(*args, *(self._state[s.name] for s in self.signature.state))
-        for name, value in zip(self.signature.outputs, list(outs)[1:]):
-            self._state[name] = value
-        self.steps_taken += 1
-        return float(outs[0].numpy())
+        return args
 
     @property
     def lr(self) -> float:

@@ -153,6 +153,18 @@ def test_step_rejects_wrong_shape_dtype_and_count():
     assert program.steps_taken == 0
 
 
+def test_time_step_trains_nothing():
+    program, _ = make_program()
+    x, y = BATCHES[0]
+    before = program.state_dict()
+    assert program.time_step(x, y, repeats=3) > 0
+    assert program.steps_taken == 0
+    for k, v in program.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+    with pytest.raises(InputError, match=r"input 0 \(x\)"):
+        program.time_step(x[:4], y)
+
+
 def test_state_dict_round_trip_and_errors():
     program, model = make_program()
     sd = {k: v.numpy() * 0.5 for k, v in model.state_dict().items()}
