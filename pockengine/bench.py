@@ -5,8 +5,9 @@ against PyTorch eager and torch.compile running the same step (same frozen set, 
 
 Every time is the median of `repeats` steps after warm-up. Ours run in this process, with the
 OpenMP setting importing pockengine makes (OMP_WAIT_POLICY=PASSIVE: PyTorch's idle OpenMP threads
-would otherwise spin on the cores TVM's pool needs). PyTorch runs in a fresh process with its own
-defaults: PASSIVE costs eager ~20% on this machine, so measuring it here would flatter us.
+would otherwise spin on the cores TVM's pool needs). PyTorch runs in fresh processes, once with
+OpenMP's default and once with PASSIVE, and is credited with the faster: PASSIVE costs eager ~20%
+on this machine, so measuring it only here would flatter us.
 GFLOP/s counts the step's convolutions and matmuls (forward and backward) over the median time.
 """
 
@@ -106,17 +107,39 @@ def step_times(source: JobSource, target="host", tuning_logs=(), repeats: int = 
             row["library ops"] = sum(c["calls"] for c in program.meta["backend"]["choices"] if c["backend"] == "library")
     torch_peers = [c for c in ("eager", "torch.compile") if c in peers]
     if torch_peers:
-        print(f"[{job.name}] {', '.join(torch_peers)} (fresh process) ...", file=log, flush=True)
+        print(f"[{job.name}] {', '.join(torch_peers)} (fresh processes) ...", file=log, flush=True)
         row.update(torch_times_in_fresh_process(source, torch_peers, repeats))
     return row
 
 
-def peer_environment() -> dict:
-    """This environment without the OpenMP setting pockengine made for itself."""
+# OpenMP wait policies each peer is timed under, in fresh processes (None: unset, OpenMP's default);
+# it is credited with its faster one. PASSIVE is what pockengine sets for itself; measured here it
+# costs eager ~20%, while ONNX Runtime's times moved the other way between runs.
+PEER_WAIT_POLICIES = (None, "PASSIVE")
+
+
+def peer_environment(wait_policy: str | None = None) -> dict:
+    """This environment with OMP_WAIT_POLICY set to `wait_policy` (None: unset)."""
     env = dict(os.environ)
-    if env.get("OMP_WAIT_POLICY") == "PASSIVE":
-        env.pop("OMP_WAIT_POLICY")
+    env.pop("OMP_WAIT_POLICY", None)
+    if wait_policy is not None:
+        env["OMP_WAIT_POLICY"] = wait_policy
     return env
+
+
+def best_over_wait_policies(measure, columns) -> dict:
+    """measure(env) -> {column: ms, ...}, run once per PEER_WAIT_POLICIES; each column keeps its
+    fastest time, and "<column> wait policy" says under which policy."""
+    best = {}
+    for policy in PEER_WAIT_POLICIES:
+        times = measure(peer_environment(policy))
+        for key, value in times.items():
+            if key in columns and (key not in best or value < best[key]):
+                best[key] = value
+                best[f"{key} wait policy"] = policy or "default"
+            elif key not in columns:
+                best.setdefault(key, value)
+    return best
 
 
 def torch_times_in_fresh_process(source: JobSource, columns, repeats: int) -> dict:
@@ -124,11 +147,14 @@ def torch_times_in_fresh_process(source: JobSource, columns, repeats: int) -> di
     # torch is imported first, so its OpenMP starts with the child's environment (importing
     # pockengine first would set PASSIVE again).
     code = "import sys, torch; from pockengine.bench import _peer_main; _peer_main(sys.argv[1])"
-    result = subprocess.run([sys.executable, "-c", code, request], env=peer_environment(), capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"timing PyTorch failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def measure(env):
+        result = subprocess.run([sys.executable, "-c", code, request], env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"timing PyTorch failed:\n{result.stderr[-3000:]}")
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    return best_over_wait_policies(measure, columns)
 
 
 def torch_times(source: JobSource, columns, repeats: int) -> dict:
@@ -164,8 +190,8 @@ def report(rows: list[tuple[str, str, dict]]) -> str:
         faster = ", ".join(f"{c} {row[c] / ours:.2f}x" for c in ("eager", "torch.compile", "ort") if c in row)
         lines.append(f"{'':<56}best of ours {ours:.1f} ms: {gflops:.1f} GFLOP/s = {100 * gflops / PEAK_GFLOPS:.0f}% of "
                      f"{PEAK_GFLOPS:.0f} peak ({row['gflop']:.3f} GFLOP/step); speed-up over {faster}")
-    lines.append("median step time after warm-up; ours in one process, PyTorch's in a fresh one with its default "
-                 "OpenMP settings; time / eager < 1 is faster than PyTorch eager")
+    lines.append("median step time after warm-up; ours in one process; each peer in fresh processes, the faster of "
+                 "OMP_WAIT_POLICY unset and PASSIVE; time / eager < 1 is faster than PyTorch eager")
     return "\n".join(lines)
 
 

@@ -158,17 +158,16 @@ def test_bench_compares_untuned_tuned_and_switched_with_pytorch(mlp_log):
     assert "GFLOP/s" in summary and "speed-up over eager" in summary
 
 
-def test_pytorch_is_timed_without_the_openmp_setting_pockengine_makes(monkeypatch):
-    """PASSIVE waiting is ours (see pockengine/__init__): PyTorch is timed in a fresh process
-    without it, and that process builds the same job from its source."""
+def test_pytorch_is_timed_in_fresh_processes_under_both_openmp_wait_policies(monkeypatch):
+    """PASSIVE waiting is ours (see pockengine/__init__): PyTorch is timed in fresh processes with
+    and without it and credited with the faster; those processes build the job from its source."""
     from pockengine import bench
 
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     assert "OMP_WAIT_POLICY" not in bench.peer_environment()
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # a user's own choice is kept
-    assert bench.peer_environment()["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert bench.peer_environment("PASSIVE")["OMP_WAIT_POLICY"] == "PASSIVE"
     times = bench.torch_times_in_fresh_process(bench.JobSource(os.path.join(ROOT, "examples", "mlp_digits", "train.py")), ["eager"], 2)
-    assert set(times) == {"eager"} and times["eager"] > 0
+    assert times["eager"] > 0 and times["eager wait policy"] in ("default", "PASSIVE")
 
 
 def test_shipped_logs_tune_the_benchmark_transformer():
