@@ -108,13 +108,13 @@ def step_times(source: JobSource, target="host", tuning_logs=(), repeats: int = 
     torch_peers = [c for c in ("eager", "torch.compile") if c in peers]
     if torch_peers:
         print(f"[{job.name}] {', '.join(torch_peers)} (fresh processes) ...", file=log, flush=True)
-        row.update(torch_times_in_fresh_process(source, torch_peers, repeats))
+        row.update(torch_times_in_fresh_processes(source, torch_peers, repeats))
     return row
 
 
 # OpenMP wait policies each peer is timed under, in fresh processes (None: unset, OpenMP's default);
-# it is credited with its faster one. PASSIVE is what pockengine sets for itself; measured here it
-# costs eager ~20%, while ONNX Runtime's times moved the other way between runs.
+# it is credited with its faster one. PASSIVE is what pockengine sets for itself: measured here it
+# cost eager ~20% on MobileNetV2, while ONNX Runtime was faster with it (118 ms) than without (165 ms).
 PEER_WAIT_POLICIES = (None, "PASSIVE")
 
 
@@ -142,7 +142,7 @@ def best_over_wait_policies(measure, columns) -> dict:
     return best
 
 
-def torch_times_in_fresh_process(source: JobSource, columns, repeats: int) -> dict:
+def torch_times_in_fresh_processes(source: JobSource, columns, repeats: int) -> dict:
     request = json.dumps({"source": dataclasses.asdict(source), "columns": list(columns), "repeats": repeats})
     # torch is imported first, so its OpenMP starts with the child's environment (importing
     # pockengine first would set PASSIVE again).
@@ -190,13 +190,16 @@ def report(rows: list[tuple[str, str, dict]]) -> str:
         faster = ", ".join(f"{c} {row[c] / ours:.2f}x" for c in ("eager", "torch.compile", "ort") if c in row)
         lines.append(f"{'':<56}best of ours {ours:.1f} ms: {gflops:.1f} GFLOP/s = {100 * gflops / PEAK_GFLOPS:.0f}% of "
                      f"{PEAK_GFLOPS:.0f} peak ({row['gflop']:.3f} GFLOP/step); speed-up over {faster}")
+        policies = ", ".join(f"{c} {row[f'{c} wait policy']}" for c in COLUMNS if f"{c} wait policy" in row)
+        if policies:
+            lines.append(f"{'':<56}peers' faster OMP_WAIT_POLICY: {policies}")
     lines.append("median step time after warm-up; ours in one process; each peer in fresh processes, the faster of "
                  "OMP_WAIT_POLICY unset and PASSIVE; time / eager < 1 is faster than PyTorch eager")
     return "\n".join(lines)
 
 
 def _peer_main(request: str) -> None:
-    """The fresh process's side of torch_times_in_fresh_process: PyTorch's times, printed as JSON."""
+    """The fresh process's side of torch_times_in_fresh_processes: PyTorch's times, printed as JSON."""
     spec = json.loads(request)
     source = spec["source"]
     times = torch_times(JobSource(source["script"], source["factory"], tuple(source["args"])), spec["columns"],

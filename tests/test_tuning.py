@@ -166,7 +166,7 @@ def test_pytorch_is_timed_in_fresh_processes_under_both_openmp_wait_policies(mon
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     assert "OMP_WAIT_POLICY" not in bench.peer_environment()
     assert bench.peer_environment("PASSIVE")["OMP_WAIT_POLICY"] == "PASSIVE"
-    times = bench.torch_times_in_fresh_process(bench.JobSource(os.path.join(ROOT, "examples", "mlp_digits", "train.py")), ["eager"], 2)
+    times = bench.torch_times_in_fresh_processes(bench.JobSource(os.path.join(ROOT, "examples", "mlp_digits", "train.py")), ["eager"], 2)
     assert times["eager"] > 0 and times["eager wait policy"] in ("default", "PASSIVE")
 
 
