@@ -49,8 +49,11 @@ def schedule_kernel(func, vector_lanes: int, cores: int):
         root = sch.get_sblock("root")
     except Exception:  # noqa: BLE001 - not a block-structured kernel
         return None
-    for nest in _nests(sch, root):
-        _schedule_nest(sch, nest, vector_lanes, cores)
+    try:
+        for nest in _nests(sch, root):
+            _schedule_nest(sch, nest, vector_lanes, cores)
+    except s_tir.schedule.ScheduleError:  # a transpose's tiling refused: the kernel keeps TVM's loops
+        return None
     scheduled = sch.mod["main"]
     return scheduled.with_attrs(func.attrs) if func.attrs is not None else scheduled
 
