@@ -145,13 +145,32 @@ class TuningReport:
 
 
 def open_logs(directories: list[str]):
-    """One database over several tuning logs (None for none)."""
+    """One database over several tuning logs (None for none). Reading a database is TVM's slowest
+    step of a build that has logs (4 s for the two shipped ones) and a build may need it three
+    times (backend measurement, and the switched and the all-TVM lowering), so what was read stays
+    in this process until its files change."""
     from tvm.s_tir import meta_schedule as ms
 
-    databases = [open_log(d) for d in directories]
-    if len(databases) < 2:
-        return databases[0] if databases else None
-    return ms.database.UnionDatabase(*databases)
+    key = tuple((d, _file_stamp(os.path.join(d, WORKLOAD_FILE)), _file_stamp(os.path.join(d, RECORD_FILE)))
+                for d in directories)
+    if key not in _OPENED:
+        databases = [open_log(d) for d in directories]
+        if len(_OPENED) >= 4:
+            _OPENED.pop(next(iter(_OPENED)))
+        _OPENED[key] = (databases[0] if len(databases) == 1 else ms.database.UnionDatabase(*databases)
+                        if databases else None)
+    return _OPENED[key]
+
+
+_OPENED: dict = {}  # open_logs' databases by (directory, file stamps)
+
+
+def _file_stamp(path: str) -> tuple:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ()
+    return st.st_mtime_ns, st.st_size
 
 
 def apply_database(fused_mod, target, database):
