@@ -53,6 +53,16 @@ def test_tuning_writes_a_database_that_resumes(mlp_log):
     assert again["trials_run"] == 0 and again["already"] >= TRIALS - 2
 
 
+
+def test_open_logs_reads_a_database_once_until_it_changes(mlp_log):
+    _, log, _ = mlp_log
+    first = tuning.open_logs([log])
+    assert tuning.open_logs([log]) is first  # an auto build asks three times
+    record = os.path.join(log, tuning.RECORD_FILE)
+    stat = os.stat(record)
+    os.utime(record, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as a resumed tuning run would
+    assert tuning.open_logs([log]) is not first
+
 def test_tuned_build_matches_untuned_and_pytorch(mlp_log):
     model, log, result = mlp_log
     batches = make_batches((8, 32), 10, STEPS)
