@@ -117,7 +117,10 @@ def test_switching_keeps_parity_with_pytorch(model_name):
     batches = make_batches(shape, classes, 5, dtype=torch.float64)
     reference = copy.deepcopy(model)
     train_torch(reference, pe.optim.SGD(lr=lr, momentum=0.9), batches)
-    for mode in ("library", "auto"):
+    # MobileNetV2 runs every convolution and its gradients on the library; the auto decision (per op,
+    # then the whole step) is checked on the transformer: on MobileNetV2 it measures ~60 ops and
+    # builds twice, a minute of CI for no path the transformer does not take.
+    for mode in ("library", "auto") if model_name == "transformer" else ("library",):
         program = train_with(mode, model, batches, lr)
         backend = program.meta["backend"]
         if mode == "library":
