@@ -99,8 +99,7 @@ def step_times(source: JobSource, target="host", tuning_logs=(), repeats: int = 
         row["job"] = job.name
         print(f"[{job.name}] compiling ({column}) ...", file=log, flush=True)
         program = pe.compile(job, target, tuning_logs=logs, backend=backend)
-        batch = job.example_inputs + (job.example_targets,)
-        row[column] = median_ms(lambda: program.step(*batch), repeats)
+        row[column] = program.time_step(*job.example_inputs, job.example_targets, repeats=repeats)
         flops = program.memory_report().flops
         row["gflop"] = (flops["forward"] + flops["backward"]) / 1e9
         if column == "tuned":

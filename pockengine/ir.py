@@ -73,16 +73,13 @@ def is_scheduled(func) -> bool:
     return bool(func.attrs is not None and func.attrs.get("tirx.is_scheduled"))
 
 
-def map_kernels(mod, rewrite):
+def map_kernels(mod, rewrite, include_scheduled: bool = False):
     """A copy of `mod` where each TIR kernel not yet scheduled (see is_scheduled) is replaced by
-    `rewrite(kernel)` unless that is None. Tuned kernels are left as the tuner made them."""
-    return with_functions(mod, {gv: new for gv, func in mod.functions.items() if isinstance(func, tvm.tirx.PrimFunc)
-                                and not is_scheduled(func) and (new := rewrite(func)) is not None})
-
-
-def with_functions(mod, updates: dict):
-    """A copy of `mod` with the functions in `updates` ({GlobalVar: function}) replaced; `mod`
-    itself when there are none."""
+    `rewrite(kernel)` unless that is None. Tuned kernels are left as the tuner made them, unless
+    `include_scheduled` (a rewrite that keeps every loop, such as fast_math's)."""
+    updates = {gv: new for gv, func in mod.functions.items()
+               if isinstance(func, tvm.tirx.PrimFunc) and (include_scheduled or not is_scheduled(func))
+               and (new := rewrite(func)) is not None}
     if not updates:
         return mod
     mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)

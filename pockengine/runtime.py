@@ -83,9 +83,7 @@ class Program:
 
     def step(self, *batch) -> float:
         """Run one training step on (inputs..., target) and return the loss."""
-        outs = self._fn(*self._batch_tensors(batch), *(self._state[s.name] for s in self.signature.state))
-        for name, value in zip(self.signature.outputs, list(outs)[1:]):
-            self._state[name] = value
+        outs = self._run(self._batch_tensors(batch), self._state)
         self.steps_taken += 1
         return float(outs[0].numpy())
 
@@ -96,12 +94,13 @@ class Program:
 
         args = self._batch_tensors(batch)
         state = {name: self._tensor(value.numpy()) for name, value in self._state.items()}
+        return median_ms(lambda: self._run(args, state), repeats)
 
-        def run():
-            outs = self._fn(*args, *(state[s.name] for s in self.signature.state))
-            state.update(zip(self.signature.outputs, list(outs)[1:]))
-
-        return median_ms(run, repeats)
+    def _run(self, args, state: dict):
+        """One step on `state` ({name: tensor}), which takes the new values; the step's outputs."""
+        outs = self._fn(*args, *(state[s.name] for s in self.signature.state))
+        state.update(zip(self.signature.outputs, list(outs)[1:]))
+        return outs
 
     def _batch_tensors(self, batch) -> list:
         specs = self.signature.batch

@@ -27,7 +27,7 @@ from tvm import te, tirx, topi
 from tvm.ir.expr import Call, TensorLoad, Var
 from tvm.tirx.stmt import BufferStore
 
-from ..ir import with_functions
+from ..ir import map_kernels
 
 APPROXIMATED = ("exp", "erf", "tanh", "sigmoid")
 TIR_OPS = {f"tirx.{name}" for name in APPROXIMATED}
@@ -104,12 +104,10 @@ def _rewrite(call):
 def fast_math() -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="FastMath")
     def transform(mod, _ctx):
-        updates = {}
-        for gvar, kernel in mod.functions.items():
-            if isinstance(kernel, tirx.PrimFunc):
-                new = tvm_ffi.structural_map(kernel, [(Call, _rewrite)])
-                if not new.same_as(kernel):
-                    updates[gvar] = new
-        return with_functions(mod, updates)
+        def rewrite(kernel):
+            new = tvm_ffi.structural_map(kernel, [(Call, _rewrite)])
+            return None if new.same_as(kernel) else new
+
+        return map_kernels(mod, rewrite, include_scheduled=True)
 
     return transform

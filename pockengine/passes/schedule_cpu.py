@@ -25,6 +25,8 @@ Kernels already scheduled (`tirx.is_scheduled`, e.g. from a tuning database) are
 
 from __future__ import annotations
 
+import math
+
 import tvm
 import tvm_ffi
 from tvm import s_tir
@@ -174,13 +176,9 @@ def _transposed_read_axis(sch, block, loops) -> int | None:
         driving = [i for i, var in enumerate(loop_vars) if _uses(value, var)]
         if len(driving) == 1:
             loop_of[iv.var] = driving[0]
-    elements = 1
-    for loop in loops:
-        elements *= loop_extent(sch, loop)
+    elements = _elements(sch, loops)
     for read in sch.get(block).reads:
-        size = 1
-        for dim in read.source.shape:
-            size *= int(dim) if isinstance(dim, tvm.tirx.IntImm) else 0
+        size = math.prod(int(d) if isinstance(d, tvm.tirx.IntImm) else 0 for d in read.source.shape)
         if size < elements:  # a broadcast operand (bias, statistics): read along any axis is cheap
             continue
         drivers = {loop_of[v] for v in collect_vars_used_in_prim_expr(read.region[-1].min) if v in loop_of}
@@ -197,9 +195,7 @@ def _schedule_transpose(sch, loops, read_axis: int, vector_lanes: int, cores: in
     read_loop, write_loop = loops[read_axis], loops[-1]
     if any(loop_extent(sch, loop) == 0 or loop_extent(sch, loop) % tile for loop in (read_loop, write_loop)):
         return False  # a symbolic extent, or one the tile does not divide
-    elements = 1
-    for loop in loops:
-        elements *= loop_extent(sch, loop)
+    elements = _elements(sch, loops)
     read_outer, read_inner = sch.split(read_loop, [None, tile])
     write_outer, write_inner = sch.split(write_loop, [None, tile])
     others = [loop for i, loop in enumerate(loops[:-1]) if i != read_axis]
@@ -239,6 +235,11 @@ def _parallel_outer(sch, blocks, cores: int) -> None:
     fused = _try(sch.fuse, *chosen) if len(chosen) > 1 else chosen[0]
     if fused is not None:
         _try(sch.parallel, fused)
+
+
+def _elements(sch, loops) -> int:
+    """The points a loop nest visits (0 when an extent is not a constant)."""
+    return math.prod(loop_extent(sch, loop) for loop in loops)
 
 
 def loop_extent(sch, loop) -> int:
