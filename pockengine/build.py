@@ -23,7 +23,7 @@ from . import targets
 from .autodiff.step import STEP_FUNC, StepSignature, build_train_step
 from .passes.memory_plan import memory_report
 from .passes.memory_timeline import timeline
-from .errors import UnsupportedOpError
+from .errors import TargetError, UnsupportedOpError
 from .frontend import FUNC_NAME
 from .passes.drop_saved_activations import drop_saved_activations
 from .passes.fast_math import fast_math
@@ -141,18 +141,79 @@ def compile(job, target="host", progress=None, tuning_logs=(), backend="tvm"):  
     schedule of the kernels they match.
     backend: "tvm" (every op a TVM kernel), "library" (every heavy op a library kernel: PyTorch on the
     host) or "auto" (per heavy op, whichever measures faster here, see passes/switch_backend.py;
-    kept only if the whole step is faster than with TVM's kernels alone)."""
-    from . import tuning
-    from .passes import switch_backend as switching
-    from .runtime import Program
+    kept only if the whole step is faster than with TVM's kernels alone).
 
+    For another machine than this one (aarch64, a GPU, a microcontroller) the result is a
+    runtime.DeviceProgram: it exports the artifact for that machine but runs no step here."""
     preset = targets.resolve(target)
-    tvm_target = preset.target()
+    preset.check_tools("build")
+    if preset.family != targets.HOST and backend != "tvm":
+        raise TargetError(f"--backend {backend} runs heavy ops on PyTorch's kernels in the training process, which "
+                          f"only a host build has; build for {preset.name} with --backend tvm")
     with _stage("import", progress):
         imported = import_model(job)
     with _stage("autodiff", progress):
         plan = job.plan(imported)
         step_mod, signature, optimizer_state = derive_step(imported, job.optimizer, plan)
+    derived = Derived(imported, plan, step_mod, signature, optimizer_state)
+    if preset.family == targets.CORTEX_M:
+        return _compile_cortex_m(job, preset, derived, progress)
+    if preset.family == targets.CUDA:
+        return _compile_cuda(job, preset, derived, progress, tuning_logs)
+    return _compile_cpu(job, preset, derived, progress, tuning_logs, backend)
+
+
+@dataclasses.dataclass
+class Derived:
+    """The training step as autodiff left it, before any target-specific lowering."""
+    imported: object
+    plan: dict
+    step_mod: object
+    signature: StepSignature
+    optimizer_state: dict
+
+    @property
+    def initial_state(self) -> dict:
+        return {**self.imported.initial, **self.optimizer_state}
+
+
+def _meta(job, preset, derived: Derived) -> dict:
+    imported = derived.imported
+    return {
+        "name": job.name,
+        "target": preset.name,
+        "family": preset.family,
+        "tvm_target": dict(preset.target().export()),
+        "optimizer": job.optimizer.to_json(),
+        "source": imported.source,
+        "state_dict_keys": job.state_dict_keys() or [s.name for s in imported.params + imported.buffers],
+        "non_persistent": sorted(imported.non_persistent),
+    }
+
+
+def _memory_report(job, lowered, derived: Derived):
+    """The planned memory of `lowered`, with the step's activation timeline, and the full update's
+    when the plan is sparse (to compare)."""
+    step_func, signature, imported = derived.step_mod[STEP_FUNC], derived.signature, derived.imported
+    timelines = {"this step": timeline(step_func, signature)}
+    if any(rule != FULL for rule in derived.plan.values()):
+        try:
+            full_mod, full_sig, _ = derive_step(imported, job.optimizer, {name: FULL for name in derived.plan})
+            timelines["full update"] = timeline(full_mod[STEP_FUNC], full_sig)
+        except UnsupportedOpError:
+            pass  # a frozen part has ops without gradients: there is no full update to compare with
+    return memory_report(lowered, step_func, signature, imported.origin, timelines)
+
+
+def _compile_cpu(job, preset, derived: Derived, progress, tuning_logs, backend):
+    """This machine's CPU (a Program that runs here) or an aarch64 CPU (a cross-compiled library
+    and a runner for the device)."""
+    from . import tuning
+    from .passes import switch_backend as switching
+    from .runtime import DeviceProgram, Program
+
+    tvm_target = preset.target()
+    step_mod, signature = derived.step_mod, derived.signature
 
     def lower(choices):
         switched = switching.switch_backend(choices, STEP_FUNC)(step_mod)
@@ -165,36 +226,27 @@ def compile(job, target="host", progress=None, tuning_logs=(), backend="tvm"):  
         with tvm_target:
             final = tvm.transform.Sequential(finalize_passes())(lowered)
         executable = relax.build(final, target=tvm_target, relax_pipeline=None)
+        meta = {**_meta(job, preset, derived), "tuning": tuning_report.to_json(),
+                "backend": {"mode": backend, "library_kernels": switching.library_kernels(choices),
+                            "choices": [c.to_json() for c in choices]}}
+        scratch = tempfile.mkdtemp(prefix="pockengine-")
+        library = os.path.join(scratch, LIBRARY)
+        if preset.family == targets.AARCH64:
+            from .targets import aarch64
+
+            executable.export_library(library, fcompile=aarch64.cross_compiler())
+            files = {LIBRARY: library, aarch64.RUNNER: aarch64.runner_source_path()}
+            return DeviceProgram(files, signature, derived.initial_state, report, meta, scratch=scratch)
         # LLVM emits machine code when the library is written; doing it once here (instead of a JIT
         # link for the VM and again on export) halves the build. The Program owns the file.
-        library = os.path.join(tempfile.mkdtemp(prefix="pockengine-"), LIBRARY)
         executable.export_library(library)
-        meta = {
-            "name": job.name,
-            "target": preset.name,
-            "tvm_target": dict(tvm_target.export()),
-            "optimizer": job.optimizer.to_json(),
-            "source": imported.source,
-            "state_dict_keys": job.state_dict_keys() or [s.name for s in imported.params + imported.buffers],
-            "non_persistent": sorted(imported.non_persistent),
-            "tuning": tuning_report.to_json(),
-            "backend": {"mode": backend, "library_kernels": switching.library_kernels(choices),
-                        "choices": [c.to_json() for c in choices]},
-        }
-        return Program(library, signature, {**imported.initial, **optimizer_state}, report, meta, owns_library=True)
+        return Program(library, signature, derived.initial_state, report, meta, owns_library=True)
 
     with _stage("lower", progress):
         choices = switching.measure(step_mod[STEP_FUNC], preset, backend, tuning_logs)
         lowered, tuning_report = lower(choices)
     with _stage("memory plan", progress):
-        timelines = {"this step": timeline(step_mod[STEP_FUNC], signature)}
-        if any(rule != FULL for rule in plan.values()):  # the same model fully updated, for comparison
-            try:
-                full_mod, full_sig, _ = derive_step(imported, job.optimizer, {name: FULL for name in plan})
-                timelines["full update"] = timeline(full_mod[STEP_FUNC], full_sig)
-            except UnsupportedOpError:
-                pass  # a frozen part has ops without gradients: there is no full update to compare with
-        report = memory_report(lowered, step_mod[STEP_FUNC], signature, imported.origin, timelines)
+        report = _memory_report(job, lowered, derived)
     with _stage("codegen", progress):
         result = program(choices, lowered, tuning_report, report)
     if backend == "auto" and switching.library_kernels(choices):
@@ -206,11 +258,45 @@ def compile(job, target="host", progress=None, tuning_logs=(), backend="tvm"):  
             print("[auto] building the step without library kernels too, timing both ...", file=sys.stderr, flush=True)
         all_tvm = [dataclasses.replace(c, backend="tvm") for c in choices]
         lowered, tuning_report = lower(all_tvm)
-        report = memory_report(lowered, step_mod[STEP_FUNC], signature, imported.origin, timelines)
-        alternative = program(all_tvm, lowered, tuning_report, report)
+        alternative = program(all_tvm, lowered, tuning_report, _memory_report(job, lowered, derived))
         batch = job.example_inputs + (job.example_targets,)
         step_ms = {"switched": result.time_step(*batch), "tvm": alternative.time_step(*batch)}
         if step_ms["tvm"] <= step_ms["switched"]:
             result = alternative
         result.meta["backend"]["step_ms"] = step_ms
     return result
+
+
+def _compile_cortex_m(job, preset, derived: Derived, progress):
+    """A C project (kernels, driver on one static arena, state, Makefile, linker script), compiled
+    with arm-none-eabi-gcc so its SRAM and Flash are measured, and checked against the device."""
+    from .frontend import to_numpy
+    from .runtime import DeviceProgram
+    from .targets import cortex_m
+
+    tvm_target = preset.target()
+    signature = derived.signature
+    with _stage("lower", progress):
+        with tvm_target:
+            fused = tvm.transform.Sequential(fusion_passes(tvm_target))(derived.step_mod)
+            passes = cortex_m.lowering_passes(preset, signature, state_aliases(signature))
+            lowered = tvm.transform.Sequential(passes)(fused)
+    with _stage("memory plan", progress):
+        report = _memory_report(job, lowered, derived)
+    with _stage("codegen", progress):
+        scratch = tempfile.mkdtemp(prefix="pockengine-")
+        directory = os.path.join(scratch, cortex_m.PROJECT)
+        os.makedirs(directory)
+        batch = [to_numpy(x) for x in job.example_inputs + (job.example_targets,)]
+        generated = cortex_m.generate(directory, lowered, signature, derived.initial_state, preset, batches=[batch])
+        cortex_m.make(directory, preset)
+        footprint = cortex_m.footprint(directory)
+    cortex_m.check_limits(footprint, preset, signature, derived.plan)
+    meta = {**_meta(job, preset, derived), "firmware": {**footprint.to_json(), **dataclasses.asdict(generated),
+                                                        "sram_limit": preset.sram_bytes, "flash_limit": preset.flash_bytes,
+                                                        "board": preset.board}}
+    return DeviceProgram({cortex_m.PROJECT: directory}, signature, derived.initial_state, report, meta, scratch=scratch)
+
+
+def _compile_cuda(job, preset, derived: Derived, progress, tuning_logs):
+    raise TargetError(f"{preset.name}: CUDA builds are not wired in yet")

@@ -75,10 +75,26 @@ def cmd_build(args) -> int:
     example = [to_numpy(x) for x in job.example_inputs + (job.example_targets,)]
     _write_npz(os.path.join(out, EXAMPLE), {s.name: a for s, a in zip(program.signature.batch, example)})
     report = program.memory_report()
-    print(TuningReport.from_json(program.meta["tuning"]).summary())
-    print(backend_summary(program.meta["backend"]))
+    if "tuning" in program.meta:
+        print(TuningReport.from_json(program.meta["tuning"]).summary())
+    if "backend" in program.meta:
+        print(backend_summary(program.meta["backend"]))
+    if "firmware" in program.meta:
+        print(firmware_summary(program.meta))
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s; planned peak memory {report.peak_bytes / 2**20:.2f} MiB")
+    if program.meta.get("family", "host") != "host":
+        print(f"run it with `pockengine run {out} --steps N` ({target.runner})")
     return 0
+
+
+def firmware_summary(meta: dict) -> str:
+    """A Cortex-M build's memory, measured on the ELF, against the device's limits."""
+    from .targets.cortex_m import Footprint
+
+    fw = meta["firmware"]
+    table = Footprint(fw["flash"], fw["sram"], fw["parts"], fw["stack"]).table()
+    return (f"firmware for {meta['target']} ({fw['kernels']} kernels, {fw['kernel_calls']} calls per step):\n{table}\n"
+            f"  device limits: SRAM {fw['sram_limit'] / 1024:.0f} KiB, Flash {fw['flash_limit'] / 1024:.0f} KiB")
 
 
 def backend_summary(backend: dict, table: bool = False) -> str:
@@ -129,37 +145,32 @@ def cmd_bench(args) -> int:
 def _batches(program, data_path: str | None, artifact: str):
     """Yield batches forever: from --data (arrays named after the inputs, with an optional leading
     batch-index axis, cycled) or the example batch saved at build time."""
-    specs = program.signature.batch
-    path = data_path or os.path.join(artifact, EXAMPLE)
-    if not os.path.isfile(path):
-        raise InputError(f"no data: {path} does not exist (pass --data FILE.npz with arrays "
-                         f"{', '.join(s.name for s in specs)})")
-    with np.load(path, allow_pickle=False) as npz:
-        missing = [s.name for s in specs if s.name not in npz.files]
-        if missing:
-            raise InputError(f"{path} lacks arrays {missing}; it has {npz.files}. Name the arrays "
-                             f"{[s.name for s in specs]} (shapes {[s.shape for s in specs]}, optionally with a "
-                             "leading axis indexing batches)")
-        arrays = [npz[s.name] for s in specs]
-    counts = set()
-    for a, s in zip(arrays, specs):
-        if a.shape == s.shape:
-            continue
-        if a.shape[1:] == s.shape:
-            counts.add(a.shape[0])
-        else:
-            raise InputError(f"{path}: {s.name} has shape {a.shape}; expected {s.shape} or (N, *{s.shape})")
-    n = min(counts) if counts else 1
-    i = 0
-    while True:
-        yield [a if a.shape == s.shape else a[i % n] for a, s in zip(arrays, specs)]
-        i += 1
+    from .targets.device_runner import iterate_batches
+
+    specs = [(s.name, s.shape) for s in program.signature.batch]
+    try:
+        yield from iterate_batches(specs, data_path or os.path.join(artifact, EXAMPLE))
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def cmd_run(args) -> int:
-    from .runtime import load
+    from .runtime import load, read_manifest
 
-    program = load(args.artifact)
+    family = read_manifest(args.artifact).get("family", "host")
+    if family == "aarch64":
+        from .targets import aarch64
+
+        return aarch64.run(args.artifact, args.steps, args.data, args.save)
+    program = load(args.artifact)  # a CUDA artifact loads here only where there is a GPU
+    if family == "cortex-m":
+        return _run_cortex_m(program, args)
+    if family == "cuda" and not hasattr(program, "_vm"):
+        from .errors import TargetError
+
+        raise TargetError(f"{args.artifact} runs on an NVIDIA GPU ({program.meta['tvm_target'].get('arch', '?')}) with "
+                          f"{'an aarch64 (Jetson)' if 'aarch64' in json.dumps(program.meta['tvm_target']) else 'this'} "
+                          "host; this machine cannot run it (no CUDA device, or another CPU). Copy the artifact there")
     batches = _batches(program, args.data, args.artifact)
     times = []
     for step in range(1, args.steps + 1):
@@ -176,6 +187,43 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _run_cortex_m(program, args) -> int:
+    """Build the firmware (if needed) and train under qemu-system-arm, on the batches given."""
+    from .targets import cortex_m, resolve
+
+    preset = resolve(program.meta["target"]) if program.meta["target"] in _preset_names() else None
+    preset = preset or resolve(program.meta["tvm_target"])
+    project = os.path.join(args.artifact, cortex_m.PROJECT)
+    batches = _batches(program, args.data, args.artifact)
+    count = _batch_count(args.data, args.steps)
+    cortex_m.project.write_batches(project, program.signature, [next(batches) for _ in range(count)])
+    print(f"running {args.steps} steps on QEMU's {preset.board['qemu_machine']} ({preset.name}; times are not the device's)",
+          flush=True)
+    result = cortex_m.run(project, preset, args.steps, program.signature)
+    for step, loss in enumerate(result.losses, 1):
+        print(f"step {step:>5}  loss {loss:.6f}")
+    if args.save:
+        program.load_state_dict(result.state, strict=False)
+        program.save_state(args.artifact)
+        print(f"saved the trained state to {args.artifact}")
+    return 0
+
+
+def _preset_names() -> set:
+    from .targets import presets
+
+    return set(presets())
+
+
+def _batch_count(data: str | None, steps: int) -> int:
+    """How many distinct batches the firmware's batch file needs (it cycles through them)."""
+    if not data:
+        return 1
+    with np.load(data, allow_pickle=False) as npz:
+        leading = {npz[k].shape[0] for k in npz.files if npz[k].ndim}
+    return max(1, min(steps, min(leading) if leading else 1))
+
+
 def cmd_inspect(args) -> int:
     from .passes.memory_plan import MemoryReport
     from .tuning import TuningReport
@@ -188,7 +236,7 @@ def cmd_inspect(args) -> int:
     sig = m["signature"]
     print(f"artifact   {args.artifact}")
     print(f"job        {m['name']} ({m['source']})")
-    print(f"target     {m['target']}  {json.dumps(m['tvm_target'])}")
+    print(f"target     {m['target']} ({m.get('family', 'host')})  {json.dumps(m['tvm_target'])}")
     opt = {k: v for k, v in m["optimizer"].items() if k != "kind"}
     print(f"optimizer  {m['optimizer']['kind']}({', '.join(f'{k}={v}' for k, v in opt.items())})")
     print("inputs     " + ", ".join(f"{b['name']} {tuple(b['shape'])} {b['dtype']}" for b in sig["batch"]))
@@ -203,6 +251,8 @@ def cmd_inspect(args) -> int:
         print(TuningReport.from_json(m["tuning"]).summary())
     if "backend" in m:
         print(backend_summary(m["backend"], table=True))
+    if "firmware" in m:
+        print(firmware_summary(m))
     print()
     report = MemoryReport.from_json(m["memory"])
     print(report)
@@ -212,13 +262,30 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_targets(args) -> int:
-    from .targets import presets
+    from .targets import ALIASES, presets
 
     for name, preset in presets().items():
-        missing = [pkg for prog, pkg in preset.requires if shutil.which(prog) is None]
-        status = "ready" if not missing else "missing: apt-get install " + " ".join(missing)
-        print(f"{name:<18}{preset.description:<44}{status}")
-        print(f"{'':<18}{json.dumps(preset.tvm_target)}")
+        status = []
+        for purpose in ("build", "run"):
+            missing = preset.missing_tools(purpose)
+            tools = [t.program for t in preset.tools if t.purpose == purpose]
+            if purpose == "run" and preset.family == "cuda":
+                from .runtime import gpu_present
+
+                status.append("run: " + ("ready (a CUDA device is present)" if gpu_present() else "no CUDA device here"))
+                continue
+            if missing:
+                packages = " ".join(sorted({t.package for t in missing}))
+                status.append(f"{purpose}: missing {', '.join(t.program for t in missing)} (apt-get install {packages})")
+            else:
+                status.append(f"{purpose}: ready" + (f" ({', '.join(tools)})" if tools else ""))
+        memory = (f"; SRAM {preset.sram_bytes // 1024} KiB, Flash {preset.flash_bytes // 1024} KiB"
+                  if preset.sram_bytes else "")
+        print(f"{name:<22}{preset.family:<10}{preset.description}{memory}")
+        print(f"{'':<22}{'':<10}{'; '.join(status)}; runs on {preset.runner}")
+        print(f"{'':<22}{'':<10}{json.dumps(preset.tvm_target)}")
+    print("aliases: " + ", ".join(f"{alias} = {name}" for alias, name in ALIASES.items()))
+    print("--target also takes a TVM tag (e.g. nvidia/jetson-agx-orin-64gb) or a JSON target dict.")
     return 0
 
 

@@ -37,6 +37,14 @@ class TargetError(PockEngineError, ValueError):
     """The target is unknown or cannot be built for on this machine."""
 
 
+class ToolchainError(TargetError):
+    """A compiler or emulator the target needs is not installed (the message names the package)."""
+
+
+class MemoryLimitError(TargetError):
+    """The step does not fit the device's memory (the message says what it needs and what would fit)."""
+
+
 class ArtifactError(PockEngineError, OSError):
     """An exported artifact is missing, corrupt or truncated."""
 

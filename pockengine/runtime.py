@@ -26,9 +26,10 @@ import zipfile
 import numpy as np
 
 from .autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, STEP_FUNC, StepSignature
-from .errors import ArtifactError, InputError, StateError
+from .errors import ArtifactError, InputError, StateError, TargetError
 from .frontend import to_numpy
 from .passes.memory_plan import MemoryReport
+from .targets.device_runner import write_npz as _write_npz
 
 FORMAT = "pockengine-artifact"
 FORMAT_VERSION = 1
@@ -54,7 +55,7 @@ class Program:
         self.signature = signature
         self.meta = meta
         self._report = report
-        self._device = tvm.cpu()
+        self._device = _device(tvm, meta)
         # TVM sizes its thread pool once, on first use, from TVM_NUM_THREADS, else from half the
         # CPUs on x86 (it assumes hyperthreads): one thread on a 2-core machine, and the kernels'
         # parallel loops would run serially. The target says how many cores they were scheduled for.
@@ -144,6 +145,14 @@ class Program:
 
     def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
         """Replace model (and/or optimizer) state. With strict, the model's keys must match exactly."""
+        self._check_state_dict(state_dict, strict)
+        new = {}
+        for k, v in state_dict.items():
+            a = to_numpy(v)
+            new[k] = self._tensor(a.astype(self._specs[k].dtype, copy=False))
+        self._state.update(new)
+
+    def _check_state_dict(self, state_dict: dict, strict: bool) -> None:
         model_keys = set(self._model_keys())
         unknown = [k for k in state_dict if k not in self._specs]
         missing = [k for k in self._model_keys() if k not in state_dict]
@@ -155,14 +164,10 @@ class Program:
                 + f"the program's keys are {sorted(model_keys)[:10]}{'...' if len(model_keys) > 10 else ''} "
                 "(pass strict=False to load a subset)"
             )
-        new = {}
         for k, v in state_dict.items():
-            a = to_numpy(v)
-            spec = self._specs[k]
-            if tuple(a.shape) != spec.shape:
-                raise StateError(f"load_state_dict: {k} has shape {tuple(a.shape)}, the program expects {spec.shape}")
-            new[k] = self._tensor(a.astype(spec.dtype, copy=False))
-        self._state.update(new)
+            shape = tuple(to_numpy(v).shape)
+            if shape != self._specs[k].shape:
+                raise StateError(f"load_state_dict: {k} has shape {shape}, the program expects {self._specs[k].shape}")
 
     def memory_report(self) -> MemoryReport:
         return self._report
@@ -183,7 +188,7 @@ class Program:
             "buffers": [s.to_json() for s in self.signature.state if self.signature.categories[s.name] == BUFFER],
             "memory": self._report.to_json(),
             "versions": versions,
-            "files": {"library": LIBRARY, "state": STATE},
+            "files": self._file_table(),
         }
 
     def export(self, directory: str) -> str:
@@ -193,10 +198,10 @@ class Program:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
         try:
-            shutil.copyfile(self.library, os.path.join(tmp, LIBRARY))
-            _write_npz(os.path.join(tmp, STATE), {k: v.numpy() for k, v in self._state.items()})
+            self._write_files(tmp)
+            _write_npz(os.path.join(tmp, STATE), self._state_arrays())
             manifest = self.manifest()
-            manifest["sha256"] = {LIBRARY: _sha256(os.path.join(tmp, LIBRARY))}
+            manifest["sha256"] = {name: _sha256(os.path.join(tmp, name)) for name in self._hashed_files()}
             _write_json(os.path.join(tmp, MANIFEST), manifest)
             _swap_directory(tmp, directory)
         except BaseException:
@@ -206,23 +211,146 @@ class Program:
 
     def save_state(self, directory: str) -> None:
         """Write the current state into an exported artifact (atomically replaces its state.npz)."""
-        _write_npz(os.path.join(directory, STATE), {k: v.numpy() for k, v in self._state.items()})
+        _write_npz(os.path.join(directory, STATE), self._state_arrays())
+
+    def _state_arrays(self) -> dict:
+        return {k: v.numpy() for k, v in self._state.items()}
+
+    def _write_files(self, directory: str) -> None:
+        shutil.copyfile(self.library, os.path.join(directory, LIBRARY))
+
+    def _hashed_files(self) -> list:
+        return [LIBRARY]
+
+    def _file_table(self) -> dict:
+        return {"library": LIBRARY, "state": STATE}
+
+
+class DeviceProgram(Program):
+    """A training step built for another machine (aarch64, a GPU, a microcontroller): it exports an
+    artifact for that machine, but runs no step here. `pockengine run` runs the exported artifact
+    under QEMU (aarch64, Cortex-M) or on a GPU when there is one."""
+
+    def __init__(self, files: dict, signature: StepSignature, state: dict, report: MemoryReport, meta: dict,
+                 scratch: str | None = None):
+        """files: {name in the artifact: path of a file or directory to copy there}; scratch: a
+        temporary directory holding them, removed with the program."""
+        self.files = files
+        self.signature = signature
+        self.meta = meta
+        self._report = report
+        self._specs = {s.name: s for s in signature.state}
+        self._state = {spec.name: np.array(state[spec.name], dtype=spec.dtype).reshape(spec.shape)
+                       for spec in signature.state}
+        self.steps_taken = 0
+        if scratch:
+            weakref.finalize(self, shutil.rmtree, scratch, True)
+
+    def step(self, *batch) -> float:
+        raise TargetError(
+            f"this program is built for {self.meta['target']} ({self.meta['family']}); it cannot run in this "
+            "process. Export it (`program.export(DIR)` or `pockengine build`) and run it with `pockengine run DIR`, "
+            "which uses QEMU for aarch64 and Cortex-M artifacts and a GPU for CUDA ones")
+
+    time_step = step
+
+    def state_dict(self) -> dict:
+        return {k: self._state[k].copy() for k in self._model_keys()}
+
+    def optimizer_state_dict(self) -> dict:
+        return {s.name: self._state[s.name].copy() for s in self.signature.state
+                if self.signature.categories[s.name] == OPTIMIZER}
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
+        self._check_state_dict(state_dict, strict)
+        for k, v in state_dict.items():
+            spec = self._specs[k]
+            self._state[k] = to_numpy(v).astype(spec.dtype, copy=True).reshape(spec.shape)
+
+    @property
+    def lr(self) -> float:
+        return float(self._state["lr"])
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._state["lr"] = np.array(value, "float64")
+
+    def _state_arrays(self) -> dict:
+        return dict(self._state)
+
+    def _write_files(self, directory: str) -> None:
+        for name, path in self.files.items():
+            if os.path.isdir(path):
+                shutil.copytree(path, os.path.join(directory, name), symlinks=False)
+            else:
+                shutil.copyfile(path, os.path.join(directory, name))
+
+    def _hashed_files(self) -> list:
+        return [name for name, path in self.files.items() if os.path.isfile(path)]
+
+    def _file_table(self) -> dict:
+        table = {name: name for name in self.files}
+        if LIBRARY in self.files:
+            table = {"library": LIBRARY, **{k: v for k, v in table.items() if k != LIBRARY}}
+        return {**table, "state": STATE}
+
+
+def gpu_present() -> bool:
+    import tvm
+
+    return bool(tvm.cuda(0).exist)
+
+
+def _device(tvm, meta: dict):
+    """The device a host-loadable artifact runs on: the GPU for CUDA builds (when there is one)."""
+    if meta.get("family") == "cuda":
+        device = tvm.cuda(0)
+        if not device.exist:
+            raise TargetError(f"this artifact runs on an NVIDIA GPU ({meta.get('tvm_target', {}).get('arch', '?')}); "
+                              "this machine has no CUDA device. Copy the artifact to the GPU machine and run it there")
+        return device
+    return tvm.cpu()
 
 
 def load(directory: str) -> Program:
-    """Load an artifact written by `Program.export` (or `pockengine build`)."""
+    """Load an artifact written by `Program.export` (or `pockengine build`). An artifact built for
+    another machine loads as a DeviceProgram: its state can be read and changed, its steps run there."""
     manifest = read_manifest(directory)
-    lib_path = os.path.join(directory, manifest["files"]["library"])
-    if not os.path.isfile(lib_path):
-        raise ArtifactError(f"{lib_path} is missing: the artifact is incomplete; rebuild it with `pockengine build`")
-    expected = manifest.get("sha256", {}).get(LIBRARY)
-    if expected and _sha256(lib_path) != expected:
-        raise ArtifactError(f"{lib_path} is corrupt or truncated (sha256 differs from the manifest); rebuild the artifact")
+    for name, expected in manifest.get("sha256", {}).items():
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise ArtifactError(f"{path} is missing: the artifact is incomplete; rebuild it with `pockengine build`")
+        if _sha256(path) != expected:
+            raise ArtifactError(f"{path} is corrupt or truncated (sha256 differs from the manifest); rebuild the artifact")
     signature = StepSignature.from_json(manifest["signature"])
     state = _read_state(os.path.join(directory, manifest["files"]["state"]), signature)
-    meta = {k: manifest[k] for k in ("name", "target", "tvm_target", "optimizer", "source", "state_dict_keys", "non_persistent")}
-    meta.update({k: manifest[k] for k in ("tuning", "backend") if k in manifest})
-    return Program(lib_path, signature, state, MemoryReport.from_json(manifest["memory"]), meta)
+    meta = {k: v for k, v in manifest.items() if k not in _COMPUTED_KEYS}
+    report = MemoryReport.from_json(manifest["memory"])
+    if runs_here(manifest):
+        lib_path = os.path.join(directory, manifest["files"]["library"])
+        if not os.path.isfile(lib_path):
+            raise ArtifactError(f"{lib_path} is missing: the artifact is incomplete; rebuild it with `pockengine build`")
+        return Program(lib_path, signature, state, report, meta)
+    files = {name: os.path.join(directory, name) for key, name in manifest["files"].items() if key != "state"}
+    files = {name: path for name, path in files.items() if os.path.exists(path)}
+    return DeviceProgram(files, signature, state, report, meta)
+
+
+# Manifest entries derived from the program when it is written (everything else is the program's meta).
+_COMPUTED_KEYS = frozenset({"format", "format_version", "signature", "parameters", "buffers", "memory", "versions",
+                            "sha256", "files"})
+
+
+def runs_here(manifest: dict) -> bool:
+    """Whether this process can run the artifact's steps: host builds, and CUDA builds with an x86
+    host part on a machine with a GPU."""
+    family = manifest.get("family", "host")
+    if family == "host":
+        return True
+    if family == "cuda":
+        host = manifest.get("tvm_target", {}).get("host", {})
+        return "aarch64" not in str(host.get("mtriple", "")) and gpu_present()
+    return False
 
 
 def read_manifest(directory: str) -> dict:
@@ -258,20 +386,6 @@ def _read_state(path: str, signature: StepSignature) -> dict:
         if tuple(state[spec.name].shape) != spec.shape:
             raise ArtifactError(f"{path}: {spec.name} has shape {state[spec.name].shape}, expected {spec.shape}")
     return state
-
-
-def _write_npz(path: str, arrays: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".npz", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _write_json(path: str, data: dict) -> None:

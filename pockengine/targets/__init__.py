@@ -1,17 +1,31 @@
 """Targets as data: a preset names a TVM target (a JSON dict, never a CLI string) and how to build for it.
 
 `resolve(spec)` accepts a preset name, a TVM target dict, a TVM tag, or a `tvm.target.Target`.
-Only targets this machine can build and run a step for are accepted; anything else is a TargetError
-that lists what is available.
+Families: `host` (this CPU, runs in-process), `aarch64` (cross-compiled library + runner, QEMU here),
+`cuda` (GPU kernels, PTX by nvcc; needs a GPU to run) and `cortex-m` (a C project, ahead of time,
+static memory; QEMU here). A target outside them is a TargetError that lists what is available.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import shutil
 from dataclasses import dataclass, field
 
-from ..errors import TargetError
+from ..errors import TargetError, ToolchainError
+
+
+# Families: how a target is built and run. The build and runtime code is shared per family.
+HOST, AARCH64, CUDA, CORTEX_M = "host", "aarch64", "cuda", "cortex-m"
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A program a target needs, and the Debian package that provides it."""
+    program: str
+    package: str
+    purpose: str  # "build" or "run"
 
 
 @dataclass(frozen=True)
@@ -19,14 +33,23 @@ class TargetPreset:
     name: str
     description: str
     tvm_target: dict
-    # Which builder/runner family handles it; the build and runtime code is shared per family.
-    family: str = "host"
-    requires: tuple = field(default_factory=tuple)  # (program, Debian package) pairs to build/run
+    family: str = HOST
+    tools: tuple = ()  # Tool, ...
+    runner: str = "this machine"  # how `pockengine run` runs an artifact of this target
     vector_bytes: int = 16  # SIMD register width the default schedule vectorizes for (SSE/NEON: 16)
+    # Microcontrollers: the device's memory and the QEMU board that stands in for it.
+    sram_bytes: int | None = None
+    flash_bytes: int | None = None
+    board: dict | None = None  # qemu_machine, cflags, memory_map (see targets/cortex_m)
 
     @property
     def cores(self) -> int:
         return int(self.tvm_target.get("num-cores", 1))
+
+    @property
+    def requires(self) -> tuple:
+        """(program, package) pairs needed to build for and run on this target."""
+        return tuple((t.program, t.package) for t in self.tools)
 
     def vector_lanes(self, bits: int = 32) -> int:
         return max(1, self.vector_bytes * 8 // bits)
@@ -35,6 +58,18 @@ class TargetPreset:
         import tvm
 
         return tvm.target.Target(self.tvm_target)
+
+    def missing_tools(self, purpose: str | None = None) -> list:
+        return [t for t in self.tools if (purpose is None or t.purpose == purpose) and shutil.which(t.program) is None]
+
+    def check_tools(self, purpose: str) -> None:
+        """Raise ToolchainError naming the packages to install when a tool to `purpose` is missing."""
+        missing = self.missing_tools(purpose)
+        if missing:
+            packages = " ".join(sorted({t.package for t in missing}))
+            programs = ", ".join(t.program for t in missing)
+            raise ToolchainError(f"target {self.name}: {programs} not found, needed to {purpose} for it; "
+                                 f"install it with `apt-get install {packages}`")
 
 
 def _host_target() -> dict:
@@ -49,22 +84,89 @@ def _host_target() -> dict:
     return target
 
 
+def _aarch64(cpu: str, cores: int) -> dict:
+    return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": cpu, "mattr": ["+neon"], "num-cores": cores}
+
+
+AARCH64_TOOLS = (Tool("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu", "build"),
+                 Tool("qemu-aarch64", "qemu-user", "run"))
+CUDA_TOOLS = (Tool("nvcc", "nvidia-cuda-toolkit", "build"),)
+CORTEX_M_TOOLS = (Tool("arm-none-eabi-gcc", "gcc-arm-none-eabi libnewlib-arm-none-eabi", "build"),
+                  Tool("qemu-system-arm", "qemu-system-arm", "run"))
+KiB = 1024
+
+
+def _cortex_m(name, cpu, description, sram, flash, machine, cflags, memory_map):
+    """memory_map: (code origin, code bytes, RAM origin, RAM bytes[, constants origin, bytes]) of the
+    QEMU board: where it has memory for code (the vector table at 0), data, and, when the code memory
+    is small, constants (weights). The firmware is linked for the board's memory, so that it links
+    and its sizes can be read even when it is too big for the device; the build then checks it
+    against the device's SRAM and Flash."""
+    rom = memory_map[4:] or memory_map[:2]
+    return TargetPreset(
+        name, description, {"kind": "c", "mcpu": cpu, "keys": ["arm_cpu", "cpu"]}, family=CORTEX_M,
+        tools=CORTEX_M_TOOLS, runner=f"qemu-system-arm -M {machine} (semihosting)", vector_bytes=4,
+        sram_bytes=sram, flash_bytes=flash,
+        board={"qemu_machine": machine, "cflags": [f"-mcpu={cpu}", *cflags],
+               "memory_map": {"flash_origin": memory_map[0], "flash_bytes": memory_map[1],
+                              "sram_origin": memory_map[2], "sram_bytes": memory_map[3],
+                              "rom_origin": rom[0], "rom_bytes": rom[1], "separate_rom": len(memory_map) > 4}})
+
+
+@functools.cache
+def _presets() -> tuple:
+    orin_cpu, nano_cpu, rpi4 = _aarch64("cortex-a78", 12), _aarch64("cortex-a78", 6), _aarch64("cortex-a72", 4)
+    return (
+        TargetPreset("host", "this machine's CPU (LLVM, all cores)", _host_target(),
+                     vector_bytes=_host_vector_bytes()),
+        TargetPreset("jetson-orin", "Jetson AGX Orin GPU (sm_87) + Cortex-A78 host code", 
+                     {"kind": "cuda", "arch": "sm_87", "max_num_threads": 1024, "thread_warp_size": 32,
+                      "host": orin_cpu},
+                     family=CUDA, tools=CUDA_TOOLS + AARCH64_TOOLS[:1], runner="an NVIDIA GPU (sm_87) on the Jetson"),
+        TargetPreset("jetson-orin-nano", "Jetson Orin Nano GPU (sm_87) + Cortex-A78AE host code",
+                     {"kind": "cuda", "arch": "sm_87", "max_num_threads": 1024, "thread_warp_size": 32,
+                      "host": nano_cpu},
+                     family=CUDA, tools=CUDA_TOOLS + AARCH64_TOOLS[:1], runner="an NVIDIA GPU (sm_87) on the Jetson"),
+        TargetPreset("jetson-orin-cpu", "Jetson AGX Orin CPU (12x Cortex-A78, NEON)", orin_cpu,
+                     family=AARCH64, tools=AARCH64_TOOLS, runner="qemu-aarch64 with an aarch64 Python + TVM runtime"),
+        TargetPreset("jetson-orin-nano-cpu", "Jetson Orin Nano CPU (6x Cortex-A78AE, NEON)", nano_cpu,
+                     family=AARCH64, tools=AARCH64_TOOLS, runner="qemu-aarch64 with an aarch64 Python + TVM runtime"),
+        TargetPreset("rpi4", "Raspberry Pi 4 (4x Cortex-A72, NEON, 64-bit OS)", rpi4,
+                     family=AARCH64, tools=AARCH64_TOOLS, runner="qemu-aarch64 with an aarch64 Python + TVM runtime"),
+        TargetPreset("cuda", "any NVIDIA GPU (sm_80 code, PTX JIT-compiles for newer) + this machine's CPU",
+                     {"kind": "cuda", "arch": "sm_80", "max_num_threads": 1024, "thread_warp_size": 32,
+                      "host": _host_target()},
+                     family=CUDA, tools=CUDA_TOOLS, runner="an NVIDIA GPU on this machine"),
+        # SRAM / Flash of a typical part of each core; QEMU's boards have at least as much at these addresses.
+        _cortex_m("cortex-m4", "cortex-m4", "Cortex-M4F, sized as an STM32F429",
+                  256 * KiB, 2048 * KiB, "mps2-an386", ["-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"],
+                  (0x0, 4096 * KiB, 0x20000000, 4096 * KiB)),
+        _cortex_m("cortex-m7", "cortex-m7", "Cortex-M7, sized as an STM32F746",
+                  320 * KiB, 1024 * KiB, "mps2-an500", ["-mfloat-abi=hard", "-mfpu=fpv5-d16"],
+                  (0x0, 4096 * KiB, 0x20000000, 4096 * KiB)),
+        _cortex_m("cortex-m55", "cortex-m55", "Cortex-M55 (Helium), sized as an Alif Ensemble E3-class part",
+                  512 * KiB, 4096 * KiB, "mps3-an547", ["-mfloat-abi=hard"],
+                  # AN547: 512 KiB ITCM at 0 (code), 512 KiB DTCM (data), 8 MiB QSPI (constants)
+                  (0x0, 512 * KiB, 0x20000000, 512 * KiB, 0x28000000, 8192 * KiB)),
+    )
+
+
+ALIASES = {"jetson": "jetson-orin", "jetson-nano": "jetson-orin-nano", "raspberry-pi-4": "rpi4"}
+
+
 def presets() -> dict[str, TargetPreset]:
-    return {
-        "host": TargetPreset("host", "this machine's CPU (LLVM, all cores)", _host_target(),
-                             vector_bytes=_host_vector_bytes()),
-    }
+    return {p.name: p for p in _presets()}
 
 
 def resolve(spec) -> TargetPreset:
-    """A preset name, TVM target dict, TVM tag or tvm.target.Target -> TargetPreset."""
+    """A preset name (or alias), TVM target dict, TVM tag or tvm.target.Target -> TargetPreset."""
     import tvm
 
     known = presets()
     if isinstance(spec, TargetPreset):
         return spec
-    if isinstance(spec, str) and spec in known:
-        return known[spec]
+    if isinstance(spec, str) and ALIASES.get(spec, spec) in known:
+        return known[ALIASES.get(spec, spec)]
     try:
         target = spec if isinstance(spec, tvm.target.Target) else tvm.target.Target(spec)
     except Exception as e:
@@ -72,19 +174,45 @@ def resolve(spec) -> TargetPreset:
             f"unknown target {spec!r}: use a preset ({', '.join(known)}), a TVM target dict such as "
             f"{{\"kind\": \"llvm\", \"num-cores\": 2}}, or a TVM tag ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         ) from None
-    return _from_tvm_target(target, str(spec))
+    return _from_tvm_target(target, spec if isinstance(spec, str) else _label(target))
+
+
+def _label(target) -> str:
+    """A short name for a target given as a dict: kind and CPU or GPU architecture (`llvm-cortex-a72`)."""
+    detail = next((str(target.attrs[k]) for k in ("mcpu", "arch", "mtriple") if str(target.attrs.get(k, "") or "")), "")
+    return f"{target.kind.name}-{detail}" if detail else target.kind.name
 
 
 def _from_tvm_target(target, label: str) -> TargetPreset:
+    """A TVM target of a kind and CPU we build for, as a preset of the matching family."""
     kind = target.kind.name
+    exported = dict(target.export())
     triple = str(target.attrs.get("mtriple", "") or "")
+    mcpu = str(target.attrs.get("mcpu", "") or "")
     host_triple = _host_triple()
     if kind == "llvm" and (not triple or triple.split("-")[0] == host_triple.split("-")[0]):
-        return TargetPreset(label, "TVM target for this machine's CPU", dict(target.export()),
-                            vector_bytes=_host_vector_bytes())
+        return TargetPreset(label, "TVM target for this machine's CPU", exported, vector_bytes=_host_vector_bytes())
+    if kind == "llvm" and triple.startswith("aarch64"):
+        return TargetPreset(label, f"aarch64 CPU {mcpu or 'generic'}", exported, family=AARCH64, tools=AARCH64_TOOLS,
+                            runner="qemu-aarch64 with an aarch64 Python + TVM runtime")
+    if kind == "cuda":
+        host = target.host
+        tools = CUDA_TOOLS + (AARCH64_TOOLS[:1] if host is not None and "aarch64" in str(host.attrs.get("mtriple", "")) else ())
+        return TargetPreset(label, f"NVIDIA GPU {target.attrs.get('arch', '')}", exported, family=CUDA, tools=tools,
+                            runner="an NVIDIA GPU")
+    boards = {p.tvm_target["mcpu"]: p for p in _presets() if p.family == CORTEX_M}
+    if kind == "c" and mcpu in boards:
+        board = boards[mcpu]
+        return TargetPreset(label, board.description, exported, family=CORTEX_M, tools=board.tools, runner=board.runner,
+                            vector_bytes=board.vector_bytes, sram_bytes=board.sram_bytes, flash_bytes=board.flash_bytes,
+                            board=board.board)
+    if "thumb" in triple or mcpu.startswith("cortex-m"):
+        raise TargetError(f"target {label!r}: microcontrollers are built through TVM's C code generator; use a preset "
+                          f"({', '.join(boards)}) or {{\"kind\": \"c\", \"mcpu\": \"cortex-m4\"}}")
     raise TargetError(
-        f"target {label!r} ({kind}{' ' + triple if triple else ''}) cannot be built and run from this machine yet; "
-        f"available: {', '.join(presets())} or an llvm target for this CPU ({host_triple})"
+        f"target {label!r} ({kind}{' ' + triple if triple else ''}) is not one PockEngine builds for: use a preset "
+        f"({', '.join(presets())}), an llvm target for this CPU ({host_triple}) or for aarch64, a cuda target, "
+        "or a c target for a Cortex-M mcpu"
     )
 
 

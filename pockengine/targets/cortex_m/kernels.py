@@ -1,0 +1,103 @@
+"""The step's TIR kernels as plain C functions for a microcontroller.
+
+TVM's C code generator emits every PrimFunc in TVM-FFI's packed calling convention: arguments
+arrive as DLTensor handles that the kernel unpacks and checks at run time, which needs TVM's FFI
+headers and costs a few hundred instructions per call. A kernel whose parameters are raw pointers
+(`T.handle("float32")` with the buffer declared on it) and whose calling convention is 1 is left
+alone by MakePackedAPI and comes out as `void name(float* a, float* b, ...)`: exactly what a
+generated driver that knows every shape at compile time wants to call.
+
+What else the microcontroller needs from a kernel written for a multi-core CPU:
+- no thread pool: parallel loops become serial (TVM's C backend would call TVMBackendParallelLaunch);
+- no vector types: vectorized loops become serial loops (the C compiler vectorizes for MVE itself);
+- a buffer's element offset is 0 (the driver passes the address of the first element).
+Intermediate buffers a fused kernel keeps for itself are still allocated by the code TVM generates,
+on the stack when small and through TVMBackendAllocWorkspace when not; `workspace_bytes` measures the
+latter so the driver can reserve it statically (see driver.py).
+"""
+
+from __future__ import annotations
+
+import re
+
+import tvm
+import tvm_ffi
+from tvm import tirx
+from tvm.ir.expr import Var
+
+from ...errors import TargetError
+
+# TVM's calling-convention code for "the function already has a C signature" (MakePackedAPI skips it).
+_C_SIGNATURE = 1
+# Allocations at most this big stay on the kernel's stack (TVM's default
+# `tirx.kernel_max_stack_bytes` is a bit below, it is conservative): everything above goes through
+# TVMBackendAllocWorkspace.
+_AUTO_ENTRY = "// CodegenC: NOTE: Auto-generated entry function"
+
+
+def c_symbol(name: str) -> str:
+    """The C function name of kernel `name` (prefixed: kernel names like `add` or `exp` collide with libc)."""
+    return "pe_k_" + re.sub(r"\W", "_", name)
+
+
+def pointer_abi(func: tirx.PrimFunc, symbol: str) -> tirx.PrimFunc:
+    """`func` with one raw pointer per buffer parameter, serial loops, zero element offsets and a C signature."""
+    params, decls, renamed = [], [], {}
+    for param in func.params:
+        ty = param.ty
+        if not isinstance(ty, tvm.ir.type.Type) or not hasattr(ty, "elem_offset"):
+            raise TargetError(f"kernel {symbol} has a non-buffer parameter {param.name}; "
+                              "the Cortex-M driver passes only tensors")
+        if ty.strides and len(ty.strides):
+            raise TargetError(f"kernel {symbol}: parameter {param.name} is strided; the driver passes contiguous tensors")
+        pointer = Var(param.name + "_ptr", tvm.ir.PointerType(tvm.ir.PrimType(str(ty.dtype))))
+        buffer = tirx.decl_buffer(ty.shape, str(ty.dtype), name=param.name, data=pointer, elem_offset=0)
+        renamed[param] = buffer
+        params.append(pointer)
+        decls.append(tirx.DeclBuffer(buffer, data=pointer))
+
+    def substitute(var):
+        return renamed.get(var, var)
+
+    def serial(loop):
+        if loop.kind in (tirx.ForKind.PARALLEL, tirx.ForKind.VECTORIZED):
+            return tirx.For(loop.loop_var, loop.min, loop.extent, tirx.ForKind.SERIAL, loop.body,
+                            annotations=loop.annotations, step=loop.step)
+        return loop
+
+    body = tvm_ffi.structural_map(func.body, [(Var, substitute), (tirx.For, serial)])
+    new = tirx.PrimFunc(params, tirx.SeqStmt(decls + [body]), attrs=func.attrs)
+    return new.with_attrs({"global_symbol": symbol, "calling_conv": _C_SIGNATURE, "tirx.noalias": True})
+
+
+def generate_c(kernels: dict, target) -> str:
+    """{kernel name: PrimFunc} -> one C source with `void pe_k_<name>(T* ...)` for each.
+
+    All kernels go into one module: every file TVM generates defines the same library-context
+    symbol, so two generated files would not link together."""
+    mod = tvm.IRModule({c_symbol(name): pointer_abi(func, c_symbol(name)) for name, func in kernels.items()})
+    try:
+        source = tvm.tirx.build(mod, target=target).inspect_source()
+    except Exception as e:
+        raise TargetError(f"TVM's C code generator failed on the step's kernels: {str(e).strip().splitlines()[-1][:300]}") from None
+    # For a module with one function TVM appends a packed entry point calling it: not wanted here.
+    cut = source.find(_AUTO_ENTRY)
+    return source if cut < 0 else source[:cut]
+
+
+def workspace_bytes(source: str) -> int:
+    """Bytes the generated kernels may hold through TVMBackendAllocWorkspace at once, read from
+    the calls in the C source: the largest sum over one kernel's calls (a kernel frees what it
+    allocated before returning, and kernels run one at a time)."""
+    largest = 0
+    for body in re.split(r"\n(?=\S[^\n]*\bpe_k_\w+\([^)]*\)\s*\{)", source):
+        sizes = re.findall(r"TVMBackendAllocWorkspace\(\s*\d+\s*,\s*[^,]+,\s*\(uint64_t\)\s*(\d+)", body)
+        largest = max(largest, sum(_aligned(int(s)) for s in sizes))
+    return largest
+
+
+WORKSPACE_ALIGNMENT = 16
+
+
+def _aligned(n: int) -> int:
+    return -(-n // WORKSPACE_ALIGNMENT) * WORKSPACE_ALIGNMENT

@@ -1,0 +1,414 @@
+"""Write the self-contained C project of a Cortex-M training step.
+
+    kernels.c          the step's TIR kernels from TVM's C code generator, plain pointer ABI (kernels.py)
+    pe_train_step.c    the driver: kernel calls on one static arena (driver.py), the API below
+    pe_train_step.h    int pe_train_step(const float* x, const int* y, float* loss); lr get/set; state table
+    pe_state.S         parameters and optimizer state, included from state/*.bin: trainable and
+                       optimizer state in .data (SRAM, initial values in Flash), frozen weights in
+                       .rodata (Flash only), zero-initialised state in .bss
+    pe_tvm.h           the few declarations TVM's generated C expects (instead of TVM's headers)
+    harness.c          a test main for QEMU: batches from a file and the step count through
+                       semihosting, the loss per step on stdout, the trained state written back
+    startup.c link.ld  vector table, reset handler (FPU on), memory map of the board
+    Makefile           `make` builds firmware.elf; `make run STEPS=N` runs it under qemu-system-arm
+
+Tensor data travel as raw little-endian files assembled in with .incbin: exact, and fast to
+compile even for megabytes of weights (C initialisers of that size take the compiler minutes).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from ...autodiff.step import StepSignature
+from .driver import Driver, c_name, c_type
+
+ARENA_ALIGNMENT = 64
+STACK_BYTES = 8 * 1024  # reserved below the top of SRAM; the build checks the measured need against it
+
+# The C API takes labels as int (what a microcontroller application has); the step's kernels read
+# int64, so the driver widens them into a buffer of its own.
+API_TYPES = {"int64": ("int", "int64_t")}
+
+
+def api_type(dtype: str) -> str:
+    return API_TYPES[dtype][0] if dtype in API_TYPES else c_type(dtype)
+
+
+def _count(spec) -> int:
+    return int(np.prod(spec.shape, dtype=np.int64))
+
+
+def state_symbol(name: str) -> str:
+    return "pe_s_" + c_name(name)
+
+
+def input_symbol(name: str) -> str:
+    return "pe_in_" + c_name(name)
+
+
+def write_project(directory: str, *, kernels_c: str, driver: Driver, signature: StepSignature, state: dict,
+                  workspace_bytes: int, board: dict, batches: list | None = None) -> None:
+    """Write every file of the project into `directory` (which exists)."""
+    os.makedirs(os.path.join(directory, "state"), exist_ok=True)
+    files = {
+        "pe_tvm.h": PE_TVM_H,
+        "kernels.c": _kernels_source(kernels_c),
+        "pe_train_step.h": _api_header(signature),
+        "kernels.h": _kernel_declarations(kernels_c),
+        "pe_batch.h": _batch_header(signature),
+        "pe_train_step.c": _driver_source(driver, signature, workspace_bytes),
+        "pe_state.S": _state_assembly(signature, state, directory),
+        "harness.c": HARNESS_C,
+        "startup.c": STARTUP_C,
+        "link.ld": _linker_script(board["memory_map"]),
+        "Makefile": MAKEFILE.format(cflags=" ".join(board["cflags"]), machine=board["qemu_machine"]),
+    }
+    for name, text in files.items():
+        _write(os.path.join(directory, name), text)
+    if batches is not None:
+        write_batches(directory, signature, batches)
+
+
+def write_batches(directory: str, signature: StepSignature, batches: list) -> None:
+    """batches.bin: each batch's inputs in order, in the C API's types; the harness cycles through them."""
+    chunks = []
+    for batch in batches:
+        for spec, array in zip(signature.batch, batch):
+            api = API_TYPES.get(spec.dtype, (None, None))[0]
+            dtype = "int32" if api == "int" else spec.dtype
+            chunks.append(np.ascontiguousarray(np.asarray(array).reshape(spec.shape), dtype=dtype).tobytes())
+    _write(os.path.join(directory, "batches.bin"), b"".join(chunks))
+
+
+def mutable_state(signature: StepSignature) -> list:
+    """The state the step writes, and the learning rate the application may set, in signature order.
+    Everything else (frozen weights, BatchNorm statistics in eval mode) is constant: Flash only."""
+    written = set(signature.outputs) | {"lr"}
+    return [s for s in signature.state if s.name in written]
+
+
+def _constant_state(signature: StepSignature) -> set:
+    mutable = {s.name for s in mutable_state(signature)}
+    return {s.name for s in signature.state if s.name not in mutable}
+
+
+def _write(path: str, content) -> None:
+    mode = "wb" if isinstance(content, bytes) else "w"
+    tmp = path + ".tmp"
+    with open(tmp, mode) as f:
+        f.write(content)
+    os.replace(tmp, path)
+
+
+def _kernels_source(source: str) -> str:
+    # TVM's generated file includes TVM's runtime headers for a handful of macros and the
+    # workspace functions; pe_tvm.h declares exactly those, so the project needs no TVM install.
+    source = re.sub(r'#define TVM_EXPORTS\n', "", source)
+    source = re.sub(r'#include "tvm/[^"]+"\n', "", source)
+    source = source.replace("void* __tvm_ffi__library_ctx = NULL;\n", "")
+    return '#include "pe_tvm.h"\n' + source
+
+
+def _linker_script(memory_map: dict) -> str:
+    """Code (and the vector table) in the board's code memory; constants there too, or in a memory
+    of their own when the board has one (its code memory is small)."""
+    separate = memory_map["separate_rom"]
+    rom = (f"\n         ROM (r)    : ORIGIN = {memory_map['rom_origin']:#x}, LENGTH = {memory_map['rom_bytes']}"
+           if separate else "")
+    return LINK_LD.format(**memory_map, stack=STACK_BYTES, rom=rom,
+                          text_rodata="" if separate else " *(.rodata*)",
+                          rodata_section="  .rodata : { *(.rodata*) } > ROM\n" if separate else "",
+                          load="ROM" if separate else "FLASH")
+
+
+def _kernel_declarations(source: str) -> str:
+    declarations = re.findall(r"^TVM_DLL (void pe_k_\w+\([^)]*\));", source, flags=re.M)
+    return '#include "pe_tvm.h"\n' + "\n".join(d + ";" for d in declarations) + "\n"
+
+
+def _batch_header(signature: StepSignature) -> str:
+    """The harness's buffer for one batch, laid out as batches.bin stores it."""
+    fields = " ".join(f"{api_type(s.dtype)} {c_name(s.name)}[{max(1, _count(s))}];" for s in signature.batch)
+    args = ", ".join(f"pe_batch.{c_name(s.name)}" for s in signature.batch)
+    reads = " && ".join(f"fread(pe_batch.{c_name(s.name)}, 1, sizeof(pe_batch.{c_name(s.name)}), f) == "
+                        f"sizeof(pe_batch.{c_name(s.name)})" for s in signature.batch)
+    return (f"static struct {{ {fields} }} pe_batch;\n"
+            f"#define PE_BATCH_ARGS {args}\n"
+            f"#define PE_READ_BATCH(f) ({reads})\n")
+
+
+def _api_header(signature: StepSignature) -> str:
+    params = ", ".join(f"const {api_type(s.dtype)}* {c_name(s.name)}" for s in signature.batch)
+    shapes = "\n".join(f" *   {c_name(s.name)}: {s.dtype} {list(s.shape)} (passed as {api_type(s.dtype)})"
+                       for s in signature.batch)
+    return f"""/* Generated by PockEngine: one training step of this model, ahead of time, no malloc. */
+#ifndef PE_TRAIN_STEP_H
+#define PE_TRAIN_STEP_H
+#include <stdint.h>
+
+/* One forward + backward + optimizer update on a batch; writes the batch's loss.
+{shapes}
+ * Returns 0. */
+int pe_train_step({params}, float* loss);
+
+double pe_get_lr(void);
+void pe_set_lr(double lr);
+
+/* The state the step trains (parameters, buffers, optimizer slots), to save or restore it. */
+typedef struct {{ const char* name; void* data; uint32_t bytes; }} pe_tensor_t;
+extern const pe_tensor_t pe_mutable_state[];
+extern const int pe_mutable_state_count;
+
+#endif
+"""
+
+
+def _driver_source(driver: Driver, signature: StepSignature, workspace_bytes: int) -> str:
+    lines = ['#include <string.h>', '#include "pe_tvm.h"', '#include "pe_train_step.h"', '#include "kernels.h"', ""]
+    constant = _constant_state(signature)
+    for s in signature.state:
+        const = "const " if s.name in constant else ""
+        lines.append(f"extern {const}{c_type(s.dtype)} {state_symbol(s.name)}[{max(1, _count(s))}];")
+    lines.append("")
+    if driver.arena_bytes:
+        lines.append(f"static uint8_t pe_arena[{driver.arena_bytes}] __attribute__((aligned({ARENA_ALIGNMENT})));")
+    for symbol, dtype, count in driver.output_buffers:
+        lines.append(f"static {c_type(dtype)} {symbol}[{max(1, count)}] __attribute__((aligned(16)));")
+    for k in driver.constants:
+        values = ", ".join(_c_literal(v, k.dtype) for v in k.values.ravel()) or "0"
+        lines.append(f"static const {c_type(k.dtype)} {k.symbol}[{max(1, k.values.size)}] = {{{values}}};")
+    widened = [s for s in signature.batch if s.dtype in API_TYPES]
+    for s in widened:
+        lines.append(f"static {API_TYPES[s.dtype][1]} {input_symbol(s.name)}[{max(1, _count(s))}];")
+    lines.append("")
+    lines.append(WORKSPACE_C.format(bytes=max(16, workspace_bytes)))
+    params = ", ".join(f"const {api_type(s.dtype)}* {c_name(s.name)}" for s in signature.batch)
+    lines.append(f"int pe_train_step({params}, float* loss) {{")
+    for s in signature.batch:
+        if s.dtype in API_TYPES:
+            lines.append(f"  for (int i = 0; i < {_count(s)}; ++i) {input_symbol(s.name)}[i] = "
+                         f"({API_TYPES[s.dtype][1]}){c_name(s.name)}[i];")
+        else:
+            lines.append(f"  {c_type(s.dtype)}* {input_symbol(s.name)} = ({c_type(s.dtype)}*){c_name(s.name)};")
+    lines.extend("  " + statement for statement in driver.body)
+    loss, *updates = driver.outputs
+    lines.append(f"  *loss = (float)(({c_type('float32')}*){loss})[0];")
+    for spec_name, value in zip(signature.outputs, updates):
+        spec = next(s for s in signature.state if s.name == spec_name)
+        target = f"(({c_type(spec.dtype)}*){state_symbol(spec.name)})"
+        if value != target:  # update_in_place left this one elsewhere: copy it home
+            lines.append(f"  if ((void*){value} != (void*){state_symbol(spec.name)}) "
+                         f"memcpy({state_symbol(spec.name)}, {value}, {spec.nbytes});")
+    lines.append("  return 0;\n}\n")
+    lr = next((s for s in signature.state if s.name == "lr"), None)
+    if lr is not None:
+        lines.append(f"double pe_get_lr(void) {{ return (double){state_symbol('lr')}[0]; }}")
+        lines.append(f"void pe_set_lr(double lr) {{ {state_symbol('lr')}[0] = ({c_type(lr.dtype)})lr; }}")
+    else:
+        lines.append("double pe_get_lr(void) { return 0.0; }\nvoid pe_set_lr(double lr) { (void)lr; }")
+    table = [f'  {{"{s.name}", (void*){state_symbol(s.name)}, {s.nbytes}u}},' for s in mutable_state(signature)]
+    lines.append("const pe_tensor_t pe_mutable_state[] = {\n" + "\n".join(table) + "\n};")
+    lines.append(f"const int pe_mutable_state_count = {len(table)};")
+    return "\n".join(lines) + "\n"
+
+
+def _c_literal(value, dtype: str) -> str:
+    if dtype.startswith("float"):
+        text = float(value).hex()
+        return text + ("f" if dtype == "float32" else "")
+    if dtype == "bool":
+        return "1" if value else "0"
+    return f"{int(value)}LL" if dtype == "int64" else str(int(value))
+
+
+def _state_assembly(signature: StepSignature, state: dict, directory: str) -> str:
+    """Each state tensor as a labelled blob: what the step never writes in .rodata (Flash), zero
+    ones in .bss, the rest in .data (SRAM, copied from Flash at reset)."""
+    lines = ["/* Generated by PockEngine: the step's state, included from state/*.bin. */", ".syntax unified"]
+    constant = _constant_state(signature)
+    for s in signature.state:
+        value = np.ascontiguousarray(np.asarray(state[s.name], dtype=s.dtype).reshape(s.shape))
+        symbol = state_symbol(s.name)
+        if s.name in constant:
+            section = f'.section .rodata.{symbol},"a"'
+        elif not value.any():
+            section = f'.section .bss.{symbol},"aw",%nobits'
+        else:
+            section = f'.section .data.{symbol},"aw"'
+        lines += [section, ".balign 16", f".global {symbol}", f".type {symbol}, %object", f"{symbol}:"]
+        if "nobits" in section:
+            lines.append(f"  .space {max(1, value.nbytes)}")
+        else:
+            path = os.path.join("state", f"{symbol}.bin")
+            _write(os.path.join(directory, path), value.tobytes())
+            lines.append(f'  .incbin "{path}"')
+        lines.append(f".size {symbol}, {max(1, value.nbytes)}")
+    return "\n".join(lines) + "\n"
+
+
+PE_TVM_H = """/* What TVM's generated C kernels expect from TVM's headers, declared here so the project builds
+ * with a bare arm-none-eabi toolchain. */
+#ifndef PE_TVM_H
+#define PE_TVM_H
+#include <stdint.h>
+#include <stddef.h>
+#include <stdbool.h>
+#include <math.h>
+#define TVM_DLL
+void* TVMBackendAllocWorkspace(int device_type, int device_id, uint64_t nbytes, int dtype_code_hint, int dtype_bits_hint);
+int TVMBackendFreeWorkspace(int device_type, int device_id, void* ptr);
+#endif
+"""
+
+WORKSPACE_C = """/* Fused kernels keep large intermediates in a workspace TVM's code asks for by call. Kernels run
+ * one at a time and free in reverse order, so a static stack of the largest kernel's need serves
+ * them all. */
+static uint8_t pe_workspace[{bytes}] __attribute__((aligned(16)));
+static size_t pe_workspace_top;
+void* TVMBackendAllocWorkspace(int device_type, int device_id, uint64_t nbytes, int code, int bits) {{
+  (void)device_type; (void)device_id; (void)code; (void)bits;
+  size_t size = (size_t)((nbytes + 15u) & ~(uint64_t)15u);
+  if (pe_workspace_top + size > sizeof(pe_workspace)) return NULL;
+  void* p = pe_workspace + pe_workspace_top;
+  pe_workspace_top += size;
+  return p;
+}}
+int TVMBackendFreeWorkspace(int device_type, int device_id, void* ptr) {{
+  (void)device_type; (void)device_id;
+  pe_workspace_top = (size_t)((uint8_t*)ptr - pe_workspace);
+  return 0;
+}}
+"""
+
+HARNESS_C = r"""/* Test harness for QEMU (semihosting): run the step on the batches in batches.bin, print the
+ * loss per step, write the trained state to state_out.bin. On a device, call pe_train_step from
+ * the application instead. Usage (QEMU): -semihosting-config enable=on,target=native,arg=fw,arg=STEPS */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "pe_train_step.h"
+#include "pe_batch.h"
+
+static int semihost(int op, void* arg) {
+  register int r0 __asm__("r0") = op;
+  register void* r1 __asm__("r1") = arg;
+  __asm__ volatile("bkpt 0xAB" : "+r"(r0) : "r"(r1) : "memory");
+  return r0;
+}
+
+static int steps_from_command_line(void) {
+  char line[128] = {0};
+  struct { char* buffer; int length; } block = { line, sizeof(line) - 1 };
+  if (semihost(0x15 /* SYS_GET_CMDLINE */, &block) != 0) return 1;
+  char* last = strrchr(line, ' ');
+  int steps = atoi(last ? last + 1 : line);
+  return steps > 0 ? steps : 1;
+}
+
+int main(void) {
+  int steps = steps_from_command_line();
+  FILE* data = fopen("batches.bin", "rb");
+  if (!data) { printf("error: cannot open batches.bin\n"); return 1; }
+  for (int step = 1; step <= steps; ++step) {
+    if (!PE_READ_BATCH(data)) {  /* at the end of the file: start over */
+      rewind(data);
+      if (!PE_READ_BATCH(data)) { printf("error: batches.bin is shorter than one batch\n"); return 1; }
+    }
+    float loss = 0.0f;
+    pe_train_step(PE_BATCH_ARGS, &loss);
+    printf("step %d loss %.9g\n", step, (double)loss);
+  }
+  fclose(data);
+  FILE* out = fopen("state_out.bin", "wb");
+  if (!out) { printf("error: cannot write state_out.bin\n"); return 1; }
+  for (int i = 0; i < pe_mutable_state_count; ++i)
+    fwrite(pe_mutable_state[i].data, 1, pe_mutable_state[i].bytes, out);
+  fclose(out);
+  printf("done\n");
+  return 0;
+}
+"""
+
+STARTUP_C = r"""/* Reset handler for the QEMU boards: copy .data, zero .bss, enable the FPU, run main. */
+#include <stdint.h>
+extern uint32_t _sidata, _sdata, _edata, _sbss, _ebss, _estack;
+extern int main(void);
+extern void initialise_monitor_handles(void);
+extern void __libc_init_array(void);
+extern void exit(int);
+void Reset_Handler(void);
+void Default_Handler(void) { for (;;) {} }
+__attribute__((section(".isr_vector"), used))
+const void* pe_vectors[16] = { &_estack, Reset_Handler, Default_Handler, Default_Handler, Default_Handler,
+  Default_Handler, Default_Handler, 0, 0, 0, 0, Default_Handler, Default_Handler, 0, Default_Handler, Default_Handler };
+void Reset_Handler(void) {
+  uint32_t *src = &_sidata, *dst = &_sdata;
+  while (dst < &_edata) *dst++ = *src++;
+  for (dst = &_sbss; dst < &_ebss;) *dst++ = 0;
+#if defined(__ARM_FP)
+  *(volatile uint32_t*)0xE000ED88 |= (0xFu << 20);  /* CPACR: CP10/CP11 full access */
+  __asm__ volatile("dsb; isb");
+#endif
+  initialise_monitor_handles();
+  __libc_init_array();
+  exit(main());
+}
+void _init(void) {}  /* -nostartfiles drops crti/crtn; __libc_init_array still calls these */
+void _fini(void) {}
+"""
+
+LINK_LD = """/* Memory of the QEMU board standing in for the device (PockEngine checks the device's own limits). */
+MEMORY {{ FLASH (rx) : ORIGIN = {flash_origin:#x}, LENGTH = {flash_bytes}
+         RAM (rwx)  : ORIGIN = {sram_origin:#x}, LENGTH = {sram_bytes}{rom} }}
+ENTRY(Reset_Handler)
+_estack = ORIGIN(RAM) + LENGTH(RAM);
+_stack_bytes = {stack};
+SECTIONS {{
+  .text : {{ KEEP(*(.isr_vector)) *(.text*){text_rodata}
+            . = ALIGN(4); KEEP(*(.init)) KEEP(*(.fini))
+            __preinit_array_start = .; KEEP(*(.preinit_array)) __preinit_array_end = .;
+            __init_array_start = .; KEEP(*(.init_array*)) __init_array_end = .;
+            __fini_array_start = .; KEEP(*(.fini_array*)) __fini_array_end = .; }} > FLASH
+  .ARM.exidx : {{ *(.ARM.exidx*) }} > FLASH
+{rodata_section}  _sidata = LOADADDR(.data);
+  .data : {{ _sdata = .; *(.data*) . = ALIGN(4); _edata = .; }} > RAM AT > {load}
+  .bss (NOLOAD) : {{ _sbss = .; *(.bss*) *(COMMON) . = ALIGN(4); _ebss = .; }} > RAM
+  . = ALIGN(8); end = .; _end = .; __end__ = .;
+  ASSERT(_ebss + _stack_bytes <= _estack, "the step's state, arena and stack do not fit the board's RAM")
+}}
+"""
+
+MAKEFILE = """# Generated by PockEngine. `make` builds firmware.elf, `make run STEPS=N` trains N steps under QEMU.
+CC      = arm-none-eabi-gcc
+SIZE    ?= arm-none-eabi-size
+QEMU    ?= qemu-system-arm
+STEPS   ?= 3
+CFLAGS  := {cflags} -mthumb -O2 -ffunction-sections -fdata-sections -fstack-usage -Wall -Wno-unused-variable -Wno-unused-function
+SOURCES := kernels.c pe_train_step.c harness.c startup.c
+OBJECTS := $(SOURCES:.c=.o) pe_state.o
+
+.PHONY: all run size clean
+all: firmware.elf
+
+%.o: %.c pe_tvm.h pe_train_step.h kernels.h pe_batch.h
+\t$(CC) $(CFLAGS) -c $< -o $@
+
+pe_state.o: pe_state.S $(wildcard state/*.bin)
+\t$(CC) $(CFLAGS) -c $< -o $@
+
+firmware.elf: $(OBJECTS) link.ld
+\t$(CC) $(CFLAGS) --specs=rdimon.specs -nostartfiles -Wl,--gc-sections -Wl,-Map=firmware.map -T link.ld $(OBJECTS) -lm -o $@
+
+run: firmware.elf batches.bin
+\t$(QEMU) -M {machine} -nographic -monitor none -serial none -semihosting-config enable=on,target=native,arg=firmware,arg=$(STEPS) -kernel firmware.elf
+
+size: firmware.elf
+\t$(SIZE) -A firmware.elf
+
+clean:
+\trm -f *.o *.su firmware.elf firmware.map state_out.bin
+"""
