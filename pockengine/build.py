@@ -26,6 +26,7 @@ from .passes.memory_timeline import timeline
 from .errors import TargetError, UnsupportedOpError
 from .frontend import FUNC_NAME
 from .passes.drop_saved_activations import drop_saved_activations
+from .passes.drop_unit_reductions import drop_unit_reductions
 from .passes.fast_math import fast_math
 from .passes.fold_broadcasts import fold_broadcasts
 from .passes.fuse_variance import fuse_variance
@@ -77,11 +78,12 @@ def derive_step(imported, optimizer, plan):
 
 
 def fusion_passes(target) -> list:
-    """Relax passes from the training step to fused TIR kernels (TVM's CPU pipeline up to FuseTIR):
-    the module tuning logs are made for and applied to."""
+    """Relax passes from the training step to fused TIR kernels (TVM's CPU pipeline up to FuseTIR,
+    then reductions over one element as assignments: see drop_unit_reductions): the module tuning
+    logs are made for and applied to."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    return cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+    return cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + [drop_unit_reductions()]
 
 
 def kernel_schedule_passes(preset) -> list:
