@@ -291,8 +291,7 @@ def _compile_cortex_m(job, preset, derived: Derived, progress):
         os.makedirs(directory)
         batch = [to_numpy(x) for x in job.example_inputs + (job.example_targets,)]
         generated = cortex_m.generate(directory, lowered, signature, derived.initial_state, preset, batches=[batch])
-        cortex_m.make(directory, preset)
-        footprint = cortex_m.footprint(directory)
+        footprint = cortex_m.build_firmware(directory, preset)
     cortex_m.check_limits(footprint, preset, signature, derived.plan)
     meta = {**_meta(job, preset, derived), "firmware": {**footprint.to_json(), **dataclasses.asdict(generated),
                                                         "sram_limit": preset.sram_bytes, "flash_limit": preset.flash_bytes,

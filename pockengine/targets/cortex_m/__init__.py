@@ -26,7 +26,9 @@ from . import project
 
 PROJECT = "project"  # the C project's directory inside the artifact
 FIRMWARE = "firmware.elf"
+MEASURE_FIRMWARE = "firmware-measure.elf"  # `make measure`: linked for reading sizes, not for running
 QEMU_TIMEOUT_S = 1800
+STACK_RESERVE_KIB = project.STACK_BYTES // 1024
 
 
 def lowering_passes(preset, signature, state_aliases) -> list:
@@ -75,6 +77,11 @@ class Footprint:
     sram: int  # what the training step needs on the device: the SRAM parts below but the harness's
     parts: dict  # category -> bytes (arena, workspace, mutable state, input batch, stack, harness)
     stack: int  # the step's deepest call chain, from -fstack-usage
+    board_overflow: str = ""  # the linker's complaint when the firmware does not fit the QEMU board
+
+    @property
+    def fits_board(self) -> bool:
+        return not self.board_overflow
 
     def to_json(self) -> dict:
         return {"flash": self.flash, "sram": self.sram, "stack": self.stack, "parts": self.parts}
@@ -86,6 +93,20 @@ class Footprint:
 
 
 HARNESS = "harness (libc, semihosting)"  # the QEMU test main's own memory: not the step's
+
+
+def build_firmware(directory: str, preset) -> "Footprint":
+    """`make` the project and measure the ELF. Firmware too big for the QEMU board is linked again
+    by `make measure` into memory of any size, so that what it needs can still be reported (the
+    result then has fits_board False)."""
+    try:
+        make(directory, preset)
+    except MemoryLimitError as overflow:
+        make(directory, preset, "measure")
+        measured = footprint(directory, MEASURE_FIRMWARE)
+        measured.board_overflow = str(overflow)
+        return measured
+    return footprint(directory)
 
 
 def make(directory: str, preset, target: str = "all", extra: tuple = (), timeout: float = 1800) -> str:
@@ -109,9 +130,9 @@ def _overflow(log: str) -> str:
     return "; ".join(line.split("ld: ")[-1] for line in lines) or log[-500:]
 
 
-def footprint(directory: str) -> Footprint:
+def footprint(directory: str, firmware: str = FIRMWARE) -> Footprint:
     """Flash and SRAM from the ELF's sections, split by what the symbols hold; stack from -fstack-usage."""
-    elf = os.path.join(directory, FIRMWARE)
+    elf = os.path.join(directory, firmware)
     sections = _sections(elf)
     flash = sum(size for name, size in sections.items() if name in (".text", ".rodata", ".ARM.exidx", ".data"))
     parts = {"arena (activations, gradients)": 0, "kernel workspace": 0, "mutable state (trained params, optimizer)": 0,
@@ -149,11 +170,19 @@ def check_limits(footprint: Footprint, preset, signature: StepSignature, plan: d
     if preset.flash_bytes and footprint.flash > preset.flash_bytes:
         problems.append(f"Flash: needs {footprint.flash / 1024:.1f} KiB, {preset.name} has "
                         f"{preset.flash_bytes / 1024:.0f} KiB")
-    if not problems:
+    if not problems and footprint.fits_board:
         return
-    parts = ", ".join(f"{name} {size / 1024:.1f}" for name, size in footprint.parts.items() if size and name != HARNESS)
-    advice = _advice(footprint, preset, signature, plan)
-    raise MemoryLimitError(f"the training step does not fit {preset.name}: {'; '.join(problems)} (KiB: {parts}). {advice}")
+    if not problems:  # within the device's limits, but the board's reserve for the stack and libc is not
+        error = MemoryLimitError(f"the firmware fits {preset.name}'s limits only without the harness's "
+                                 f"{STACK_RESERVE_KIB} KiB stack reserve and libc: {footprint.board_overflow}")
+    else:
+        parts = ", ".join(f"{name} {size / 1024:.1f}" for name, size in footprint.parts.items()
+                          if size and name != HARNESS)
+        advice = _advice(footprint, preset, signature, plan)
+        error = MemoryLimitError(f"the training step does not fit {preset.name}: {'; '.join(problems)} "
+                                 f"(KiB: {parts}). {advice}")
+    error.footprint = footprint  # what was measured, for callers that tabulate sizes (benchmarks)
+    raise error
 
 
 def _advice(footprint: Footprint, preset, signature: StepSignature, plan: dict) -> str:

@@ -29,6 +29,7 @@ from ...errors import TargetError
 
 # TVM's calling-convention code for "the function already has a C signature" (MakePackedAPI skips it).
 _C_SIGNATURE = 1
+_KDL_CPU = 1  # DLPack's device type code of the CPU
 # Allocations at most this big stay on the kernel's stack (TVM's default
 # `tirx.kernel_max_stack_bytes` is a bit below, it is conservative): everything above goes through
 # TVMBackendAllocWorkspace.
@@ -70,14 +71,44 @@ def pointer_abi(func: tirx.PrimFunc, symbol: str) -> tirx.PrimFunc:
     return new.with_attrs({"global_symbol": symbol, "calling_conv": _C_SIGNATURE, "tirx.noalias": True})
 
 
+def on_the_cpu(mod):
+    """`mod` with every C-signature kernel's body marked as running on the CPU, device 0.
+
+    MakePackedAPI, which skips C-signature functions, is what normally tells LowerTVMBuiltin the
+    device: without it a kernel with an intermediate buffer too big for the stack cannot be
+    lowered ("Unknown device id in current IR"). With it, that buffer comes from
+    TVMBackendAllocWorkspace(1, 0, ...), which the driver serves from a static array. The mark
+    goes on after TVM's lowering pipeline, which hoists allocations above any statement around
+    the body."""
+    updates = {}
+    for gv, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc) and int(func.attrs.get("calling_conv", 0)) == _C_SIGNATURE:
+            body = func.body
+            for key, value in (("device_type", _KDL_CPU), ("device_id", 0)):
+                body = tirx.AttrStmt(tvm.ir.StringImm("default"), key, tirx.IntImm("int32", value), body)
+            updates[gv] = func.with_body(body)
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod
+
+
 def generate_c(kernels: dict, target) -> str:
     """{kernel name: PrimFunc} -> one C source with `void pe_k_<name>(T* ...)` for each.
 
     All kernels go into one module: every file TVM generates defines the same library-context
     symbol, so two generated files would not link together."""
+    from tvm.tirx.build import codegen_build
+
+    target = tvm.target.Target(target)
+    target = target.with_host(target)  # a microcontroller: the kernels are host code
     mod = tvm.IRModule({c_symbol(name): pointer_abi(func, c_symbol(name)) for name, func in kernels.items()})
     try:
-        source = tvm.tirx.build(mod, target=target).inspect_source()
+        # tvm.tirx.build's steps, with the kernels' device stated between the pipeline and the
+        # finalisation (see on_the_cpu).
+        mod = tvm.tirx.transform.BindTarget(target)(mod)
+        pipeline, finalize_host_passes, _ = tvm.tirx.get_default_tir_pipeline(target)
+        mod = finalize_host_passes()(on_the_cpu(pipeline(mod)))
+        source = codegen_build(mod, target).inspect_source()
     except Exception as e:
         raise TargetError(f"TVM's C code generator failed on the step's kernels: {str(e).strip().splitlines()[-1][:300]}") from None
     # For a module with one function TVM appends a packed entry point calling it: not wanted here.

@@ -10,7 +10,9 @@
     harness.c          a test main for QEMU: batches from a file and the step count through
                        semihosting, the loss per step on stdout, the trained state written back
     startup.c link.ld  vector table, reset handler (FPU on), memory map of the board
-    Makefile           `make` builds firmware.elf; `make run STEPS=N` runs it under qemu-system-arm
+    measure.ld         the same layout with unbounded memory: sizes of firmware too big for the board
+    Makefile           `make` builds firmware.elf; `make run STEPS=N` runs it under qemu-system-arm;
+                       `make measure` links firmware-measure.elf with measure.ld
 
 Tensor data travel as raw little-endian files assembled in with .incbin: exact, and fast to
 compile even for megabytes of weights (C initialisers of that size take the compiler minutes).
@@ -27,6 +29,10 @@ from ...autodiff.step import StepSignature
 from .driver import Driver, c_name, c_type
 
 ARENA_ALIGNMENT = 64
+# measure.ld: the board's layout with room for anything, to read the sizes of firmware too big for
+# the board (`make measure`; the result is for reading, not for running).
+MEASURE_MEMORY = {"flash_origin": 0x0, "flash_bytes": 0x10000000, "sram_origin": 0x20000000, "sram_bytes": 0x10000000,
+                  "rom_origin": 0x40000000, "rom_bytes": 0x10000000}
 STACK_BYTES = 8 * 1024  # reserved below the top of SRAM; the build checks the measured need against it
 
 # The C API takes labels as int (what a microcontroller application has); the step's kernels read
@@ -65,6 +71,7 @@ def write_project(directory: str, *, kernels_c: str, driver: Driver, signature: 
         "harness.c": HARNESS_C,
         "startup.c": STARTUP_C,
         "link.ld": _linker_script(board["memory_map"]),
+        "measure.ld": _linker_script({**board["memory_map"], **MEASURE_MEMORY}),
         "Makefile": MAKEFILE.format(cflags=" ".join(board["cflags"]), machine=board["qemu_machine"]),
     }
     for name, text in files.items():
@@ -196,7 +203,7 @@ def _driver_source(driver: Driver, signature: StepSignature, workspace_bytes: in
             lines.append(f"  {c_type(s.dtype)}* {input_symbol(s.name)} = ({c_type(s.dtype)}*){c_name(s.name)};")
     lines.extend("  " + statement for statement in driver.body)
     loss, *updates = driver.outputs
-    lines.append(f"  *loss = (float)(({c_type('float32')}*){loss})[0];")
+    lines.append(f"  *loss = (float)({loss})[0];")
     for spec_name, value in zip(signature.outputs, updates):
         spec = next(s for s in signature.state if s.name == spec_name)
         target = f"(({c_type(spec.dtype)}*){state_symbol(spec.name)})"
@@ -390,8 +397,9 @@ STEPS   ?= 3
 CFLAGS  := {cflags} -mthumb -O2 -ffunction-sections -fdata-sections -fstack-usage -Wall -Wno-unused-variable -Wno-unused-function
 SOURCES := kernels.c pe_train_step.c harness.c startup.c
 OBJECTS := $(SOURCES:.c=.o) pe_state.o
+LDFLAGS := --specs=rdimon.specs -nostartfiles -Wl,--gc-sections
 
-.PHONY: all run size clean
+.PHONY: all run size measure clean
 all: firmware.elf
 
 %.o: %.c pe_tvm.h pe_train_step.h kernels.h pe_batch.h
@@ -401,7 +409,12 @@ pe_state.o: pe_state.S $(wildcard state/*.bin)
 \t$(CC) $(CFLAGS) -c $< -o $@
 
 firmware.elf: $(OBJECTS) link.ld
-\t$(CC) $(CFLAGS) --specs=rdimon.specs -nostartfiles -Wl,--gc-sections -Wl,-Map=firmware.map -T link.ld $(OBJECTS) -lm -o $@
+\t$(CC) $(CFLAGS) $(LDFLAGS) -Wl,-Map=firmware.map -T link.ld $(OBJECTS) -lm -o $@
+
+# Too big for the board? `make measure` links it anyway, into memory of any size, to read its sizes.
+measure: firmware-measure.elf
+firmware-measure.elf: $(OBJECTS) measure.ld
+\t$(CC) $(CFLAGS) $(LDFLAGS) -T measure.ld $(OBJECTS) -lm -o $@
 
 run: firmware.elf batches.bin
 \t$(QEMU) -M {machine} -nographic -monitor none -serial none -semihosting-config enable=on,target=native,arg=firmware,arg=$(STEPS) -kernel firmware.elf
@@ -410,5 +423,5 @@ size: firmware.elf
 \t$(SIZE) -A firmware.elf
 
 clean:
-\trm -f *.o *.su firmware.elf firmware.map state_out.bin
+\trm -f *.o *.su firmware.elf firmware-measure.elf firmware.map state_out.bin
 """

@@ -1,0 +1,167 @@
+"""Cortex-M: the training step as a C project (kernels from TVM's C code generator, a driver on one
+static arena), built with arm-none-eabi-gcc and run under qemu-system-arm with semihosting.
+
+The firmware's losses and trained state are compared with the host build of the same job (same
+kernels, another compiler: 1e-5, scaled by each tensor's magnitude) and with PyTorch eager (the
+oracle; float32, a few steps: 1e-4)."""
+
+import copy
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+import pockengine as pe
+from conftest import FAST_HOST, MLP, ROOT, make_batches, max_scaled_diff, mobilenetv2, train_torch
+from pockengine.errors import MemoryLimitError, ToolchainError
+from pockengine.sparse import apply_to_torch
+from pockengine.targets import cortex_m, resolve
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None,
+    reason="arm-none-eabi-gcc / qemu-system-arm not installed (apt-get install gcc-arm-none-eabi "
+           "libnewlib-arm-none-eabi qemu-system-arm; `make test` installs them when run as root)")
+
+VS_HOST = 1e-5
+VS_TORCH = 1e-4
+STEPS = 4
+
+
+def bn_eval(model):
+    """BatchNorm in eval mode, as TinyTL and MCUNetV3 fine-tune on microcontrollers."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    return model
+
+
+def train_on_device(job, target, batches, directory):
+    """Compile for `target`, export, train len(batches) steps under QEMU -> (program, run)."""
+    program = pe.compile(job, target=target)
+    program.export(directory)
+    project = os.path.join(directory, cortex_m.PROJECT)
+    cortex_m.project.write_batches(project, program.signature, [[x.numpy(), y.numpy()] for x, y in batches])
+    return program, cortex_m.run(project, resolve(target), len(batches), program.signature)
+
+
+def check_against_host_and_torch(job, model, batches, run, optimizer):
+    host = pe.compile(job, target=FAST_HOST)
+    host_losses = [host.step(x, y) for x, y in batches]
+    np.testing.assert_allclose(run.losses, host_losses, rtol=VS_HOST)
+    host_state = host.state_dict()
+    trained = {k: v for k, v in run.state.items() if k in host_state}
+    assert trained, "the firmware wrote back no model state"
+    worst, where = max_scaled_diff(trained, {k: host_state[k] for k in trained})
+    print(f"vs host build: worst scaled difference {worst:.2e} ({where})")
+    assert worst <= VS_HOST, f"{where} differs from the host build by {worst:.3g}"
+
+    torch_losses = train_torch(model, optimizer, batches)
+    np.testing.assert_allclose(run.losses, torch_losses, rtol=VS_TORCH)
+    reference = {k: v for k, v in model.state_dict().items() if k in trained}
+    worst, where = max_scaled_diff({k: trained[k] for k in reference}, reference)
+    print(f"vs PyTorch eager: worst scaled difference {worst:.2e} ({where})")
+    assert worst <= VS_TORCH, f"{where} differs from PyTorch by {worst:.3g}"
+    return host
+
+
+def test_sparse_mobilenetv2_on_cortex_m4(tmp_path):
+    """MobileNetV2-0.35, MCUNetV3-style sparse update (biases of the last 12 convs and the
+    classifier), frozen BatchNorm, batch 1 at 32x32: in 256 KiB."""
+    torch.manual_seed(0)
+    model = bn_eval(mobilenetv2(width_mult=0.35, num_classes=10))
+    batches = make_batches((1, 3, 32, 32), 10, STEPS)
+    scheme = pe.SparseUpdate.mcunetv3(12, "52", "1")
+    optimizer = pe.optim.SGD(lr=0.05)
+    job = pe.TrainingJob(copy.deepcopy(model), (batches[0][0],), batches[0][1], "cross_entropy", optimizer,
+                         sparse_update=scheme, name="mnv2_sparse")
+    program, run = train_on_device(job, "cortex-m4", batches, str(tmp_path / "m4"))
+    firmware = program.meta["firmware"]
+    assert firmware["sram"] <= 256 * 1024 and firmware["flash"] <= 2048 * 1024
+    plan = job.plan(job.import_model())
+    check_against_host_and_torch(job, apply_to_torch(model, plan), batches, run, optimizer)
+
+    # Frozen weights are const, in Flash (read-only: .rodata, which the M4's link script puts in
+    # its code region); what the step writes is in SRAM (.data with its initial values copied from
+    # Flash, or .bss when they are zeros, as BatchNorm's shifts start).
+    symbols = {name: kind for name, _, kind in cortex_m._symbols(str(tmp_path / "m4" / "project" / "firmware.elf"))}
+    assert symbols["pe_s_features_1_conv_0_0_weight"] in "rRtT"
+    assert symbols["pe_s_classifier_1_weight"] in "dD"
+    assert symbols["pe_s_features_17_conv_0_1_bias"] in "bB"
+    # The SRAM reported is the sum of its measured parts (the QEMU harness's libc is not the step's).
+    parts = {k: v for k, v in firmware["parts"].items() if k != cortex_m.HARNESS}
+    assert sum(parts.values()) == firmware["sram"]
+    assert parts["arena (activations, gradients)"] == firmware["arena_bytes"]
+
+
+def test_full_update_with_batchnorm_and_momentum_on_cortex_m55(tmp_path):
+    """Every parameter trained, BatchNorm in training mode (running statistics updated), SGD with
+    momentum and weight decay, on MobileNetV2's stem and first two stages at batch 2, 24x24."""
+    torch.manual_seed(0)
+    model = mobilenetv2(width_mult=0.35, num_classes=10, stages=[(1, 16, 1, 1), (6, 24, 2, 2)],
+                        last_channel=128).train()
+    batches = make_batches((2, 3, 24, 24), 10, STEPS)
+    optimizer = pe.optim.SGD(lr=0.05, momentum=0.9, weight_decay=4e-5)
+    job = pe.TrainingJob(copy.deepcopy(model), (batches[0][0],), batches[0][1], "cross_entropy", optimizer,
+                         name="mnv2_full")
+    program, run = train_on_device(job, "cortex-m55", batches, str(tmp_path / "m55"))
+    assert program.meta["firmware"]["sram"] <= 512 * 1024
+    assert "features.0.1.running_var" in run.state  # BN statistics are state the firmware trains
+    check_against_host_and_torch(job, model, batches, run, optimizer)
+
+
+def test_cli_builds_and_runs_the_mlp_example_on_cortex_m7(tmp_path):
+    """`pockengine build --target cortex-m7` then `pockengine run`: the digits MLP with Adam
+    (sqrt and division: libm on the device), the losses of the host build's run."""
+    example = tmp_path / "train.py"
+    source = open(os.path.join(ROOT, "examples", "mlp_digits", "train.py")).read()
+    example.write_text(source.replace("pe.optim.SGD(lr=0.05, momentum=0.9)", "pe.optim.Adam(lr=1e-3)"))
+    cli = [os.path.join(os.path.dirname(shutil.which("pockengine") or os.sys.executable), "pockengine")]
+    losses, builds = {}, {}
+    for target in ("cortex-m7", "host"):
+        out = str(tmp_path / target)
+        builds[target] = subprocess.run(cli + ["build", str(example), "--target", target, "-o", out],
+                                        capture_output=True, text=True, cwd=ROOT)
+        assert builds[target].returncode == 0, builds[target].stderr
+        ran = subprocess.run(cli + ["run", out, "--steps", "5"], capture_output=True, text=True)
+        assert ran.returncode == 0, ran.stderr
+        losses[target] = [float(line.split()[3]) for line in ran.stdout.splitlines() if line.startswith("step")]
+    assert "SRAM of the step (no harness)" in builds["cortex-m7"].stdout and "device limits" in builds["cortex-m7"].stdout
+    assert len(losses["cortex-m7"]) == 5
+    np.testing.assert_allclose(losses["cortex-m7"], losses["host"], rtol=VS_HOST)
+    project = tmp_path / "cortex-m7" / "project"
+    for name in ("kernels.c", "pe_train_step.c", "pe_train_step.h", "Makefile", "link.ld", "firmware.elf"):
+        assert (project / name).is_file(), name
+    header = (project / "pe_train_step.h").read_text()
+    assert "int pe_train_step(const float* x, const int* target, float* loss);" in header
+    assert "malloc" not in (project / "pe_train_step.c").read_text() + (project / "kernels.c").read_text()
+
+
+def test_a_model_too_big_for_the_sram_says_what_it_needs_and_what_fits(tmp_path):
+    torch.manual_seed(0)
+    model = mobilenetv2(width_mult=0.35, num_classes=10)
+    job = pe.TrainingJob(model, (torch.randn(2, 3, 64, 64),), torch.randint(0, 10, (2,)), "cross_entropy",
+                         pe.optim.SGD(lr=0.05, momentum=0.9), name="too_big")
+    with pytest.raises(MemoryLimitError) as caught:
+        pe.compile(job, target="cortex-m4")
+    message = str(caught.value)
+    assert "does not fit cortex-m4: SRAM: needs" in message and "has 256 KiB" in message
+    assert "bias_only" in message and "without momentum" in message  # the fix: a sparse scheme
+    assert caught.value.footprint.sram > 2 * 1024 * 1024  # measured although no board could hold it
+
+    # Sparse, but the activations at 64x64 are too big: the advice is a resolution.
+    sparse = pe.TrainingJob(bn_eval(mobilenetv2(width_mult=0.35, num_classes=10)), (torch.randn(1, 3, 64, 64),),
+                            torch.randint(0, 10, (1,)), "cross_entropy", pe.optim.SGD(lr=0.05),
+                            sparse_update=pe.SparseUpdate.bias_only(), name="too_many_pixels")
+    with pytest.raises(MemoryLimitError, match=r"an input resolution of about \d+x\d+ instead of 64x64"):
+        pe.compile(sparse, target="cortex-m4")
+
+
+def test_missing_toolchain_names_the_package(monkeypatch, tmp_path):
+    job = pe.TrainingJob(MLP(), (torch.randn(4, 32),), torch.randint(0, 10, (4,)), "cross_entropy",
+                         pe.optim.SGD(lr=0.1))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no arm-none-eabi-gcc, no qemu-system-arm
+    with pytest.raises(ToolchainError, match=r"arm-none-eabi-gcc not found.*apt-get install gcc-arm-none-eabi"):
+        pe.compile(job, target="cortex-m4")
