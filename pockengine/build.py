@@ -300,4 +300,28 @@ def _compile_cortex_m(job, preset, derived: Derived, progress):
 
 
 def _compile_cuda(job, preset, derived: Derived, progress, tuning_logs):
-    raise TargetError(f"{preset.name}: CUDA builds are not wired in yet")
+    """Every kernel scheduled for the GPU (tuning records, else dlight) and checked to be bound to
+    GPU threads, the memory planned on the GPU, PTX for the target's arch by nvcc: no GPU is
+    needed to build. The result runs here only on a machine with a GPU and the target's host CPU."""
+    from .runtime import DeviceProgram, Program, runs_here
+    from .targets import aarch64, cuda
+
+    tvm_target = cuda.cuda_target(preset.target())
+    with _stage("lower", progress):
+        lowered, schedules = cuda.gpu_lowering_with_report(derived.step_mod, tvm_target, derived.signature,
+                                                           tuning_logs)
+        kernels = cuda.gpu_kernels_check(lowered, schedules)
+    with _stage("memory plan", progress):
+        report = _memory_report(job, lowered, derived)
+    with _stage("codegen", progress):
+        executable, ptx = cuda.build_cuda(lowered, tvm_target)
+        scratch = tempfile.mkdtemp(prefix="pockengine-")
+        paths = cuda.export_cuda(executable, ptx, scratch, tvm_target)
+    meta = {**_meta(job, preset, derived), "tuning": schedules.tuning.to_json(),
+            "cuda": {"arch": cuda.arch_of(tvm_target), "kernels": len(kernels), "schedules": schedules.counts(),
+                     "ptx": cuda.ptx_header(ptx)}}
+    if runs_here(meta):
+        return Program(paths["library"], derived.signature, derived.initial_state, report, meta)
+    files = {LIBRARY: paths["library"], cuda.PTX_FILE: paths["ptx"], cuda.SOURCE_FILE: paths["source"],
+             aarch64.RUNNER: aarch64.runner_source_path()}
+    return DeviceProgram(files, derived.signature, derived.initial_state, report, meta, scratch=scratch)

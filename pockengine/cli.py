@@ -81,6 +81,8 @@ def cmd_build(args) -> int:
         print(backend_summary(program.meta["backend"]))
     if "firmware" in program.meta:
         print(firmware_summary(program.meta))
+    if "cuda" in program.meta:
+        print(gpu_summary(program.meta["cuda"]))
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s; planned peak memory {report.peak_bytes / 2**20:.2f} MiB")
     if program.meta.get("family", "host") != "host":
         print(f"run it with `pockengine run {out} --steps N` ({target.runner})")
@@ -95,6 +97,14 @@ def firmware_summary(meta: dict) -> str:
     table = Footprint(fw["flash"], fw["sram"], fw["parts"], fw["stack"]).table()
     return (f"firmware for {meta['target']} ({fw['kernels']} kernels, {fw['kernel_calls']} calls per step):\n{table}\n"
             f"  device limits: SRAM {fw['sram_limit'] / 1024:.0f} KiB, Flash {fw['flash_limit'] / 1024:.0f} KiB")
+
+
+def gpu_summary(gpu: dict) -> str:
+    """A CUDA build: its kernels, which schedule each got, and the PTX it carries."""
+    how = ", ".join(f"{count} {name}" for name, count in sorted(gpu["schedules"].items()))
+    ptx = gpu["ptx"]
+    return (f"GPU: {gpu['kernels']} kernels, all bound to GPU threads (schedules: {how}); "
+            f"PTX {ptx.get('version', '?')} for {ptx.get('target', '?')} (kernels.ptx), machine code for {gpu['arch']}")
 
 
 def backend_summary(backend: dict, table: bool = False) -> str:
@@ -155,7 +165,7 @@ def _batches(program, data_path: str | None, artifact: str):
 
 
 def cmd_run(args) -> int:
-    from .runtime import load, read_manifest
+    from .runtime import load, read_manifest, runs_here
 
     family = read_manifest(args.artifact).get("family", "host")
     if family == "aarch64":
@@ -165,12 +175,11 @@ def cmd_run(args) -> int:
     program = load(args.artifact)  # a CUDA artifact loads here only where there is a GPU
     if family == "cortex-m":
         return _run_cortex_m(program, args)
-    if family == "cuda" and not hasattr(program, "_vm"):
+    if family == "cuda" and not runs_here(program.meta):
         from .errors import TargetError
+        from .targets import cuda
 
-        raise TargetError(f"{args.artifact} runs on an NVIDIA GPU ({program.meta['tvm_target'].get('arch', '?')}) with "
-                          f"{'an aarch64 (Jetson)' if 'aarch64' in json.dumps(program.meta['tvm_target']) else 'this'} "
-                          "host; this machine cannot run it (no CUDA device, or another CPU). Copy the artifact there")
+        raise TargetError(f"{args.artifact} cannot run here: {cuda.why_not_here(program.meta['tvm_target'])}")
     batches = _batches(program, args.data, args.artifact)
     times = []
     for step in range(1, args.steps + 1):
@@ -253,6 +262,8 @@ def cmd_inspect(args) -> int:
         print(backend_summary(m["backend"], table=True))
     if "firmware" in m:
         print(firmware_summary(m))
+    if "cuda" in m:
+        print(gpu_summary(m["cuda"]))
     print()
     report = MemoryReport.from_json(m["memory"])
     print(report)
@@ -270,9 +281,12 @@ def cmd_targets(args) -> int:
             missing = preset.missing_tools(purpose)
             tools = [t.program for t in preset.tools if t.purpose == purpose]
             if purpose == "run" and preset.family == "cuda":
-                from .runtime import gpu_present
+                from .targets import cuda
 
-                status.append("run: " + ("ready (a CUDA device is present)" if gpu_present() else "no CUDA device here"))
+                missing = ([] if cuda.host_runs_here(preset.tvm_target) else ["its host CPU"]) + (
+                    [] if cuda.gpu_present() else ["a CUDA device"])
+                status.append("run: " + (f"not here (this machine lacks {' and '.join(missing)})" if missing
+                                         else "ready (a CUDA device is present)"))
                 continue
             if missing:
                 packages = " ".join(sorted({t.package for t in missing}))

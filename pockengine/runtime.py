@@ -295,12 +295,6 @@ class DeviceProgram(Program):
         return {**table, "state": STATE}
 
 
-def gpu_present() -> bool:
-    import tvm
-
-    return bool(tvm.cuda(0).exist)
-
-
 def _device(tvm, meta: dict):
     """The device a host-loadable artifact runs on: the GPU for CUDA builds (when there is one)."""
     if meta.get("family") == "cuda":
@@ -342,14 +336,15 @@ _COMPUTED_KEYS = frozenset({"format", "format_version", "signature", "parameters
 
 
 def runs_here(manifest: dict) -> bool:
-    """Whether this process can run the artifact's steps: host builds, and CUDA builds with an x86
-    host part on a machine with a GPU."""
+    """Whether this process can run the artifact's steps: host builds, and CUDA builds whose host
+    code is for this machine's CPU, on a machine with a GPU (a Jetson for the jetson presets)."""
     family = manifest.get("family", "host")
     if family == "host":
         return True
     if family == "cuda":
-        host = manifest.get("tvm_target", {}).get("host", {})
-        return "aarch64" not in str(host.get("mtriple", "")) and gpu_present()
+        from .targets import cuda
+
+        return cuda.host_runs_here(manifest.get("tvm_target", {})) and cuda.gpu_present()
     return False
 
 

@@ -174,6 +174,10 @@ def resolve(spec) -> TargetPreset:
             f"unknown target {spec!r}: use a preset ({', '.join(known)}), a TVM target dict such as "
             f"{{\"kind\": \"llvm\", \"num-cores\": 2}}, or a TVM tag ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         ) from None
+    if target.kind.name == "cuda" and not isinstance(spec, tvm.target.Target):
+        from . import cuda
+
+        target = cuda.cuda_target(spec)  # an arch is required (no GPU here to detect one); a host is added
     return _from_tvm_target(target, spec if isinstance(spec, str) else _label(target))
 
 

@@ -1,6 +1,6 @@
 """Run training steps of an exported artifact on the device: numpy and the TVM runtime only.
 
-Copied into aarch64 artifacts as run_step.py, next to train_step.so, state.npz and manifest.json:
+Copied into aarch64 and CUDA artifacts as run_step.py, next to train_step.so, state.npz and manifest.json:
 
     python3 run_step.py ARTIFACT_DIR --steps 20 [--data batches.npz] [--save]
 
@@ -83,6 +83,11 @@ def run(artifact: str, steps: int, data: str | None = None, save: bool = False, 
     if cores:  # TVM sizes its thread pool from this on first use (see runtime.py)
         os.environ.setdefault("TVM_NUM_THREADS", str(min(int(cores), os.cpu_count() or 1)))
     device = tvm.cpu()
+    if manifest.get("family") == "cuda":  # a Jetson (or any GPU machine): the kernels run on the GPU
+        device = tvm.cuda(0)
+        if not device.exist:
+            raise ValueError(f"this artifact runs on an NVIDIA GPU ({manifest['tvm_target'].get('arch', '?')}) and "
+                             "no CUDA device is visible here (is the NVIDIA driver loaded?)")
     vm = VirtualMachine(tvm.runtime.load_module(os.path.join(artifact, manifest["files"]["library"])), device)
     step_fn = vm["train_step"]
     with np.load(os.path.join(artifact, manifest["files"]["state"]), allow_pickle=False) as npz:
