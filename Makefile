@@ -1,12 +1,13 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv and install
 # everything first (torch's CPU wheel is pinned and installed before the rest so pip never picks a
-# CUDA build).
+# CUDA build). `make test` also installs, as root, the Debian packages of the targets' tools that
+# are missing (cross compilers, QEMU: the presets name them), so the target tests run for real.
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo test clean
+.PHONY: setup target-tools demo test clean
 
 setup: $(STAMP)
 
@@ -22,7 +23,20 @@ demo: setup
 	$(VENV)/bin/pockengine run build/mlp_digits --steps 5
 	$(VENV)/bin/pockengine inspect build/mlp_digits
 
-test: setup
+# Packages Debian cannot install here (nvidia-cuda-toolkit is in non-free) are left out with a warning.
+target-tools: setup
+	@packages="$$($(VENV)/bin/pockengine targets --missing-packages)"; \
+	if [ -z "$$packages" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "warning: missing target tools; their tests will be skipped. Install: $$packages"; exit 0; fi; \
+	echo "installing the targets' tools: $$packages"; \
+	apt-get update -qq; \
+	available=""; for p in $$packages; do \
+	  if apt-cache show $$p >/dev/null 2>&1; then available="$$available $$p"; else echo "warning: $$p is not installable here"; fi; \
+	done; \
+	[ -z "$$available" ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$available >/dev/null
+
+test: setup target-tools
 	$(PY) -m pytest -q -rs --durations=10 -n auto --dist loadfile
 
 clean:

@@ -275,6 +275,11 @@ def cmd_inspect(args) -> int:
 def cmd_targets(args) -> int:
     from .targets import ALIASES, presets
 
+    if args.missing_packages:  # for set-up scripts: `apt-get install $(pockengine targets --missing-packages)`
+        missing = {package for preset in presets().values() for tool in preset.missing_tools()
+                   for package in tool.package.split()}
+        print(" ".join(sorted(missing)))
+        return 0
     for name, preset in presets().items():
         status = []
         for purpose in ("build", "run"):
@@ -353,6 +358,8 @@ def make_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_inspect)
 
     t = sub.add_parser("targets", help="list target presets and whether this machine can build them")
+    t.add_argument("--missing-packages", action="store_true",
+                   help="print only the Debian packages that would provide the missing tools")
     t.set_defaults(func=cmd_targets)
     return parser
 
