@@ -176,7 +176,8 @@ class Derived:
 
     @property
     def initial_state(self) -> dict:
-        return {**self.imported.initial, **self.optimizer_state}
+        """{state name: array} as the step reads it (partially trained weights in their two parts)."""
+        return self.signature.split_state({**self.imported.initial, **self.optimizer_state})
 
 
 def _meta(job, preset, derived: Derived) -> dict:

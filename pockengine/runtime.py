@@ -32,7 +32,7 @@ from .passes.memory_plan import MemoryReport
 from .targets.device_runner import write_npz as _write_npz
 
 FORMAT = "pockengine-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: partially trained weights are stored as their two parts
 LIBRARY, STATE, MANIFEST = "train_step.so", "state.npz", "manifest.json"
 
 
@@ -130,31 +130,50 @@ class Program:
 
     # ------------------------------------------------------------------ state
 
+    def _read(self, name: str) -> np.ndarray:
+        """One state tensor (by state name) as a numpy array."""
+        return self._state[name].numpy()
+
+    def _write(self, arrays: dict) -> None:
+        """Replace state tensors, {state name: array} (cast to their dtype)."""
+        self._state.update({k: self._tensor(np.asarray(v).astype(self._specs[k].dtype, copy=False)) for k, v in arrays.items()})
+
     def _model_keys(self) -> list[str]:
         skip = set(self.meta.get("non_persistent", []))
-        return [k for k in self.meta["state_dict_keys"] if k in self._specs and k not in skip]
+        known = set(self._specs) | set(self.signature.partial)
+        return [k for k in self.meta["state_dict_keys"] if k in known and k not in skip]
+
+    def _model_shape(self, key: str) -> tuple:
+        split = self.signature.partial.get(key)
+        if split is None:
+            return self._specs[key].shape
+        shape = list(self._specs[split.trained].shape)
+        shape[split.axis] += self._specs[split.frozen].shape[split.axis]
+        return tuple(shape)
 
     def state_dict(self) -> dict:
-        """The model's state, torch names -> numpy arrays (parameters and persistent buffers)."""
-        return {k: self._state[k].numpy() for k in self._model_keys()}
+        """The model's state, torch names -> numpy arrays (parameters and persistent buffers); a
+        partially trained weight is whole again."""
+        out = {}
+        for k in self._model_keys():
+            split = self.signature.partial.get(k)
+            out[k] = split.join(self._read(split.trained), self._read(split.frozen)) if split else self._read(k)
+        return out
 
     def optimizer_state_dict(self) -> dict:
         """lr, step and the per-parameter slots (`optimizer.exp_avg.fc.weight`, ...) -> numpy arrays."""
-        return {s.name: self._state[s.name].numpy() for s in self.signature.state
+        return {s.name: self._read(s.name) for s in self.signature.state
                 if self.signature.categories[s.name] == OPTIMIZER}
 
     def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
-        """Replace model (and/or optimizer) state. With strict, the model's keys must match exactly."""
+        """Replace model (and/or optimizer) state. With strict, the model's keys must match exactly.
+        State names (a partially trained weight's parts) are accepted too."""
         self._check_state_dict(state_dict, strict)
-        new = {}
-        for k, v in state_dict.items():
-            a = to_numpy(v)
-            new[k] = self._tensor(a.astype(self._specs[k].dtype, copy=False))
-        self._state.update(new)
+        self._write(self.signature.split_state({k: to_numpy(v) for k, v in state_dict.items()}))
 
     def _check_state_dict(self, state_dict: dict, strict: bool) -> None:
         model_keys = set(self._model_keys())
-        unknown = [k for k in state_dict if k not in self._specs]
+        unknown = [k for k in state_dict if k not in self._specs and k not in self.signature.partial]
         missing = [k for k in self._model_keys() if k not in state_dict]
         if unknown or (strict and missing):
             raise StateError(
@@ -166,8 +185,8 @@ class Program:
             )
         for k, v in state_dict.items():
             shape = tuple(to_numpy(v).shape)
-            if shape != self._specs[k].shape:
-                raise StateError(f"load_state_dict: {k} has shape {shape}, the program expects {self._specs[k].shape}")
+            if shape != self._model_shape(k):
+                raise StateError(f"load_state_dict: {k} has shape {shape}, the program expects {self._model_shape(k)}")
 
     def memory_report(self) -> MemoryReport:
         return self._report
@@ -254,18 +273,13 @@ class DeviceProgram(Program):
 
     time_step = step
 
-    def state_dict(self) -> dict:
-        return {k: self._state[k].copy() for k in self._model_keys()}
+    def _read(self, name: str) -> np.ndarray:
+        return self._state[name].copy()
 
-    def optimizer_state_dict(self) -> dict:
-        return {s.name: self._state[s.name].copy() for s in self.signature.state
-                if self.signature.categories[s.name] == OPTIMIZER}
-
-    def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
-        self._check_state_dict(state_dict, strict)
-        for k, v in state_dict.items():
+    def _write(self, arrays: dict) -> None:
+        for k, v in arrays.items():
             spec = self._specs[k]
-            self._state[k] = to_numpy(v).astype(spec.dtype, copy=True).reshape(spec.shape)
+            self._state[k] = np.asarray(v).astype(spec.dtype, copy=True).reshape(spec.shape)
 
     @property
     def lr(self) -> float:

@@ -128,6 +128,12 @@ def test_pruned_backward_costs_the_expected_flops():
     ratio, signature = step_of({"net.0.weight": 0.25})  # 8 of 32 input channels of the first layer
     assert ratio == {"forward": forward, "backward": mm(8, 64) + mm(64, 64) + mm(64, 10)}
     assert signature.trained_shapes == {"net.0.weight": (64, 8)}
-    assert signature.outputs[0] == "net.0.weight"
+    # The weight is two state tensors: the step writes its trained channels only, never the whole.
+    shapes = {spec.name: spec.shape for spec in signature.state}
+    assert shapes["net.0.weight[:, :8]"] == (64, 8) and shapes["net.0.weight[:, 8:]"] == (64, 24)
+    assert "net.0.weight" not in shapes
+    assert signature.categories["net.0.weight[:, :8]"] == "param"
+    assert signature.categories["net.0.weight[:, 8:]"] == "frozen_param"
+    assert signature.outputs[0] == "net.0.weight[:, :8]" and "net.0.weight[:, 8:]" not in signature.outputs
     head, _ = step_of({"net.4": "full"})  # last layer only: nothing flows further back
     assert head == {"forward": forward, "backward": mm(64, 10)}

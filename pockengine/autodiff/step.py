@@ -30,7 +30,8 @@ STEP_FUNC = "train_step"
 RECOMPUTED_SUFFIX = "_recomputed"  # forward values the backward computes again
 
 # A weight trained on its leading channels arrives split (passes/prune_backward.py): the binding
-# `<param var>__trained` is differentiated and updated, `<param var>__frozen` is written back unchanged.
+# `<param var>__trained` is differentiated and updated, `<param var>__frozen` is not. train_step takes
+# the two parts as parameters of their own (same suffixes; see SplitWeight).
 TRAINED, FROZEN_PART = "__trained", "__frozen"
 
 # Ops without a gradient rule that DecomposeOpsForTraining rewrites into differentiable ones first.
@@ -38,6 +39,31 @@ DECOMPOSED_FOR_TRAINING = {"relax.nn.layer_norm", "relax.nn.batch_norm"}
 
 # State categories, used by the runtime, the manifest and the memory report.
 PARAM, FROZEN, BUFFER, OPTIMIZER = "param", "frozen_param", "buffer", "optimizer"
+
+
+@dataclass(frozen=True)
+class SplitWeight:
+    """A weight trained on its first `channels` entries of `axis` is two state tensors: those
+    channels (`trained`, e.g. `conv.weight[:, :8]`) and the rest (`frozen`, `conv.weight[:, 8:]`).
+    The step reads both and writes only the first; it never copies the whole weight, and a
+    microcontroller keeps the frozen part in Flash. state_dict() joins them again."""
+
+    axis: int
+    channels: int
+    trained: str
+    frozen: str
+
+    @classmethod
+    def of(cls, name: str, axis: int, channels: int) -> "SplitWeight":
+        lead = ":, " * axis
+        return cls(axis, channels, f"{name}[{lead}:{channels}]", f"{name}[{lead}{channels}:]")
+
+    def split(self, array: np.ndarray) -> dict:
+        first, rest = np.split(np.asarray(array), [self.channels], axis=self.axis)
+        return {self.trained: np.ascontiguousarray(first), self.frozen: np.ascontiguousarray(rest)}
+
+    def join(self, trained: np.ndarray, frozen: np.ndarray) -> np.ndarray:
+        return np.concatenate([trained, frozen], axis=self.axis)
 
 
 @dataclass
@@ -49,8 +75,26 @@ class StepSignature:
     categories: dict  # state name -> PARAM | FROZEN | BUFFER | OPTIMIZER
     outputs: list[str]  # state names written by outputs 1.. (output 0 is the loss)
     loss_dtype: str
-    # Partially trained parameters -> the shape of their trained leading channels.
-    trained_shapes: dict = field(default_factory=dict)
+    # Partially trained parameters (model names) -> the two state tensors they are split into.
+    partial: dict = field(default_factory=dict)
+
+    @property
+    def trained_shapes(self) -> dict:
+        """Partially trained parameters -> the shape of their trained leading channels."""
+        shapes = {s.name: s.shape for s in self.state}
+        return {name: shapes[split.trained] for name, split in self.partial.items()}
+
+    def owner(self, state_name: str) -> str:
+        """The model parameter a state tensor holds (part of), or the state name itself."""
+        return next((name for name, split in self.partial.items() if state_name in (split.trained, split.frozen)),
+                    state_name)
+
+    def split_state(self, arrays: dict) -> dict:
+        """{model name: array} -> {state name: array}: partially trained weights split in two."""
+        out = {}
+        for name, value in arrays.items():
+            out.update(self.partial[name].split(value) if name in self.partial else {name: value})
+        return out
 
     def to_json(self) -> dict:
         return {
@@ -58,7 +102,7 @@ class StepSignature:
             "state": [dict(s.to_json(), category=self.categories[s.name]) for s in self.state],
             "outputs": ["loss"] + self.outputs,
             "loss_dtype": self.loss_dtype,
-            "trained_shapes": {k: list(v) for k, v in self.trained_shapes.items()},
+            "partial": {k: vars(v) for k, v in self.partial.items()},
         }
 
     @classmethod
@@ -69,7 +113,7 @@ class StepSignature:
             categories={s["name"]: s["category"] for s in d["state"]},
             outputs=list(d["outputs"][1:]),
             loss_dtype=d["loss_dtype"],
-            trained_shapes={k: tuple(v) for k, v in d.get("trained_shapes", {}).items()},
+            partial={k: SplitWeight(**v) for k, v in d.get("partial", {}).items()},
         )
 
 
@@ -163,6 +207,13 @@ def _trained_spec(spec: TensorSpec, part) -> TensorSpec:
     return TensorSpec(spec.name, tuple(shape), spec.dtype)
 
 
+def _frozen_spec(spec: TensorSpec, part) -> TensorSpec:
+    """The frozen rest of a partially trained parameter."""
+    shape = list(spec.shape)
+    shape[part.axis] -= part.channels
+    return TensorSpec(spec.name, tuple(shape), spec.dtype)
+
+
 def _carries_gradient(ty) -> bool:
     if isinstance(ty, relax.TupleType):
         return any(_carries_gradient(f) for f in ty.fields)
@@ -225,14 +276,27 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
             slot_specs.append(spec)
             slot_vars[(slot, s.name)] = relax.Var(spec.name, relax.TensorType(s.shape, s.dtype))
 
+    # A partially trained weight is passed as its two parts (SplitWeight), where the whole weight was;
+    # prune_backward's slices of the whole weight become those parameters.
+    specs = {s.name: s for s in imported.params}
+    splits = {n: SplitWeight.of(n, partial[n].axis, partial[n].channels) for n in partial}
+    part_specs = {n: (_trained_spec(specs[n], partial[n]), _frozen_spec(specs[n], partial[n])) for n in partial}
+    part_vars = {n: tuple(relax.Var(pvars[n].name + suffix, relax.TensorType(spec.shape, spec.dtype))
+                          for suffix, spec in zip((TRAINED, FROZEN_PART), part_specs[n])) for n in partial}
+    slice_param = {bound_var: var for n in partial for bound_var, var in zip(slices[n], part_vars[n])}
+    param_name = {v: s.name for v, s in zip(aparams[n_in:n_in + n_p], imported.params)}
+    step_params = [p for v in aparams for p in (part_vars[param_name[v]] if param_name.get(v) in partial else (v,))]
+
     bb = relax.BlockBuilder()
-    all_params = aparams + [lr_var, step_var] + [slot_vars[k] for k in slot_vars]
+    all_params = step_params + [lr_var, step_var] + [slot_vars[k] for k in slot_vars]
     with bb.function(STEP_FUNC, all_params, attrs={"num_input": n_in}):
         with bb.dataflow():
             # The prefix was cut from forward_loss: point it at the adjoint's parameter Vars (ours).
             to_ours = Substitute(dict(zip(fparams, aparams)))
             for binding in prefix:
-                bb.emit_normalized(relax.VarBinding(binding.var, to_ours.visit_expr(binding.value)))
+                value = slice_param.get(binding.var)
+                value = to_ours.visit_expr(binding.value) if value is None else value
+                bb.emit_normalized(relax.VarBinding(binding.var, value))
             for param, value in zip(hoisted_params, hoisted):
                 bb.emit_normalized(relax.VarBinding(param, value))
             ret = inline_body(bb, adjoint)
@@ -245,8 +309,6 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
                 em = _Emitter(bb, s.dtype)
                 slots = {slot: slot_vars[(slot, s.name)] for slot in optimizer.slots()}
                 p, updated = optimizer.update(em, by_name[s.name], grad, slots, lr_var, step_f64)
-                if s.name in partial:  # write the trained channels back in front of the frozen ones
-                    p = bb.emit(relax.op.concat([p, slices[s.name][1]], axis=partial[s.name].axis), UPDATE_PREFIX + "merge")
                 new_params.append(p)
                 new_slots.append(updated)
             slot_out = [new_slots[i][slot] for slot in optimizer.slots() for i in range(len(trained))]
@@ -255,18 +317,28 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
     step_mod = tvm.IRModule({STEP_FUNC: bb.get()[STEP_FUNC]})
     step_mod = relax.transform.DeadCodeElimination([STEP_FUNC])(step_mod)
 
-    categories = {s.name: (PARAM if s.name in trainable_set else FROZEN) for s in imported.params}
+    param_state = []  # the parameters as the step reads them: partial ones as their two parts
+    for spec in imported.params:
+        if spec.name in partial:
+            trained_part, frozen_part = part_specs[spec.name]
+            param_state += [TensorSpec(splits[spec.name].trained, trained_part.shape, spec.dtype),
+                            TensorSpec(splits[spec.name].frozen, frozen_part.shape, spec.dtype)]
+        else:
+            param_state.append(spec)
+    categories = {s.name: (PARAM if s.name in trainable_set else FROZEN) for s in imported.params if s.name not in partial}
+    categories.update({split.trained: PARAM for split in splits.values()})
+    categories.update({split.frozen: FROZEN for split in splits.values()})
     categories.update({s.name: BUFFER for s in imported.buffers})
     opt_specs = [TensorSpec(LR, (), "float64"), TensorSpec(STEP, (), "int64")] + slot_specs
     categories.update({s.name: OPTIMIZER for s in opt_specs})
     signature = StepSignature(
         batch=list(imported.inputs),
-        state=list(imported.params) + list(imported.buffers) + opt_specs,
+        state=param_state + list(imported.buffers) + opt_specs,
         categories=categories,
-        outputs=[s.name for s in trained] + list(imported.mutated_buffers) + [STEP]
-        + [slot_name(slot, s.name) for slot in optimizer.slots() for s in trained],
+        outputs=[splits[s.name].trained if s.name in partial else s.name for s in trained]
+        + list(imported.mutated_buffers) + [STEP] + [slot_name(slot, s.name) for slot in optimizer.slots() for s in trained],
         loss_dtype=str(_loss_expr(imported.func).ty.dtype),
-        trained_shapes={s.name: s.shape for s in trained if s.name in partial},
+        partial=splits,
     )
     init = {LR: np.array(optimizer.lr, "float64"), STEP: np.array(0, "int64")}
     for slot in optimizer.slots():

@@ -18,7 +18,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, STEP_FUNC, TRAINED, StepSignature, backward_start
+from ..autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, STEP_FUNC, StepSignature, backward_start
 from ..ir import viewed
 from .flops import call_flops, step_flops
 
@@ -173,16 +173,17 @@ def layer_flops(step_func, signature: StepSignature, origin: dict) -> dict:
     module it came from; a backward op to the layer whose parameter it reads (a data gradient), or
     whose parameter gradient it is (`<parameter>_adjoint`, a weight gradient)."""
     n_batch = len(signature.batch)
-    torch_name = {p.name: spec.name for p, spec in zip(step_func.params[n_batch:], signature.state)}
+    # Parameter Var -> model parameter (a partially trained weight's parts, `<weight>__trained` and
+    # `<weight>__frozen`, are parameters of their own and count for the weight).
+    torch_name = {p.name: signature.owner(spec.name) for p, spec in zip(step_func.params[n_batch:], signature.state)}
     bindings = [b for block in step_func.body.blocks for b in block.bindings]
     start = backward_start(bindings)
     value = {b.var: b.value for b in bindings}
 
     def parameter_of(var, depth=0):
         """The parameter a value is (or a view, transpose, cast or slice of)."""
-        name = var.name.split("__")[0]  # a partially trained weight's parts: <weight>__trained/__frozen
-        if name in torch_name:
-            return torch_name[name]
+        if var.name in torch_name:
+            return torch_name[var.name]
         v = value.get(var)
         if isinstance(v, relax.Call) and v.args and isinstance(v.args[0], relax.Var):
             v = v.args[0]
@@ -197,7 +198,7 @@ def layer_flops(step_func, signature: StepSignature, origin: dict) -> dict:
         if i < start:
             layer = _module_of(origin, b.var.name)
         else:
-            name = b.var.name.removesuffix("_adjoint").removesuffix(TRAINED)
+            name = b.var.name.removesuffix("_adjoint")
             param = torch_name.get(name) if b.var.name.endswith("_adjoint") else None
             for arg in b.value.args:
                 if param is None and isinstance(arg, relax.Var):
@@ -245,13 +246,12 @@ def memory_report(lowered_mod, step_func, signature: StepSignature, origin: dict
     for spec in signature.state:
         cat = cats[spec.name]
         if cat in (PARAM, FROZEN):
-            row = rows.setdefault(layer_of(spec.name), LayerRow(layer_of(spec.name), ""))
+            owner = signature.owner(spec.name)  # a partially trained weight's parts count for it
+            row = rows.setdefault(layer_of(owner), LayerRow(layer_of(owner), ""))
             row.param_bytes += spec.nbytes
-            partial = spec.name in signature.trained_shapes
-            trained_flags[row.layer].add("partial" if partial else cat == PARAM)
+            trained_flags[row.layer].add("partial" if owner in signature.partial else cat == PARAM)
             if cat == PARAM:
-                shape = signature.trained_shapes.get(spec.name, spec.shape)
-                row.grad_bytes += int(np.prod(shape, dtype=np.int64)) * np.dtype(spec.dtype).itemsize
+                row.grad_bytes += spec.nbytes
         elif cat == OPTIMIZER and spec.name.count(".") >= 2:
             pname = spec.name.split(".", 2)[2]
             if pname in param_specs:

@@ -10,7 +10,8 @@ the remaining case, a weight trained on its first k of C channels (MCUNetV3's su
 
 `W[:, :k]` is bound as `<W>__trained` and differentiated; `W[:, k:]` (`<W>__frozen`) is not. The weight
 gradient then reads only the first k channels of the saved input activation and costs k/C of the
-full weight gradient's FLOPs; the forward costs the same.
+full weight gradient's FLOPs; the forward costs the same. autodiff/step.py then makes the two slices
+state tensors of their own (SplitWeight): the step never slices, copies or reassembles W.
 """
 
 from __future__ import annotations

@@ -68,12 +68,13 @@ def check_against_host_and_torch(job, model, batches, run, optimizer):
 
 
 def test_sparse_mobilenetv2_on_cortex_m4(tmp_path):
-    """MobileNetV2-0.35, MCUNetV3-style sparse update (biases of the last 12 convs and the
-    classifier), frozen BatchNorm, batch 1 at 32x32: in 256 KiB."""
+    """MobileNetV2-0.35, MCUNetV3-style sparse update (biases of the last 12 convs, the first 1/8 of
+    the input channels of the last two blocks' projections, the classifier), frozen BatchNorm,
+    batch 1 at 32x32: in 256 KiB."""
     torch.manual_seed(0)
     model = bn_eval(mobilenetv2(width_mult=0.35, num_classes=10))
     batches = make_batches((1, 3, 32, 32), 10, STEPS)
-    scheme = pe.SparseUpdate.mcunetv3(12, "52", "1")
+    scheme = pe.SparseUpdate.mcunetv3(12, "47-50-52", "0.125-0.125-1")
     optimizer = pe.optim.SGD(lr=0.05)
     job = pe.TrainingJob(copy.deepcopy(model), (batches[0][0],), batches[0][1], "cross_entropy", optimizer,
                          sparse_update=scheme, name="mnv2_sparse")
@@ -90,6 +91,9 @@ def test_sparse_mobilenetv2_on_cortex_m4(tmp_path):
     assert symbols["pe_s_features_1_conv_0_0_weight"] in "rRtT"
     assert symbols["pe_s_classifier_1_weight"] in "dD"
     assert symbols["pe_s_features_17_conv_0_1_bias"] in "bB"
+    # A channel-ratio weight: its trained channels in SRAM, the frozen rest in Flash.
+    assert symbols["pe_s_features_17_conv_2_weight_____42_"] in "dD"  # features.17.conv.2.weight[:, :42]
+    assert symbols["pe_s_features_17_conv_2_weight____42__"] in "rRtT"  # features.17.conv.2.weight[:, 42:]
     # The SRAM reported is the sum of its measured parts (the QEMU harness's libc is not the step's).
     parts = {k: v for k, v in firmware["parts"].items() if k != cortex_m.HARNESS}
     assert sum(parts.values()) == firmware["sram"]
