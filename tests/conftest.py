@@ -95,6 +95,19 @@ def max_scaled_diff(ours: dict, theirs: dict) -> tuple[float, str]:
     return worst, where
 
 
+@pytest.fixture(scope="module")
+def sysroot():
+    """The aarch64 Python + TVM runtime run under qemu-aarch64 (fetched once, then cached)."""
+    import shutil
+
+    from pockengine.targets import aarch64_sysroot
+
+    for tool, package in (("qemu-aarch64", "qemu-user"), ("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu")):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (apt-get install {package})")
+    return aarch64_sysroot.ensure_sysroot()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import TargetError, ToolchainError
 

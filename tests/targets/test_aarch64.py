@@ -4,29 +4,18 @@ gives the host build's weights (same kernels, another ISA: 1e-5) and PyTorch eag
 
 import copy
 import os
-import shutil
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 
 import pockengine as pe
 from conftest import FAST_HOST, make_batches, max_scaled_diff, mobilenetv2, train_torch
-from pockengine.targets import aarch64_sysroot
 
 VS_HOST = 1e-5
 VS_TORCH = 1e-4
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def sysroot():
-    for tool, package in (("qemu-aarch64", "qemu-user"), ("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu")):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (apt-get install {package})")
-    return aarch64_sysroot.ensure_sysroot()
 
 
 def test_mobilenetv2_artifact_trains_under_qemu_like_the_host_and_pytorch(sysroot, tmp_path):

@@ -2,7 +2,6 @@
 sysroot, gives the host's results. The first run downloads the sysroot (~130 MB, ~30 s)."""
 
 import re
-import shutil
 import subprocess
 import textwrap
 import time
@@ -51,14 +50,6 @@ def training_step():
             loss = bb.emit_output(relax.op.nn.nll_loss(relax.op.nn.log_softmax(logits), labels))
         bb.emit_func_output(loss)
     return relax.transform.Gradient("main", require_grads=[w1, b1, w2])(bb.get())
-
-
-@pytest.fixture(scope="module")
-def sysroot():
-    for tool, package in (("qemu-aarch64", "qemu-user"), ("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu")):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (apt-get install {package})")
-    return aarch64_sysroot.ensure_sysroot()
 
 
 def test_step_under_qemu_matches_host(sysroot, tmp_path):

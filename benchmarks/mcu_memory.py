@@ -1,0 +1,223 @@
+"""Training MobileNetV2-0.35 on a microcontroller: SRAM and Flash by input resolution, full vs sparse.
+
+    python benchmarks/mcu_memory.py                   # Cortex-M4 (256 KiB SRAM, 2 MiB Flash), 32..128 px
+    python benchmarks/mcu_memory.py --small           # two resolutions (what CI runs)
+    python benchmarks/mcu_memory.py --target cortex-m55 --plot build/mcu_memory_m55.png
+
+Each row is a firmware actually built: the training step (batch 1, SGD, BatchNorm frozen as TinyTL
+and MCUNetV3 train) as a C project compiled with arm-none-eabi-gcc; SRAM and Flash are read from the
+ELF (SRAM: arena + kernel workspace + the state the step writes + input + measured stack; Flash:
+code, frozen weights and initial values). Firmware too big for the device is linked into unbounded
+memory just to be measured. PyTorch's column is its eager training step with the same frozen set,
+measured in this process (tensors alive at the peak, on top of parameters, gradients, buffers and
+optimizer state; see sparse_memory.py): what the same training needs in RAM on a CPU. PyTorch has
+no sub-tensor update: it computes a channel-ratio weight's whole gradient and masks it, so at these
+resolutions its peak is the backward's weight gradients rather than the activations.
+
+Then the largest resolution at which each sparse scheme fits the device's SRAM is searched in steps
+of 8 pixels, and that firmware trains a few steps under QEMU next to PyTorch. The anchor is
+MCUNetV3's Tiny Training Engine, which trains an MCUNet in 141 KB with int8; this is float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "..", "examples", "mobilenetv2")]
+
+import pockengine as pe  # noqa: E402
+from mobilenetv2 import MobileNetV2  # noqa: E402
+from pockengine.errors import MemoryLimitError  # noqa: E402
+from pockengine.sparse import apply_to_torch  # noqa: E402
+from pockengine.targets import cortex_m, resolve  # noqa: E402
+from sparse_memory import freeze_batchnorm, measure_torch  # noqa: E402
+
+KiB = 1024
+MCUNETV3_ANCHOR_KB = 141  # MCUNetV3 (Lin et al. 2022), Tiny Training Engine, int8
+
+
+def schemes() -> dict:
+    """MobileNetV2-0.35's convs and linear layers, in model order, number 0..52: 47 and 50 are the
+    projections of the last two blocks, 52 the classifier."""
+    ratios = {"features.16.conv.2.weight": 0.125, "features.17.conv.2.weight": 0.125}
+    return {
+        "full": pe.SparseUpdate.full(),
+        "bias + ratios": pe.SparseUpdate.bias_only() | ratios | {"classifier.1.weight": "full"},
+        "MCUNetV3-style": pe.SparseUpdate.mcunetv3(12, "47-50-52", "0.125-0.125-1"),
+    }
+
+
+def make_job(resolution: int, scheme, seed: int = 0):
+    torch.manual_seed(seed)
+    model = freeze_batchnorm(MobileNetV2(num_classes=10, width_mult=0.35))
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(1, 3, resolution, resolution, generator=g), torch.randint(0, 10, (1,), generator=g)
+    job = pe.TrainingJob(copy.deepcopy(model), (x,), y, "cross_entropy", pe.optim.SGD(lr=0.05), sparse_update=scheme,
+                         name=f"mobilenetv2_{resolution}")
+    return job, model, x, y
+
+
+def firmware(job, target):
+    """(program or None when it does not fit, footprint as JSON)."""
+    try:
+        program = pe.compile(job, target=target)
+        return program, program.meta["firmware"]
+    except MemoryLimitError as e:
+        return None, e.footprint.to_json()
+
+
+def torch_peak(job, model, x, y) -> int:
+    reference = apply_to_torch(model, job.plan(job.import_model()))
+    optimizer = job.optimizer.to_torch([p for p in reference.parameters() if p.requires_grad])
+    return measure_torch(reference, optimizer, x, y, repeats=1)[0]
+
+
+def largest_fitting(scheme, target, rows, name: str, sram: int):
+    """(resolution, SRAM, Flash) of the largest multiple of 8 whose firmware fits `sram`, searched
+    upwards from the largest measured resolution that fits; None when none measured fits."""
+    measured = {r[0]: (r[2], r[3]) for r in rows if r[1] == name}
+    fitting = [res for res, (ours, _) in measured.items() if ours <= sram]
+    if not fitting:
+        return None
+    best = max(fitting)
+    found = (best, *measured[best])
+    resolution = best + 8
+    while resolution not in measured:  # the next measured resolution does not fit: no need to go there
+        fp = firmware(make_job(resolution, scheme)[0], target)[1]
+        print(f"  {resolution}x{resolution}: SRAM {fp['sram'] / KiB:.1f} KiB", file=sys.stderr, flush=True)
+        if fp["sram"] > sram:
+            break
+        found = (resolution, fp["sram"], fp["flash"])
+        resolution += 8
+    return found
+
+
+def train_under_qemu(scheme, resolution: int, target, steps: int) -> tuple:
+    """(losses on the device, PyTorch's losses) for `steps` batches at `resolution`."""
+    job, model, _, _ = make_job(resolution, scheme)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(1, 3, resolution, resolution, generator=g), torch.randint(0, 10, (1,), generator=g))
+               for _ in range(steps)]
+    program = pe.compile(job, target=target)
+    with tempfile.TemporaryDirectory() as tmp:
+        program.export(tmp + "/fw")
+        project = os.path.join(tmp, "fw", cortex_m.PROJECT)
+        cortex_m.project.write_batches(project, program.signature, [[x.numpy(), y.numpy()] for x, y in batches])
+        ran = cortex_m.run(project, resolve(target), steps, program.signature)
+    reference = apply_to_torch(model, job.plan(job.import_model()))
+    optimizer = job.optimizer.to_torch([p for p in reference.parameters() if p.requires_grad])
+    theirs = []
+    for x, y in batches:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(reference(x), y)
+        loss.backward()
+        optimizer.step()
+        theirs.append(loss.item())
+    return ran.losses, theirs
+
+
+def plot(rows, sram: int, target: str, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, scheme in enumerate(dict.fromkeys(r[1] for r in rows)):
+        mine = sorted((r[0], r[2] / KiB, r[4] / KiB) for r in rows if r[1] == scheme)
+        xs = [m[0] for m in mine]
+        ax.plot(xs, [m[1] for m in mine], marker="o", color=f"C{i}", label=f"ours (SRAM), {scheme}")
+        ax.plot(xs, [m[2] for m in mine], marker=".", linestyle=":", color=f"C{i}", alpha=0.7,
+                label=f"PyTorch eager (RAM), {scheme}")
+    ax.axhline(sram / KiB, color="red", linewidth=1)
+    ax.annotate(f"{target} SRAM {sram // KiB} KiB", (0.01, sram / KiB), xycoords=("axes fraction", "data"),
+                xytext=(0, 3), textcoords="offset points", color="red", fontsize=8)
+    anchor = MCUNETV3_ANCHOR_KB * 1000 / KiB
+    ax.axhline(anchor, color="gray", linestyle="--", linewidth=1)
+    ax.annotate("MCUNetV3 TTE, int8: 141 KB", (0.01, anchor), xycoords=("axes fraction", "data"), xytext=(0, 3),
+                textcoords="offset points", color="gray", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("input resolution (pixels per side), batch 1")
+    ax.set_ylabel("training memory (KiB, log)")
+    ax.set_title("MobileNetV2-0.35 training step (float32, batch 1)", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="cortex-m4", help="a Cortex-M preset (default cortex-m4)")
+    parser.add_argument("--resolutions", default="32,48,64,96,128", help="comma-separated (default 32,48,64,96,128)")
+    parser.add_argument("--small", action="store_true", help="resolutions 32 and 48 only (for CI)")
+    parser.add_argument("--steps", type=int, default=3, help="steps under QEMU at the largest fitting resolution")
+    parser.add_argument("--plot", default=os.path.join("build", "mcu_memory.png"), help="PNG to draw (default %(default)s)")
+    args = parser.parse_args(argv)
+    preset = resolve(args.target)
+    if preset.family != "cortex-m":
+        parser.error(f"{args.target} is not a Cortex-M target")
+    resolutions = [32, 48] if args.small else [int(r) for r in args.resolutions.split(",")]
+    sram, flash = preset.sram_bytes, preset.flash_bytes
+
+    rows = []  # (resolution, scheme, our SRAM, our Flash, PyTorch bytes)
+    for resolution in resolutions:
+        for name, scheme in schemes().items():
+            print(f"[{resolution}x{resolution} / {name}] building the firmware ...", file=sys.stderr, flush=True)
+            job, model, x, y = make_job(resolution, scheme)
+            _, fp = firmware(job, args.target)
+            rows.append((resolution, name, fp["sram"], fp["flash"], torch_peak(job, model, x, y)))
+
+    print(f"\nMobileNetV2-0.35, batch 1, float32, SGD, BatchNorm frozen; {preset.name}: SRAM {sram // KiB} KiB, "
+          f"Flash {flash // KiB} KiB")
+    header = f"{'resolution':<12}{'scheme':<18}{'SRAM KiB':>10}{'Flash KiB':>11}{'fits':>6}{'PyTorch KiB':>13}{'ratio':>8}"
+    print(header)
+    print("-" * len(header))
+    for resolution, name, ours, rom, theirs in rows:
+        fits = "yes" if ours <= sram and rom <= flash else "no"
+        print(f"{f'{resolution}x{resolution}':<12}{name:<18}{ours / KiB:>10.1f}{rom / KiB:>11.1f}{fits:>6}"
+              f"{theirs / KiB:>13.1f}{theirs / ours:>7.1f}x")
+    print("ratio = PyTorch's training memory / our firmware's SRAM (frozen weights live in Flash on the device)")
+
+    print(f"\nlargest resolution whose training step fits {sram // KiB} KiB of SRAM (steps of 8 pixels):")
+    found = {}
+    for name, scheme in schemes().items():
+        if name == "full":
+            continue
+        print(f"[{name}] searching for the largest resolution that fits ...", file=sys.stderr, flush=True)
+        found[name] = largest_fitting(scheme, args.target, rows, name, sram)
+        best = found[name]
+        print(f"  {name:<18}" + (f"{best[0]}x{best[0]}: SRAM {best[1] / KiB:.1f} KiB, Flash {best[2] / KiB:.1f} KiB"
+                                 if best else f"none of {', '.join(map(str, resolutions))}"))
+    full_fits = [r[0] for r in rows if r[1] == "full" and r[2] <= sram]
+    print(f"  {'full':<18}" + (f"{max(full_fits)}x{max(full_fits)}" if full_fits else
+                               f"none of {', '.join(map(str, resolutions))}: the weights it writes alone exceed the SRAM"))
+    print(f"anchor: MCUNetV3's Tiny Training Engine trains an MCUNet in {MCUNETV3_ANCHOR_KB} KB with int8 weights and "
+          "activations; these steps are float32 (4 bytes per value).")
+
+    name, on_device = "MCUNetV3-style", None
+    if args.steps and found.get(name):
+        resolution = found[name][0]
+        print(f"[{name}] training {args.steps} steps at {resolution}x{resolution} under QEMU ...", file=sys.stderr,
+              flush=True)
+        ours, theirs = on_device = train_under_qemu(schemes()[name], resolution, args.target, args.steps)
+        print(f"\n{name} at {resolution}x{resolution} on QEMU's {preset.board['qemu_machine']} ({preset.name}), "
+              f"{args.steps} steps: losses " + " ".join(f"{v:.5f}" for v in ours)
+              + "; PyTorch eager " + " ".join(f"{v:.5f}" for v in theirs)
+              + f" (largest difference {max(abs(a - b) for a, b in zip(ours, theirs)):.1e})")
+    if args.plot:
+        print(f"wrote {plot(rows, sram, preset.name, args.plot)}")
+    return {"rows": rows, "largest": found, "on_device": on_device}
+
+
+if __name__ == "__main__":
+    main()
