@@ -322,7 +322,7 @@ def _compile_cuda(job, preset, derived: Derived, progress, tuning_logs):
             "cuda": {"arch": cuda.arch_of(tvm_target), "kernels": len(kernels), "schedules": schedules.counts(),
                      "ptx": cuda.ptx_header(ptx)}}
     if runs_here(meta):
-        return Program(paths["library"], derived.signature, derived.initial_state, report, meta)
+        return Program(paths["library"], derived.signature, derived.initial_state, report, meta, owns_library=True)
     files = {LIBRARY: paths["library"], cuda.PTX_FILE: paths["ptx"], cuda.SOURCE_FILE: paths["source"],
              aarch64.RUNNER: aarch64.runner_source_path()}
     return DeviceProgram(files, derived.signature, derived.initial_state, report, meta, scratch=scratch)

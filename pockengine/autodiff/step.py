@@ -207,11 +207,12 @@ def _trained_spec(spec: TensorSpec, part) -> TensorSpec:
     return TensorSpec(spec.name, tuple(shape), spec.dtype)
 
 
-def _frozen_spec(spec: TensorSpec, part) -> TensorSpec:
-    """The frozen rest of a partially trained parameter."""
-    shape = list(spec.shape)
-    shape[part.axis] -= part.channels
-    return TensorSpec(spec.name, tuple(shape), spec.dtype)
+def _part_specs(spec: TensorSpec, part, split: SplitWeight) -> tuple:
+    """The state tensors of a partially trained parameter: its trained channels, the frozen rest."""
+    rest = list(spec.shape)
+    rest[part.axis] -= part.channels
+    return (TensorSpec(split.trained, _trained_spec(spec, part).shape, spec.dtype),
+            TensorSpec(split.frozen, tuple(rest), spec.dtype))
 
 
 def _carries_gradient(ty) -> bool:
@@ -280,7 +281,7 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
     # prune_backward's slices of the whole weight become those parameters.
     specs = {s.name: s for s in imported.params}
     splits = {n: SplitWeight.of(n, partial[n].axis, partial[n].channels) for n in partial}
-    part_specs = {n: (_trained_spec(specs[n], partial[n]), _frozen_spec(specs[n], partial[n])) for n in partial}
+    part_specs = {n: _part_specs(specs[n], partial[n], splits[n]) for n in partial}
     part_vars = {n: tuple(relax.Var(pvars[n].name + suffix, relax.TensorType(spec.shape, spec.dtype))
                           for suffix, spec in zip((TRAINED, FROZEN_PART), part_specs[n])) for n in partial}
     slice_param = {bound_var: var for n in partial for bound_var, var in zip(slices[n], part_vars[n])}
@@ -320,9 +321,7 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
     param_state = []  # the parameters as the step reads them: partial ones as their two parts
     for spec in imported.params:
         if spec.name in partial:
-            trained_part, frozen_part = part_specs[spec.name]
-            param_state += [TensorSpec(splits[spec.name].trained, trained_part.shape, spec.dtype),
-                            TensorSpec(splits[spec.name].frozen, frozen_part.shape, spec.dtype)]
+            param_state += part_specs[spec.name]
         else:
             param_state.append(spec)
     categories = {s.name: (PARAM if s.name in trainable_set else FROZEN) for s in imported.params if s.name not in partial}

@@ -26,6 +26,7 @@ from tvm import tirx
 from tvm.ir.expr import Var
 
 from ...errors import TargetError
+from ...ir import map_kernels
 
 # TVM's calling-convention code for "the function already has a C signature" (MakePackedAPI skips it).
 _C_SIGNATURE = 1
@@ -80,16 +81,15 @@ def on_the_cpu(mod):
     TVMBackendAllocWorkspace(1, 0, ...), which the driver serves from a static array. The mark
     goes on after TVM's lowering pipeline, which hoists allocations above any statement around
     the body."""
-    updates = {}
-    for gv, func in mod.functions_items():
-        if isinstance(func, tirx.PrimFunc) and int(func.attrs.get("calling_conv", 0)) == _C_SIGNATURE:
-            body = func.body
-            for key, value in (("device_type", _KDL_CPU), ("device_id", 0)):
-                body = tirx.AttrStmt(tvm.ir.StringImm("default"), key, tirx.IntImm("int32", value), body)
-            updates[gv] = func.with_body(body)
-    for gv, func in updates.items():
-        mod[gv] = func
-    return mod
+    def mark(func):
+        if int(func.attrs.get("calling_conv", 0)) != _C_SIGNATURE:
+            return None
+        body = func.body
+        for key, value in (("device_type", _KDL_CPU), ("device_id", 0)):
+            body = tirx.AttrStmt(tvm.ir.StringImm("default"), key, tirx.IntImm("int32", value), body)
+        return func.with_body(body)
+
+    return map_kernels(mod, mark, include_scheduled=True)
 
 
 def generate_c(kernels: dict, target) -> str:
