@@ -24,7 +24,7 @@ from .autodiff.step import STEP_FUNC, StepSignature, build_train_step
 from .passes.memory_plan import memory_report
 from .passes.memory_timeline import timeline
 from .errors import TargetError, UnsupportedOpError
-from .frontend import FUNC_NAME
+from .frontend import FUNC_NAME, to_numpy
 from .passes.drop_saved_activations import drop_saved_activations
 from .passes.drop_unit_reductions import drop_unit_reductions
 from .passes.fast_math import fast_math
@@ -159,10 +159,15 @@ def compile(job, target="host", progress=None, tuning_logs=(), backend="tvm"):  
         step_mod, signature, optimizer_state = derive_step(imported, job.optimizer, plan)
     derived = Derived(imported, plan, step_mod, signature, optimizer_state)
     if preset.family == targets.CORTEX_M:
-        return _compile_cortex_m(job, preset, derived, progress)
-    if preset.family == targets.CUDA:
-        return _compile_cuda(job, preset, derived, progress, tuning_logs)
-    return _compile_cpu(job, preset, derived, progress, tuning_logs, backend)
+        program = _compile_cortex_m(job, preset, derived, progress)
+    elif preset.family == targets.CUDA:
+        program = _compile_cuda(job, preset, derived, progress, tuning_logs)
+    else:
+        program = _compile_cpu(job, preset, derived, progress, tuning_logs, backend)
+    # The example batch travels with exported artifacts, so `pockengine run` works without --data.
+    program.example = dict(zip([s.name for s in signature.batch],
+                               [to_numpy(x) for x in job.example_inputs + (job.example_targets,)]))
+    return program
 
 
 @dataclasses.dataclass
@@ -273,7 +278,6 @@ def _compile_cpu(job, preset, derived: Derived, progress, tuning_logs, backend):
 def _compile_cortex_m(job, preset, derived: Derived, progress):
     """A C project (kernels, driver on one static arena, state, Makefile, linker script), compiled
     with arm-none-eabi-gcc so its SRAM and Flash are measured, and checked against the device."""
-    from .frontend import to_numpy
     from .runtime import DeviceProgram
     from .targets import cortex_m
 

@@ -21,9 +21,9 @@ import time
 import numpy as np
 
 from .errors import InputError, PockEngineError
+from .targets.device_runner import EXAMPLE
 from .tuning import MIN_FLOP_SHARE
 
-EXAMPLE = "example.npz"
 
 
 def _parse_target(text: str):
@@ -57,8 +57,6 @@ def cmd_build(args) -> int:
     from .build import compile as compile_job, print_progress
     from .tuning import TuningReport
     from .job import load_job
-    from .frontend import to_numpy
-    from .runtime import _write_npz
     from .targets import resolve
 
     target = resolve(_parse_target(args.target))  # fail fast, before running the user's script
@@ -69,10 +67,7 @@ def cmd_build(args) -> int:
     start = time.perf_counter()
     program = compile_job(job, target, progress=None if args.quiet else print_progress, tuning_logs=logs,
                           backend=args.backend)
-    program.export(out)
-    # The example batch travels with the artifact so `pockengine run` works without --data.
-    example = [to_numpy(x) for x in job.example_inputs + (job.example_targets,)]
-    _write_npz(os.path.join(out, EXAMPLE), {s.name: a for s, a in zip(program.signature.batch, example)})
+    program.export(out)  # with the example batch: `pockengine run` works without --data
     report = program.memory_report()
     if "tuning" in program.meta:
         print(TuningReport.from_json(program.meta["tuning"]).summary())

@@ -29,7 +29,7 @@ from .autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, STEP_FUNC, StepSign
 from .errors import ArtifactError, InputError, StateError, TargetError
 from .frontend import to_numpy
 from .passes.memory_plan import MemoryReport
-from .targets.device_runner import write_npz as _write_npz
+from .targets.device_runner import EXAMPLE, write_npz as _write_npz
 
 FORMAT = "pockengine-artifact"
 FORMAT_VERSION = 2  # 2: partially trained weights are stored as their two parts
@@ -38,6 +38,8 @@ LIBRARY, STATE, MANIFEST = "train_step.so", "state.npz", "manifest.json"
 
 class Program:
     """One compiled training step and the state it trains."""
+
+    example: dict | None = None  # {input name: array}: the batch it was compiled for, exported as example.npz
 
     def __init__(self, library: str, signature: StepSignature, state: dict, report: MemoryReport, meta: dict,
                  owns_library: bool = False):
@@ -219,6 +221,8 @@ class Program:
         try:
             self._write_files(tmp)
             _write_npz(os.path.join(tmp, STATE), self._state_arrays())
+            if self.example:
+                _write_npz(os.path.join(tmp, EXAMPLE), self.example)
             manifest = self.manifest()
             manifest["sha256"] = {name: _sha256(os.path.join(tmp, name)) for name in self._hashed_files()}
             _write_json(os.path.join(tmp, MANIFEST), manifest)
@@ -338,10 +342,16 @@ def load(directory: str) -> Program:
         lib_path = os.path.join(directory, manifest["files"]["library"])
         if not os.path.isfile(lib_path):
             raise ArtifactError(f"{lib_path} is missing: the artifact is incomplete; rebuild it with `pockengine build`")
-        return Program(lib_path, signature, state, report, meta)
-    files = {name: os.path.join(directory, name) for key, name in manifest["files"].items() if key != "state"}
-    files = {name: path for name, path in files.items() if os.path.exists(path)}
-    return DeviceProgram(files, signature, state, report, meta)
+        program = Program(lib_path, signature, state, report, meta)
+    else:
+        files = {name: os.path.join(directory, name) for key, name in manifest["files"].items() if key != "state"}
+        program = DeviceProgram({name: path for name, path in files.items() if os.path.exists(path)}, signature, state,
+                                report, meta)
+    example = os.path.join(directory, EXAMPLE)
+    if os.path.isfile(example):
+        with np.load(example, allow_pickle=False) as npz:
+            program.example = {k: npz[k] for k in npz.files}
+    return program
 
 
 # Manifest entries derived from the program when it is written (everything else is the program's meta).

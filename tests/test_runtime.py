@@ -38,6 +38,20 @@ def artifact(tmp_path_factory):
     return path, program.state_dict(), program.optimizer_state_dict()
 
 
+def test_an_exported_program_runs_from_the_command_line_without_data(artifact, tmp_path):
+    """export() writes the example batch the program was compiled for; `pockengine run` uses it and a
+    reloaded program exports it again."""
+    path, _, _ = artifact
+    with np.load(os.path.join(path, "example.npz")) as npz:
+        assert sorted(npz.files) == ["target", "x"] and npz["x"].shape == BATCHES[0][0].shape
+    again = pe.load(path).export(str(tmp_path / "again"))
+    assert os.path.isfile(os.path.join(again, "example.npz"))
+    cli = os.path.join(os.path.dirname(sys.executable), "pockengine")
+    ran = subprocess.run([cli, "run", again, "--steps", "2"], capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    assert sum(line.startswith("step") for line in ran.stdout.splitlines()) == 2
+
+
 def copy_artifact(path, tmp_path):
     dest = str(tmp_path / "copy")
     shutil.copytree(path, dest)
