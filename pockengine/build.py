@@ -196,6 +196,7 @@ def _meta(job, preset, derived: Derived) -> dict:
         "source": imported.source,
         "state_dict_keys": job.state_dict_keys() or [s.name for s in imported.params + imported.buffers],
         "non_persistent": sorted(imported.non_persistent),
+        "aliases": dict(imported.aliases),  # tied parameters: state_dict() returns them under both names
     }
 
 

@@ -92,7 +92,15 @@ class TrainingJob:
             from .passes.prune_backward import parameter_ops
 
             kinds = parameter_ops(imported.func, imported.param_vars)
-            return self.sparse_update.resolve([(s.name, s.shape, kinds[s.name]) for s in imported.params])
+            table = [(s.name, s.shape, kinds[s.name]) for s in imported.params]
+            # A tied parameter's other name (lm_head.weight) may be named by the scheme too; it comes
+            # last in model order (an LM head), and the tensor trains if any of its names does.
+            shapes = {s.name: s.shape for s in imported.params}
+            table += [(alias, shapes[name], kinds[name]) for alias, name in imported.aliases.items()]
+            decided = self.sparse_update.resolve(table)
+            for alias, name in imported.aliases.items():
+                decided[name] = max(decided[name], decided.pop(alias), key=_training_rank)
+            return decided
         if self.is_onnx:
             return {p.name: FULL if p.dtype.startswith("float") else FROZEN for p in imported.params}
         frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
@@ -103,6 +111,11 @@ class TrainingJob:
         if self.is_onnx:
             return None
         return list(self.model.state_dict().keys())
+
+
+def _training_rank(rule) -> int:
+    """How much of a tensor a rule trains: frozen < some channels < all of it."""
+    return 2 if rule == FULL else 0 if rule == FROZEN else 1
 
 
 def _as_tuple(x) -> tuple:

@@ -140,12 +140,18 @@ class Program:
         """Replace state tensors, {state name: array} (cast to their dtype)."""
         self._state.update({k: self._tensor(np.asarray(v).astype(self._specs[k].dtype, copy=False)) for k, v in arrays.items()})
 
+    @property
+    def _aliases(self) -> dict:
+        """Tied parameters' second names -> the parameter they name."""
+        return self.meta.get("aliases", {})
+
     def _model_keys(self) -> list[str]:
         skip = set(self.meta.get("non_persistent", []))
-        known = set(self._specs) | set(self.signature.partial)
+        known = set(self._specs) | set(self.signature.partial) | set(self._aliases)
         return [k for k in self.meta["state_dict_keys"] if k in known and k not in skip]
 
     def _model_shape(self, key: str) -> tuple:
+        key = self._aliases.get(key, key)
         split = self.signature.partial.get(key)
         if split is None:
             return self._specs[key].shape
@@ -158,8 +164,9 @@ class Program:
         partially trained weight is whole again."""
         out = {}
         for k in self._model_keys():
-            split = self.signature.partial.get(k)
-            out[k] = split.join(self._read(split.trained), self._read(split.frozen)) if split else self._read(k)
+            name = self._aliases.get(k, k)
+            split = self.signature.partial.get(name)
+            out[k] = split.join(self._read(split.trained), self._read(split.frozen)) if split else self._read(name)
         return out
 
     def optimizer_state_dict(self) -> dict:
@@ -171,11 +178,15 @@ class Program:
         """Replace model (and/or optimizer) state. With strict, the model's keys must match exactly.
         State names (a partially trained weight's parts) are accepted too."""
         self._check_state_dict(state_dict, strict)
-        self._write(self.signature.split_state({k: to_numpy(v) for k, v in state_dict.items()}))
+        # A tied parameter's alias is the same tensor: its value is taken when its own name is absent.
+        arrays = {self._aliases.get(k, k): to_numpy(v) for k, v in state_dict.items()
+                  if not (k in self._aliases and self._aliases[k] in state_dict)}
+        self._write(self.signature.split_state(arrays))
 
     def _check_state_dict(self, state_dict: dict, strict: bool) -> None:
         model_keys = set(self._model_keys())
-        unknown = [k for k in state_dict if k not in self._specs and k not in self.signature.partial]
+        unknown = [k for k in state_dict if k not in self._specs and k not in self.signature.partial
+                   and k not in self._aliases]
         missing = [k for k in self._model_keys() if k not in state_dict]
         if unknown or (strict and missing):
             raise StateError(

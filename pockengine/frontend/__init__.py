@@ -81,6 +81,8 @@ class ImportedModel:
     # Buffers that state_dict() leaves out, as torch does for register_buffer(..., persistent=False).
     non_persistent: set = field(default_factory=set)
     source: str = "torch"
+    # Tied parameters: a second name of a parameter in `params` ({"lm_head.weight": "model.embed_tokens.weight"}).
+    aliases: dict = field(default_factory=dict)
 
     @property
     def func(self):

@@ -120,7 +120,7 @@ class _Importer:
 
         self.ep = ep
         self.imp = ExportedProgramImporter()
-        self.imp.update_convert_map(_BATCH_NORM_CONVERTERS)
+        self.imp.update_convert_map(CONVERTERS)
 
     def run(self) -> ImportedModel:
         ep, imp = self.ep, self.imp
@@ -131,12 +131,20 @@ class _Importer:
         inputs, params, buffers, constants, non_persistent = [], [], [], {}, set()
         initial = {}
         param_vars, buffer_vars = [], []
+        aliases, first_of = {}, {}  # tied parameters: {alias name: name}, {storage key: (name, var)}
         for spec in ep.graph_signature.input_specs:
             var = user_vars[spec.arg.name] if spec.arg.name in user_vars else state[spec.arg.name]
             tspec = TensorSpec(_torch_name(spec.target or spec.arg.name), _shape(var), _dtype(var))
             if spec.kind == kinds.USER_INPUT:
                 inputs.append(tspec)
             elif spec.kind == kinds.PARAMETER:
+                # torch.export lifts a tied weight (an LM head sharing the embedding) once per name. It
+                # is one tensor: one parameter, whose gradient sums both uses; the other name is an alias.
+                key = _storage_key(ep.state_dict[spec.target])
+                if key in first_of:
+                    aliases[tspec.name], state[spec.arg.name] = first_of[key]
+                    continue
+                first_of[key] = (tspec.name, var)
                 params.append(tspec)
                 param_vars.append(var)
                 initial[tspec.name] = ep.state_dict[spec.target].detach().cpu().numpy().copy()
@@ -159,8 +167,7 @@ class _Importer:
         with bb.function(FUNC_NAME, params=user_var_list + param_vars + buffer_vars + [all_vars[n] for n in constants],
                          attrs={"num_input": n_inputs}):
             with bb.dataflow():
-                outs = imp._translate_fx_graph(ep.graph_module, list(ep.graph.nodes), all_vars,
-                                               set(_BATCH_NORM_CONVERTERS))
+                outs = imp._translate_fx_graph(ep.graph_module, list(ep.graph.nodes), all_vars, set(CONVERTERS))
                 loss, mutated, mutated_values = None, [], []
                 out_kinds = torch.export.graph_signature.OutputKind
                 for spec, value in zip(ep.graph_signature.output_specs, outs):
@@ -183,18 +190,33 @@ class _Importer:
         return ImportedModel(
             mod=mod, inputs=inputs, params=params, buffers=buffers, mutated_buffers=mutated,
             initial=initial, origin=self._origins(mod), non_persistent=non_persistent, source="torch",
+            aliases=aliases,
         )
 
     def _check_supported(self) -> None:
-        missing = {}
+        missing, random = {}, {}
         for node in self.ep.graph.nodes:
-            if node.op == "call_function" and node.target.__name__ not in self.imp.convert_map:
+            if node.op != "call_function":
+                continue
+            if node.target.__name__ not in self.imp.convert_map:
                 missing.setdefault(str(node.target), str(node_origin(node)))
+            elif _samples_randomly(node):
+                random.setdefault(str(node_origin(node)), None)
         if missing:
             lines = "\n".join(f"  {where}" for where in missing.values())
             raise UnsupportedOpError(
                 f"TVM's importer has no conversion for {len(missing)} operator(s) of this model:\n{lines}\n"
                 "Fix: replace these operations in the model (or file an issue naming them)."
+            )
+        if random:
+            lines = "\n".join(f"  {where}" for where in random)
+            raise UnsupportedOpError(
+                f"the model samples random numbers in training ({len(random)} place(s)):\n{lines}\n"
+                "The compiled step has no random number generator yet: TVM's importer would turn dropout into "
+                "the identity and fix other samples at compile time, silently. Fix: set dropout probabilities "
+                "to 0 (for transformers: hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0 or "
+                "attention_dropout=0.0 in the config) or put the modules named above in eval mode (module.eval(); "
+                "for a model without BatchNorm, model.eval() changes nothing else)."
             )
 
     def _origins(self, mod) -> dict:
@@ -247,6 +269,24 @@ def _keep_input_dtype(expr):
     fields = {n: getattr(attrs, n) for n in names}
     fields["out_dtype"] = "float64"
     return relax.Call(expr.op, expr.args, tvm.ir.make_node(info.type_key, **fields))
+
+
+# Ops that sample random numbers (dropout counts only in training mode with p > 0).
+_RANDOM_OPS = {"bernoulli.p", "bernoulli.default", "randn.default", "randn_like.default", "rand.default",
+               "rand_like.default", "normal.Tensor_float", "uniform.default"}
+
+
+def _samples_randomly(node) -> bool:
+    name = node.target.__name__
+    if name == "native_dropout.default":  # native_dropout(input, p, train)
+        p, train = node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        return bool(train) and p > 0
+    return name in _RANDOM_OPS
+
+
+def _storage_key(tensor) -> tuple:
+    """Tensors with the same key are the same values: same memory, same view of it."""
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
 
 
 def _shape(var) -> tuple[int, ...]:
@@ -331,8 +371,22 @@ def _bn_no_stats(node, importer):
     return (out, mean, rstd)
 
 
-_BATCH_NORM_CONVERTERS = {
+# ------------------------------------------------------------------ PyTorch semantics TVM's importer lacks
+
+
+def _cat(node, importer):
+    """torch.cat skips 1-D empty tensors whatever the other inputs' rank (a legacy rule PyTorch keeps):
+    transformers' KV cache starts as such a tensor and is concatenated with each layer's keys and
+    values. TVM's concat would refuse the mix of ranks."""
+    tensors = [importer.env[t] for t in node.args[0]]
+    kept = [t for t in tensors if not (len(t.ty.shape) == 1 and int(t.ty.shape[0]) == 0)] or tensors[:1]
+    axis = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return importer.block_builder.emit(kept[0] if len(kept) == 1 else relax.op.concat(kept, axis=axis))
+
+
+CONVERTERS = {
     "_native_batch_norm_legit_functional.default": _bn_functional,
     "_native_batch_norm_legit_no_training.default": _bn_no_training,
     "_native_batch_norm_legit.no_stats": _bn_no_stats,
+    "cat.default": _cat,
 }
