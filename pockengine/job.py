@@ -25,7 +25,8 @@ class TrainingJob:
     loss: "cross_entropy", "mse" or a callable `loss(output, target) -> scalar tensor` (torch only).
     optimizer: a `pockengine.optim` optimizer (SGD, Adam, AdamW).
     sparse_update: a `SparseUpdate` scheme (or a dict of its rules) choosing the parameters, and the
-        channels of them, to train; None trains every parameter with `requires_grad=True`.
+        channels of them, to train; None trains every parameter with `requires_grad=True`. With
+        `SparseUpdate.lora(...)`, `job.model` is a copy of the model with the adapters added.
     """
 
     def __init__(self, model, example_inputs, example_targets, loss, optimizer, sparse_update=None, name=None):
@@ -54,6 +55,8 @@ class TrainingJob:
         if self.example_targets is None:
             raise JobError("example_targets is missing: pass a target tensor for the loss")
         if self.is_onnx:
+            if self.sparse_update is not None and self.sparse_update.lora_spec is not None:
+                raise JobError("SparseUpdate.lora adds adapters to a torch model; an ONNX model cannot take them")
             return
         try:
             import torch
@@ -61,6 +64,14 @@ class TrainingJob:
             raise JobError("a torch model needs PyTorch installed") from e
         if not isinstance(self.model, torch.nn.Module):
             raise JobError(f"model must be a torch.nn.Module or an ONNX model, got {type(self.model).__name__}")
+        lora = self.sparse_update.lora_spec if self.sparse_update is not None else None
+        if lora is not None:  # train a copy with adapters; the caller's model stays as it is
+            import copy
+
+            from .lora import add_lora
+
+            self.model = copy.deepcopy(self.model)
+            self.lora_modules = add_lora(self.model, **lora)
         for i, x in enumerate(self.example_inputs + (self.example_targets,)):
             if not isinstance(x, torch.Tensor):
                 what = "example_targets" if i == len(self.example_inputs) else f"example_inputs[{i}]"

@@ -19,6 +19,7 @@ Later rules win. A pattern is a glob over parameter names; a pattern naming a mo
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, replace
 
 from .errors import JobError
@@ -40,7 +41,8 @@ class Partial:
 class SparseUpdate:
     rules: tuple = ()
     default: str = FROZEN
-    # ("last_k", k) or ("mcunetv3", n_bias_update, weight indices, ratios): rules derived from the model
+    # ("last_k", k), ("mcunetv3", n_bias_update, weight indices, ratios), ("last_blocks", k, part),
+    # ("bias_and_norm",) or ("lora", r, targets, alpha, seed): rules derived from the model
     preset: tuple = ()
 
     def __post_init__(self):
@@ -85,12 +87,48 @@ class SparseUpdate:
             _check_rule(f"ratio {r}", r)
         return cls(preset=("mcunetv3", int(n_bias_update), tuple(idx), tuple(ratios)))
 
+    @classmethod
+    def last_blocks(cls, k: int, part: str = "all") -> "SparseUpdate":
+        """The last k blocks of a transformer (the repeated modules `<container>.<i>`, found in the
+        parameter names: `model.layers.<i>`, `bert.encoder.layer.<i>`). part "attention" or "mlp"
+        trains only that half of each block: its linear layers (weights and biases) under a module
+        whose name says attention (`attn`, `attention`), or the other linear layers; the blocks'
+        norms stay frozen there (add `| SparseUpdate.bias_and_norm()` to train them too)."""
+        if not isinstance(k, int) or k < 1:
+            raise JobError(f"last_blocks needs an integer k >= 1, got {k!r}")
+        if part not in BLOCK_PARTS:
+            raise JobError(f"last_blocks part must be one of {BLOCK_PARTS}, got {part!r}")
+        return cls(preset=("last_blocks", k, part))
+
+    @classmethod
+    def bias_and_norm(cls) -> "SparseUpdate":
+        """Every 1-D parameter: the biases (BitFit) and the normalisation scales (LayerNorm, RMSNorm)."""
+        return cls(preset=("bias_and_norm",))
+
+    @classmethod
+    def lora(cls, r: int = 8, targets=("q_proj", "v_proj"), alpha: float | None = None, seed: int = 0) -> "SparseUpdate":
+        """LoRA: rank-r adapters on the nn.Linear modules matching `targets` (a module name, a path
+        suffix or a glob), scale alpha / r (alpha defaults to r); only the adapters train. The job
+        trains a copy of its model with the adapters added (pockengine.lora.add_lora)."""
+        if not isinstance(r, int) or r < 1:
+            raise JobError(f"LoRA rank must be an integer >= 1, got {r!r}")
+        targets = (targets,) if isinstance(targets, str) else tuple(targets)
+        return cls(preset=("lora", r, targets, alpha, seed))
+
+    @property
+    def lora_spec(self) -> dict | None:
+        """The add_lora arguments of a LoRA scheme, else None."""
+        if not self.preset or self.preset[0] != "lora":
+            return None
+        r, targets, alpha, seed = self.preset[1:]
+        return {"r": r, "targets": targets, "alpha": alpha, "seed": seed}
+
     # ------------------------------------------------------------------ resolution
 
     def expand(self, params) -> list:
         """The scheme's concrete (pattern, rule) list for a model's parameter table."""
         kind = self.preset[0] if self.preset else None
-        derived = {"last_k": _last_k_rules, "mcunetv3": _mcunetv3_rules}[kind](params, *self.preset[1:]) if kind else []
+        derived = _PRESET_RULES[kind](params, *self.preset[1:]) if kind else []
         return derived + list(self.rules)
 
     def resolve(self, params) -> dict:
@@ -137,6 +175,67 @@ def _mcunetv3_rules(params, n_bias_update, weight_idx, weight_ratio):
             raise JobError(f"mcunetv3: conv index {idx} out of range; the model has {len(convs)} convs (0..{len(convs) - 1})")
         rules.append((names[convs[idx]], FULL if ratio == 1 else ratio))
     return rules
+
+
+BLOCK_PARTS = ("all", "attention", "mlp")
+
+
+def transformer_blocks(names) -> list:
+    """The block prefixes of the model's repeated container (`model.layers.0`, ...), in order: of the
+    `<prefix>.<i>` numbered 0..n-1 whose last two items hold the same parameters (blocks repeat; an
+    nn.Sequential of a conv and its norm does not), the one with the most parameters under it."""
+    members = {}  # prefix -> {index: set of parameter names relative to the item}
+    for name in names:
+        for m in re.finditer(r"(?:^|\.)(\d+)\.", name):
+            prefix = name[:m.start(1)].rstrip(".")
+            members.setdefault(prefix, {}).setdefault(int(m.group(1)), set()).add(name[m.end():])
+    containers = [(sum(map(len, items.values())), prefix) for prefix, items in members.items()
+                  if len(items) > 1 and sorted(items) == list(range(len(items)))
+                  and items[len(items) - 1] == items[len(items) - 2]]
+    if not containers:
+        return []
+    prefix = max(containers)[1]
+    return [f"{prefix}.{i}" if prefix else str(i) for i in sorted(members[prefix])]
+
+
+def _last_blocks_rules(params, k, part):
+    names = [p[0] for p in params]
+    blocks = transformer_blocks(names)
+    if not blocks:
+        raise JobError("last_blocks: no repeated blocks (`<container>.<i>.` in the parameter names) in this model; "
+                       f"use last_k or name the parameters. Parameters: {_listing(names)}")
+    if k > len(blocks):
+        raise JobError(f"last_blocks({k}): the model has {len(blocks)} blocks ({blocks[0]} .. {blocks[-1]})")
+    chosen = blocks[-k:]
+    if part == "all":
+        return [(block, FULL) for block in chosen]
+    linear_layers = {_layer(n) for n, _, kind in params if kind == "linear"}
+    rules = []
+    for name in names:
+        layer = _layer(name)
+        if layer in linear_layers and any(_matches(name, block) for block in chosen):
+            in_attention = any("attn" in c or "attention" in c for c in layer.split("."))
+            if in_attention == (part == "attention"):
+                rules.append((name, FULL))
+    if not rules:
+        raise JobError(f"last_blocks({k}, part={part!r}): no {part} linear layer in {', '.join(chosen)}")
+    return rules
+
+
+def _bias_and_norm_rules(params):
+    return [(name, FULL) for name, shape, _ in params if len(shape) == 1]
+
+
+def _lora_rules(params, *_spec):
+    adapters = [(name, FULL) for name, _, _ in params if name.endswith((".lora_A", ".lora_B"))]
+    if not adapters:
+        raise JobError("SparseUpdate.lora: the model has no LoRA adapters; pass the scheme to a TrainingJob, "
+                       "which adds them (pockengine.lora.add_lora)")
+    return adapters
+
+
+_PRESET_RULES = {"last_k": _last_k_rules, "mcunetv3": _mcunetv3_rules, "last_blocks": _last_blocks_rules,
+                 "bias_and_norm": _bias_and_norm_rules, "lora": _lora_rules}
 
 
 def _bias_of(names, i):

@@ -137,3 +137,30 @@ def test_pruned_backward_costs_the_expected_flops():
     assert signature.outputs[0] == "net.0.weight[:, :8]" and "net.0.weight[:, 8:]" not in signature.outputs
     head, _ = step_of({"net.4": "full"})  # last layer only: nothing flows further back
     assert head == {"forward": forward, "backward": mm(64, 10)}
+
+
+def test_block_presets_and_lora_say_what_is_wrong():
+    net = SmallNet()  # no repeated blocks
+    x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))
+    job = pe.TrainingJob(net, (x,), y, "cross_entropy", pe.optim.SGD(lr=0.1), sparse_update=SparseUpdate.last_blocks(1))
+    with pytest.raises(JobError, match=r"no repeated blocks .* Parameters: stem.0.weight"):
+        job.plan(job.import_model())
+    with pytest.raises(JobError, match="part must be one of"):
+        SparseUpdate.last_blocks(1, "ffn")
+    with pytest.raises(JobError, match=r"last_blocks\(3\): the model has 2 blocks \(net.0 .. net.1\)"):
+        layers = nn.Sequential(*(nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(2)))
+        model = nn.Sequential(); model.add_module("net", layers)
+        j = pe.TrainingJob(model, (torch.randn(2, 8),), torch.randn(2, 8), "mse", pe.optim.SGD(lr=0.1),
+                           sparse_update=SparseUpdate.last_blocks(3))
+        j.plan(j.import_model())
+    with pytest.raises(JobError, match=r"LoRA targets \['q_proj'\] match no nn.Linear of the model; its linear layers: head"):
+        pe.TrainingJob(net, (x,), y, "cross_entropy", pe.optim.SGD(lr=0.1), sparse_update=SparseUpdate.lora(2, "q_proj"))
+    with pytest.raises(JobError, match="LoRA rank 32 exceeds head's size"):
+        pe.TrainingJob(net, (x,), y, "cross_entropy", pe.optim.SGD(lr=0.1), sparse_update=SparseUpdate.lora(32, "head"))
+
+
+def test_bias_and_norm_trains_the_one_dimensional_parameters():
+    job = pe.TrainingJob(SmallNet(), (torch.randn(2, 3, 8, 8),), torch.randint(0, 10, (2,)), "cross_entropy",
+                         pe.optim.SGD(lr=0.1), sparse_update=SparseUpdate.bias_and_norm())
+    plan = job.plan(job.import_model())
+    assert {n for n, r in plan.items() if r == FULL} == {n for n, p in SmallNet().named_parameters() if p.ndim == 1}

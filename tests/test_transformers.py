@@ -21,6 +21,7 @@ import torch
 import pockengine as pe
 from conftest import FAST_HOST, max_scaled_diff, train_torch
 from pockengine.errors import UnsupportedOpError
+from pockengine.lora import add_lora, merge
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.llama import modeling_llama  # noqa: E402
@@ -99,6 +100,8 @@ def train_both(model, loss, batches, optimizer, sparse_update=None):
     program = pe.compile(job, target=FAST_HOST)
     ours = [program.step(x, y) for x, y in batches]
     if sparse_update is not None:
+        if sparse_update.lora_spec is not None:  # the same adapters, from the same seed
+            add_lora(model, **sparse_update.lora_spec)
         pe.sparse.apply_to_torch(model, job.plan(job.import_model()))
     theirs = train_torch(model, optimizer, batches, loss_fn=loss)
     return program, ours, theirs
@@ -130,6 +133,51 @@ def test_unmodified_models_in_float32_train_like_pytorch(name):
                             else (llama(), causal_lm_loss, lm_batches()))
     program, ours, theirs = train_both(model, loss, batches, pe.optim.AdamW(lr=1e-3))
     assert_parity(program, model, ours, theirs, FLOAT32_TOL)
+
+
+SCHEMES = {
+    "bert": {"last block, attention": pe.SparseUpdate.last_blocks(1, "attention"),
+             "biases and norms": pe.SparseUpdate.bias_and_norm(),
+             "LoRA r=4 on query, value": pe.SparseUpdate.lora(4, ("query", "value"), alpha=8)},
+    "llama": {"last block, MLP": pe.SparseUpdate.last_blocks(1, "mlp"),
+              "biases and norms": pe.SparseUpdate.bias_and_norm(),
+              "LoRA r=4 on q, v": pe.SparseUpdate.lora(4, ("q_proj", "v_proj"), alpha=8)},
+}
+
+
+@pytest.mark.parametrize("name, scheme", [(m, s) for m in SCHEMES for s in SCHEMES[m]])
+def test_sparse_schemes_and_lora_train_like_pytorch_with_the_same_trainable_set(name, scheme, llama_in_input_dtype):
+    model, loss, batches = ((bert(torch.float64), classification_loss, classification_batches()) if name == "bert"
+                            else (llama(torch.float64), causal_lm_loss, lm_batches()))
+    sparse_update = SCHEMES[name][scheme]
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    program, ours, theirs = train_both(model, loss, batches, pe.optim.AdamW(lr=1e-3), sparse_update)
+    assert_parity(program, model, ours, theirs, FLOAT64_TOL)
+    trained = {k for k, v in model.state_dict().items() if k not in initial or not torch.equal(v, initial[k])}
+    assert trained and trained == {k for k, v in program.state_dict().items()
+                                   if k not in initial or not np.array_equal(v, initial[k].numpy())}
+
+
+def test_lora_adapters_merge_into_the_base_weights():
+    """After training only the adapters, W + (alpha / r) B A in the plain model gives the adapted
+    model's function."""
+    model = llama(torch.float64)
+    scheme = pe.SparseUpdate.lora(4, ("q_proj", "v_proj"), alpha=8)
+    ids, labels = lm_batches(1)[0]
+    job = pe.TrainingJob(model, (ids,), labels, causal_lm_loss, pe.optim.AdamW(lr=1e-2), sparse_update=scheme)
+    assert job.model is not model and not any("lora" in k for k in model.state_dict())  # the user's model is untouched
+    program = pe.compile(job, target=FAST_HOST)
+    for x, y in lm_batches(3):
+        program.step(x, y)
+    state = program.state_dict()
+    assert {k for k in state if "lora" in k} == {f"{m}.{ab}" for m in job.lora_modules for ab in ("lora_A", "lora_B")}
+    assert any(np.abs(state[f"{m}.lora_B"]).max() > 0 for m in job.lora_modules)
+    merged = merge(state, {m: 8 / 4 for m in job.lora_modules})
+    plain = copy.deepcopy(model)
+    plain.load_state_dict({k: torch.from_numpy(v) for k, v in merged.items()})
+    job.model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    with torch.no_grad():
+        np.testing.assert_allclose(plain(ids).logits.numpy(), job.model(ids).logits.numpy(), rtol=1e-10, atol=1e-10)
 
 
 def test_a_tied_lm_head_is_one_tensor_under_both_names(llama_in_input_dtype):

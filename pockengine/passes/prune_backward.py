@@ -41,9 +41,21 @@ def parameter_ops(func, param_vars: dict) -> dict:
             if op == "relax.nn.conv2d" and i == 1:
                 groups = int(b.value.attrs.groups)
                 kinds[name] = "depthwise" if groups > 1 and groups == int(var.ty.shape[0]) else "conv"
-            elif op == "relax.permute_dims" and any(op_name(c.value) == "relax.matmul" for c, _ in consumers.get(b.var, [])):
+            elif op == "relax.permute_dims" and _feeds_matmul(b.var, consumers):
                 kinds[name] = "linear"
     return kinds
+
+
+def _feeds_matmul(var, consumers, depth: int = 3) -> bool:
+    """Whether `var` (a transposed weight) reaches a matmul directly or through broadcasts and
+    reshapes (torch decomposes a linear on a non-contiguous input into an expanded batched matmul)."""
+    for c, _ in consumers.get(var, []):
+        op = op_name(c.value)
+        if op == "relax.matmul":
+            return True
+        if depth and op in ("relax.broadcast_to", "relax.reshape") and _feeds_matmul(c.var, consumers, depth - 1):
+            return True
+    return False
 
 
 def prune_backward(func_name: str, partial: dict) -> tvm.transform.Pass:

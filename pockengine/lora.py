@@ -1,0 +1,84 @@
+"""LoRA adapters (Hu et al. 2021), as PEFT adds them: y = x W^T + b + (alpha / r) x A^T B^T.
+
+`add_lora(model, r, targets)` replaces each nn.Linear whose name matches a target with a LoRALinear
+that keeps the base weight and bias (same Parameter objects, same state_dict names) and adds two new
+parameters, `<name>.lora_A` (r x in, Kaiming-uniform as PEFT initialises it) and `<name>.lora_B`
+(out x r, zeros: training starts from the base model's function). `SparseUpdate.lora(...)` does this
+to a copy of a job's model and trains only the adapters, so PockEngine's sparse updates and LoRA
+compare under the same compiler; `merge(state_dict)` folds trained adapters back into the weights.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+
+import torch
+from torch import nn
+
+from .errors import JobError
+
+LORA_A, LORA_B = "lora_A", "lora_B"
+
+
+class LoRALinear(nn.Module):
+    """An nn.Linear plus a rank-r update; the base weight and bias are the original Parameters."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.r, self.scale = r, alpha / r
+        # PEFT initialises A with kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)).
+        bound = 1 / math.sqrt(base.in_features)
+        a = torch.empty(r, base.in_features, dtype=base.weight.dtype).uniform_(-bound, bound, generator=generator)
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype))
+
+    def forward(self, x):
+        update = nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B)
+        return nn.functional.linear(x, self.weight, self.bias) + update * self.scale
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, scale={self.scale}"
+
+
+def _matches(name: str, target: str) -> bool:
+    """A target names a module by its own name (`q_proj`), a path suffix (`self_attn.q_proj`) or a glob."""
+    return name == target or name.endswith("." + target) or fnmatch.fnmatchcase(name, target)
+
+
+def add_lora(model, r: int = 8, targets=("q_proj", "v_proj"), alpha: float | None = None, seed: int = 0) -> list:
+    """Replace, in place, every nn.Linear of `model` whose name matches one of `targets` by a
+    LoRALinear of rank `r` and scale alpha / r (alpha defaults to r: scale 1). Its base weight and
+    bias stop requiring gradients. Returns the replaced modules' names. The adapters' initial values
+    come from `seed`, so the same call on two copies of a model gives the same adapters."""
+    if not isinstance(r, int) or r < 1:
+        raise JobError(f"LoRA rank must be an integer >= 1, got {r!r}")
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    chosen = [(name, m) for name, m in linears if any(_matches(name, t) for t in targets)]
+    if not chosen:
+        names = ", ".join(name for name, _ in linears[:30]) + (" ..." if len(linears) > 30 else "")
+        raise JobError(f"LoRA targets {list(targets)} match no nn.Linear of the model; its linear layers: {names}")
+    generator = torch.Generator().manual_seed(seed)
+    for name, base in chosen:
+        if r > min(base.in_features, base.out_features):
+            raise JobError(f"LoRA rank {r} exceeds {name}'s size ({base.out_features} x {base.in_features})")
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        setattr(owner, child, LoRALinear(base, r, float(r if alpha is None else alpha), generator))
+    return [name for name, _ in chosen]
+
+
+def merge(state_dict: dict, scales: dict) -> dict:
+    """The state dict with each adapter folded into its weight (W + scale B A) and the adapter
+    entries removed: loadable into the model without adapters. scales: {module name: alpha / r}."""
+    merged = {k: v for k, v in state_dict.items() if not k.endswith((f".{LORA_A}", f".{LORA_B}"))}
+    for module, scale in scales.items():
+        a, b = state_dict[f"{module}.{LORA_A}"], state_dict[f"{module}.{LORA_B}"]
+        merged[f"{module}.weight"] = state_dict[f"{module}.weight"] + scale * (b @ a)
+    return merged
