@@ -14,7 +14,7 @@ kernel:
     in TRANSPOSE_TILE x TRANSPOSE_TILE tiles, so each cache line read is used whole while it is
     hot: 1024x512 float32, 2 cores, 2.02 ms flat, 0.21 ms tiled (8: 0.41, 32: 0.61). The
     transformer's attention and weight-gradient transposes are such kernels;
-  * matmuls without an epilogue in TILE_ROWS x TILE_VECTORS register tiles (the transformer's
+  * matmuls without an epilogue in register tiles of rows x vectors (the transformer's
     untuned step: 404 -> 218 ms; its pure matmul kernels then run as fast as tuned ones).
 Nothing more (no cache blocking, no tiles for matmuls with a fused epilogue or for convolutions):
 that is what tuning (MetaSchedule) is for.
@@ -38,8 +38,11 @@ MAX_VECTOR = 64  # longest innermost loop turned into one vector
 # Waking the thread pool costs microseconds: an elementwise kernel smaller than this runs on one core.
 MIN_PARALLEL_ELEMENTS = 4096
 TRANSPOSE_TILE = 16
-# A matmul's register tile: rows x vectors of outputs (4 x 2 x 8 lanes = 8 AVX2 accumulators).
-TILE_ROWS, TILE_VECTORS = 4, 2
+# A matmul's register tile: rows x vectors of outputs (4 x 2 x 8 lanes = 8 AVX2 accumulators), the
+# first of these that divides the matmul. 8 x 1 keeps the 8 accumulators when the vectors do not pair
+# up: LLaMA's MLP width 688 is 43 vectors of 16 (AVX-512), and untiled its matmuls ran at 67 GFLOP/s
+# against 240 for their 256-wide neighbours.
+REGISTER_TILES = ((4, 2), (8, 1), (2, 2), (4, 1), (2, 1))
 
 
 def schedule_cpu(vector_lanes: int, cores: int) -> tvm.transform.Pass:
@@ -140,7 +143,7 @@ def _schedule_elementwise(sch, block, vector_lanes: int, cores: int, tiles: bool
 
 def _schedule_register_tiles(sch, block, vector_lanes: int, cores: int) -> bool:
     """A matmul-like reduction as inline_elementwise leaves it — loops (batch..., i, j, k, lanes):
-    rows i, vectors j of `lanes` outputs, reduction k — computed TILE_ROWS x TILE_VECTORS output
+    rows i, vectors j of `lanes` outputs, reduction k — computed a REGISTER_TILES tile of output
     vectors at a time, k outside them: each loaded input value then feeds several multiply-adds and
     the tile's running sums stay in registers. False (nothing changed) for any other shape."""
     loops = sch.get_loops(block)
@@ -149,10 +152,13 @@ def _schedule_register_tiles(sch, block, vector_lanes: int, cores: int) -> bool:
         return False
     rows, vectors, reduce, lanes = loops[-4:]
     extents = [loop_extent(sch, loop) for loop in (rows, vectors, reduce, lanes)]
-    if 0 in extents or extents[3] != vector_lanes or extents[0] % TILE_ROWS or extents[1] % TILE_VECTORS:
-        return False  # symbolic extents, or a tile that does not divide them
-    outer_rows, tile_rows = sch.split(rows, [None, TILE_ROWS])
-    outer_vectors, tile_vectors = sch.split(vectors, [None, TILE_VECTORS])
+    if 0 in extents or extents[3] != vector_lanes:
+        return False  # symbolic extents, or not a vector of outputs innermost
+    tile = next(((r, v) for r, v in REGISTER_TILES if extents[0] % r == 0 and extents[1] % v == 0), None)
+    if tile is None:
+        return False  # no tile divides it
+    outer_rows, tile_rows = sch.split(rows, [None, tile[0]])
+    outer_vectors, tile_vectors = sch.split(vectors, [None, tile[1]])
     sch.reorder(outer_rows, outer_vectors, reduce, tile_rows, tile_vectors, lanes)
     sch.vectorize(lanes)
     sch.unroll(tile_rows)
