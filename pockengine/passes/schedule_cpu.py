@@ -152,8 +152,9 @@ def _schedule_register_tiles(sch, block, vector_lanes: int, cores: int) -> bool:
         return False
     rows, vectors, reduce, lanes = loops[-4:]
     extents = [loop_extent(sch, loop) for loop in (rows, vectors, reduce, lanes)]
-    if 0 in extents or extents[3] != vector_lanes:
-        return False  # symbolic extents, or not a vector of outputs innermost
+    narrow = extents[3] < vector_lanes and vector_lanes % extents[3] == 0 if extents[3] else False
+    if 0 in extents or not (extents[3] == vector_lanes or narrow):
+        return False  # symbolic extents, or not a vector (or a whole short row) of outputs innermost
     tile = next(((r, v) for r, v in REGISTER_TILES if extents[0] % r == 0 and extents[1] % v == 0), None)
     if tile is None:
         return False  # no tile divides it

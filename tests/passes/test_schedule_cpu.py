@@ -11,7 +11,7 @@ from torch import nn
 import pockengine as pe
 from conftest import FAST_HOST, fused_step_module
 from pockengine.passes.inline_elementwise import inline_elementwise
-from pockengine.passes.schedule_cpu import schedule_cpu
+from pockengine.passes.schedule_cpu import MIN_PARALLEL_ELEMENTS, schedule_cpu
 
 LANES, CORES = 8, 2
 
@@ -54,9 +54,13 @@ def test_heavy_kernels_get_threads_and_vectors(modules):
     assert len(wide) >= 6
     for name in wide:
         assert tvm.tirx.ForKind.VECTORIZED in loop_kinds(heavy[name]), name
-    everything = kernels(scheduled)
-    threaded = [n for n, f in everything.items() if tvm.tirx.ForKind.PARALLEL in loop_kinds(f)]
-    assert len(threaded) >= len(everything) // 2
+    # Every kernel with enough outputs to share across the cores runs on all of them (waking the
+    # thread pool for a handful of outputs costs more than it saves: those stay on one core).
+    big = {n: f for n, f in kernels(scheduled).items()
+           if int(np.prod([int(d) for d in f.params[-1].shape])) >= MIN_PARALLEL_ELEMENTS}
+    assert len(big) >= 10
+    for name, func in big.items():
+        assert tvm.tirx.ForKind.PARALLEL in loop_kinds(func), name
 
 
 def test_scheduled_kernels_compute_what_the_unscheduled_ones_do(modules):
@@ -127,11 +131,12 @@ def test_broadcast_operands_do_not_make_a_transpose():
 
 
 @pytest.mark.parametrize("batch, columns, tile", [(None, 2 * LANES * 3, (4, 2)), (3, 2 * LANES * 3, (4, 2)),
-                                                   (None, LANES * 5, (8, 1))])
+                                                   (None, LANES * 5, (8, 1)), (None, LANES // 2, (8, 1))])
 def test_matmuls_get_register_tiles_and_stay_exact(batch, columns, tile):
     """Rows x vectors of outputs per reduction step, so each loaded value feeds several
     multiply-adds: the transformer's untuned step went from 404 to 218 ms. An odd number of output
-    vectors (LLaMA's MLP width 688 = 43 x 16) takes 8 rows x 1 vector, still 8 accumulators."""
+    vectors (LLaMA's MLP width 688 = 43 x 16) takes 8 rows x 1 vector, still 8 accumulators; a row
+    narrower than a vector (LoRA's rank) is one short vector, not a vector gathered across rows."""
     from tvm import te
 
     from pockengine.passes.schedule_cpu import REGISTER_TILES
@@ -145,7 +150,8 @@ def test_matmuls_get_register_tiles_and_stay_exact(batch, columns, tile):
     mod = tvm.IRModule({"main": te.create_prim_func([a, b, c])})
     scheduled = schedule_cpu(LANES, CORES)(inline_elementwise(LANES)(mod))["main"]
     assert {e for e in loop_extents(scheduled, tvm.tirx.ForKind.UNROLLED) if e > 1} == {e for e in tile if e > 1}
-    assert loop_extents(scheduled, tvm.tirx.ForKind.PARALLEL) and LANES in loop_extents(scheduled, tvm.tirx.ForKind.VECTORIZED)
+    assert loop_extents(scheduled, tvm.tirx.ForKind.PARALLEL)
+    assert min(columns, LANES) in loop_extents(scheduled, tvm.tirx.ForKind.VECTORIZED)
     rng = np.random.default_rng(0)
     x, y = (rng.standard_normal(lead + s).astype("float32") for s in ((64, 48), (48, columns)))
     lib = tvm.compile(scheduled.with_attr("global_symbol", "main"), target=tvm.target.Target(FAST_HOST))
