@@ -38,22 +38,27 @@ MAX_VECTOR = 64  # longest innermost loop turned into one vector
 # Waking the thread pool costs microseconds: an elementwise kernel smaller than this runs on one core.
 MIN_PARALLEL_ELEMENTS = 4096
 TRANSPOSE_TILE = 16
-# A matmul's register tile: rows x vectors of outputs (4 x 2 x 8 lanes = 8 AVX2 accumulators), the
-# first of these that divides the matmul. 8 x 1 keeps the 8 accumulators when the vectors do not pair
-# up: LLaMA's MLP width 688 is 43 vectors of 16 (AVX-512), and untiled its matmuls ran at 67 GFLOP/s
-# against 240 for their 256-wide neighbours.
-REGISTER_TILES = ((4, 2), (8, 1), (2, 2), (4, 1), (2, 1))
+# A matmul's register tile: rows x vectors of outputs, the first of these that divides the matmul and
+# whose accumulators fill at most half the target's vector registers (the rest hold the operands).
+# AVX2 (16 registers): 4 x 2; AVX-512 and aarch64 (32): 8 x 2 (512x688x256: 252 -> 311 GFLOP/s here).
+# 8 x 1 is for vectors that do not pair up: LLaMA's MLP width 688 is 43 vectors of 16 (AVX-512), and
+# untiled its matmuls ran at 67 GFLOP/s against 240 for their 256-wide neighbours.
+REGISTER_TILES = ((8, 2), (4, 2), (8, 1), (2, 2), (4, 1), (2, 1))
 
 
-def schedule_cpu(vector_lanes: int, cores: int) -> tvm.transform.Pass:
+def register_tiles(vector_registers: int) -> tuple:
+    return tuple((r, v) for r, v in REGISTER_TILES if r * v <= vector_registers // 2)
+
+
+def schedule_cpu(vector_lanes: int, cores: int, vector_registers: int = 16) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="ScheduleCPU")
     def transform(mod, _ctx):
-        return map_kernels(mod, lambda func: schedule_kernel(func, vector_lanes, cores))
+        return map_kernels(mod, lambda func: schedule_kernel(func, vector_lanes, cores, vector_registers))
 
     return transform
 
 
-def schedule_kernel(func, vector_lanes: int, cores: int):
+def schedule_kernel(func, vector_lanes: int, cores: int, vector_registers: int = 16):
     for tiles in (True, False):  # a tiling TVM refuses: schedule the kernel again without tiles
         try:
             sch = s_tir.Schedule(func)
@@ -62,7 +67,7 @@ def schedule_kernel(func, vector_lanes: int, cores: int):
             return None
         try:
             for nest in _nests(sch, root):
-                _schedule_nest(sch, nest, vector_lanes, cores, tiles)
+                _schedule_nest(sch, nest, vector_lanes, cores, register_tiles(vector_registers) if tiles else None)
         except s_tir.schedule.ScheduleError:
             continue
         scheduled = sch.mod["main"]
@@ -94,11 +99,12 @@ def _try(primitive, *args, **kwargs):
         return None
 
 
-def _schedule_nest(sch, blocks, vector_lanes: int, cores: int, tiles: bool = True) -> None:
+def _schedule_nest(sch, blocks, vector_lanes: int, cores: int, tiles) -> None:
+    """tiles: the matmul register tiles to try, best first; None for no tiling at all."""
     if len(blocks) == 1 and not is_reduction(sch, blocks[0]):
-        _schedule_elementwise(sch, blocks[0], vector_lanes, cores, tiles)
+        _schedule_elementwise(sch, blocks[0], vector_lanes, cores, tiles is not None)
         return
-    if tiles and len(blocks) == 1 and _schedule_register_tiles(sch, blocks[0], vector_lanes, cores):
+    if tiles and len(blocks) == 1 and _schedule_register_tiles(sch, blocks[0], vector_lanes, cores, tiles):
         return
     # Annotate while the reductions still carry their initialisation (TVM only proves a loop
     # parallel or vectorizable for a complete reduction block), then split the initialisation off.
@@ -141,10 +147,10 @@ def _schedule_elementwise(sch, block, vector_lanes: int, cores: int, tiles: bool
         _try(sch.parallel, fused)
 
 
-def _schedule_register_tiles(sch, block, vector_lanes: int, cores: int) -> bool:
+def _schedule_register_tiles(sch, block, vector_lanes: int, cores: int, tiles) -> bool:
     """A matmul-like reduction as inline_elementwise leaves it — loops (batch..., i, j, k, lanes):
-    rows i, vectors j of `lanes` outputs, reduction k — computed a REGISTER_TILES tile of output
-    vectors at a time, k outside them: each loaded input value then feeds several multiply-adds and
+    rows i, vectors j of `lanes` outputs, reduction k — computed a tile (the first of `tiles` that
+    divides it) of output vectors at a time, k outside them: each loaded input value then feeds several multiply-adds and
     the tile's running sums stay in registers. False (nothing changed) for any other shape."""
     loops = sch.get_loops(block)
     kinds = [loop_kind(sch, block, loop) for loop in loops]
@@ -155,7 +161,7 @@ def _schedule_register_tiles(sch, block, vector_lanes: int, cores: int) -> bool:
     narrow = extents[3] < vector_lanes and vector_lanes % extents[3] == 0 if extents[3] else False
     if 0 in extents or not (extents[3] == vector_lanes or narrow):
         return False  # symbolic extents, or not a vector (or a whole short row) of outputs innermost
-    tile = next(((r, v) for r, v in REGISTER_TILES if extents[0] % r == 0 and extents[1] % v == 0), None)
+    tile = next(((r, v) for r, v in tiles if extents[0] % r == 0 and extents[1] % v == 0), None)
     if tile is None:
         return False  # no tile divides it
     outer_rows, tile_rows = sch.split(rows, [None, tile[0]])

@@ -37,6 +37,7 @@ class TargetPreset:
     tools: tuple = ()  # Tool, ...
     runner: str = "this machine"  # how `pockengine run` runs an artifact of this target
     vector_bytes: int = 16  # SIMD register width the default schedule vectorizes for (SSE/NEON: 16)
+    vector_registers: int = 16  # how many of them (SSE/AVX2: 16; AVX-512, aarch64: 32): sizes matmul tiles
     # Microcontrollers: the device's memory and the QEMU board that stands in for it.
     sram_bytes: int | None = None
     flash_bytes: int | None = None
@@ -90,6 +91,7 @@ def _aarch64(cpu: str, cores: int) -> dict:
 
 AARCH64_TOOLS = (Tool("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu", "build"),
                  Tool("qemu-aarch64", "qemu-user", "run"))
+AARCH64_RUNNER = "qemu-aarch64 with an aarch64 Python + TVM runtime"
 CUDA_TOOLS = (Tool("nvcc", "nvidia-cuda-toolkit", "build"),)
 CORTEX_M_TOOLS = (Tool("arm-none-eabi-gcc", "gcc-arm-none-eabi libnewlib-arm-none-eabi", "build"),
                   Tool("qemu-system-arm", "qemu-system-arm", "run"))
@@ -118,7 +120,7 @@ def _presets() -> tuple:
     orin_cpu, nano_cpu, rpi4 = _aarch64("cortex-a78", 12), _aarch64("cortex-a78", 6), _aarch64("cortex-a72", 4)
     return (
         TargetPreset("host", "this machine's CPU (LLVM, all cores)", _host_target(),
-                     vector_bytes=_host_vector_bytes()),
+                     vector_bytes=_host_vector_bytes(), vector_registers=_host_vector_registers()),
         TargetPreset("jetson-orin", "Jetson AGX Orin GPU (sm_87) + Cortex-A78 host code", 
                      {"kind": "cuda", "arch": "sm_87", "max_num_threads": 1024, "thread_warp_size": 32,
                       "host": orin_cpu},
@@ -128,11 +130,11 @@ def _presets() -> tuple:
                       "host": nano_cpu},
                      family=CUDA, tools=CUDA_TOOLS + AARCH64_TOOLS[:1], runner="an NVIDIA GPU (sm_87) on the Jetson"),
         TargetPreset("jetson-orin-cpu", "Jetson AGX Orin CPU (12x Cortex-A78, NEON)", orin_cpu,
-                     family=AARCH64, tools=AARCH64_TOOLS, runner="qemu-aarch64 with an aarch64 Python + TVM runtime"),
+                     family=AARCH64, tools=AARCH64_TOOLS, runner=AARCH64_RUNNER, vector_registers=32),
         TargetPreset("jetson-orin-nano-cpu", "Jetson Orin Nano CPU (6x Cortex-A78AE, NEON)", nano_cpu,
-                     family=AARCH64, tools=AARCH64_TOOLS, runner="qemu-aarch64 with an aarch64 Python + TVM runtime"),
+                     family=AARCH64, tools=AARCH64_TOOLS, runner=AARCH64_RUNNER, vector_registers=32),
         TargetPreset("rpi4", "Raspberry Pi 4 (4x Cortex-A72, NEON, 64-bit OS)", rpi4,
-                     family=AARCH64, tools=AARCH64_TOOLS, runner="qemu-aarch64 with an aarch64 Python + TVM runtime"),
+                     family=AARCH64, tools=AARCH64_TOOLS, runner=AARCH64_RUNNER, vector_registers=32),
         TargetPreset("cuda", "any NVIDIA GPU (sm_80 code, PTX JIT-compiles for newer) + this machine's CPU",
                      {"kind": "cuda", "arch": "sm_80", "max_num_threads": 1024, "thread_warp_size": 32,
                       "host": _host_target()},
@@ -195,10 +197,11 @@ def _from_tvm_target(target, label: str) -> TargetPreset:
     mcpu = str(target.attrs.get("mcpu", "") or "")
     host_triple = _host_triple()
     if kind == "llvm" and (not triple or triple.split("-")[0] == host_triple.split("-")[0]):
-        return TargetPreset(label, "TVM target for this machine's CPU", exported, vector_bytes=_host_vector_bytes())
+        return TargetPreset(label, "TVM target for this machine's CPU", exported, vector_bytes=_host_vector_bytes(),
+                            vector_registers=_host_vector_registers())
     if kind == "llvm" and triple.startswith("aarch64"):
         return TargetPreset(label, f"aarch64 CPU {mcpu or 'generic'}", exported, family=AARCH64, tools=AARCH64_TOOLS,
-                            runner="qemu-aarch64 with an aarch64 Python + TVM runtime")
+                            runner=AARCH64_RUNNER, vector_registers=32)
     if kind == "cuda":
         host = target.host
         tools = CUDA_TOOLS + (AARCH64_TOOLS[:1] if host is not None and "aarch64" in str(host.attrs.get("mtriple", "")) else ())
@@ -231,6 +234,16 @@ def _host_vector_bytes() -> int:
     if "avx512f" in flags:
         return 64
     if "avx2" in flags or "avx" in flags:
+        return 32
+    return 16
+
+
+@functools.cache
+def _host_vector_registers() -> int:
+    """SIMD registers this CPU has: 32 with AVX-512 and on aarch64, else 16."""
+    import platform
+
+    if _host_vector_bytes() == 64 or platform.machine().lower() in ("aarch64", "arm64"):
         return 32
     return 16
 

@@ -130,13 +130,15 @@ def test_broadcast_operands_do_not_make_a_transpose():
     assert TRANSPOSE_TILE not in loop_extents(schedule_kernel(func, LANES, CORES))
 
 
-@pytest.mark.parametrize("batch, columns, tile", [(None, 2 * LANES * 3, (4, 2)), (3, 2 * LANES * 3, (4, 2)),
-                                                   (None, LANES * 5, (8, 1)), (None, LANES // 2, (8, 1))])
-def test_matmuls_get_register_tiles_and_stay_exact(batch, columns, tile):
+@pytest.mark.parametrize("batch, columns, registers, tile", [
+    (None, 2 * LANES * 3, 16, (4, 2)), (3, 2 * LANES * 3, 16, (4, 2)), (None, 2 * LANES * 3, 32, (8, 2)),
+    (None, LANES * 5, 16, (8, 1)), (None, LANES // 2, 16, (8, 1))])
+def test_matmuls_get_register_tiles_and_stay_exact(batch, columns, registers, tile):
     """Rows x vectors of outputs per reduction step, so each loaded value feeds several
     multiply-adds: the transformer's untuned step went from 404 to 218 ms. An odd number of output
     vectors (LLaMA's MLP width 688 = 43 x 16) takes 8 rows x 1 vector, still 8 accumulators; a row
-    narrower than a vector (LoRA's rank) is one short vector, not a vector gathered across rows."""
+    narrower than a vector (LoRA's rank) is one short vector, not a vector gathered across rows. The
+    accumulators fill half the vector registers: 8 with SSE/AVX2's 16, 16 with AVX-512's 32."""
     from tvm import te
 
     from pockengine.passes.schedule_cpu import REGISTER_TILES
@@ -148,7 +150,7 @@ def test_matmuls_get_register_tiles_and_stay_exact(batch, columns, tile):
     k = te.reduce_axis((0, 48), "k")
     c = te.compute(lead + (64, columns), lambda *i: te.sum(a[i[:-1] + (k,)] * b[i[:-2] + (k, i[-1])], axis=k), name="c")
     mod = tvm.IRModule({"main": te.create_prim_func([a, b, c])})
-    scheduled = schedule_cpu(LANES, CORES)(inline_elementwise(LANES)(mod))["main"]
+    scheduled = schedule_cpu(LANES, CORES, registers)(inline_elementwise(LANES)(mod))["main"]
     assert {e for e in loop_extents(scheduled, tvm.tirx.ForKind.UNROLLED) if e > 1} == {e for e in tile if e > 1}
     assert loop_extents(scheduled, tvm.tirx.ForKind.PARALLEL)
     assert min(columns, LANES) in loop_extents(scheduled, tvm.tirx.ForKind.VECTORIZED)
