@@ -65,22 +65,22 @@ def state_bytes(model, optimizer) -> int:
     return sum(t.untyped_storage().nbytes() for t in tensors)
 
 
-def torch_step(model, optimizer, x, y):
+def torch_step(model, optimizer, x, y, loss_fn=torch.nn.functional.cross_entropy):
     optimizer.zero_grad(set_to_none=True)
-    torch.nn.functional.cross_entropy(model(x), y).backward()
+    loss_fn(model(x), y).backward()
     optimizer.step()
 
 
-def measure_torch(model, optimizer, x, y, repeats):
+def measure_torch(model, optimizer, x, y, repeats, loss_fn=torch.nn.functional.cross_entropy):
     for _ in range(2):
-        torch_step(model, optimizer, x, y)
+        torch_step(model, optimizer, x, y, loss_fn)
     before = state_bytes(model, optimizer)
     with LiveBytes() as mode:
-        torch_step(model, optimizer, x, y)
+        torch_step(model, optimizer, x, y, loss_fn)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        torch_step(model, optimizer, x, y)
+        torch_step(model, optimizer, x, y, loss_fn)
         times.append(time.perf_counter() - start)
     return before + mode.peak, statistics.median(times)
 
