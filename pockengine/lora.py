@@ -74,11 +74,13 @@ def add_lora(model, r: int = 8, targets=("q_proj", "v_proj"), alpha: float | Non
     return [name for name, _ in chosen]
 
 
-def merge(state_dict: dict, scales: dict) -> dict:
+def merge(state_dict: dict, model) -> dict:
     """The state dict with each adapter folded into its weight (W + scale B A) and the adapter
-    entries removed: loadable into the model without adapters. scales: {module name: alpha / r}."""
+    entries removed: loadable into the model without adapters. `model` is the one with the adapters
+    (a LoRA job's `job.model`), which knows each adapter's scale."""
     merged = {k: v for k, v in state_dict.items() if not k.endswith((f".{LORA_A}", f".{LORA_B}"))}
-    for module, scale in scales.items():
-        a, b = state_dict[f"{module}.{LORA_A}"], state_dict[f"{module}.{LORA_B}"]
-        merged[f"{module}.weight"] = state_dict[f"{module}.weight"] + scale * (b @ a)
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            a, b = state_dict[f"{name}.{LORA_A}"], state_dict[f"{name}.{LORA_B}"]
+            merged[f"{name}.weight"] = state_dict[f"{name}.weight"] + module.scale * (b @ a)
     return merged

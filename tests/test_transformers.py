@@ -172,7 +172,7 @@ def test_lora_adapters_merge_into_the_base_weights():
     state = program.state_dict()
     assert {k for k in state if "lora" in k} == {f"{m}.{ab}" for m in job.lora_modules for ab in ("lora_A", "lora_B")}
     assert any(np.abs(state[f"{m}.lora_B"]).max() > 0 for m in job.lora_modules)
-    merged = merge(state, {m: 8 / 4 for m in job.lora_modules})
+    merged = merge(state, job.model)  # scale alpha / r = 8 / 4 from the adapters
     plain = copy.deepcopy(model)
     plain.load_state_dict({k: torch.from_numpy(v) for k, v in merged.items()})
     job.model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
