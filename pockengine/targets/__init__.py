@@ -16,6 +16,15 @@ from dataclasses import dataclass
 from ..errors import TargetError, ToolchainError
 
 
+def cache_dir():
+    """`$POCKENGINE_CACHE`, else ~/.cache/pockengine: what targets fetch or build once per machine
+    (the aarch64 sysroot, the stand-in CUDA driver), shared by every project on it."""
+    from pathlib import Path
+
+    configured = os.environ.get("POCKENGINE_CACHE")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "pockengine"
+
+
 # Families: how a target is built and run. The build and runtime code is shared per family.
 HOST, AARCH64, CUDA, CORTEX_M = "host", "aarch64", "cuda", "cortex-m"
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from ..errors import TargetError, ToolchainError
+from . import cache_dir
 
 TVM_VERSION = "0.27.0.post1"
 # Newer tvm-ffi releases segfault in tvm.ir.save_json (TVM_FACTS.md); tvm itself only asks >=0.1.14.post0.
@@ -102,12 +103,6 @@ class Sysroot:
             "TVM_USE_RUNTIME_LIB": "1",
         })
         return env
-
-
-def cache_dir() -> Path:
-    """`$POCKENGINE_CACHE`, else ~/.cache/pockengine: downloads shared by every project on the machine."""
-    configured = os.environ.get("POCKENGINE_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "pockengine"
 
 
 def _pins() -> dict[str, str]:

@@ -35,6 +35,7 @@ import tempfile
 import time
 
 from ..errors import TargetError
+from . import cache_dir
 
 JETSON_ORIN = "jetson-orin"  # the default target: the preset (sm_87 GPU, Cortex-A78 host)
 PTX_FILE, SOURCE_FILE = "kernels.ptx", "kernels.cu"
@@ -87,10 +88,6 @@ def cuda_target(spec=None):
 
 def arch_of(target) -> str:
     return str(target.attrs.get("arch", ""))
-
-
-def _cache_dir() -> str:
-    return os.environ.get("POCKENGINE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pockengine")
 
 
 def _driver_loadable() -> bool:
@@ -154,7 +151,7 @@ def _stub_source(symbols) -> str:
 
 def _build_stub(symbols) -> str:
     source = _stub_source(symbols)
-    directory = os.path.join(_cache_dir(), "cuda-stub", hashlib.sha256(source.encode()).hexdigest()[:16])
+    directory = os.path.join(cache_dir(), "cuda-stub", hashlib.sha256(source.encode()).hexdigest()[:16])
     library = os.path.join(directory, "libcuda.so.1")
     if os.path.isfile(library):
         return library
