@@ -9,7 +9,8 @@ GPU schedule does), so such a kernel is one loop nest; a reduction absorbs its e
 (the variance's `(x - mean)^2` is summed without being stored).
 
 An epilogue cannot be inlined into a reduction (a convolution followed by its bias, BatchNorm or
-ReLU mask): there the epilogue is moved under the reduction's spatial loops (`reverse_compute_at`),
+ReLU mask): there the epilogue, when it writes a tensor of the reduction's shape (not a pad of it:
+see _same_domain), is moved under the reduction's spatial loops (`reverse_compute_at`),
 so each group of `vector_lanes` output points is finished right after its sums and the
 convolution's result is that many scalars instead of a whole activation (TIR's buffer compaction
 shrinks it when the kernel is built). With `vector_lanes` > 1 one output loop of the reduction
@@ -31,7 +32,7 @@ from tvm import s_tir
 from tvm.s_tir import dlight
 
 from ..ir import map_kernels
-from .schedule_cpu import loop_extent
+from .schedule_cpu import loop_extent, runs_repeatedly
 
 
 def inline_elementwise(vector_lanes: int = 1) -> tvm.transform.Pass:
@@ -79,7 +80,7 @@ def _inline(func, vector_lanes: int):
         if blocks is None:
             return None
         dlight.try_inline(sch, blocks)
-        _epilogues_at_reductions(sch, vector_lanes)
+        sch = _epilogues_at_reductions(sch, vector_lanes)
         return sch.mod["main"].with_attrs(func.attrs) if func.attrs is not None else sch.mod["main"]
     except Exception:  # noqa: BLE001 - keep the kernel as FuseTIR wrote it
         return None
@@ -109,10 +110,11 @@ def _vector_axis(sch, spatial_loops, vector_lanes: int):
     return max(fits, key=lambda i: (extents[i], i)), vector_lanes
 
 
-def _epilogues_at_reductions(sch, vector_lanes: int) -> None:
+def _epilogues_at_reductions(sch, vector_lanes: int):
     """Split an output loop of each reduction by `vector_lanes` (inner part innermost), then
     move every non-reduction stage that reads a reduction's result under that reduction's spatial
-    loops (the loops outside its reduction loops), when TVM's checks allow it."""
+    loops (the loops outside its reduction loops), when TVM's checks allow it. Returns the schedule
+    (a copy of `sch` when a move was tried on one)."""
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     # Loops are one per block iterator in order here (normalize_prim_func), so kinds can be read off.
     kinds = {i: [it.kind for it in dlight.analysis.get_sblock_info(sch, b).iters] for i, b in enumerate(blocks)}
@@ -141,10 +143,50 @@ def _epilogues_at_reductions(sch, vector_lanes: int) -> None:
             continue
         for producer in sch.get_producers(block):
             j = next((j for j, b in enumerate(blocks) if sch.get(b).same_as(sch.get(producer))), None)
-            if j not in tile_loop:
+            if j not in tile_loop or not _same_domain(sch, block, producer):
                 continue
-            try:
-                sch.reverse_compute_at(block, tile_loop[j], preserve_unit_loops=True)
-            except s_tir.schedule.ScheduleError:  # the epilogue needs more than these points of the sum
+            moved = _reverse_compute_at_once(sch, block, _loops_outward(sch, blocks[j], tile_loop[j]))
+            if moved is None:  # the epilogue needs more than these points of the sum
                 continue
+            sch = moved
             break
+    return sch
+
+
+def _same_domain(sch, block, producer) -> bool:
+    """Does the epilogue write a tensor of the shape its reduction writes? One wider than it (a pad
+    of the reduction's result: a sliced weight's data gradient padded back to all channels) has
+    points no iteration of the reduction covers, and TVM's reverse_compute_at drops them."""
+    def shapes(b):
+        return [[int(d) for d in region.source.shape] for region in sch.get(b).writes]
+
+    return shapes(block) == shapes(producer)
+
+
+def _loops_outward(sch, block, loop) -> list:
+    """`loop` (one of the block's loops), then the loops around it, innermost first."""
+    loops = sch.get_loops(block)
+    at = next(i for i, other in enumerate(loops) if sch.get(other).same_as(sch.get(loop)))
+    return loops[at::-1]
+
+
+def _reverse_compute_at_once(sch, block, loops):
+    """The schedule with `block` moved under the first of `loops` where TVM accepts the move and
+    the block then runs once per instance; else under the first where TVM accepts it (it repeats
+    there); None when TVM accepts none. An epilogue reading its reduction at fixed indices along an
+    inner loop (a 1x1 weight gradient's `dw[o, c, 0, 0]` out of the 2x2 points a stride-2
+    convolution's gradient of an even-sized input computes) would run once per iteration of that
+    loop: redundant work, and a repeated update where the output is written over the old value
+    (update_in_place, which then keeps a copy). It goes under the loop outside instead."""
+    fallback = None
+    for loop in loops:
+        trial = sch.copy()
+        try:
+            trial.reverse_compute_at(block, loop, preserve_unit_loops=True)
+        except s_tir.schedule.ScheduleError:
+            continue
+        if not runs_repeatedly(trial, block):
+            return trial
+        if fallback is None:
+            fallback = trial
+    return fallback

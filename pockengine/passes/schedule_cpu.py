@@ -20,6 +20,9 @@ Nothing more (no cache blocking, no tiles for matmuls with a fused epilogue or f
 that is what tuning (MetaSchedule) is for.
 Every step is a TVM schedule primitive, which refuses a transformation that would change the
 kernel's result; a refused step is skipped and the kernel keeps what was applied before it.
+A block writing several buffers (an argmax's value and index: TVM's max-pool gradient) is not
+vectorized: TVM 0.27 computes such a vectorized tuple reduction wrong (wrong maxima, on every target
+and opt level; ResNet's max-pool stem trained 3% off PyTorch after one step).
 Kernels already scheduled (`tirx.is_scheduled`, e.g. from a tuning database) are left alone.
 """
 
@@ -59,6 +62,8 @@ def schedule_cpu(vector_lanes: int, cores: int, vector_registers: int = 16) -> t
 
 
 def schedule_kernel(func, vector_lanes: int, cores: int, vector_registers: int = 16):
+    if _has_empty_loop(func):  # a tensor with no entries (a zero-width slice): nothing to schedule,
+        return None            # and fusing its loops divides by their zero extent
     for tiles in (True, False):  # a tiling TVM refuses: schedule the kernel again without tiles
         try:
             sch = s_tir.Schedule(func)
@@ -73,6 +78,13 @@ def schedule_kernel(func, vector_lanes: int, cores: int, vector_registers: int =
         scheduled = sch.mod["main"]
         return scheduled.with_attrs(func.attrs) if func.attrs is not None else scheduled
     return None
+
+
+def _has_empty_loop(func) -> bool:
+    empty = []
+    tvm_ffi.structural_walk(func.body, (tvm.tirx.For, lambda loop: empty.append(loop)
+                                        if isinstance(loop.extent, tvm.tirx.IntImm) and int(loop.extent) == 0 else None))
+    return bool(empty)
 
 
 def _nests(sch, root) -> list[list]:
@@ -122,7 +134,8 @@ def _schedule_nest(sch, blocks, vector_lanes: int, cores: int, tiles) -> None:
 def _vectorize_innermost(sch, blocks) -> None:
     for block in blocks:
         loops = sch.get_loops(block)
-        if loops and loop_kind(sch, block, loops[-1]) == "S" and 1 < loop_extent(sch, loops[-1]) <= MAX_VECTOR:
+        if (loops and loop_kind(sch, block, loops[-1]) == "S" and 1 < loop_extent(sch, loops[-1]) <= MAX_VECTOR
+                and len(sch.get(block).writes) == 1):
             _try(sch.vectorize, loops[-1])
 
 
@@ -277,6 +290,17 @@ def loop_kind(sch, block, loop) -> str:
     if not kinds:
         return "-" if loop_extent(sch, loop) == 1 else "S"
     return "R" if "R" in kinds else "S"
+
+
+def runs_repeatedly(sch, block) -> bool:
+    """Is the block inside a loop (extent > 1) that drives none of its iterators, so that each of
+    its instances runs once per iteration of that loop? reverse_compute_at leaves an epilogue so
+    when it reads its producer at fixed indices along a loop it is moved under (a 1x1 weight
+    gradient's `dw[o, c, 0, 0]` out of the 2x2 a stride-2 gradient of an even-sized input computes).
+    Harmless while every output has its own buffer, wrong when an output is written over an input."""
+    used = [v for value in _realize(sch, block).iter_values for v in collect_vars_used_in_prim_expr(value)]
+    return any(loop_extent(sch, loop) != 1 and not any(sch.get(loop).loop_var.same_as(v) for v in used)
+               for loop in sch.get_loops(block))
 
 
 def _realize(sch, block):

@@ -7,6 +7,11 @@ value runs after every other reader of the old one, so writing in place is safe 
   * the kernel reads the old value only at the element it writes (elementwise: `p - lr * g`,
     Adam's moments). Checked on the kernel's TIR: every block that reads the old buffer writes the
     output at exactly the indices it reads; no other block reads it;
+  * each such element is read and written once: the check runs on the scheduled kernel, where an
+    epilogue moved under a reduction's output loops (inline_elementwise) can sit inside a loop it
+    does not depend on and run again for each of its iterations (a stride-2 weight gradient of
+    an even-sized input: 2x2 times). That is harmless while the output has its own buffer, but in
+    place each repetition applies the update again to the value the last one wrote;
   * nothing after the kernel reads the old value.
 Otherwise the new value keeps its own buffer. Runs after CallTIRRewrite, where each output is an
 explicit `R.builtin.alloc_tensor` passed to its kernel; that allocation becomes the input itself.
@@ -19,6 +24,7 @@ import tvm_ffi
 from tvm import relax, s_tir
 
 from ..ir import same_tensor_type, viewed, with_blocks, with_function
+from .schedule_cpu import runs_repeatedly
 
 
 def update_in_place(aliases: dict, func_name: str = "train_step") -> tvm.transform.Pass:
@@ -123,13 +129,21 @@ def elementwise_in_place(prim_func, read_index: int, write_index: int) -> bool:
         return False
     try:
         sch = s_tir.Schedule(prim_func)
-        blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
+        rvs = sch.get_child_blocks(sch.get_sblock("root"))
+        blocks = [sch.get(b) for b in rvs]
     except Exception:  # noqa: BLE001 - a kernel of unusual structure: keep the copy
         return False
     src, dst = params[read_index], params[write_index]
     writers = [i for i, block in enumerate(blocks) if any(w.source.same_as(dst) for w in block.writes)]
     if len(writers) != 1:
         return False
+    # In place, a block that reads the old value and writes the new one must run once per element:
+    # a repeated read-modify-write updates the element again (the kernel's `tirx.noalias` then lies
+    # to LLVM, which hides it by keeping the old value in a register, except at opt-level 0).
+    for i, block in enumerate(blocks):
+        touches = i == writers[0] or any(r.source.same_as(src) for r in block.reads)
+        if touches and runs_repeatedly(sch, rvs[i]):
+            return False
     for i, block in enumerate(blocks):
         writes = [w for w in block.writes if _shape(w.source) == shape]
         for r in block.reads:

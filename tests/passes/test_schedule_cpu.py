@@ -63,13 +63,37 @@ def test_heavy_kernels_get_threads_and_vectors(modules):
         assert tvm.tirx.ForKind.PARALLEL in loop_kinds(func), name
 
 
-def test_scheduled_kernels_compute_what_the_unscheduled_ones_do(modules):
-    unscheduled, scheduled = modules
+class SpaceToDepth(nn.Module):
+    """Strided slices with an offset (YOLO's Focus stem): their gradient spreads values apart."""
+
+    def forward(self, x):
+        return torch.cat([x[:, :, ::2, ::2], x[:, :, 1::2, ::2], x[:, :, ::2, 1::2], x[:, :, 1::2, 1::2]], 1)
+
+
+def equivalence_jobs():
+    """Training steps whose kernels TVM miscompiled once scheduled (the max-pool gradient's argmax)
+    or that index with divisions (strided slices)."""
+    torch.manual_seed(0)
+    stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(3, 2, 1), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+    focus = nn.Sequential(SpaceToDepth(), nn.Conv2d(12, 8, 1), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+    jobs = {"mobilenet-like": job()}
+    for name, model in (("max-pool stem (argmax)", stem), ("strided slices (slice_scatter)", focus)):
+        jobs[name] = pe.TrainingJob(model, (torch.randn(2, 3, 8, 8),), torch.randint(0, 4, (2,)), "cross_entropy",
+                                    pe.optim.SGD(lr=0.1))
+    return jobs
+
+
+@pytest.mark.parametrize("name", list(equivalence_jobs()))
+def test_scheduled_kernels_compute_what_fusion_wrote(name):
+    """Every kernel after inline_elementwise + schedule_cpu against the same kernel as FuseTIR wrote
+    it, on random inputs (integer inputs small: they are indices and masks)."""
+    fused = fused_step_module(equivalence_jobs()[name])
+    scheduled = schedule_cpu(LANES, CORES)(inline_elementwise(LANES)(fused))
     target, dev = tvm.target.Target(FAST_HOST), tvm.cpu()
     rng = np.random.default_rng(0)
     compared = 0
-    for name, before in kernels(unscheduled).items():
-        after = kernels(scheduled)[name]
+    for kernel, before in kernels(fused).items():
+        after = kernels(scheduled)[kernel]
         if tvm_ffi.structural_equal(before, after):
             continue
         inputs = []
@@ -84,9 +108,9 @@ def test_scheduled_kernels_compute_what_the_unscheduled_ones_do(modules):
             lib["main"](*args)
             results.append([a.numpy() for a in args])
         for a, b in zip(*results):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=kernel)
         compared += 1
-    assert compared >= 10
+    assert compared >= 3
 
 
 def loop_extents(func, kind=None) -> list[int]:
@@ -160,3 +184,16 @@ def test_matmuls_get_register_tiles_and_stay_exact(batch, columns, registers, ti
     out = tvm.runtime.tensor(np.zeros(lead + (64, columns), "float32"))
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(y), out)
     np.testing.assert_allclose(out.numpy(), x @ y, rtol=1e-5, atol=1e-5)
+
+
+
+def test_a_kernel_over_an_empty_tensor_is_left_alone():
+    """A zero-width slice (Phi-3's pass-through of a fully rotated head) has loops of extent 0:
+    fusing them divided by zero."""
+    from tvm import te
+
+    from pockengine.passes.schedule_cpu import schedule_kernel
+
+    x = te.placeholder((4, 0), "float32", "x")
+    y = te.compute((4, 0), lambda i, j: x[i, j] * 2, name="y")
+    assert schedule_kernel(te.create_prim_func([x, y]), LANES, CORES) is None
