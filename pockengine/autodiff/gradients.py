@@ -5,8 +5,11 @@ Relax's `FPrimalGradient`. A rule's docstring gives the forward form and the bac
 table reads as the math. `install()` registers the whole table once; the step builder calls it before
 running `relax.transform.Gradient`.
 
-Rules that *override* TVM's own (relu) do so because PyTorch defines the derivative at the kink
-differently, and PyTorch is our numerical oracle.
+Rules that *override* TVM's own do so because TVM's disagrees with torch.autograd, our numerical
+oracle (tests/autodiff/test_rule_audit.py checks every rule either side registered, over the
+attributes each op accepts): relu and abs at the kink, maximum/minimum at ties, cumsum's
+`exclusive`, where's and split's shapes, triu's arity, dilated conv2d, max_pool2d's out-of-bounds
+reads, avg_pool2d's ceil-mode divisor. Each docstring says what TVM's rule got wrong.
 """
 
 from __future__ import annotations
@@ -17,25 +20,33 @@ import numpy as np
 from tvm import relax
 from tvm.relax.op import (
     add,
+    astype,
     broadcast_to,
+    collapse_sum_to,
+    concat,
+    cumsum,
+    equal,
     erf,
     exp,
+    flip,
     greater,
     less,
     logical_and,
     matmul,
     multiply,
+    permute_dims,
     reshape,
     scatter_elements,
-    slice_scatter,
+    sign,
     strided_slice,
     subtract,
     tanh,
+    triu,
     where,
-    zeros,
     zeros_like,
 )
 from tvm.relax.op.grad import no_grad, take_backward
+from tvm.relax.op.nn import conv2d, conv2d_transpose
 
 RULES: dict = {}
 
@@ -63,6 +74,11 @@ def _shape(expr) -> list[int]:
 
 def _const(value: float, like) -> relax.Constant:
     return relax.const(value, _dtype(like))
+
+
+def _sum_to(grad, grad_shape: list[int], like):
+    """Undo numpy broadcasting: sum `grad` (of the broadcast shape) down to the shape of `like`."""
+    return grad if grad_shape == _shape(like) else collapse_sum_to(grad, like.ty.shape)
 
 
 def _ints(tuple_expr) -> list[int]:
@@ -172,26 +188,52 @@ def squeeze_grad(orig_var, orig_call, output_grad, ctx):
 
 @rule("relax.strided_slice")
 def strided_slice_grad(orig_var, orig_call, output_grad, ctx):
-    """y = x[begin:end:stride] along `axes`  ->  x_grad = y_grad scattered into zeros(shape(x))
+    """y = x[begin:end:stride] along `axes`  ->  x_grad = y_grad spread into zeros(shape(x))
 
-    One slice_scatter per sliced axis, innermost slice first, each into the zero tensor of the shape
-    the slice had before that axis was cut.
+    Per sliced axis, innermost slice first: y_grad's m entries are spread `stride` apart (a zero
+    axis of stride - 1 appended to each and the two merged), then zero-padded to x's extent. Only
+    pads, reshapes and slices: TVM's slice_scatter gathers its source at out-of-range indices (its
+    clamp is the slice's end, not the source's extent), which TVM lowers wrong once the kernel's
+    loops are fused.
     """
     x, axes, begins, ends = orig_call.args[:4]
     axes, begins, ends = _ints(axes), _ints(begins), _ints(ends)
     strides = _ints(orig_call.args[4]) if len(orig_call.args) > 4 else [1] * len(axes)
     shape = _shape(x)
-    steps = []  # (axis, start, stop, stride, shape before this cut)
+    steps = []  # (axis, start, stride, extent before this cut, extent after)
     for axis, begin, end, stride in zip(axes, begins, ends, strides):
         if stride <= 0:
             raise NotImplementedError("strided_slice gradient: only positive strides are supported")
+        axis = axis % len(shape)
         start, stop, _ = slice(begin, end, stride).indices(shape[axis])
-        steps.append((axis, start, stop, stride, list(shape)))
-        shape[axis] = len(range(start, stop, stride))
+        count = len(range(start, stop, stride))
+        steps.append((axis, start, stride, shape[axis], count))
+        shape[axis] = count
     grad = output_grad
-    for axis, start, stop, stride, before in reversed(steps):
-        grad = slice_scatter(zeros(relax.ShapeExpr(before), _dtype(x)), grad, start, stop, stride, axis)
+    for axis, start, stride, extent, count in reversed(steps):
+        grad = _spread(grad, shape, axis, start, stride, extent, count)
+        shape[axis] = extent
     return [grad] + [no_grad(arg) for arg in orig_call.args[1:]]
+
+
+def _spread(grad, shape: list, axis: int, start: int, stride: int, extent: int, count: int):
+    """grad (of `shape`, `count` long on `axis`) at positions start, start + stride, ... of a zero
+    tensor `extent` long on `axis`."""
+    pad = [0] * (2 * (len(shape) + 1))
+    if stride > 1 and count > 0:  # [a, b] -> [a, 0, .., b, 0, ..] (stride - 1 zeros after each)
+        split = shape[:axis + 1] + [1] + shape[axis + 1:]
+        pad[2 * (axis + 1) + 1] = stride - 1
+        grad = relax.op.nn.pad(reshape(grad, split), pad)
+        spread = shape[:axis] + [count * stride] + shape[axis + 1:]
+        grad = reshape(grad, spread)
+    length = count * stride if stride > 1 and count > 0 else count
+    after = extent - start - length  # negative: the trailing zeros of the last entry run past x
+    if after < 0:
+        grad = strided_slice(grad, [axis], [0], [length + after])
+        after = 0
+    widths = [0] * (2 * len(shape))
+    widths[2 * axis], widths[2 * axis + 1] = start, after
+    return relax.op.nn.pad(grad, widths) if start or after else grad
 
 
 @rule("relax.take")
@@ -267,10 +309,268 @@ def adaptive_avg_pool2d_grad(orig_var, orig_call, output_grad, ctx):
     oh, ow = _shape(orig_var)[2:]
     if (oh, ow) == (1, 1):
         return [broadcast_to(multiply(output_grad, _const(1.0 / (h * w), x)), x.ty.shape)]
+    return [_separable_pool_grad(output_grad, _adaptive_pool_matrix(h, oh), _adaptive_pool_matrix(w, ow), x)]
+
+
+def _separable_pool_grad(output_grad, rows: np.ndarray, cols: np.ndarray, x):
+    """x_grad[n, c] = rows^T y_grad[n, c] cols for a pooling y[n, c] = rows x[n, c] cols^T."""
     dtype = _dtype(x)
-    ph_t = relax.const(_adaptive_pool_matrix(h, oh).T.astype(dtype), dtype)
-    pw = relax.const(_adaptive_pool_matrix(w, ow).astype(dtype), dtype)
-    return [matmul(matmul(ph_t, output_grad), pw)]
+    return matmul(matmul(relax.const(rows.T.astype(dtype), dtype), output_grad), relax.const(cols.astype(dtype), dtype))
+
+
+# ---------------------------------------------------------------- gradient barriers
+
+
+@rule("relax.grad.no_grad")
+def no_grad_grad(orig_var, orig_call, output_grad, ctx):
+    """y = no_grad(x) (the identity)  ->  x_grad = none: the frontend's gradient barrier (the rows
+    of an nn.Embedding's padding_idx, which PyTorch never updates)."""
+    return [no_grad(orig_call.args[0])]
+
+
+# ---------------------------------------------------------------- binary
+
+
+@rule("relax.maximum")
+def maximum_grad(orig_var, orig_call, output_grad, ctx):
+    """z = maximum(x, y)  ->  x_grad = sum_to_x(g * (x > y) + g/2 * (x == y)),
+    y_grad = sum_to_y(g * (y > x) + g/2 * (x == y))
+
+    At ties PyTorch splits the gradient evenly; TVM gives all of it to x (and none to y).
+    """
+    x, y = orig_call.args
+    shape, zero = _shape(orig_var), _const(0, x)
+    half = multiply(output_grad, _const(0.5, x))
+    tie = equal(x, y)
+    x_grad = where(greater(x, y), output_grad, where(tie, half, zero))
+    y_grad = where(less(x, y), output_grad, where(tie, half, zero))
+    return [_sum_to(x_grad, shape, x), _sum_to(y_grad, shape, y)]
+
+
+@rule("relax.minimum")
+def minimum_grad(orig_var, orig_call, output_grad, ctx):
+    """z = minimum(x, y)  ->  x_grad = sum_to_x(g * (x < y) + g/2 * (x == y)),
+    y_grad = sum_to_y(g * (y < x) + g/2 * (x == y))
+
+    At ties PyTorch splits the gradient evenly; TVM gives all of it to y (and none to x).
+    """
+    x, y = orig_call.args
+    shape, zero = _shape(orig_var), _const(0, x)
+    half = multiply(output_grad, _const(0.5, x))
+    tie = equal(x, y)
+    x_grad = where(less(x, y), output_grad, where(tie, half, zero))
+    y_grad = where(greater(x, y), output_grad, where(tie, half, zero))
+    return [_sum_to(x_grad, shape, x), _sum_to(y_grad, shape, y)]
+
+
+# ---------------------------------------------------------------- unary
+
+
+@rule("relax.abs")
+def abs_grad(orig_var, orig_call, output_grad, ctx):
+    """y = abs(x)  ->  x_grad = sign(x) * y_grad   (0 at x == 0, as PyTorch; TVM gives +y_grad there)"""
+    return [multiply(output_grad, sign(orig_call.args[0]))]
+
+
+# ---------------------------------------------------------------- statistical
+
+
+@rule("relax.cumsum")
+def cumsum_grad(orig_var, orig_call, output_grad, ctx):
+    """y = cumsum(x, axis, exclusive)  ->  x_grad = flip(cumsum(flip(y_grad), axis, exclusive))
+
+    The reversed cumulative sum, exclusive when the forward is. TVM's rule ignores `exclusive` (it
+    returns the inclusive reversed sum, i.e. adds y_grad once too often) and computes the reversed
+    sum as sum - cumsum + y_grad. axis=None is over the flattened input.
+    """
+    x = orig_call.args[0]
+    exclusive = bool(orig_call.attrs.exclusive) if orig_call.attrs.exclusive is not None else False
+    axis = orig_call.attrs.axis
+    grad = output_grad
+    if axis is None:
+        grad = reshape(flip(cumsum(flip(grad, 0), 0, exclusive=exclusive), 0), x.ty.shape)
+    else:
+        axis = int(axis)
+        grad = flip(cumsum(flip(grad, axis), axis, exclusive=exclusive), axis)
+    if _dtype(orig_var) != _dtype(x):
+        grad = astype(grad, _dtype(x))
+    return [grad]
+
+
+# ---------------------------------------------------------------- selection and manipulation
+
+
+@rule("relax.where")
+def where_grad(orig_var, orig_call, output_grad, ctx):
+    """y = where(cond, a, b)  ->  a_grad = sum_to_a(where(cond, y_grad, 0)),
+    b_grad = sum_to_b(where(cond, 0, y_grad))
+
+    TVM's rule returns the broadcast (output-shaped) gradients: wrong shape for a broadcast branch
+    (a (1, n) bias, a scalar fill value) or a condition broadcast over the branches.
+    """
+    cond, a, b = orig_call.args
+    shape = _shape(orig_var)
+    a_grad = where(cond, output_grad, _const(0, a))
+    b_grad = where(cond, _const(0, b), output_grad)
+    return [no_grad(cond), _sum_to(a_grad, shape, a), _sum_to(b_grad, shape, b)]
+
+
+@rule("relax.triu")
+def triu_grad(orig_var, orig_call, output_grad, ctx):
+    """y = triu(x, k)  ->  x_grad = triu(y_grad, k)
+
+    TVM's rule returns one partial for triu's two arguments (x and the PrimValue k), which the
+    Gradient pass rejects ("partials number != inputs number").
+    """
+    x, k = orig_call.args
+    return [triu(output_grad, k), no_grad(k)]
+
+
+@rule("relax.split")
+def split_grad(orig_var, orig_call, output_grad, ctx):
+    """(y_1, ..., y_n) = split(x, indices_or_sections, axis)  ->  x_grad = concat(y_grads, axis)
+
+    Relax's split into one section is the tensor itself, not a 1-tuple: then x_grad = y_grad. TVM's
+    rule calls concat on that tensor and fails.
+    """
+    if not isinstance(orig_var.ty, relax.TupleType):
+        return [output_grad]
+    return [concat(output_grad, int(orig_call.attrs.axis))]
+
+
+# ---------------------------------------------------------------- convolution and pooling
+
+
+@rule("relax.nn.conv2d")
+def conv2d_grad(orig_var, orig_call, output_grad, ctx):
+    """y = conv2d(x, w, strides, padding, dilation, groups)  (NCHW / OIHW)
+    ->  x_grad = conv2d_transpose(y_grad, w, strides, padding, output_padding, dilation, groups),
+        w_grad = conv2d(x, y_grad) with strides and dilation swapped (in CNHW / IOHW), cut to w's size
+
+    TVM's rule computes output_padding as if the kernel were undilated ((k - 1) * d + 1 is its
+    extent): for dilation > 1 output_padding comes out >= stride and conv2d_transpose rejects it.
+    The rest is TVM's rule.
+    """
+    attrs = orig_call.attrs
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
+        raise NotImplementedError("conv2d gradient: only NCHW data / OIHW kernel layouts")
+    data, weight = orig_call.args
+    batch, out_channel, grad_h, grad_w = _shape(orig_var)
+    _, in_channel, in_h, in_w = _shape(data)
+    _, _, filter_h, filter_w = _shape(weight)
+    pad_top, pad_left, pad_bottom, pad_right = [int(p) for p in attrs.padding]
+    stride_h, stride_w = [int(s) for s in attrs.strides]
+    dilation_h, dilation_w = [int(d) for d in attrs.dilation]
+    groups = int(attrs.groups)
+
+    out_h = (grad_h - 1) * stride_h - pad_top - pad_bottom + (filter_h - 1) * dilation_h + 1
+    out_w = (grad_w - 1) * stride_w - pad_left - pad_right + (filter_w - 1) * dilation_w + 1
+    data_grad = conv2d_transpose(
+        output_grad, weight, attrs.strides, attrs.padding, (in_h - out_h, in_w - out_w), attrs.dilation,
+        groups, "NCHW", "IOHW", "NCHW", attrs.out_dtype,
+    )
+
+    if groups != 1:
+        data = reshape(data, (batch, groups, in_channel // groups, in_h, in_w))
+        data = permute_dims(data, [1, 0, 2, 3, 4])
+        data = reshape(data, (batch * groups, in_channel // groups, in_h, in_w))
+    weight_grad = conv2d(
+        data, output_grad, strides=attrs.dilation, padding=attrs.padding, dilation=attrs.strides, groups=groups,
+        out_dtype=attrs.out_dtype, data_layout="CNHW", kernel_layout="IOHW", out_layout="CNHW",
+    )
+    weight_grad_h = (in_h - (grad_h - 1) * stride_h - 1 + pad_top + pad_bottom) // dilation_h + 1
+    weight_grad_w = (in_w - (grad_w - 1) * stride_w - 1 + pad_left + pad_right) // dilation_w + 1
+    if weight_grad_h > filter_h or weight_grad_w > filter_w:
+        weight_grad = strided_slice(
+            weight_grad, [0, 1, 2, 3], [0, 0, 0, 0], [out_channel, in_channel // groups, filter_h, filter_w]
+        )
+    return [data_grad, weight_grad]
+
+
+def _avg_pool_matrix(in_size, out_size, kernel, stride, pad_before, pad_after, count_include_pad):
+    """(out_size, in_size) matrix of avg_pool's weights along one axis (PyTorch's and Relax's forward):
+    window i covers [i * stride - pad_before, + kernel) clipped to [0, in); its divisor factor is the
+    window's extent clipped to [-pad_before, in + pad_after) with count_include_pad, else the clipped
+    extent inside the input."""
+    m = np.zeros((out_size, in_size))
+    for i in range(out_size):
+        start = i * stride - pad_before
+        end = min(start + kernel, in_size + pad_after)
+        lo, hi = max(start, 0), min(end, in_size)
+        divisor = (end - start) if count_include_pad else (hi - lo)
+        if hi > lo:
+            m[i, lo:hi] = 1.0 / divisor
+    return m
+
+
+@rule("relax.nn.avg_pool2d")
+def avg_pool2d_grad(orig_var, orig_call, output_grad, ctx):
+    """y = avg_pool2d(x) is linear and separable (the divisor is a product of per-axis extents, with or
+    without count_include_pad): y[n, c] = P_h x[n, c] P_w^T  ->  x_grad[n, c] = P_h^T y_grad[n, c] P_w
+
+    TVM's avg_pool2d_backward (topi pool_grad) disagrees with its own forward for ceil_mode windows
+    that run past the padded input with count_include_pad: it divides by the full kernel area, the
+    forward (and PyTorch) by the window's extent inside the padded input.
+    """
+    attrs = orig_call.attrs
+    x = orig_call.args[0]
+    if attrs.layout != "NCHW" or (attrs.out_layout is not None and attrs.out_layout != "NCHW"):
+        raise NotImplementedError("avg_pool2d gradient: only NCHW layout")
+    if any(int(d) != 1 for d in attrs.dilation):
+        raise NotImplementedError("avg_pool2d gradient: dilation is not supported")
+    kh, kw = [int(k) for k in attrs.pool_size]
+    sh, sw = [int(s) for s in attrs.strides]
+    pt, pl, pb, pr = [int(p) for p in attrs.padding]
+    cip = bool(attrs.count_include_pad)
+    _, _, h, w = _shape(x)
+    _, _, oh, ow = _shape(orig_var)
+    return [_separable_pool_grad(output_grad, _avg_pool_matrix(h, oh, kh, sh, pt, pb, cip),
+                                 _avg_pool_matrix(w, ow, kw, sw, pl, pr, cip), x)]
+
+
+
+# ---------------------------------------------------------------- max pooling
+
+
+@rule("relax.nn.max_pool2d")
+def max_pool2d_grad(orig_var, orig_call, output_grad, ctx):
+    """y[n, c, a, b] = max over (i, j) of x_pad[n, c, a*s_h + i*d_h, b*s_w + j*d_w]  (padding -inf)
+    ->  x_grad = y_grad routed to each window's FIRST maximum in row-major order, summed over windows
+
+    PyTorch's rule. TVM's pool_grad kernel reads its argmax and y_grad out of bounds for input rows
+    past the last window (garbage at the default opt level: kernel 2, stride 2 on 5x7) and cannot be
+    lowered with dilation. Here each of the kh*kw window offsets is a strided view of the padded
+    input; an offset takes the gradient where it equals the window's maximum and no earlier offset
+    did, and its share is spread back to the positions it reads (pads and reshapes only).
+    """
+    x = orig_call.args[0]
+    attrs = orig_call.attrs
+    if attrs.layout != "NCHW" or (attrs.out_layout or "NCHW") != "NCHW":
+        raise NotImplementedError(f"max_pool2d gradient: only NCHW layout is supported, got {attrs.layout}")
+    kh, kw = (int(v) for v in attrs.pool_size)
+    sh, sw = (int(v) for v in attrs.strides)
+    dh, dw = (int(v) for v in attrs.dilation)
+    top, left, bottom, right = (int(v) for v in attrs.padding)
+    n, c, h, w = _shape(x)
+    oh, ow = _shape(orig_var)[2:]
+    # Pad with -inf far enough for every window (ceil_mode windows may run past the stated padding).
+    bottom = max(bottom, (oh - 1) * sh + (kh - 1) * dh + 1 - h - top)
+    right = max(right, (ow - 1) * sw + (kw - 1) * dw + 1 - w - left)
+    padded = relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right], pad_value=float("-inf"))
+    ph, pw = h + top + bottom, w + left + right
+    taken = grad = None
+    for i in range(kh):
+        for j in range(kw):
+            window = strided_slice(padded, [2, 3], [i * dh, j * dw],
+                                   [i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1], [sh, sw])
+            is_max = relax.op.equal(window, orig_var)
+            first = is_max if taken is None else logical_and(is_max, relax.op.logical_not(taken))
+            taken = is_max if taken is None else relax.op.logical_or(taken, is_max)
+            share = where(first, output_grad, _const(0, x))
+            share = _spread(share, [n, c, oh, ow], 3, j * dw, sw, pw, ow)
+            share = _spread(share, [n, c, oh, pw], 2, i * dh, sh, ph, oh)
+            grad = share if grad is None else add(grad, share)
+    return [strided_slice(grad, [2, 3], [top, left], [top + h, left + w])]
 
 
 # ---------------------------------------------------------------- registration
