@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import tempfile
 import time
@@ -23,7 +24,7 @@ from . import targets
 from .autodiff.step import STEP_FUNC, StepSignature, build_train_step
 from .passes.memory_plan import memory_report
 from .passes.memory_timeline import timeline
-from .errors import TargetError, UnsupportedOpError
+from .errors import InternalCompilerError, PockEngineError, TargetError, UnsupportedOpError
 from .frontend import FUNC_NAME, to_numpy
 from .passes.drop_saved_activations import drop_saved_activations
 from .passes.drop_unit_reductions import drop_unit_reductions
@@ -51,14 +52,42 @@ def print_progress(index: int, total: int, name: str, seconds: float | None, str
 
 
 @contextmanager
-def _stage(name: str, progress):
+def _stage(name: str, progress, origins=None):
+    """Time a stage; an error that is not one of ours (TVM's C++ checks, a Python bug) becomes an
+    InternalCompilerError naming the stage and, from `origins` (binding name -> Origin), the model's
+    operations the failure points at."""
     index = STAGES.index(name) + 1
     if progress:
         progress(index, len(STAGES), name, None)
     start = time.perf_counter()
-    yield
+    try:
+        yield
+    except PockEngineError:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported as ours, with the original chained
+        raise InternalCompilerError(_internal_error_message(name, e, origins or {})) from e
     if progress:
         progress(index, len(STAGES), name, time.perf_counter() - start)
+
+
+def _internal_error_message(stage: str, error: Exception, origins: dict) -> str:
+    """The stage, TVM's own words (its last line, without the C++ trace) and the model's
+    operations whose names appear in them (`relax.cumsum`, a kernel `fused_conv2d1_add2`)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    summary = next((line for line in reversed(lines) if not line.startswith(("File ", "at ", "0:", "1:"))),
+                   type(error).__name__)
+    words = set(re.findall(r"[a-z][a-z0-9]*", summary.lower()))
+    named = {}
+    for origin in origins.values():
+        op = origin.op.split(".")[1] if origin.op.startswith("aten.") else origin.op
+        if op.lower() in words or any(part in words for part in op.lower().split("_") if len(part) > 3):
+            named.setdefault(str(origin), None)
+    where = "".join(f"\n  {o}" for o in list(named)[:10]) if named else " (no operation of the model is named)"
+    return (f"internal error in the {stage} stage: {type(error).__name__}: {summary}\n"
+            f"Operations it points at:{where}\n"
+            "This is a bug in PockEngine or in TVM, not in your model: please report it with the model (or a "
+            "small module that reproduces it). Meanwhile, freezing the named modules (sparse_update) or "
+            "replacing the operation may avoid it.")
 
 
 def derive_step(imported, optimizer, plan):
@@ -154,7 +183,7 @@ def compile(job, target="host", progress=None, tuning_logs=(), backend="tvm"):  
                           f"only a host build has; build for {preset.name} with --backend tvm")
     with _stage("import", progress):
         imported = import_model(job)
-    with _stage("autodiff", progress):
+    with _stage("autodiff", progress, imported.origin):
         plan = job.plan(imported)
         step_mod, signature, optimizer_state = derive_step(imported, job.optimizer, plan)
     derived = Derived(imported, plan, step_mod, signature, optimizer_state)
@@ -251,12 +280,12 @@ def _compile_cpu(job, preset, derived: Derived, progress, tuning_logs, backend):
         executable.export_library(library)
         return Program(library, signature, derived.initial_state, report, meta, owns_library=True)
 
-    with _stage("lower", progress):
+    with _stage("lower", progress, derived.imported.origin):
         choices = switching.measure(step_mod[STEP_FUNC], preset, backend, tuning_logs)
         lowered, tuning_report = lower(choices)
-    with _stage("memory plan", progress):
+    with _stage("memory plan", progress, derived.imported.origin):
         report = _memory_report(job, lowered, derived)
-    with _stage("codegen", progress):
+    with _stage("codegen", progress, derived.imported.origin):
         result = program(choices, lowered, tuning_report, report)
     if backend == "auto" and switching.library_kernels(choices):
         # Each op was timed alone. In the step a library call also hands the cores from TVM's
@@ -284,14 +313,14 @@ def _compile_cortex_m(job, preset, derived: Derived, progress):
 
     tvm_target = preset.target()
     signature = derived.signature
-    with _stage("lower", progress):
+    with _stage("lower", progress, derived.imported.origin):
         with tvm_target:
             fused = tvm.transform.Sequential(fusion_passes(tvm_target))(derived.step_mod)
             passes = cortex_m.lowering_passes(preset, signature, state_aliases(signature))
             lowered = tvm.transform.Sequential(passes)(fused)
-    with _stage("memory plan", progress):
+    with _stage("memory plan", progress, derived.imported.origin):
         report = _memory_report(job, lowered, derived)
-    with _stage("codegen", progress):
+    with _stage("codegen", progress, derived.imported.origin):
         scratch = tempfile.mkdtemp(prefix="pockengine-")
         directory = os.path.join(scratch, cortex_m.PROJECT)
         os.makedirs(directory)
@@ -313,13 +342,13 @@ def _compile_cuda(job, preset, derived: Derived, progress, tuning_logs):
     from .targets import aarch64, cuda
 
     tvm_target = cuda.cuda_target(preset.target())
-    with _stage("lower", progress):
+    with _stage("lower", progress, derived.imported.origin):
         lowered, schedules = cuda.gpu_lowering_with_report(derived.step_mod, tvm_target, derived.signature,
                                                            tuning_logs)
         kernels = cuda.gpu_kernels_check(lowered, schedules)
-    with _stage("memory plan", progress):
+    with _stage("memory plan", progress, derived.imported.origin):
         report = _memory_report(job, lowered, derived)
-    with _stage("codegen", progress):
+    with _stage("codegen", progress, derived.imported.origin):
         executable, ptx = cuda.build_cuda(lowered, tvm_target)
         scratch = tempfile.mkdtemp(prefix="pockengine-")
         paths = cuda.export_cuda(executable, ptx, scratch, tvm_target)

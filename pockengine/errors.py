@@ -51,3 +51,9 @@ class ArtifactError(PockEngineError, OSError):
 
 class OptimizerError(PockEngineError, ValueError):
     """Optimizer hyper-parameters are invalid."""
+
+
+class InternalCompilerError(PockEngineError, RuntimeError):
+    """PockEngine or TVM failed on a model it accepted: a bug to report, not a mistake in the model.
+    The message names the build stage, the operations the failure points at and where in the model
+    they come from."""

@@ -66,7 +66,7 @@ def train_torch(model, optimizer: pe.optim.Optimizer, batches, loss_fn=nn.functi
     losses = []
     for x, y in batches:
         opt.zero_grad()
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(model(*x) if isinstance(x, tuple) else model(x), y)
         loss.backward()
         opt.step()
         losses.append(loss.item())
@@ -81,15 +81,15 @@ def compile_and_train(model, optimizer, batches, target="host", loss="cross_entr
     return program, losses
 
 
-def max_scaled_diff(ours: dict, theirs: dict) -> tuple[float, str]:
-    """Largest |ours - theirs| / max(|theirs|_max, 1) over all tensors: relative for tensors of
-    magnitude >= 1, absolute below (a tensor whose true value is ~0 has no meaningful relative error)."""
+def max_scaled_diff(ours: dict, theirs: dict, floor: float = 1.0) -> tuple[float, str]:
+    """Largest |ours - theirs| / max(|theirs|_max, floor) over all tensors: relative for tensors of
+    magnitude >= floor, absolute below (a tensor whose true value is ~0 has no meaningful relative error)."""
     worst, where = 0.0, ""
     assert set(ours) == set(theirs), f"keys differ: {set(ours) ^ set(theirs)}"
     for k, v in theirs.items():
         v = v.detach().numpy() if hasattr(v, "detach") else np.asarray(v)
         diff = float(np.abs(ours[k].astype(np.float64) - v.astype(np.float64)).max(initial=0.0))
-        scaled = diff / max(float(np.abs(v).max(initial=0.0)), 1.0)
+        scaled = diff / max(float(np.abs(v).max(initial=0.0)), floor)
         if scaled > worst:
             worst, where = scaled, k
     return worst, where

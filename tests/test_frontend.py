@@ -101,6 +101,43 @@ class Atan(nn.Module):
         return self.second(torch.atan(self.first(x)))
 
 
+class PaddedEmbedding(nn.Module):
+    """Token embeddings with a padding row (RoBERTa, BART, DistilBERT), optionally tied to the output
+    head, plus positions from a bool cumsum (transformers' use_cache=False position ids)."""
+
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.embed = nn.Embedding(12, 6, padding_idx=1)
+        self.head = nn.Linear(6, 12, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        positions = (tokens != 1).cumsum(-1)  # int64 in PyTorch, whatever the input's dtype
+        h = self.embed(tokens) * (1 + positions.unsqueeze(-1).to(self.embed.weight.dtype) / 8)
+        return self.head(h).mean(1)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied to the head"])
+def test_embedding_padding_row_gets_no_gradient_from_the_lookup(tied):
+    torch.manual_seed(0)
+    model = PaddedEmbedding(tied).double()
+    with torch.no_grad():
+        model.embed.weight[1] = 0.5  # a non-zero padding row: its value is still looked up
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 12, (3, 7), generator=g), torch.randint(0, 12, (3,), generator=g)) for _ in range(3)]
+    for tokens, _ in batches:
+        tokens[:, -2:] = 1
+    before = model.embed.weight[1].detach().clone()
+    program, (worst, where) = parity(model, batches, pe.optim.SGD(lr=0.5, momentum=0.9))
+    assert worst <= F64, where
+    trained = program.state_dict()["embed.weight"][1]
+    if tied:  # the head's use of the row trains it, the lookup's does not
+        assert not np.allclose(trained, before.numpy())
+    else:
+        np.testing.assert_array_equal(trained, before.numpy())
+
+
 def test_op_without_gradient_rule_names_op_module_and_line():
     job = pe.TrainingJob(Atan(), (torch.randn(3, 4),), torch.tensor([0, 1, 0]), "cross_entropy", pe.optim.SGD(lr=0.1))
     with pytest.raises(UnsupportedOpError) as e:
@@ -199,3 +236,34 @@ def test_onnx_batchnorm_in_training_mode_is_refused_not_silently_wrong(tmp_path)
         pe.compile(job)
     with pytest.raises(LossError, match="named loss"):
         pe.compile(pe.TrainingJob(path, (x,), torch.tensor([0, 1]), lambda o, t: o.sum(), pe.optim.SGD()))
+
+
+def test_an_internal_failure_is_reported_as_a_bug_naming_the_stage_and_the_op(monkeypatch):
+    """A TVM check failing inside the pipeline (here: forced in lowering) reaches the user as an
+    InternalCompilerError naming the stage and the model's operation, with TVM's error chained."""
+    import tvm
+
+    from pockengine import build
+    from pockengine.errors import InternalCompilerError
+
+    @tvm.transform.module_pass(opt_level=0)
+    def failing(mod, _ctx):
+        raise tvm.error.InternalError("Check failed: (t.MatchesCode(kDLFloat)) in kernel fused_cumsum_add")
+
+    monkeypatch.setattr(build, "lowering_passes", lambda preset, signature: [failing])
+
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x.cumsum(-1))
+
+    job = pe.TrainingJob(Positions(), (torch.randn(2, 4),), torch.randint(0, 3, (2,)), "cross_entropy",
+                         pe.optim.SGD(lr=0.1))
+    with pytest.raises(InternalCompilerError) as caught:
+        pe.compile(job, target=FAST_HOST)
+    message = str(caught.value)
+    assert "lower stage" in message and "aten.cumsum" in message and "report" in message
+    assert isinstance(caught.value.__cause__, tvm.error.InternalError)

@@ -62,6 +62,7 @@ def import_torch(model: nn.Module, example_inputs: tuple, example_targets, loss)
         with warnings.catch_warnings():  # torch's own deprecation chatter from inside export
             warnings.simplefilter("ignore", FutureWarning)
             ep = torch.export.export(_ForwardLoss(model, loss_fn), args, strict=False)
+            _views_as_reshapes(ep)
             # Core ATen decomposition: fewer distinct ops to differentiate, and PyTorch's own
             # semantics for composite ops (cross_entropy's ignore_index/label_smoothing, attention).
             ep = ep.run_decompositions()
@@ -73,6 +74,24 @@ def import_torch(model: nn.Module, example_inputs: tuple, example_targets, loss)
         ) from e
     _check_loss_is_scalar(ep)
     return _Importer(ep).run()
+
+
+def _views_as_reshapes(ep) -> None:
+    """aten.view -> aten.reshape, before run_decompositions.
+
+    Export records a `.contiguous()` that was a no-op for the strides seen while tracing as nothing;
+    decomposing an op (scaled_dot_product_attention's math decomposition) can then produce a
+    differently strided tensor, and a later `view` of it fails ("Cannot view a tensor with shape
+    [2, 16, 32] and strides (32, 64, 1)": GPT-2's Conv1D views the attention output). Relax tensors
+    have no strides, so view and reshape mean the same here; reshape decomposes to a view or a
+    copy as the strides require."""
+    changed = False
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+            changed = True
+    if changed:
+        ep.graph_module.recompile()
 
 
 def _check_loss_is_scalar(ep) -> None:
@@ -371,22 +390,108 @@ def _bn_no_stats(node, importer):
     return (out, mean, rstd)
 
 
+def _group_norm_functional(node, importer):
+    """native_group_norm(input, weight, bias, N, C, HxW, group, eps) -> (out, mean, rstd), as arithmetic
+    (each group's mean and biased variance over its channels and positions, then the per-channel affine):
+    TVM's converter emits relax.nn.group_norm, which has no gradient rule (wav2vec2's feature encoder)."""
+    bb = importer.block_builder
+    x, w, b = (_arg(importer, node, i) for i in range(3))
+    groups, eps = node.args[6], node.args[7]
+    shape = [int(d) for d in x.ty.shape]
+    n, channels = shape[0], shape[1]
+    dtype = _dtype(x)
+    grouped = bb.emit(relax.op.reshape(x, [n, groups, -1]))
+    mean = bb.emit(relax.op.mean(grouped, [2], keepdims=True))
+    centred = bb.emit(relax.op.subtract(grouped, mean))
+    var = bb.emit(relax.op.mean(relax.op.multiply(centred, centred), [2], keepdims=True))
+    rstd = bb.emit(relax.op.rsqrt(relax.op.add(var, relax.const(eps, dtype))))
+    out = relax.op.reshape(relax.op.multiply(centred, rstd), shape)
+    bshape = [1, channels] + [1] * (len(shape) - 2)
+    if w is not None:
+        out = relax.op.multiply(out, relax.op.reshape(w, bshape))
+    if b is not None:
+        out = relax.op.add(out, relax.op.reshape(b, bshape))
+    out = bb.emit(out)
+    return (out, bb.emit(relax.op.reshape(mean, [n, groups])), bb.emit(relax.op.reshape(rstd, [n, groups])))
+
+
+def _convolution(node, importer):
+    """A 1-D convolution as a 2-D one over (N, C, 1, L): relax.nn.conv1d has no gradient rule, conv2d
+    has (Whisper's and wav2vec2's Conv1d front ends). Other convolutions go to TVM's converter."""
+    # convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+    x, w, b = (_arg(importer, node, i) for i in range(3))
+    stride, padding, dilation, transposed, _, groups = node.args[3:9]
+    if len(x.ty.shape) != 3 or transposed:
+        return importer._convolution(node)
+    bb = importer.block_builder
+    y = bb.emit(relax.op.nn.conv2d(relax.op.expand_dims(x, 2), relax.op.expand_dims(w, 2), strides=(1, stride[0]),
+                                   padding=(0, padding[0], 0, padding[0]), dilation=(1, dilation[0]), groups=groups,
+                                   out_dtype=_dtype(x)))
+    y = relax.op.squeeze(y, [2])
+    if b is not None:
+        y = relax.op.add(y, relax.op.reshape(b, (1, -1, 1)))
+    return bb.emit(y)
+
+
 # ------------------------------------------------------------------ PyTorch semantics TVM's importer lacks
 
 
 def _cat(node, importer):
     """torch.cat skips 1-D empty tensors whatever the other inputs' rank (a legacy rule PyTorch keeps):
     transformers' KV cache starts as such a tensor and is concatenated with each layer's keys and
-    values. TVM's concat would refuse the mix of ranks."""
+    values. TVM's concat would refuse the mix of ranks. An input with no entries along the axis is
+    dropped too: kept, its zero-extent kernel breaks the CPU schedule (`Divide by zero` fusing loops)."""
     tensors = [importer.env[t] for t in node.args[0]]
-    kept = [t for t in tensors if not (len(t.ty.shape) == 1 and int(t.ty.shape[0]) == 0)] or tensors[:1]
     axis = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+
+    def empty(t):  # nothing to contribute: PyTorch's legacy 1-D (0,) or 0 entries along the axis (Phi-3's
+        shape = t.ty.shape  # `q[..., rotary_dim:]` pass-through when the whole head is rotated)
+        return (len(shape) == 1 and int(shape[0]) == 0) or (len(shape) == len(tensors[0].ty.shape) and
+                                                            int(shape[axis % len(shape)]) == 0)
+
+    kept = [t for t in tensors if not empty(t)] or tensors[:1]
     return importer.block_builder.emit(kept[0] if len(kept) == 1 else relax.op.concat(kept, axis=axis))
+
+
+def _cumsum(node, importer):
+    """torch.cumsum of a bool or integer tensor is int64 (transformers' `(position_diff != 1).cumsum(-1)`
+    with use_cache=False); TVM's importer kept bool, whose add LLVM codegen refused."""
+    x = importer.env[node.args[0]]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dtype = node.kwargs.get("dtype")
+    dtype = importer._convert_data_type(str(dtype), importer.env) if dtype is not None else None
+    if dtype is None and not _dtype(x).startswith(("float", "bfloat")):
+        dtype = "int64"
+    return importer.block_builder.emit(relax.op.cumsum(x, dim, dtype))
+
+
+def _embedding(node, importer):
+    """embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False).
+
+    PyTorch never sends gradient to the `padding_idx` row (RoBERTa, BART, DistilBERT set it): the
+    looked-up rows at padding positions are the same values behind `no_grad`, so the gradient of
+    this lookup stops there (a tied LM head still trains that row through its own use)."""
+    weight, indices = importer.env[node.args[0]], importer.env[node.args[1]]
+    padding_idx = node.args[2] if len(node.args) > 2 else node.kwargs.get("padding_idx", -1)
+    if (node.args[3] if len(node.args) > 3 else node.kwargs.get("scale_grad_by_freq", False)):
+        raise UnsupportedOpError(f"nn.Embedding(scale_grad_by_freq=True) at {node_origin(node)} is not supported: "
+                                 "its gradient depends on the batch's token counts. Fix: construct the "
+                                 "embedding with scale_grad_by_freq=False.")
+    bb = importer.block_builder
+    looked_up = importer._embedding_impl(indices, weight)
+    if padding_idx is None or padding_idx < 0:
+        return looked_up
+    is_padding = bb.emit(relax.op.expand_dims(relax.op.equal(indices, relax.const(padding_idx, _dtype(indices))), -1))
+    return bb.emit(relax.op.where(is_padding, relax.op.grad.no_grad(looked_up), looked_up))
 
 
 CONVERTERS = {
     "_native_batch_norm_legit_functional.default": _bn_functional,
     "_native_batch_norm_legit_no_training.default": _bn_no_training,
     "_native_batch_norm_legit.no_stats": _bn_no_stats,
+    "convolution.default": _convolution,
+    "native_group_norm.default": _group_norm_functional,
     "cat.default": _cat,
+    "cumsum.default": _cumsum,
+    "embedding.default": _embedding,
 }
