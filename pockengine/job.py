@@ -6,6 +6,7 @@ cause are raised here, at construction, before anything slow happens.
 
 from __future__ import annotations
 
+import numbers
 import os
 import sys
 
@@ -27,9 +28,13 @@ class TrainingJob:
     sparse_update: a `SparseUpdate` scheme (or a dict of its rules) choosing the parameters, and the
         channels of them, to train; None trains every parameter with `requires_grad=True`. With
         `SparseUpdate.lora(...)`, `job.model` is a copy of the model with the adapters added.
+    seed: the initial seed of the step's random generator (dropout and stochastic depth masks in
+        training, pockengine/random.py), an int in [0, 2**63): the same seed gives the same masks on
+        every target, step after step; it is state, saved and loaded with the optimizer's.
     """
 
-    def __init__(self, model, example_inputs, example_targets, loss, optimizer, sparse_update=None, name=None):
+    def __init__(self, model, example_inputs, example_targets, loss, optimizer, sparse_update=None, name=None,
+                 seed=0):
         self.model = model
         self.example_inputs = _as_tuple(example_inputs)
         self.example_targets = example_targets
@@ -37,9 +42,14 @@ class TrainingJob:
         self.optimizer = optimizer
         self.sparse_update = sparse_update
         self.name = name or _default_name(model)
+        self.seed = seed
         self._validate()
 
     def _validate(self) -> None:
+        # bool is an int to Python, but True as a seed is a mistake; the seed is stored as int64.
+        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 63:
+            raise JobError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        self.seed = int(self.seed)
         if not isinstance(self.optimizer, Optimizer):
             hint = ""
             if type(self.optimizer).__module__.startswith("torch.optim"):
@@ -91,7 +101,7 @@ class TrainingJob:
             return import_onnx(self.model, self.example_inputs, self.example_targets, self.loss)
         from .frontend.torch import import_torch
 
-        return import_torch(self.model, self.example_inputs, self.example_targets, self.loss)
+        return import_torch(self.model, self.example_inputs, self.example_targets, self.loss, seed=self.seed)
 
     def plan(self, imported) -> dict:
         """{parameter name: "full" | "frozen" | sparse.Partial} for the imported model.

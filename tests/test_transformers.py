@@ -20,7 +20,6 @@ import torch
 
 import pockengine as pe
 from conftest import FAST_HOST, max_scaled_diff, train_torch
-from pockengine.errors import UnsupportedOpError
 from pockengine.lora import add_lora, merge
 
 transformers = pytest.importorskip("transformers")
@@ -206,22 +205,17 @@ def test_the_kv_cache_is_imported(llama_in_input_dtype):
     assert_parity(program, model, ours, theirs, FLOAT64_TOL)
 
 
-def test_dropout_in_training_is_refused_naming_the_modules():
-    """transformers' default configs train with dropout 0.1; the step has no random numbers yet,
-    and TVM's importer would make dropout the identity without a word."""
+def test_dropout_in_training_draws_masks_from_the_seed():
+    """transformers' default configs train with dropout 0.1: the step draws its masks from the seed
+    (their parity with PyTorch is tests/test_dropout.py's), so its loss is not eval mode's."""
     model = bert(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
     ids, labels = classification_batches(1)[0]
-    job = pe.TrainingJob(model, (ids,), labels, classification_loss, pe.optim.SGD(lr=0.1))
-    with pytest.raises(UnsupportedOpError) as caught:
-        pe.compile(job, target=FAST_HOST)
-    message = str(caught.value)
-    assert "samples random numbers in training" in message
-    assert "aten.native_dropout.default in module bert.embeddings.dropout (Dropout)" in message
-    assert "hidden_dropout_prob=0.0" in message
-    assert "in module bert.encoder.layer.1.attention.self (BertSelfAttention)" in message  # SDPA's dropout_p
-    # In eval mode dropout is the identity (and BERT has nothing else that differs): it compiles.
-    model.eval()
-    pe.compile(pe.TrainingJob(model, (ids,), labels, classification_loss, pe.optim.SGD(lr=0.1)), target=FAST_HOST)
+    program = pe.compile(pe.TrainingJob(model, (ids,), labels, classification_loss, pe.optim.SGD(lr=0.1), seed=1),
+                         target=FAST_HOST)
+    assert program.optimizer_state_dict()["rng.seed"] == 1
+    with torch.no_grad():
+        without_dropout = classification_loss(model.eval()(ids), labels).item()
+    assert abs(program.step(ids, labels) - without_dropout) > 1e-4  # a tenth of the activations dropped
 
 
 def test_the_shipped_pretrained_minilm_trains_like_pytorch():

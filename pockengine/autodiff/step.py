@@ -1,6 +1,6 @@
 """The whole training step as ONE Relax function, derived at compile time.
 
-    train_step(batch..., params..., buffers..., lr, step, optimizer slots...)
+    train_step(batch..., params..., buffers...[, rng.seed], lr, step, optimizer slots...)
         -> (loss, new trainable params..., new mutated buffers..., new step, new slots...)
 
 Forward + loss come from a frontend (`forward_loss`). Everything that does not depend on a trained
@@ -9,6 +9,10 @@ differentiates the rest with respect to the trained parameters only, and the opt
 emitted after the gradients in the same dataflow block, so later passes see and schedule forward,
 backward and update together. Weights trained on their leading channels arrive already split by
 passes/prune_backward.py.
+
+A model with dropout or stochastic depth draws its masks from the state's seed and the step counter
+(the optimizer's `step`, read before it is incremented): the masks depend on no parameter, so they
+are hoisted with the frozen prefix and are data to the backward, which multiplies by the same mask.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import tvm
 from tvm import relax
 
 from ..errors import JobError, UnsupportedOpError
-from ..frontend import FUNC_NAME, ImportedModel, TensorSpec
+from ..frontend import FUNC_NAME, RNG_SEED, ImportedModel, TensorSpec
 from ..ir import Substitute, inline_body
 from ..sparse import FROZEN as FROZEN_RULE, Partial
 from ..optim import LR, STEP, UPDATE_PREFIX, Optimizer, _Emitter
@@ -268,7 +272,9 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
     trainable_set = set(trainable)
 
     lr_var = relax.Var(LR, relax.TensorType((), "float64"))
-    step_var = relax.Var(STEP, relax.TensorType((), "int64"))
+    # A model that samples reads the step counter in its forward: that parameter is the step's.
+    random = bool(imported.random_sites)
+    step_var = aparams[-1] if random else relax.Var(STEP, relax.TensorType((), "int64"))
     trained = [_trained_spec(s, partial.get(s.name)) for s in imported.params if s.name in trainable_set]
     slot_specs, slot_vars = [], {}
     for slot in optimizer.slots():
@@ -286,7 +292,8 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
                           for suffix, spec in zip((TRAINED, FROZEN_PART), part_specs[n])) for n in partial}
     slice_param = {bound_var: var for n in partial for bound_var, var in zip(slices[n], part_vars[n])}
     param_name = {v: s.name for v, s in zip(aparams[n_in:n_in + n_p], imported.params)}
-    step_params = [p for v in aparams for p in (part_vars[param_name[v]] if param_name.get(v) in partial else (v,))]
+    step_params = [p for v in aparams[:len(aparams) - random]
+                   for p in (part_vars[param_name[v]] if param_name.get(v) in partial else (v,))]
 
     bb = relax.BlockBuilder()
     all_params = step_params + [lr_var, step_var] + [slot_vars[k] for k in slot_vars]
@@ -329,10 +336,12 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
     categories.update({split.frozen: FROZEN for split in splits.values()})
     categories.update({s.name: BUFFER for s in imported.buffers})
     opt_specs = [TensorSpec(LR, (), "float64"), TensorSpec(STEP, (), "int64")] + slot_specs
-    categories.update({s.name: OPTIMIZER for s in opt_specs})
+    # The generator's seed travels with the optimizer state (saved, exported, loaded with it).
+    rng_specs = [TensorSpec(RNG_SEED, (), "int64")] if random else []
+    categories.update({s.name: OPTIMIZER for s in opt_specs + rng_specs})
     signature = StepSignature(
         batch=list(imported.inputs),
-        state=param_state + list(imported.buffers) + opt_specs,
+        state=param_state + list(imported.buffers) + rng_specs + opt_specs,
         categories=categories,
         outputs=[splits[s.name].trained if s.name in partial else s.name for s in trained]
         + list(imported.mutated_buffers) + [STEP] + [slot_name(slot, s.name) for slot in optimizer.slots() for s in trained],

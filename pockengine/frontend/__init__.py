@@ -1,6 +1,9 @@
 """Frontends: a user's model + loss -> one Relax function `forward_loss` and its tables.
 
-`forward_loss(inputs..., target, params..., buffers...) -> (loss, new values of mutated buffers...)`
+`forward_loss(inputs..., target, params..., buffers...[, seed, step]) -> (loss, new values of mutated buffers...)`
+
+A model that samples random numbers in training (dropout, stochastic depth) takes two more int64
+scalars, the generator's seed and the step counter (see frontend/philox.py, pockengine/random.py).
 
 Both frontends (torch.export, ONNX) return an `ImportedModel`; nothing downstream knows which one ran.
 """
@@ -12,6 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 FUNC_NAME = "forward_loss"
+# State the random generator reads: its seed (a state tensor of its own) and the optimizer's step counter.
+RNG_SEED, RNG_STEP = "rng.seed", "step"
 
 
 def to_numpy(x) -> np.ndarray:
@@ -67,7 +72,8 @@ class ImportedModel:
     """What a frontend hands to autodiff.
 
     `mod["forward_loss"]` takes `inputs` (model inputs, then the target), then `params`, then
-    `buffers`, and returns `(loss, *new values of mutated_buffers)`.
+    `buffers`, then — when `random_sites` > 0 — the generator's seed and the step counter, and returns
+    `(loss, *new values of mutated_buffers)`; `initial` holds the seed's initial value.
     """
 
     mod: object  # tvm.IRModule
@@ -83,10 +89,17 @@ class ImportedModel:
     source: str = "torch"
     # Tied parameters: a second name of a parameter in `params` ({"lm_head.weight": "model.embed_tokens.weight"}).
     aliases: dict = field(default_factory=dict)
+    # Random operations converted to the step's generator; when > 0, forward_loss ends with (seed, step).
+    random_sites: int = 0
 
     @property
     def func(self):
         return self.mod[FUNC_NAME]
+
+    @property
+    def random_vars(self) -> tuple:
+        """forward_loss's (seed, step) parameters, or () when the model samples no random numbers."""
+        return tuple(self.func.params[-2:]) if self.random_sites else ()
 
     @property
     def param_vars(self) -> dict:

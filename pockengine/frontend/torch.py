@@ -6,6 +6,12 @@ training-mode BatchNorm as an op whose new running statistics are zeros. A train
 as state that flows in and out of the step, so here buffers stay inputs, mutations become outputs,
 and BatchNorm is converted to explicit, differentiable arithmetic with PyTorch's running-stat update.
 Along the way every Relax binding is traced back to the torch node it came from, for error messages.
+
+Dropout and stochastic depth sample random numbers in training. TVM's importer would make dropout the
+identity and `bernoulli`/`rand` constants, silently; here each is converted to uniforms of the step's
+own generator (Philox4x32-10 in Relax ops, frontend/philox.py), counted from the state's seed and step
+counter, which `forward_loss` then takes as two more parameters. Random ops without a conversion are
+refused, naming where the model uses them.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import tvm
 from tvm import relax
 
 from ..errors import FrontendError, LossError, UnsupportedOpError
-from . import FUNC_NAME, ImportedModel, Origin, TensorSpec
+from . import FUNC_NAME, RNG_SEED, RNG_STEP, ImportedModel, Origin, TensorSpec
+from .philox import RandomSource
 
 LOSSES = {
     "cross_entropy": nn.functional.cross_entropy,
@@ -54,8 +61,9 @@ class _ForwardLoss(nn.Module):
         return self.loss_fn(self.model(*inputs), target)
 
 
-def import_torch(model: nn.Module, example_inputs: tuple, example_targets, loss) -> ImportedModel:
-    """Export `loss(model(*example_inputs), example_targets)` and import it as `forward_loss`."""
+def import_torch(model: nn.Module, example_inputs: tuple, example_targets, loss, seed: int = 0) -> ImportedModel:
+    """Export `loss(model(*example_inputs), example_targets)` and import it as `forward_loss`;
+    `seed` is the initial value of the random generator's seed (used when the model samples)."""
     loss_fn = resolve_loss(loss)
     args = tuple(example_inputs) + (example_targets,)
     try:
@@ -73,7 +81,7 @@ def import_torch(model: nn.Module, example_inputs: tuple, example_targets, loss)
             "(no data-dependent Python control flow; see torch.export's documentation)."
         ) from e
     _check_loss_is_scalar(ep)
-    return _Importer(ep).run()
+    return _Importer(ep, seed).run()
 
 
 def _views_as_reshapes(ep) -> None:
@@ -134,16 +142,23 @@ def node_origin(node) -> Origin:
 class _Importer:
     """One import of one ExportedProgram."""
 
-    def __init__(self, ep):
+    def __init__(self, ep, seed: int = 0):
         from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
         self.ep = ep
+        self.seed = seed
         self.imp = ExportedProgramImporter()
         self.imp.update_convert_map(CONVERTERS)
 
     def run(self) -> ImportedModel:
         ep, imp = self.ep, self.imp
         self._check_supported()
+        # The generator's state, parameters of forward_loss after the buffers when the model samples.
+        random_vars = []
+        if any(_samples_randomly(n) for n in ep.graph.nodes if n.op == "call_function"):
+            random_vars = [relax.Var(name.replace(".", "_"), relax.TensorType((), "int64"))
+                           for name in (RNG_SEED, RNG_STEP)]
+            imp.random_source = RandomSource(*random_vars)
         kinds = torch.export.graph_signature.InputKind
         state, user_vars, _ = imp.create_input_vars(ep)  # name -> relax.Var, in input-spec order
         named_buffers = dict(ep.named_buffers())
@@ -183,7 +198,8 @@ class _Importer:
 
         bb = imp.block_builder = _InputDtypeBlockBuilder()
         all_vars = {**user_vars, **state}
-        with bb.function(FUNC_NAME, params=user_var_list + param_vars + buffer_vars + [all_vars[n] for n in constants],
+        with bb.function(FUNC_NAME, params=user_var_list + param_vars + buffer_vars + random_vars
+                         + [all_vars[n] for n in constants],
                          attrs={"num_input": n_inputs}):
             with bb.dataflow():
                 outs = imp._translate_fx_graph(ep.graph_module, list(ep.graph.nodes), all_vars, set(CONVERTERS))
@@ -204,12 +220,14 @@ class _Importer:
                 ret = relax.Tuple([bb.emit_output(v) for v in [loss] + mutated_values])
             bb.emit_func_output(ret)
         mod = bb.get()
+        if random_vars:
+            initial[RNG_SEED] = np.array(self.seed, "int64")
         if constants:
             mod = relax.transform.BindParams(FUNC_NAME, {k: imp._convert_pytorch_tensor_to_tvm(v) for k, v in constants.items()})(mod)
         return ImportedModel(
             mod=mod, inputs=inputs, params=params, buffers=buffers, mutated_buffers=mutated,
             initial=initial, origin=self._origins(mod), non_persistent=non_persistent, source="torch",
-            aliases=aliases,
+            aliases=aliases, random_sites=imp.random_source.sites if random_vars else 0,
         )
 
     def _check_supported(self) -> None:
@@ -217,9 +235,10 @@ class _Importer:
         for node in self.ep.graph.nodes:
             if node.op != "call_function":
                 continue
-            if node.target.__name__ not in self.imp.convert_map:
+            name = node.target.__name__
+            if name not in self.imp.convert_map:
                 missing.setdefault(str(node.target), str(node_origin(node)))
-            elif _samples_randomly(node):
+            elif name in _UNCONVERTED_RANDOM_OPS:
                 random.setdefault(str(node_origin(node)), None)
         if missing:
             lines = "\n".join(f"  {where}" for where in missing.values())
@@ -230,12 +249,11 @@ class _Importer:
         if random:
             lines = "\n".join(f"  {where}" for where in random)
             raise UnsupportedOpError(
-                f"the model samples random numbers in training ({len(random)} place(s)):\n{lines}\n"
-                "The compiled step has no random number generator yet: TVM's importer would turn dropout into "
-                "the identity and fix other samples at compile time, silently. Fix: set dropout probabilities "
-                "to 0 (for transformers: hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0 or "
-                "attention_dropout=0.0 in the config) or put the modules named above in eval mode (module.eval(); "
-                "for a model without BatchNorm, model.eval() changes nothing else)."
+                f"the model samples random numbers in training in a way the compiled step cannot ({len(random)} "
+                f"place(s)):\n{lines}\n"
+                "The step draws uniforms (rand, bernoulli, dropout) from its own generator; TVM's importer would "
+                "fix these other samples at compile time, silently. Fix: sample with torch.rand / bernoulli / "
+                "dropout instead, or put the modules named above in eval mode (module.eval())."
             )
 
     def _origins(self, mod) -> dict:
@@ -290,17 +308,21 @@ def _keep_input_dtype(expr):
     return relax.Call(expr.op, expr.args, tvm.ir.make_node(info.type_key, **fields))
 
 
-# Ops that sample random numbers (dropout counts only in training mode with p > 0).
-_RANDOM_OPS = {"bernoulli.p", "bernoulli.default", "randn.default", "randn_like.default", "rand.default",
-               "rand_like.default", "normal.Tensor_float", "uniform.default"}
+# Ops that sample random numbers and have no conversion to the step's generator (see _RANDOM_CONVERTERS).
+_UNCONVERTED_RANDOM_OPS = {"randn.default", "randn_like.default", "normal.Tensor_float", "normal.float_Tensor",
+                           "normal.Tensor_Tensor", "normal.default", "uniform.default", "randint.default",
+                           "randint.low", "randint_like.default", "randperm.default", "multinomial.default",
+                           "exponential.default", "geometric.default", "log_normal.default", "cauchy.default",
+                           "poisson.default", "bernoulli.Tensor", "bernoulli.float"}
 
 
 def _samples_randomly(node) -> bool:
+    """Whether a node draws from the step's generator: dropout only in training mode with p > 0."""
     name = node.target.__name__
-    if name == "native_dropout.default":  # native_dropout(input, p, train)
-        p, train = node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
-        return bool(train) and p > 0
-    return name in _RANDOM_OPS
+    if name == "native_dropout.default":
+        _, p, train = _dropout_args(node)
+        return train and p > 0
+    return name in _RANDOM_CONVERTERS
 
 
 def _storage_key(tensor) -> tuple:
@@ -485,7 +507,81 @@ def _embedding(node, importer):
     return bb.emit(relax.op.where(is_padding, relax.op.grad.no_grad(looked_up), looked_up))
 
 
+# ------------------------------------------------------------------ random numbers (frontend/philox.py)
+
+
+def _dropout_args(node) -> tuple:
+    """native_dropout(input, p, train) -> (input node, p, train); train may be None (= training)."""
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p")
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
+    return node.args[0], float(p), train is None or bool(train)
+
+
+def _uniform_like(node, importer, shape, dtype):
+    """Uniforms of the step's generator (one new random site) for `node`, in float32/float64."""
+    if dtype not in ("float32", "float64"):
+        raise UnsupportedOpError(f"{node_origin(node)} samples random {dtype} numbers; the compiled step draws "
+                                 "float32 or float64 only. Fix: run this part of the model in float32.")
+    return importer.random_source.uniform(importer.block_builder, shape, dtype)
+
+
+def _meta_shape_dtype(node) -> tuple:
+    val = node.meta["val"]
+    return [int(d) for d in val.shape], str(val.dtype).replace("torch.", "")
+
+
+def _native_dropout(node, importer):
+    """native_dropout(input, p, train) -> (output, mask). In training with p > 0 an element is kept
+    when its uniform is >= p (probability 1 - p) and scaled by 1 / (1 - p), as PyTorch does; the
+    scaled mask is one tensor, so the backward multiplies by it too (the multiply rule) and the mask
+    itself, computed from integer state only, is data. Otherwise the identity."""
+    x = importer.env[node.args[0]]
+    _, p, train = _dropout_args(node)
+    bb = importer.block_builder
+    if not (train and p > 0):
+        return x, bb.emit(relax.op.ones(x.ty.shape, "bool"))
+    dtype = _dtype(x)
+    keep = bb.emit(relax.op.greater_equal(_uniform_like(node, importer, x.ty.shape, dtype), relax.const(p, dtype)))
+    scale = relax.const(0.0 if p >= 1 else 1.0 / (1.0 - p), dtype)
+    mask = bb.emit(relax.op.multiply(relax.op.astype(keep, dtype), scale))
+    return bb.emit(relax.op.multiply(x, mask)), keep
+
+
+def _bernoulli_p(node, importer):
+    """bernoulli.p(input, p): 1 with probability p, shaped and typed like input (stochastic depth's
+    `x.new_empty((B, 1, 1, 1)).bernoulli_(keep_prob)`); input's values are not read."""
+    shape, dtype = _meta_shape_dtype(node)
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+    uniform = _uniform_like(node, importer, shape, dtype)
+    return importer.block_builder.emit(relax.op.astype(relax.op.less(uniform, relax.const(float(p), dtype)), dtype))
+
+
+def _bernoulli_tensor(node, importer):
+    """bernoulli(probabilities): 1 where the uniform is below each element's probability."""
+    shape, dtype = _meta_shape_dtype(node)
+    probabilities = importer.env[node.args[0]]
+    uniform = _uniform_like(node, importer, shape, dtype)
+    return importer.block_builder.emit(relax.op.astype(relax.op.less(uniform, probabilities), dtype))
+
+
+def _rand(node, importer):
+    """rand(size) / rand_like(input): uniforms in [0, 1) (timm's drop_path, torch.bernoulli(tensor)
+    decomposed); shape and dtype as torch.export recorded them."""
+    shape, dtype = _meta_shape_dtype(node)
+    return _uniform_like(node, importer, shape, dtype)
+
+
+_RANDOM_CONVERTERS = {
+    "bernoulli.p": _bernoulli_p,
+    "bernoulli.default": _bernoulli_tensor,
+    "rand.default": _rand,
+    "rand_like.default": _rand,
+}
+
+
 CONVERTERS = {
+    "native_dropout.default": _native_dropout,
+    **_RANDOM_CONVERTERS,
     "_native_batch_norm_legit_functional.default": _bn_functional,
     "_native_batch_norm_legit_no_training.default": _bn_no_training,
     "_native_batch_norm_legit.no_stats": _bn_no_stats,

@@ -229,7 +229,8 @@ def _c_literal(value, dtype: str) -> str:
         return text + ("f" if dtype == "float32" else "")
     if dtype == "bool":
         return "1" if value else "0"
-    return f"{int(value)}LL" if dtype == "int64" else str(int(value))
+    suffix = {"int64": "LL", "uint64": "ULL", "uint32": "U"}.get(dtype, "")
+    return f"{int(value)}{suffix}"
 
 
 def _state_assembly(signature: StepSignature, state: dict, directory: str) -> str:
