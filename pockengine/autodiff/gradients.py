@@ -45,7 +45,7 @@ from tvm.relax.op import (
     where,
     zeros_like,
 )
-from tvm.relax.op.grad import no_grad, take_backward
+from tvm.relax.op.grad import max_pool2d_backward, no_grad, take_backward
 from tvm.relax.op.nn import conv2d, conv2d_transpose
 
 RULES: dict = {}
@@ -537,11 +537,14 @@ def max_pool2d_grad(orig_var, orig_call, output_grad, ctx):
     """y[n, c, a, b] = max over (i, j) of x_pad[n, c, a*s_h + i*d_h, b*s_w + j*d_w]  (padding -inf)
     ->  x_grad = y_grad routed to each window's FIRST maximum in row-major order, summed over windows
 
-    PyTorch's rule. TVM's pool_grad kernel reads its argmax and y_grad out of bounds for input rows
-    past the last window (garbage at the default opt level: kernel 2, stride 2 on 5x7) and cannot be
-    lowered with dilation. Here each of the kh*kw window offsets is a strided view of the padded
-    input; an offset takes the gradient where it equals the window's maximum and no earlier offset
-    did, and its share is spread back to the positions it reads (pads and reshapes only).
+    PyTorch's rule. TVM's pool_grad kernel is used where it is right: it reads its argmax and y_grad
+    out of bounds when input rows or columns lie past the last window (garbage at the default opt
+    level: kernel 2, stride 2 on 5x7) and cannot be lowered with dilation. There, each of the kh*kw
+    window offsets is a strided view of the padded input; an offset takes the gradient where it
+    equals the window's maximum and no earlier offset did, and its share is spread back to the
+    positions it reads (pads and reshapes only). (That form is kept to those cases: after our CPU
+    schedule it computed ResNet's stem — 7x7/2 conv, ReLU, 3/2/1 pool on 16x16 — wrong, which
+    TVM's kernel does not; not yet explained.)
     """
     x = orig_call.args[0]
     attrs = orig_call.attrs
@@ -553,6 +556,10 @@ def max_pool2d_grad(orig_var, orig_call, output_grad, ctx):
     top, left, bottom, right = (int(v) for v in attrs.padding)
     n, c, h, w = _shape(x)
     oh, ow = _shape(orig_var)[2:]
+    covered = (oh - 1) * sh + (kh - 1) * dh + 1 - top >= h and (ow - 1) * sw + (kw - 1) * dw + 1 - left >= w
+    if (dh, dw) == (1, 1) and covered:
+        return [max_pool2d_backward(output_grad, x, attrs.pool_size, attrs.strides, attrs.padding, attrs.dilation,
+                                    attrs.ceil_mode, attrs.count_include_pad, attrs.layout, attrs.out_layout)]
     # Pad with -inf far enough for every window (ceil_mode windows may run past the stated padding).
     bottom = max(bottom, (oh - 1) * sh + (kh - 1) * dh + 1 - h - top)
     right = max(right, (ow - 1) * sw + (kw - 1) * dw + 1 - w - left)
