@@ -331,6 +331,17 @@ def no_grad_grad(orig_var, orig_call, output_grad, ctx):
 # ---------------------------------------------------------------- binary
 
 
+def _select_grad(orig_var, orig_call, output_grad, x_wins):
+    """Gradients of z = x if x_wins(x, y) else y, split evenly at ties, summed to each operand's shape."""
+    x, y = orig_call.args
+    shape, zero = _shape(orig_var), _const(0, x)
+    half = multiply(output_grad, _const(0.5, x))
+    tie = equal(x, y)
+    x_grad = where(x_wins(x, y), output_grad, where(tie, half, zero))
+    y_grad = where(x_wins(y, x), output_grad, where(tie, half, zero))
+    return [_sum_to(x_grad, shape, x), _sum_to(y_grad, shape, y)]
+
+
 @rule("relax.maximum")
 def maximum_grad(orig_var, orig_call, output_grad, ctx):
     """z = maximum(x, y)  ->  x_grad = sum_to_x(g * (x > y) + g/2 * (x == y)),
@@ -338,13 +349,7 @@ def maximum_grad(orig_var, orig_call, output_grad, ctx):
 
     At ties PyTorch splits the gradient evenly; TVM gives all of it to x (and none to y).
     """
-    x, y = orig_call.args
-    shape, zero = _shape(orig_var), _const(0, x)
-    half = multiply(output_grad, _const(0.5, x))
-    tie = equal(x, y)
-    x_grad = where(greater(x, y), output_grad, where(tie, half, zero))
-    y_grad = where(less(x, y), output_grad, where(tie, half, zero))
-    return [_sum_to(x_grad, shape, x), _sum_to(y_grad, shape, y)]
+    return _select_grad(orig_var, orig_call, output_grad, greater)
 
 
 @rule("relax.minimum")
@@ -354,13 +359,7 @@ def minimum_grad(orig_var, orig_call, output_grad, ctx):
 
     At ties PyTorch splits the gradient evenly; TVM gives all of it to y (and none to x).
     """
-    x, y = orig_call.args
-    shape, zero = _shape(orig_var), _const(0, x)
-    half = multiply(output_grad, _const(0.5, x))
-    tie = equal(x, y)
-    x_grad = where(less(x, y), output_grad, where(tie, half, zero))
-    y_grad = where(greater(x, y), output_grad, where(tie, half, zero))
-    return [_sum_to(x_grad, shape, x), _sum_to(y_grad, shape, y)]
+    return _select_grad(orig_var, orig_call, output_grad, less)
 
 
 # ---------------------------------------------------------------- unary
