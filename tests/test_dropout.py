@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import pockengine as pe
-from conftest import FAST_HOST, fused_step_module, max_scaled_diff
+from conftest import FAST_HOST, fused_step_module, max_scaled_diff, train_torch
 from pockengine.errors import JobError, UnsupportedOpError
 from pockengine.random import bernoulli, dropout_keep_mask, philox4x32, uniform
 
@@ -261,14 +261,7 @@ def test_dropout_with_p_zero_is_the_identity_and_adds_no_state():
     program = pe.compile(job, target=FAST_HOST)
     assert "rng.seed" not in {s.name for s in program.signature.state}
     ours = [program.step(x, y) for x, y in batches]
-    opt = pe.optim.SGD(lr=0.1).to_torch(model.parameters())
-    theirs = []
-    for x, y in batches:
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        theirs.append(loss.item())
+    theirs = train_torch(model, pe.optim.SGD(lr=0.1), batches)
     np.testing.assert_allclose(ours, theirs, rtol=PARITY_TOL)
     worst, where = max_scaled_diff(program.state_dict(), model.state_dict())
     assert worst <= PARITY_TOL, f"{where} differs from PyTorch by {worst:.3g}"
