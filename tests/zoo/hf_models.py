@@ -9,9 +9,10 @@ batches)), a batch being (inputs tuple, target).
 import importlib
 import inspect
 
+import pytest
 import torch
 
-transformers = __import__("pytest").importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 VOCAB, BATCH, SEQ, STEPS = 128, 2, 12, 3
 DECODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
