@@ -219,14 +219,14 @@ def strided_slice_grad(orig_var, orig_call, output_grad, ctx):
 def _spread(grad, shape: list, axis: int, start: int, stride: int, extent: int, count: int):
     """grad (of `shape`, `count` long on `axis`) at positions start, start + stride, ... of a zero
     tensor `extent` long on `axis`."""
-    pad = [0] * (2 * (len(shape) + 1))
     if stride > 1 and count > 0:  # [a, b] -> [a, 0, .., b, 0, ..] (stride - 1 zeros after each)
         split = shape[:axis + 1] + [1] + shape[axis + 1:]
+        pad = [0] * (2 * len(split))
         pad[2 * (axis + 1) + 1] = stride - 1
         grad = relax.op.nn.pad(reshape(grad, split), pad)
         spread = shape[:axis] + [count * stride] + shape[axis + 1:]
         grad = reshape(grad, spread)
-    length = count * stride if stride > 1 and count > 0 else count
+    length = count * stride
     after = extent - start - length  # negative: the trailing zeros of the last entry run past x
     if after < 0:
         grad = strided_slice(grad, [axis], [0], [length + after])
@@ -527,7 +527,6 @@ def avg_pool2d_grad(orig_var, orig_call, output_grad, ctx):
                                  _avg_pool_matrix(w, ow, kw, sw, pl, pr, cip), x)]
 
 
-
 # ---------------------------------------------------------------- max pooling
 
 
@@ -555,13 +554,13 @@ def max_pool2d_grad(orig_var, orig_call, output_grad, ctx):
     top, left, bottom, right = (int(v) for v in attrs.padding)
     n, c, h, w = _shape(x)
     oh, ow = _shape(orig_var)[2:]
-    covered = (oh - 1) * sh + (kh - 1) * dh + 1 - top >= h and (ow - 1) * sw + (kw - 1) * dw + 1 - left >= w
-    if (dh, dw) == (1, 1) and covered:
+    # How far the windows reach into the padded input, along each axis.
+    span_h, span_w = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
+    if (dh, dw) == (1, 1) and span_h - top >= h and span_w - left >= w:
         return [max_pool2d_backward(output_grad, x, attrs.pool_size, attrs.strides, attrs.padding, attrs.dilation,
                                     attrs.ceil_mode, attrs.count_include_pad, attrs.layout, attrs.out_layout)]
     # Pad with -inf far enough for every window (ceil_mode windows may run past the stated padding).
-    bottom = max(bottom, (oh - 1) * sh + (kh - 1) * dh + 1 - h - top)
-    right = max(right, (ow - 1) * sw + (kw - 1) * dw + 1 - w - left)
+    bottom, right = max(bottom, span_h - h - top), max(right, span_w - w - left)
     padded = relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right], pad_value=float("-inf"))
     ph, pw = h + top + bottom, w + left + right
     taken = grad = None
@@ -569,7 +568,7 @@ def max_pool2d_grad(orig_var, orig_call, output_grad, ctx):
         for j in range(kw):
             window = strided_slice(padded, [2, 3], [i * dh, j * dw],
                                    [i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1], [sh, sw])
-            is_max = relax.op.equal(window, orig_var)
+            is_max = equal(window, orig_var)
             first = is_max if taken is None else logical_and(is_max, relax.op.logical_not(taken))
             taken = is_max if taken is None else relax.op.logical_or(taken, is_max)
             share = where(first, output_grad, _const(0, x))

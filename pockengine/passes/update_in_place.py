@@ -129,8 +129,8 @@ def elementwise_in_place(prim_func, read_index: int, write_index: int) -> bool:
         return False
     try:
         sch = s_tir.Schedule(prim_func)
-        rvs = sch.get_child_blocks(sch.get_sblock("root"))
-        blocks = [sch.get(b) for b in rvs]
+        block_refs = sch.get_child_blocks(sch.get_sblock("root"))
+        blocks = [sch.get(b) for b in block_refs]
     except Exception:  # noqa: BLE001 - a kernel of unusual structure: keep the copy
         return False
     src, dst = params[read_index], params[write_index]
@@ -142,7 +142,7 @@ def elementwise_in_place(prim_func, read_index: int, write_index: int) -> bool:
     # to LLVM, which hides it by keeping the old value in a register, except at opt-level 0).
     for i, block in enumerate(blocks):
         touches = i == writers[0] or any(r.source.same_as(src) for r in block.reads)
-        if touches and runs_repeatedly(sch, rvs[i]):
+        if touches and runs_repeatedly(sch, block_refs[i]):
             return False
     for i, block in enumerate(blocks):
         writes = [w for w in block.writes if _shape(w.source) == shape]
