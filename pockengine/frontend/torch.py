@@ -376,13 +376,18 @@ def _batch_norm(importer, x, weight, bias, eps, running=None, momentum=None):
                                             relax.op.multiply(c(1 - momentum), running[0])))
             new_var = bb.emit(relax.op.add(relax.op.multiply(c(momentum), unbiased),
                                            relax.op.multiply(c(1 - momentum), running[1])))
-    out = relax.op.multiply(centred, rstd)
+    out = bb.emit(_channel_affine(relax.op.multiply(centred, rstd), weight, bias, bshape))
+    return out, mean, rstd, new_mean, new_var
+
+
+def _channel_affine(normalised, weight, bias, bshape):
+    """normalised * weight + bias, each per channel (reshaped to `bshape`); None skips it."""
+    out = normalised
     if weight is not None:
         out = relax.op.multiply(out, relax.op.reshape(weight, bshape))
     if bias is not None:
         out = relax.op.add(out, relax.op.reshape(bias, bshape))
-    out = bb.emit(out)
-    return out, mean, rstd, new_mean, new_var
+    return out
 
 
 def _arg(importer, node, i):
@@ -427,13 +432,8 @@ def _group_norm_functional(node, importer):
     centred = bb.emit(relax.op.subtract(grouped, mean))
     var = bb.emit(relax.op.mean(relax.op.multiply(centred, centred), [2], keepdims=True))
     rstd = bb.emit(relax.op.rsqrt(relax.op.add(var, relax.const(eps, dtype))))
-    out = relax.op.reshape(relax.op.multiply(centred, rstd), shape)
     bshape = [1, channels] + [1] * (len(shape) - 2)
-    if w is not None:
-        out = relax.op.multiply(out, relax.op.reshape(w, bshape))
-    if b is not None:
-        out = relax.op.add(out, relax.op.reshape(b, bshape))
-    out = bb.emit(out)
+    out = bb.emit(_channel_affine(relax.op.reshape(relax.op.multiply(centred, rstd), shape), w, b, bshape))
     return (out, bb.emit(relax.op.reshape(mean, [n, groups])), bb.emit(relax.op.reshape(rstd, [n, groups])))
 
 
