@@ -81,6 +81,17 @@ def compile_and_train(model, optimizer, batches, target="host", loss="cross_entr
     return program, losses
 
 
+def parity(model, batches, optimizer, loss="cross_entropy", loss_fn=nn.functional.cross_entropy):
+    """Train a compiled copy of `model` and `model` itself (PyTorch eager) on `batches`; the losses must
+    agree (1e-10 relative in float64, 1e-5 in float32). -> (program, (worst scaled difference, tensor))."""
+    job = pe.TrainingJob(copy.deepcopy(model), (batches[0][0],), batches[0][1], loss, optimizer)
+    program = pe.compile(job, target=FAST_HOST)
+    ours = [program.step(x, y) for x, y in batches]
+    theirs = train_torch(model, optimizer, batches, loss_fn)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-10 if batches[0][0].dtype == torch.float64 else 1e-5)
+    return program, max_scaled_diff(program.state_dict(), model.state_dict())
+
+
 def max_scaled_diff(ours: dict, theirs: dict, floor: float = 1.0) -> tuple[float, str]:
     """Largest |ours - theirs| / max(|theirs|_max, floor) over all tensors: relative for tensors of
     magnitude >= floor, absolute below (a tensor whose true value is ~0 has no meaningful relative error)."""

@@ -11,19 +11,10 @@ import torch
 from torch import nn
 
 import pockengine as pe
-from conftest import FAST_HOST, make_batches, max_scaled_diff, train_torch
+from conftest import FAST_HOST, make_batches, max_scaled_diff, parity, train_torch
 from pockengine.errors import FrontendError, JobError, LossError, UnsupportedOpError
 
 F64 = 1e-10
-
-
-def parity(model, batches, optimizer, loss="cross_entropy", loss_fn=nn.functional.cross_entropy, steps=None):
-    job = pe.TrainingJob(copy.deepcopy(model), (batches[0][0],), batches[0][1], loss, optimizer)
-    program = pe.compile(job, target=FAST_HOST)
-    ours = [program.step(x, y) for x, y in batches]
-    theirs = train_torch(model, optimizer, batches, loss_fn)
-    np.testing.assert_allclose(ours, theirs, rtol=F64 if batches[0][0].dtype == torch.float64 else 1e-5)
-    return program, max_scaled_diff(program.state_dict(), model.state_dict())
 
 
 class BNNet(nn.Module):

@@ -3,28 +3,14 @@ float64 next to PyTorch: a `where` with a broadcast operand (T5's position bias)
 input (Phi-3's partial-rotary pass-through), a view after attention (GPT-2's Conv1D), and Conv1d +
 GroupNorm (Whisper's and wav2vec2's front ends)."""
 
-import copy
-
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import pockengine as pe
-from conftest import FAST_HOST, max_scaled_diff, train_torch
+from conftest import parity
 
 F64 = 1e-10
-
-
-def parity(model, batches, optimizer=None):
-    optimizer = optimizer or pe.optim.SGD(lr=0.1, momentum=0.9)
-    job = pe.TrainingJob(copy.deepcopy(model), (batches[0][0],), batches[0][1], "cross_entropy", optimizer)
-    program = pe.compile(job, target=FAST_HOST)
-    ours = [program.step(x, y) for x, y in batches]
-    theirs = train_torch(model, optimizer, batches)
-    np.testing.assert_allclose(ours, theirs, rtol=F64)
-    worst, where = max_scaled_diff(program.state_dict(), model.state_dict())
-    assert worst <= F64, f"{where} differs by {worst:.3g}"
 
 
 def batches(shape, classes=3, steps=3):
@@ -100,4 +86,5 @@ class ConvGroupNorm(nn.Module):
                          ids=["where-broadcast", "cat-empty", "view-after-sdpa", "conv1d-groupnorm"])
 def test_pattern_trains_like_pytorch_in_float64(model, shape):
     torch.manual_seed(0)
-    parity(model().double().train(), batches(shape))
+    _, (worst, where) = parity(model().double().train(), batches(shape), pe.optim.SGD(lr=0.1, momentum=0.9))
+    assert worst <= F64, f"{where} differs by {worst:.3g}"
