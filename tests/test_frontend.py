@@ -258,3 +258,41 @@ def test_an_internal_failure_is_reported_as_a_bug_naming_the_stage_and_the_op(mo
     message = str(caught.value)
     assert "lower stage" in message and "aten.cumsum" in message and "report" in message
     assert isinstance(caught.value.__cause__, tvm.error.InternalError)
+
+
+class _DetachedBranch(nn.Module):
+    """A stop-gradient branch beside a trained one (target networks, BYOL, straight-through tricks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)).detach()) + self.b(self.a(x))
+
+
+class _NoGradFeatures(nn.Module):
+    """Features computed under torch.no_grad(): the layers before train in PyTorch never."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = torch.relu(self.a(x))
+        return self.b(h)
+
+
+@pytest.mark.parametrize("make", [_DetachedBranch, _NoGradFeatures], ids=["detach", "no_grad block"])
+def test_no_gradient_flows_through_detach_or_a_no_grad_block(make):
+    """Decomposition turns detach into an alias and inlines no_grad blocks: both used to train the
+    layers before them (2e-2 off PyTorch after 2 steps)."""
+    torch.manual_seed(0)
+    model = make().double()
+    before = copy.deepcopy(model.state_dict())
+    batches = [(torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))) for _ in range(2)]
+    program, (worst, where) = parity(model, batches, pe.optim.SGD(lr=0.1))
+    assert worst <= 1e-12, f"{where} is {worst:.3g} off PyTorch"
+    if make is _NoGradFeatures:  # no gradient reaches `a` at all: it stays as it was
+        np.testing.assert_array_equal(program.state_dict()["a.weight"], before["a.weight"].numpy())

@@ -71,6 +71,7 @@ def import_torch(model: nn.Module, example_inputs: tuple, example_targets, loss,
             warnings.simplefilter("ignore", FutureWarning)
             ep = torch.export.export(_ForwardLoss(model, loss_fn), args, strict=False)
             _views_as_reshapes(ep)
+            _stop_gradients(ep)
             # Core ATen decomposition: fewer distinct ops to differentiate, and PyTorch's own
             # semantics for composite ops (cross_entropy's ignore_index/label_smoothing, attention).
             ep = ep.run_decompositions()
@@ -98,6 +99,43 @@ def _views_as_reshapes(ep) -> None:
         if node.op == "call_function" and node.target is torch.ops.aten.view.default:
             node.target = torch.ops.aten.reshape.default
             changed = True
+    if changed:
+        ep.graph_module.recompile()
+
+
+@torch.library.custom_op("pockengine::stop_gradient", mutates_args=())
+def stop_gradient(x: torch.Tensor) -> torch.Tensor:
+    """The value of x, through which no gradient flows (imported as relax.grad.no_grad)."""
+    return x.clone()
+
+
+@stop_gradient.register_fake
+def _stop_gradient_shape(x):
+    return torch.empty_like(x)
+
+
+def _stop_gradients(ep) -> None:
+    """`x.detach()` and the results of a `torch.no_grad()` block -> pockengine::stop_gradient, before
+    run_decompositions: decomposing turns detach into `aten.alias` and inlines the no_grad block,
+    after which nothing would tell the backward to stop there (the layers before a detach would
+    train, unlike in PyTorch)."""
+    graph, changed = ep.graph, False
+    grad_disabled = torch.ops.higher_order.wrap_with_set_grad_enabled
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.aten.detach.default:
+            node.target = torch.ops.pockengine.stop_gradient.default
+            changed = True
+        elif node.target is grad_disabled and node.args[0] is False:
+            for result in list(node.users):  # getitem(block, i): each value the block returns
+                if not isinstance(result.meta.get("val"), torch.Tensor):
+                    continue
+                with graph.inserting_after(result):
+                    stopped = graph.call_function(torch.ops.pockengine.stop_gradient.default, (result,))
+                stopped.meta = dict(result.meta)
+                result.replace_all_uses_with(stopped, delete_user_cb=lambda user: user is not stopped)
+                changed = True
     if changed:
         ep.graph_module.recompile()
 
@@ -579,7 +617,12 @@ _RANDOM_CONVERTERS = {
 }
 
 
+def _stop_gradient(node, importer):
+    return importer.block_builder.emit(relax.op.grad.no_grad(importer.env[node.args[0]]))
+
+
 CONVERTERS = {
+    "stop_gradient.default": _stop_gradient,
     "native_dropout.default": _native_dropout,
     **_RANDOM_CONVERTERS,
     "_native_batch_norm_legit_functional.default": _bn_functional,
