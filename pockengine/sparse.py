@@ -181,21 +181,26 @@ BLOCK_PARTS = ("all", "attention", "mlp")
 
 
 def transformer_blocks(names) -> list:
-    """The block prefixes of the model's repeated container (`model.layers.0`, ...), in order: of the
-    `<prefix>.<i>` numbered 0..n-1 whose last two items hold the same parameters (blocks repeat; an
-    nn.Sequential of a conv and its norm does not), the one with the most parameters under it."""
-    members = {}  # prefix -> {index: set of parameter names relative to the item}
+    """The block prefixes of the model's repeated container, in order: items `<prefix>.<i>` (an
+    nn.ModuleList: `model.layers.0`) or `<prefix>.<stem><i>` (an OrderedDict of named blocks:
+    torchvision's `encoder.layers.encoder_layer_0`) numbered 0..n-1, of the containers whose last two
+    items hold the same parameters (blocks repeat; an nn.Sequential of a conv and its norm does not),
+    the one with the most parameters under it."""
+    members = {}  # (prefix, stem) -> {index: set of parameter names relative to the item}
     for name in names:
-        for m in re.finditer(r"(?:^|\.)(\d+)\.", name):
-            prefix = name[:m.start(1)].rstrip(".")
-            members.setdefault(prefix, {}).setdefault(int(m.group(1)), set()).add(name[m.end():])
-    containers = [(sum(map(len, items.values())), prefix) for prefix, items in members.items()
+        parts = name.split(".")
+        for j, part in enumerate(parts[:-1]):
+            item = re.fullmatch(r"(\w*_)?(\d+)", part)
+            if item:
+                key = (".".join(parts[:j]), item.group(1) or "")
+                members.setdefault(key, {}).setdefault(int(item.group(2)), set()).add(".".join(parts[j + 1:]))
+    containers = [(sum(map(len, items.values())), key) for key, items in members.items()
                   if len(items) > 1 and sorted(items) == list(range(len(items)))
                   and items[len(items) - 1] == items[len(items) - 2]]
     if not containers:
         return []
-    prefix = max(containers)[1]
-    return [f"{prefix}.{i}" if prefix else str(i) for i in sorted(members[prefix])]
+    prefix, stem = max(containers)[1]
+    return [f"{prefix}.{stem}{i}" if prefix else f"{stem}{i}" for i in sorted(members[(prefix, stem)])]
 
 
 def _last_blocks_rules(params, k, part):

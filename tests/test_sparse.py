@@ -89,6 +89,20 @@ def test_resolution_of_presets():
     assert override["head.weight"] == FULL and override["pw.0.weight"] == FULL
 
 
+def test_blocks_are_found_in_module_lists_and_in_named_block_containers():
+    from pockengine.sparse import transformer_blocks
+
+    llama = ["model.embed_tokens.weight"] + [f"model.layers.{i}.{p}" for i in range(3)
+                                             for p in ("self_attn.q_proj.weight", "mlp.up_proj.weight")]
+    assert transformer_blocks(llama) == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    # torchvision's VisionTransformer: an OrderedDict of blocks named encoder_layer_<i>
+    vit = ["conv_proj.weight"] + [f"encoder.layers.encoder_layer_{i}.{p}" for i in range(2)
+                                  for p in ("ln_1.weight", "self_attention.in_proj_weight", "mlp.0.weight")]
+    assert transformer_blocks(vit) == ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1"]
+    # a conv and its norm numbered in an nn.Sequential are not blocks; "layer1" is a name, not an index
+    assert transformer_blocks(["features.0.weight", "features.1.weight", "features.1.bias", "layer1.0.weight"]) == []
+
+
 def test_invalid_schemes_name_the_real_parameters():
     with pytest.raises(JobError, match=r"'blocks\.\*': 'full' names no parameter.*stem\.0\.weight, stem\.1\.weight"):
         SparseUpdate({"blocks.*": "full"}).resolve(PARAMS)
