@@ -5,17 +5,27 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+VISION := $(VENV)/vision-packages
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup target-tools demo test clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(VISION)/.installed
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+# The model zoo's vision packages (tests/zoo/vision_models.py), outside site-packages: PyPI's
+# torchvision 0.28.0 (the release for torch 2.13) is a CUDA build whose extension cannot load beside
+# the CPU torch, and transformers imports torchvision whenever it is importable. The tests import it
+# from here with the two op schemas it needs defined first; timm and mcunet need it.
+$(VISION)/.installed: $(STAMP)
+	$(PY) -m pip install --quiet --upgrade --no-deps --target $(VISION) \
+	  torchvision==0.28.0 timm==1.0.31 mcunet==0.1.1.post202206170200
+	touch $@
 
 demo: setup
 	$(PY) examples/mlp_digits/train.py

@@ -31,10 +31,12 @@ FLOAT32_VS_TORCH_ROUNDING = 4.0  # our float32 error may be at most this multipl
 OPTIMIZERS = {
     "sgd_momentum": {"default": lambda: pe.optim.SGD(lr=0.05, momentum=0.9),
                      "mobilenetv2": lambda: pe.optim.SGD(lr=3e-4, momentum=0.9)},
-    "adamw": {"default": lambda: pe.optim.AdamW(lr=1e-3, weight_decay=1e-2),
-              "mobilenetv2": lambda: pe.optim.AdamW(lr=3e-5, weight_decay=1e-2)},
+    "adamw": {"default": lambda: pe.optim.AdamW(lr=1e-3, weight_decay=1e-2)},
 }
 BATCH_SHAPE = {"mobilenetv2": (8, 3, 48, 48)}
+# AdamW's formula is checked on the MLP and the transformer (and in tests/test_optim.py); MobileNetV2
+# takes SGD-momentum here, and the BatchNorm nets of tests/zoo train with it too (a compile costs ~40 s)
+CASES = [(model, opt) for model in MODELS for opt in OPTIMIZERS if (model, opt) != ("mobilenetv2", "adamw")]
 
 
 def setup(model_name, opt_name, dtype):
@@ -51,8 +53,7 @@ def compiled(model, batches, make_opt, model_name):
     return compile_and_train(copy.deepcopy(model), make_opt(), batches, target=target)
 
 
-@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("model_name, opt_name", CASES)
 def test_float64_parity(model_name, opt_name):
     model, batches, make_opt = setup(model_name, opt_name, torch.float64)
     program, losses = compiled(model, batches, make_opt, model_name)
@@ -63,8 +64,7 @@ def test_float64_parity(model_name, opt_name):
     assert max(abs(a - b) for a, b in zip(losses, torch_losses)) <= FLOAT64_TOL
 
 
-@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("model_name, opt_name", CASES)
 def test_float32_parity_and_drift_is_rounding(model_name, opt_name):
     model, batches, make_opt = setup(model_name, opt_name, torch.float32)
     exact = copy.deepcopy(model).double()

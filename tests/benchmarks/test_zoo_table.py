@@ -5,8 +5,12 @@ from conftest import load_example_module
 
 def test_one_model_is_collected_and_tabulated():
     zoo_table = load_example_module("benchmarks/zoo_table.py", "zoo_table")
-    records = zoo_table.collect(["-k", "gpt2"])
-    assert [(r["model"], r["scheme"]) for r in records] == [("gpt2", "full")]
-    assert records[0]["worst"] <= zoo_table.TOL and records[0]["parameters"] > 0
+    records = zoo_table.collect(["-k", "gpt2 and not sparse"])
+    assert sorted((r["model"], r["check"]) for r in records) == [("gpt2", "float32"), ("gpt2", "full")]
+    full = next(r for r in records if r["check"] == "full")
+    assert full["worst"] <= zoo_table.TOL and full["parameters"] > 0
     rows = zoo_table.table(records).splitlines()
-    assert rows[2].startswith("| gpt2 | ") and "✓" in rows[2] and "—" in rows[2]  # no sparse run: a dash
+    cells = [cell.strip() for cell in rows[2].split("|")[1:-1]]
+    assert cells[:2] == ["gpt2", "transformers"] and cells[3].startswith("✓")
+    assert cells[4] == "—"  # no sparse run: a dash
+    assert cells[5].startswith("✓") and "/" in cells[5]  # float32: error, and both drifts

@@ -12,6 +12,8 @@ import inspect
 import pytest
 import torch
 
+import pockengine as pe
+
 transformers = pytest.importorskip("transformers")
 
 VOCAB, BATCH, SEQ, STEPS = 128, 2, 12, 3
@@ -196,3 +198,33 @@ def float64_internals(monkeypatch):
     from transformers.models.t5 import modeling_t5
 
     monkeypatch.setattr(modeling_t5.T5LayerNorm, "forward", rms_norm)
+
+
+BIASES_AND_NORMS = ("biases and norms", lambda model: pe.SparseUpdate.bias_and_norm())
+LORA_QV = ("LoRA r=4 on q, v", lambda model: pe.SparseUpdate.lora(4, ("q_proj", "v_proj"), alpha=8))
+# name -> (label, model -> scheme): one sparse scheme per model, the kind people fine-tune that family with
+SCHEMES = {
+    "llama": LORA_QV,
+    "qwen2": LORA_QV,
+    "mistral": ("last 2 layers", lambda model: pe.SparseUpdate.last_k(2)),
+    "gemma": LORA_QV,
+    "gemma2": BIASES_AND_NORMS,
+    "phi3": ("LoRA r=4 on qkv", lambda model: pe.SparseUpdate.lora(4, ("qkv_proj",), alpha=8)),
+    "gpt2": BIASES_AND_NORMS,
+    "opt": LORA_QV,
+    "bert": ("LoRA r=4 on query, value", lambda model: pe.SparseUpdate.lora(4, ("query", "value"), alpha=8)),
+    "roberta": BIASES_AND_NORMS,
+    "distilbert": ("LoRA r=4 on q, v", lambda model: pe.SparseUpdate.lora(4, ("q_lin", "v_lin"), alpha=8)),
+    "t5": ("norms (T5 has no biases)", lambda model: pe.SparseUpdate.bias_and_norm()),
+    "bart": LORA_QV,
+    "whisper": BIASES_AND_NORMS,
+    "wav2vec2 (group norm)": BIASES_AND_NORMS,
+    "wav2vec2 (layer norm)": ("last 2 layers", lambda model: pe.SparseUpdate.last_k(2)),
+}
+
+
+def build(name, monkeypatch):
+    """-> (model, loss, batches) of a zoo entry, its internals in the model's dtype."""
+    float64_internals(monkeypatch)
+    torch.manual_seed(0)
+    return MODELS[name]()

@@ -1,18 +1,15 @@
-"""Causal LMs of every major family (tests/zoo/hf_models.py) train like PyTorch (zoo_parity.py):
-the full update, and biases and norms for Gemma2 (sliding window, soft-capping)."""
+"""Causal LMs of every major family (tests/zoo/hf_models.py) train like PyTorch (zoo_parity.py): the
+full update and the family's usual sparse scheme in float64, 20 float32 steps."""
 
 import pytest
 
-import pockengine as pe
-from hf_models import CAUSAL_LMS
-from zoo_parity import assert_parity, train_both
+from hf_models import CAUSAL_LMS, SCHEMES, build
+from zoo_parity import cases, check_model
+
+SPARSE_IN_CI = ["llama", "gemma2", "mistral"]  # LoRA, biases and norms, last layers
+FLOAT32_IN_CI = ["llama", "gpt2"]
 
 
-@pytest.mark.parametrize("name", CAUSAL_LMS)
-def test_full_update_matches_pytorch(name, monkeypatch):
-    assert_parity(name, *train_both(name, monkeypatch))
-
-
-def test_gemma2_biases_and_norms_match_pytorch(monkeypatch):
-    assert_parity("gemma2", *train_both("gemma2", monkeypatch, pe.SparseUpdate.bias_and_norm()),
-                  scheme="biases and norms")
+@pytest.mark.parametrize("check, name", cases(CAUSAL_LMS, SPARSE_IN_CI, FLOAT32_IN_CI))
+def test_trains_like_pytorch(check, name, monkeypatch):
+    check_model(check, name, *build(name, monkeypatch), SCHEMES[name], source="transformers")
