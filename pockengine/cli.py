@@ -323,7 +323,8 @@ def make_parser() -> argparse.ArgumentParser:
     tu.add_argument("--trials", type=int, default=1000, help="total measured trials, including those already in the log")
     tu.add_argument("-o", "--output", help="database directory (default: tuning_logs/<target>/<job name>)")
     tu.add_argument("--time-budget", type=float, metavar="SECONDS",
-                    help="stop building new candidates after this many seconds (measured rounds are kept)")
+                    help="stop building new candidates this many seconds after the command starts (measured "
+                         "rounds are kept)")
     tu.add_argument("--min-share", type=float, default=MIN_FLOP_SHARE,
                     help=f"tune kernels with at least this share of the step's FLOPs (default {MIN_FLOP_SHARE})")
     tu.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on devices registered with this RPC tracker")

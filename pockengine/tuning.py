@@ -259,14 +259,15 @@ class RPCTracker:
 class Progress:
     """One line per measured round: trials so far, the task, its best time; a table at the end."""
 
-    def __init__(self, total_trials: int, names: list[str], stream=sys.stderr, budget_s: float | None = None):
+    def __init__(self, total_trials: int, names: list[str], stream=sys.stderr, budget_s: float | None = None,
+                 start: float | None = None):
         self.total, self.names, self.stream, self.budget = total_trials, names, stream, budget_s
         self.done = 0
         self.stopped = False
         self.best = [float("inf")] * len(names)
         self.trials = [0] * len(names)
         self.errors = [0] * len(names)
-        self.start = time.perf_counter()
+        self.start = time.perf_counter() if start is None else start  # a perf_counter() value
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -354,6 +355,7 @@ def tune(job, target, trials: int, output: str, time_budget_s: float | None = No
 
     if trials < 1:
         raise InputError(f"--trials must be at least 1, got {trials}")
+    started = time.perf_counter()  # the budget counts the step's compile and the kernels' extraction too
     preset = targets.resolve(target)
     tvm_target = preset.target()
     # Builder and runner workers inherit the environment: measure with the cores the step will use.
@@ -382,7 +384,7 @@ def tune(job, target, trials: int, output: str, time_budget_s: float | None = No
                                    search_strategy="evolutionary", task_name=k.name, num_threads=preset.cores,
                                    logger=None, rand_state=seed + i)
                     for i, k in enumerate(selected)]
-        progress = Progress(remaining, [k.name for k in selected], stream, time_budget_s)
+        progress = Progress(remaining, [k.name for k in selected], stream, time_budget_s, start=started)
         builder = _budgeted(ms.builder.LocalBuilder(f_build=build_kernel, max_workers=preset.cores, timeout_sec=120),
                             progress)
         evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)
@@ -393,15 +395,21 @@ def tune(job, target, trials: int, output: str, time_budget_s: float | None = No
                 rpc_config=ms.runner.RPCConfig(tracker_host=rpc.host, tracker_port=rpc.port, tracker_key=rpc.key,
                                                session_priority=1, session_timeout_sec=120),
                 evaluator_config=evaluator, max_workers=1)
-        try:
-            ms.tune.tune_tasks(
-                tasks=contexts, task_weights=[float(k.calls) for k in selected], work_dir=work_dir,
-                max_trials_global=remaining, num_trials_per_iter=TRIALS_PER_ROUND, builder=builder, runner=runner,
-                database=database, cost_model="xgb",
-                measure_callbacks=[_measure_callback(progress)] + ms.measure_callback.MeasureCallback.create("default"))
-        except Exception:
-            if not progress.stopped:
-                raise
+        # MetaSchedule's first search round cannot be stopped once begun: a budget already used up by
+        # the step's compile and the kernels' extraction starts none.
+        progress.stopped = progress.out_of_time()
+        if not progress.stopped:
+            try:
+                ms.tune.tune_tasks(
+                    tasks=contexts, task_weights=[float(k.calls) for k in selected], work_dir=work_dir,
+                    max_trials_global=remaining, num_trials_per_iter=TRIALS_PER_ROUND, builder=builder,
+                    runner=runner, database=database, cost_model="xgb",
+                    measure_callbacks=[_measure_callback(progress)]
+                    + ms.measure_callback.MeasureCallback.create("default"))
+            except Exception:
+                if not progress.stopped:
+                    raise
+        if progress.stopped:
             print(f"time budget of {time_budget_s:.0f} s used up; every measured round is in the database",
                   file=stream, flush=True)
     print(progress.table(), file=stream, flush=True)
