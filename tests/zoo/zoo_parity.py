@@ -12,7 +12,7 @@ Built at opt-level 0 (FAST_HOST): results must not depend on the level (tests/te
 Each check appends its result to $POCKENGINE_ZOO_RESULTS when set (benchmarks/zoo_table.py).
 
 Every model's full update runs in CI. A compile takes 5-40 s on 2 cores, so CI runs the sparse and the
-float32 checks on a subset that covers each scheme kind and each family (`in_ci`); with
+float32 checks on a subset that covers each scheme kind and each family (`cases`); with
 POCKENGINE_ZOO=all (what benchmarks/zoo_table.py sets) every model gets all three."""
 
 import copy
