@@ -55,14 +55,13 @@ def table(records: list[dict]) -> str:
     rows = ["| model | from | parameters | full update (float64, 3 steps) | sparse scheme (float64, 3 steps) | "
             "float32, 20 steps: vs PyTorch (drift ours / PyTorch's) | compile (s, opt-level 0) |",
             "|---|---|---|---|---|---|---|"]
-    order = sorted(by_model, key=lambda m: (next(iter(by_model[m].values())).get("source", ""), m))
-    for model in order:
+    source = {model: next(iter(checks.values())).get("source", "") for model, checks in by_model.items()}
+    for model in sorted(by_model, key=lambda m: (source[m], m)):
         checks = by_model[model]
         full, sparse, float32 = checks.get("full"), checks.get("sparse"), checks.get("float32")
         parameters = f"{full['parameters']:,}" if full else "?"
         scheme = "—" if sparse is None else f"{_float64_cell(sparse)} {sparse['scheme']}"
-        source = next(iter(checks.values())).get("source", "")
-        rows.append(f"| {model} | {source} | {parameters} | {_float64_cell(full)} | {scheme} | {_float32_cell(float32)} "
+        rows.append(f"| {model} | {source[model]} | {parameters} | {_float64_cell(full)} | {scheme} | {_float32_cell(float32)} "
                     f"| {full['compile_s'] if full else '?'} |")
     return "\n".join(rows)
 

@@ -69,6 +69,15 @@ CASES = {
 }
 
 
+def assert_trains_like_pytorch(model, batches, optimizer, target, tol):
+    """Every tensor (scaled as max_scaled_diff does) and every loss within `tol` of PyTorch eager."""
+    program, losses = compile_and_train(copy.deepcopy(model), optimizer, batches, target=target)
+    torch_losses = train_torch(model, optimizer, batches)
+    worst, where = max_scaled_diff(program.state_dict(), model.state_dict())
+    assert worst <= tol, f"{where} is {worst:.3g} off PyTorch"
+    assert max(abs(a - b) for a, b in zip(losses, torch_losses)) <= tol
+
+
 @pytest.mark.parametrize("target", list(TARGETS))
 @pytest.mark.parametrize("case", list(CASES))
 def test_one_step_matches_pytorch(case, target):
@@ -76,11 +85,7 @@ def test_one_step_matches_pytorch(case, target):
     torch.manual_seed(0)
     model = factory().double()
     batches = make_batches((2, 3, size, size), 10, 2, dtype=torch.float64)
-    program, losses = compile_and_train(copy.deepcopy(model), pe.optim.SGD(lr=0.1), batches, target=TARGETS[target])
-    torch_losses = train_torch(model, pe.optim.SGD(lr=0.1), batches)
-    worst, where = max_scaled_diff(program.state_dict(), model.state_dict())
-    assert worst <= TOL, f"{where} is {worst:.3g} off PyTorch"
-    assert max(abs(a - b) for a, b in zip(losses, torch_losses)) <= TOL
+    assert_trains_like_pytorch(model, batches, pe.optim.SGD(lr=0.1), TARGETS[target], TOL)
 
 
 @pytest.mark.parametrize("option", list(OPTIONS))
@@ -88,9 +93,4 @@ def test_resnet_stem_and_downsampling_block_match_pytorch_under_every_target_opt
     torch.manual_seed(0)
     model = ResNetStem().double().train()
     batches = make_batches((4, 3, 32, 32), 10, 2, dtype=torch.float64)
-    optimizer = pe.optim.SGD(lr=0.01, momentum=0.9)
-    program, losses = compile_and_train(copy.deepcopy(model), optimizer, batches, target=OPTIONS[option])
-    torch_losses = train_torch(model, optimizer, batches)
-    worst, where = max_scaled_diff(program.state_dict(), model.state_dict())
-    assert worst <= 1e-10, f"{where} is {worst:.3g} off PyTorch"
-    assert max(abs(a - b) for a, b in zip(losses, torch_losses)) <= 1e-10
+    assert_trains_like_pytorch(model, batches, pe.optim.SGD(lr=0.01, momentum=0.9), OPTIONS[option], 1e-10)
