@@ -6,8 +6,9 @@
     program = pe.compile(job, target="host")
     loss = program.step(x, y)
 
-This module imports neither torch nor TVM's compiler eagerly: `pe.load(dir)` and `step()` on a
-loaded artifact need only numpy and the TVM runtime.
+This module imports neither torch nor TVM eagerly (its names load on first use): `pe.load(dir)` and
+`step()` on a loaded artifact need only numpy and the TVM runtime, and the command line answers a
+mistake in its arguments without the seconds those imports take.
 """
 
 import os
@@ -17,9 +18,7 @@ import os
 # reads this once, when torch is first imported — here, ahead of it, unless the user chose otherwise.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import errors, optim  # noqa: E402
-from .job import TrainingJob  # noqa: E402
-from .sparse import SparseUpdate  # noqa: E402
+from . import errors  # noqa: E402
 
 __all__ = ["TrainingJob", "SparseUpdate", "compile", "load", "optim", "errors", "targets"]
 
@@ -42,9 +41,15 @@ def load(directory):
     return _load(directory)
 
 
-def __getattr__(name):
-    if name == "targets":
-        import importlib
+_LAZY = {"TrainingJob": ("job", "TrainingJob"), "SparseUpdate": ("sparse", "SparseUpdate"),
+         "optim": ("optim", None), "targets": ("targets", None)}
 
-        return importlib.import_module(".targets", __name__)
-    raise AttributeError(name)
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'pockengine' has no attribute {name!r}")
+    import importlib
+
+    module, attribute = _LAZY[name]
+    value = importlib.import_module(f".{module}", __name__)
+    return getattr(value, attribute) if attribute else value

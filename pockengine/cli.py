@@ -13,6 +13,7 @@ Errors a user can cause print one line (`error: ...`) and exit with status 2, ne
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -20,8 +21,9 @@ import time
 
 import numpy as np
 
+from .artifact_files import check_destination
 from .errors import InputError, PockEngineError
-from .targets.device_runner import EXAMPLE
+from .targets.device_runner import EXAMPLE, locked
 from .tuning import MIN_FLOP_SHARE
 
 
@@ -54,6 +56,8 @@ def _tuning_logs(explicit: str | None, target_name: str) -> list[str]:
 
 
 def cmd_build(args) -> int:
+    if args.output:  # first: before the seconds of importing TVM, running the user's script and compiling
+        check_destination(args.output, args.force, protect=(args.train_py,))
     from .build import compile as compile_job, print_progress
     from .tuning import TuningReport
     from .job import load_job
@@ -63,11 +67,13 @@ def cmd_build(args) -> int:
     logs = _tuning_logs(args.tuning_log, target.name)
     job = load_job(args.train_py)
     out = args.output or os.path.join("build", job.name)
+    if not args.output:
+        check_destination(out, args.force, protect=(args.train_py,))
     print(f"building {args.train_py} (job {job.name!r}) for target {target.name}", file=sys.stderr)
     start = time.perf_counter()
     program = compile_job(job, target, progress=None if args.quiet else print_progress, tuning_logs=logs,
                           backend=args.backend)
-    program.export(out)  # with the example batch: `pockengine run` works without --data
+    program.export(out, force=args.force)  # with the example batch: `pockengine run` works without --data
     report = program.memory_report()
     if "tuning" in program.meta:
         print(TuningReport.from_json(program.meta["tuning"]).summary())
@@ -159,13 +165,21 @@ def _batches(program, data_path: str | None, artifact: str):
 
 
 def cmd_run(args) -> int:
-    from .runtime import load, read_manifest, runs_here
+    from .runtime import read_manifest
 
     family = read_manifest(args.artifact).get("family", "host")
-    if family == "aarch64":
+    if family == "aarch64":  # its runner locks the artifact itself when saving
         from .targets import aarch64
 
         return aarch64.run(args.artifact, args.steps, args.data, args.save)
+    # Saving: locked from reading the state to writing it back, so concurrent runs lose no step.
+    with locked(args.artifact) if args.save else contextlib.nullcontext():
+        return _train(args, family)
+
+
+def _train(args, family: str) -> int:
+    from .runtime import load, runs_here
+
     program = load(args.artifact)  # a CUDA artifact loads here only where there is a GPU
     if family == "cortex-m":
         return _run_cortex_m(program, args)
@@ -310,6 +324,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("train_py")
     b.add_argument("--target", default="host", help="preset name, TVM tag or JSON target dict (default: host)")
     b.add_argument("-o", "--output", help="artifact directory (default: build/<job name>)")
+    b.add_argument("--force", action="store_true",
+                   help="replace what is at -o even if it is not a PockEngine artifact (its files are deleted)")
     b.add_argument("-q", "--quiet", action="store_true", help="do not show the build stages")
     b.add_argument("--backend", choices=("tvm", "library", "auto"), default="tvm",
                    help="heavy ops on TVM kernels (default), PyTorch's library kernels, or whichever measures faster")

@@ -9,7 +9,8 @@ Artifact layout (a directory):
     train_step.so   the compiled step (TVM Relax VM executable)
     state.npz       parameters, buffers and optimizer state, by name
 Every file is written to a temporary name and renamed into place; a directory is assembled beside
-the destination and swapped in, so a crash leaves either the old artifact or the new one.
+the destination and swapped in, so a crash leaves either the old artifact or the new one
+(artifact_files.py).
 """
 
 from __future__ import annotations
@@ -18,22 +19,21 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
-import time
 import weakref
 import zipfile
 
 import numpy as np
 
 from .autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, STEP_FUNC, StepSignature
+from .artifact_files import (FORMAT, MANIFEST, check_destination, make_temp_directory, recover,
+                             replace_directory)
 from .errors import ArtifactError, InputError, StateError, TargetError
 from .frontend import to_numpy
 from .passes.memory_plan import MemoryReport
-from .targets.device_runner import EXAMPLE, write_npz as _write_npz
+from .targets.device_runner import EXAMPLE, locked, remove_path, write_npz as _write_npz
 
-FORMAT = "pockengine-artifact"
 FORMAT_VERSION = 2  # 2: partially trained weights are stored as their two parts
-LIBRARY, STATE, MANIFEST = "train_step.so", "state.npz", "manifest.json"
+LIBRARY, STATE = "train_step.so", "state.npz"
 
 
 class Program:
@@ -223,12 +223,14 @@ class Program:
             "files": self._file_table(),
         }
 
-    def export(self, directory: str) -> str:
-        """Write the artifact to `directory` (replaced atomically if it exists); return its path."""
+    def export(self, directory: str, force: bool = False) -> str:
+        """Write the artifact to `directory` and return its path. An artifact already there is replaced
+        atomically (a crash leaves the old one or the new one); anything else there is refused unless
+        `force`."""
         directory = os.path.abspath(directory)
-        parent = os.path.dirname(directory)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+        recover(directory)
+        check_destination(directory, force)
+        tmp = make_temp_directory(directory)
         try:
             self._write_files(tmp)
             _write_npz(os.path.join(tmp, STATE), self._state_arrays())
@@ -236,16 +238,21 @@ class Program:
                 _write_npz(os.path.join(tmp, EXAMPLE), self.example)
             manifest = self.manifest()
             manifest["sha256"] = {name: _sha256(os.path.join(tmp, name)) for name in self._hashed_files()}
-            _write_json(os.path.join(tmp, MANIFEST), manifest)
-            _swap_directory(tmp, directory)
+            _write_json(os.path.join(tmp, MANIFEST), manifest)  # last: a directory with a manifest is complete
+            if os.path.isdir(directory) and not os.path.islink(directory):
+                with locked(directory):  # not while a `run --save` is training it
+                    replace_directory(tmp, directory)
+            else:
+                replace_directory(tmp, directory)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_path(tmp)
             raise
         return directory
 
     def save_state(self, directory: str) -> None:
         """Write the current state into an exported artifact (atomically replaces its state.npz)."""
-        _write_npz(os.path.join(directory, STATE), self._state_arrays())
+        with locked(directory):
+            _write_npz(os.path.join(directory, STATE), self._state_arrays())
 
     def _state_arrays(self) -> dict:
         return {k: v.numpy() for k, v in self._state.items()}
@@ -384,6 +391,7 @@ def runs_here(manifest: dict) -> bool:
 
 
 def read_manifest(directory: str) -> dict:
+    recover(directory)  # a writer killed between the two renames of a swap left it beside its place
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
         raise ArtifactError(f"no PockEngine artifact at {directory}: {MANIFEST} is missing "
@@ -439,17 +447,6 @@ def _jsonable(x):
     if hasattr(x, "__iter__"):  # TVM arrays (target keys, ...)
         return [_jsonable(v) for v in x]
     return str(x)
-
-
-def _swap_directory(new: str, dest: str) -> None:
-    """Move `new` to `dest`; an existing `dest` is renamed away first and removed after."""
-    old = None
-    if os.path.exists(dest):
-        old = f"{dest}.old-{os.getpid()}-{int(time.time() * 1000)}"
-        os.rename(dest, old)
-    os.rename(new, dest)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _sha256(path: str) -> str:

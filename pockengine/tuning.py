@@ -27,7 +27,6 @@ import tempfile
 import time
 
 from .errors import InputError, PockEngineError
-from .ir import is_scheduled
 
 WORKLOAD_FILE, RECORD_FILE = "database_workload.json", "database_tuning_record.json"
 # Kernels below this share of the step's estimated FLOPs keep the default schedule: a training step
@@ -187,6 +186,8 @@ def apply_database(fused_mod, target, database):
 def apply_logs(fused_mod, target, directories: list[str]):
     """(module with tuned kernels marked `tirx.is_scheduled`, TuningReport)."""
     import tvm
+
+    from .ir import is_scheduled
 
     if not directories:
         return fused_mod, TuningReport([], [], [])

@@ -15,8 +15,10 @@ This file must stay standalone (imported by pockengine's CLI too, for the batch 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -56,23 +58,121 @@ def iterate_batches(specs: list, path: str):
         i += 1
 
 
+STATE_TMP_PREFIX = ".state-"
+
+
 def write_npz(path: str, arrays: dict) -> None:
-    """Write atomically: a crash leaves the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".npz", dir=os.path.dirname(path) or ".")
+    """Write atomically: a crash leaves the old file or the new one, never half of one. The temporary
+    name carries this process's pid; what a killed writer left is removed here."""
+    directory = os.path.dirname(path) or "."
+    remove_stale(directory, STATE_TMP_PREFIX)
+    fd, tmp = tempfile.mkstemp(prefix=f"{STATE_TMP_PREFIX}{os.getpid()}-", suffix=".npz", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        remove_path(tmp)
         raise
 
 
+@contextlib.contextmanager
+def locked(directory: str, out=sys.stderr):
+    """Hold the artifact's writer lock (an advisory flock on the directory itself): one `run --save`,
+    export or tune at a time, the others wait. Re-taken if the directory was replaced meanwhile."""
+    import fcntl
+
+    key = os.path.realpath(directory)
+    if key in _LOCKS_HELD:  # flock would block on our own lock: the outer holder keeps it
+        yield
+        return
+    while True:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another process writing {directory} to finish", file=out, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            now = os.stat(directory)
+            held = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)  # replaced by an export while we waited: lock the new one
+    _LOCKS_HELD.add(key)
+    try:
+        yield
+    finally:
+        _LOCKS_HELD.discard(key)
+        os.close(fd)
+
+
+_LOCKS_HELD = set()  # the artifact directories whose lock this process holds
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux allows."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale(directory: str, prefix: str) -> None:
+    """Remove the entries `<prefix><pid>-...` of `directory` whose writer is no longer running."""
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.startswith(prefix) and not writer_alive(entry[len(prefix):]):
+            remove_path(os.path.join(directory, entry))
+
+
+def writer_alive(tail: str) -> bool:
+    """tail: `<pid>-...` of a temporary name; whether that process runs (unknown forms count as alive)."""
+    pid = tail.split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == 0:
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_path(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def run(artifact: str, steps: int, data: str | None = None, save: bool = False, out=sys.stdout) -> list:
-    """Train `steps` steps; print and return the losses."""
+    """Train `steps` steps; print and return the losses. With `save`, the artifact is locked from
+    reading its state to writing it back, so concurrent runs train one after the other."""
+    with locked(artifact) if save else contextlib.nullcontext():
+        return _train(artifact, steps, data, save, out)
+
+
+def _train(artifact: str, steps: int, data: str | None, save: bool, out) -> list:
     import tvm
     from tvm.runtime.vm import VirtualMachine  # the runtime-only path (tvm.relax needs the compiler)
 

@@ -1,0 +1,138 @@
+"""Writing artifact directories without ever losing a user's files.
+
+- A destination is refused unless it is absent, an empty directory or a PockEngine artifact
+  (`force` replaces anything else, but never the working directory, a directory holding it or the
+  home directory).
+- The new artifact is assembled beside the destination and swapped in with one atomic exchange
+  (renameat2 RENAME_EXCHANGE), so a crash at any instant leaves the old artifact or the new one.
+  Where the file system cannot exchange, two renames are used and a crash between them is repaired
+  by the next write or load (`recover`).
+- Temporary names carry the writer's pid: what a killed writer left is removed by the next one.
+- Files and directories get the permissions the umask gives, like every other tool's output.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import shutil
+import tempfile
+
+from .errors import ArtifactError
+from .targets.device_runner import remove_path, remove_stale, umask, writer_alive
+
+FORMAT = "pockengine-artifact"
+MANIFEST = "manifest.json"
+TMP_TAG, OLD_TAG = ".tmp-", ".old-"
+
+
+def is_artifact(path: str) -> bool:
+    """Whether `path` is a directory holding a PockEngine manifest (complete or not)."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_destination(path: str, force: bool = False, protect: tuple = ()) -> None:
+    """Refuse to write an artifact where it would replace something that is not one. `protect`:
+    files the destination must not contain (the train.py being built)."""
+    path = os.path.realpath(path)
+    home = os.path.realpath(os.path.expanduser("~"))
+    for precious, what in [(os.getcwd(), "the current directory"), (home, "your home directory"),
+                           *((os.path.realpath(p), p) for p in protect)]:
+        if precious == path or precious.startswith(path.rstrip(os.sep) + os.sep):
+            raise ArtifactError(f"refusing to write an artifact to {path}: it is or contains {what}, which "
+                                "would be replaced. Choose a new directory, e.g. build/<name>")
+    if not os.path.lexists(path) or force:
+        return
+    if not os.path.isdir(path) or os.path.islink(path):
+        raise ArtifactError(f"{path} exists and is not a directory; PockEngine replaces only its own artifacts. "
+                            "Choose another path, or pass --force (export(..., force=True)) to replace it")
+    if os.listdir(path) and not is_artifact(path):
+        raise ArtifactError(f"{path} holds files that are not a PockEngine artifact (no {MANIFEST}); they would be "
+                            "deleted. Choose another path, or pass --force (export(..., force=True)) to replace them")
+
+
+def make_temp_directory(dest: str) -> str:
+    """An empty directory beside `dest` to assemble its new version in (removed by the next writer if
+    this process dies)."""
+    parent, name = os.path.split(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    remove_stale(parent, f".{name}{TMP_TAG}")
+    remove_stale(parent, f".{name}{OLD_TAG}")
+    tmp = tempfile.mkdtemp(prefix=f".{name}{TMP_TAG}{os.getpid()}-", dir=parent)
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private
+    return tmp
+
+
+def replace_directory(new: str, dest: str) -> None:
+    """Put the directory `new` at `dest` atomically; whatever was at `dest` is removed."""
+    try:
+        os.rename(new, dest)  # dest absent (or an empty directory): one atomic rename
+        return
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise
+    if exchange(new, dest):
+        remove_path(new)  # it holds the old artifact now
+        return
+    # No exchange on this file system: two renames, and a crash between them leaves `dest` absent
+    # with both versions beside it; recover() then puts the new, complete one in place.
+    parent, name = os.path.split(os.path.abspath(dest))
+    old = tempfile.mkdtemp(prefix=f".{name}{OLD_TAG}{os.getpid()}-", dir=parent)
+    os.rmdir(old)
+    os.rename(dest, old)
+    os.rename(new, dest)
+    remove_path(old)
+
+
+def recover(dest: str) -> bool:
+    """If a writer died between the two renames of replace_directory's fallback, move the complete
+    version it left beside `dest` into place. Whether anything was recovered."""
+    if os.path.lexists(dest):
+        return False
+    parent, name = os.path.split(os.path.abspath(dest))
+    if not os.path.isdir(parent):
+        return False
+    for tag in (TMP_TAG, OLD_TAG):  # the new version is complete once the old one has been moved away
+        for entry in sorted(os.listdir(parent)):
+            candidate = os.path.join(parent, entry)
+            if entry.startswith(f".{name}{tag}") and not writer_alive(entry[len(name) + 1 + len(tag):]) \
+                    and _manifest_complete(candidate):
+                try:
+                    os.rename(candidate, dest)
+                    return True
+                except OSError:
+                    return os.path.exists(dest)  # another process recovered it first
+    return False
+
+
+def exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _manifest_complete(path: str) -> bool:
+    """A directory whose manifest is written (it is written last) and names only files present."""
+    if not is_artifact(path):
+        return False
+    with open(os.path.join(path, MANIFEST)) as f:
+        files = json.load(f).get("files", {})
+    return all(os.path.exists(os.path.join(path, name)) for name in files.values())
