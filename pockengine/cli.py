@@ -22,8 +22,8 @@ import time
 import numpy as np
 
 from .artifact_files import check_destination
-from .errors import InputError, PockEngineError
-from .targets.device_runner import EXAMPLE, locked
+from .errors import InputError, NumericsError, PockEngineError
+from .targets.device_runner import EXAMPLE, NON_FINITE, batch_problem, locked
 from .tuning import MIN_FLOP_SHARE
 
 
@@ -213,12 +213,21 @@ def _run_cortex_m(program, args) -> int:
     project = os.path.join(args.artifact, cortex_m.PROJECT)
     batches = _batches(program, args.data, args.artifact)
     count = _batch_count(args.data, args.steps)
-    cortex_m.project.write_batches(project, program.signature, [next(batches) for _ in range(count)])
+    chosen = [next(batches) for _ in range(count)]
+    names, ranges = [s.name for s in program.signature.batch], [r.to_json() for r in program.signature.index_ranges]
+    for i, batch in enumerate(chosen):  # the checks Program.step makes on the host
+        problem = batch_problem(names, [np.asarray(a) for a in batch], ranges)
+        if problem:
+            raise (NumericsError if problem[0] == NON_FINITE else InputError)(f"batch {i + 1}: {problem[1]}")
+    cortex_m.project.write_batches(project, program.signature, chosen)
     print(f"running {args.steps} steps on QEMU's {preset.board['qemu_machine']} ({preset.name}; times are not the device's)",
           flush=True)
     result = cortex_m.run(project, preset, args.steps, program.signature)
     for step, loss in enumerate(result.losses, 1):
         print(f"step {step:>5}  loss {loss:.6f}")
+        if not np.isfinite(loss):
+            raise NumericsError(f"step {step}: the loss is {loss} (a NaN or infinity in the loss or in a trained "
+                                "parameter); nothing was saved. Lower the learning rate or check the loss")
     if args.save:
         program.load_state_dict(result.state, strict=False)
         program.save_state(args.artifact)

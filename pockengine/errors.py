@@ -57,3 +57,8 @@ class InternalCompilerError(PockEngineError, RuntimeError):
     """PockEngine or TVM failed on a model it accepted: a bug to report, not a mistake in the model.
     The message names the build stage, the operations the failure points at and where in the model
     they come from."""
+
+
+class NumericsError(PockEngineError, FloatingPointError):
+    """A batch holds NaN or infinite values, or a step produced them (a diverging update): the
+    message names the step and the first non-finite tensor. Nothing non-finite is saved."""

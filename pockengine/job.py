@@ -15,6 +15,9 @@ from .optim import Optimizer
 from .sparse import FROZEN, FULL, SparseUpdate
 
 
+LOSS_NAMES = ("cross_entropy", "mse")  # what both frontends implement
+
+
 class TrainingJob:
     """A model, an example batch, a loss, an optimizer and which parameters to update.
 
@@ -64,6 +67,13 @@ class TrainingJob:
             raise JobError("example_inputs is empty: pass the model's input tensor(s)")
         if self.example_targets is None:
             raise JobError("example_targets is missing: pass a target tensor for the loss")
+        if isinstance(self.loss, str):
+            if self.loss not in LOSS_NAMES:
+                raise JobError(f"unknown loss {self.loss!r}: use one of {', '.join(LOSS_NAMES)} or a callable "
+                               "loss(output, target) -> scalar tensor")
+        elif not callable(self.loss) or self.is_onnx:
+            raise JobError(f"loss must be one of {', '.join(LOSS_NAMES)}" + ("" if self.is_onnx else
+                           " or a callable loss(output, target) -> scalar tensor") + f", got {self.loss!r}")
         if self.is_onnx:
             if self.sparse_update is not None and self.sparse_update.lora_spec is not None:
                 raise JobError("SparseUpdate.lora adds adapters to a torch model; an ONNX model cannot take them")
@@ -83,9 +93,19 @@ class TrainingJob:
             self.model = copy.deepcopy(self.model)
             self.lora_modules = add_lora(self.model, **lora)
         for i, x in enumerate(self.example_inputs + (self.example_targets,)):
+            what = "example_targets" if i == len(self.example_inputs) else f"example_inputs[{i}]"
             if not isinstance(x, torch.Tensor):
-                what = "example_targets" if i == len(self.example_inputs) else f"example_inputs[{i}]"
                 raise JobError(f"{what} must be a torch.Tensor for a torch model, got {type(x).__name__}")
+            if x.numel() == 0:
+                raise JobError(f"{what} is empty (shape {tuple(x.shape)}): the step is compiled for the example "
+                               "batch's shape; pass a batch of the size you will train with")
+        half = (torch.float16, torch.bfloat16)
+        low = [(f"example_inputs[{i}]", x.dtype) for i, x in enumerate(self.example_inputs) if x.dtype in half]
+        low += [(name, p.dtype) for name, p in self.model.named_parameters() if p.dtype in half][:1]
+        if low:
+            raise JobError(f"{low[0][0]} is {str(low[0][1]).replace('torch.', '')}: PockEngine trains float32 and "
+                           "float64 models (float16/bfloat16 training is not supported yet). Convert with "
+                           "model.float() and x.float()")
 
     @property
     def is_onnx(self) -> bool:

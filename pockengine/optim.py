@@ -11,12 +11,13 @@ for operation where the order changes rounding (lerp, addcmul, addcdiv).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from tvm import relax
 from tvm.relax import op as R
 
 from .errors import OptimizerError
+from .validate import check_learning_rate, is_finite_number
 
 LR, STEP = "lr", "step"
 UPDATE_PREFIX = "update_"
@@ -59,8 +60,16 @@ class Optimizer:
         return []
 
     def validate(self) -> None:
-        if not (self.lr >= 0):
-            raise OptimizerError(f"Invalid learning rate: {self.lr} (must be >= 0)")
+        """Every hyper-parameter is a finite number (NaN or an infinity would train every weight to
+        NaN), the learning rate >= 0; subclasses check their own ranges."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            for v in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(v, bool) and f.type in (bool, "bool"):
+                    continue
+                if not is_finite_number(v):
+                    raise OptimizerError(f"{self.kind}: {f.name}={value!r} is not a finite number")
+        check_learning_rate(self.lr)
 
     def update(self, em: _Emitter, param, grad, slots: dict, lr_f64, step_f64):
         """Return (new_param, {slot: new value}); `step_f64` is the step count *after* this step."""

@@ -27,10 +27,11 @@ import numpy as np
 from .autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, STEP_FUNC, StepSignature
 from .artifact_files import (FORMAT, MANIFEST, check_destination, make_temp_directory, recover,
                              replace_directory)
-from .errors import ArtifactError, InputError, StateError, TargetError
+from .errors import ArtifactError, InputError, NumericsError, StateError, TargetError
 from .frontend import to_numpy
 from .passes.memory_plan import MemoryReport
-from .targets.device_runner import EXAMPLE, locked, remove_path, write_npz as _write_npz
+from .validate import check_learning_rate
+from .targets.device_runner import EXAMPLE, NON_FINITE, batch_problem, locked, remove_path, write_npz as _write_npz
 
 FORMAT_VERSION = 2  # 2: partially trained weights are stored as their two parts
 LIBRARY, STATE = "train_step.so", "state.npz"
@@ -84,11 +85,53 @@ class Program:
 
     # ------------------------------------------------------------------ training
 
-    def step(self, *batch) -> float:
-        """Run one training step on (inputs..., target) and return the loss."""
-        outs = self._run(self._batch_tensors(batch), self._state)
+    def step(self, *batch, check: bool = True) -> float:
+        """Run one training step on (inputs..., target) and return the loss.
+
+        With `check` (the default), a batch holding NaN or infinite values, or labels (indices) out of
+        the range the model accepts, is refused before it runs; a non-finite loss, or a trained
+        parameter an update made non-finite (which ReLU can hide from the loss; found by the next
+        step, see autodiff/guards.py), raises NumericsError. Updates are written in place, so the
+        program then refuses to step until a finite state is loaded; a non-finite state is never
+        saved or exported. check=False skips the checks of the batch and the loss."""
+        if self._diverged:
+            raise NumericsError(f"{self._diverged}; this program's state is not finite: load a finite state "
+                                "(load_state_dict) or the artifact again (pockengine.load)")
+        args = self._batch_tensors(batch, check)
+        outs = self._run(args, self._state)
         self.steps_taken += 1
-        return float(outs[0].numpy())
+        loss = float(outs[0].numpy())
+        if check and not np.isfinite(loss):
+            self._diverged = f"step {self.steps_taken}: {self._non_finite_cause(loss)}"
+            raise NumericsError(f"{self._diverged}. Nothing was saved; lower the learning rate or check the "
+                                "loss for log(0) or division by zero")
+        return loss
+
+    _diverged = ""  # why the state is not finite, once a checked step found it so
+
+    def _refuse_non_finite(self) -> None:
+        """Never write a non-finite state: checked here because a step finds a diverged update only
+        in the next step (guards.py)."""
+        cause = self._diverged or self._non_finite_state()
+        if cause:
+            raise NumericsError(f"not saving: {cause}. Load a finite state first")
+
+    def _non_finite_state(self) -> str:
+        """The first state tensor holding a NaN or an infinity, described; '' if none does."""
+        for spec in self.signature.state:
+            value = self._read(spec.name)
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                count = int((~np.isfinite(value)).sum())
+                return f"{count} values of {self.signature.owner(spec.name)} are NaN or infinite"
+        return ""
+
+    def _non_finite_cause(self, loss: float) -> str:
+        """What made the loss non-finite: a state tensor the last update (or the one before: the
+        check reads the parameters before updating them) made non-finite, else the loss itself."""
+        state = self._non_finite_state()
+        if state:
+            return f"{state} after this step's update or the one before (the loss was {loss})"
+        return f"the loss is {loss}"
 
     def time_step(self, *batch, repeats: int = 10) -> float:
         """Median milliseconds of a step on `batch` after warm-up, run on a copy of the state: the
@@ -105,12 +148,12 @@ class Program:
         state.update(zip(self.signature.outputs, list(outs)[1:]))
         return outs
 
-    def _batch_tensors(self, batch) -> list:
+    def _batch_tensors(self, batch, check: bool = False) -> list:
         specs = self.signature.batch
         if len(batch) != len(specs):
             names = ", ".join(s.name for s in specs)
             raise InputError(f"step() takes {len(specs)} arrays ({names}), got {len(batch)}")
-        args = []
+        arrays = []
         for i, (x, spec) in enumerate(zip(batch, specs)):
             a = to_numpy(x)
             if tuple(a.shape) != spec.shape or str(a.dtype) != spec.dtype:
@@ -119,8 +162,13 @@ class Program:
                     f"{tuple(a.shape)} dtype {a.dtype}. The program is compiled for the example batch's "
                     "shapes and dtypes: convert the array, or compile again with an example of this shape."
                 )
-            args.append(self._tvm.runtime.tensor(np.ascontiguousarray(a), self._device))
-        return args
+            arrays.append(np.ascontiguousarray(a))
+        if check:
+            problem = batch_problem([s.name for s in specs], arrays, [r.to_json() for r in self.signature.index_ranges])
+            if problem:
+                kind, message = problem
+                raise (NumericsError if kind == NON_FINITE else InputError)(f"step {self.steps_taken + 1}: {message}")
+        return [self._tvm.runtime.tensor(a, self._device) for a in arrays]
 
     @property
     def lr(self) -> float:
@@ -128,6 +176,7 @@ class Program:
 
     @lr.setter
     def lr(self, value: float) -> None:
+        check_learning_rate(value)
         self._state["lr"] = self._tensor(np.array(value, "float64"))
 
     # ------------------------------------------------------------------ state
@@ -182,6 +231,8 @@ class Program:
         arrays = {self._aliases.get(k, k): to_numpy(v) for k, v in state_dict.items()
                   if not (k in self._aliases and self._aliases[k] in state_dict)}
         self._write(self.signature.split_state(arrays))
+        if self._diverged and not self._non_finite_state():
+            self._diverged = ""
 
     def _check_state_dict(self, state_dict: dict, strict: bool) -> None:
         model_keys = set(self._model_keys())
@@ -227,6 +278,7 @@ class Program:
         """Write the artifact to `directory` and return its path. An artifact already there is replaced
         atomically (a crash leaves the old one or the new one); anything else there is refused unless
         `force`."""
+        self._refuse_non_finite()
         directory = os.path.abspath(directory)
         recover(directory)
         check_destination(directory, force)
@@ -251,6 +303,7 @@ class Program:
 
     def save_state(self, directory: str) -> None:
         """Write the current state into an exported artifact (atomically replaces its state.npz)."""
+        self._refuse_non_finite()
         with locked(directory):
             _write_npz(os.path.join(directory, STATE), self._state_arrays())
 
@@ -309,6 +362,7 @@ class DeviceProgram(Program):
 
     @lr.setter
     def lr(self, value: float) -> None:
+        check_learning_rate(value)
         self._state["lr"] = np.array(value, "float64")
 
     def _state_arrays(self) -> dict:

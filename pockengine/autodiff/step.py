@@ -23,12 +23,13 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..errors import JobError, UnsupportedOpError
+from ..errors import JobError, LossError, UnsupportedOpError
 from ..frontend import FUNC_NAME, RNG_SEED, ImportedModel, TensorSpec
 from ..ir import Substitute, inline_body
 from ..sparse import FROZEN as FROZEN_RULE, Partial
 from ..optim import LR, STEP, UPDATE_PREFIX, Optimizer, _Emitter
 from . import gradients
+from .guards import IndexRange, guard_loss, index_ranges, sum_of
 
 STEP_FUNC = "train_step"
 RECOMPUTED_SUFFIX = "_recomputed"  # forward values the backward computes again
@@ -81,6 +82,8 @@ class StepSignature:
     loss_dtype: str
     # Partially trained parameters (model names) -> the two state tensors they are split into.
     partial: dict = field(default_factory=dict)
+    # Integer batch inputs used as indices and the values they may take (guards.IndexRange).
+    index_ranges: list = field(default_factory=list)
 
     @property
     def trained_shapes(self) -> dict:
@@ -107,6 +110,7 @@ class StepSignature:
             "outputs": ["loss"] + self.outputs,
             "loss_dtype": self.loss_dtype,
             "partial": {k: vars(v) for k, v in self.partial.items()},
+            "index_ranges": [r.to_json() for r in self.index_ranges],
         }
 
     @classmethod
@@ -118,6 +122,7 @@ class StepSignature:
             outputs=list(d["outputs"][1:]),
             loss_dtype=d["loss_dtype"],
             partial={k: SplitWeight(**v) for k, v in d.get("partial", {}).items()},
+            index_ranges=[IndexRange.from_json(r) for r in d.get("index_ranges", [])],
         )
 
 
@@ -141,11 +146,20 @@ def check_differentiable(imported: ImportedModel, trainable: list[str]) -> None:
     pvars = imported.param_vars
     live = {pvars[name] for name in trainable}  # vars a gradient can flow back into
     bindings = [b for block in func.body.blocks for b in block.bindings]
+    # Boolean and integer tensors (masks, indices) carry no gradient: the chain stops there. Relax's
+    # Gradient pass still wants a rule for the op that makes one from a trained value (argsort).
+    reads_trained = set()
     for b in bindings:
-        # Boolean and integer tensors (masks, indices) carry no gradient: the chain stops there.
-        if _carries_gradient(b.var.ty) and any(v in live for v in relax.analysis.free_vars(b.value)):
-            live.add(b.var)
+        if any(v in live for v in relax.analysis.free_vars(b.value)):
+            reads_trained.add(b.var)
+            if _carries_gradient(b.var.ty):
+                live.add(b.var)
     loss = _loss_expr(func)
+    if not any(v in live for v in relax.analysis.free_vars(loss)) and not any(v in live for v in [loss]):
+        raise LossError("the loss does not depend on any trained parameter through differentiable operations "
+                        "(argmax, comparisons and integer casts have no gradient), so nothing would train; "
+                        "PyTorch raises 'element 0 of tensors does not require grad' here. Use a differentiable "
+                        "loss (cross_entropy on the logits), or check which parameters sparse_update trains")
     needed = set(relax.analysis.free_vars(loss))  # vars the loss depends on
     missing = []
     for b in reversed(bindings):
@@ -153,7 +167,7 @@ def check_differentiable(imported: ImportedModel, trainable: list[str]) -> None:
             continue
         needed.update(relax.analysis.free_vars(b.value))
         value = b.value
-        if b.var in live and isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+        if b.var in reads_trained and isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
             name = value.op.name
             if name not in DECOMPOSED_FOR_TRAINING and not gradients.has_gradient(name):
                 if name == "relax.call_tir":
@@ -295,6 +309,7 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
     step_params = [p for v in aparams[:len(aparams) - random]
                    for p in (part_vars[param_name[v]] if param_name.get(v) in partial else (v,))]
 
+    loss_dtype = str(_loss_expr(imported.func).ty.dtype)
     bb = relax.BlockBuilder()
     all_params = step_params + [lr_var, step_var] + [slot_vars[k] for k in slot_vars]
     with bb.function(STEP_FUNC, all_params, attrs={"num_input": n_in}):
@@ -307,6 +322,8 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
                 bb.emit_normalized(relax.VarBinding(binding.var, value))
             for param, value in zip(hoisted_params, hoisted):
                 bb.emit_normalized(relax.VarBinding(param, value))
+            state_sum = sum_of(bb, [part_vars[s.name][0] if s.name in partial else by_name[s.name] for s in trained],
+                               loss_dtype)
             ret = inline_body(bb, adjoint)
             outputs, grads = ret
             loss, new_buffers = outputs[0], outputs[1:]
@@ -320,6 +337,7 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
                 new_params.append(p)
                 new_slots.append(updated)
             slot_out = [new_slots[i][slot] for slot in optimizer.slots() for i in range(len(trained))]
+            loss = guard_loss(bb, loss, state_sum)
             out = bb.emit_output(relax.Tuple([loss] + new_params + list(new_buffers) + [new_step] + slot_out))
         bb.emit_func_output(out)
     step_mod = tvm.IRModule({STEP_FUNC: bb.get()[STEP_FUNC]})
@@ -345,8 +363,9 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
         categories=categories,
         outputs=[splits[s.name].trained if s.name in partial else s.name for s in trained]
         + list(imported.mutated_buffers) + [STEP] + [slot_name(slot, s.name) for slot in optimizer.slots() for s in trained],
-        loss_dtype=str(_loss_expr(imported.func).ty.dtype),
+        loss_dtype=loss_dtype,
         partial=splits,
+        index_ranges=index_ranges(imported.func, [s.name for s in imported.inputs], imported.origin),
     )
     init = {LR: np.array(optimizer.lr, "float64"), STEP: np.array(0, "int64")}
     for slot in optimizer.slots():

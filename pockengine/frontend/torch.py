@@ -85,6 +85,22 @@ def import_torch(model: nn.Module, example_inputs: tuple, example_targets, loss,
     return _Importer(ep, seed).run()
 
 
+# Ops that PyTorch refuses for operands of different dtypes; torch.export's fake tensors let them
+# through, and TVM then fails in the backward with a C++ type error.
+_SAME_DTYPE_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "convolution", "conv1d", "conv2d", "conv3d"}
+
+
+def _check_operand_dtypes(node) -> None:
+    if node.target.__name__.split(".")[0] not in _SAME_DTYPE_OPS:
+        return
+    dtypes = [str(a.meta["val"].dtype).replace("torch.", "") for a in node.args
+              if hasattr(a, "meta") and hasattr(a.meta.get("val"), "dtype")]
+    if len(set(dtypes)) > 1:
+        raise FrontendError(f"{node_origin(node)} multiplies tensors of dtypes {', '.join(dtypes)} (PyTorch raises "
+                            "'expected both to have the same dtype'). An example input of an integer dtype where "
+                            "the model expects floats? Pass x.float() (or cast inside the model)")
+
+
 def _views_as_reshapes(ep) -> None:
     """aten.view -> aten.reshape, before run_decompositions.
 
@@ -274,6 +290,7 @@ class _Importer:
             if node.op != "call_function":
                 continue
             name = node.target.__name__
+            _check_operand_dtypes(node)
             if name not in self.imp.convert_map:
                 missing.setdefault(str(node.target), str(node_origin(node)))
             elif name in _UNCONVERTED_RANDOM_OPS:

@@ -58,6 +58,33 @@ def iterate_batches(specs: list, path: str):
         i += 1
 
 
+NON_FINITE, OUT_OF_RANGE = "non-finite", "out of range"
+
+
+def batch_problem(names: list, arrays: list, index_ranges: list) -> tuple | None:
+    """Why a batch must not be trained on, as (NON_FINITE | OUT_OF_RANGE, message), or None: a NaN or infinity in a float input (PyTorch's
+    loss would be NaN; TVM's ReLU turns NaN into 0 and would train on), or an index input outside
+    the range its indexing op accepts (index_ranges: IndexRange.to_json() dicts; TVM reads out of
+    bounds where PyTorch raises)."""
+    for name, a in zip(names, arrays):
+        if a.dtype.kind == "f":
+            bad = ~np.isfinite(a)
+            if bad.any():
+                first = tuple(int(i) for i in np.argwhere(bad)[0])
+                return NON_FINITE, (f"input {name} holds {int(bad.sum())} NaN or infinite values (the first, {a[first]}, "
+                                    f"at index {first}); PyTorch's loss would be NaN. Clean or filter the data")
+    for r in index_ranges:
+        a = arrays[names.index(r["input"])]
+        bad = ((a < 0) | (a >= r["size"])) & ~np.isin(a, r["ignored"])
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            ignored = f" or be {', '.join(map(str, r['ignored']))} (ignored)" if r["ignored"] else ""
+            return OUT_OF_RANGE, (f"input {r['input']}: {a[first]} (at index {first}) is out of range for {r['op']}: its values "
+                    f"must lie in [0, {r['size']}){ignored}, as PyTorch requires (it raises 'out of bounds'). "
+                    "Check how the labels or ids are encoded")
+    return None
+
+
 STATE_TMP_PREFIX = ".state-"
 
 
@@ -196,16 +223,27 @@ def _train(artifact: str, steps: int, data: str | None, save: bool, out) -> list
     batch_specs = [(b["name"], b["shape"]) for b in signature["batch"]]
     batches = iterate_batches(batch_specs, data or os.path.join(artifact, EXAMPLE))
     losses = []
+    names = [b["name"] for b in signature["batch"]]
     for step in range(1, steps + 1):
-        batch = [tvm.runtime.tensor(np.array(a, dtype=b["dtype"], order="C"), device)
-                 for a, b in zip(next(batches), signature["batch"])]
+        arrays = [np.array(a, dtype=b["dtype"], order="C") for a, b in zip(next(batches), signature["batch"])]
+        problem = batch_problem(names, arrays, signature.get("index_ranges", []))
+        if problem:  # the same checks as the host's Program.step
+            raise ValueError(f"step {step}: {problem[1]}; nothing was saved")
+        batch = [tvm.runtime.tensor(a, device) for a in arrays]
         start = time.perf_counter()
         outs = step_fn(*batch, *(state[s["name"]] for s in signature["state"]))
         state.update(zip(signature["outputs"][1:], list(outs)[1:]))  # output 0 is the loss
         losses.append(float(outs[0].numpy()))
         print(f"step {step:>5}  loss {losses[-1]:.9g}  {(time.perf_counter() - start) * 1e3:8.2f} ms", file=out, flush=True)
+        if not np.isfinite(losses[-1]):
+            raise ValueError(f"step {step}: the loss is {losses[-1]} (a NaN or infinity in the loss or in a trained "
+                             "parameter); nothing was saved. Lower the learning rate or check the loss")
     if save:
-        write_npz(os.path.join(artifact, manifest["files"]["state"]), {k: v.numpy() for k, v in state.items()})
+        arrays = {k: v.numpy() for k, v in state.items()}
+        bad = [k for k, v in arrays.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"not saving: {bad[0]} holds NaN or infinite values after the last update")
+        write_npz(os.path.join(artifact, manifest["files"]["state"]), arrays)
         print(f"saved the trained state to {artifact}", file=out)
     return losses
 

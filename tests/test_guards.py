@@ -1,0 +1,126 @@
+"""The guarded step: no training on NaN batches, out-of-range labels or ids, or a diverged state, and
+never a non-finite state saved (autodiff/guards.py, runtime.Program.step)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import pockengine as pe
+from pockengine.errors import InputError, NumericsError
+from pockengine.targets import device_runner
+
+FAST = {"kind": "llvm", "opt-level": 0}
+CLI = os.path.join(os.path.dirname(sys.executable), "pockengine")
+
+
+def relu_mlp_program(classes=4):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, classes))
+    x, y = torch.randn(6, 8), torch.randint(0, classes, (6,))
+    program = pe.compile(pe.TrainingJob(model, (x,), y, "cross_entropy", pe.optim.SGD(lr=0.1, momentum=0.9)), FAST)
+    return program, model, x, y
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return relu_mlp_program()
+
+
+def state_bytes(program) -> dict:
+    return {k: v.tobytes() for k, v in {**program.state_dict(), **program.optimizer_state_dict()}.items()}
+
+
+def test_a_nan_in_a_batch_is_refused_before_it_trains(mlp):
+    """The issue's case: TVM's ReLU maps NaN to 0, so the loss stayed finite while weights went NaN."""
+    program, _, x, y = mlp
+    program.step(x, y)
+    before = state_bytes(program)
+    for bad in (float("nan"), float("inf")):
+        x_bad = x.clone()
+        x_bad[2, 3] = bad
+        with pytest.raises(NumericsError, match=r"input x holds 1 NaN or infinite values.*index \(2, 3\)"):
+            program.step(x_bad, y)
+    assert state_bytes(program) == before and program.steps_taken == 1
+    program.step(x, y)  # the program goes on with good data
+
+
+@pytest.mark.parametrize("label", [4, 100, -1])
+def test_labels_out_of_range_are_refused_like_pytorch(mlp, label):
+    program, _, x, y = mlp
+    y_bad = y.clone()
+    y_bad[4] = label
+    with pytest.raises(IndexError):
+        nn.functional.cross_entropy(torch.zeros(6, 4), y_bad)  # PyTorch refuses them too
+    before = state_bytes(program)
+    with pytest.raises(InputError, match=rf"input target: {label} \(at index \(4,\)\) is out of range.*\[0, 4\)"):
+        program.step(x, y_bad)
+    assert state_bytes(program) == before
+
+
+def test_ignore_index_labels_train_like_pytorch():
+    program, model, x, y = relu_mlp_program()
+    y_ignored = y.clone()
+    y_ignored[[1, 4]] = -100
+    expected = nn.functional.cross_entropy(model(x), y_ignored).item()
+    assert program.step(x, y_ignored) == pytest.approx(expected, rel=1e-5)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused():
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(7, 4), nn.Linear(4, 3)
+
+        def forward(self, ids):
+            return self.head(self.embed(ids).mean(1))
+
+    ids, y = torch.randint(0, 7, (4, 5)), torch.randint(0, 3, (4,))
+    program = pe.compile(pe.TrainingJob(Bag(), (ids,), y, "cross_entropy", pe.optim.SGD(lr=0.1)), FAST)
+    name = program.signature.batch[0].name
+    assert {(r.input, r.size) for r in program.signature.index_ranges} == {(name, 7), ("target", 3)}
+    ids_bad = ids.clone()
+    ids_bad[1, 2] = 7
+    with pytest.raises(InputError, match=rf"input {name}: 7 \(at index \(1, 2\)\) .*embed.*\[0, 7\)"):
+        program.step(ids_bad, y)
+    program.step(ids, y)
+
+
+def test_a_diverged_update_is_reported_and_never_saved(tmp_path):
+    program, _, x, y = relu_mlp_program()
+    path = program.export(str(tmp_path / "art"))
+    saved = open(os.path.join(path, "state.npz"), "rb").read()
+    program.lr = 1e36  # finite, accepted; the update overflows float32
+    with pytest.raises(NumericsError, match=r"step \d: \d+ values of .* are NaN or infinite"):
+        for _ in range(3):
+            program.step(x, y)
+    for write in (lambda: program.save_state(path), lambda: program.export(path)):
+        with pytest.raises(NumericsError, match="not saving"):
+            write()
+    assert open(os.path.join(path, "state.npz"), "rb").read() == saved
+    with pytest.raises(NumericsError, match="not finite"):
+        program.step(x, y)
+    finite = pe.load(path)
+    program.load_state_dict({**finite.state_dict(), **finite.optimizer_state_dict()}, strict=False)
+    program.lr = 0.1
+    assert np.isfinite(program.step(x, y))  # a finite state loaded: it trains again
+
+
+def test_the_cli_and_the_device_runner_refuse_a_nan_batch_and_save_nothing(mlp, tmp_path):
+    program, _, x, y = mlp
+    path = program.export(str(tmp_path / "art"))
+    saved = open(os.path.join(path, "state.npz"), "rb").read()
+    x_bad = x.numpy().copy()
+    x_bad[0, 0] = np.nan
+    data = str(tmp_path / "bad.npz")
+    np.savez(data, x=np.stack([x.numpy(), x_bad]), target=np.stack([y.numpy(), y.numpy()]))
+    result = subprocess.run([CLI, "run", path, "--steps", "3", "--data", data, "--save"], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: step 2: input x holds 1 NaN")
+    with pytest.raises(ValueError, match="step 2: input x holds 1 NaN.*nothing was saved"):
+        device_runner.run(path, 3, data, save=True, out=open(os.devnull, "w"))
+    assert open(os.path.join(path, "state.npz"), "rb").read() == saved
