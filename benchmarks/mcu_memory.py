@@ -1,7 +1,7 @@
 """Training MobileNetV2-0.35 on a microcontroller: SRAM and Flash by input resolution, full vs sparse.
 
     python benchmarks/mcu_memory.py                   # Cortex-M4 (256 KiB SRAM, 2 MiB Flash), 32..128 px
-    python benchmarks/mcu_memory.py --small           # two resolutions (what CI runs)
+    python benchmarks/mcu_memory.py --small           # 32x32 only (what CI runs)
     python benchmarks/mcu_memory.py --target cortex-m55 --plot build/mcu_memory_m55.png
 
 Each row is a firmware actually built: the training step (batch 1, SGD, BatchNorm frozen as TinyTL
@@ -79,9 +79,10 @@ def torch_peak(job, model, x, y) -> int:
     return measure_torch(reference, optimizer, x, y, repeats=1)[0]
 
 
-def largest_fitting(scheme, target, rows, name: str, sram: int):
+def largest_fitting(scheme, target, rows, name: str, sram: int, search: bool = True):
     """(resolution, SRAM, Flash) of the largest multiple of 8 whose firmware fits `sram`, searched
-    upwards from the largest measured resolution that fits; None when none measured fits."""
+    upwards from the largest measured resolution that fits (without `search`: the largest measured
+    one); None when none measured fits."""
     measured = {r[0]: (r[2], r[3]) for r in rows if r[1] == name}
     fitting = [res for res, (ours, _) in measured.items() if ours <= sram]
     if not fitting:
@@ -89,7 +90,7 @@ def largest_fitting(scheme, target, rows, name: str, sram: int):
     best = max(fitting)
     found = (best, *measured[best])
     resolution = best + 8
-    while resolution not in measured:  # the next measured resolution does not fit: no need to go there
+    while search and resolution not in measured:  # the next measured resolution does not fit: no need to go there
         fp = firmware(make_job(resolution, scheme)[0], target)[1]
         print(f"  {resolution}x{resolution}: SRAM {fp['sram'] / KiB:.1f} KiB", file=sys.stderr, flush=True)
         if fp["sram"] > sram:
@@ -159,14 +160,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="cortex-m4", help="a Cortex-M preset (default cortex-m4)")
     parser.add_argument("--resolutions", default="32,48,64,96,128", help="comma-separated (default 32,48,64,96,128)")
-    parser.add_argument("--small", action="store_true", help="resolutions 32 and 48 only (for CI)")
+    parser.add_argument("--small", action="store_true",
+                        help="resolution 32 only, no search for the largest that fits (for CI)")
     parser.add_argument("--steps", type=int, default=3, help="steps under QEMU at the largest fitting resolution")
     parser.add_argument("--plot", default=os.path.join("build", "mcu_memory.png"), help="PNG to draw (default %(default)s)")
     args = parser.parse_args(argv)
     preset = resolve(args.target)
     if preset.family != "cortex-m":
         parser.error(f"{args.target} is not a Cortex-M target")
-    resolutions = [32, 48] if args.small else [int(r) for r in args.resolutions.split(",")]
+    resolutions = [32] if args.small else [int(r) for r in args.resolutions.split(",")]
     sram, flash = preset.sram_bytes, preset.flash_bytes
 
     rows = []  # (resolution, scheme, our SRAM, our Flash, PyTorch bytes)
@@ -194,7 +196,7 @@ def main(argv=None):
         if name == "full":
             continue
         print(f"[{name}] searching for the largest resolution that fits ...", file=sys.stderr, flush=True)
-        found[name] = largest_fitting(scheme, args.target, rows, name, sram)
+        found[name] = largest_fitting(scheme, args.target, rows, name, sram, search=not args.small)
         best = found[name]
         print(f"  {name:<18}" + (f"{best[0]}x{best[0]}: SRAM {best[1] / KiB:.1f} KiB, Flash {best[2] / KiB:.1f} KiB"
                                  if best else f"none of {', '.join(map(str, resolutions))}"))

@@ -23,7 +23,7 @@ import numpy as np
 
 from .artifact_files import check_destination
 from .errors import InputError, NumericsError, PockEngineError
-from .targets.device_runner import EXAMPLE, NON_FINITE, batch_problem, locked
+from .targets.device_runner import EXAMPLE, NON_FINITE, batch_problem, locked, positive_int
 from .tuning import MIN_FLOP_SHARE
 
 
@@ -220,6 +220,7 @@ def _run_cortex_m(program, args) -> int:
         if problem:
             raise (NumericsError if problem[0] == NON_FINITE else InputError)(f"batch {i + 1}: {problem[1]}")
     cortex_m.project.write_batches(project, program.signature, chosen)
+    cortex_m.project.write_state(project, program.signature, program.state_arrays())  # resume from state.npz
     print(f"running {args.steps} steps on QEMU's {preset.board['qemu_machine']} ({preset.name}; times are not the device's)",
           flush=True)
     result = cortex_m.run(project, preset, args.steps, program.signature)
@@ -366,7 +367,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run training steps of an artifact, printing the loss")
     r.add_argument("artifact")
-    r.add_argument("--steps", type=int, default=10)
+    r.add_argument("--steps", type=positive_int, default=10)
     r.add_argument("--data", help=".npz with one array per input (optionally with a leading axis of batches)")
     r.add_argument("--save", action="store_true", help="write the trained state back into the artifact")
     r.set_defaults(func=cmd_run)

@@ -285,7 +285,7 @@ class Program:
         tmp = make_temp_directory(directory)
         try:
             self._write_files(tmp)
-            _write_npz(os.path.join(tmp, STATE), self._state_arrays())
+            _write_npz(os.path.join(tmp, STATE), self.state_arrays())
             if self.example:
                 _write_npz(os.path.join(tmp, EXAMPLE), self.example)
             manifest = self.manifest()
@@ -305,9 +305,10 @@ class Program:
         """Write the current state into an exported artifact (atomically replaces its state.npz)."""
         self._refuse_non_finite()
         with locked(directory):
-            _write_npz(os.path.join(directory, STATE), self._state_arrays())
+            _write_npz(os.path.join(directory, STATE), self.state_arrays())
 
-    def _state_arrays(self) -> dict:
+    def state_arrays(self) -> dict:
+        """Every state tensor by its state name (a partially trained weight as its two parts)."""
         return {k: v.numpy() for k, v in self._state.items()}
 
     def _write_files(self, directory: str) -> None:
@@ -365,7 +366,7 @@ class DeviceProgram(Program):
         check_learning_rate(value)
         self._state["lr"] = np.array(value, "float64")
 
-    def _state_arrays(self) -> dict:
+    def state_arrays(self) -> dict:
         return dict(self._state)
 
     def _write_files(self, directory: str) -> None:

@@ -14,6 +14,7 @@ import pytest
 import pockengine as pe
 from conftest import MLP, ROOT, make_batches
 from pockengine.errors import ArtifactError
+from pockengine.targets import device_runner
 from pockengine.targets.device_runner import locked
 
 BATCHES = make_batches((8, 32), 10, 4)
@@ -186,3 +187,15 @@ def test_concurrent_run_save_counts_every_step(program, tmp_path):
         out, err = run.communicate(timeout=120)
         assert run.returncode == 0 and "saved" in out, err
     assert int(pe.load(path).optimizer_state_dict()["step"]) == step_before + 4
+
+
+def test_the_device_runner_resumes_from_its_saved_state(program, tmp_path):
+    """What aarch64 and CUDA artifacts run (run_step.py): 2 steps saved and 3 more are 5 steps."""
+    path = program.export(str(tmp_path / "art"))
+    shutil.copytree(path, str(tmp_path / "straight"))
+    quiet = open(os.devnull, "w")
+    straight = device_runner.run(str(tmp_path / "straight"), 5, out=quiet)
+    resumed = device_runner.run(path, 2, save=True, out=quiet) + device_runner.run(path, 3, save=True, out=quiet)
+    assert resumed == straight
+    with np.load(os.path.join(path, "state.npz")) as state:
+        assert int(state["step"]) == int(pe.load(str(tmp_path / "straight")).optimizer_state_dict()["step"]) + 5

@@ -18,6 +18,7 @@ import random
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -125,8 +126,7 @@ def main(argv=None) -> dict:
           f"{complete(pretrained, 'three plus four is')!r}")
     finetune = make_job(copy.deepcopy(pretrained).train(), args.scheme, args.batch, args.seq)
     program = pe.compile(finetune)
-    plan = finetune.plan(finetune.import_model())
-    trained = sum(p.numel() for n, p in finetune.model.named_parameters() if plan.get(n) != "frozen")
+    trained = sum(int(np.prod(s.shape)) for s in program.signature.state if program.signature.categories[s.name] == "param")
     total = sum(p.numel() for p in finetune.model.parameters())
     print(f"  training {trained:,} of {total:,} values; planned peak memory "
           f"{program.memory_report().peak_bytes / 2**20:.1f} MiB")

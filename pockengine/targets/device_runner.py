@@ -51,6 +51,10 @@ def iterate_batches(specs: list, path: str):
             counts.add(a.shape[0])
         else:
             raise ValueError(f"{path}: {name} has shape {a.shape}; expected {shape} or (N, *{shape})")
+    if len(counts) > 1:
+        raise ValueError(f"{path}: the arrays hold different numbers of batches "
+                         f"({', '.join(f'{name} {a.shape[0]}' for a, (name, shape) in zip(arrays, specs) if a.shape != tuple(shape))}); "
+                         "give every input and the target the same number")
     n = min(counts) if counts else 1
     i = 0
     while True:
@@ -248,10 +252,21 @@ def _train(artifact: str, steps: int, data: str | None, save: bool, out) -> list
     return losses
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Run training steps of a PockEngine artifact with the TVM runtime.")
     parser.add_argument("artifact")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument("--data", help=".npz with one array per input (optionally with a leading axis of batches)")
     parser.add_argument("--save", action="store_true", help="write the trained state back into the artifact")
     args = parser.parse_args(argv)

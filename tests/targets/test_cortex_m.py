@@ -119,20 +119,30 @@ def test_full_update_with_batchnorm_and_momentum_on_cortex_m55(tmp_path):
 
 def test_cli_builds_and_runs_the_mlp_example_on_cortex_m7(tmp_path):
     """`pockengine build --target cortex-m7` then `pockengine run`: the digits MLP with Adam
-    (sqrt and division: libm on the device), the losses of the host build's run."""
+    (sqrt and division: libm on the device), the losses of the host build's run; `run --save`
+    continues where the last one stopped, on the device as on the host."""
     example = tmp_path / "train.py"
     source = open(os.path.join(ROOT, "examples", "mlp_digits", "train.py")).read()
     example.write_text(source.replace("pe.optim.SGD(lr=0.05, momentum=0.9)", "pe.optim.Adam(lr=1e-3)"))
     cli = [os.path.join(os.path.dirname(sys.executable), "pockengine")]
     losses, builds = {}, {}
+    def run(out, *args):
+        ran = subprocess.run(cli + ["run", out, *args], capture_output=True, text=True)
+        assert ran.returncode == 0, ran.stderr
+        return [float(line.split()[3]) for line in ran.stdout.splitlines() if line.startswith("step")]
+
     for target in ("cortex-m7", "host"):
         out = str(tmp_path / target)
         builds[target] = subprocess.run(cli + ["build", str(example), "--target", target, "-o", out],
                                         capture_output=True, text=True, cwd=ROOT)
         assert builds[target].returncode == 0, builds[target].stderr
-        ran = subprocess.run(cli + ["run", out, "--steps", "5"], capture_output=True, text=True)
-        assert ran.returncode == 0, ran.stderr
-        losses[target] = [float(line.split()[3]) for line in ran.stdout.splitlines() if line.startswith("step")]
+        shutil.copytree(out, out + "-straight")
+        losses[target] = run(out + "-straight", "--steps", "5")
+        # Training resumes from the saved state: 2 steps saved, then 3 more, are the 5 steps above.
+        resumed = run(out, "--steps", "2", "--save") + run(out, "--steps", "3", "--save")
+        assert resumed == losses[target], target
+        with np.load(os.path.join(out, "state.npz")) as state:
+            assert int(state["step"]) == 5
     assert "SRAM of the step (no harness)" in builds["cortex-m7"].stdout and "device limits" in builds["cortex-m7"].stdout
     assert len(losses["cortex-m7"]) == 5
     np.testing.assert_allclose(losses["cortex-m7"], losses["host"], rtol=VS_HOST)

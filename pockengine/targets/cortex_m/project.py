@@ -91,6 +91,12 @@ def write_batches(directory: str, signature: StepSignature, batches: list) -> No
     _write(os.path.join(directory, "batches.bin"), b"".join(chunks))
 
 
+def write_state(directory: str, signature: StepSignature, state: dict) -> None:
+    """Make the firmware start from `state` (the artifact's state.npz): the next `make` links it in.
+    Unchanged files are left alone, so an unchanged state rebuilds nothing."""
+    _write(os.path.join(directory, "pe_state.S"), _state_assembly(signature, state, directory))
+
+
 def mutable_state(signature: StepSignature) -> list:
     """The state the step writes, and the learning rate the application may set, in signature order.
     Everything else (frozen weights, BatchNorm statistics in eval mode) is constant: Flash only."""
@@ -104,7 +110,14 @@ def _constant_state(signature: StepSignature) -> set:
 
 
 def _write(path: str, content) -> None:
+    """Write atomically, and not at all when the file already holds `content` (make keeps its outputs)."""
     mode = "wb" if isinstance(content, bytes) else "w"
+    try:
+        with open(path, "rb" if mode == "wb" else "r") as f:
+            if f.read() == content:
+                return
+    except OSError:
+        pass
     tmp = path + ".tmp"
     with open(tmp, mode) as f:
         f.write(content)
