@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -45,8 +46,11 @@ STAGES = ("import", "autodiff", "lower", "memory plan", "codegen")
 
 
 def print_progress(index: int, total: int, name: str, seconds: float | None, stream=sys.stderr) -> None:
+    """seconds: None when the stage starts, negative when it failed (the error follows on its own line)."""
     if seconds is None:
         print(f"[{index}/{total}] {name} ...", end="", flush=True, file=stream)
+    elif seconds < 0:
+        print(" failed", flush=True, file=stream)
     else:
         print(f" {seconds:.1f} s", flush=True, file=stream)
 
@@ -62,12 +66,25 @@ def _stage(name: str, progress, origins=None):
     start = time.perf_counter()
     try:
         yield
-    except PockEngineError:
-        raise
-    except Exception as e:  # noqa: BLE001 - reported as ours, with the original chained
+    except BaseException as e:
+        if progress:
+            progress(index, len(STAGES), name, -1.0)
+        if isinstance(e, (PockEngineError, OSError)) or not isinstance(e, Exception):
+            raise  # ours, the file system's (the CLI names the file), or an interrupt
         raise InternalCompilerError(_internal_error_message(name, e, origins or {})) from e
     if progress:
         progress(index, len(STAGES), name, time.perf_counter() - start)
+
+
+@contextmanager
+def _removed_on_error(scratch: str):
+    """The build's temporary directory goes if the build fails (a Program that keeps it removes it
+    when it is collected)."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
 
 
 def _internal_error_message(stage: str, error: Exception, origins: dict) -> str:
@@ -269,16 +286,17 @@ def _compile_cpu(job, preset, derived: Derived, progress, tuning_logs, backend):
                             "choices": [c.to_json() for c in choices]}}
         scratch = tempfile.mkdtemp(prefix="pockengine-")
         library = os.path.join(scratch, LIBRARY)
-        if preset.family == targets.AARCH64:
-            from .targets import aarch64
+        with _removed_on_error(scratch):
+            if preset.family == targets.AARCH64:
+                from .targets import aarch64
 
-            executable.export_library(library, fcompile=aarch64.cross_compiler())
-            files = {LIBRARY: library, aarch64.RUNNER: aarch64.runner_source_path()}
-            return DeviceProgram(files, signature, derived.initial_state, report, meta, scratch=scratch)
-        # LLVM emits machine code when the library is written; doing it once here (instead of a JIT
-        # link for the VM and again on export) halves the build. The Program owns the file.
-        executable.export_library(library)
-        return Program(library, signature, derived.initial_state, report, meta, owns_library=True)
+                executable.export_library(library, fcompile=aarch64.cross_compiler())
+                files = {LIBRARY: library, aarch64.RUNNER: aarch64.runner_source_path()}
+                return DeviceProgram(files, signature, derived.initial_state, report, meta, scratch=scratch)
+            # LLVM emits machine code when the library is written; doing it once here (instead of a JIT
+            # link for the VM and again on export) halves the build. The Program owns the file.
+            executable.export_library(library)
+            return Program(library, signature, derived.initial_state, report, meta, owns_library=True)
 
     with _stage("lower", progress, derived.imported.origin):
         choices = switching.measure(step_mod[STEP_FUNC], preset, backend, tuning_logs)
@@ -320,14 +338,15 @@ def _compile_cortex_m(job, preset, derived: Derived, progress):
             lowered = tvm.transform.Sequential(passes)(fused)
     with _stage("memory plan", progress, derived.imported.origin):
         report = _memory_report(job, lowered, derived)
-    with _stage("codegen", progress, derived.imported.origin):
-        scratch = tempfile.mkdtemp(prefix="pockengine-")
-        directory = os.path.join(scratch, cortex_m.PROJECT)
-        os.makedirs(directory)
-        batch = [to_numpy(x) for x in job.example_inputs + (job.example_targets,)]
-        generated = cortex_m.generate(directory, lowered, signature, derived.initial_state, preset, batches=[batch])
-        footprint = cortex_m.build_firmware(directory, preset)
-    cortex_m.check_limits(footprint, preset, signature, derived.plan)
+    scratch = tempfile.mkdtemp(prefix="pockengine-")
+    with _removed_on_error(scratch):  # a refused build (too big for the device) leaves no project behind
+        with _stage("codegen", progress, derived.imported.origin):
+            directory = os.path.join(scratch, cortex_m.PROJECT)
+            os.makedirs(directory)
+            batch = [to_numpy(x) for x in job.example_inputs + (job.example_targets,)]
+            generated = cortex_m.generate(directory, lowered, signature, derived.initial_state, preset, batches=[batch])
+            footprint = cortex_m.build_firmware(directory, preset)
+        cortex_m.check_limits(footprint, preset, signature, derived.plan)
     meta = {**_meta(job, preset, derived), "firmware": {**footprint.to_json(), **dataclasses.asdict(generated),
                                                         "sram_limit": preset.sram_bytes, "flash_limit": preset.flash_bytes,
                                                         "board": preset.board}}
@@ -351,7 +370,8 @@ def _compile_cuda(job, preset, derived: Derived, progress, tuning_logs):
     with _stage("codegen", progress, derived.imported.origin):
         executable, ptx = cuda.build_cuda(lowered, tvm_target)
         scratch = tempfile.mkdtemp(prefix="pockengine-")
-        paths = cuda.export_cuda(executable, ptx, scratch, tvm_target)
+        with _removed_on_error(scratch):
+            paths = cuda.export_cuda(executable, ptx, scratch, tvm_target)
     meta = {**_meta(job, preset, derived), "tuning": schedules.tuning.to_json(),
             "cuda": {"arch": cuda.arch_of(tvm_target), "kernels": len(kernels), "schedules": schedules.counts(),
                      "ptx": cuda.ptx_header(ptx)}}

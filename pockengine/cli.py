@@ -257,6 +257,12 @@ def cmd_inspect(args) -> int:
     from .runtime import read_manifest
 
     m = read_manifest(args.artifact)
+    absent = [name for name in m["files"].values() if not os.path.exists(os.path.join(args.artifact, name))]
+    if absent and not args.json:
+        from .errors import ArtifactError
+
+        raise ArtifactError(f"{args.artifact} is incomplete: {', '.join(absent)} missing; rebuild it with "
+                            "`pockengine build` (inspect --json prints the manifest anyway)")
     if args.json:
         print(json.dumps(m, indent=1))
         return 0
@@ -392,6 +398,31 @@ def main(argv=None) -> int:
     except PockEngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system refused: name the file and what to do
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing half-written was kept (artifacts and state are replaced atomically)",
+              file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a bug of ours: one line, the traceback on request
+        if os.environ.get("POCKENGINE_TRACEBACK"):
+            raise
+        print(f"error: internal error ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); this is "
+              "a bug in PockEngine, please report it (set POCKENGINE_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 3
+
+
+def os_error_message(e: OSError) -> str:
+    import errno
+
+    where = f"{e.filename}: " if e.filename else ""
+    fixes = {errno.ENOSPC: "the disk is full: free space or write elsewhere (-o)",
+             errno.EDQUOT: "the disk quota is exhausted: free space or write elsewhere (-o)",
+             errno.EACCES: "permission denied: choose a directory you can write (-o), or fix its permissions",
+             errno.EROFS: "the file system is read-only: choose another directory (-o)",
+             errno.ENOENT: "no such file or directory"}
+    return where + fixes.get(e.errno, e.strerror or str(e))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import numbers
 import os
 import sys
 
-from .errors import JobError
+from .errors import JobError, LossError
 from .optim import Optimizer
 from .sparse import FROZEN, FULL, SparseUpdate
 
@@ -69,11 +69,14 @@ class TrainingJob:
             raise JobError("example_targets is missing: pass a target tensor for the loss")
         if isinstance(self.loss, str):
             if self.loss not in LOSS_NAMES:
-                raise JobError(f"unknown loss {self.loss!r}: use one of {', '.join(LOSS_NAMES)} or a callable "
-                               "loss(output, target) -> scalar tensor")
-        elif not callable(self.loss) or self.is_onnx:
-            raise JobError(f"loss must be one of {', '.join(LOSS_NAMES)}" + ("" if self.is_onnx else
-                           " or a callable loss(output, target) -> scalar tensor") + f", got {self.loss!r}")
+                raise LossError(f"unknown loss {self.loss!r}: use one of {', '.join(LOSS_NAMES)} or a callable "
+                                "loss(output, target) -> scalar tensor")
+        elif self.is_onnx:
+            raise LossError(f"an ONNX model takes a named loss ({', '.join(LOSS_NAMES)}), got {self.loss!r}: the "
+                            "loss is built from the ONNX graph's output")
+        elif not callable(self.loss):
+            raise LossError(f"loss must be one of {', '.join(LOSS_NAMES)} or a callable loss(output, target) -> "
+                            f"scalar tensor, got {self.loss!r}")
         if self.is_onnx:
             if self.sparse_update is not None and self.sparse_update.lora_spec is not None:
                 raise JobError("SparseUpdate.lora adds adapters to a torch model; an ONNX model cannot take them")

@@ -415,6 +415,7 @@ def load(directory: str) -> Program:
         lib_path = os.path.join(directory, manifest["files"]["library"])
         if not os.path.isfile(lib_path):
             raise ArtifactError(f"{lib_path} is missing: the artifact is incomplete; rebuild it with `pockengine build`")
+        _check_library(lib_path, manifest)
         program = Program(lib_path, signature, state, report, meta)
     else:
         files = {name: os.path.join(directory, name) for key, name in manifest["files"].items() if key != "state"}
@@ -461,7 +462,16 @@ def read_manifest(directory: str) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path} has format version {manifest.get('format_version')}, this PockEngine reads "
                             f"{FORMAT_VERSION}; rebuild the artifact")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing or not isinstance(manifest.get("files"), dict) or "state" not in manifest["files"]:
+        raise ArtifactError(f"{path} is incomplete or was edited: it lacks {', '.join(missing) or 'files.state'}; "
+                            "rebuild the artifact")
     return manifest
+
+
+# What every manifest written by export() has, and load(), run and inspect read.
+REQUIRED_KEYS = ("name", "target", "tvm_target", "optimizer", "source", "state_dict_keys", "signature", "parameters",
+                 "buffers", "memory", "versions", "files")
 
 
 def _read_state(path: str, signature: StepSignature) -> dict:
@@ -479,6 +489,26 @@ def _read_state(path: str, signature: StepSignature) -> dict:
         if tuple(state[spec.name].shape) != spec.shape:
             raise ArtifactError(f"{path}: {spec.name} has shape {state[spec.name].shape}, expected {spec.shape}")
     return state
+
+
+def _check_library(path: str, manifest: dict) -> None:
+    """Refuse a truncated shared library before dlopen maps it (reading past its end is SIGBUS, not
+    an error): its ELF header's section table must lie inside the file. The sha256 in the manifest,
+    when there is one, has been checked already."""
+    import struct
+
+    with open(path, "rb") as f:
+        header = f.read(64)
+        size = os.fstat(f.fileno()).st_size
+    if len(header) < 64 or header[:4] != b"\x7fELF":
+        raise ArtifactError(f"{path} is not a shared library (no ELF header); rebuild the artifact")
+    if header[4] == 2:  # 64-bit: e_shoff at 40, e_shentsize and e_shnum at 58
+        endian = "<" if header[5] == 1 else ">"
+        shoff, = struct.unpack_from(endian + "Q", header, 40)
+        shentsize, shnum = struct.unpack_from(endian + "HH", header, 58)
+        if shoff + shentsize * shnum > size:
+            raise ArtifactError(f"{path} is truncated ({size} bytes; its section table ends at byte "
+                                f"{shoff + shentsize * shnum}); rebuild the artifact")
 
 
 def _write_json(path: str, data: dict) -> None:

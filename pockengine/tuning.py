@@ -86,17 +86,23 @@ def log_directories(path: str) -> list[str]:
 
 
 def _check_json_lines(path: str, what: str) -> None:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TuningLogError(f"{path}: line {number} is not JSON ({e.msg}); the file is corrupt — delete it "
-                                     "or re-run `pockengine tune`") from None
-            if not isinstance(entry, list) or len(entry) != 2:  # [hash, IR] or [workload index, record]
-                raise TuningLogError(f"{path}: line {number} is not a MetaSchedule {what} entry; the file is corrupt")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TuningLogError(f"{path} is not a text file (byte {e.start} is not UTF-8): not a MetaSchedule "
+                             "database, or a corrupt one; delete it or re-run `pockengine tune`") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TuningLogError(f"{path}: line {number} is not JSON ({e.msg}); the file is corrupt — delete it "
+                                 "or re-run `pockengine tune`") from None
+        if not isinstance(entry, list) or len(entry) != 2:  # [hash, IR] or [workload index, record]
+            raise TuningLogError(f"{path}: line {number} is not a MetaSchedule {what} entry; the file is corrupt")
 
 
 def open_log(directory: str, create: bool = False):

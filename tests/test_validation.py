@@ -38,7 +38,7 @@ def test_program_lr_takes_only_finite_non_negative_numbers():
 
 @pytest.mark.parametrize("loss, match", [("crossentropy", "unknown loss 'crossentropy'"), (3, "loss must be")])
 def test_an_unknown_loss_is_refused_by_the_job(loss, match):
-    with pytest.raises(JobError, match=match):
+    with pytest.raises(LossError, match=match):
         pe.TrainingJob(nn.Linear(8, 4), (X,), Y, loss, pe.optim.SGD(lr=0.1))
 
 

@@ -22,6 +22,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
+# Bindings of the guard's check (named so reports count the checked loss as the loss it is).
+GUARD_PREFIX = "guard_"
+
 # Ops whose output holds its first argument's values, rearranged: an index traced through them is
 # still the input's values.
 _SAME_VALUES = {"relax.expand_dims", "relax.squeeze", "relax.reshape", "relax.astype", "relax.permute_dims",
@@ -118,8 +121,8 @@ def sum_of(bb, tensors: list, dtype: str):
     it non-finite (a sum propagates both, where max/min reductions may drop a NaN). None if empty."""
     total = None
     for tensor in tensors:
-        part = bb.emit(relax.op.astype(relax.op.sum(tensor), dtype))
-        total = part if total is None else bb.emit(relax.op.add(total, part))
+        part = bb.emit(relax.op.astype(relax.op.sum(tensor), dtype), GUARD_PREFIX + "sum")
+        total = part if total is None else bb.emit(relax.op.add(total, part), GUARD_PREFIX + "sum")
     return total
 
 
@@ -133,5 +136,6 @@ def guard_loss(bb, loss, total):
     # generator of the Cortex-M path cannot emit or compile).
     largest = float(np.finfo(str(dtype)).max)
     finite = bb.emit(relax.op.logical_and(relax.op.less_equal(total, relax.const(largest, dtype)),
-                                          relax.op.greater_equal(total, relax.const(-largest, dtype))))
-    return bb.emit(relax.op.where(finite, loss, total))
+                                          relax.op.greater_equal(total, relax.const(-largest, dtype))),
+                     GUARD_PREFIX + "finite")
+    return bb.emit(relax.op.where(finite, loss, total), GUARD_PREFIX + "loss")

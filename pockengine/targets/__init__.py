@@ -192,6 +192,23 @@ def resolve(spec) -> TargetPreset:
     return _from_tvm_target(target, spec if isinstance(spec, str) else _label(target))
 
 
+def _check_cpu(mcpu: str, triple: str) -> None:
+    """LLVM only warns about a CPU it does not know and builds for a generic one: refuse instead."""
+    from tvm.target import codegen
+
+    if not codegen.llvm_is_valid_cpu(mcpu, triple):
+        known = [c for c in codegen.llvm_get_cpu_archlist(_triple_target(triple)) if c[:3] == mcpu[:3]][:12]
+        raise TargetError(f"LLVM does not know the CPU mcpu={mcpu!r} for {triple}"
+                          + (f"; similar names: {', '.join(known)}" if known else "")
+                          + ". Use one of LLVM's names (llc -mtriple=... -mcpu=help) or a preset (pockengine targets)")
+
+
+def _triple_target(triple: str):
+    import tvm
+
+    return tvm.target.Target({"kind": "llvm", "mtriple": triple})
+
+
 def _label(target) -> str:
     """A short name for a target given as a dict: kind and CPU or GPU architecture (`llvm-cortex-a72`)."""
     detail = next((str(target.attrs[k]) for k in ("mcpu", "arch", "mtriple") if str(target.attrs.get(k, "") or "")), "")
@@ -205,6 +222,8 @@ def _from_tvm_target(target, label: str) -> TargetPreset:
     triple = str(target.attrs.get("mtriple", "") or "")
     mcpu = str(target.attrs.get("mcpu", "") or "")
     host_triple = _host_triple()
+    if kind == "llvm" and mcpu:
+        _check_cpu(mcpu, triple or host_triple)
     if kind == "llvm" and (not triple or triple.split("-")[0] == host_triple.split("-")[0]):
         return TargetPreset(label, "TVM target for this machine's CPU", exported, vector_bytes=_host_vector_bytes(),
                             vector_registers=_host_vector_registers())

@@ -35,7 +35,14 @@ def iterate_batches(specs: list, path: str):
     if not os.path.isfile(path):
         raise ValueError(f"no data: {path} does not exist (pass --data FILE.npz with arrays "
                          f"{', '.join(name for name, _ in specs)})")
-    with np.load(path, allow_pickle=False) as npz:
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path} is not readable as .npz ({type(e).__name__}: {e})") from None
+    if not hasattr(npz, "files"):  # an .npy holds one array, without the inputs' names
+        raise ValueError(f"{path} holds one array ({'.npy' if isinstance(npz, np.ndarray) else 'not .npz'}); "
+                         f"save the batches with np.savez(FILE.npz, {', '.join(f'{name}=...' for name, _ in specs)})")
+    with npz:
         missing = [name for name, _ in specs if name not in npz.files]
         if missing:
             raise ValueError(f"{path} lacks arrays {missing}; it has {npz.files}. Name the arrays "

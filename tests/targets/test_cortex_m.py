@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -154,7 +155,10 @@ def test_cli_builds_and_runs_the_mlp_example_on_cortex_m7(tmp_path):
     assert "malloc" not in (project / "pe_train_step.c").read_text() + (project / "kernels.c").read_text()
 
 
-def test_a_model_too_big_for_the_sram_says_what_it_needs_and_what_fits(tmp_path):
+def test_a_model_too_big_for_the_sram_says_what_it_needs_and_what_fits(tmp_path, monkeypatch):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the build's project goes
     torch.manual_seed(0)
     model = mobilenetv2(width_mult=0.35, num_classes=10)
     job = pe.TrainingJob(model, (torch.randn(2, 3, 64, 64),), torch.randint(0, 10, (2,)), "cross_entropy",
@@ -165,6 +169,7 @@ def test_a_model_too_big_for_the_sram_says_what_it_needs_and_what_fits(tmp_path)
     assert "does not fit cortex-m4: SRAM: needs" in message and "has 256 KiB" in message
     assert "bias_only" in message and "without momentum" in message  # the fix: a sparse scheme
     assert caught.value.footprint.sram > 2 * 1024 * 1024  # measured although no board could hold it
+    assert os.listdir(scratch) == []  # the refused build's project is removed
 
     # Sparse, but the activations at 64x64 are too big: the advice is a resolution.
     sparse = pe.TrainingJob(bn_eval(mobilenetv2(width_mult=0.35, num_classes=10)), (torch.randn(1, 3, 64, 64),),

@@ -137,7 +137,8 @@ def test_a_kernel_left_on_the_cpu_is_an_error_naming_it(mlp_step):
     lowered = cuda.gpu_lowering(step_mod, target, signature, schedule_rules=[dl.gpu.Matmul()])
     with pytest.raises(TargetError) as caught:
         cuda.gpu_kernels_check(lowered)
-    assert "matmul" not in caught.value.host_kernels and "add" in caught.value.host_kernels
+    left = caught.value.host_kernels
+    assert not any(name.startswith("matmul") for name in left) and any(name.startswith("add") for name in left)
 
 
 def test_tuning_record_comes_before_dlight(mlp_step, tmp_path):
