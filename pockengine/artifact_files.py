@@ -17,7 +17,6 @@ import ctypes
 import errno
 import json
 import os
-import shutil
 import tempfile
 
 from .errors import ArtifactError

@@ -92,6 +92,17 @@ def parity(model, batches, optimizer, loss="cross_entropy", loss_fn=nn.functiona
     return program, max_scaled_diff(program.state_dict(), model.state_dict())
 
 
+def snapshot(directory) -> dict:
+    """Every file under `directory` (relative path -> bytes)."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = f.read()
+    return out
+
+
 def max_scaled_diff(ours: dict, theirs: dict, floor: float = 1.0) -> tuple[float, str]:
     """Largest |ours - theirs| / max(|theirs|_max, floor) over all tensors: relative for tensors of
     magnitude >= floor, absolute below (a tensor whose true value is ~0 has no meaningful relative error)."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import pockengine as pe
-from conftest import MLP, ROOT, make_batches
+from conftest import MLP, ROOT, make_batches, snapshot
 from pockengine.errors import ArtifactError
 from pockengine.targets import device_runner
 from pockengine.targets.device_runner import locked
@@ -26,17 +26,6 @@ TRAIN_PY = os.path.join(ROOT, "examples", "mlp_digits", "train.py")
 def program():
     job = pe.TrainingJob(MLP(), (BATCHES[0][0],), BATCHES[0][1], "cross_entropy", pe.optim.Adam(lr=1e-2))
     return pe.compile(job, target={"kind": "llvm", "opt-level": 0})
-
-
-def snapshot(directory) -> dict:
-    """Every file under `directory` (relative path -> bytes)."""
-    out = {}
-    for root, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, directory)] = f.read()
-    return out
 
 
 def user_files(tmp_path):

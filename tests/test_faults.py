@@ -14,18 +14,9 @@ import torch
 from torch import nn
 
 import pockengine as pe
+from conftest import snapshot
 
 CLI = os.path.join(os.path.dirname(sys.executable), "pockengine")
-
-
-def snapshot(directory) -> dict:
-    out = {}
-    for root, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, directory)] = f.read()
-    return out
 
 
 def refused(*args, cwd=None) -> str:
