@@ -135,7 +135,10 @@ def cmd_tune(args) -> int:
     rpc = RPCTracker.parse(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None
     job = load_job(args.train_py)
     out = args.output or os.path.join("tuning_logs", target.name, job.name)
-    result = tune(job, target, args.trials, out, time_budget_s=args.time_budget, rpc=rpc, min_flop_share=args.min_share)
+    os.makedirs(out, exist_ok=True)
+    with locked(out):  # two tuners on one database would each rewrite it without the other's records
+        result = tune(job, target, args.trials, out, time_budget_s=args.time_budget, rpc=rpc,
+                      min_flop_share=args.min_share)
     print(f"{result['trials_run']} trials run ({result['already']} were already in the log); database: {out}")
     return 0
 

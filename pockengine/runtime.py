@@ -72,6 +72,8 @@ class Program:
             torch_kernels.register(library_kernels)
         self._vm = relax.VirtualMachine(executable, self._device)
         self._fn = self._vm[STEP_FUNC]
+        self._batch_names = [s.name for s in signature.batch]
+        self._index_ranges = [r.to_json() for r in signature.index_ranges]
         self._specs = {s.name: s for s in signature.state}
         self._state = {}
         for spec in signature.state:
@@ -164,7 +166,7 @@ class Program:
                 )
             arrays.append(np.ascontiguousarray(a))
         if check:
-            problem = batch_problem([s.name for s in specs], arrays, [r.to_json() for r in self.signature.index_ranges])
+            problem = batch_problem(self._batch_names, arrays, self._index_ranges)
             if problem:
                 kind, message = problem
                 raise (NumericsError if kind == NON_FINITE else InputError)(f"step {self.steps_taken + 1}: {message}")
