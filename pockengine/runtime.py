@@ -31,7 +31,8 @@ from .errors import ArtifactError, InputError, NumericsError, StateError, Target
 from .frontend import to_numpy
 from .passes.memory_plan import MemoryReport
 from .validate import check_learning_rate
-from .targets.device_runner import EXAMPLE, NON_FINITE, batch_problem, locked, remove_path, write_npz as _write_npz
+from .targets.device_runner import (EXAMPLE, NON_FINITE, batch_problem, first_non_finite, host_view, locked,
+                                    remove_path, write_npz as _write_npz)
 
 FORMAT_VERSION = 2  # 2: partially trained weights are stored as their two parts
 LIBRARY, STATE = "train_step.so", "state.npz"
@@ -74,6 +75,7 @@ class Program:
         self._fn = self._vm[STEP_FUNC]
         self._batch_names = [s.name for s in signature.batch]
         self._index_ranges = [r.to_json() for r in signature.index_ranges]
+        self._trained = [name for name in signature.outputs if signature.categories[name] == PARAM]
         self._specs = {s.name: s for s in signature.state}
         self._state = {}
         for spec in signature.state:
@@ -92,10 +94,10 @@ class Program:
 
         With `check` (the default), a batch holding NaN or infinite values, or labels (indices) out of
         the range the model accepts, is refused before it runs; a non-finite loss, or a trained
-        parameter an update made non-finite (which ReLU can hide from the loss; found by the next
-        step, see autodiff/guards.py), raises NumericsError. Updates are written in place, so the
-        program then refuses to step until a finite state is loaded; a non-finite state is never
-        saved or exported. check=False skips the checks of the batch and the loss."""
+        parameter the update made non-finite (which a ReLU can hide from the loss), raises
+        NumericsError. Updates are written in place, so the program then refuses to step until a
+        finite state is loaded; a non-finite state is never saved or exported. check=False skips
+        these checks (the loss is then NaN when PyTorch's would be, or finite where a ReLU hides it)."""
         if self._diverged:
             raise NumericsError(f"{self._diverged}; this program's state is not finite: load a finite state "
                                 "(load_state_dict) or the artifact again (pockengine.load)")
@@ -103,37 +105,33 @@ class Program:
         outs = self._run(args, self._state)
         self.steps_taken += 1
         loss = float(outs[0].numpy())
-        if check and not np.isfinite(loss):
-            self._diverged = f"step {self.steps_taken}: {self._non_finite_cause(loss)}"
-            raise NumericsError(f"{self._diverged}. Nothing was saved; lower the learning rate or check the "
-                                "loss for log(0) or division by zero")
+        if check:
+            # The trained parameters too: a ReLU can hide a NaN one from the loss.
+            what = self._non_finite_state(self._trained) or ("" if np.isfinite(loss) else f"the loss is {loss}")
+            if what:
+                self._diverged = f"step {self.steps_taken}: {what}"
+                raise NumericsError(f"{self._diverged}. Nothing was saved; lower the learning rate or check the "
+                                    "loss for log(0) or division by zero")
         return loss
 
     _diverged = ""  # why the state is not finite, once a checked step found it so
 
     def _refuse_non_finite(self) -> None:
-        """Never write a non-finite state: checked here because a step finds a diverged update only
-        in the next step (guards.py)."""
+        """Never write a non-finite state (steps run with check=False may have made one)."""
         cause = self._diverged or self._non_finite_state()
         if cause:
             raise NumericsError(f"not saving: {cause}. Load a finite state first")
 
-    def _non_finite_state(self) -> str:
-        """The first state tensor holding a NaN or an infinity, described; '' if none does."""
-        for spec in self.signature.state:
-            value = self._read(spec.name)
-            if value.dtype.kind == "f" and not np.isfinite(value).all():
-                count = int((~np.isfinite(value)).sum())
-                return f"{count} values of {self.signature.owner(spec.name)} are NaN or infinite"
-        return ""
+    def _non_finite_state(self, names=None) -> str:
+        """The first state tensor (of `names`, default all) holding a NaN or an infinity, described;
+        '' if none does."""
+        names = [s.name for s in self.signature.state] if names is None else names
+        found = first_non_finite((self.signature.owner(name), self._view(name)) for name in names)
+        return f"{found[1]} values of {found[0]} are NaN or infinite" if found else ""
 
-    def _non_finite_cause(self, loss: float) -> str:
-        """What made the loss non-finite: a state tensor the last update (or the one before: the
-        check reads the parameters before updating them) made non-finite, else the loss itself."""
-        state = self._non_finite_state()
-        if state:
-            return f"{state} after this step's update or the one before (the loss was {loss})"
-        return f"the loss is {loss}"
+    def _view(self, name: str) -> np.ndarray:
+        """A state tensor read in place where it is in host memory."""
+        return host_view(self._state[name])
 
     def time_step(self, *batch, repeats: int = 10) -> float:
         """Median milliseconds of a step on `batch` after warm-up, run on a copy of the state: the

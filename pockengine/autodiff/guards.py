@@ -1,29 +1,18 @@
-"""What keeps a compiled step from training on garbage silently.
-
-- `index_ranges`: integer batch inputs that index a tensor (class labels through cross-entropy's
-  gather, token ids through an embedding's take) and the values the indexing accepts. The runtime
-  checks every batch against them before running the step: TVM's gather and take read out of
-  bounds without a word, where PyTorch raises ("Target 100 is out of bounds").
-- `sum_of` + `guard_loss`: the step's loss comes out non-finite when a trained parameter it reads
-  holds a NaN or an infinity, which a ReLU would hide from the loss: a diverging update (an
-  overflowing gradient) is reported by the next step, and the runtime refuses to continue, and
-  refuses to save such a state at any time (runtime.Program). The check reads the parameters
-  before the step updates them: reading the new values fuses the sum into the update's kernel,
-  which then can no longer write in place (passes/update_in_place.py).
-Non-finite float inputs are refused by the runtime too: TVM's max(x, 0) turns NaN into 0 where
-PyTorch's ReLU keeps it, so a NaN in a batch would otherwise train on with a finite loss.
+"""What keeps a compiled step from training on garbage silently: `index_ranges`, the integer batch
+inputs that index a tensor (class labels through cross-entropy's gather, token ids through an
+embedding's take) and the values the indexing accepts. The runtime checks every batch against them
+before running the step: TVM's gather and take read out of bounds without a word, where PyTorch
+raises ("Target 100 is out of bounds"). The runtime also refuses non-finite float inputs (TVM's
+max(x, 0) turns NaN into 0 where PyTorch's ReLU keeps it, so a NaN would train on with a finite
+loss) and checks the trained parameters after every step (runtime.Program.step).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import tvm
 from tvm import relax
-
-# Bindings of the guard's check (named so reports count the checked loss as the loss it is).
-GUARD_PREFIX = "guard_"
 
 # Ops whose output holds its first argument's values, rearranged: an index traced through them is
 # still the input's values.
@@ -114,28 +103,3 @@ def _not_equal_constant(cond, data, bindings: dict):
     if lhs.same_as(data) and isinstance(rhs, tvm.ir.expr.Constant) and rhs.value.numpy().size == 1:
         return int(rhs.value.numpy().item())
     return None
-
-
-def sum_of(bb, tensors: list, dtype: str):
-    """The sum of every element of `tensors`, in `dtype`: a NaN or an infinity in any of them makes
-    it non-finite (a sum propagates both, where max/min reductions may drop a NaN). None if empty."""
-    total = None
-    for tensor in tensors:
-        part = bb.emit(relax.op.astype(relax.op.sum(tensor), dtype), GUARD_PREFIX + "sum")
-        total = part if total is None else bb.emit(relax.op.add(total, part), GUARD_PREFIX + "sum")
-    return total
-
-
-def guard_loss(bb, loss, total):
-    """`loss` where `total` is finite, else `total` (a NaN or an infinity)."""
-    if total is None:
-        return loss
-    dtype = loss.ty.dtype
-    # |total| <= the largest finite value is false for NaN and the infinities; comparisons with finite
-    # constants only (isfinite lowers to an fabs, and infinities print as `inff`, which the C code
-    # generator of the Cortex-M path cannot emit or compile).
-    largest = float(np.finfo(str(dtype)).max)
-    finite = bb.emit(relax.op.logical_and(relax.op.less_equal(total, relax.const(largest, dtype)),
-                                          relax.op.greater_equal(total, relax.const(-largest, dtype))),
-                     GUARD_PREFIX + "finite")
-    return bb.emit(relax.op.where(finite, loss, total), GUARD_PREFIX + "loss")

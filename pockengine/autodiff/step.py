@@ -29,7 +29,7 @@ from ..ir import Substitute, inline_body
 from ..sparse import FROZEN as FROZEN_RULE, Partial
 from ..optim import LR, STEP, UPDATE_PREFIX, Optimizer, _Emitter
 from . import gradients
-from .guards import IndexRange, guard_loss, index_ranges, sum_of
+from .guards import IndexRange, index_ranges
 
 STEP_FUNC = "train_step"
 RECOMPUTED_SUFFIX = "_recomputed"  # forward values the backward computes again
@@ -322,8 +322,6 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
                 bb.emit_normalized(relax.VarBinding(binding.var, value))
             for param, value in zip(hoisted_params, hoisted):
                 bb.emit_normalized(relax.VarBinding(param, value))
-            state_sum = sum_of(bb, [part_vars[s.name][0] if s.name in partial else by_name[s.name] for s in trained],
-                               loss_dtype)
             ret = inline_body(bb, adjoint)
             outputs, grads = ret
             loss, new_buffers = outputs[0], outputs[1:]
@@ -337,7 +335,6 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
                 new_params.append(p)
                 new_slots.append(updated)
             slot_out = [new_slots[i][slot] for slot in optimizer.slots() for i in range(len(trained))]
-            loss = guard_loss(bb, loss, state_sum)
             out = bb.emit_output(relax.Tuple([loss] + new_params + list(new_buffers) + [new_step] + slot_out))
         bb.emit_func_output(out)
     step_mod = tvm.IRModule({STEP_FUNC: bb.get()[STEP_FUNC]})

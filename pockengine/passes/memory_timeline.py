@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from tvm import relax
 
-from ..autodiff.guards import GUARD_PREFIX
 from ..autodiff.step import StepSignature, backward_start
 from ..ir import viewed
 from ..optim import UPDATE_PREFIX
@@ -76,8 +75,6 @@ def timeline(step_func, signature: StepSignature) -> Timeline:
         end = last_use.get(b.var, i)  # alive from its producer through its last consumer
         if b.var.name.startswith(UPDATE_PREFIX):
             cat = "updates"
-        elif b.var.name.startswith(GUARD_PREFIX):
-            cat = "saved_activations"  # the loss as checked (autodiff/guards.py), returned by the step
         elif i >= start:
             cat = "gradients"
         elif end >= start:

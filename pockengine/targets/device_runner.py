@@ -100,6 +100,25 @@ def batch_problem(names: list, arrays: list, index_ranges: list) -> tuple | None
     return None
 
 
+def first_non_finite(named_arrays) -> tuple | None:
+    """(name, how many values) of the first array holding a NaN or an infinity, else None. Fast path:
+    a float32 sum is finite when every value is (an overflowing sum is confirmed value by value)."""
+    for name, a in named_arrays:
+        if a.dtype.kind == "f" and not np.isfinite(a.sum()):
+            count = int(a.size - np.isfinite(a).sum())
+            if count:
+                return name, count
+    return None
+
+
+def host_view(tensor) -> np.ndarray:
+    """A TVM tensor as numpy: in place (DLPack) when it is in host memory, else copied from the GPU."""
+    try:
+        return np.from_dlpack(tensor)
+    except (BufferError, TypeError, ValueError, RuntimeError):
+        return tensor.numpy()
+
+
 STATE_TMP_PREFIX = ".state-"
 
 
@@ -239,6 +258,7 @@ def _train(artifact: str, steps: int, data: str | None, save: bool, out) -> list
     batches = iterate_batches(batch_specs, data or os.path.join(artifact, EXAMPLE))
     losses = []
     names = [b["name"] for b in signature["batch"]]
+    trained = [s["name"] for s in signature["state"] if s["category"] == "param"]
     for step in range(1, steps + 1):
         arrays = [np.array(a, dtype=b["dtype"], order="C") for a, b in zip(next(batches), signature["batch"])]
         problem = batch_problem(names, arrays, signature.get("index_ranges", []))
@@ -250,9 +270,10 @@ def _train(artifact: str, steps: int, data: str | None, save: bool, out) -> list
         state.update(zip(signature["outputs"][1:], list(outs)[1:]))  # output 0 is the loss
         losses.append(float(outs[0].numpy()))
         print(f"step {step:>5}  loss {losses[-1]:.9g}  {(time.perf_counter() - start) * 1e3:8.2f} ms", file=out, flush=True)
-        if not np.isfinite(losses[-1]):
-            raise ValueError(f"step {step}: the loss is {losses[-1]} (a NaN or infinity in the loss or in a trained "
-                             "parameter); nothing was saved. Lower the learning rate or check the loss")
+        found = first_non_finite((name, host_view(state[name])) for name in trained)
+        if found or not np.isfinite(losses[-1]):
+            what = f"{found[1]} values of {found[0]} are NaN or infinite" if found else f"the loss is {losses[-1]}"
+            raise ValueError(f"step {step}: {what}; nothing was saved. Lower the learning rate or check the loss")
     if save:
         arrays = {k: v.numpy() for k, v in state.items()}
         bad = [k for k, v in arrays.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
