@@ -23,7 +23,7 @@ import numpy as np
 
 from .artifact_files import check_destination
 from .errors import InputError, NumericsError, PockEngineError
-from .targets.device_runner import EXAMPLE, NON_FINITE, batch_problem, locked, positive_int
+from .targets.device_runner import EXAMPLE, locked, positive_int
 from .tuning import MIN_FLOP_SHARE
 
 
@@ -217,11 +217,8 @@ def _run_cortex_m(program, args) -> int:
     batches = _batches(program, args.data, args.artifact)
     count = _batch_count(args.data, args.steps)
     chosen = [next(batches) for _ in range(count)]
-    names, ranges = [s.name for s in program.signature.batch], [r.to_json() for r in program.signature.index_ranges]
     for i, batch in enumerate(chosen):  # the checks Program.step makes on the host
-        problem = batch_problem(names, [np.asarray(a) for a in batch], ranges)
-        if problem:
-            raise (NumericsError if problem[0] == NON_FINITE else InputError)(f"batch {i + 1}: {problem[1]}")
+        program.check_batch([np.asarray(a) for a in batch], f"batch {i + 1}")
     cortex_m.project.write_batches(project, program.signature, chosen)
     cortex_m.project.write_state(project, program.signature, program.state_arrays())  # resume from state.npz
     print(f"running {args.steps} steps on QEMU's {preset.board['qemu_machine']} ({preset.name}; times are not the device's)",

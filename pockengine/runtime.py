@@ -15,6 +15,7 @@ the destination and swapped in, so a crash leaves either the old artifact or the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -73,8 +74,6 @@ class Program:
             torch_kernels.register(library_kernels)
         self._vm = relax.VirtualMachine(executable, self._device)
         self._fn = self._vm[STEP_FUNC]
-        self._batch_names = [s.name for s in signature.batch]
-        self._index_ranges = [r.to_json() for r in signature.index_ranges]
         self._trained = [name for name in signature.outputs if signature.categories[name] == PARAM]
         self._specs = {s.name: s for s in signature.state}
         self._state = {}
@@ -164,11 +163,22 @@ class Program:
                 )
             arrays.append(np.ascontiguousarray(a))
         if check:
-            problem = batch_problem(self._batch_names, arrays, self._index_ranges)
-            if problem:
-                kind, message = problem
-                raise (NumericsError if kind == NON_FINITE else InputError)(f"step {self.steps_taken + 1}: {message}")
+            self.check_batch(arrays, f"step {self.steps_taken + 1}")
         return [self._tvm.runtime.tensor(a, self._device) for a in arrays]
+
+    @functools.cached_property
+    def _batch_checks(self) -> tuple:
+        """(input names, index ranges as dicts): read once, not before every step."""
+        return [s.name for s in self.signature.batch], [r.to_json() for r in self.signature.index_ranges]
+
+    def check_batch(self, arrays: list, label: str) -> None:
+        """Raise NumericsError for NaN or infinite inputs, InputError for labels or ids out of range
+        (device_runner.batch_problem); `label` names the batch in the message."""
+        names, ranges = self._batch_checks
+        problem = batch_problem(names, arrays, ranges)
+        if problem:
+            kind, message = problem
+            raise (NumericsError if kind == NON_FINITE else InputError)(f"{label}: {message}")
 
     @property
     def lr(self) -> float:
