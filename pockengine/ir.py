@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tvm
-from tvm import relax
+from tvm import relax, s_tir
 
 
 def inline_body(bb: relax.BlockBuilder, func):
@@ -71,6 +71,25 @@ def with_blocks(func, blocks):
 def is_scheduled(func) -> bool:
     """Whether a kernel already has its final schedule (from a tuning log, `tirx.is_scheduled`)."""
     return bool(func.attrs is not None and func.attrs.get("tirx.is_scheduled"))
+
+
+class _UncheckedSchedule(s_tir.Schedule):
+    """TVM's Schedule without the Python type check `s_tir.schedule._type_checker` wraps around
+    every primitive: our passes call primitives ~75 times per kernel, and the checks (signature
+    binding, typing dispatch) were 8% of the test suite's CPU time, a quarter of the lowering stage.
+    The primitives still check their arguments in C++."""
+
+
+for _name, _primitive in vars(s_tir.Schedule).items():
+    if hasattr(_primitive, "__wrapped__"):
+        setattr(_UncheckedSchedule, _name, _primitive.__wrapped__)
+
+
+def kernel_schedule(func) -> s_tir.Schedule:
+    """A schedule of one kernel for our passes, which try primitives and keep what succeeds: a
+    failure is expected, so its error is not rendered (rendering prints the whole kernel, for each
+    failed trial of dlight's inliner too)."""
+    return _UncheckedSchedule(func, error_render_level="none")
 
 
 def map_kernels(mod, rewrite, include_scheduled: bool = False):

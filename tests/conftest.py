@@ -15,6 +15,16 @@ import pockengine as pe
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 warnings.filterwarnings("ignore", category=FutureWarning)
 
+# `pytest -n N`: the workers share the cores, so each one's kernels (TVM's thread pool) and PyTorch's
+# get an equal share of them. With a thread per core in every worker, a step's parallel kernel waits
+# for a pool thread that the other worker's compile has descheduled (TVM's pool spins; see issue 18).
+# Tests never assert timings; the benchmarks set their own thread counts.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _SHARE = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ.setdefault("TVM_NUM_THREADS", str(_SHARE))
+    torch.set_num_threads(_SHARE)
+
 # The host preset uses LLVM -O3, whose machine-code emission dominates builds of untuned graphs
 # (~1 min for MobileNetV2). Tests of the big models use -O0: same IR, same kernels, faster builds.
 FAST_HOST = {"kind": "llvm", "num-cores": os.cpu_count() or 1, "opt-level": 0}

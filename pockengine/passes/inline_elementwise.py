@@ -31,7 +31,7 @@ import tvm_ffi
 from tvm import s_tir
 from tvm.s_tir import dlight
 
-from ..ir import map_kernels
+from ..ir import kernel_schedule, map_kernels
 from .schedule_cpu import loop_extent, runs_repeatedly
 
 
@@ -75,7 +75,7 @@ def _allocations(stmt) -> list:
 
 def _inline(func, vector_lanes: int):
     try:
-        sch = s_tir.Schedule(func)
+        sch = kernel_schedule(func)
         blocks = dlight.normalize_prim_func(sch)
         if blocks is None:
             return None

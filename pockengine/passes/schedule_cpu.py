@@ -35,7 +35,7 @@ import tvm_ffi
 from tvm import s_tir
 from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
 
-from ..ir import map_kernels
+from ..ir import kernel_schedule, map_kernels
 
 MAX_VECTOR = 64  # longest innermost loop turned into one vector
 # Waking the thread pool costs microseconds: an elementwise kernel smaller than this runs on one core.
@@ -66,7 +66,7 @@ def schedule_kernel(func, vector_lanes: int, cores: int, vector_registers: int =
         return None            # and fusing its loops divides by their zero extent
     for tiles in (True, False):  # a tiling TVM refuses: schedule the kernel again without tiles
         try:
-            sch = s_tir.Schedule(func)
+            sch = kernel_schedule(func)
             root = sch.get_sblock("root")
         except Exception:  # noqa: BLE001 - not a block-structured kernel
             return None

@@ -23,7 +23,7 @@ import tvm
 import tvm_ffi
 from tvm import relax, s_tir
 
-from ..ir import same_tensor_type, viewed, with_blocks, with_function
+from ..ir import kernel_schedule, same_tensor_type, viewed, with_blocks, with_function
 from .schedule_cpu import runs_repeatedly
 
 
@@ -128,7 +128,7 @@ def elementwise_in_place(prim_func, read_index: int, write_index: int) -> bool:
     if shape != _shape(params[read_index]):
         return False
     try:
-        sch = s_tir.Schedule(prim_func)
+        sch = kernel_schedule(prim_func)
         block_refs = sch.get_child_blocks(sch.get_sblock("root"))
         blocks = [sch.get(b) for b in block_refs]
     except Exception:  # noqa: BLE001 - a kernel of unusual structure: keep the copy
