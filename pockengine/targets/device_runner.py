@@ -102,7 +102,8 @@ def batch_problem(names: list, arrays: list, index_ranges: list) -> tuple | None
 
 def first_non_finite(named_arrays) -> tuple | None:
     """(name, how many values) of the first array holding a NaN or an infinity, else None. Fast path:
-    a float32 sum is finite when every value is (an overflowing sum is confirmed value by value)."""
+    a sum in the array's own dtype is finite when every value is (an overflowing sum is confirmed
+    value by value)."""
     for name, a in named_arrays:
         if a.dtype.kind == "f" and not np.isfinite(a.sum()):
             count = int(a.size - np.isfinite(a).sum())
