@@ -9,7 +9,7 @@ Workloads: MobileNetV2-0.35 at 8x3x128x128 (full update and MCUNetV3-style spars
 4-layer transformer classifier (d_model 128, seq 128, batch 8; full and last-2-blocks + biases).
 Every time is the median of `--repeats` steps after warm-up: ours in this process, PyTorch's and
 ONNX Runtime's in fresh processes, each the faster of OMP_WAIT_POLICY unset and PASSIVE (see
-pockengine.bench).
+pockengine.bench; --small: unset only, half the peers' cost).
 GFLOP/s = the step's conv and matmul FLOPs (counted on the compiled graph) / median time, against
 a reference peak (pockengine.bench.PEAK_GFLOPS: a large oneDNN sgemm on both cores; not the ceiling).
 """
@@ -97,16 +97,18 @@ def tune_all(budget_s: float, trials: int, small: bool, only: str | None = None,
 
 
 def measure(workload: dict, scheme: str, small: bool, repeats: int, peers: set, log=sys.stderr) -> dict:
-    """{column: median ms, ...} for one workload and scheme (pockengine.bench), ONNX Runtime added."""
+    """{column: median ms, ...} for one workload and scheme (pockengine.bench), ONNX Runtime added.
+    At reduced size (CI) the peers are timed under OpenMP's default wait policy only."""
+    policies = (None,) if small else None
     logs = tuning.log_directories(os.path.join(TUNING_LOGS, workload["name"]))
     if not logs:
         print(f"no tuning log under {TUNING_LOGS}/{workload['name']}: run --tune first", file=log)
     source = bench.JobSource(os.path.abspath(__file__), "job_for", (workload["name"], scheme, small))
-    row = bench.step_times(source, "host", logs, repeats, peers, log)
+    row = bench.step_times(source, "host", logs, repeats, peers, log, peer_policies=policies)
     if "ort" in peers:
         job = make_job(workload, scheme)
         print(f"[{job.name}] ONNX Runtime training ...", file=log, flush=True)
-        row.update(measure_ort(job, job.plan(job.import_model()), workload["x"], workload["y"], repeats))
+        row.update(measure_ort(job, job.plan(job.import_model()), workload["x"], workload["y"], repeats, policies))
     return row
 
 
@@ -128,7 +130,7 @@ def ort_python(log=sys.stderr) -> str:
     return python
 
 
-def measure_ort(job, plan, x, y, repeats: int) -> dict:
+def measure_ort(job, plan, x, y, repeats: int, policies=None) -> dict:
     """Export the model (training mode) to ONNX here; ORT builds and times its training step in its
     own environment. Same frozen set; channel-ratio weights are trained whole (ORT cannot mask)."""
     import json
@@ -158,7 +160,7 @@ def measure_ort(job, plan, x, y, repeats: int) -> dict:
                 raise RuntimeError(f"ONNX Runtime training failed:\n{result.stderr[-3000:]}")
             return {"ort": json.loads(result.stdout.strip().splitlines()[-1])["ms"]}
 
-        return bench.best_over_wait_policies(measure, ["ort"])
+        return bench.best_over_wait_policies(measure, ["ort"], policies)
 
 
 def main(argv=None):

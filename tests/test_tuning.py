@@ -178,6 +178,7 @@ def test_pytorch_is_timed_in_fresh_processes_under_both_openmp_wait_policies(mon
     assert bench.peer_environment("PASSIVE")["OMP_WAIT_POLICY"] == "PASSIVE"
     times = bench.torch_times_in_fresh_processes(bench.JobSource(os.path.join(ROOT, "examples", "mlp_digits", "train.py")), ["eager"], 2)
     assert times["eager"] > 0 and times["eager wait policy"] in ("default", "PASSIVE")
+    assert times["peer wait policies"] == "default and PASSIVE"
 
 
 def test_shipped_logs_tune_the_benchmark_transformer():

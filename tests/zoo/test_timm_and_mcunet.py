@@ -8,7 +8,9 @@ from zoo_parity import cases, check_model
 
 NAMES = [name for name, (source, _, _) in MODELS.items() if source != "torchvision"]
 SPARSE_IN_CI = ["timm convnext_atto", "timm deit (distilled)", "mcunet mixed kernels"]  # last layers, LoRA, MCUNetV3
-FLOAT32_IN_CI = ["timm deit (distilled)", "timm resnet (group norm)"]
+# resnet (group norm)'s float32 check took 37 s of CI (20 steps of a 4.9M-parameter net at opt-level 0);
+# GroupNorm stays in CI's float64 checks here and in torchvision's and wav2vec2's.
+FLOAT32_IN_CI = ["timm deit (distilled)", "timm convnext_atto"]
 
 
 @pytest.mark.parametrize("check, name", cases(NAMES, SPARSE_IN_CI, FLOAT32_IN_CI))
