@@ -162,6 +162,48 @@ def test_op_the_importer_does_not_know_is_named():
         pe.compile(job)
 
 
+class GridSamples(nn.Module):
+    """F.grid_sample in every interpolation and padding mode, both align_corners, on the input (or,
+    with trained_before, on a trained convolution's output), sampling partly outside [-1, 1]."""
+
+    MODES = [(mode, padding, align) for mode in ("bilinear", "nearest", "bicubic")
+             for padding in ("zeros", "border", "reflection") for align in (False, True)]
+
+    def __init__(self, trained_before=False):
+        super().__init__()
+        self.before = nn.Conv2d(2, 2, 1) if trained_before else None
+        g = torch.Generator().manual_seed(1)
+        theta = torch.tensor([[[1.1, 0.2, 0.05], [-0.1, 0.9, 0.1]]]).repeat(2, 1, 1)
+        self.register_buffer("grid", torch.nn.functional.affine_grid(theta, (2, 2, 5, 6), align_corners=False)
+                             * 1.3 + 0.01 * torch.randn(2, 5, 6, 2, generator=g))
+        self.head = nn.Linear(len(self.MODES) * 2 * 5 * 6, 3)
+
+    def forward(self, x):
+        if self.before is not None:
+            x = self.before(x)
+        grid = self.grid.to(x.dtype)
+        outs = [torch.nn.functional.grid_sample(x, grid, mode=m, padding_mode=p, align_corners=a)
+                for m, p, a in self.MODES]
+        return self.head(torch.cat(outs, 1).flatten(1))
+
+
+def test_grid_sample_trains_like_pytorch_in_every_mode():
+    """TVM's importer gave F.grid_sample's output the wrong shape (an internal error): the grid is
+    [N, H, W, 2] in PyTorch and [N, 2, H, W] in Relax. Every mode matches PyTorch's forward."""
+    model = GridSamples().double()
+    batches = [((torch.randn(2, 2, 7, 8, dtype=torch.float64),), torch.tensor([0, 2])) for _ in range(3)]
+    batches = [(x[0], y) for x, y in batches]
+    _, (worst, where) = parity(model, batches, pe.optim.SGD(lr=0.1, momentum=0.9))
+    assert worst < 1e-10, where
+
+
+def test_grid_sample_on_the_gradient_path_names_the_op():
+    job = pe.TrainingJob(GridSamples(trained_before=True), (torch.randn(2, 2, 7, 8),), torch.tensor([0, 2]),
+                         "cross_entropy", pe.optim.SGD(lr=0.1))
+    with pytest.raises(UnsupportedOpError, match=r"(?s)relax.image.grid_sample.*grid_sampler_2d"):
+        pe.compile(job, target=FAST_HOST)
+
+
 def test_loss_errors():
     model = nn.Linear(3, 2)
     x, y = torch.randn(4, 3), torch.randn(4, 2)

@@ -510,6 +510,18 @@ def _convolution(node, importer):
     return bb.emit(y)
 
 
+def _grid_sampler_2d(node, importer):
+    """grid_sampler_2d(input, grid, interpolation_mode, padding_mode, align_corners) (F.grid_sample).
+    TVM's converter hands PyTorch's grid ([N, H_out, W_out, 2], x then y) to relax.image.grid_sample,
+    which takes [N, 2, H_out, W_out]: its output had the wrong shape. The modes map one to one."""
+    x, grid = _arg(importer, node, 0), _arg(importer, node, 1)
+    interpolation, padding, align_corners = node.args[2:5]
+    bb = importer.block_builder
+    return bb.emit(relax.op.image.grid_sample(
+        x, bb.emit(relax.op.permute_dims(grid, [0, 3, 1, 2])), method=("bilinear", "nearest", "bicubic")[interpolation],
+        layout="NCHW", padding_mode=("zeros", "border", "reflection")[padding], align_corners=bool(align_corners)))
+
+
 # ------------------------------------------------------------------ PyTorch semantics TVM's importer lacks
 
 
@@ -646,6 +658,7 @@ CONVERTERS = {
     "_native_batch_norm_legit_no_training.default": _bn_no_training,
     "_native_batch_norm_legit.no_stats": _bn_no_stats,
     "convolution.default": _convolution,
+    "grid_sampler_2d.default": _grid_sampler_2d,
     "native_group_norm.default": _group_norm_functional,
     "cat.default": _cat,
     "cumsum.default": _cumsum,
