@@ -155,6 +155,38 @@ def test_cli_builds_and_runs_the_mlp_example_on_cortex_m7(tmp_path):
     assert "malloc" not in (project / "pe_train_step.c").read_text() + (project / "kernels.c").read_text()
 
 
+def test_the_firmware_refuses_bad_batches_before_training_on_them(tmp_path):
+    """pe_train_step checks each batch as the host's Program.step does (the CLI checks before it
+    writes batches.bin; an application on the device calls pe_train_step directly): a NaN input or
+    an out-of-range label returns an error code before any state is written, the QEMU harness stops
+    there, and `cortex_m.run` raises naming the batch. A good batch still trains."""
+    torch.manual_seed(0)
+    batches = make_batches((4, 8), 3, 3)
+    job = pe.TrainingJob(MLP(d_in=8, hidden=16, classes=3), (batches[0][0],), batches[0][1], "cross_entropy",
+                         pe.optim.SGD(lr=0.1), name="mlp_checks")
+    program = pe.compile(job, target="cortex-m4")
+    program.export(str(tmp_path / "m4"))
+    project = str(tmp_path / "m4" / cortex_m.PROJECT)
+    arrays = [[x.numpy(), y.numpy()] for x, y in batches]
+    header = open(os.path.join(project, "pe_train_step.h")).read()
+    assert "#define PE_ERROR_NON_FINITE_INPUT 1" in header and "#define PE_ERROR_INDEX_OUT_OF_RANGE 2" in header
+
+    def run(bad_batch):
+        cortex_m.project.write_batches(project, program.signature, arrays[:2] + [bad_batch])
+        return cortex_m.run(project, resolve("cortex-m4"), 3, program.signature)
+
+    nan_input = arrays[2][0].copy()
+    nan_input[1, 5] = np.nan
+    with pytest.raises(pe.errors.NumericsError, match=r"refused batch 3 .*returned 1.*NaN"):
+        run([nan_input, arrays[2][1]])
+    for label in (3, -1):
+        with pytest.raises(pe.errors.InputError, match=r"refused batch 3 .*returned 2.*out of bounds"):
+            run([arrays[2][0], np.array([0, label, 1, 2])])
+    assert not os.path.exists(os.path.join(project, "state_out.bin"))  # nothing written back
+    # cross_entropy's ignore_index (-100) is not out of range: that row is left out of the loss.
+    assert len(run([arrays[2][0], np.array([0, -100, 1, 2])]).losses) == 3
+
+
 def test_a_model_too_big_for_the_sram_says_what_it_needs_and_what_fits(tmp_path, monkeypatch):
     scratch = tmp_path / "tmp"
     scratch.mkdir()

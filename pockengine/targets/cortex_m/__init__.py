@@ -19,7 +19,7 @@ import numpy as np
 import tvm
 
 from ...autodiff.step import STEP_FUNC, StepSignature
-from ...errors import ArtifactError, MemoryLimitError, TargetError
+from ...errors import ArtifactError, InputError, MemoryLimitError, NumericsError, TargetError
 from . import driver as c_driver
 from . import kernels as c_kernels
 from . import project
@@ -263,7 +263,18 @@ def run(directory: str, preset, steps: int, signature: StepSignature, timeout: f
     out_path = os.path.join(directory, "state_out.bin")
     if os.path.exists(out_path):
         os.unlink(out_path)
-    stdout = make(directory, preset, "run", (f"STEPS={steps}",), timeout=timeout)
+    try:
+        stdout, failure = make(directory, preset, "run", (f"STEPS={steps}",), timeout=timeout), None
+    except TargetError as e:  # QEMU may pass the firmware's exit status on
+        stdout, failure = str(e), e
+    refused = re.search(r"^error: step (\d+): code (\d+): (.*)$", stdout, flags=re.M)
+    if refused:
+        step, code, why = refused.groups()
+        error = NumericsError if int(code) == project.ERROR_NON_FINITE_INPUT else InputError
+        raise error(f"the firmware refused batch {step} of batches.bin (pe_train_step returned {code}): {why}; "
+                    "nothing was trained on it or saved. Clean or filter the data")
+    if failure is not None:
+        raise failure
     losses = [float(m.group(1)) for m in re.finditer(r"^step \d+ loss (\S+)$", stdout, flags=re.M)]
     if len(losses) != steps or "done" not in stdout or not os.path.exists(out_path):
         raise TargetError(f"the firmware did not finish {steps} steps under QEMU; its output:\n{stdout[-2000:]}")

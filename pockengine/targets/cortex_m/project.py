@@ -40,6 +40,10 @@ STACK_BYTES = 8 * 1024  # reserved below the top of SRAM; the build checks the m
 API_TYPES = {"int64": ("int", "int64_t")}
 
 
+# pe_train_step's error codes (PE_ERROR_* in pe_train_step.h; the QEMU harness prints them).
+ERROR_NON_FINITE_INPUT, ERROR_INDEX_OUT_OF_RANGE = 1, 2
+
+
 def api_type(dtype: str) -> str:
     return API_TYPES[dtype][0] if dtype in API_TYPES else c_type(dtype)
 
@@ -170,9 +174,15 @@ def _api_header(signature: StepSignature) -> str:
 #define PE_TRAIN_STEP_H
 #include <stdint.h>
 
+/* pe_train_step's results. A batch the step must not train on is refused before any state is
+ * written (as the host's Program.step refuses it): the model and optimizer state are untouched. */
+#define PE_OK 0
+#define PE_ERROR_NON_FINITE_INPUT {ERROR_NON_FINITE_INPUT}   /* a float input holds NaN or an infinity: PyTorch's loss would be NaN */
+#define PE_ERROR_INDEX_OUT_OF_RANGE {ERROR_INDEX_OUT_OF_RANGE} /* a label or id lies outside what its operation accepts: PyTorch raises */
+
 /* One forward + backward + optimizer update on a batch; writes the batch's loss.
 {shapes}
- * Returns 0. */
+ * Returns PE_OK, or one of the errors above. */
 int pe_train_step({params}, float* loss);
 
 double pe_get_lr(void);
@@ -208,6 +218,7 @@ def _driver_source(driver: Driver, signature: StepSignature, workspace_bytes: in
     lines.append(WORKSPACE_C.format(bytes=max(16, workspace_bytes)))
     params = ", ".join(f"const {api_type(s.dtype)}* {c_name(s.name)}" for s in signature.batch)
     lines.append(f"int pe_train_step({params}, float* loss) {{")
+    lines.extend(_batch_checks(signature))
     for s in signature.batch:
         if s.dtype in API_TYPES:
             lines.append(f"  for (int i = 0; i < {_count(s)}; ++i) {input_symbol(s.name)}[i] = "
@@ -234,6 +245,29 @@ def _driver_source(driver: Driver, signature: StepSignature, workspace_bytes: in
     lines.append("const pe_tensor_t pe_mutable_state[] = {\n" + "\n".join(table) + "\n};")
     lines.append(f"const int pe_mutable_state_count = {len(table)};")
     return "\n".join(lines) + "\n"
+
+
+# The exponent bits that are all ones for NaN and the infinities: tested on the bits, as a compiler
+# may assume finite floats where isfinite() is concerned.
+_NON_FINITE_BITS = {"float32": ("uint32_t", "0x7f800000u"), "float64": ("uint64_t", "0x7ff0000000000000ull")}
+
+
+def _batch_checks(signature: StepSignature) -> list:
+    """pe_train_step's first statements: the checks of device_runner.batch_problem, as error codes."""
+    lines = []
+    for s in signature.batch:
+        if s.dtype in _NON_FINITE_BITS:
+            bits, mask = _NON_FINITE_BITS[s.dtype]
+            lines += [f"  for (int i = 0; i < {_count(s)}; ++i) {{",
+                      f"    {bits} b; memcpy(&b, &{c_name(s.name)}[i], sizeof b);",
+                      f"    if ((b & {mask}) == {mask}) return PE_ERROR_NON_FINITE_INPUT;", "  }"]
+    inputs = {s.name: s for s in signature.batch}
+    for r in signature.index_ranges:
+        ignored = "".join(f" && v != {int(v)}" for v in r.ignored)
+        lines += [f"  for (int i = 0; i < {_count(inputs[r.input])}; ++i) {{  /* {r.op}: [0, {r.size}) */",
+                  f"    long long v = (long long){c_name(r.input)}[i];",
+                  f"    if ((v < 0 || v >= {r.size}){ignored}) return PE_ERROR_INDEX_OUT_OF_RANGE;", "  }"]
+    return lines
 
 
 def _c_literal(value, dtype: str) -> str:
@@ -340,7 +374,14 @@ int main(void) {
       if (!PE_READ_BATCH(data)) { printf("error: batches.bin is shorter than one batch\n"); return 1; }
     }
     float loss = 0.0f;
-    pe_train_step(PE_BATCH_ARGS, &loss);
+    int status = pe_train_step(PE_BATCH_ARGS, &loss);
+    if (status != PE_OK) {  /* nothing was trained on it, and no state is written out */
+      printf("error: step %d: code %d: %s\n", step, status, status == PE_ERROR_NON_FINITE_INPUT
+             ? "an input holds NaN or an infinity (PyTorch's loss would be NaN)"
+             : "a label or id is outside the range its operation accepts (PyTorch raises 'out of bounds')");
+      fclose(data);
+      return status;
+    }
     printf("step %d loss %.9g\n", step, (double)loss);
   }
   fclose(data);
