@@ -177,10 +177,10 @@ def test_the_firmware_refuses_bad_batches_before_training_on_them(tmp_path):
 
     nan_input = arrays[2][0].copy()
     nan_input[1, 5] = np.nan
-    with pytest.raises(pe.errors.NumericsError, match=r"refused batch 3 .*returned 1.*NaN"):
+    with pytest.raises(pe.errors.NumericsError, match=r"refused the batch of step 3 .*returned 1.*NaN"):
         run([nan_input, arrays[2][1]])
     for label in (3, -1):
-        with pytest.raises(pe.errors.InputError, match=r"refused batch 3 .*returned 2.*out of bounds"):
+        with pytest.raises(pe.errors.InputError, match=r"refused the batch of step 3 .*returned 2.*out of bounds"):
             run([arrays[2][0], np.array([0, label, 1, 2])])
     assert not os.path.exists(os.path.join(project, "state_out.bin"))  # nothing written back
     # cross_entropy's ignore_index (-100) is not out of range: that row is left out of the loss.

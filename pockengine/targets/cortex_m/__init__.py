@@ -271,7 +271,7 @@ def run(directory: str, preset, steps: int, signature: StepSignature, timeout: f
     if refused:
         step, code, why = refused.groups()
         error = NumericsError if int(code) == project.ERROR_NON_FINITE_INPUT else InputError
-        raise error(f"the firmware refused batch {step} of batches.bin (pe_train_step returned {code}): {why}; "
+        raise error(f"the firmware refused the batch of step {step} (pe_train_step returned {code}): {why}; "
                     "nothing was trained on it or saved. Clean or filter the data")
     if failure is not None:
         raise failure
