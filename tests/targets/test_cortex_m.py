@@ -159,7 +159,7 @@ def test_the_firmware_refuses_bad_batches_before_training_on_them(tmp_path):
     """pe_train_step checks each batch as the host's Program.step does (the CLI checks before it
     writes batches.bin; an application on the device calls pe_train_step directly): a NaN input or
     an out-of-range label returns an error code before any state is written, the QEMU harness stops
-    there, and `cortex_m.run` raises naming the batch. A good batch still trains."""
+    there, and `cortex_m.run` raises naming the step. A good batch still trains."""
     torch.manual_seed(0)
     batches = make_batches((4, 8), 3, 3)
     job = pe.TrainingJob(MLP(d_in=8, hidden=16, classes=3), (batches[0][0],), batches[0][1], "cross_entropy",
