@@ -51,20 +51,19 @@ def make_job(scheme: str, size: str = "full"):
                           sparse_update=schemes()[scheme], name=f"tiny_llama_{scheme}")
 
 
-def torch_peak_bytes(job) -> int:
+def torch_peak_bytes(job, plan) -> int:
     from sparse_memory import measure_torch
 
     from pockengine.sparse import apply_to_torch
 
-    model = apply_to_torch(job.model, job.plan(job.import_model()))
+    model = apply_to_torch(job.model, plan)
     optimizer = job.optimizer.to_torch([p for p in model.parameters() if p.requires_grad])
     return measure_torch(model, optimizer, job.example_inputs[0], job.example_targets, repeats=1, loss_fn=job.loss)[0]
 
 
-def trained_values(job) -> int:
+def trained_values(job, plan) -> int:
     from pockengine.sparse import FROZEN
 
-    plan = job.plan(job.import_model())
     return sum(p.numel() for n, p in job.model.named_parameters() if plan.get(n, FROZEN) != FROZEN)
 
 
@@ -92,10 +91,12 @@ def main(argv=None) -> list:
         print(f"[{scheme}] PyTorch eager (fresh processes) ...", file=sys.stderr, flush=True)
         peer = bench.torch_times_in_fresh_processes(bench.JobSource(os.path.abspath(__file__), "make_job",
                                                                     (scheme, size)), ["eager"], args.repeats,
-                                                    policies=(None,) if args.small else None)
-        rows.append({"scheme": scheme, "trained": trained_values(job), "ours ms": ours_ms, "eager ms": peer["eager"],
-                     "eager policy": peer["eager wait policy"], "policies tried": peer["peer wait policies"], "ours MiB": program.memory_report().peak_bytes / 2**20,
-                     "eager MiB": torch_peak_bytes(make_job(scheme, size)) / 2**20})
+                                                    policies=(None,) if args.small else None, plan=program.plan)
+        rows.append({"scheme": scheme, "trained": trained_values(job, program.plan), "ours ms": ours_ms,
+                     "eager ms": peer["eager"], "eager policy": peer["eager wait policy"],
+                     "policies tried": peer["peer wait policies"],
+                     "ours MiB": program.memory_report().peak_bytes / 2**20,
+                     "eager MiB": torch_peak_bytes(make_job(scheme, size), program.plan) / 2**20})
 
     s = SIZES[size]
     print(f"\ntiny LLaMA ({s['layers']} blocks, hidden 256, 4 heads / 2 kv, MLP 688, vocab {VOCAB}, tied head), "

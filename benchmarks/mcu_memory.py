@@ -73,8 +73,10 @@ def firmware(job, target):
         return None, e.footprint.to_json()
 
 
-def torch_peak(job, model, x, y) -> int:
-    reference = apply_to_torch(model, job.plan(job.import_model()))
+def torch_peak(job, program, model, x, y) -> int:
+    """PyTorch's training memory for the job, training what `program` trains (the plan is imported
+    again only when the firmware did not fit and there is no program)."""
+    reference = apply_to_torch(model, program.plan if program is not None else job.plan(job.import_model()))
     optimizer = job.optimizer.to_torch([p for p in reference.parameters() if p.requires_grad])
     return measure_torch(reference, optimizer, x, y, repeats=1)[0]
 
@@ -112,7 +114,7 @@ def train_under_qemu(scheme, resolution: int, target, steps: int) -> tuple:
         project = os.path.join(tmp, "fw", cortex_m.PROJECT)
         cortex_m.project.write_batches(project, program.signature, [[x.numpy(), y.numpy()] for x, y in batches])
         ran = cortex_m.run(project, resolve(target), steps, program.signature)
-    reference = apply_to_torch(model, job.plan(job.import_model()))
+    reference = apply_to_torch(model, program.plan)
     optimizer = job.optimizer.to_torch([p for p in reference.parameters() if p.requires_grad])
     theirs = []
     for x, y in batches:
@@ -176,8 +178,8 @@ def main(argv=None):
         for name, scheme in schemes().items():
             print(f"[{resolution}x{resolution} / {name}] building the firmware ...", file=sys.stderr, flush=True)
             job, model, x, y = make_job(resolution, scheme)
-            _, fp = firmware(job, args.target)
-            rows.append((resolution, name, fp["sram"], fp["flash"], torch_peak(job, model, x, y)))
+            program, fp = firmware(job, args.target)
+            rows.append((resolution, name, fp["sram"], fp["flash"], torch_peak(job, program, model, x, y)))
 
     print(f"\nMobileNetV2-0.35, batch 1, float32, SGD, BatchNorm frozen; {preset.name}: SRAM {sram // KiB} KiB, "
           f"Flash {flash // KiB} KiB")

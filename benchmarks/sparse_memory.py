@@ -139,7 +139,7 @@ def run(name, make_model, x, y, schemes, target, repeats, rows, only=None):
             start = time.perf_counter()
             program.step(x, y)
             times.append(time.perf_counter() - start)
-        plan = job.plan(job.import_model())
+        plan = program.plan
         reference = apply_to_torch(model, plan)
         torch_bytes, torch_time = measure_torch(reference, optimizer.to_torch([p for p in reference.parameters() if p.requires_grad]),
                                                 x, y, repeats)

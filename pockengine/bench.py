@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from .sparse import plan_from_json, plan_to_json
+
 VARIANTS = ("untuned", "tuned", "tuned+switch")
 COLUMNS = VARIANTS + ("eager", "torch.compile", "ort")
 # The reference peak the benchmarks report against: a large oneDNN sgemm on both cores of the machine
@@ -110,7 +112,7 @@ def step_times(source: JobSource, target="host", tuning_logs=(), repeats: int = 
     torch_peers = [c for c in ("eager", "torch.compile") if c in peers]
     if torch_peers:
         print(f"[{job.name}] {', '.join(torch_peers)} (fresh processes) ...", file=log, flush=True)
-        row.update(torch_times_in_fresh_processes(source, torch_peers, repeats, peer_policies))
+        row.update(torch_times_in_fresh_processes(source, torch_peers, repeats, peer_policies, plan=program.plan))
     return row
 
 
@@ -147,8 +149,12 @@ def best_over_wait_policies(measure, columns, policies=None) -> dict:
     return best
 
 
-def torch_times_in_fresh_processes(source: JobSource, columns, repeats: int, policies=None) -> dict:
-    request = json.dumps({"source": dataclasses.asdict(source), "columns": list(columns), "repeats": repeats})
+def torch_times_in_fresh_processes(source: JobSource, columns, repeats: int, policies=None, plan=None) -> dict:
+    """PyTorch's step times for the job, each peer in fresh processes (best_over_wait_policies).
+    `plan` (a compiled program's `.plan`) is what PyTorch trains; without it each process imports
+    the model again to resolve the job's scheme."""
+    request = json.dumps({"source": dataclasses.asdict(source), "columns": list(columns), "repeats": repeats,
+                          "plan": None if plan is None else plan_to_json(plan)})
     # torch is imported first, so its OpenMP starts with the child's environment (importing
     # pockengine first would set PASSIVE again).
     code = "import sys, torch; from pockengine.bench import _peer_main; _peer_main(sys.argv[1])"
@@ -162,13 +168,15 @@ def torch_times_in_fresh_processes(source: JobSource, columns, repeats: int, pol
     return best_over_wait_policies(measure, columns, policies)
 
 
-def torch_times(source: JobSource, columns, repeats: int) -> dict:
-    """Median step times of PyTorch eager and/or torch.compile for the job, in this process."""
+def torch_times(source: JobSource, columns, repeats: int, plan=None) -> dict:
+    """Median step times of PyTorch eager and/or torch.compile for the job, in this process, training
+    what `plan` trains (default: the job's plan, from an import of the model)."""
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
     job = source.load()
-    plan = job.plan(job.import_model())
+    if plan is None:
+        plan = job.plan(job.import_model())
     times = {}
     for column in columns:
         step = torch_training_step(job, plan, compiled=column == "torch.compile")
@@ -211,6 +219,7 @@ def _peer_main(request: str) -> None:
     """The fresh process's side of torch_times_in_fresh_processes: PyTorch's times, printed as JSON."""
     spec = json.loads(request)
     source = spec["source"]
+    plan = None if spec.get("plan") is None else plan_from_json(spec["plan"])
     times = torch_times(JobSource(source["script"], source["factory"], tuple(source["args"])), spec["columns"],
-                        spec["repeats"])
+                        spec["repeats"], plan)
     print(json.dumps(times))

@@ -39,7 +39,7 @@ from .passes.reorder_updates import reorder_updates
 from .passes.schedule_cpu import schedule_cpu
 from .passes.schedule_reductions import schedule_reductions
 from .passes.update_in_place import update_in_place
-from .sparse import FULL, Partial
+from .sparse import FULL, Partial, plan_to_json
 from .runtime import LIBRARY
 
 STAGES = ("import", "autodiff", "lower", "memory plan", "codegen")
@@ -243,6 +243,7 @@ def _meta(job, preset, derived: Derived) -> dict:
         "state_dict_keys": job.state_dict_keys() or [s.name for s in imported.params + imported.buffers],
         "non_persistent": sorted(imported.non_persistent),
         "aliases": dict(imported.aliases),  # tied parameters: state_dict() returns them under both names
+        "plan": plan_to_json(derived.plan),
     }
 
 

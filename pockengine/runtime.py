@@ -31,6 +31,7 @@ from .artifact_files import (FORMAT, MANIFEST, check_destination, make_temp_dire
 from .errors import ArtifactError, InputError, NumericsError, StateError, TargetError
 from .frontend import to_numpy
 from .passes.memory_plan import MemoryReport
+from .sparse import plan_from_json
 from .validate import check_learning_rate
 from .targets.device_runner import (EXAMPLE, NON_FINITE, batch_problem, first_non_finite, host_view, locked,
                                     remove_path, write_npz as _write_npz)
@@ -264,6 +265,15 @@ class Program:
 
     def memory_report(self) -> MemoryReport:
         return self._report
+
+    @property
+    def plan(self) -> dict:
+        """{parameter name: "full" | "frozen" | sparse.Partial}: what the step trains, as the job's
+        sparse scheme resolved on the model (TrainingJob.plan), without importing the model again."""
+        if "plan" not in self.meta:
+            raise ArtifactError("this artifact was built by a PockEngine that did not record its sparse plan; "
+                                "rebuild it to read program.plan")
+        return plan_from_json(self.meta["plan"])
 
     # ------------------------------------------------------------------ artifacts
 

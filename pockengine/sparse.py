@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 from .errors import JobError
 
@@ -297,6 +297,15 @@ def _ints(v):
 
 def _floats(v):
     return [float(x) for x in (v.split("-") if isinstance(v, str) else v)]
+
+
+def plan_to_json(plan: dict) -> dict:
+    """{parameter name: "full" | "frozen" | {"channels", "axis", "total"}}: a plan as manifest data."""
+    return {name: asdict(rule) if isinstance(rule, Partial) else rule for name, rule in plan.items()}
+
+
+def plan_from_json(data: dict) -> dict:
+    return {name: Partial(**rule) if isinstance(rule, dict) else rule for name, rule in data.items()}
 
 
 def apply_to_torch(model, plan: dict):

@@ -53,7 +53,7 @@ def test_scheme_trains_like_pytorch_with_the_same_frozen_set(name):
     job = pe.TrainingJob(copy.deepcopy(model), (batches[0][0],), batches[0][1], "cross_entropy", optimizer,
                          sparse_update=SCHEMES[name])
     program = pe.compile(job, target=FAST_HOST)
-    plan = job.plan(job.import_model())
+    plan = program.plan
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     ours = [program.step(x, y) for x, y in batches]
     theirs = train_torch(apply_to_torch(model, plan), optimizer, batches)
@@ -69,6 +69,18 @@ def test_scheme_trains_like_pytorch_with_the_same_frozen_set(name):
             index = [slice(None)] * state[pname].ndim
             index[rule.axis] = slice(rule.channels, None)
             np.testing.assert_array_equal(state[pname][tuple(index)], initial[pname].numpy()[tuple(index)])
+
+
+def test_the_program_carries_its_plan_through_export_and_load(tmp_path):
+    """program.plan is the job's plan (what PyTorch must train to compare), without a second import,
+    and an exported artifact keeps it, channel ratios included."""
+    scheme = SparseUpdate.mcunetv3(3, "0-1-3", "0.5-0.25-1")
+    job = pe.TrainingJob(SmallNet(), (torch.randn(2, 3, 8, 8),), torch.randint(0, 10, (2,)), "cross_entropy",
+                         pe.optim.SGD(lr=0.1), sparse_update=scheme)
+    program = pe.compile(job, target=FAST_HOST)
+    expected = job.plan(job.import_model())
+    assert program.plan == expected and any(isinstance(rule, Partial) for rule in expected.values())
+    assert pe.load(program.export(str(tmp_path / "artifact"))).plan == expected
 
 
 PARAMS = [("stem.0.weight", (8, 3, 3, 3), "conv"), ("stem.1.weight", (8,), None), ("stem.1.bias", (8,), None),

@@ -101,7 +101,7 @@ def train_both(model, loss, batches, optimizer, sparse_update=None):
     if sparse_update is not None:
         if sparse_update.lora_spec is not None:  # the same adapters, from the same seed
             add_lora(model, **sparse_update.lora_spec)
-        pe.sparse.apply_to_torch(model, job.plan(job.import_model()))
+        pe.sparse.apply_to_torch(model, program.plan)
     theirs = train_torch(model, optimizer, batches, loss_fn=loss)
     return program, ours, theirs
 
@@ -232,7 +232,7 @@ def test_the_shipped_pretrained_minilm_trains_like_pytorch():
                for rows in (train[i:i + example.BATCH] for i in range(0, 3 * example.BATCH, example.BATCH))]
     program = pe.compile(job, target=FAST_HOST)
     ours = [program.step(*batch) for batch in batches]
-    pe.sparse.apply_to_torch(model, job.plan(job.import_model()))
+    pe.sparse.apply_to_torch(model, program.plan)
     opt = job.optimizer.to_torch([p for p in model.parameters() if p.requires_grad])
     theirs = []
     for ids, mask, labels in batches:

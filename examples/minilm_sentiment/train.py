@@ -134,8 +134,7 @@ def main(argv=None) -> dict:
     print(f"{len(train)} training and {len(held_out)} held-out sentences; held-out accuracy before fine-tuning "
           f"(zero-shot head): {100 * before:.1f}%")
     program = pe.compile(job)
-    plan = job.plan(job.import_model())
-    trained = sum(p.numel() for n, p in model.named_parameters() if plan.get(n) != "frozen")
+    trained = sum(p.numel() for n, p in model.named_parameters() if program.plan.get(n) != "frozen")
     print(f"scheme {args.scheme}: training {trained:,} of {sum(p.numel() for p in model.parameters()):,} values; "
           f"planned peak memory {program.memory_report().peak_bytes / 2**20:.1f} MiB")
     rng = random.Random(1)

@@ -94,7 +94,7 @@ def test_weights_match_pytorch_with_frozen_statistics_and_masks():
                          sparse_update=SparseUpdate.bias_only())
     program = pe.compile(job, target=FAST_HOST)
     ours = [program.step(x, y) for x, y in batches]
-    reference = apply_to_torch(model, job.plan(job.import_model()))
+    reference = apply_to_torch(model, program.plan)
     theirs = train_torch(reference, optimizer, batches)
     assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-9
     worst, where = max_scaled_diff(program.state_dict(), reference.state_dict())

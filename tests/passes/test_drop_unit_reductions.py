@@ -94,7 +94,7 @@ def test_batch_one_sparse_mobilenetv2_with_frozen_batchnorm_trains_like_pytorch(
                          sparse_update=pe.SparseUpdate.mcunetv3(12, "52", "1"))
     program = pe.compile(job, target=FAST_HOST)
     ours = [program.step(x, y) for x, y in batches]
-    theirs = train_torch(apply_to_torch(model, job.plan(job.import_model())), optimizer, batches)
+    theirs = train_torch(apply_to_torch(model, program.plan), optimizer, batches)
     np.testing.assert_allclose(ours, theirs, rtol=1e-10)
     worst, where = max_scaled_diff(program.state_dict(), model.state_dict())
     assert worst <= 1e-10, f"{where} differs by {worst:.3g}"

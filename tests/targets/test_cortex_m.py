@@ -83,7 +83,7 @@ def test_sparse_mobilenetv2_on_cortex_m4(tmp_path):
     program, run = train_on_device(job, "cortex-m4", batches, str(tmp_path / "m4"))
     firmware = program.meta["firmware"]
     assert firmware["sram"] <= 256 * 1024 and firmware["flash"] <= 2048 * 1024
-    plan = job.plan(job.import_model())
+    plan = program.plan
     check_against_host_and_torch(job, apply_to_torch(model, plan), batches, run, optimizer)
 
     # Frozen weights are const, in Flash (read-only: .rodata, which the M4's link script puts in

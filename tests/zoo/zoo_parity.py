@@ -83,7 +83,7 @@ def _compile(model, loss, batches, sparse_update):
     if sparse_update is not None:  # PyTorch trains the same parameters (and channels)
         if sparse_update.lora_spec is not None:  # the same adapters, from the same seed
             add_lora(model, **sparse_update.lora_spec)
-        pe.sparse.apply_to_torch(model, job.plan(job.import_model()))
+        pe.sparse.apply_to_torch(model, program.plan)
     return program, compile_s
 
 
