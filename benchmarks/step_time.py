@@ -96,7 +96,8 @@ def tune_all(budget_s: float, trials: int, small: bool, only: str | None = None,
                             time_budget_s=budget_s, min_flop_share=min_flop_share)
 
 
-def measure(workload: dict, scheme: str, small: bool, repeats: int, peers: set, log=sys.stderr) -> dict:
+def measure(workload: dict, scheme: str, small: bool, repeats: int, peers: set, log=sys.stderr,
+            target="host") -> dict:
     """{column: median ms, ...} for one workload and scheme (pockengine.bench), ONNX Runtime added.
     At reduced size (CI) the peers are timed under OpenMP's default wait policy only."""
     policies = (None,) if small else None
@@ -104,7 +105,7 @@ def measure(workload: dict, scheme: str, small: bool, repeats: int, peers: set, 
     if not logs:
         print(f"no tuning log under {TUNING_LOGS}/{workload['name']}: run --tune first", file=log)
     source = bench.JobSource(os.path.abspath(__file__), "job_for", (workload["name"], scheme, small))
-    row = bench.step_times(source, "host", logs, repeats, peers, log, peer_policies=policies)
+    row = bench.step_times(source, target, logs, repeats, peers, log, peer_policies=policies)
     if "ort" in peers:
         job = make_job(workload, scheme)
         print(f"[{job.name}] ONNX Runtime training ...", file=log, flush=True)
@@ -175,6 +176,8 @@ def main(argv=None):
                         help="with --tune: tune kernels with at least this share of the step's FLOPs")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (minutes of cold compile)")
     parser.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime training (its own venv)")
+    parser.add_argument("--target", default="host",
+                        help="what ours is built for (default host: the preset the shipped logs were tuned for)")
     args = parser.parse_args(argv)
     if args.tune:
         tune_all(args.tune, args.trials, args.small, args.only, args.scheme, args.min_share)
@@ -188,7 +191,8 @@ def main(argv=None):
         for scheme in workload["schemes"]:
             if args.scheme and scheme != args.scheme:
                 continue
-            rows.append((workload["title"], scheme, measure(workload, scheme, args.small, args.repeats, peers)))
+            rows.append((workload["title"], scheme, measure(workload, scheme, args.small, args.repeats, peers,
+                                                            target=args.target)))
             print(bench.report(rows[-1:]), file=sys.stderr, flush=True)
     print(bench.report(rows))
     return rows
