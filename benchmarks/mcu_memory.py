@@ -102,13 +102,15 @@ def largest_fitting(scheme, target, rows, name: str, sram: int, search: bool = T
     return found
 
 
-def train_under_qemu(scheme, resolution: int, target, steps: int) -> tuple:
-    """(losses on the device, PyTorch's losses) for `steps` batches at `resolution`."""
+def train_under_qemu(scheme, resolution: int, target, steps: int, program=None) -> tuple:
+    """(losses on the device, PyTorch's losses) for `steps` batches at `resolution`; `program`: the
+    firmware of make_job(resolution, scheme) when it was already built (make_job is deterministic)."""
     job, model, _, _ = make_job(resolution, scheme)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(1, 3, resolution, resolution, generator=g), torch.randint(0, 10, (1,), generator=g))
                for _ in range(steps)]
-    program = pe.compile(job, target=target)
+    if program is None:
+        program = pe.compile(job, target=target)
     with tempfile.TemporaryDirectory() as tmp:
         program.export(tmp + "/fw")
         project = os.path.join(tmp, "fw", cortex_m.PROJECT)
@@ -174,12 +176,15 @@ def main(argv=None):
     sram, flash = preset.sram_bytes, preset.flash_bytes
 
     rows = []  # (resolution, scheme, our SRAM, our Flash, PyTorch bytes)
+    built = {}  # (resolution, scheme) -> its firmware, when it fits
     for resolution in resolutions:
         for name, scheme in schemes().items():
             print(f"[{resolution}x{resolution} / {name}] building the firmware ...", file=sys.stderr, flush=True)
             job, model, x, y = make_job(resolution, scheme)
             program, fp = firmware(job, args.target)
             rows.append((resolution, name, fp["sram"], fp["flash"], torch_peak(job, program, model, x, y)))
+            if program is not None:
+                built[(resolution, name)] = program
 
     print(f"\nMobileNetV2-0.35, batch 1, float32, SGD, BatchNorm frozen; {preset.name}: SRAM {sram // KiB} KiB, "
           f"Flash {flash // KiB} KiB")
@@ -213,7 +218,8 @@ def main(argv=None):
         resolution = found[name][0]
         print(f"[{name}] training {args.steps} steps at {resolution}x{resolution} under QEMU ...", file=sys.stderr,
               flush=True)
-        ours, theirs = on_device = train_under_qemu(schemes()[name], resolution, args.target, args.steps)
+        ours, theirs = on_device = train_under_qemu(schemes()[name], resolution, args.target, args.steps,
+                                                    built.get((resolution, name)))
         print(f"\n{name} at {resolution}x{resolution} on QEMU's {preset.board['qemu_machine']} ({preset.name}), "
               f"{args.steps} steps: losses " + " ".join(f"{v:.5f}" for v in ours)
               + "; PyTorch eager " + " ".join(f"{v:.5f}" for v in theirs)
