@@ -4,6 +4,7 @@ its database applied by the build, and what happens with stale, corrupt and miss
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -146,16 +147,16 @@ def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path):
                         tracker_addr=("127.0.0.1", tracker.port), silent=True)
     try:
         log = str(tmp_path / "rpc")
-        r = _cli("tune", "examples/mlp_digits/train.py", "--trials", "16", "-o", log,
+        r = _cli("tune", "examples/mlp_digits/train.py", "--trials", "8", "-o", log,
                  "--rpc-tracker", f"127.0.0.1:{tracker.port}", "--rpc-key", "pe-loopback")
         assert r.returncode == 0, r.stderr[-2000:]
-        assert "16 trials run" in r.stdout
+        assert re.search(r"^8 trials run", r.stdout, re.M), r.stdout
     finally:
         server.terminate()
         tracker.terminate()
     with open(os.path.join(log, tuning.RECORD_FILE)) as f:
         measured = [json.loads(line) for line in f if line.strip()]
-    assert len(measured) >= 8 and all(float(t) > 0 for r in measured for t in r[1][1])
+    assert len(measured) >= 4 and all(float(t) > 0 for r in measured for t in r[1][1])
 
 
 def test_bench_compares_untuned_tuned_and_switched_with_pytorch(mlp_log):
