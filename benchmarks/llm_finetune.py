@@ -88,15 +88,16 @@ def main(argv=None) -> list:
         print(f"[{scheme}] compiling ...", file=sys.stderr, flush=True)
         program = pe.compile(job, target=args.target)
         ours_ms = program.time_step(*job.example_inputs, job.example_targets, repeats=args.repeats)
+        plan = program.plan
         print(f"[{scheme}] PyTorch eager (fresh processes) ...", file=sys.stderr, flush=True)
         peer = bench.torch_times_in_fresh_processes(bench.JobSource(os.path.abspath(__file__), "make_job",
                                                                     (scheme, size)), ["eager"], args.repeats,
-                                                    policies=(None,) if args.small else None, plan=program.plan)
-        rows.append({"scheme": scheme, "trained": trained_values(job, program.plan), "ours ms": ours_ms,
+                                                    policies=(None,) if args.small else None, plan=plan)
+        rows.append({"scheme": scheme, "trained": trained_values(job, plan), "ours ms": ours_ms,
                      "eager ms": peer["eager"], "eager policy": peer["eager wait policy"],
                      "policies tried": peer["peer wait policies"],
                      "ours MiB": program.memory_report().peak_bytes / 2**20,
-                     "eager MiB": torch_peak_bytes(make_job(scheme, size), program.plan) / 2**20})
+                     "eager MiB": torch_peak_bytes(make_job(scheme, size), plan) / 2**20})
 
     s = SIZES[size]
     print(f"\ntiny LLaMA ({s['layers']} blocks, hidden 256, 4 heads / 2 kv, MLP 688, vocab {VOCAB}, tied head), "

@@ -134,7 +134,8 @@ def main(argv=None) -> dict:
     print(f"{len(train)} training and {len(held_out)} held-out sentences; held-out accuracy before fine-tuning "
           f"(zero-shot head): {100 * before:.1f}%")
     program = pe.compile(job)
-    trained = sum(p.numel() for n, p in model.named_parameters() if program.plan.get(n) != "frozen")
+    plan = program.plan  # decoded from the program's metadata on each access: read it once
+    trained = sum(p.numel() for n, p in model.named_parameters() if plan.get(n) != "frozen")
     print(f"scheme {args.scheme}: training {trained:,} of {sum(p.numel() for p in model.parameters()):,} values; "
           f"planned peak memory {program.memory_report().peak_bytes / 2**20:.1f} MiB")
     rng = random.Random(1)
