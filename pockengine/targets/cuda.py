@@ -226,17 +226,18 @@ def ensure_cuda_runtime() -> None:
 
 
 def fusion_passes(target) -> list:
-    """TVM's CUDA pipeline up to fused, still unscheduled kernels: the module tuning logs are made for
-    and applied to. (Its legalize list ends with dlight; the schedules come after tuning records.)
+    """TVM's CUDA pipeline up to fused, still unscheduled kernels (LegalizeOps legalizing each distinct
+    call once): the module tuning logs are made for and applied to. (Its legalize list ends with dlight; the schedules come after tuning records.)
     Reductions over one element become assignments first: dlight's rules would otherwise inline an
     epilogue into them wrongly (see passes/drop_unit_reductions.py)."""
     import tvm
     from tvm.relax.backend.cuda import pipeline as cuda
 
     from ..passes.drop_unit_reductions import drop_unit_reductions
+    from ..passes.legalize_ops import legalize_ops
 
     return cuda.library_dispatch_passes(target) + [
-        tvm.relax.transform.LegalizeOps(),
+        legalize_ops(),
         tvm.relax.transform.AnnotateTIROpPattern(),
         tvm.relax.transform.FoldConstant(),
         tvm.relax.transform.FuseOps(),
