@@ -5,7 +5,7 @@ PrimFuncs that come out identical. A training step repeats the same call many ti
 backward of every BatchNorm, each optimizer update of a same-shaped parameter): MobileNetV2's
 step has 3932 calls and 617 distinct ones, and LegalizeOps was the costliest pass of its build
 (3 s of 22). Here the first call of each kind is legalized by TVM's own rule; a later call with
-the same operator, attributes, argument types (static shapes and dtypes), constant arguments and
+the same operator, attributes, result and argument types (shapes, dtypes), constant arguments and
 pattern of repeated arguments gets the same PrimFunc applied to its own arguments. The module is
 the one LegalizeOps builds (tests/passes/test_legalize_ops.py compares them).
 
@@ -36,13 +36,13 @@ def _memoized_rules() -> dict:
     def memoized(rule):
         def legalize(bb, call):
             key = _call_key(call)
-            hit = cache.get(key) if key is not None else None
-            if hit is not None and _same_constants(hit[2], call):
+            hit = cache.get(key)
+            if hit is not None and _same_call(hit[2], call):
                 template, positions, _ = hit
                 args = relax.Tuple([call.args[i] for i in positions])
                 return relax.Call(template.op, [template.args[0], args], template.attrs, template.ty_args)
             result = rule(bb, call)
-            if key is not None and hit is None:
+            if hit is None:
                 positions = _argument_positions(result, call, call_tir)
                 if positions is not None:
                     cache[key] = (result, positions, call)
@@ -58,47 +58,27 @@ def _memoized_rules() -> dict:
     return rules
 
 
-def _static_tensor(ty) -> tuple | None:
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    dims = []
-    for d in ty.shape:
-        if not isinstance(d, tvm.tirx.IntImm):
-            return None
-        dims.append(int(d))
-    return str(ty.dtype), tuple(dims)
-
-
-def _call_key(call) -> tuple | None:
-    """What the PrimFunc of `call` can depend on, hashable; None when it is not all static."""
-    result = _static_tensor(call.ty)
-    if result is None:
-        return None
+def _call_key(call) -> tuple:
+    """What the PrimFunc of `call` can depend on, hashed (a hit is then compared in full: _same_call)."""
     args, pattern = [], []
     for i, arg in enumerate(call.args):
-        if isinstance(arg, relax.Var):
-            tensor = _static_tensor(arg.ty)
-            if tensor is None:
-                return None
-            args.append(tensor)
-            # x * x and x * y of one shape are different calls: the first passes one argument twice
-            pattern.append(next(j for j, other in enumerate(call.args) if other.same_as(arg)))
-        else:  # a constant, a shape, a tuple: by value (checked for equality on a hit)
-            args.append(("value", tvm_ffi.structural_hash(arg)))
-            pattern.append(i)
+        args.append(tvm_ffi.structural_hash(arg.ty if isinstance(arg, relax.Var) else arg))
+        # x * x and x * y of one shape are different calls: the first passes one argument twice
+        pattern.append(next(j for j, other in enumerate(call.args) if other.same_as(arg))
+                       if isinstance(arg, relax.Var) else i)
     attrs = tvm_ffi.structural_hash(call.attrs) if call.attrs is not None else 0
-    ty_args = tuple(tvm_ffi.structural_hash(t) for t in call.ty_args)
-    return call.op.name, attrs, ty_args, result, tuple(args), tuple(pattern)
+    return (call.op.name, attrs, tuple(tvm_ffi.structural_hash(t) for t in call.ty_args),
+            tvm_ffi.structural_hash(call.ty), tuple(args), tuple(pattern))
 
 
-def _same_constants(first, call) -> bool:
-    """The parts of the key compared by hash are equal (no collision)."""
-    if not tvm_ffi.structural_equal(first.attrs, call.attrs):
-        return False
-    if len(first.ty_args) != len(call.ty_args) or not all(
-            tvm_ffi.structural_equal(a, b) for a, b in zip(first.ty_args, call.ty_args)):
-        return False
-    return all(tvm_ffi.structural_equal(a, b) for a, b in zip(first.args, call.args) if not isinstance(a, relax.Var))
+def _same_call(first, call) -> bool:
+    """`call` has the operator, attributes, result and argument types and constant arguments of
+    `first` (whose key it shares: this rules out a hash collision)."""
+    equal = tvm_ffi.structural_equal
+    return (equal(first.attrs, call.attrs) and equal(first.ty, call.ty) and len(first.ty_args) == len(call.ty_args)
+            and all(equal(a, b) for a, b in zip(first.ty_args, call.ty_args))
+            and all(equal(a.ty, b.ty) if isinstance(a, relax.Var) else equal(a, b)
+                    for a, b in zip(first.args, call.args)))
 
 
 def _argument_positions(result, call, call_tir) -> list | None:
