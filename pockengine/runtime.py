@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import shutil
 import weakref
@@ -107,7 +108,7 @@ class Program:
         loss = float(outs[0].numpy())
         if check:
             # The trained parameters too: a ReLU can hide a NaN one from the loss.
-            what = self._non_finite_state(self._trained) or ("" if np.isfinite(loss) else f"the loss is {loss}")
+            what = self._non_finite_state(self._trained) or ("" if math.isfinite(loss) else f"the loss is {loss}")
             if what:
                 self._diverged = f"step {self.steps_taken}: {what}"
                 raise NumericsError(f"{self._diverged}. Nothing was saved; lower the learning rate or check the "
@@ -126,8 +127,8 @@ class Program:
         """The first state tensor (of `names`, default all) holding a NaN or an infinity, described;
         '' if none does."""
         names = [s.name for s in self.signature.state] if names is None else names
-        found = first_non_finite((self.signature.owner(name), self._view(name)) for name in names)
-        return f"{found[1]} values of {found[0]} are NaN or infinite" if found else ""
+        found = first_non_finite((name, self._view(name)) for name in names)
+        return f"{found[1]} values of {self.signature.owner(found[0])} are NaN or infinite" if found else ""
 
     def _view(self, name: str) -> np.ndarray:
         """A state tensor read in place where it is in host memory."""

@@ -124,3 +124,20 @@ def test_the_cli_and_the_device_runner_refuse_a_nan_batch_and_save_nothing(mlp, 
     with pytest.raises(ValueError, match="step 2: input x holds 1 NaN.*nothing was saved"):
         device_runner.run(path, 3, data, save=True, out=open(os.devnull, "w"))
     assert open(os.path.join(path, "state.npz"), "rb").read() == saved
+
+
+def test_the_finiteness_check_tells_overflowing_sums_from_non_finite_values():
+    """first_non_finite sums the tensors (small ones in one array) and tests the total once: a total
+    that overflows (large finite float32 values) is confirmed value by value."""
+    big = np.full(4, 3e38, "float32")  # finite; its float32 sum is inf
+    labels = np.array([0, 2**31 - 1], "int32")  # integers are not checked
+    assert device_runner.first_non_finite([("a", big), ("b", big.astype("float64")), ("y", labels)]) is None
+    with_nan = np.ones(5, "float32")
+    with_nan[[1, 3]] = np.nan
+    cancelling = np.array([np.inf, -np.inf], "float64")  # their sum is NaN, each value infinite
+    assert device_runner.first_non_finite([("a", big), ("b", with_nan)]) == ("b", 2)
+    assert device_runner.first_non_finite([("c", cancelling), ("b", with_nan)]) == ("c", 2)
+    large = np.zeros(device_runner.SUMMED_TOGETHER + 1, "float32")  # summed on its own, not copied
+    assert device_runner.first_non_finite([("a", big), ("large", large), ("scalar", np.array(1.0))]) is None
+    large[-1] = -np.inf
+    assert device_runner.first_non_finite([("a", big), ("large", large), ("b", with_nan)]) == ("large", 1)

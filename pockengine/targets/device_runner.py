@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -100,15 +101,32 @@ def batch_problem(names: list, arrays: list, index_ranges: list) -> tuple | None
     return None
 
 
+# Arrays up to this many values are summed together, one copy into one array (a sum call costs
+# ~2 us however small its array, and a model has many small tensors: MobileNetV2 158 trained, 0.35
+# ms of calls); larger ones are summed alone, without a copy.
+SUMMED_TOGETHER = 1 << 14
+
+
 def first_non_finite(named_arrays) -> tuple | None:
-    """(name, how many values) of the first array holding a NaN or an infinity, else None. Fast path:
-    a sum in the array's own dtype is finite when every value is (an overflowing sum is confirmed
-    value by value)."""
-    for name, a in named_arrays:
-        if a.dtype.kind == "f" and not np.isfinite(a.sum()):
-            count = int(a.size - np.isfinite(a).sum())
-            if count:
-                return name, count
+    """(name, how many values) of the first array holding a NaN or an infinity, else None. Fast path
+    (this runs after every step, over every trained tensor): sums in the arrays' own dtypes and one
+    test of their total, finite when every value is; an overflowing total is confirmed value by value."""
+    floats = [(name, a) for name, a in named_arrays if a.dtype.kind == "f"]
+    total, small = 0.0, {}
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum is no news to the user
+        for _, a in floats:
+            if a.size <= SUMMED_TOGETHER:
+                small.setdefault(a.dtype, []).append(a)
+            else:
+                total += a.sum()
+        for arrays in small.values():
+            total += np.concatenate(arrays, axis=None).sum()
+    if math.isfinite(total):
+        return None
+    for name, a in floats:
+        count = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if count:
+            return name, count
     return None
 
 
