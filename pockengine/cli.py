@@ -59,14 +59,15 @@ def cmd_build(args) -> int:
     if args.output:  # first: before the seconds of importing TVM, running the user's script and compiling
         check_destination(args.output, args.force, protect=(args.train_py,))
     from .build import compile as compile_job, print_progress
-    from .tuning import TuningReport, open_logs
+    from .tuning import TuningReport, check_log
     from .job import load_job
     from .targets import resolve
 
     target = resolve(_parse_target(args.target))  # fail fast, before running the user's script
     target.check_tools("build")
     logs = _tuning_logs(args.tuning_log, target.name)
-    open_logs(logs)  # read (and kept) now, so a damaged database is named before the user's script runs
+    for log in logs:  # a damaged database is named before the user's script runs
+        check_log(log)
     job = load_job(args.train_py)
     out = args.output or os.path.join("build", job.name)
     if not args.output:

@@ -105,17 +105,24 @@ def _check_json_lines(path: str, what: str) -> None:
             raise TuningLogError(f"{path}: line {number} is not a MetaSchedule {what} entry; the file is corrupt")
 
 
-def open_log(directory: str, create: bool = False):
-    """A MetaSchedule JSONDatabase for `directory`, validated line by line first so a damaged file is
-    named instead of surfacing as a C++ parse error."""
-    from tvm.s_tir import meta_schedule as ms
-
+def check_log(directory: str, create: bool = False) -> None:
+    """Raise TuningLogError naming the file and line when `directory` is not a readable tuning log
+    (a line check, in a fraction of the time MetaSchedule takes to read the database)."""
     workload, record = os.path.join(directory, WORKLOAD_FILE), os.path.join(directory, RECORD_FILE)
     if not create and not os.path.isfile(workload):
         raise TuningLogError(f"{directory} is not a tuning log: it has no {WORKLOAD_FILE}")
     for path, what in ((workload, "workload"), (record, "tuning record")):
         if os.path.isfile(path):
             _check_json_lines(path, what)
+
+
+def open_log(directory: str, create: bool = False):
+    """A MetaSchedule JSONDatabase for `directory`, validated line by line first so a damaged file is
+    named instead of surfacing as a C++ parse error."""
+    from tvm.s_tir import meta_schedule as ms
+
+    check_log(directory, create)
+    workload, record = os.path.join(directory, WORKLOAD_FILE), os.path.join(directory, RECORD_FILE)
     try:
         return ms.database.JSONDatabase(path_workload=workload, path_tuning_record=record, allow_missing=create)
     except Exception as e:  # noqa: BLE001 - TVM raises its own error types for malformed entries
