@@ -227,9 +227,10 @@ def ensure_cuda_runtime() -> None:
 
 def fusion_passes(target) -> list:
     """TVM's CUDA pipeline up to fused, still unscheduled kernels (LegalizeOps legalizing each distinct
-    call once): the module tuning logs are made for and applied to. (Its legalize list ends with dlight; the schedules come after tuning records.)
-    Reductions over one element become assignments first: dlight's rules would otherwise inline an
-    epilogue into them wrongly (see passes/drop_unit_reductions.py)."""
+    call once): the module tuning logs are made for and applied to. (Its legalize list ends with
+    dlight; the schedules come after tuning records.) Reductions over one element become assignments
+    first: dlight's rules would otherwise inline an epilogue into them wrongly (see
+    passes/drop_unit_reductions.py)."""
     import tvm
     from tvm.relax.backend.cuda import pipeline as cuda
 
