@@ -33,7 +33,7 @@ from .passes.fast_math import fast_math
 from .passes.fold_broadcasts import fold_broadcasts
 from .passes.fuse_variance import fuse_variance
 from .passes.inline_elementwise import inline_elementwise
-from .passes.legalize_ops import legalize_ops
+from .passes.legalize_ops import legalize_and_fuse
 from .passes.plan_arena import plan_arena
 from .passes.prune_backward import prune_backward
 from .passes.reorder_updates import reorder_updates
@@ -130,14 +130,7 @@ def fusion_passes(target) -> list:
     assignments: see drop_unit_reductions): the module tuning logs are made for and applied to."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    return cpu.library_dispatch_passes(target) + [
-        legalize_ops(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-        drop_unit_reductions(),
-    ]
+    return cpu.library_dispatch_passes(target) + legalize_and_fuse() + [drop_unit_reductions()]
 
 
 def kernel_schedule_passes(preset) -> list:

@@ -28,6 +28,18 @@ def legalize_ops() -> tvm.transform.Pass:
     return transform
 
 
+def legalize_and_fuse() -> list:
+    """TVM's legalize-to-FuseTIR sequence (its CPU and CUDA pipelines share it), with legalize_ops
+    in place of LegalizeOps."""
+    return [
+        legalize_ops(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+
+
 def _memoized_rules() -> dict:
     """{op name: legalization function} for every op with a registered rule, sharing one cache."""
     call_tir = tvm.ir.Op.get("relax.call_tir")

@@ -231,20 +231,12 @@ def fusion_passes(target) -> list:
     dlight; the schedules come after tuning records.) Reductions over one element become assignments
     first: dlight's rules would otherwise inline an epilogue into them wrongly (see
     passes/drop_unit_reductions.py)."""
-    import tvm
     from tvm.relax.backend.cuda import pipeline as cuda
 
     from ..passes.drop_unit_reductions import drop_unit_reductions
-    from ..passes.legalize_ops import legalize_ops
+    from ..passes.legalize_ops import legalize_and_fuse
 
-    return cuda.library_dispatch_passes(target) + [
-        legalize_ops(),
-        tvm.relax.transform.AnnotateTIROpPattern(),
-        tvm.relax.transform.FoldConstant(),
-        tvm.relax.transform.FuseOps(),
-        tvm.relax.transform.FuseTIR(),
-        drop_unit_reductions(),
-    ]
+    return cuda.library_dispatch_passes(target) + legalize_and_fuse() + [drop_unit_reductions()]
 
 
 @dataclasses.dataclass
