@@ -1,6 +1,7 @@
 """The torch and ONNX frontends through whole training steps: BatchNorm state, losses, freezing, and
 the errors a user gets for what cannot be imported or differentiated."""
 
+import collections
 import copy
 import io
 import os
@@ -341,3 +342,63 @@ def test_no_gradient_flows_through_detach_or_a_no_grad_block(make):
     assert worst <= 1e-12, f"{where} is {worst:.3g} off PyTorch"
     if make is _NoGradFeatures:  # no gradient reaches `a` at all: it stays as it was
         np.testing.assert_array_equal(program.state_dict()["a.weight"], before["a.weight"].numpy())
+
+
+class _LiftedValues(nn.Module):
+    """Values torch.export lifts out of the graph in every way it can: parameters, a persistent and a
+    non-persistent buffer, a plain tensor attribute (a lifted constant); and a Python float, which
+    is a literal of the graph."""
+
+    def __init__(self, factor, offset):
+        super().__init__()
+        self.fc = nn.Linear(6, 3).double()
+        self.register_buffer("shift", torch.full((6,), offset, dtype=torch.float64))
+        self.register_buffer("gain", torch.full((6,), 1.0 + offset, dtype=torch.float64), persistent=False)
+        self.table = torch.linspace(-1, 1, 6, dtype=torch.float64) * offset
+        self.factor = factor
+
+    def forward(self, x):
+        return self.fc((x + self.shift) * self.gain + self.table) * self.factor
+
+
+class _Renamed(_LiftedValues):
+    """The same computation under another module path."""
+
+    def __init__(self, factor, offset):
+        super().__init__(factor, offset)
+        self.head = self.fc
+        del self.fc
+
+    def forward(self, x):
+        return self.head((x + self.shift) * self.gain + self.table) * self.factor
+
+
+def test_one_graph_is_decomposed_once_and_each_model_trains_with_its_own_values(monkeypatch):
+    from pockengine.frontend import decompositions
+
+    monkeypatch.setattr(decompositions, "_decomposed", collections.OrderedDict())
+    decomposed = []
+    run = torch.export.ExportedProgram.run_decompositions
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions",
+                        lambda ep, *args, **kwargs: decomposed.append(ep) or run(ep, *args, **kwargs))
+    batches = make_batches((5, 6), 3, 3, dtype=torch.float64)
+    for seed, offset in [(0, 0.5), (1, -2.0)]:  # other weights, buffers and constants: the same graph
+        torch.manual_seed(seed)
+        _, (worst, where) = parity(_LiftedValues(2.0, offset), batches, pe.optim.SGD(lr=0.1, momentum=0.9))
+        assert worst < F64, where
+    assert len(decomposed) == 1
+
+    # Another literal, another batch shape: other graphs, decomposed for themselves.
+    _, (worst, where) = parity(_LiftedValues(3.0, 0.5), batches, pe.optim.SGD(lr=0.1))
+    assert worst < F64 and len(decomposed) == 2
+    _, (worst, where) = parity(_LiftedValues(2.0, 0.5), make_batches((4, 6), 3, 2, dtype=torch.float64),
+                               pe.optim.SGD(lr=0.1))
+    assert worst < F64 and len(decomposed) == 3
+
+    # The same computation in another module: errors and reports name its own modules.
+    from pockengine.frontend.torch import import_torch
+
+    x, y = batches[0]
+    origins = import_torch(_Renamed(2.0, 0.5), (x,), y, "cross_entropy").origin.values()
+    assert len(decomposed) == 4
+    assert any("head (Linear)" in str(o) for o in origins) and not any("fc (Linear)" in str(o) for o in origins)

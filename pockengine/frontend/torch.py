@@ -28,6 +28,7 @@ from tvm import relax
 
 from ..errors import FrontendError, LossError, UnsupportedOpError
 from . import FUNC_NAME, RNG_SEED, RNG_STEP, ImportedModel, Origin, TensorSpec
+from .decompositions import decompose
 from .philox import RandomSource
 
 LOSSES = {
@@ -74,7 +75,7 @@ def import_torch(model: nn.Module, example_inputs: tuple, example_targets, loss,
             _stop_gradients(ep)
             # Core ATen decomposition: fewer distinct ops to differentiate, and PyTorch's own
             # semantics for composite ops (cross_entropy's ignore_index/label_smoothing, attention).
-            ep = ep.run_decompositions()
+            ep = decompose(ep)
     except Exception as e:  # torch raises many kinds; the user needs the message, not the type
         raise FrontendError(
             f"torch.export could not capture the model with its loss: {type(e).__name__}: {str(e)[:2000]}\n"
