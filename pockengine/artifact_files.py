@@ -23,6 +23,7 @@ from .errors import ArtifactError
 from .targets.device_runner import remove_path, remove_stale, umask, writer_alive
 
 FORMAT = "pockengine-artifact"
+FORMAT_VERSION = 2  # 2: partially trained weights are stored as their two parts
 MANIFEST = "manifest.json"
 TMP_TAG, OLD_TAG = ".tmp-", ".old-"
 
@@ -135,3 +136,33 @@ def _manifest_complete(path: str) -> bool:
     with open(os.path.join(path, MANIFEST)) as f:
         files = json.load(f).get("files", {})
     return all(os.path.exists(os.path.join(path, name)) for name in files.values())
+
+
+def read_manifest(directory: str) -> dict:
+    """The manifest of the artifact at `directory`, checked; an ArtifactError says what is wrong and
+    the fix. Needs neither TVM nor PyTorch, so that the CLI refuses a bad artifact at once."""
+    recover(directory)  # a writer killed between the two renames of a swap left it beside its place
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        raise ArtifactError(f"no PockEngine artifact at {directory}: {MANIFEST} is missing "
+                            "(build one with `pockengine build train.py -o DIR`)")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path} is corrupt or truncated ({e}); rebuild the artifact") from None
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not a PockEngine manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path} has format version {manifest.get('format_version')}, this PockEngine reads "
+                            f"{FORMAT_VERSION}; rebuild the artifact")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing or not isinstance(manifest.get("files"), dict) or "state" not in manifest["files"]:
+        raise ArtifactError(f"{path} is incomplete or was edited: it lacks {', '.join(missing) or 'files.state'}; "
+                            "rebuild the artifact")
+    return manifest
+
+
+# What every manifest written by export() has, and load(), run and inspect read.
+REQUIRED_KEYS = ("name", "target", "tvm_target", "optimizer", "source", "state_dict_keys", "signature", "parameters",
+                 "buffers", "memory", "versions", "files")

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from .artifact_files import check_destination
+from .artifact_files import check_destination, read_manifest
 from .errors import InputError, NumericsError, PockEngineError
 from .targets.device_runner import EXAMPLE, locked, positive_int
 from .tuning import MIN_FLOP_SHARE
@@ -58,13 +58,15 @@ def _tuning_logs(explicit: str | None, target_name: str) -> list[str]:
 def cmd_build(args) -> int:
     if args.output:  # first: before the seconds of importing TVM, running the user's script and compiling
         check_destination(args.output, args.force, protect=(args.train_py,))
+    from .targets import resolve
+
+    # Fail fast: a preset's name and its tools are checked without TVM, before the user's script runs.
+    target = resolve(_parse_target(args.target))
+    target.check_tools("build")
     from .build import compile as compile_job, print_progress
     from .tuning import TuningReport, check_log
     from .job import load_job
-    from .targets import resolve
 
-    target = resolve(_parse_target(args.target))  # fail fast, before running the user's script
-    target.check_tools("build")
     logs = _tuning_logs(args.tuning_log, target.name)
     for log in logs:  # a damaged database is named before the user's script runs
         check_log(log)
@@ -170,10 +172,19 @@ def _batches(program, data_path: str | None, artifact: str):
         raise InputError(str(e)) from None
 
 
-def cmd_run(args) -> int:
-    from .runtime import read_manifest
+def _without_pytorch(manifest: dict) -> None:
+    """Keep PyTorch out of a `run` or `inspect` process when the artifact does not call its kernels:
+    importing TVM imports PyTorch whenever it is installed (tvm_ffi loads it first, against a symbol
+    conflict seen on Windows), which is half of the command's start-up (2.5 of 5 s here, more on a
+    Raspberry Pi). tvm_ffi, like the runtime, treats an ImportError as "no PyTorch"."""
+    if "torch" not in sys.modules and not manifest.get("backend", {}).get("library_kernels"):
+        sys.modules["torch"] = None  # `import torch` raises ImportError
 
-    family = read_manifest(args.artifact).get("family", "host")
+
+def cmd_run(args) -> int:
+    manifest = read_manifest(args.artifact)
+    _without_pytorch(manifest)
+    family = manifest.get("family", "host")
     if family == "aarch64":  # its runner locks the artifact itself when saving
         from .targets import aarch64
 
@@ -212,9 +223,9 @@ def _train(args, family: str) -> int:
 
 def _run_cortex_m(program, args) -> int:
     """Build the firmware (if needed) and train under qemu-system-arm, on the batches given."""
-    from .targets import cortex_m, resolve
+    from .targets import PRESET_NAMES, cortex_m, resolve
 
-    preset = resolve(program.meta["target"]) if program.meta["target"] in _preset_names() else None
+    preset = resolve(program.meta["target"]) if program.meta["target"] in PRESET_NAMES else None
     preset = preset or resolve(program.meta["tvm_target"])
     project = os.path.join(args.artifact, cortex_m.PROJECT)
     batches = _batches(program, args.data, args.artifact)
@@ -239,12 +250,6 @@ def _run_cortex_m(program, args) -> int:
     return 0
 
 
-def _preset_names() -> set:
-    from .targets import presets
-
-    return set(presets())
-
-
 def _batch_count(data: str | None, steps: int) -> int:
     """How many distinct batches the firmware's batch file needs (it cycles through them)."""
     if not data:
@@ -255,11 +260,11 @@ def _batch_count(data: str | None, steps: int) -> int:
 
 
 def cmd_inspect(args) -> int:
+    m = read_manifest(args.artifact)
+    _without_pytorch({})  # inspect runs nothing
     from .passes.memory_plan import MemoryReport
     from .tuning import TuningReport
-    from .runtime import read_manifest
 
-    m = read_manifest(args.artifact)
     absent = [name for name in m["files"].values() if not os.path.exists(os.path.join(args.artifact, name))]
     if absent and not args.json:
         from .errors import ArtifactError

@@ -27,8 +27,8 @@ import zipfile
 import numpy as np
 
 from .autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, STEP_FUNC, StepSignature
-from .artifact_files import (FORMAT, MANIFEST, check_destination, make_temp_directory, recover,
-                             replace_directory)
+from .artifact_files import (FORMAT, FORMAT_VERSION, MANIFEST, check_destination, make_temp_directory,
+                             read_manifest, recover, replace_directory)
 from .errors import ArtifactError, InputError, NumericsError, StateError, TargetError
 from .frontend import to_numpy
 from .passes.memory_plan import MemoryReport
@@ -37,7 +37,6 @@ from .validate import check_learning_rate
 from .targets.device_runner import (EXAMPLE, NON_FINITE, batch_problem, first_non_finite, host_view, locked,
                                     remove_path, write_npz as _write_npz)
 
-FORMAT_VERSION = 2  # 2: partially trained weights are stored as their two parts
 LIBRARY, STATE = "train_step.so", "state.npz"
 
 
@@ -465,34 +464,6 @@ def runs_here(manifest: dict) -> bool:
 
         return cuda.host_runs_here(manifest.get("tvm_target", {})) and cuda.gpu_present()
     return False
-
-
-def read_manifest(directory: str) -> dict:
-    recover(directory)  # a writer killed between the two renames of a swap left it beside its place
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.isfile(path):
-        raise ArtifactError(f"no PockEngine artifact at {directory}: {MANIFEST} is missing "
-                            "(build one with `pockengine build train.py -o DIR`)")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path} is corrupt or truncated ({e}); rebuild the artifact") from None
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path} is not a PockEngine manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path} has format version {manifest.get('format_version')}, this PockEngine reads "
-                            f"{FORMAT_VERSION}; rebuild the artifact")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing or not isinstance(manifest.get("files"), dict) or "state" not in manifest["files"]:
-        raise ArtifactError(f"{path} is incomplete or was edited: it lacks {', '.join(missing) or 'files.state'}; "
-                            "rebuild the artifact")
-    return manifest
-
-
-# What every manifest written by export() has, and load(), run and inspect read.
-REQUIRED_KEYS = ("name", "target", "tvm_target", "optimizer", "source", "state_dict_keys", "signature", "parameters",
-                 "buffers", "memory", "versions", "files")
 
 
 def _read_state(path: str, signature: StepSignature) -> dict:

@@ -14,10 +14,10 @@ from conftest import ROOT
 EXAMPLE = os.path.join(ROOT, "examples", "mlp_digits", "train.py")
 
 
-def pockengine(*args, cwd=None):
+def pockengine(*args, cwd=None, env=None):
     script = os.path.join(os.path.dirname(sys.executable), "pockengine")
     assert os.path.exists(script), "the pockengine console script is not installed"
-    return subprocess.run([script, *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([script, *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,25 @@ def test_run_prints_loss_per_step_and_time(built):
     losses = [float(line.split()[3]) for line in lines]
     assert losses[2] < losses[0]  # same example batch every step: the loss must fall
     assert "median" in result.stdout
+
+
+def test_run_and_inspect_leave_pytorch_unloaded(built):
+    """An artifact of TVM's kernels needs no PyTorch, but importing TVM loads it when it is installed:
+    half of the commands' start-up. (An artifact calling PyTorch's kernels loads it:
+    tests/passes/test_switch_backend.py runs one.)"""
+    out, _ = built
+    for args in (("run", out, "--steps", "1"), ("inspect", out)):
+        result = pockengine(*args, env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
+        assert result.returncode == 0, result.stderr
+        # "import time: self | cumulative | module" (microseconds) per import, attempted ones too
+        cumulative = {}
+        for line in result.stderr.splitlines():
+            if line.startswith("import time:") and line.split("|")[1].strip().isdigit():
+                name = line.rsplit("|", 1)[-1].strip()
+                cumulative[name] = max(cumulative.get(name, 0), int(line.split("|")[1]))
+        assert cumulative.get("tvm.runtime", 0) > 0, args
+        loaded_torch = {name: us for name, us in cumulative.items() if name.split(".")[0] == "torch" and us > 1000}
+        assert not loaded_torch, (args, loaded_torch)  # a refused import takes microseconds
 
 
 def test_run_with_data_file_and_save(built, tmp_path):

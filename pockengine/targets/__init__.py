@@ -124,65 +124,82 @@ def _cortex_m(name, cpu, description, sram, flash, machine, cflags, memory_map):
                               "rom_origin": rom[0], "rom_bytes": rom[1], "separate_rom": len(memory_map) > 4}})
 
 
-@functools.cache
-def _presets() -> tuple:
+def _preset_factories() -> dict:
+    """name -> a function making the preset. Only the host's and `cuda`'s ask TVM (LLVM's name for
+    this CPU): naming another target, or failing for want of its tools, needs no TVM (seconds)."""
     orin_cpu, nano_cpu, rpi4 = _aarch64("cortex-a78", 12), _aarch64("cortex-a78", 6), _aarch64("cortex-a72", 4)
-    return (
-        TargetPreset("host", "this machine's CPU (LLVM, all cores)", _host_target(),
-                     vector_bytes=_host_vector_bytes(), vector_registers=_host_vector_registers()),
-        TargetPreset("jetson-orin", "Jetson AGX Orin GPU (sm_87) + Cortex-A78 host code", 
-                     {"kind": "cuda", "arch": "sm_87", "max_num_threads": 1024, "thread_warp_size": 32,
-                      "host": orin_cpu},
-                     family=CUDA, tools=CUDA_TOOLS + AARCH64_TOOLS[:1], runner="an NVIDIA GPU (sm_87) on the Jetson"),
-        TargetPreset("jetson-orin-nano", "Jetson Orin Nano GPU (sm_87) + Cortex-A78AE host code",
-                     {"kind": "cuda", "arch": "sm_87", "max_num_threads": 1024, "thread_warp_size": 32,
-                      "host": nano_cpu},
-                     family=CUDA, tools=CUDA_TOOLS + AARCH64_TOOLS[:1], runner="an NVIDIA GPU (sm_87) on the Jetson"),
-        TargetPreset("jetson-orin-cpu", "Jetson AGX Orin CPU (12x Cortex-A78, NEON)", orin_cpu,
-                     family=AARCH64, tools=AARCH64_TOOLS, runner=AARCH64_RUNNER, vector_registers=32),
-        TargetPreset("jetson-orin-nano-cpu", "Jetson Orin Nano CPU (6x Cortex-A78AE, NEON)", nano_cpu,
-                     family=AARCH64, tools=AARCH64_TOOLS, runner=AARCH64_RUNNER, vector_registers=32),
-        TargetPreset("rpi4", "Raspberry Pi 4 (4x Cortex-A72, NEON, 64-bit OS)", rpi4,
-                     family=AARCH64, tools=AARCH64_TOOLS, runner=AARCH64_RUNNER, vector_registers=32),
-        TargetPreset("cuda", "any NVIDIA GPU (sm_80 code, PTX JIT-compiles for newer) + this machine's CPU",
-                     {"kind": "cuda", "arch": "sm_80", "max_num_threads": 1024, "thread_warp_size": 32,
-                      "host": _host_target()},
-                     family=CUDA, tools=CUDA_TOOLS, runner="an NVIDIA GPU on this machine"),
+    return {
+        "host": lambda: TargetPreset(
+            "host", "this machine's CPU (LLVM, all cores)", _host_target(),
+            vector_bytes=_host_vector_bytes(), vector_registers=_host_vector_registers()),
+        "jetson-orin": lambda: TargetPreset(
+            "jetson-orin", "Jetson AGX Orin GPU (sm_87) + Cortex-A78 host code",
+            {"kind": "cuda", "arch": "sm_87", "max_num_threads": 1024, "thread_warp_size": 32, "host": orin_cpu},
+            family=CUDA, tools=CUDA_TOOLS + AARCH64_TOOLS[:1], runner="an NVIDIA GPU (sm_87) on the Jetson"),
+        "jetson-orin-nano": lambda: TargetPreset(
+            "jetson-orin-nano", "Jetson Orin Nano GPU (sm_87) + Cortex-A78AE host code",
+            {"kind": "cuda", "arch": "sm_87", "max_num_threads": 1024, "thread_warp_size": 32, "host": nano_cpu},
+            family=CUDA, tools=CUDA_TOOLS + AARCH64_TOOLS[:1], runner="an NVIDIA GPU (sm_87) on the Jetson"),
+        "jetson-orin-cpu": lambda: TargetPreset(
+            "jetson-orin-cpu", "Jetson AGX Orin CPU (12x Cortex-A78, NEON)", orin_cpu,
+            family=AARCH64, tools=AARCH64_TOOLS, runner=AARCH64_RUNNER, vector_registers=32),
+        "jetson-orin-nano-cpu": lambda: TargetPreset(
+            "jetson-orin-nano-cpu", "Jetson Orin Nano CPU (6x Cortex-A78AE, NEON)", nano_cpu,
+            family=AARCH64, tools=AARCH64_TOOLS, runner=AARCH64_RUNNER, vector_registers=32),
+        "rpi4": lambda: TargetPreset(
+            "rpi4", "Raspberry Pi 4 (4x Cortex-A72, NEON, 64-bit OS)", rpi4,
+            family=AARCH64, tools=AARCH64_TOOLS, runner=AARCH64_RUNNER, vector_registers=32),
+        "cuda": lambda: TargetPreset(
+            "cuda", "any NVIDIA GPU (sm_80 code, PTX JIT-compiles for newer) + this machine's CPU",
+            {"kind": "cuda", "arch": "sm_80", "max_num_threads": 1024, "thread_warp_size": 32,
+             "host": _host_target()},
+            family=CUDA, tools=CUDA_TOOLS, runner="an NVIDIA GPU on this machine"),
         # SRAM / Flash of a typical part of each core; QEMU's boards have at least as much at these addresses.
-        _cortex_m("cortex-m4", "cortex-m4", "Cortex-M4F, sized as an STM32F429",
-                  256 * KiB, 2048 * KiB, "mps2-an386", ["-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"],
-                  (0x0, 4096 * KiB, 0x20000000, 4096 * KiB)),
-        _cortex_m("cortex-m7", "cortex-m7", "Cortex-M7, sized as an STM32F746",
-                  320 * KiB, 1024 * KiB, "mps2-an500", ["-mfloat-abi=hard", "-mfpu=fpv5-d16"],
-                  (0x0, 4096 * KiB, 0x20000000, 4096 * KiB)),
-        _cortex_m("cortex-m55", "cortex-m55", "Cortex-M55 (Helium), sized as an Alif Ensemble E3-class part",
-                  512 * KiB, 4096 * KiB, "mps3-an547", ["-mfloat-abi=hard"],
-                  # AN547: 512 KiB ITCM at 0 (code), 512 KiB DTCM (data), 8 MiB QSPI (constants)
-                  (0x0, 512 * KiB, 0x20000000, 512 * KiB, 0x28000000, 8192 * KiB)),
-    )
+        "cortex-m4": lambda: _cortex_m(
+            "cortex-m4", "cortex-m4", "Cortex-M4F, sized as an STM32F429",
+            256 * KiB, 2048 * KiB, "mps2-an386", ["-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"],
+            (0x0, 4096 * KiB, 0x20000000, 4096 * KiB)),
+        "cortex-m7": lambda: _cortex_m(
+            "cortex-m7", "cortex-m7", "Cortex-M7, sized as an STM32F746",
+            320 * KiB, 1024 * KiB, "mps2-an500", ["-mfloat-abi=hard", "-mfpu=fpv5-d16"],
+            (0x0, 4096 * KiB, 0x20000000, 4096 * KiB)),
+        "cortex-m55": lambda: _cortex_m(
+            "cortex-m55", "cortex-m55", "Cortex-M55 (Helium), sized as an Alif Ensemble E3-class part",
+            512 * KiB, 4096 * KiB, "mps3-an547", ["-mfloat-abi=hard"],
+            # AN547: 512 KiB ITCM at 0 (code), 512 KiB DTCM (data), 8 MiB QSPI (constants)
+            (0x0, 512 * KiB, 0x20000000, 512 * KiB, 0x28000000, 8192 * KiB)),
+    }
+
+
+PRESET_NAMES = tuple(_preset_factories())
+
+
+@functools.cache
+def preset(name: str) -> TargetPreset:
+    """The preset called `name` (not an alias), made once."""
+    return _preset_factories()[name]()
 
 
 ALIASES = {"jetson": "jetson-orin", "jetson-nano": "jetson-orin-nano", "raspberry-pi-4": "rpi4"}
 
 
 def presets() -> dict[str, TargetPreset]:
-    return {p.name: p for p in _presets()}
+    return {name: preset(name) for name in PRESET_NAMES}
 
 
 def resolve(spec) -> TargetPreset:
     """A preset name (or alias), TVM target dict, TVM tag or tvm.target.Target -> TargetPreset."""
-    import tvm
-
-    known = presets()
     if isinstance(spec, TargetPreset):
         return spec
-    if isinstance(spec, str) and ALIASES.get(spec, spec) in known:
-        return known[ALIASES.get(spec, spec)]
+    if isinstance(spec, str) and ALIASES.get(spec, spec) in PRESET_NAMES:
+        return preset(ALIASES.get(spec, spec))
+    import tvm
+
     try:
         target = spec if isinstance(spec, tvm.target.Target) else tvm.target.Target(spec)
     except Exception as e:
         raise TargetError(
-            f"unknown target {spec!r}: use a preset ({', '.join(known)}), a TVM target dict such as "
+            f"unknown target {spec!r}: use a preset ({', '.join(PRESET_NAMES)}), a TVM target dict such as "
             f"{{\"kind\": \"llvm\", \"num-cores\": 2}}, or a TVM tag ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         ) from None
     if target.kind.name == "cuda" and not isinstance(spec, tvm.target.Target):
@@ -235,7 +252,7 @@ def _from_tvm_target(target, label: str) -> TargetPreset:
         tools = CUDA_TOOLS + (AARCH64_TOOLS[:1] if host is not None and "aarch64" in str(host.attrs.get("mtriple", "")) else ())
         return TargetPreset(label, f"NVIDIA GPU {target.attrs.get('arch', '')}", exported, family=CUDA, tools=tools,
                             runner="an NVIDIA GPU")
-    boards = {p.tvm_target["mcpu"]: p for p in _presets() if p.family == CORTEX_M}
+    boards = {p.tvm_target["mcpu"]: p for p in presets().values() if p.family == CORTEX_M}
     if kind == "c" and mcpu in boards:
         board = boards[mcpu]
         return TargetPreset(label, board.description, exported, family=CORTEX_M, tools=board.tools, runner=board.runner,

@@ -74,8 +74,10 @@ def bare_path(tmp_path, *programs) -> dict:
 def test_a_missing_toolchain_names_the_package_to_install(tmp_path, target, program, package):
     env = bare_path(tmp_path)
     built = subprocess.run([CLI, "build", EXAMPLE, "--target", target, "-o", str(tmp_path / "out")],
-                           capture_output=True, text=True, env=env)
+                           capture_output=True, text=True, env={**env, "PYTHONPROFILEIMPORTTIME": "1"})
     assert built.returncode == 2 and "Traceback" not in built.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in built.stderr.splitlines() if line.startswith("import time:")]
+    assert "pockengine.cli" in imported and not {"tvm", "torch"} & set(imported)  # refused at once, not in seconds
     missing, install = re.search(r"target \S+: (.+) not found, needed to build for it; install it with "
                                  r"`apt-get install ([^`]+)`", built.stderr).groups()
     assert program in missing.split(", ") and set(package.split()) <= set(install.split())
