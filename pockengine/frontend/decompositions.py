@@ -28,18 +28,17 @@ def decompose(ep):
     """ep.run_decompositions() (core ATen), from the remembered result when an earlier export in this
     process had the same graph."""
     key = fingerprint(ep)
-    with _lock:
+    with _lock:  # held while a kept graph is wrapped: ExportedProgram() sets attributes of the graph
         kept = _decomposed.get(key)
         if kept is not None:
             _decomposed.move_to_end(key)
-    if kept is None:
-        decomposed = ep.run_decompositions()
-        with _lock:
-            _decomposed[key] = _Kept(decomposed, ep)
-            while len(_decomposed) > KEPT:
-                _decomposed.popitem(last=False)
-        return decomposed
-    return kept.with_values_of(ep)
+            return kept.with_values_of(ep)
+    decomposed = ep.run_decompositions()
+    with _lock:
+        _decomposed[key] = _Kept(decomposed, ep)
+        while len(_decomposed) > KEPT:
+            _decomposed.popitem(last=False)
+    return decomposed
 
 
 class _Kept:
