@@ -173,7 +173,7 @@ def _batches(program, data_path: str | None, artifact: str):
 
 
 def _without_pytorch(manifest: dict) -> None:
-    """Keep PyTorch out of a `run` or `inspect` process when the artifact does not call its kernels:
+    """Keep PyTorch out of a `run`, `inspect` or `targets` process when no artifact calls its kernels:
     importing TVM imports PyTorch whenever it is installed (tvm_ffi loads it first, against a symbol
     conflict seen on Windows), which is half of the command's start-up (2.5 of 5 s here, more on a
     Raspberry Pi). tvm_ffi, like the runtime, treats an ImportError as "no PyTorch"."""
@@ -305,6 +305,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_targets(args) -> int:
+    _without_pytorch({})  # the host preset asks TVM for this CPU's name; nothing here needs PyTorch
     from .targets import ALIASES, presets
 
     if args.missing_packages:  # for set-up scripts: `apt-get install $(pockengine targets --missing-packages)`
@@ -407,6 +408,11 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the file system refused: name the file and what to do
+        if isinstance(e, BrokenPipeError) and _stdout_reader_gone():
+            # `pockengine targets | head`: the reader has what it wanted. Stop quietly as other tools do
+            # (128 + SIGPIPE); stdout goes to /dev/null so that Python's flush at exit does not complain.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
         print(f"error: {os_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -419,6 +425,19 @@ def main(argv=None) -> int:
         print(f"error: internal error ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); this is "
               "a bug in PockEngine, please report it (set POCKENGINE_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 3
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe nobody reads any more (Linux reports POLLERR on its write end), as
+    opposed to a broken socket elsewhere (an RPC session), which is an error to report."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def os_error_message(e: OSError) -> str:

@@ -108,6 +108,16 @@ def test_targets_lists_presets():
     assert result.returncode == 0 and result.stdout.startswith("host") and "ready" in result.stdout
 
 
+def test_output_into_a_pipe_whose_reader_stopped_ends_quietly():
+    """`pockengine targets | head -1`: once the reader is gone the command stops without an error
+    message, with the status a shell expects for it (128 + SIGPIPE)."""
+    script = os.path.join(os.path.dirname(sys.executable), "pockengine")
+    listing = subprocess.Popen([script, "targets"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    listing.stdout.close()  # the reader leaves before the first line
+    stderr = listing.stderr.read()
+    assert listing.wait() == 141 and stderr == ""
+
+
 def test_train_py_without_job(tmp_path):
     script = tmp_path / "train.py"
     script.write_text("import torch\nmodel = torch.nn.Linear(2, 2)\n")
