@@ -76,7 +76,8 @@ def test_a_missing_toolchain_names_the_package_to_install(tmp_path, target, prog
     built = subprocess.run([CLI, "build", EXAMPLE, "--target", target, "-o", str(tmp_path / "out")],
                            capture_output=True, text=True, env={**env, "PYTHONPROFILEIMPORTTIME": "1"})
     assert built.returncode == 2 and "Traceback" not in built.stderr
-    imported = [line.rsplit("|", 1)[-1].strip() for line in built.stderr.splitlines() if line.startswith("import time:")]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in built.stderr.splitlines()
+                if line.startswith("import time:")]
     assert "pockengine.cli" in imported and not {"tvm", "torch"} & set(imported)  # refused at once, not in seconds
     missing, install = re.search(r"target \S+: (.+) not found, needed to build for it; install it with "
                                  r"`apt-get install ([^`]+)`", built.stderr).groups()
