@@ -172,18 +172,18 @@ def _batches(program, data_path: str | None, artifact: str):
         raise InputError(str(e)) from None
 
 
-def _without_pytorch(manifest: dict) -> None:
+def _without_pytorch(calls_its_kernels: bool = False) -> None:
     """Keep PyTorch out of a `run`, `inspect` or `targets` process when no artifact calls its kernels:
     importing TVM imports PyTorch whenever it is installed (tvm_ffi loads it first, against a symbol
     conflict seen on Windows), which is half of the command's start-up (2.5 of 5 s here, more on a
     Raspberry Pi). tvm_ffi, like the runtime, treats an ImportError as "no PyTorch"."""
-    if "torch" not in sys.modules and not manifest.get("backend", {}).get("library_kernels"):
+    if "torch" not in sys.modules and not calls_its_kernels:
         sys.modules["torch"] = None  # `import torch` raises ImportError
 
 
 def cmd_run(args) -> int:
     manifest = read_manifest(args.artifact)
-    _without_pytorch(manifest)
+    _without_pytorch(calls_its_kernels=bool(manifest.get("backend", {}).get("library_kernels")))
     family = manifest.get("family", "host")
     if family == "aarch64":  # its runner locks the artifact itself when saving
         from .targets import aarch64
@@ -223,10 +223,9 @@ def _train(args, family: str) -> int:
 
 def _run_cortex_m(program, args) -> int:
     """Build the firmware (if needed) and train under qemu-system-arm, on the batches given."""
-    from .targets import PRESET_NAMES, cortex_m, resolve
+    from .targets import cortex_m, named, resolve
 
-    preset = resolve(program.meta["target"]) if program.meta["target"] in PRESET_NAMES else None
-    preset = preset or resolve(program.meta["tvm_target"])
+    preset = named(program.meta["target"]) or resolve(program.meta["tvm_target"])
     project = os.path.join(args.artifact, cortex_m.PROJECT)
     batches = _batches(program, args.data, args.artifact)
     count = _batch_count(args.data, args.steps)
@@ -261,7 +260,7 @@ def _batch_count(data: str | None, steps: int) -> int:
 
 def cmd_inspect(args) -> int:
     m = read_manifest(args.artifact)
-    _without_pytorch({})  # inspect runs nothing
+    _without_pytorch()  # inspect runs nothing
     from .passes.memory_plan import MemoryReport
     from .tuning import TuningReport
 
@@ -305,7 +304,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_targets(args) -> int:
-    _without_pytorch({})  # the host preset asks TVM for this CPU's name; nothing here needs PyTorch
+    _without_pytorch()  # the host preset asks TVM for this CPU's name; nothing here needs PyTorch
     from .targets import ALIASES, presets
 
     if args.missing_packages:  # for set-up scripts: `apt-get install $(pockengine targets --missing-packages)`

@@ -125,46 +125,46 @@ def _cortex_m(name, cpu, description, sram, flash, machine, cflags, memory_map):
 
 
 def _preset_factories() -> dict:
-    """name -> a function making the preset. Only the host's and `cuda`'s ask TVM (LLVM's name for
-    this CPU): naming another target, or failing for want of its tools, needs no TVM (seconds)."""
+    """name -> a function of the name making the preset. Only the host's and `cuda`'s ask TVM (LLVM's
+    name for this CPU): naming another target, or failing for want of its tools, needs no TVM (seconds)."""
     orin_cpu, nano_cpu, rpi4 = _aarch64("cortex-a78", 12), _aarch64("cortex-a78", 6), _aarch64("cortex-a72", 4)
     return {
-        "host": lambda: TargetPreset(
-            "host", "this machine's CPU (LLVM, all cores)", _host_target(),
+        "host": lambda name: TargetPreset(
+            name, "this machine's CPU (LLVM, all cores)", _host_target(),
             vector_bytes=_host_vector_bytes(), vector_registers=_host_vector_registers()),
-        "jetson-orin": lambda: TargetPreset(
-            "jetson-orin", "Jetson AGX Orin GPU (sm_87) + Cortex-A78 host code",
+        "jetson-orin": lambda name: TargetPreset(
+            name, "Jetson AGX Orin GPU (sm_87) + Cortex-A78 host code",
             {"kind": "cuda", "arch": "sm_87", "max_num_threads": 1024, "thread_warp_size": 32, "host": orin_cpu},
             family=CUDA, tools=CUDA_TOOLS + AARCH64_TOOLS[:1], runner="an NVIDIA GPU (sm_87) on the Jetson"),
-        "jetson-orin-nano": lambda: TargetPreset(
-            "jetson-orin-nano", "Jetson Orin Nano GPU (sm_87) + Cortex-A78AE host code",
+        "jetson-orin-nano": lambda name: TargetPreset(
+            name, "Jetson Orin Nano GPU (sm_87) + Cortex-A78AE host code",
             {"kind": "cuda", "arch": "sm_87", "max_num_threads": 1024, "thread_warp_size": 32, "host": nano_cpu},
             family=CUDA, tools=CUDA_TOOLS + AARCH64_TOOLS[:1], runner="an NVIDIA GPU (sm_87) on the Jetson"),
-        "jetson-orin-cpu": lambda: TargetPreset(
-            "jetson-orin-cpu", "Jetson AGX Orin CPU (12x Cortex-A78, NEON)", orin_cpu,
+        "jetson-orin-cpu": lambda name: TargetPreset(
+            name, "Jetson AGX Orin CPU (12x Cortex-A78, NEON)", orin_cpu,
             family=AARCH64, tools=AARCH64_TOOLS, runner=AARCH64_RUNNER, vector_registers=32),
-        "jetson-orin-nano-cpu": lambda: TargetPreset(
-            "jetson-orin-nano-cpu", "Jetson Orin Nano CPU (6x Cortex-A78AE, NEON)", nano_cpu,
+        "jetson-orin-nano-cpu": lambda name: TargetPreset(
+            name, "Jetson Orin Nano CPU (6x Cortex-A78AE, NEON)", nano_cpu,
             family=AARCH64, tools=AARCH64_TOOLS, runner=AARCH64_RUNNER, vector_registers=32),
-        "rpi4": lambda: TargetPreset(
-            "rpi4", "Raspberry Pi 4 (4x Cortex-A72, NEON, 64-bit OS)", rpi4,
+        "rpi4": lambda name: TargetPreset(
+            name, "Raspberry Pi 4 (4x Cortex-A72, NEON, 64-bit OS)", rpi4,
             family=AARCH64, tools=AARCH64_TOOLS, runner=AARCH64_RUNNER, vector_registers=32),
-        "cuda": lambda: TargetPreset(
-            "cuda", "any NVIDIA GPU (sm_80 code, PTX JIT-compiles for newer) + this machine's CPU",
+        "cuda": lambda name: TargetPreset(
+            name, "any NVIDIA GPU (sm_80 code, PTX JIT-compiles for newer) + this machine's CPU",
             {"kind": "cuda", "arch": "sm_80", "max_num_threads": 1024, "thread_warp_size": 32,
              "host": _host_target()},
             family=CUDA, tools=CUDA_TOOLS, runner="an NVIDIA GPU on this machine"),
         # SRAM / Flash of a typical part of each core; QEMU's boards have at least as much at these addresses.
-        "cortex-m4": lambda: _cortex_m(
-            "cortex-m4", "cortex-m4", "Cortex-M4F, sized as an STM32F429",
+        "cortex-m4": lambda name: _cortex_m(
+            name, "cortex-m4", "Cortex-M4F, sized as an STM32F429",
             256 * KiB, 2048 * KiB, "mps2-an386", ["-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"],
             (0x0, 4096 * KiB, 0x20000000, 4096 * KiB)),
-        "cortex-m7": lambda: _cortex_m(
-            "cortex-m7", "cortex-m7", "Cortex-M7, sized as an STM32F746",
+        "cortex-m7": lambda name: _cortex_m(
+            name, "cortex-m7", "Cortex-M7, sized as an STM32F746",
             320 * KiB, 1024 * KiB, "mps2-an500", ["-mfloat-abi=hard", "-mfpu=fpv5-d16"],
             (0x0, 4096 * KiB, 0x20000000, 4096 * KiB)),
-        "cortex-m55": lambda: _cortex_m(
-            "cortex-m55", "cortex-m55", "Cortex-M55 (Helium), sized as an Alif Ensemble E3-class part",
+        "cortex-m55": lambda name: _cortex_m(
+            name, "cortex-m55", "Cortex-M55 (Helium), sized as an Alif Ensemble E3-class part",
             512 * KiB, 4096 * KiB, "mps3-an547", ["-mfloat-abi=hard"],
             # AN547: 512 KiB ITCM at 0 (code), 512 KiB DTCM (data), 8 MiB QSPI (constants)
             (0x0, 512 * KiB, 0x20000000, 512 * KiB, 0x28000000, 8192 * KiB)),
@@ -177,10 +177,16 @@ PRESET_NAMES = tuple(_preset_factories())
 @functools.cache
 def preset(name: str) -> TargetPreset:
     """The preset called `name` (not an alias), made once."""
-    return _preset_factories()[name]()
+    return _preset_factories()[name](name)
 
 
 ALIASES = {"jetson": "jetson-orin", "jetson-nano": "jetson-orin-nano", "raspberry-pi-4": "rpi4"}
+
+
+def named(spec) -> TargetPreset | None:
+    """The preset `spec` names (a preset's name or an alias), None when it names none."""
+    name = ALIASES.get(spec, spec) if isinstance(spec, str) else None
+    return preset(name) if name in PRESET_NAMES else None
 
 
 def presets() -> dict[str, TargetPreset]:
@@ -191,8 +197,8 @@ def resolve(spec) -> TargetPreset:
     """A preset name (or alias), TVM target dict, TVM tag or tvm.target.Target -> TargetPreset."""
     if isinstance(spec, TargetPreset):
         return spec
-    if isinstance(spec, str) and ALIASES.get(spec, spec) in PRESET_NAMES:
-        return preset(ALIASES.get(spec, spec))
+    if (found := named(spec)) is not None:
+        return found
     import tvm
 
     try:

@@ -61,11 +61,11 @@ def cuda_target(spec=None):
     host. Default: the Jetson Orin."""
     import tvm
 
-    from . import ALIASES, PRESET_NAMES, preset
+    from . import named
 
     spec = JETSON_ORIN if spec is None else spec
-    if isinstance(spec, str) and ALIASES.get(spec, spec) in PRESET_NAMES:
-        spec = preset(ALIASES.get(spec, spec)).tvm_target
+    if (found := named(spec)) is not None:
+        spec = found.tvm_target
     explicit_arch = True
     if isinstance(spec, dict):
         explicit_arch = "arch" in spec
