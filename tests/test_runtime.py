@@ -167,6 +167,25 @@ def test_step_rejects_wrong_shape_dtype_and_count():
     assert program.steps_taken == 0
 
 
+def test_the_library_called_directly_still_checks_what_enters_the_step(artifact):
+    """The kernels are built without TIR's argument checks (build.without_kernel_argument_checks);
+    the step's entry keeps its own: an application calling train_step through TVM's VM with a wrong
+    shape or dtype gets an error, not a step on misread memory."""
+    import tvm
+    from tvm import relax
+
+    path, _, _ = artifact
+    vm = relax.VirtualMachine(tvm.runtime.load_module(os.path.join(path, "train_step.so")), tvm.cpu())
+    with np.load(os.path.join(path, "state.npz")) as saved:
+        state = [tvm.runtime.tensor(saved[s.name]) for s in pe.load(path).signature.state]
+    x, y = (t.numpy() for t in BATCHES[0])
+    loss = vm["train_step"](tvm.runtime.tensor(x), tvm.runtime.tensor(y), *state)[0]
+    assert np.isfinite(loss.numpy())
+    for bad_x, bad_y, fault in ((x[:4], y, "shape"), (x.astype("float64"), y, "dtype"), (x, y[:4], "shape")):
+        with pytest.raises(Exception, match=f"match_cast error|expect Tensor with {fault}"):
+            vm["train_step"](tvm.runtime.tensor(bad_x), tvm.runtime.tensor(bad_y), *state)
+
+
 def test_time_step_trains_nothing():
     program, _ = make_program()
     x, y = BATCHES[0]

@@ -462,6 +462,12 @@ def finalize_passes() -> list:
     return passes()
 
 
+def build_executable(final, target):
+    from ..build import build_executable as build
+
+    return build(final, target)
+
+
 def cuda_module(built):
     """The CUDA device module inside a built executable or a loaded library (host library -> cuda)."""
     root = getattr(built, "mod", built)
@@ -553,7 +559,6 @@ def build_cuda(lowered, target):
     target's arch (machine code + PTX), assembled from exactly the PTX returned. Raises TargetError
     when a kernel would run on the host CPU."""
     import tvm
-    from tvm import relax
 
     target = cuda_target(target)
     gpu_kernels_check(lowered)
@@ -561,7 +566,7 @@ def build_cuda(lowered, target):
     with target:
         final = tvm.transform.Sequential(finalize_passes())(lowered)
     with _compile_through_ptx(target) as compiled, target:
-        executable = relax.build(final, target=target, relax_pipeline=None)
+        executable = build_executable(final, target)
     cuda = cuda_module(executable)
     if not cuda.is_runnable() or not compiled:
         # The placeholder module of a TVM without its CUDA runtime: it would export CUDA source.
