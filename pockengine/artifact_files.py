@@ -47,6 +47,7 @@ def check_destination(path: str, force: bool = False, protect: tuple = ()) -> No
         if precious == path or precious.startswith(path.rstrip(os.sep) + os.sep):
             raise ArtifactError(f"refusing to write an artifact to {path}: it is or contains {what}, which "
                                 "would be replaced. Choose a new directory, e.g. build/<name>")
+    check_writable(os.path.dirname(path))  # the artifact is assembled beside its destination
     if not os.path.lexists(path) or force:
         return
     if not os.path.isdir(path) or os.path.islink(path):
@@ -55,6 +56,19 @@ def check_destination(path: str, force: bool = False, protect: tuple = ()) -> No
     if os.listdir(path) and not is_artifact(path):
         raise ArtifactError(f"{path} holds files that are not a PockEngine artifact (no {MANIFEST}); they would be "
                             "deleted. Choose another path, or pass --force (export(..., force=True)) to replace them")
+
+
+def check_writable(directory: str) -> None:
+    """PermissionError (EACCES) or OSError (EROFS) naming the directory when files cannot be created in
+    `directory`, or in the nearest existing directory above it (where it would be created): raised
+    before a build's minutes or a run's steps, not when their result is written."""
+    existing = os.path.abspath(directory)
+    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), existing)
 
 
 def make_temp_directory(dest: str) -> str:

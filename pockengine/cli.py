@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from .artifact_files import check_destination, read_manifest
+from .artifact_files import check_destination, check_writable, read_manifest
 from .errors import InputError, NumericsError, PockEngineError
 from .targets.device_runner import EXAMPLE, locked, positive_int
 from .tuning import MIN_FLOP_SHARE
@@ -141,6 +141,7 @@ def cmd_tune(args) -> int:
     job = load_job(args.train_py)
     out = args.output or os.path.join("tuning_logs", target.name, job.name)
     os.makedirs(out, exist_ok=True)
+    check_writable(out)  # an existing database MetaSchedule could not add its records to
     with locked(out):  # two tuners on one database would each rewrite it without the other's records
         result = tune(job, target, args.trials, out, time_budget_s=args.time_budget, rpc=rpc,
                       min_flop_share=args.min_share)
@@ -185,6 +186,8 @@ def cmd_run(args) -> int:
     manifest = read_manifest(args.artifact)
     _without_pytorch(calls_its_kernels=bool(manifest.get("backend", {}).get("library_kernels")))
     family = manifest.get("family", "host")
+    if args.save:  # before the steps, which may take long on a device, not when their result is saved
+        check_writable(args.artifact)
     if family == "aarch64":  # its runner locks the artifact itself when saving
         from .targets import aarch64
 
@@ -412,7 +415,7 @@ def main(argv=None) -> int:
             # (128 + SIGPIPE); stdout goes to /dev/null so that Python's flush at exit does not complain.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 141
-        print(f"error: {os_error_message(e)}", file=sys.stderr)
+        print(f"error: {os_error_message(e, _elsewhere(args))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing half-written was kept (artifacts and state are replaced atomically)",
@@ -439,16 +442,25 @@ def _stdout_reader_gone() -> bool:
         return False
 
 
-def os_error_message(e: OSError) -> str:
+def os_error_message(e: OSError, elsewhere: str = "") -> str:
+    """The file and what to do; `elsewhere` says how this command writes somewhere else ("-o")."""
     import errno
 
     where = f"{e.filename}: " if e.filename else ""
-    fixes = {errno.ENOSPC: "the disk is full: free space or write elsewhere (-o)",
-             errno.EDQUOT: "the disk quota is exhausted: free space or write elsewhere (-o)",
-             errno.EACCES: "permission denied: choose a directory you can write (-o), or fix its permissions",
-             errno.EROFS: "the file system is read-only: choose another directory (-o)",
+    hint = f" ({elsewhere})" if elsewhere else ""
+    fixes = {errno.ENOSPC: f"the disk is full: free space or write elsewhere{hint}",
+             errno.EDQUOT: f"the disk quota is exhausted: free space or write elsewhere{hint}",
+             errno.EACCES: f"permission denied: fix its permissions, or use another path{hint}",
+             errno.EROFS: f"the file system is read-only: use another directory{hint}",
              errno.ENOENT: "no such file or directory"}
     return where + fixes.get(e.errno, e.strerror or str(e))
+
+
+def _elsewhere(args) -> str:
+    """How the command in `args` is told to write somewhere else."""
+    if hasattr(args, "output"):
+        return "-o"
+    return "a copy of the artifact" if getattr(args, "save", False) else ""
 
 
 if __name__ == "__main__":
