@@ -27,6 +27,7 @@ from .passes.memory_plan import memory_report
 from .passes.memory_timeline import timeline
 from .errors import InternalCompilerError, PockEngineError, TargetError, UnsupportedOpError
 from .frontend import FUNC_NAME, to_numpy
+from .ir import without_kernel_argument_checks
 from .passes.drop_saved_activations import drop_saved_activations
 from .passes.drop_unit_reductions import drop_unit_reductions
 from .passes.fast_math import fast_math
@@ -183,29 +184,6 @@ def finalize_passes() -> list:
     ]
 
 
-@contextmanager
-def without_kernel_argument_checks():
-    """The caller's PassContext, plus: kernels are built without TIR's checks of their arguments.
-
-    Each kernel's packed-function wrapper checks the type, rank, shape, strides, dtype and device of
-    every argument: on MobileNetV2 that is 80% of the emitted code, 9 of the library's 10 MB and 2.4 of
-    the 3.7 s LLVM spends writing it. Nothing but the step's own VM calls these kernels, with tensors it
-    allocated itself or whose shape and dtype were checked on the way in (by the step's entry, through
-    VMShapeLower's checks, and by the Program before any step)."""
-    current = tvm.transform.PassContext.current()
-    config = {**current.config, "tirx.disable_assert": True}
-    with tvm.transform.PassContext(opt_level=current.opt_level, required_pass=current.required_pass,
-                                   disabled_pass=current.disabled_pass, instruments=current.instruments,
-                                   config=config):
-        yield
-
-
-def build_executable(final, target):
-    """The VM executable of a finalized step (finalize_passes), its kernels built for `target`."""
-    with without_kernel_argument_checks():
-        return relax.build(final, target=target, relax_pipeline=None)
-
-
 def compile(job, target="host", progress=None, tuning_logs=(), backend="tvm"):  # noqa: A001 - the contract's name
     """Compile `job` for `target` (preset name, TVM target dict or tag) -> runtime.Program.
 
@@ -305,7 +283,8 @@ def _compile_cpu(job, preset, derived: Derived, progress, tuning_logs, backend):
     def program(choices, lowered, tuning_report, report):
         with tvm_target:
             final = tvm.transform.Sequential(finalize_passes())(lowered)
-        executable = build_executable(final, tvm_target)
+        with without_kernel_argument_checks():
+            executable = relax.build(final, target=tvm_target, relax_pipeline=None)
         meta = {**_meta(job, preset, derived), "tuning": tuning_report.to_json(),
                 "backend": {"mode": backend, "library_kernels": switching.library_kernels(choices),
                             "choices": [c.to_json() for c in choices]}}

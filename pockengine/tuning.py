@@ -244,14 +244,16 @@ def _import_cpu_tensor_intrinsics(target) -> None:
 def build_kernel(mod, target, _params):
     """MetaSchedule's builder function without its default's `import tvm.s_tir.tensor_intrin`,
     which takes longer than the builder's timeout in every fresh worker process; with fast_math,
-    as the build applies it to tuned kernels."""
+    as the build applies it to tuned kernels, and like the step's kernels without argument checks."""
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
+    from .ir import without_kernel_argument_checks
     from .passes.fast_math import fast_math
 
     mod = fast_math()(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod))
-    return tvm_build(mod, target=target)
+    with without_kernel_argument_checks():
+        return tvm_build(mod, target=target)
 
 
 @dataclasses.dataclass

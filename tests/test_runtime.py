@@ -168,7 +168,7 @@ def test_step_rejects_wrong_shape_dtype_and_count():
 
 
 def test_the_library_called_directly_still_checks_what_enters_the_step(artifact):
-    """The kernels are built without TIR's argument checks (build.without_kernel_argument_checks);
+    """The kernels are built without TIR's argument checks (ir.without_kernel_argument_checks);
     the step's entry keeps its own: an application calling train_step through TVM's VM with a wrong
     shape or dtype gets an error, not a step on misread memory."""
     import tvm

@@ -24,7 +24,7 @@ from tvm import relax
 
 from ..bench import median_ms
 from ..errors import InputError
-from ..ir import static_shape
+from ..ir import static_shape, without_kernel_argument_checks
 from ..targets import torch_kernels
 
 HEAVY_OPS = ("relax.matmul", "relax.nn.conv2d", "relax.nn.conv2d_transpose")
@@ -82,7 +82,7 @@ def _time_tvm(call, preset, database, repeats: int) -> float:
         mod = tvm.transform.Sequential(build.fusion_passes(target))(bb.get())
         mod = tuning.apply_database(mod, target, database)
         mod = tvm.transform.Sequential(build.kernel_schedule_passes(preset))(mod)
-    with build.without_kernel_argument_checks():  # as the step's kernels are built
+    with without_kernel_argument_checks():  # as the step's kernels are built
         vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
     rng = np.random.default_rng(0)
     args = [tvm.runtime.tensor(rng.standard_normal(static_shape(a)).astype(str(a.ty.dtype))) for a in call.args]

@@ -462,12 +462,6 @@ def finalize_passes() -> list:
     return passes()
 
 
-def build_executable(final, target):
-    from ..build import build_executable as build
-
-    return build(final, target)
-
-
 def cuda_module(built):
     """The CUDA device module inside a built executable or a loaded library (host library -> cuda)."""
     root = getattr(built, "mod", built)
@@ -559,14 +553,17 @@ def build_cuda(lowered, target):
     target's arch (machine code + PTX), assembled from exactly the PTX returned. Raises TargetError
     when a kernel would run on the host CPU."""
     import tvm
+    from tvm import relax
+
+    from ..ir import without_kernel_argument_checks
 
     target = cuda_target(target)
     gpu_kernels_check(lowered)
     ensure_cuda_runtime()
     with target:
         final = tvm.transform.Sequential(finalize_passes())(lowered)
-    with _compile_through_ptx(target) as compiled, target:
-        executable = build_executable(final, target)
+    with _compile_through_ptx(target) as compiled, target, without_kernel_argument_checks():
+        executable = relax.build(final, target=target, relax_pipeline=None)
     cuda = cuda_module(executable)
     if not cuda.is_runnable() or not compiled:
         # The placeholder module of a TVM without its CUDA runtime: it would export CUDA source.

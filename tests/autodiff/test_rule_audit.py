@@ -37,6 +37,7 @@ from tvm.relax import op as R
 from tvm.relax.op.grad import no_grad
 
 from pockengine.autodiff import gradients
+from pockengine.ir import without_kernel_argument_checks
 
 TOL = 1e-10  # scaled by max(1, max |expected|)
 
@@ -592,9 +593,7 @@ def _compile_and_run(items, target) -> dict:
         name = fn.attrs["global_symbol"]
         mod[name] = fn
     try:
-        # Kernel argument checks left out, as the step's build does (build.build_executable): only
-        # the VM calls these kernels, and leaving them out halves what LLVM emits.
-        with tvm.transform.PassContext(config={"tirx.disable_assert": True}):
+        with without_kernel_argument_checks():  # as the step's build does: half the code to emit
             vm = relax.VirtualMachine(tvm.compile(mod, tvm.target.Target(target)), tvm.cpu())
     except Exception as err:  # noqa: BLE001
         if len(items) == 1:
