@@ -186,6 +186,53 @@ def test_the_library_called_directly_still_checks_what_enters_the_step(artifact)
             vm["train_step"](tvm.runtime.tensor(bad_x), tvm.runtime.tensor(bad_y), *state)
 
 
+class RemembersItsInput(torch.nn.Module):
+    """A buffer the forward reads, then sets to the batch: the step returns a tensor with the input's
+    shape and dtype that may be the input tensor itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(32, 10)
+        self.register_buffer("last", torch.zeros(8, 32))
+
+    def forward(self, x):
+        out = self.fc(x + self.last)
+        self.last.copy_(x)
+        return out
+
+
+class RemembersItsInputFlat(RemembersItsInput):
+    """The same through a reshape (a view of the input where the VM does not copy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("last", torch.zeros(256))
+
+    def forward(self, x):
+        out = self.fc(x + self.last.reshape(8, 32))
+        self.last.copy_(x.flatten())
+        return out
+
+
+@pytest.mark.parametrize("model", [MLP, RemembersItsInput, RemembersItsInputFlat])
+def test_batches_of_successive_steps_do_not_mix(model):
+    """Each batch is copied into input tensors the program keeps (Program._batch_buffers), unless the
+    step returns one of them as state. Three different batches, at PyTorch's values."""
+    torch.manual_seed(0)
+    reference = model().double()
+    batches = [(x.double(), y) for x, y in BATCHES[:3]]
+    ours = model().double()
+    ours.load_state_dict(reference.state_dict())
+    job = pe.TrainingJob(ours, (batches[0][0],), batches[0][1], "cross_entropy", pe.optim.SGD(lr=0.1, momentum=0.9))
+    program = pe.compile(job, {"kind": "llvm", "opt-level": 0})
+    losses = [program.step(x, y) for x, y in batches]
+    assert (program._batch_buffers is None) == (model is not MLP)
+    expected = train_torch(reference, pe.optim.SGD(lr=0.1, momentum=0.9), batches)
+    np.testing.assert_allclose(losses, expected, rtol=1e-10)
+    worst, where = max_scaled_diff(program.state_dict(), reference.state_dict())
+    assert worst < 1e-10, where
+
+
 def test_time_step_trains_nothing():
     program, _ = make_program()
     x, y = BATCHES[0]
