@@ -19,9 +19,9 @@ from conftest import snapshot
 CLI = os.path.join(os.path.dirname(sys.executable), "pockengine")
 
 
-def refused(*args, cwd=None, prefix=()) -> str:
-    """Run the CLI (after the command `prefix`); assert it failed as promised; its error line."""
-    result = subprocess.run([*prefix, CLI, *args], capture_output=True, text=True, cwd=cwd)
+def refused(*args, cwd=None) -> str:
+    """Run the CLI; assert it failed as promised; its error line."""
+    result = subprocess.run([CLI, *args], capture_output=True, text=True, cwd=cwd)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr and len([line for line in lines if line.startswith("error:")]) == 1, \
@@ -130,26 +130,30 @@ def test_a_directory_without_write_permission_is_named_before_any_work(copy, tmp
     """EACCES: one line naming the directory and the fix, before any work (stderr is that line alone:
     the build printed no stage, the run no step), and no byte changed."""
     user = as_a_user()
-    os.chmod(copy, 0o555)
-    before = snapshot(copy)
-    result = subprocess.run([*user, CLI, "run", copy, "--steps", "1", "--save"], capture_output=True, text=True)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.strip() == f"error: {copy}: permission denied: fix its permissions, or use another " \
-                                    "path (a copy of the artifact)"
-    assert "step" not in result.stdout and snapshot(copy) == before
-    assert "loss" in subprocess.run([*user, CLI, "run", copy, "--steps", "1"], capture_output=True, text=True).stdout
-
     locked = tmp_path / "locked"
     locked.mkdir()
     (locked / "notes.txt").write_text("mine")
+    os.chmod(copy, 0o555)
     os.chmod(locked, 0o555)
-    result = subprocess.run([*user, CLI, "build", TRAIN_PY, "-o", str(locked / "new" / "art")], capture_output=True,
-                            text=True)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.strip() == f"error: {locked}: permission denied: fix its permissions, or use another path (-o)"
-    assert sorted(os.listdir(locked)) == ["notes.txt"] and (locked / "notes.txt").read_text() == "mine"
-    os.chmod(copy, 0o755)  # for pytest's clean-up when not run as root
-    os.chmod(locked, 0o755)
+    try:
+        before = snapshot(copy)
+        result = subprocess.run([*user, CLI, "run", copy, "--steps", "1", "--save"], capture_output=True, text=True)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip() == f"error: {copy}: permission denied: fix its permissions, or use another " \
+                                        "path (a copy of the artifact)"
+        assert "step" not in result.stdout and snapshot(copy) == before
+        assert "loss" in subprocess.run([*user, CLI, "run", copy, "--steps", "1"], capture_output=True,
+                                        text=True).stdout
+
+        result = subprocess.run([*user, CLI, "build", TRAIN_PY, "-o", str(locked / "new" / "art")],
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip() == (f"error: {locked}: permission denied: fix its permissions, or use another "
+                                         "path (-o)")
+        assert sorted(os.listdir(locked)) == ["notes.txt"] and (locked / "notes.txt").read_text() == "mine"
+    finally:  # pytest removes tmp_path afterwards, which a user other than root could not
+        os.chmod(copy, 0o755)
+        os.chmod(locked, 0o755)
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing_behind(tmp_path):
