@@ -164,7 +164,7 @@ class Program:
                     f"{tuple(a.shape)} dtype {a.dtype}. The program is compiled for the example batch's "
                     "shapes and dtypes: convert the array, or compile again with an example of this shape."
                 )
-            arrays.append(np.ascontiguousarray(a))
+            arrays.append(a)  # a strided array is copied once, into the step's tensor, not first made contiguous
         if check:
             self.check_batch(arrays, f"step {self.steps_taken + 1}")
         if self._batch_buffers is None:

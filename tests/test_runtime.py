@@ -217,7 +217,8 @@ class RemembersItsInputFlat(RemembersItsInput):
 @pytest.mark.parametrize("model", [MLP, RemembersItsInput, RemembersItsInputFlat])
 def test_batches_of_successive_steps_do_not_mix(model):
     """Each batch is copied into input tensors the program keeps (Program._batch_buffers), unless the
-    step returns one of them as state. Three different batches, at PyTorch's values."""
+    step returns one of them as state. Three different batches, at PyTorch's values; the inputs are
+    handed over as strided views (every other element of a wider tensor), copied as they are."""
     torch.manual_seed(0)
     reference = model().double()
     batches = [(x.double(), y) for x, y in BATCHES[:3]]
@@ -225,7 +226,9 @@ def test_batches_of_successive_steps_do_not_mix(model):
     ours.load_state_dict(reference.state_dict())
     job = pe.TrainingJob(ours, (batches[0][0],), batches[0][1], "cross_entropy", pe.optim.SGD(lr=0.1, momentum=0.9))
     program = pe.compile(job, {"kind": "llvm", "opt-level": 0})
-    losses = [program.step(x, y) for x, y in batches]
+    strided = [torch.stack([x, torch.zeros_like(x)], dim=-1)[..., 0] for x, _ in batches]
+    assert not strided[0].is_contiguous() and torch.equal(strided[0], batches[0][0])
+    losses = [program.step(x, y) for x, (_, y) in zip(strided, batches)]
     assert (program._batch_buffers is None) == (model is not MLP)
     expected = train_torch(reference, pe.optim.SGD(lr=0.1, momentum=0.9), batches)
     np.testing.assert_allclose(losses, expected, rtol=1e-10)
