@@ -23,7 +23,7 @@ from .kernels import c_symbol
 
 # uint64/uint32: the random generator's constants (frontend/philox.py).
 C_TYPES = {"float32": "float", "float64": "double", "int64": "int64_t", "int32": "int32_t", "int8": "int8_t",
-           "uint8": "uint8_t", "bool": "int8_t", "float16": "uint16_t", "uint64": "uint64_t", "uint32": "uint32_t"}
+           "uint8": "uint8_t", "bool": "bool", "float16": "uint16_t", "uint64": "uint64_t", "uint32": "uint32_t"}
 
 
 def c_type(dtype: str) -> str:

@@ -113,7 +113,15 @@ def generate_c(kernels: dict, target) -> str:
         raise TargetError(f"TVM's C code generator failed on the step's kernels: {str(e).strip().splitlines()[-1][:300]}") from None
     # For a module with one function TVM appends a packed entry point calling it: not wanted here.
     cut = source.find(_AUTO_ENTRY)
-    return source if cut < 0 else source[:cut]
+    return _non_finite_literals(source if cut < 0 else source[:cut])
+
+
+def _non_finite_literals(source: str) -> str:
+    """TVM's C printer writes a float infinity or NaN constant as `inff` / `nanf` (`inf` / `nan` for
+    double), which no C compiler knows (and `nanf` is libm's function): math.h's INFINITY and NAN.
+    The step's own checks compare with infinity; a model's -inf attention mask is one too."""
+    source = re.sub(r"\binff?\b(?!\s*\()", "INFINITY", source)
+    return re.sub(r"\bnanf?\b(?!\s*\()", "NAN", source)
 
 
 def workspace_bytes(source: str) -> int:

@@ -20,6 +20,7 @@ compile even for megabytes of weights (C initialisers of that size take the comp
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -272,6 +273,8 @@ def _batch_checks(signature: StepSignature) -> list:
 
 def _c_literal(value, dtype: str) -> str:
     if dtype.startswith("float"):
+        if not math.isfinite(float(value)):  # float.hex gives 'inf' / 'nan', no C literal
+            return "NAN" if math.isnan(float(value)) else ("-INFINITY" if value < 0 else "INFINITY")
         text = float(value).hex()
         return text + ("f" if dtype == "float32" else "")
     if dtype == "bool":
