@@ -45,3 +45,38 @@ def test_the_step_is_the_same_computation():
     def bindings(m):
         return sorted(str(b.value) for block in m[STEP_FUNC].body.blocks for b in block.bindings)
     assert bindings(fused) == bindings(after)
+
+
+def test_an_update_runs_after_every_other_reader_of_the_value_it_replaces():
+    """FuseOps' re-sort can put the kernel returning a new weight before a kernel reading the old one
+    (the data gradient); update_in_place could then not write the new value over the old. Given that
+    order, the pass moves the reader first; an update that must read its own result first (a cycle)
+    keeps the given order."""
+    from tvm.relax import op as R
+
+    from pockengine.passes.schedule_reductions import schedule
+
+    weight = relax.Var("weight", relax.TensorType((4, 4), "float32"))
+    grad = relax.Var("grad", relax.TensorType((4, 4), "float32"))
+    out_grad = relax.Var("out_grad", relax.TensorType((2, 4), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("f", [weight, grad, out_grad]):
+        with bb.dataflow():
+            new = bb.emit(R.subtract(weight, grad), "new_weight")
+            data_grad = bb.emit(R.matmul(out_grad, weight), "data_grad")
+            out = bb.emit_output(relax.Tuple([new, data_grad]))
+        bb.emit_func_output(out)
+    bindings = list(bb.get()["f"].body.blocks[0].bindings)
+    returned = {new, data_grad}
+    assert [b.var.name for b in schedule(bindings, returned)] == ["data_grad", "new_weight", out.name]
+    assert [b.var.name for b in schedule(bindings)] == ["new_weight", "data_grad", out.name]  # nothing returned
+
+    bb = relax.BlockBuilder()
+    with bb.function("g", [weight, grad]):
+        with bb.dataflow():
+            new = bb.emit(R.subtract(weight, grad), "new_weight")
+            both = bb.emit(R.add(new, weight), "reads_old_and_new")  # cannot run before `new`
+            out = bb.emit_output(relax.Tuple([new, both]))
+        bb.emit_func_output(out)
+    bindings = list(bb.get()["g"].body.blocks[0].bindings)
+    assert [b.var.name for b in schedule(bindings, {new, both})] == ["new_weight", "reads_old_and_new", out.name]
