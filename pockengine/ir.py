@@ -94,12 +94,22 @@ def kernel_schedule(func) -> s_tir.Schedule:
     return _UncheckedSchedule(func, error_render_level="none")
 
 
+# A kernel that CPUs run as written, serial loops (the step's final check, autodiff/guards.py: one
+# loop per trained tensor, a few microseconds; scheduling its hundreds of loops took seconds).
+# GPUs still give it threads (targets/cuda.py schedules every kernel).
+AS_WRITTEN_ON_CPUS = "pockengine.as_written_on_cpus"
+
+
 def map_kernels(mod, rewrite, include_scheduled: bool = False):
     """A copy of `mod` where each TIR kernel not yet scheduled (see is_scheduled) is replaced by
-    `rewrite(kernel)` unless that is None. Tuned kernels are left as the tuner made them, unless
-    `include_scheduled` (a rewrite that keeps every loop, such as fast_math's)."""
+    `rewrite(kernel)` unless that is None. Tuned kernels, and those marked AS_WRITTEN_ON_CPUS, are
+    left as they are, unless `include_scheduled` (a rewrite that keeps every loop, such as
+    fast_math's)."""
+    def skipped(func) -> bool:
+        return is_scheduled(func) or bool(func.attrs is not None and func.attrs.get(AS_WRITTEN_ON_CPUS))
+
     updates = {gv: new for gv, func in mod.functions.items()
-               if isinstance(func, tvm.tirx.PrimFunc) and (include_scheduled or not is_scheduled(func))
+               if isinstance(func, tvm.tirx.PrimFunc) and (include_scheduled or not skipped(func))
                and (new := rewrite(func)) is not None}
     if not updates:
         return mod

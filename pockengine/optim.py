@@ -30,8 +30,8 @@ def _scalar(value: float, dtype: str):
 class _Emitter:
     """Emit helper bound to a BlockBuilder and the dtype of the parameter being updated."""
 
-    def __init__(self, bb: relax.BlockBuilder, dtype: str):
-        self.bb, self.dtype = bb, dtype
+    def __init__(self, bb: relax.BlockBuilder, dtype: str, gate=None):
+        self.bb, self.dtype, self.gate = bb, dtype, gate
 
     def c(self, value: float):
         return _scalar(value, self.dtype)
@@ -44,6 +44,13 @@ class _Emitter:
     def emit(self, expr, name: str = ""):
         # The `update_` prefix marks optimizer bindings for passes (reorder_updates) and reports.
         return self.bb.emit(expr, UPDATE_PREFIX + (name or "param"))
+
+    def slot(self, expr, old):
+        """Emit a slot's new value, through `gate` (new, old, name) -> var where the step gates its
+        new state (`old` unchanged where it refused its batch, autodiff/guards.py). Gated where it is
+        computed, so the parameter's update reads the gated value and each stays one elementwise
+        kernel that writes in place."""
+        return self.emit(expr, "slot") if self.gate is None else self.gate(expr, old, "slot")
 
 
 @dataclass
@@ -126,7 +133,7 @@ class SGD(Optimizer):
             if self.dampening != 0:
                 first = R.equal(step_f64, relax.const(1.0, "float64"))
                 later = R.where(first, g, later)
-            buf = em.emit(later)
+            buf = em.slot(later, buf)
             new_slots["momentum_buffer"] = buf
             g = em.emit(R.add(g, R.multiply(em.c(self.momentum), buf))) if self.nesterov else buf
         lr = em.cast(lr_f64)
@@ -175,11 +182,11 @@ class Adam(Optimizer):
         # exp_avg.lerp_(g, 1 - beta1): PyTorch's CPU lerp picks its formula by the weight.
         w = 1 - beta1
         if w < 0.5:
-            m = em.emit(R.add(m, R.multiply(em.c(w), R.subtract(g, m))))
+            m = em.slot(R.add(m, R.multiply(em.c(w), R.subtract(g, m))), m)
         else:
-            m = em.emit(R.subtract(g, R.multiply(R.subtract(g, m), em.c(1 - w))))
+            m = em.slot(R.subtract(g, R.multiply(R.subtract(g, m), em.c(1 - w))), m)
         # exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        v = em.emit(R.add(R.multiply(v, em.c(beta2)), R.multiply(em.c(1 - beta2), R.multiply(g, g))))
+        v = em.slot(R.add(R.multiply(v, em.c(beta2)), R.multiply(em.c(1 - beta2), R.multiply(g, g))), v)
         one = relax.const(1.0, "float64")
         bias_correction1 = R.subtract(one, R.power(relax.const(beta1, "float64"), step_f64))
         bias_correction2 = R.subtract(one, R.power(relax.const(beta2, "float64"), step_f64))
@@ -188,7 +195,7 @@ class Adam(Optimizer):
         new_slots = {"exp_avg": m, "exp_avg_sq": v}
         second = v
         if self.amsgrad:
-            second = em.emit(R.maximum(slots["max_exp_avg_sq"], v))
+            second = em.slot(R.maximum(slots["max_exp_avg_sq"], v), slots["max_exp_avg_sq"])
             new_slots["max_exp_avg_sq"] = second
         denom = em.emit(R.add(R.divide(R.sqrt(second), bc2_sqrt), em.c(self.eps)))
         # param.addcdiv_(exp_avg, denom, value=-step_size)

@@ -92,24 +92,53 @@ class Program:
     def step(self, *batch, check: bool = True) -> float:
         """Run one training step on (inputs..., target) and return the loss.
 
-        With `check` (the default), a batch holding NaN or infinite values, or labels (indices) out of
-        the range the model accepts, is refused before it runs; a non-finite loss, or a trained
-        parameter the update made non-finite (which a ReLU can hide from the loss), raises
-        NumericsError. Updates are written in place, so the program then refuses to step until a
-        finite state is loaded; a non-finite state is never saved or exported. check=False skips
-        these checks (the loss is then NaN when PyTorch's would be, or finite where a ReLU hides it)."""
+        The step checks its batch and its result itself (autodiff/guards.py): a batch holding NaN or
+        infinite values, or labels (indices) out of the range the model accepts, changes no state,
+        and neither does it count as a step; a trained parameter the update made non-finite (which a
+        ReLU can hide from the loss) makes the loss NaN. With `check` (the default) either raises:
+        NumericsError for non-finite values, InputError for labels out of range, naming the input or
+        the parameter. Updates are written in place, so after a non-finite update the program
+        refuses to step until a finite state is loaded; a non-finite state is never saved or
+        exported. check=False returns the NaN loss instead of raising."""
         if self._diverged:
             raise NumericsError(f"{self._diverged}; this program's state is not finite: load a finite state "
                                 "(load_state_dict) or the artifact again (pockengine.load)")
-        args = self._batch_tensors(batch, check)
-        outs = self._run(args, self._state)
-        self.steps_taken += 1
+        arrays = self._batch_arrays(batch)
+        if not self.signature.checks_in_step:
+            return self._step_checked_here(arrays, check)
+        outs = self._run(self._batch_tensors(arrays), self._state)
         loss = float(outs[0].numpy())
+        if math.isfinite(loss):
+            self.steps_taken += 1
+            return loss
+        # Only now is it worth a look from Python: which of the step's checks failed.
+        label = f"step {self.steps_taken + 1}"
+        try:
+            self.check_batch(arrays, label, ". The step did not train on it: the state is unchanged")
+        except (NumericsError, InputError):
+            if check:
+                raise
+            return loss
+        self.steps_taken += 1
+        what = self._non_finite_state(self._trained) or f"the loss is {loss}"
+        self._diverged = f"{label}: {what}"
         if check:
-            # The trained parameters too: a ReLU can hide a NaN one from the loss.
+            raise NumericsError(f"{self._diverged}. Nothing was saved; lower the learning rate or check the "
+                                "loss for log(0) or division by zero")
+        return loss
+
+    def _step_checked_here(self, arrays: list, check: bool) -> float:
+        """A step that does not check itself (an artifact built before steps did, or compiled
+        without checks): the same checks from Python, the batch before it runs."""
+        label = f"step {self.steps_taken + 1}"
+        if check:
+            self.check_batch(arrays, label)
+        loss = float(self._run(self._batch_tensors(arrays), self._state)[0].numpy())
+        self.steps_taken += 1
+        if check:
             what = self._non_finite_state(self._trained) or ("" if math.isfinite(loss) else f"the loss is {loss}")
             if what:
-                self._diverged = f"step {self.steps_taken}: {what}"
+                self._diverged = f"{label}: {what}"
                 raise NumericsError(f"{self._diverged}. Nothing was saved; lower the learning rate or check the "
                                     "loss for log(0) or division by zero")
         return loss
@@ -138,7 +167,7 @@ class Program:
         program itself trains nothing."""
         from .bench import median_ms
 
-        args = self._batch_tensors(batch)
+        args = self._batch_tensors(self._batch_arrays(batch))
         state = {name: self._tensor(value.numpy()) for name, value in self._state.items()}
         return median_ms(lambda: self._run(args, state), repeats)
 
@@ -150,7 +179,8 @@ class Program:
             self._check_inputs_are_not_returned(outs)
         return outs
 
-    def _batch_tensors(self, batch, check: bool = False) -> list:
+    def _batch_arrays(self, batch) -> list:
+        """The batch as numpy arrays, checked against the compiled shapes and dtypes."""
         specs = self.signature.batch
         if len(batch) != len(specs):
             names = ", ".join(s.name for s in specs)
@@ -165,8 +195,9 @@ class Program:
                     "shapes and dtypes: convert the array, or compile again with an example of this shape."
                 )
             arrays.append(a)  # a strided array is copied once, into the step's tensor, not first made contiguous
-        if check:
-            self.check_batch(arrays, f"step {self.steps_taken + 1}")
+        return arrays
+
+    def _batch_tensors(self, arrays: list) -> list:
         if self._batch_buffers is None:
             return [self._tvm.runtime.tensor(a, self._device) for a in arrays]
         for (_, view), a in zip(self._batch_buffers, arrays):
@@ -204,14 +235,15 @@ class Program:
         """(input names, index ranges as dicts): read once, not before every step."""
         return [s.name for s in self.signature.batch], [r.to_json() for r in self.signature.index_ranges]
 
-    def check_batch(self, arrays: list, label: str) -> None:
+    def check_batch(self, arrays: list, label: str, outcome: str = "") -> None:
         """Raise NumericsError for NaN or infinite inputs, InputError for labels or ids out of range
-        (device_runner.batch_problem); `label` names the batch in the message."""
+        (device_runner.batch_problem: what the step's own check refuses, described); `label` names
+        the batch in the message, `outcome` follows it."""
         names, ranges = self._batch_checks
         problem = batch_problem(names, arrays, ranges)
         if problem:
             kind, message = problem
-            raise (NumericsError if kind == NON_FINITE else InputError)(f"{label}: {message}")
+            raise (NumericsError if kind == NON_FINITE else InputError)(f"{label}: {message}{outcome}")
 
     @property
     def lr(self) -> float:

@@ -1,6 +1,8 @@
 """The guarded step: no training on NaN batches, out-of-range labels or ids, or a diverged state, and
 never a non-finite state saved (autodiff/guards.py, runtime.Program.step)."""
 
+import copy
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +13,8 @@ import torch
 from torch import nn
 
 import pockengine as pe
+from conftest import FAST_HOST, max_scaled_diff, train_torch
+from pockengine.autodiff.guards import compiled_without_checks
 from pockengine.errors import InputError, NumericsError
 from pockengine.targets import device_runner
 
@@ -108,6 +112,92 @@ def test_a_diverged_update_is_reported_and_never_saved(tmp_path):
     program.load_state_dict({**finite.state_dict(), **finite.optimizer_state_dict()}, strict=False)
     program.lr = 0.1
     assert np.isfinite(program.step(x, y))  # a finite state loaded: it trains again
+
+
+class BatchNormNet(nn.Module):
+    """State of every kind a refused batch must leave alone: parameters, Adam's two moments and
+    step counter, BatchNorm's running statistics and batch count."""
+
+    def __init__(self):
+        super().__init__()
+        # No conv bias: BatchNorm cancels it, its true gradient is 0 and Adam would amplify rounding noise.
+        self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_a_refused_batch_changes_no_state_and_training_goes_on_as_if_it_never_came():
+    """The step checks its batch itself and gates every new value on that check: after a NaN batch
+    and a batch with a label out of range (raised, or returned as a NaN loss with check=False), the
+    program trains on exactly as PyTorch does on the good batches alone (float64)."""
+    torch.manual_seed(0)
+    model = BatchNormNet().double()
+    good = [(torch.randn(4, 3, 6, 6, dtype=torch.float64), torch.randint(0, 3, (4,))) for _ in range(3)]
+    x, y = good[0]
+    job = pe.TrainingJob(BatchNormNet().double().requires_grad_(True), (x,), y, "cross_entropy", pe.optim.AdamW(lr=0.01))
+    job.model.load_state_dict(model.state_dict())
+    program = pe.compile(job, FAST_HOST)
+    x_nan, y_bad = x.clone(), y.clone()
+    x_nan[1, 2, 3, 4] = float("nan")
+    y_bad[3] = 3
+    losses = [program.step(*good[0])]
+    before = state_bytes(program)
+    with pytest.raises(NumericsError, match=r"step 2: input x holds 1 NaN.*the state is unchanged"):
+        program.step(x_nan, y)
+    with pytest.raises(InputError, match=r"step 2: input target: 3 .*the state is unchanged"):
+        program.step(x, y_bad)
+    assert np.isnan(program.step(x_nan, y, check=False)) and np.isnan(program.step(x, y_bad, check=False))
+    assert state_bytes(program) == before and program.steps_taken == 1
+    losses += [program.step(*batch) for batch in good[1:]]
+    expected = train_torch(model, pe.optim.AdamW(lr=0.01), good)
+    np.testing.assert_allclose(losses, expected, rtol=1e-10)
+    worst, where = max_scaled_diff(program.state_dict(), model.state_dict(), floor=1e-2)
+    assert worst < 1e-10, (worst, where)
+    assert int(program.optimizer_state_dict()["step"]) == 3
+
+
+def test_a_step_without_its_own_checks_is_checked_from_python(tmp_path):
+    """An artifact built before steps checked themselves (its manifest says nothing of it) gets the
+    same checks from the runtime: the batch before the step, the trained parameters after it."""
+    with compiled_without_checks():
+        program, _, x, y = relu_mlp_program()
+    assert not program.signature.checks_in_step
+    path = program.export(str(tmp_path / "old"))
+    manifest = json.load(open(os.path.join(path, "manifest.json")))
+    del manifest["signature"]["checks_in_step"]  # as an older PockEngine wrote it
+    json.dump(manifest, open(os.path.join(path, "manifest.json"), "w"))
+    old = pe.load(path)
+    old.step(x, y)
+    before = state_bytes(old)
+    x_bad = x.clone()
+    x_bad[2, 3] = float("nan")
+    with pytest.raises(NumericsError, match=r"step 2: input x holds 1 NaN"):
+        old.step(x_bad, y)
+    assert state_bytes(old) == before and old.steps_taken == 1
+    old.lr = 1e38
+    with pytest.raises(NumericsError, match=r"step 2: \d+ values of .* are NaN or infinite"):
+        for _ in range(3):
+            old.step(100 * x, y)
+
+
+def test_a_parameter_the_update_makes_non_finite_is_caught_though_the_loss_stays_finite():
+    """The step's loss is computed before its update: an update that overflows (large gradients, a
+    huge but finite learning rate) leaves it finite, as PyTorch's is. The step's check of the new
+    parameters makes it NaN, so the step that did it raises, naming the parameter."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4)
+    x, y = 100 * torch.randn(6, 8), torch.randint(0, 4, (6,))
+    job = pe.TrainingJob(copy.deepcopy(model), (x,), y, "cross_entropy", pe.optim.SGD(lr=1e38))
+    torch_losses = train_torch(model, pe.optim.SGD(lr=1e38), [(x, y)])
+    assert np.isfinite(torch_losses).all() and not torch.isfinite(model.weight).all()  # what PyTorch does
+    program = pe.compile(job, FAST)
+    with pytest.raises(NumericsError, match=r"step 1: \d+ values of weight are NaN or infinite"):
+        program.step(x, y)
+    with pytest.raises(NumericsError, match="not finite"):
+        program.step(x, y)
+    unchecked = pe.compile(job, FAST)
+    assert np.isnan(unchecked.step(x, y, check=False))  # the loss says so, where PyTorch's does not
 
 
 def test_the_cli_and_the_device_runner_refuse_a_nan_batch_and_save_nothing(mlp, tmp_path):

@@ -1,5 +1,6 @@
 """Program and artifacts: step() input checks, state dicts, learning rate, export / load, corruption."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import torch
 
 import pockengine as pe
 from conftest import MLP, ROOT, make_batches, max_scaled_diff, train_torch
+from pockengine.autodiff.guards import compiled_without_checks
 from pockengine.errors import ArtifactError, InputError, StateError
 
 BATCHES = make_batches((8, 32), 10, 6)
@@ -214,22 +216,26 @@ class RemembersItsInputFlat(RemembersItsInput):
         return out
 
 
+@pytest.mark.parametrize("checked", [True, False], ids=["checked", "compiled without checks"])
 @pytest.mark.parametrize("model", [MLP, RemembersItsInput, RemembersItsInputFlat])
-def test_batches_of_successive_steps_do_not_mix(model):
+def test_batches_of_successive_steps_do_not_mix(model, checked):
     """Each batch is copied into input tensors the program keeps (Program._batch_buffers), unless the
     step returns one of them as state. Three different batches, at PyTorch's values; the inputs are
-    handed over as strided views (every other element of a wider tensor), copied as they are."""
+    handed over as strided views (every other element of a wider tensor), copied as they are. The
+    step's own checks gate every new value (autodiff/guards.py), a copy: only a step compiled
+    without them returns its input."""
     torch.manual_seed(0)
     reference = model().double()
     batches = [(x.double(), y) for x, y in BATCHES[:3]]
     ours = model().double()
     ours.load_state_dict(reference.state_dict())
     job = pe.TrainingJob(ours, (batches[0][0],), batches[0][1], "cross_entropy", pe.optim.SGD(lr=0.1, momentum=0.9))
-    program = pe.compile(job, {"kind": "llvm", "opt-level": 0})
+    with contextlib.nullcontext() if checked else compiled_without_checks():
+        program = pe.compile(job, {"kind": "llvm", "opt-level": 0})
     strided = [torch.stack([x, torch.zeros_like(x)], dim=-1)[..., 0] for x, _ in batches]
     assert not strided[0].is_contiguous() and torch.equal(strided[0], batches[0][0])
     losses = [program.step(x, y) for x, (_, y) in zip(strided, batches)]
-    assert (program._batch_buffers is None) == (model is not MLP)
+    assert (program._batch_buffers is None) == (model is not MLP and not checked)
     expected = train_torch(reference, pe.optim.SGD(lr=0.1, momentum=0.9), batches)
     np.testing.assert_allclose(losses, expected, rtol=1e-10)
     worst, where = max_scaled_diff(program.state_dict(), reference.state_dict())

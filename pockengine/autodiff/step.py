@@ -29,7 +29,7 @@ from ..ir import Substitute, inline_body
 from ..sparse import FROZEN as FROZEN_RULE, Partial
 from ..optim import LR, STEP, UPDATE_PREFIX, Optimizer, _Emitter
 from . import gradients
-from .guards import IndexRange, index_ranges
+from .guards import IndexRange, emit_batch_check, emit_loss_check, gate, index_ranges
 
 STEP_FUNC = "train_step"
 RECOMPUTED_SUFFIX = "_recomputed"  # forward values the backward computes again
@@ -84,6 +84,9 @@ class StepSignature:
     partial: dict = field(default_factory=dict)
     # Integer batch inputs used as indices and the values they may take (guards.IndexRange).
     index_ranges: list = field(default_factory=list)
+    # The step checks its batch and new parameters itself (guards.py); artifacts built before it
+    # did are checked by the runtime from Python.
+    checks_in_step: bool = False
 
     @property
     def trained_shapes(self) -> dict:
@@ -111,6 +114,7 @@ class StepSignature:
             "loss_dtype": self.loss_dtype,
             "partial": {k: vars(v) for k, v in self.partial.items()},
             "index_ranges": [r.to_json() for r in self.index_ranges],
+            "checks_in_step": self.checks_in_step,
         }
 
     @classmethod
@@ -123,6 +127,7 @@ class StepSignature:
             loss_dtype=d["loss_dtype"],
             partial={k: SplitWeight(**v) for k, v in d.get("partial", {}).items()},
             index_ranges=[IndexRange.from_json(r) for r in d.get("index_ranges", [])],
+            checks_in_step=bool(d.get("checks_in_step", False)),
         )
 
 
@@ -310,10 +315,14 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
                    for p in (part_vars[param_name[v]] if param_name.get(v) in partial else (v,))]
 
     loss_dtype = str(_loss_expr(imported.func).ty.dtype)
+    input_names = [s.name for s in imported.inputs]
+    ranges = index_ranges(imported.func, input_names, imported.origin)
+    buffer_vars = dict(zip([s.name for s in imported.buffers], aparams[n_in + n_p:]))
     bb = relax.BlockBuilder()
     all_params = step_params + [lr_var, step_var] + [slot_vars[k] for k in slot_vars]
     with bb.function(STEP_FUNC, all_params, attrs={"num_input": n_in}):
         with bb.dataflow():
+            batch_ok = emit_batch_check(bb, dict(zip(input_names, aparams[:n_in])), ranges)
             # The prefix was cut from forward_loss: point it at the adjoint's parameter Vars (ours).
             to_ours = Substitute(dict(zip(fparams, aparams)))
             for binding in prefix:
@@ -325,20 +334,25 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
             ret = inline_body(bb, adjoint)
             outputs, grads = ret
             loss, new_buffers = outputs[0], outputs[1:]
-            new_step = bb.emit(relax.op.add(step_var, relax.const(1, "int64")), UPDATE_PREFIX + "step")
+            new_step = gate(bb, batch_ok, relax.op.add(step_var, relax.const(1, "int64")), step_var, STEP)
             step_f64 = bb.emit(relax.op.astype(new_step, "float64"), UPDATE_PREFIX + "step_f64")
             new_params, new_slots = [], []
             for s, grad in zip(trained, grads):
-                em = _Emitter(bb, s.dtype)
+                em = _Emitter(bb, s.dtype, lambda new, old, name: gate(bb, batch_ok, new, old, name))
                 slots = {slot: slot_vars[(slot, s.name)] for slot in optimizer.slots()}
                 p, updated = optimizer.update(em, by_name[s.name], grad, slots, lr_var, step_f64)
                 new_params.append(p)
                 new_slots.append(updated)
+            # A refused batch (guards.emit_batch_check) changes nothing: every new value is gated
+            # (the optimizer's slots where it computes them, _Emitter.slot).
+            new_params = [gate(bb, batch_ok, p, by_name[s.name], s.name) for s, p in zip(trained, new_params)]
+            new_buffers = [gate(bb, batch_ok, b, buffer_vars[name], name)
+                           for name, b in zip(imported.mutated_buffers, new_buffers)]
             slot_out = [new_slots[i][slot] for slot in optimizer.slots() for i in range(len(trained))]
+            loss = emit_loss_check(bb, loss, batch_ok, new_params)
             out = bb.emit_output(relax.Tuple([loss] + new_params + list(new_buffers) + [new_step] + slot_out))
         bb.emit_func_output(out)
-    step_mod = tvm.IRModule({STEP_FUNC: bb.get()[STEP_FUNC]})
-    step_mod = relax.transform.DeadCodeElimination([STEP_FUNC])(step_mod)
+    step_mod = relax.transform.DeadCodeElimination([STEP_FUNC])(bb.get())  # train_step and the guard's kernel
 
     param_state = []  # the parameters as the step reads them: partial ones as their two parts
     for spec in imported.params:
@@ -362,7 +376,8 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
         + list(imported.mutated_buffers) + [STEP] + [slot_name(slot, s.name) for slot in optimizer.slots() for s in trained],
         loss_dtype=loss_dtype,
         partial=splits,
-        index_ranges=index_ranges(imported.func, [s.name for s in imported.inputs], imported.origin),
+        index_ranges=ranges,
+        checks_in_step=batch_ok is not None,
     )
     init = {LR: np.array(optimizer.lr, "float64"), STEP: np.array(0, "int64")}
     for slot in optimizer.slots():

@@ -61,9 +61,14 @@ def test_a_weight_is_updated_only_after_its_last_reader():
     after = reorder_updates(STEP_FUNC)(step_module(pe.optim.SGD(lr=0.1, momentum=0.9)))
     func = after[STEP_FUNC]
     bindings = [b for block in func.body.blocks for b in block.bindings]
+    returned = {f for b in bindings if isinstance(b.value, relax.Tuple) for f in b.value.fields}
+    checked = 0
     for param in func.params:
         readers = [i for i, b in enumerate(bindings) if param in relax.analysis.free_vars(b.value)]
-        writers = [i for i in readers if bindings[i].var.name.startswith(UPDATE_PREFIX)
-                   and bindings[i].value.op.name == "relax.subtract"]
-        if writers:  # p - lr * v: the new weight; the data gradient that reads the old one runs first
+        # The new weight the step returns (p - lr * v, gated on the step's batch check, which reads
+        # the old weight too): the data gradient that reads the old one runs first.
+        writers = [i for i in readers if bindings[i].var in returned and bindings[i].var.name.startswith(UPDATE_PREFIX)]
+        if writers:
             assert writers[0] == max(readers), param.name
+            checked += 1
+    assert checked == len(returned) - 1  # every new state value (parameters, momenta, step); not the loss
