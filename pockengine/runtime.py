@@ -99,7 +99,7 @@ class Program:
         NumericsError for non-finite values, InputError for labels out of range, naming the input or
         the parameter. Updates are written in place, so after a non-finite update the program
         refuses to step until a finite state is loaded; a non-finite state is never saved or
-        exported. check=False returns the NaN loss instead of raising."""
+        exported. check=False returns the NaN loss instead of raising, and steps on."""
         if self._diverged:
             raise NumericsError(f"{self._diverged}; this program's state is not finite: load a finite state "
                                 "(load_state_dict) or the artifact again (pockengine.load)")
@@ -120,12 +120,12 @@ class Program:
                 raise
             return loss
         self.steps_taken += 1
+        if not check:
+            return loss
         what = self._non_finite_state(self._trained) or f"the loss is {loss}"
         self._diverged = f"{label}: {what}"
-        if check:
-            raise NumericsError(f"{self._diverged}. Nothing was saved; lower the learning rate or check the "
-                                "loss for log(0) or division by zero")
-        return loss
+        raise NumericsError(f"{self._diverged}. Nothing was saved; lower the learning rate or check the "
+                            "loss for log(0) or division by zero")
 
     def _step_checked_here(self, arrays: list, check: bool) -> float:
         """A step that does not check itself (an artifact built before steps did, or compiled

@@ -181,7 +181,7 @@ def test_a_step_without_its_own_checks_is_checked_from_python(tmp_path):
             old.step(100 * x, y)
 
 
-def test_a_parameter_the_update_makes_non_finite_is_caught_though_the_loss_stays_finite():
+def test_a_parameter_the_update_makes_non_finite_is_caught_though_the_loss_stays_finite(tmp_path):
     """The step's loss is computed before its update: an update that overflows (large gradients, a
     huge but finite learning rate) leaves it finite, as PyTorch's is. The step's check of the new
     parameters makes it NaN, so the step that did it raises, naming the parameter."""
@@ -198,6 +198,9 @@ def test_a_parameter_the_update_makes_non_finite_is_caught_though_the_loss_stays
         program.step(x, y)
     unchecked = pe.compile(job, FAST)
     assert np.isnan(unchecked.step(x, y, check=False))  # the loss says so, where PyTorch's does not
+    assert np.isnan(unchecked.step(x, y, check=False))  # and check=False steps on, without raising
+    with pytest.raises(NumericsError, match="not saving"):
+        unchecked.export(str(tmp_path / "art"))
 
 
 def test_the_cli_and_the_device_runner_refuse_a_nan_batch_and_save_nothing(mlp, tmp_path):
