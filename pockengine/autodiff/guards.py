@@ -170,9 +170,9 @@ def gate(bb: relax.BlockBuilder, batch_ok, new, old, name: str):
     stays scalar."""
     from ..optim import UPDATE_PREFIX  # bound with the update it gates (reorder_updates, reports)
 
-    if batch_ok is None:
-        return new if isinstance(new, relax.Var) else bb.emit(new, f"{UPDATE_PREFIX}{name}")
     new = new if isinstance(new, relax.Var) else bb.emit(new, f"{UPDATE_PREFIX}{name}")
+    if batch_ok is None:
+        return new
     ty = new.ty
     shape = tuple(int(d) for d in ty.shape)
     kernel = bb.add_func(_gate_kernel(shape, str(ty.dtype)), "guard_gate")
