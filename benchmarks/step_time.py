@@ -5,8 +5,10 @@ torch.compile vs ONNX Runtime training, on the same step with the same frozen se
     python benchmarks/step_time.py --small         # reduced sizes (what CI runs)
     python benchmarks/step_time.py --tune 1800     # tune each workload for up to 1800 s into tuning_logs/host/
 
-Workloads: MobileNetV2-0.35 at 8x3x128x128 (full update and MCUNetV3-style sparse update) and a
-4-layer transformer classifier (d_model 128, seq 128, batch 8; full and last-2-blocks + biases).
+Workloads: MobileNetV2-0.35 at 8x3x128x128 (full update and MCUNetV3-style sparse update), a
+4-layer transformer classifier (d_model 128, seq 128, batch 8; full and last-2-blocks + biases),
+a plain CNN of 3x3 convolutions at 64x64 (batch 8) and torchvision's ResNet-18 at 64x64 and
+128x128, batch 1 and 8 (full update).
 Every time is the median of `--repeats` steps after warm-up: ours in this process, PyTorch's and
 ONNX Runtime's in fresh processes, each the faster of OMP_WAIT_POLICY unset and PASSIVE (see
 pockengine.bench; --small: unset only, half the peers' cost).
@@ -64,7 +66,30 @@ def workloads(small: bool = False) -> list[dict]:
                                                  ffn=4 * d_model),
              x=torch.randn(batch, seq, 16, generator=g), y=torch.randint(0, 10, (batch,), generator=g),
              schemes={"full": lambda m: SparseUpdate.full(), "last-2-blocks+biases": transformer_sparse}),
+        dict(name="plain-cnn", title=f"plain CNN {res // 2}x{res // 2} b{batch}",
+             model=plain_cnn, x=torch.randn(batch, 3, res // 2, res // 2, generator=g),
+             y=torch.randint(0, 10, (batch,), generator=g), schemes={"full": lambda m: SparseUpdate.full()}),
+    ] + [
+        dict(name=f"resnet18-{size}-b{i}", title=f"torchvision ResNet-18 {r}x{r} b{b}", model=resnet18,
+             x=torch.randn(b, 3, r, r, generator=g), y=torch.randint(0, 10, (b,), generator=g),
+             schemes={"full": lambda m: SparseUpdate.full()})
+        for size, r in (("low", res // 2), ("high", res)) for i, b in ((1, 1), (8, batch))
     ]
+
+
+def plain_cnn():
+    """Regular 3x3 convolutions, a 3-channel stem: what every ResNet/VGG-style network runs."""
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1),
+                         nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+def resnet18():
+    if not bench.import_vision_packages():
+        raise SystemExit(f"torchvision is not installed in {bench.VISION_PACKAGES}: run `make setup`")
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=10)
 
 
 def optimizer():

@@ -30,6 +30,31 @@ COLUMNS = VARIANTS + ("eager", "torch.compile", "ort")
 # they were run on (the figure the issue quotes). Not the ceiling: that CPU (AMD EPYC, 2.45 GHz, AVX2
 # FMA) peaks near 157 GFLOP/s in theory, and tuned matmul kernels measured 108-136 GFLOP/s.
 PEAK_GFLOPS = 83.0
+# torchvision, timm and mcunet for the benchmarks and the model zoo, installed by the Makefile outside
+# site-packages: PyPI's torchvision 0.28.0 wheel is a CUDA build whose C++ extension cannot load beside
+# the CPU torch, and transformers imports torchvision whenever it is importable.
+VISION_PACKAGES = os.path.join(sys.prefix, "vision-packages")
+_torchvision_schemas = None
+
+
+def import_vision_packages() -> bool:
+    """Make the vision packages importable (False when they are not installed). Classification needs
+    none of torchvision's extension ops; the two schemas its Python side registers kernels for are
+    defined first so that it imports."""
+    global _torchvision_schemas
+    if not os.path.isdir(VISION_PACKAGES):
+        return False
+    if VISION_PACKAGES not in sys.path:
+        sys.path.append(VISION_PACKAGES)
+    import torch
+
+    try:
+        torch.ops.torchvision.nms
+    except (AttributeError, RuntimeError):
+        _torchvision_schemas = torch.library.Library("torchvision", "FRAGMENT")
+        _torchvision_schemas.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _torchvision_schemas.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    return True
 
 
 def median_ms(step, repeats: int, warmup: int = 3) -> float:

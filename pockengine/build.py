@@ -138,7 +138,7 @@ def kernel_schedule_passes(preset) -> list:
     """The default schedule of every fused kernel not tuned (one loop nest, threads and vectors),
     then exp/erf/tanh/sigmoid as vectorizable polynomials in every kernel."""
     lanes = preset.vector_lanes(32)
-    return [inline_elementwise(lanes), schedule_cpu(lanes, preset.cores, preset.vector_registers), fast_math()]
+    return [inline_elementwise(lanes, preset.vector_registers), schedule_cpu(lanes, preset.cores, preset.vector_registers), fast_math()]
 
 
 def lowering_passes(preset, signature: StepSignature) -> list:

@@ -444,10 +444,12 @@ def split_grad(orig_var, orig_call, output_grad, ctx):
 def conv2d_grad(orig_var, orig_call, output_grad, ctx):
     """y = conv2d(x, w, strides, padding, dilation, groups)  (NCHW / OIHW)
     ->  x_grad = conv2d_transpose(y_grad, w, strides, padding, output_padding, dilation, groups),
-        w_grad = conv2d(x, y_grad) with strides and dilation swapped (in CNHW / IOHW), cut to w's size
+        w_grad = conv2d(x, y_grad) with strides and dilation swapped (in CNHW / IOHW), over the input
+                 rows and columns some window reaches (so it comes out at w's size)
 
     TVM's rule computes output_padding as if the kernel were undilated ((k - 1) * d + 1 is its
     extent): for dilation > 1 output_padding comes out >= stride and conv2d_transpose rejects it.
+    TVM's weight gradient is computed over the whole padded input and then cut to the kernel's size.
     The rest is TVM's rule.
     """
     attrs = orig_call.attrs
@@ -473,16 +475,22 @@ def conv2d_grad(orig_var, orig_call, output_grad, ctx):
         data = reshape(data, (batch, groups, in_channel // groups, in_h, in_w))
         data = permute_dims(data, [1, 0, 2, 3, 4])
         data = reshape(data, (batch * groups, in_channel // groups, in_h, in_w))
+    # The input rows and columns after the last one a window reaches (a stride-2 convolution of an
+    # even-sized input never reads its last padded row) would make the weight gradient larger than
+    # the kernel (4x4 for a 3x3: 16/9 of the work, then cut). They are left out: the trailing padding
+    # shrinks, or the input is cut where there is not enough padding.
+    excess_h = (in_h - (grad_h - 1) * stride_h - 1 + pad_top + pad_bottom) // dilation_h + 1 - filter_h
+    excess_w = (in_w - (grad_w - 1) * stride_w - 1 + pad_left + pad_right) // dilation_w + 1 - filter_w
+    pad_bottom -= excess_h * dilation_h
+    pad_right -= excess_w * dilation_w
+    if pad_bottom < 0 or pad_right < 0:
+        data = strided_slice(data, [2, 3], [0, 0], [in_h + min(pad_bottom, 0), in_w + min(pad_right, 0)])
+        pad_bottom, pad_right = max(pad_bottom, 0), max(pad_right, 0)
     weight_grad = conv2d(
-        data, output_grad, strides=attrs.dilation, padding=attrs.padding, dilation=attrs.strides, groups=groups,
+        data, output_grad, strides=attrs.dilation, padding=(pad_top, pad_left, pad_bottom, pad_right),
+        dilation=attrs.strides, groups=groups,
         out_dtype=attrs.out_dtype, data_layout="CNHW", kernel_layout="IOHW", out_layout="CNHW",
     )
-    weight_grad_h = (in_h - (grad_h - 1) * stride_h - 1 + pad_top + pad_bottom) // dilation_h + 1
-    weight_grad_w = (in_w - (grad_w - 1) * stride_w - 1 + pad_left + pad_right) // dilation_w + 1
-    if weight_grad_h > filter_h or weight_grad_w > filter_w:
-        weight_grad = strided_slice(
-            weight_grad, [0, 1, 2, 3], [0, 0, 0, 0], [out_channel, in_channel // groups, filter_h, filter_w]
-        )
     return [data_grad, weight_grad]
 
 

@@ -16,8 +16,10 @@ kernel:
     transformer's attention and weight-gradient transposes are such kernels;
   * matmuls without an epilogue in register tiles of rows x vectors (the transformer's
     untuned step: 404 -> 218 ms; its pure matmul kernels then run as fast as tuned ones).
-Nothing more (no cache blocking, no tiles for matmuls with a fused epilogue or for convolutions):
-that is what tuning (MetaSchedule) is for.
+  * a convolution's tile of output rows (laid out by inline_elementwise: the tile's rows inside
+    the reduction loops, then its vector) unrolled, one register of running sums per row.
+Nothing more (no cache blocking, no tiles for matmuls with a fused epilogue): that is what tuning
+(MetaSchedule) is for.
 Every step is a TVM schedule primitive, which refuses a transformation that would change the
 kernel's result; a refused step is skipped and the kernel keeps what was applied before it.
 A block writing several buffers (an argmax's value and index: TVM's max-pool gradient) is not
@@ -124,11 +126,24 @@ def _schedule_nest(sch, blocks, vector_lanes: int, cores: int, tiles) -> None:
     _parallel_outer(sch, blocks, cores)
     for block in blocks:
         if is_reduction(sch, block):
+            tiled = _register_rows(sch, block)
             first_reduction = next((loop for loop in sch.get_loops(block)
                                     if loop_kind(sch, block, loop) == "R"), None)
             init = _try(sch.decompose_reduction, block, first_reduction) if first_reduction is not None else None
             if init is not None:
                 _vectorize_innermost(sch, [init])
+                if tiled:
+                    _try(sch.unroll, sch.get_loops(init)[-2])
+            if tiled:
+                _try(sch.unroll, sch.get_loops(block)[-2])
+
+
+def _register_rows(sch, block) -> bool:
+    """Is the block a reduction tiled by inline_elementwise for registers: loops (...,
+    reductions..., rows, vector lanes), the rows unrolled so each row's sums are a register?"""
+    loops = sch.get_loops(block)
+    return (len(loops) >= 3 and [loop_kind(sch, block, loop) for loop in loops[-3:]] == ["R", "S", "S"]
+            and 1 < loop_extent(sch, loops[-2]) <= 16)
 
 
 def _vectorize_innermost(sch, blocks) -> None:

@@ -39,7 +39,9 @@ def test_elementwise_chains_become_single_loop_nests():
 
 def test_report_counts_what_kernels_still_allocate():
     report = pe.compile(job(), target=FAST_HOST).memory_report()
-    assert 0 < report.by_category["kernel_workspace"] <= 64
+    # A few scalars, and the convolution's padded input window per tile of output channels: 3
+    # channels x 3 rows x 10 columns of float32 (360 bytes), where the whole padded input is 4.8 KB.
+    assert 0 < report.by_category["kernel_workspace"] <= 64 + 360
     assert report.peak_bytes == sum(report.by_category.values())
 
 

@@ -7,38 +7,24 @@ distillation tokens, reparameterised branches, GroupNorm.
 Dropout and stochastic depth are set to 0 here (see hf_models.py). MODELS: name -> (package, factory,
 input size); SCHEMES: name -> (label, model -> the sparse scheme checked for it).
 
-The packages live outside the venv's site-packages (the Makefile installs them with `pip --target`):
-PyPI's torchvision 0.28.0 wheel is a CUDA build whose C++ extension cannot load beside the CPU torch,
-and transformers imports torchvision whenever it is importable. Classification needs none of the
-extension's ops; defining the two schemas its Python side registers kernels for lets it import.
+The packages live outside the venv's site-packages (the Makefile installs them with `pip --target`;
+pockengine.bench.import_vision_packages says why and makes them importable).
 """
 
-import os
-import sys
 
 import pytest
 import torch
 
 import pockengine as pe
 from conftest import make_batches
+from pockengine import bench
 
-PACKAGES = os.path.join(sys.prefix, "vision-packages")
 BATCH, CLASSES, STEPS = 4, 10, 3
-_torchvision_schemas = None
 
 
 def _import_vision_packages():
-    global _torchvision_schemas
-    if not os.path.isdir(PACKAGES):
-        pytest.skip(f"the vision packages are not installed in {PACKAGES} (run `make setup`)")
-    if PACKAGES not in sys.path:
-        sys.path.append(PACKAGES)
-    try:
-        torch.ops.torchvision.nms
-    except (AttributeError, RuntimeError):
-        _torchvision_schemas = torch.library.Library("torchvision", "FRAGMENT")
-        _torchvision_schemas.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _torchvision_schemas.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    if not bench.import_vision_packages():
+        pytest.skip(f"the vision packages are not installed in {bench.VISION_PACKAGES} (run `make setup`)")
 
 
 def torchvision_models():
