@@ -443,7 +443,9 @@ def split_grad(orig_var, orig_call, output_grad, ctx):
 @rule("relax.nn.conv2d")
 def conv2d_grad(orig_var, orig_call, output_grad, ctx):
     """y = conv2d(x, w, strides, padding, dilation, groups)  (NCHW / OIHW)
-    ->  x_grad = conv2d_transpose(y_grad, w, strides, padding, output_padding, dilation, groups),
+    ->  x_grad = conv2d_transpose(y_grad, w, strides, padding, output_padding, dilation, groups)
+                 (strided without dilation: one stride-1 transposed convolution per phase, see
+                 _strided_data_grad),
         w_grad = conv2d(x, y_grad) with strides and dilation swapped (in CNHW / IOHW), over the input
                  rows and columns some window reaches (so it comes out at w's size)
 
@@ -464,12 +466,15 @@ def conv2d_grad(orig_var, orig_call, output_grad, ctx):
     dilation_h, dilation_w = [int(d) for d in attrs.dilation]
     groups = int(attrs.groups)
 
-    out_h = (grad_h - 1) * stride_h - pad_top - pad_bottom + (filter_h - 1) * dilation_h + 1
-    out_w = (grad_w - 1) * stride_w - pad_left - pad_right + (filter_w - 1) * dilation_w + 1
-    data_grad = conv2d_transpose(
-        output_grad, weight, attrs.strides, attrs.padding, (in_h - out_h, in_w - out_w), attrs.dilation,
-        groups, "NCHW", "IOHW", "NCHW", attrs.out_dtype,
-    )
+    if (stride_h, stride_w) != (1, 1) and (dilation_h, dilation_w) == (1, 1):
+        data_grad = _strided_data_grad(output_grad, weight, orig_var, data, attrs, groups)
+    else:
+        out_h = (grad_h - 1) * stride_h - pad_top - pad_bottom + (filter_h - 1) * dilation_h + 1
+        out_w = (grad_w - 1) * stride_w - pad_left - pad_right + (filter_w - 1) * dilation_w + 1
+        data_grad = conv2d_transpose(
+            output_grad, weight, attrs.strides, attrs.padding, (in_h - out_h, in_w - out_w), attrs.dilation,
+            groups, "NCHW", "IOHW", "NCHW", attrs.out_dtype,
+        )
 
     if groups != 1:
         data = reshape(data, (batch, groups, in_channel // groups, in_h, in_w))
@@ -492,6 +497,65 @@ def conv2d_grad(orig_var, orig_call, output_grad, ctx):
         out_dtype=attrs.out_dtype, data_layout="CNHW", kernel_layout="IOHW", out_layout="CNHW",
     )
     return [data_grad, weight_grad]
+
+
+def _strided_data_grad(output_grad, weight, orig_var, data, attrs, groups):
+    """x_grad of a stride-(s_h, s_w) convolution without dilation, phase by phase: the input rows
+    y = s_h Y + q_h (and columns alike) receive only the kernel taps k = r_h, r_h + s_h, ... where
+    r_h = (q_h + pad_top) % s_h, so each of the s_h x s_w phases is a stride-1 transposed convolution
+    of y_grad with that slice of the kernel, its output rows starting at (q_h + pad_top) // s_h:
+        x_grad[n, c, s_h Y + q_h, s_w X + q_w] = conv2d_transpose(y_grad, w[:, :, r_h::s_h, r_w::s_w])
+                                                 [n, c, Y + (q_h + pad_top) // s_h, X + ...]
+    and the phases are interleaved. conv2d_transpose with the stride computes the same over y_grad
+    with s - 1 zeros between its entries: s_h x s_w times the multiply-adds (4x for a stride-2
+    convolution), most of them by zero."""
+    batch, _, grad_h, grad_w = _shape(orig_var)
+    _, in_channel, in_h, in_w = _shape(data)
+    _, _, filter_h, filter_w = _shape(weight)
+    stride_h, stride_w = [int(v) for v in attrs.strides]
+    pad_top, pad_left = int(attrs.padding[0]), int(attrs.padding[1])
+    rows, cols = -(-in_h // stride_h), -(-in_w // stride_w)  # each phase's extent (the last ones cut)
+    phase_rows = []
+    for q_h in range(stride_h):
+        phases = []
+        for q_w in range(stride_w):
+            r_h, r_w = (q_h + pad_top) % stride_h, (q_w + pad_left) % stride_w
+            taps_h, taps_w = len(range(r_h, filter_h, stride_h)), len(range(r_w, filter_w, stride_w))
+            if taps_h == 0 or taps_w == 0:  # a kernel smaller than the stride: these inputs are never read
+                phases.append(relax.op.zeros((batch, in_channel, rows, cols), _dtype(orig_var)))
+                continue
+            taps = strided_slice(weight, [2, 3], [r_h, r_w], [filter_h, filter_w], [stride_h, stride_w])
+            phases.append(_transposed_window(output_grad, taps, groups, attrs.out_dtype,
+                                             ((q_h + pad_top) // stride_h, rows, grad_h + taps_h - 1, taps_h),
+                                             ((q_w + pad_left) // stride_w, cols, grad_w + taps_w - 1, taps_w)))
+        phase_rows.append(relax.op.stack(phases, axis=4))  # (N, C, rows, cols, s_w)
+    interleaved = reshape(relax.op.stack(phase_rows, axis=3), (batch, in_channel, rows * stride_h, cols * stride_w))
+    if (rows * stride_h, cols * stride_w) == (in_h, in_w):
+        return interleaved
+    return strided_slice(interleaved, [2, 3], [0, 0], [in_h, in_w])
+
+
+def _transposed_window(output_grad, taps, groups, out_dtype, window_h, window_w):
+    """Rows [start, start + count) (and columns alike) of the stride-1 transposed convolution of
+    y_grad with `taps`, whose full output has `extent` rows (zero past them); window_h and
+    window_w: (start, count, extent, taps). The cut is the transposed convolution's own padding
+    where that is one (at most taps - 1 on each side), else a slice; rows past the extent are zeros."""
+    def own_padding(start, count, extent, n_taps):
+        after = extent - start - count
+        return (start, max(after, 0)) if start <= n_taps - 1 and after <= n_taps - 1 else (0, 0)
+
+    (top, bottom), (left, right) = own_padding(*window_h), own_padding(*window_w)
+    phase = conv2d_transpose(output_grad, taps, (1, 1), (top, left, bottom, right), (0, 0), (1, 1), groups,
+                             "NCHW", "IOHW", "NCHW", out_dtype)
+    (start_h, count_h, extent_h, _), (start_w, count_w, extent_w, _) = window_h, window_w
+    extent_h, extent_w = extent_h - top - bottom, extent_w - left - right
+    start_h, start_w = start_h - top, start_w - left
+    end_h, end_w = min(start_h + count_h, extent_h), min(start_w + count_w, extent_w)
+    if (start_h, start_w, end_h, end_w) != (0, 0, extent_h, extent_w):
+        phase = strided_slice(phase, [2, 3], [start_h, start_w], [end_h, end_w])
+    if end_h - start_h < count_h or end_w - start_w < count_w:
+        phase = relax.op.nn.pad(phase, [0, 0, 0, 0, 0, count_h - (end_h - start_h), 0, count_w - (end_w - start_w)])
+    return phase
 
 
 def _avg_pool_matrix(in_size, out_size, kernel, stride, pad_before, pad_after, count_include_pad):

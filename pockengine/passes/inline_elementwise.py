@@ -129,18 +129,23 @@ def _vector_axis(sch, spatial_loops, vector_lanes: int):
     divides it, whole (LoRA's rank-8 projections: 8 contiguous outputs in half a register, where a
     vector across rows would gather every load: 5.6 GFLOP/s); else the longest multiple (a
     convolution over 4x4 pixels vectorizes its channels). None when none is, or vectors are off."""
+    choices = _vector_axes(sch, spatial_loops, vector_lanes)
+    return choices[0] if choices else None
+
+
+def _vector_axes(sch, spatial_loops, vector_lanes: int) -> list:
+    """Every choice of _vector_axis, the one it makes first, then the other multiples, longest first."""
     if vector_lanes <= 1:
-        return None
+        return []
     extents = [loop_extent(sch, loop) for loop in spatial_loops]
     fits = [i for i, e in enumerate(extents) if e and e % vector_lanes == 0]
     innermost = extents[-1] if extents else 0
+    others = [(i, vector_lanes) for i in sorted(fits, key=lambda i: (extents[i], i), reverse=True)]
     if fits and fits[-1] == len(extents) - 1:
-        return fits[-1], vector_lanes
+        return [(fits[-1], vector_lanes)] + [c for c in others if c[0] != fits[-1]]
     if MIN_NARROW_VECTOR <= innermost < vector_lanes and vector_lanes % innermost == 0:
-        return len(extents) - 1, innermost
-    if not fits:
-        return None
-    return max(fits, key=lambda i: (extents[i], i)), vector_lanes
+        return [(len(extents) - 1, innermost)] + others
+    return others
 
 
 def _epilogues_at_reductions(sch, vector_lanes: int, vector_registers: int = 16, padded=frozenset()):
@@ -162,13 +167,19 @@ def _epilogues_at_reductions(sch, vector_lanes: int, vector_registers: int = 16,
         if spatial == 0 or set(k[spatial:]) != {"R"}:
             continue
         loops = sch.get_loops(block)
-        chosen = _vector_axis(sch, loops[:spatial], vector_lanes)
-        if chosen is None:
+        choices = _vector_axes(sch, loops[:spatial], vector_lanes)
+        if not choices:
             tile_loop[i] = loops[spatial - 1]
             continue
-        vector, width = chosen
-        operand = _vector_operand(sch, block, vector, padded) if len(k) - spatial >= 2 else None
-        rows = _rows_axis(sch, block, spatial, vector, operand[0]) if operand else None
+        vector, width = choices[0]
+        operand = rows = None
+        if len(k) - spatial >= 2:  # a convolution: the first vector axis that leaves rows to tile
+            for vector_choice, width_choice in choices:
+                found = _vector_operand(sch, block, vector_choice, padded)
+                rows_choice = _rows_axis(sch, block, spatial, vector_choice, found[0]) if found else None
+                if rows_choice is not None and _row_tile(sch, loops[rows_choice], vector_registers):
+                    vector, width, operand, rows = vector_choice, width_choice, found, rows_choice
+                    break
         outer, lanes = sch.split(loops[vector], [None, width])
         # reorder() permutes the loops it is given among their own positions: list every loop from
         # the split on, so the spatial ones keep their place and the reduction loops stay inside them.
@@ -255,10 +266,7 @@ def _tile_rows(sch, loops, spatial, rows, vector, outer, lanes, vector_registers
     (rows_outer, vector_outer, others...): a weight gradient's kernel positions, whose outputs are
     interleaved in memory, are then finished together. Returns (the loop epilogues go under, the
     loop outside the tile of rows), or None (nothing changed) when no tile size divides the rows."""
-    if rows is None:
-        return None
-    extent = loop_extent(sch, loops[rows])
-    size = next((t for t in ROW_TILES if t <= vector_registers // 2 and extent and extent % t == 0), None)
+    size = _row_tile(sch, loops[rows], vector_registers) if rows is not None else None
     if size is None:
         return None
     rows_outer, rows_inner = sch.split(loops[rows], [None, size])
@@ -268,6 +276,13 @@ def _tile_rows(sch, loops, spatial, rows, vector, outer, lanes, vector_registers
         return outer, (others[-1] if others else None)
     sch.reorder(rows_outer, outer, *others, *loops[spatial:], rows_inner, lanes)
     return others[-1], None
+
+
+def _row_tile(sch, loop, vector_registers: int):
+    """The rows per register tile for this rows loop (the first of ROW_TILES that divides it and
+    fits), or None."""
+    extent = loop_extent(sch, loop)
+    return next((t for t in ROW_TILES if t <= vector_registers // 2 and extent and extent % t == 0), None)
 
 
 def _place_padded_input(sch, block, placement):

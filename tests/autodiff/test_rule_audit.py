@@ -402,6 +402,12 @@ CONV = [  # (N, Cin, H, W), (Cout, Cin/groups, kh, kw), strides, padding (t, l, 
     ((1, 3, 6, 6), (6, 1, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 3),
     ((1, 3, 8, 8), (3, 1, 3, 3), (1, 1), (2, 2, 2, 2), (2, 2), 3),
     ((1, 3, 8, 8), (3, 1, 5, 5), (2, 2), (2, 2, 2, 2), (1, 1), 3),
+    # strided data gradients are computed phase by phase: kernels of every size against the stride
+    ((2, 2, 9, 9), (3, 2, 7, 7), (2, 2), (3, 3, 3, 3), (1, 1), 1),  # ResNet's stem, odd input
+    ((1, 2, 8, 8), (3, 2, 4, 4), (4, 4), (0, 0, 0, 0), (1, 1), 1),  # patch embedding (kernel = stride)
+    ((1, 2, 7, 7), (3, 2, 1, 1), (2, 2), (0, 0, 0, 0), (1, 1), 1),  # 1x1 downsampling, odd input
+    ((1, 2, 8, 7), (3, 2, 3, 3), (3, 2), (1, 0, 2, 1), (1, 1), 1),  # stride 3 x 2, uneven padding
+    ((1, 4, 9, 6), (4, 1, 3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 4),  # depthwise
 ]
 for xs, ws, strides, padding, dilation, groups in CONV:
     case("relax.nn.conv2d",
