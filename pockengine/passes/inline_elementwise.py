@@ -159,6 +159,7 @@ def _epilogues_at_reductions(sch, vector_lanes: int, vector_registers: int = 16,
     kinds = {i: [it.kind for it in dlight.analysis.get_sblock_info(sch, b).iters] for i, b in enumerate(blocks)}
     tile_loop = {}  # reduction block index -> the loop its epilogue goes under
     placements = {}  # padded input's buffer -> (loop to compute it under, or None; axis to make contiguous, or None)
+    inputs_to_transpose = []  # (reduction block, kernel input, axis to make contiguous)
     for i, block in enumerate(blocks):
         k = kinds[i]
         if "R" not in k:
@@ -193,6 +194,9 @@ def _epilogues_at_reductions(sch, vector_lanes: int, vector_registers: int = 16,
             # A window of the padded input under the loops outside the tile; or the whole padded
             # input, once, laid out with the vector's axis contiguous.
             placements[operand[0].source] = (rows_outside, None) if relayout is None else (None, relayout)
+            if relayout is not None and not any(sch.get(b).name_hint in padded and sch.get(b).writes[0].source.same_as(
+                    operand[0].source) for b in blocks):
+                inputs_to_transpose.append((block, operand[0].source, relayout))
     for i, block in enumerate(blocks):
         if i in tile_loop:
             continue
@@ -205,6 +209,8 @@ def _epilogues_at_reductions(sch, vector_lanes: int, vector_registers: int = 16,
                 continue
             sch = moved
             break
+    for block, source, axis in inputs_to_transpose:
+        sch = _transposed_input(sch, block, source, axis)
     for block in blocks:
         if sch.get(block).name_hint in padded:
             written = sch.get(block).writes[0].source
@@ -226,19 +232,21 @@ TRANSPOSED_INPUT_BYTES = 8 * 1024 * 1024
 
 def _vector_operand(sch, block, vector: int, padded):
     """The read a convolution's vector of outputs loads a vector of: (read region, None) when its
-    contiguous (last) index follows the vector loop; (region, axis) for a padded input the vector
-    loop indexes along another axis (a weight gradient's input channels), which can be laid out
-    with that axis last; None otherwise."""
+    contiguous (last) index follows the vector loop; (region, axis) for a padded input or an input
+    of the kernel the vector loop indexes along another axis (a weight gradient's input channels,
+    or a stem's output channels in y_grad), which can be laid out with that axis last; None
+    otherwise."""
     stmt = sch.get(block)
     vector_var = stmt.iter_vars[vector].var
     for read in stmt.reads:
         if read.region and _uses(read.region[-1].min, vector_var):
             return read, None
+    writers = {sch.get(b).name_hint: sch.get(b).writes[0].source for b in sch.get_child_blocks(sch.get_sblock("root"))}
     for read in stmt.reads:
         axes = [d for d, r in enumerate(read.region) if _uses(r.min, vector_var)]
-        if len(axes) == 1 and any(sch.get(b).writes[0].source.same_as(read.source)
-                                  for b in sch.get_child_blocks(sch.get_sblock("root"))
-                                  if sch.get(b).name_hint in padded):
+        padded_input = any(buf.same_as(read.source) for name, buf in writers.items() if name in padded)
+        kernel_input = not any(buf.same_as(read.source) for buf in writers.values())
+        if len(axes) == 1 and (padded_input or kernel_input):
             return read, axes[0]
     return None
 
@@ -279,10 +287,29 @@ def _tile_rows(sch, loops, spatial, rows, vector, outer, lanes, vector_registers
 
 
 def _row_tile(sch, loop, vector_registers: int):
-    """The rows per register tile for this rows loop (the first of ROW_TILES that divides it and
-    fits), or None."""
+    """The rows per register tile for this rows loop: all of it when it fits, else the first of
+    ROW_TILES that divides it and fits; None when none does."""
     extent = loop_extent(sch, loop)
+    if 2 <= extent <= vector_registers // 2:
+        return extent  # the whole loop (a 7x7 kernel's columns, 5 output channels)
     return next((t for t in ROW_TILES if t <= vector_registers // 2 and extent and extent % t == 0), None)
+
+
+def _transposed_input(sch, block, source, axis: int):
+    """The schedule with a copy of kernel input `source`, laid out with `axis` last, read by
+    `block` in its place (a stem's y_grad channels-last, so its weight gradient's vectors of output
+    channels are loads, not gathers), when the kernel's workspace stays within
+    TRANSPOSED_INPUT_BYTES; else `sch` unchanged."""
+    trial = sch.copy()
+    try:
+        index = next(i for i, r in enumerate(trial.get(block).reads) if r.source.same_as(source))
+        copy = trial.cache_read(block, index, "global")
+        rank = len(source.shape)
+        order = [d for d in range(rank) if d != axis] + [axis]
+        trial.transform_layout(copy, ("write", 0), lambda *idx: [idx[d] for d in order])
+    except (StopIteration, s_tir.schedule.ScheduleError):
+        return sch
+    return trial if intermediate_bytes(trial.mod["main"]) <= TRANSPOSED_INPUT_BYTES else sch
 
 
 def _place_padded_input(sch, block, placement):

@@ -39,9 +39,12 @@ def test_elementwise_chains_become_single_loop_nests():
 
 def test_report_counts_what_kernels_still_allocate():
     report = pe.compile(job(), target=FAST_HOST).memory_report()
-    # A few scalars, and the convolution's padded input window per tile of output channels: 3
-    # channels x 3 rows x 10 columns of float32 (360 bytes), where the whole padded input is 4.8 KB.
-    assert 0 < report.by_category["kernel_workspace"] <= 64 + 360
+    # The largest kernel's own buffers: a tile of running sums (here 3 rows of 8: 96 bytes), the
+    # convolution's padded input window per tile of output channels (3 channels x 3 rows x 10
+    # columns: 360 bytes, where the whole padded input is 4.8 KB), or, the largest, the weight
+    # gradient's copy of y_grad channels-last (its vectors run across the output channels:
+    # 4 x 8 x 8 x 8 float32, 8 KB) beside its tile of sums.
+    assert 0 < report.by_category["kernel_workspace"] <= 4 * 8 * 8 * 8 * 4 + 96
     assert report.peak_bytes == sum(report.by_category.values())
 
 
