@@ -191,12 +191,13 @@ def _epilogues_at_reductions(sch, vector_lanes: int, vector_registers: int = 16,
         tiled = _tile_rows(sch, loops, spatial, rows, vector, outer, lanes, vector_registers, relayout is None)
         if tiled is not None:
             tile_loop[i], rows_outside = tiled
-            # A window of the padded input under the loops outside the tile; or the whole padded
-            # input, once, laid out with the vector's axis contiguous.
-            placements[operand[0].source] = (rows_outside, None) if relayout is None else (None, relayout)
-            if relayout is not None and not any(sch.get(b).name_hint in padded and sch.get(b).writes[0].source.same_as(
-                    operand[0].source) for b in blocks):
-                inputs_to_transpose.append((block, operand[0].source, relayout))
+            source = operand[0].source
+            if relayout is None:  # a window of the padded input under the loops outside the tile
+                placements[source] = (rows_outside, None)
+            elif any(sch.get(b).name_hint in padded and sch.get(b).writes[0].source.same_as(source) for b in blocks):
+                placements[source] = (None, relayout)  # the whole padded input, vector's axis last
+            else:  # an input of the kernel: a copy with the vector's axis last
+                inputs_to_transpose.append((block, source, relayout))
     for i, block in enumerate(blocks):
         if i in tile_loop:
             continue
@@ -219,14 +220,16 @@ def _epilogues_at_reductions(sch, vector_lanes: int, vector_registers: int = 16,
     return sch
 
 
-# Output rows per register tile of a convolution: the most that divides the rows, with one vector
-# of sums each in at most half the target's vector registers (the rest hold the operands).
+# Output rows per register tile of a convolution when they do not all fit: the most that divides
+# them, one vector of sums each in at most half the target's vector registers (the rest hold the
+# operands).
 ROW_TILES = (16, 8, 4, 2)
 # A convolution's padded input is kept per tile of output rows (a few input rows of every channel,
 # cache-resident) when it is at most this large; else it is inlined (its bounds tested per load).
 PADDED_WINDOW_BYTES = 64 * 1024
-# A weight gradient's input, whose vectors run across channels, is laid out channels-last (padded,
-# once per step) when it is at most this large; else its vectors are gathered.
+# A weight gradient's padded input or y_grad, whose vectors run across channels, is copied
+# channels-last (once per kernel call) when the kernel's workspace stays at most this large; else
+# its vectors are gathered.
 TRANSPOSED_INPUT_BYTES = 8 * 1024 * 1024
 
 
@@ -273,7 +276,7 @@ def _tile_rows(sch, loops, spatial, rows, vector, outer, lanes, vector_registers
     held in registers. With `others_outside` False the other spatial loops go inside the tile's
     (rows_outer, vector_outer, others...): a weight gradient's kernel positions, whose outputs are
     interleaved in memory, are then finished together. Returns (the loop epilogues go under, the
-    loop outside the tile of rows), or None (nothing changed) when no tile size divides the rows."""
+    loop outside the tile of rows), or None (nothing changed) when no tile fits (_row_tile)."""
     size = _row_tile(sch, loops[rows], vector_registers) if rows is not None else None
     if size is None:
         return None
@@ -304,12 +307,16 @@ def _transposed_input(sch, block, source, axis: int):
     try:
         index = next(i for i, r in enumerate(trial.get(block).reads) if r.source.same_as(source))
         copy = trial.cache_read(block, index, "global")
-        rank = len(source.shape)
-        order = [d for d in range(rank) if d != axis] + [axis]
-        trial.transform_layout(copy, ("write", 0), lambda *idx: [idx[d] for d in order])
+        trial.transform_layout(copy, ("write", 0), _axis_last(len(source.shape), axis))
     except (StopIteration, s_tir.schedule.ScheduleError):
         return sch
     return trial if intermediate_bytes(trial.mod["main"]) <= TRANSPOSED_INPUT_BYTES else sch
+
+
+def _axis_last(rank: int, axis: int):
+    """The index map moving `axis` of a rank-`rank` buffer last (channels-last for axis 1 of NCHW)."""
+    order = [d for d in range(rank) if d != axis] + [axis]
+    return lambda *idx: [idx[d] for d in order]
 
 
 def _place_padded_input(sch, block, placement):
@@ -322,9 +329,7 @@ def _place_padded_input(sch, block, placement):
         trial = sch.copy()
         try:
             if axis is not None:
-                rank = len(trial.get(block).writes[0].source.shape)
-                order = [d for d in range(rank) if d != axis] + [axis]
-                trial.transform_layout(block, ("write", 0), lambda *idx: [idx[d] for d in order])
+                trial.transform_layout(block, ("write", 0), _axis_last(len(trial.get(block).writes[0].source.shape), axis))
                 limit = TRANSPOSED_INPUT_BYTES
             elif loop is not None:
                 trial.compute_at(block, loop, preserve_unit_loops=True)
