@@ -458,7 +458,7 @@ def conv2d_grad(orig_var, orig_call, output_grad, ctx):
     if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
         raise NotImplementedError("conv2d gradient: only NCHW data / OIHW kernel layouts")
     data, weight = orig_call.args
-    batch, out_channel, grad_h, grad_w = _shape(orig_var)
+    batch, _, grad_h, grad_w = _shape(orig_var)
     _, in_channel, in_h, in_w = _shape(data)
     _, _, filter_h, filter_w = _shape(weight)
     pad_top, pad_left, pad_bottom, pad_right = [int(p) for p in attrs.padding]

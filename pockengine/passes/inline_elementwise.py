@@ -39,10 +39,9 @@ import tvm
 import tvm_ffi
 from tvm import s_tir
 from tvm.s_tir import dlight
-from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
 
 from ..ir import kernel_schedule, map_kernels
-from .schedule_cpu import loop_extent, runs_repeatedly
+from .schedule_cpu import loop_extent, runs_repeatedly, uses_var
 
 
 def inline_elementwise(vector_lanes: int = 1, vector_registers: int = 16) -> tvm.transform.Pass:
@@ -101,13 +100,12 @@ def _padded_inputs(sch, blocks) -> set:
     """Names of the blocks that pad (an `if_then_else` of an input or zero) the input of a
     convolution (a reduction over more than one loop): placed per tile of output rows rather than
     inlined, when that window is small (see _place_padded_input)."""
-    names = {b.name for b in blocks}
     found = set()
     for info in blocks:
         if info.dom_kind().count("R") < 2:
             continue
         for read in sch.get(info.block_rv).reads:
-            producer = next((b for b in blocks if b.name in names and not b.dom_kind().count("R")
+            producer = next((b for b in blocks if "R" not in b.dom_kind()
                              and any(w.source.same_as(read.source) for w in sch.get(b.block_rv).writes)), None)
             if producer is not None and _is_pad(sch.get(producer.block_rv)):
                 found.add(producer.name)
@@ -242,11 +240,11 @@ def _vector_operand(sch, block, vector: int, padded):
     stmt = sch.get(block)
     vector_var = stmt.iter_vars[vector].var
     for read in stmt.reads:
-        if read.region and _uses(read.region[-1].min, vector_var):
+        if read.region and uses_var(read.region[-1].min, vector_var):
             return read, None
     writers = {sch.get(b).name_hint: sch.get(b).writes[0].source for b in sch.get_child_blocks(sch.get_sblock("root"))}
     for read in stmt.reads:
-        axes = [d for d, r in enumerate(read.region) if _uses(r.min, vector_var)]
+        axes = [d for d, r in enumerate(read.region) if uses_var(r.min, vector_var)]
         padded_input = any(buf.same_as(read.source) for name, buf in writers.items() if name in padded)
         kernel_input = not any(buf.same_as(read.source) for buf in writers.values())
         if len(axes) == 1 and (padded_input or kernel_input):
@@ -263,7 +261,7 @@ def _rows_axis(sch, block, spatial: int, vector: int, vector_read):
     vector_var = iter_vars[vector]
 
     def uses(region, var):
-        return any(_uses(r.min, var) for r in region)
+        return any(uses_var(r.min, var) for r in region)
 
     candidates = [i for i in range(spatial) if i != vector and not uses(vector_read.region, iter_vars[i])
                   and any(uses(r.region, iter_vars[i]) and not uses(r.region, vector_var) for r in stmt.reads)]
@@ -349,10 +347,6 @@ def _try_inline(sch, block) -> None:
         sch.compute_inline(block)
     except s_tir.schedule.ScheduleError:
         pass
-
-
-def _uses(expr, var) -> bool:
-    return any(v.same_as(var) for v in collect_vars_used_in_prim_expr(expr))
 
 
 def _same_domain(sch, block, producer) -> bool:

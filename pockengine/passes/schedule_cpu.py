@@ -255,7 +255,7 @@ def _transposed_read_axis(sch, block, loops) -> int | None:
     loop_vars = [sch.get(loop).loop_var for loop in loops]
     loop_of = {}  # block iterator -> the one loop driving it
     for iv, value in zip(realize.block.iter_vars, realize.iter_values):
-        driving = [i for i, var in enumerate(loop_vars) if _uses(value, var)]
+        driving = [i for i, var in enumerate(loop_vars) if uses_var(value, var)]
         if len(driving) == 1:
             loop_of[iv.var] = driving[0]
     elements = _elements(sch, loops)
@@ -341,7 +341,7 @@ def loop_kind(sch, block, loop) -> str:
     realize = _realize(sch, block)
     kinds = set()
     for iv, value in zip(realize.block.iter_vars, realize.iter_values):
-        if _uses(value, var):
+        if uses_var(value, var):
             kinds.add("R" if iv.iter_type == tvm.tirx.IterVar.CommReduce else "S")
     if not kinds:
         return "-" if loop_extent(sch, loop) == 1 else "S"
@@ -367,5 +367,5 @@ def _realize(sch, block):
     return found[0]
 
 
-def _uses(expr, var) -> bool:
+def uses_var(expr, var) -> bool:
     return any(v.same_as(var) for v in collect_vars_used_in_prim_expr(expr))
