@@ -16,11 +16,13 @@ kernel:
     hot: 1024x512 float32, 2 cores, 2.02 ms flat, 0.21 ms tiled (8: 0.41, 32: 0.61). The
     transformer's attention and weight-gradient transposes are such kernels;
   * matmuls without an epilogue in register tiles of rows x vectors (the transformer's
-    untuned step: 404 -> 218 ms; its pure matmul kernels then run as fast as tuned ones).
+    untuned step: 404 -> 218 ms), inside cache blocks, the operand read along the vectors packed
+    into tile-wide panels (the BLIS structure; SmolLM's LM head 16 -> 137 GFLOP/s, MKL ~100-110);
+  * reductions along a row's contiguous innermost axis (softmax, norms, the loss) as vectors of
+    partial sums, then the lanes added;
   * a convolution's tile of output rows (laid out by inline_elementwise: the tile's rows inside
     the reduction loops, then its vector) unrolled, one register of running sums per row.
-Nothing more (no cache blocking, no tiles for matmuls with a fused epilogue): that is what tuning
-(MetaSchedule) is for.
+Nothing more (no tiles for matmuls with a fused epilogue): that is what tuning (MetaSchedule) is for.
 Every step is a TVM schedule primitive, which refuses a transformation that would change the
 kernel's result; a refused step is skipped and the kernel keeps what was applied before it.
 A block writing several buffers (an argmax's value and index: TVM's max-pool gradient) is not
@@ -44,16 +46,33 @@ MAX_VECTOR = 64  # longest innermost loop turned into one vector
 # Waking the thread pool costs microseconds: an elementwise kernel smaller than this runs on one core.
 MIN_PARALLEL_ELEMENTS = 4096
 TRANSPOSE_TILE = 16
+# A row reduction keeps this many vectors of running sums (independent additions in flight).
+PARTIAL_SUM_VECTORS = 4
 # A matmul's register tile: rows x vectors of outputs, the first of these that divides the matmul and
-# whose accumulators fill at most half the target's vector registers (the rest hold the operands).
-# AVX2 (16 registers): 4 x 2; AVX-512 and aarch64 (32): 8 x 2 (512x688x256: 252 -> 311 GFLOP/s here).
-# 8 x 1 is for vectors that do not pair up: LLaMA's MLP width 688 is 43 vectors of 16 (AVX-512), and
-# untiled its matmuls ran at 67 GFLOP/s against 240 for their 256-wide neighbours.
-REGISTER_TILES = ((8, 2), (4, 2), (8, 1), (2, 2), (4, 1), (2, 1))
+# whose accumulators, one vector of the packed operand per column and the broadcast row value fit
+# the target's vector registers. AVX2 (16 registers): 4 x 3 (12 accumulators; 256x576x1536: 72 ->
+# 78 GFLOP/s on one core against 4 x 2), 6 x 2 when the vectors are not a multiple of 3; AVX-512
+# and aarch64 (32): 8 x 2 (512x688x256: 252 -> 311 GFLOP/s here). 8 x 1 is for vectors that do not
+# pair up: LLaMA's MLP width 688 is 43 vectors of 16 (AVX-512), and untiled its matmuls ran at 67
+# GFLOP/s against 240 for their 256-wide neighbours.
+REGISTER_TILES = ((8, 2), (4, 3), (6, 2), (4, 2), (8, 1), (2, 2), (4, 1), (2, 1))
+# Cache blocking around the register tiles (the BLIS/oneDNN structure). A block of the reduction
+# at most PANEL_DEPTH deep: one register tile's columns of the packed operand (PANEL_DEPTH x 3
+# vectors: 24 KiB on AVX2) stay in L1 while every row tile of the block passes over them. The rows
+# operand's block (rows x depth) and the packed operand's panel (depth x columns) are each at most
+# BLOCK_BYTES, so both stay in L2 (every core of the targets has at least 256 KiB... and a shared
+# L3 or L2 behind it). Measured 2 cores AVX2, against MKL (torch.matmul) on the same shapes: the LM
+# head of SmolLM (256x576 @ 576x49152) 16 -> 137 GFLOP/s (MKL 99-110), its gradient
+# (256x49152 @ 49152x576) 23 -> 129 (MKL 156-164); 128x896 @ 896x4864 42 -> 115 (MKL 114-136).
+PANEL_DEPTH = 256
+MIN_PANEL_DEPTH = 64  # a reduction with no divisor between this and PANEL_DEPTH is not split
+BLOCK_BYTES = 256 * 1024
+# The packed operand's panel is reused by the block's row tiles: packing it pays from this many on.
+MIN_ROW_TILES_TO_PACK = 4
 
 
 def register_tiles(vector_registers: int) -> tuple:
-    return tuple((r, v) for r, v in REGISTER_TILES if r * v <= vector_registers // 2)
+    return tuple((r, v) for r, v in REGISTER_TILES if r * v + v + 1 <= vector_registers)
 
 
 def schedule_cpu(vector_lanes: int, cores: int, vector_registers: int = 16) -> tvm.transform.Pass:
@@ -67,7 +86,8 @@ def schedule_cpu(vector_lanes: int, cores: int, vector_registers: int = 16) -> t
 def schedule_kernel(func, vector_lanes: int, cores: int, vector_registers: int = 16):
     if _has_empty_loop(func):  # a tensor with no entries (a zero-width slice): nothing to schedule,
         return None            # and fusing its loops divides by their zero extent
-    for tiles in (True, False):  # a tiling TVM refuses: schedule the kernel again without tiles
+    # A step TVM refuses: schedule the kernel again without packed operands, then without tiles.
+    for tiles, pack in ((True, True), (True, False), (False, False)):
         try:
             sch = kernel_schedule(func)
             root = sch.get_sblock("root")
@@ -75,7 +95,7 @@ def schedule_kernel(func, vector_lanes: int, cores: int, vector_registers: int =
             return None
         try:
             for nest in _nests(sch, root):
-                _schedule_nest(sch, nest, vector_lanes, cores, register_tiles(vector_registers) if tiles else None)
+                _schedule_nest(sch, nest, vector_lanes, cores, register_tiles(vector_registers) if tiles else None, pack)
         except s_tir.schedule.ScheduleError:
             continue
         scheduled = sch.mod["main"]
@@ -114,13 +134,15 @@ def _try(primitive, *args, **kwargs):
         return None
 
 
-def _schedule_nest(sch, blocks, vector_lanes: int, cores: int, tiles) -> None:
-    """tiles: the matmul register tiles to try, best first; None for no tiling at all."""
+def _schedule_nest(sch, blocks, vector_lanes: int, cores: int, tiles, pack: bool = True) -> None:
+    """tiles: the matmul register tiles to try, best first; None for no tiling at all. pack: copy
+    the column operand of a tiled matmul into panels (see _schedule_register_tiles)."""
     if len(blocks) == 1 and not is_reduction(sch, blocks[0]):
         _schedule_elementwise(sch, blocks[0], vector_lanes, cores, tiles is not None)
         return
-    if tiles and len(blocks) == 1 and _schedule_register_tiles(sch, blocks[0], vector_lanes, cores, tiles):
+    if tiles and len(blocks) == 1 and _schedule_register_tiles(sch, blocks[0], vector_lanes, cores, tiles, pack):
         return
+    blocks = _vector_partial_sums(sch, blocks, vector_lanes)
     # Annotate while the reductions still carry their initialisation (TVM only proves a loop
     # parallel or vectorizable for a complete reduction block), then split the initialisation off.
     _vectorize_innermost(sch, blocks)
@@ -137,6 +159,41 @@ def _schedule_nest(sch, blocks, vector_lanes: int, cores: int, tiles) -> None:
                     _try(sch.unroll, sch.get_loops(init)[-2])
             if tiled:
                 _try(sch.unroll, sch.get_loops(block)[-2])
+
+
+def _vector_partial_sums(sch, blocks, vector_lanes: int) -> list:
+    """The nest's blocks, each reduction along its innermost loop (a row's max, sum of exps or of
+    squares: softmax, log-softmax, RMSNorm; a matrix-vector product) split in two: `vector_lanes`
+    running sums, one per lane, over the row read contiguously (`rfactor`; vectorized by the
+    caller), then those lanes summed, under the same outer loops. Computed one element at a time,
+    the log-softmax of SmolLM's 255 x 49152 logits took 68 ms. PARTIAL_SUM_VECTORS vectors of sums
+    when the row is a multiple of them, so consecutive additions do not wait for each other. Other
+    blocks are returned as they are."""
+    if vector_lanes <= 1:
+        return blocks
+    result = []
+    for block in blocks:
+        loops = sch.get_loops(block)
+        kinds = [loop_kind(sch, block, loop) for loop in loops]
+        innermost = loop_extent(sch, loops[-1]) if loops else 0
+        if (not is_reduction(sch, block) or len(sch.get(block).writes) != 1 or kinds[-1:] != ["R"]
+                or innermost < 2 * vector_lanes or innermost % vector_lanes):
+            result.append(block)
+            continue
+        first_reduction = kinds.index("R")
+        if "S" in kinds[first_reduction:]:
+            result.append(block)  # a spatial loop inside the reduction: not a row reduction
+            continue
+        width = next(w * vector_lanes for w in (PARTIAL_SUM_VECTORS, 1) if innermost % (w * vector_lanes) == 0)
+        lanes = sch.split(loops[-1], [None, width])[1]
+        partial = _try(sch.rfactor, lanes, len(sch.get(block).writes[0].source.shape))
+        if partial is None:
+            result.append(block)
+            continue
+        if first_reduction:  # the lanes' sum under the row's loops, right after its partial sums
+            sch.reverse_compute_at(block, sch.get_loops(partial)[first_reduction - 1])
+        result += [partial, block]
+    return result
 
 
 def _register_rows(sch, block) -> bool:
@@ -216,11 +273,17 @@ def _schedule_short_rows(sch, loops, vector_lanes: int, cores: int) -> bool:
     return True
 
 
-def _schedule_register_tiles(sch, block, vector_lanes: int, cores: int, tiles) -> bool:
+def _schedule_register_tiles(sch, block, vector_lanes: int, cores: int, tiles, pack: bool = True) -> bool:
     """A matmul-like reduction as inline_elementwise leaves it — loops (batch..., i, j, k, lanes):
-    rows i, vectors j of `lanes` outputs, reduction k — computed a tile (the first of `tiles` that
-    divides it) of output vectors at a time, k outside them: each loaded input value then feeds several multiply-adds and
-    the tile's running sums stay in registers. False (nothing changed) for any other shape."""
+    rows i, vectors j of `lanes` outputs, reduction k — computed a register tile (the first of
+    `tiles` that divides it) of output vectors at a time, k outside them: each loaded input value
+    then feeds several multiply-adds and the tile's running sums stay in registers. Around the
+    tiles, cache blocks (see PANEL_DEPTH): loops (batch, row blocks, column blocks) in parallel,
+    then reduction blocks, the tile columns, the tile rows, the reduction within the block, the
+    tile. With `pack`, the operand read along the vectors is copied per reduction block into panels
+    one tile wide (`[columns / tile width, depth, tile width]`), so the tile reads it contiguously:
+    read in place its rows lie a whole matrix row apart, and at a power-of-two width (the LM head's
+    49152 columns) all in the same L1 set. False (nothing changed) for any other shape."""
     loops = sch.get_loops(block)
     kinds = [loop_kind(sch, block, loop) for loop in loops]
     if len(loops) < 4 or kinds[-4:] != ["S", "S", "R", "S"] or any(k != "S" for k in kinds[:-4]):
@@ -233,17 +296,78 @@ def _schedule_register_tiles(sch, block, vector_lanes: int, cores: int, tiles) -
     tile = next(((r, v) for r, v in tiles if extents[0] % r == 0 and extents[1] % v == 0), None)
     if tile is None:
         return False  # no tile divides it
-    outer_rows, tile_rows = sch.split(rows, [None, tile[0]])
-    outer_vectors, tile_vectors = sch.split(vectors, [None, tile[1]])
-    sch.reorder(outer_rows, outer_vectors, reduce, tile_rows, tile_vectors, lanes)
+    blocks = _cache_blocks(extents, tile, cores, math.prod(loop_extent(sch, loop) for loop in loops[:-4]))
+    depth, block_rows, block_vectors = blocks
+    row_blocks, row_tiles, tile_rows = sch.split(rows, [None, block_rows // tile[0], tile[0]])
+    column_blocks, column_tiles, tile_vectors = sch.split(vectors, [None, block_vectors // tile[1], tile[1]])
+    reduce_blocks, reduce_inner = sch.split(reduce, [None, depth])
+    sch.reorder(row_blocks, column_blocks, reduce_blocks, column_tiles, row_tiles, reduce_inner,
+                tile_rows, tile_vectors, lanes)
     sch.vectorize(lanes)
     sch.unroll(tile_rows)
     sch.unroll(tile_vectors)
     if cores > 1:
-        sch.parallel(sch.fuse(*loops[:-4], outer_rows) if len(loops) > 4 else outer_rows)
-    init = sch.decompose_reduction(block, reduce)
+        sch.parallel(sch.fuse(*loops[:-4], row_blocks, column_blocks))
+    if pack and block_rows // tile[0] >= MIN_ROW_TILES_TO_PACK:
+        _pack_columns(sch, block, reduce_blocks, tile[1] * extents[3])
+    init = sch.decompose_reduction(block, reduce_blocks)
     _vectorize_innermost(sch, [init])
     return True
+
+
+def _cache_blocks(extents, tile, cores: int, batch: int) -> tuple:
+    """(reduction depth, rows, vectors) of a matmul's cache block (see PANEL_DEPTH), each dividing
+    the matmul's extent (rows i, vectors j, reduction k, lanes), rows and vectors in whole tiles.
+    Of the column blocks that fit, the widest that gives every core the same number of blocks (or
+    many blocks each) is taken: 3 blocks on 2 cores left one core idle a third of the time."""
+    rows, vectors, reduce, lanes = extents
+    depth = reduce if reduce <= PANEL_DEPTH else next(
+        (d for d in range(PANEL_DEPTH, MIN_PANEL_DEPTH - 1, -1) if reduce % d == 0), reduce)
+    block_rows = max((r for r in range(tile[0], rows + 1, tile[0]) if rows % r == 0 and r * depth * 4 <= BLOCK_BYTES),
+                     default=tile[0])
+    widest = max(tile[1], BLOCK_BYTES // (depth * lanes * 4))
+    widths = [w for w in range(tile[1], vectors + 1, tile[1]) if vectors % w == 0 and w <= widest] or [tile[1]]
+
+    def balanced(width: int) -> bool:
+        units = batch * rows // block_rows * vectors // width
+        return units % cores == 0 or units >= 8 * cores
+
+    return depth, block_rows, max(widths, key=lambda w: (balanced(w), w))
+
+
+def _pack_columns(sch, block, reduce_blocks, width: int) -> None:
+    """Copy the matmul's column operand (the read indexed by the output's innermost axis and the
+    reduction) into panels `width` columns wide, one reduction block at a time, under
+    `reduce_blocks`: `[..., k, n] -> [..., n // width, k, n % width]` (a transposed operand,
+    `[..., n, k]`, the same way). Raises ScheduleError when the read is not such a plain view."""
+    stmt = sch.get(block)
+    spatial = [iv.var for iv in stmt.iter_vars if iv.iter_type != tvm.tirx.IterVar.CommReduce]
+    reduced = [iv.var for iv in stmt.iter_vars if iv.iter_type == tvm.tirx.IterVar.CommReduce]
+    column, row = spatial[-1], spatial[-2]
+    for index, read in enumerate(stmt.reads):
+        starts = [r.min for r in read.region]
+        if len(starts) < 2 or any(uses_var(start, row) for start in starts):
+            continue
+        axes = {name: [d for d, start in enumerate(starts) if start.same_as(var)]
+                for name, var in (("n", column), ("k", reduced[0] if len(reduced) == 1 else None))}
+        if len(reduced) != 1 or len(axes["n"]) != 1 or len(axes["k"]) != 1:
+            continue
+        n_axis, k_axis = axes["n"][0], axes["k"][0]
+        if {n_axis, k_axis} != {len(starts) - 1, len(starts) - 2}:
+            continue
+        packed = sch.cache_read(block, index, "global")
+        sch.compute_at(packed, reduce_blocks)
+
+        def panels(*idx):
+            lead, n, k = idx[:-2], idx[n_axis], idx[k_axis]
+            return (*lead, n // width, k, n % width)
+
+        sch.transform_layout(block, ("read", index), panels)
+        innermost = sch.get_loops(packed)[-1]
+        if n_axis > k_axis and loop_extent(sch, innermost) % width == 0:  # read along its rows
+            _try(sch.vectorize, sch.split(innermost, [None, width])[1])
+        return
+    raise s_tir.schedule.ScheduleError("no column operand to pack")
 
 
 def _transposed_read_axis(sch, block, loops) -> int | None:
