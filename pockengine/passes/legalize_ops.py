@@ -30,8 +30,11 @@ def legalize_ops() -> tvm.transform.Pass:
 
 def legalize_and_fuse() -> list:
     """TVM's legalize-to-FuseTIR sequence (its CPU and CUDA pipelines share it), with legalize_ops
-    in place of LegalizeOps."""
+    in place of LegalizeOps, after transposed_matmuls."""
+    from .transposed_matmuls import transposed_matmuls
+
     return [
+        transposed_matmuls(),
         legalize_ops(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
