@@ -1,15 +1,24 @@
-"""Fine-tuning a tiny LLaMA: tokens/s and training memory, PockEngine vs PyTorch eager, same trainable set.
+"""Fine-tuning LLaMA-family models: tokens/s, training memory and compile time, PockEngine vs PyTorch.
 
-    python benchmarks/llm_finetune.py            # 4 blocks, hidden 256, batch 4 x 128 tokens, AdamW
-    python benchmarks/llm_finetune.py --small    # 2 blocks, batch 2 x 32 tokens (what CI runs)
+    python benchmarks/llm_finetune.py                        # the tiny LLaMA: 4 blocks, hidden 256, 4 x 128 tokens
+    python benchmarks/llm_finetune.py --small                # 2 blocks, batch 2 x 32 tokens (what CI runs)
+    python benchmarks/llm_finetune.py --model smollm-135m    # SmolLM-135M's shape, 1 x 256 tokens
+    python benchmarks/llm_finetune.py --model qwen2-0.5b --torch-compile --backend tvm --backend auto
 
-Schemes: full fine-tuning, the last 2 blocks, biases + norms (LLaMA has no biases: its RMSNorm
-scales), LoRA r=8 on q_proj and v_proj. For each: our compiled step (untuned TVM kernels,
-`schedule_cpu`) timed in this process, PyTorch eager with the same parameters frozen (LoRA: the same
-adapters) timed in fresh processes under OMP_WAIT_POLICY unset and PASSIVE and credited with the
-faster (see pockengine/bench.py; --small: unset only); tokens/s = batch x sequence / median step time. Memory: our
-planned peak (state, new state, arena, kernel workspace) and PyTorch's live tensors at the step's
-peak on top of its parameters, gradients and optimizer state (sparse_memory.py's count).
+Models are random-initialised from their transformers configs (nothing is downloaded): the
+example's tiny LLaMA; SmolLM-135M (LLaMA: hidden 576, 30 layers, 9/3 heads, MLP 1536, vocabulary
+49152, tied head); Qwen2-0.5B (hidden 896, 24 layers, 14/2 heads, MLP 4864, vocabulary 151936, tied
+head, q/k/v biases). Dropout as configured, the KV cache off (`use_cache=False`) as in training.
+Schemes: full fine-tuning (the tiny model only, by default), the last 2 blocks, biases + norms
+(LLaMA has no biases: its RMSNorm scales), LoRA on q_proj and v_proj at r=8 and (the large shapes)
+r=32, as ExecuTorch's Qwen2-0.5B LoRA example. For each: our compiled step (untuned TVM kernels,
+`schedule_cpu`; `--backend auto` also lets switch_backend take PyTorch's kernels where faster, on the
+host only) timed in this process, PyTorch eager (and with --torch-compile, torch.compile) with the
+same parameters frozen (LoRA: the same adapters) timed in fresh processes under OMP_WAIT_POLICY unset
+and PASSIVE and credited with the faster (see pockengine/bench.py; --small: unset only); tokens/s =
+batch x sequence / median step time. Memory: our planned peak (state, new state, arena, kernel
+workspace) and PyTorch's live tensors at the step's peak on top of its parameters, gradients and
+optimizer state (sparse_memory.py's count). Compile: seconds of `pe.compile`, cold.
 
 The anchor is PockEngine's LLaMA2-7B on a Jetson AGX Orin: 7.9x PyTorch's fine-tuning throughput.
 """
@@ -19,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "examples", "llama_finetune")]
@@ -26,11 +36,18 @@ sys.path[:0] = [HERE, os.path.join(HERE, "..", "examples", "llama_finetune")]
 import torch  # noqa: E402
 
 import pockengine as pe  # noqa: E402
-from pockengine import bench  # noqa: E402
-from tiny_llama import VOCAB, causal_lm_loss, tiny_llama  # noqa: E402
+from pockengine import bench, build  # noqa: E402
+from tiny_llama import causal_lm_loss, tiny_llama  # noqa: E402
 
 ANCHOR = 7.9  # PockEngine (MLSys 2024), LLaMA2-7B fine-tuning on Jetson AGX Orin, over PyTorch
-SIZES = {"full": {"layers": 4, "batch": 4, "seq": 128}, "small": {"layers": 2, "batch": 2, "seq": 32}}
+# batch x seq of each model; "small" is the tiny model at CI size.
+SIZES = {"full": {"layers": 4, "batch": 4, "seq": 128}, "small": {"layers": 2, "batch": 2, "seq": 32},
+         "smollm-135m": {"batch": 1, "seq": 256}, "qwen2-0.5b": {"batch": 1, "seq": 128}}
+MODELS = {
+    "tiny": "tiny LLaMA ({layers} blocks, hidden 256, 4 heads / 2 kv, MLP 688, vocab 384, tied head)",
+    "smollm-135m": "SmolLM-135M shape (LLaMA, 30 blocks, hidden 576, 9 heads / 3 kv, MLP 1536, vocab 49152, tied)",
+    "qwen2-0.5b": "Qwen2-0.5B shape (24 blocks, hidden 896, 14 heads / 2 kv, MLP 4864, vocab 151936, tied)",
+}
 
 
 def schemes() -> dict:
@@ -39,16 +56,46 @@ def schemes() -> dict:
         "last-2-blocks": pe.SparseUpdate.last_blocks(2),
         "biases+norms": pe.SparseUpdate.bias_and_norm(),
         "LoRA r=8 (q, v)": pe.SparseUpdate.lora(8, ("q_proj", "v_proj"), alpha=16),
+        "LoRA r=32 (q, v)": pe.SparseUpdate.lora(32, ("q_proj", "v_proj"), alpha=64),
     }
 
 
-def make_job(scheme: str, size: str = "full"):
+def default_schemes(model: str) -> list:
+    """The tiny model: every scheme but r=32; the large shapes: the sparse ones (full fine-tuning of
+    Qwen2-0.5B with AdamW is 8 GB of state before activations)."""
+    if model == "tiny":
+        return [s for s in schemes() if s != "LoRA r=32 (q, v)"]
+    return [s for s in schemes() if s != "full"]
+
+
+def build_model(model: str, size: str):
+    """The named model, random-initialised, in training mode (dropout as configured), no KV cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    if model == "tiny":
+        return tiny_llama(layers=SIZES[size]["layers"])
+    torch.manual_seed(0)
+    if model == "smollm-135m":  # HuggingFaceTB/SmolLM-135M's config.json
+        config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                             num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                             rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True, use_cache=False)
+        return LlamaForCausalLM(config).train()
+    if model == "qwen2-0.5b":  # Qwen/Qwen2-0.5B's config.json
+        config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                             num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                             rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, use_cache=False)
+        return Qwen2ForCausalLM(config).train()
+    raise ValueError(f"unknown model {model!r}; choose from {sorted(MODELS)}")
+
+
+def make_job(scheme: str, size: str = "full", model: str = "tiny"):
     """The benchmark's job; also built in the fresh processes that time PyTorch (bench.JobSource)."""
-    s = SIZES[size]
-    model = tiny_llama(layers=s["layers"])
-    ids = torch.randint(0, 256, (s["batch"], s["seq"]), generator=torch.Generator().manual_seed(0))
-    return pe.TrainingJob(model, (ids,), ids.clone(), causal_lm_loss, pe.optim.AdamW(lr=1e-4),
-                          sparse_update=schemes()[scheme], name=f"tiny_llama_{scheme}")
+    net = build_model(model, size)
+    s = SIZES[size if model == "tiny" else model]
+    ids = torch.randint(0, net.config.vocab_size if model != "tiny" else 256, (s["batch"], s["seq"]),
+                        generator=torch.Generator().manual_seed(0))
+    return pe.TrainingJob(net, (ids,), ids.clone(), causal_lm_loss, pe.optim.AdamW(lr=1e-4),
+                          sparse_update=schemes()[scheme], name=f"{model.replace('-', '_').replace('.', '_')}_{scheme}")
 
 
 def torch_peak_bytes(job, plan) -> int:
@@ -69,49 +116,68 @@ def trained_values(job, plan) -> int:
 
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", action="store_true", help="2 blocks, batch 2 x 32 tokens (for CI)")
+    parser.add_argument("--model", default="tiny", choices=sorted(MODELS))
+    parser.add_argument("--small", action="store_true", help="the tiny model at 2 blocks, batch 2 x 32 tokens (CI)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--target", default="host")
-    parser.add_argument("--scheme", action="append", help="only this scheme (repeatable; default: all)")
+    parser.add_argument("--scheme", action="append", help="only this scheme (repeatable; default: see default_schemes)")
+    parser.add_argument("--backend", action="append", choices=("tvm", "auto"),
+                        help="our kernels (tvm, the default) and/or auto (PyTorch's where faster, host only)")
+    parser.add_argument("--torch-compile", action="store_true", help="also time torch.compile (minutes of compiling)")
     args = parser.parse_args(argv)
+    if args.small and args.model != "tiny":
+        parser.error("--small is the tiny model's CI size; leave out --model")
     size = "small" if args.small else "full"
-    chosen = args.scheme or list(schemes())
+    chosen = args.scheme or default_schemes(args.model)
     unknown = [s for s in chosen if s not in schemes()]
     if unknown:
         parser.error(f"unknown scheme(s) {unknown}; choose from {list(schemes())}")
+    backends = args.backend or ["tvm"]
+    peers = ["eager"] + (["torch.compile"] if args.torch_compile else [])
     torch.set_num_threads(os.cpu_count() or 1)
-    tokens = SIZES[size]["batch"] * SIZES[size]["seq"]
+    s = SIZES[size if args.model == "tiny" else args.model]
+    tokens = s["batch"] * s["seq"]
 
     rows = []
     for scheme in chosen:
-        job = make_job(scheme, size)
-        print(f"[{scheme}] compiling ...", file=sys.stderr, flush=True)
-        program = pe.compile(job, target=args.target)
-        ours_ms = program.time_step(*job.example_inputs, job.example_targets, repeats=args.repeats)
-        plan = program.plan
-        print(f"[{scheme}] PyTorch eager (fresh processes) ...", file=sys.stderr, flush=True)
-        peer = bench.torch_times_in_fresh_processes(bench.JobSource(os.path.abspath(__file__), "make_job",
-                                                                    (scheme, size)), ["eager"], args.repeats,
-                                                    policies=(None,) if args.small else None, plan=plan)
-        rows.append({"scheme": scheme, "trained": trained_values(job, plan), "ours ms": ours_ms,
-                     "eager ms": peer["eager"], "eager policy": peer["eager wait policy"],
-                     "policies tried": peer["peer wait policies"],
-                     "ours MiB": program.memory_report().peak_bytes / 2**20,
-                     "eager MiB": torch_peak_bytes(make_job(scheme, size), plan) / 2**20})
+        row = {"scheme": scheme}
+        for backend in backends:
+            job = make_job(scheme, size, args.model)
+            print(f"[{scheme}] compiling ({backend}) ...", file=sys.stderr, flush=True)
+            stages = {}
 
-    s = SIZES[size]
-    print(f"\ntiny LLaMA ({s['layers']} blocks, hidden 256, 4 heads / 2 kv, MLP 688, vocab {VOCAB}, tied head), "
-          f"batch {s['batch']} x {s['seq']} tokens, AdamW, float32, {os.cpu_count()} cores")
-    header = (f"{'scheme':<18}{'trained':>11}{'ours tok/s':>12}{'eager tok/s':>13}{'speed-up':>10}"
-              f"{'ours MiB':>10}{'eager MiB':>11}{'memory':>8}{'vs eager full':>15}")
-    print(header)
-    print("-" * len(header))
-    eager_full = next((r["eager ms"] for r in rows if r["scheme"] == "full"), None)
+            def record(_index, _total, name, seconds, stages=stages):
+                if seconds is not None and seconds >= 0:
+                    stages[name] = seconds
+
+            start = time.perf_counter()
+            program = build.compile(job, target=args.target, backend=backend, progress=record)
+            row[f"{backend} compile s"] = time.perf_counter() - start
+            row[f"{backend} compile stages"] = stages
+            row[f"{backend} ms"] = program.time_step(*job.example_inputs, job.example_targets, repeats=args.repeats)
+            row[f"{backend} MiB"] = program.memory_report().peak_bytes / 2**20
+            plan = program.plan
+            del program
+        print(f"[{scheme}] {', '.join(peers)} (fresh processes) ...", file=sys.stderr, flush=True)
+        peer = bench.torch_times_in_fresh_processes(
+            bench.JobSource(os.path.abspath(__file__), "make_job", (scheme, size, args.model)), peers, args.repeats,
+            policies=(None,) if args.small else None, plan=plan)
+        row.update({"trained": trained_values(job, plan), "eager ms": peer["eager"],
+                    "eager policy": peer["eager wait policy"], "policies tried": peer["peer wait policies"],
+                    "torch.compile ms": peer.get("torch.compile"),
+                    "eager MiB": torch_peak_bytes(make_job(scheme, size, args.model), plan) / 2**20})
+        # The first backend's figures are "ours" (the default build).
+        row.update({"ours ms": row[f"{backends[0]} ms"], "ours MiB": row[f"{backends[0]} MiB"],
+                    "compile s": row[f"{backends[0]} compile s"]})
+        rows.append(row)
+
+    print(f"\n{MODELS[args.model].format(layers=s.get('layers', ''))}, batch {s['batch']} x {s['seq']} tokens, "
+          f"AdamW, float32, {os.cpu_count()} cores")
+    print(table(rows, tokens, backends))
     for r in rows:
-        versus_full = f"{eager_full / r['ours ms']:.2f}x" if eager_full else "-"
-        print(f"{r['scheme']:<18}{r['trained']:>11,}{tokens / r['ours ms'] * 1e3:>12,.0f}"
-              f"{tokens / r['eager ms'] * 1e3:>13,.0f}{r['eager ms'] / r['ours ms']:>9.2f}x"
-              f"{r['ours MiB']:>10.1f}{r['eager MiB']:>11.1f}{r['eager MiB'] / r['ours MiB']:>7.2f}x{versus_full:>15}")
+        for backend in backends:
+            stages = ", ".join(f"{name} {seconds:.1f}" for name, seconds in r[f"{backend} compile stages"].items())
+            print(f"compile s by stage, {r['scheme']} ({backend}): {stages}")
     tried = " / ".join(sorted({r["policies tried"] for r in rows}))  # what the peers were timed under
     print(f"speed-up = our tokens/s over PyTorch eager's with the same trainable set (its faster OpenMP wait policy "
           f"of {tried}: "
@@ -119,6 +185,27 @@ def main(argv=None) -> list:
           f"vs eager full = our tokens/s over PyTorch's full fine-tuning. Anchor: PockEngine {ANCHOR}x (LLaMA2-7B, "
           "Jetson AGX Orin); goal here: 2x for the sparse schemes.")
     return rows
+
+
+def table(rows: list, tokens: int, backends: list) -> str:
+    def rate(ms):
+        return f"{tokens / ms * 1e3:,.0f}" if ms else "-"
+
+    columns = [("scheme", 18), ("trained", 12)] + [(f"{b} tok/s", 11) for b in backends] + [
+        ("eager tok/s", 12), ("compile tok/s", 14), ("speed-up", 9), ("ours MiB", 10), ("eager MiB", 10),
+        ("memory", 8), ("compile s", 10), ("vs eager full", 14)]
+    lines = ["".join(f"{name:>{width}}" if i else f"{name:<{width}}" for i, (name, width) in enumerate(columns))]
+    lines.append("-" * len(lines[0]))
+    eager_full = next((r["eager ms"] for r in rows if r["scheme"] == "full"), None)
+    for r in rows:
+        cells = [f"{r['scheme']:<18}", f"{r['trained']:>12,}"]
+        cells += [f"{rate(r[f'{b} ms']):>11}" for b in backends]
+        cells += [f"{rate(r['eager ms']):>12}", f"{rate(r['torch.compile ms']):>14}",
+                  f"{r['eager ms'] / r['ours ms']:>8.2f}x", f"{r['ours MiB']:>10.1f}", f"{r['eager MiB']:>10.1f}",
+                  f"{r['eager MiB'] / r['ours MiB']:>7.2f}x", f"{r['compile s']:>10.1f}",
+                  f"{eager_full / r['ours ms']:>13.2f}x" if eager_full else f"{'-':>14}"]
+        lines.append("".join(cells))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

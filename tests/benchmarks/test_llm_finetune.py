@@ -22,3 +22,21 @@ def test_llm_finetune_benchmark_small(capsys):
     assert all(r[k] > 0 for r in rows.values() for k in ("ours ms", "eager ms", "ours MiB", "eager MiB"))
     out = capsys.readouterr().out
     assert "speed-up" in out and "tok/s" in out and "Anchor: PockEngine 7.9x" in out
+
+
+def test_llm_finetune_large_models_have_the_published_shapes():
+    """--model smollm-135m / qwen2-0.5b build their transformers configs: the parameter counts are
+    the published ones (134,515,008 and 494,032,768, tied heads counted once). Built on the meta
+    device: no memory, no compile here."""
+    import torch
+
+    bench = load_example_module("benchmarks/llm_finetune.py", "llm_finetune")
+    for name, count in (("smollm-135m", 134_515_008), ("qwen2-0.5b", 494_032_768)):
+        with torch.device("meta"):
+            model = bench.build_model(name, "full")
+        assert sum(p.numel() for p in model.parameters()) == count, name
+        assert model.training and not model.config.use_cache
+    assert bench.default_schemes("qwen2-0.5b") == ["last-2-blocks", "biases+norms", "LoRA r=8 (q, v)",
+                                                   "LoRA r=32 (q, v)"]
+    with pytest.raises(SystemExit):  # --small is the tiny model's CI size
+        bench.main(["--small", "--model", "smollm-135m"])
