@@ -60,8 +60,8 @@ REGISTER_TILES = ((8, 2), (4, 3), (6, 2), (4, 2), (8, 1), (2, 2), (4, 1), (2, 1)
 # at most PANEL_DEPTH deep: one register tile's columns of the packed operand (PANEL_DEPTH x 3
 # vectors: 24 KiB on AVX2) stay in L1 while every row tile of the block passes over them. The rows
 # operand's block (rows x depth) and the packed operand's panel (depth x columns) are each at most
-# BLOCK_BYTES, so both stay in L2 (every core of the targets has at least 256 KiB... and a shared
-# L3 or L2 behind it). Measured 2 cores AVX2, against MKL (torch.matmul) on the same shapes: the LM
+# BLOCK_BYTES, so both stay in a 512 KiB L2 (this host's per core; a Jetson Orin's Cortex-A78AE has
+# 256 KiB with an L3 behind it: not measured there). Measured 2 cores AVX2, against MKL (torch.matmul) on the same shapes: the LM
 # head of SmolLM (256x576 @ 576x49152) 16 -> 137 GFLOP/s (MKL 99-110), its gradient
 # (256x49152 @ 49152x576) 23 -> 129 (MKL 156-164); 128x896 @ 896x4864 42 -> 115 (MKL 114-136).
 PANEL_DEPTH = 256
@@ -163,7 +163,7 @@ def _schedule_nest(sch, blocks, vector_lanes: int, cores: int, tiles, pack: bool
 
 def _vector_partial_sums(sch, blocks, vector_lanes: int) -> list:
     """The nest's blocks, each reduction along its innermost loop (a row's max, sum of exps or of
-    squares: softmax, log-softmax, RMSNorm; a matrix-vector product) split in two: `vector_lanes`
+    squares: softmax, log-softmax, RMSNorm; a matrix-vector product) split in two: a vector of
     running sums, one per lane, over the row read contiguously (`rfactor`; vectorized by the
     caller), then those lanes summed, under the same outer loops. Computed one element at a time,
     the log-softmax of SmolLM's 255 x 49152 logits took 68 ms. PARTIAL_SUM_VECTORS vectors of sums
@@ -296,8 +296,9 @@ def _schedule_register_tiles(sch, block, vector_lanes: int, cores: int, tiles, p
     tile = next(((r, v) for r, v in tiles if extents[0] % r == 0 and extents[1] % v == 0), None)
     if tile is None:
         return False  # no tile divides it
-    blocks = _cache_blocks(extents, tile, cores, math.prod(loop_extent(sch, loop) for loop in loops[:-4]))
-    depth, block_rows, block_vectors = blocks
+    itemsize = tvm.DataType(str(sch.get(block).writes[0].source.dtype)).bits // 8
+    depth, block_rows, block_vectors = _cache_blocks(
+        extents, tile, cores, math.prod(loop_extent(sch, loop) for loop in loops[:-4]), itemsize)
     row_blocks, row_tiles, tile_rows = sch.split(rows, [None, block_rows // tile[0], tile[0]])
     column_blocks, column_tiles, tile_vectors = sch.split(vectors, [None, block_vectors // tile[1], tile[1]])
     reduce_blocks, reduce_inner = sch.split(reduce, [None, depth])
@@ -315,7 +316,7 @@ def _schedule_register_tiles(sch, block, vector_lanes: int, cores: int, tiles, p
     return True
 
 
-def _cache_blocks(extents, tile, cores: int, batch: int) -> tuple:
+def _cache_blocks(extents, tile, cores: int, batch: int, itemsize: int = 4) -> tuple:
     """(reduction depth, rows, vectors) of a matmul's cache block (see PANEL_DEPTH), each dividing
     the matmul's extent (rows i, vectors j, reduction k, lanes), rows and vectors in whole tiles.
     Of the column blocks that fit, the widest that gives every core the same number of blocks (or
@@ -323,9 +324,9 @@ def _cache_blocks(extents, tile, cores: int, batch: int) -> tuple:
     rows, vectors, reduce, lanes = extents
     depth = reduce if reduce <= PANEL_DEPTH else next(
         (d for d in range(PANEL_DEPTH, MIN_PANEL_DEPTH - 1, -1) if reduce % d == 0), reduce)
-    block_rows = max((r for r in range(tile[0], rows + 1, tile[0]) if rows % r == 0 and r * depth * 4 <= BLOCK_BYTES),
-                     default=tile[0])
-    widest = max(tile[1], BLOCK_BYTES // (depth * lanes * 4))
+    block_rows = max((r for r in range(tile[0], rows + 1, tile[0])
+                      if rows % r == 0 and r * depth * itemsize <= BLOCK_BYTES), default=tile[0])
+    widest = max(tile[1], BLOCK_BYTES // (depth * lanes * itemsize))
     widths = [w for w in range(tile[1], vectors + 1, tile[1]) if vectors % w == 0 and w <= widest] or [tile[1]]
 
     def balanced(width: int) -> bool:
@@ -343,16 +344,18 @@ def _pack_columns(sch, block, reduce_blocks, width: int) -> None:
     stmt = sch.get(block)
     spatial = [iv.var for iv in stmt.iter_vars if iv.iter_type != tvm.tirx.IterVar.CommReduce]
     reduced = [iv.var for iv in stmt.iter_vars if iv.iter_type == tvm.tirx.IterVar.CommReduce]
+    if len(reduced) != 1 or len(spatial) < 2:
+        raise s_tir.schedule.ScheduleError("not a matmul's iterators")
     column, row = spatial[-1], spatial[-2]
     for index, read in enumerate(stmt.reads):
         starts = [r.min for r in read.region]
         if len(starts) < 2 or any(uses_var(start, row) for start in starts):
             continue
-        axes = {name: [d for d, start in enumerate(starts) if start.same_as(var)]
-                for name, var in (("n", column), ("k", reduced[0] if len(reduced) == 1 else None))}
-        if len(reduced) != 1 or len(axes["n"]) != 1 or len(axes["k"]) != 1:
+        n_axes = [d for d, start in enumerate(starts) if start.same_as(column)]
+        k_axes = [d for d, start in enumerate(starts) if start.same_as(reduced[0])]
+        if len(n_axes) != 1 or len(k_axes) != 1:
             continue
-        n_axis, k_axis = axes["n"][0], axes["k"][0]
+        n_axis, k_axis = n_axes[0], k_axes[0]
         if {n_axis, k_axis} != {len(starts) - 1, len(starts) - 2}:
             continue
         packed = sch.cache_read(block, index, "global")
