@@ -18,6 +18,8 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
+from .transposed_matmuls import transposed_matmuls
+
 
 def legalize_ops() -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="LegalizeOpsOnce")
@@ -31,8 +33,6 @@ def legalize_ops() -> tvm.transform.Pass:
 def legalize_and_fuse() -> list:
     """TVM's legalize-to-FuseTIR sequence (its CPU and CUDA pipelines share it), with legalize_ops
     in place of LegalizeOps, after transposed_matmuls."""
-    from .transposed_matmuls import transposed_matmuls
-
     return [
         transposed_matmuls(),
         legalize_ops(),

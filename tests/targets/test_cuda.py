@@ -126,7 +126,7 @@ def test_a_kernel_left_on_the_cpu_is_an_error_naming_it(mlp_step):
     with pytest.raises(TargetError, match="would run on the host CPU") as caught:
         cuda.gpu_kernels_check(lowered, report)
     left = caught.value.host_kernels
-    # the MLP's matmuls (x @ W^T: matmul_nt) and scatter; TOPI's GPU scatter is bound already
+    # the MLP's matmuls (x @ W^T: matmul_nt) are left; TOPI's GPU scatter is bound already
     assert any(name.startswith("matmul") for name in left) and "scatter_elements" not in left
     assert all(name in str(caught.value) for name in left)
     with pytest.raises(TargetError, match="would run on the host CPU"):
