@@ -61,9 +61,10 @@ REGISTER_TILES = ((8, 2), (4, 3), (6, 2), (4, 2), (8, 1), (2, 2), (4, 1), (2, 1)
 # vectors: 24 KiB on AVX2) stay in L1 while every row tile of the block passes over them. The rows
 # operand's block (rows x depth) and the packed operand's panel (depth x columns) are each at most
 # BLOCK_BYTES, so both stay in a 512 KiB L2 (this host's per core; a Jetson Orin's Cortex-A78AE has
-# 256 KiB with an L3 behind it: not measured there). Measured 2 cores AVX2, against MKL (torch.matmul) on the same shapes: the LM
-# head of SmolLM (256x576 @ 576x49152) 16 -> 137 GFLOP/s (MKL 99-110), its gradient
-# (256x49152 @ 49152x576) 23 -> 129 (MKL 156-164); 128x896 @ 896x4864 42 -> 115 (MKL 114-136).
+# 256 KiB with an L3 behind it: not measured there). Measured 2 cores AVX2, against MKL
+# (torch.matmul) on the same shapes: the LM head of SmolLM (256x576 @ 576x49152) 16 -> 137
+# GFLOP/s (MKL 99-110), its gradient (256x49152 @ 49152x576) 23 -> 129 (MKL 156-164);
+# 128x896 @ 896x4864 42 -> 115 (MKL 114-136).
 PANEL_DEPTH = 256
 MIN_PANEL_DEPTH = 64  # a reduction with no divisor between this and PANEL_DEPTH is not split
 BLOCK_BYTES = 256 * 1024

@@ -261,6 +261,7 @@ def test_matmul_cache_blocks_pack_the_column_operand_and_stay_exact(batch, rows,
     on 2 cores. Exact (float32 rounding) against NumPy on each of these layouts."""
     from tvm import te
 
+    from pockengine.passes.inline_elementwise import _allocations
     from pockengine.passes.schedule_cpu import _cache_blocks, register_tiles
 
     lead = () if batch is None else (batch,)
@@ -278,7 +279,7 @@ def test_matmul_cache_blocks_pack_the_column_operand_and_stay_exact(batch, rows,
     assert _cache_blocks((rows, columns // LANES, depth, LANES), tile, CORES, batch or 1) == blocks
     scheduled = schedule_cpu(LANES, CORES, 16)(inline_elementwise(LANES)(mod))["main"]
     assert tile == next(t for t in register_tiles(16) if rows % t[0] == 0 and columns // LANES % t[1] == 0)
-    panels = [buf for buf in _allocations(scheduled) if buf.name.startswith("b")]
+    panels = [buf for buf in _allocations(scheduled.body) if buf.name.startswith("b")]
     width = tile[1] * LANES
     assert [tuple(int(d) for d in buf.shape)[-2:] for buf in panels] == [(depth, width)], "one packed panel"
     rng = np.random.default_rng(0)
@@ -327,12 +328,6 @@ def test_row_reductions_keep_vectors_of_partial_sums_and_stay_exact(case):
     out = tvm.runtime.tensor(np.zeros(expected.shape, "float32"))
     lib["main"](*inputs, out)
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
-
-
-def _allocations(func) -> list:
-    found = []
-    tvm_ffi.structural_walk(func.body, (tvm.s_tir.SBlock, lambda block: found.extend(block.alloc_buffers)))
-    return found
 
 
 
