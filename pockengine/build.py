@@ -28,10 +28,12 @@ from .passes.memory_timeline import timeline
 from .errors import InternalCompilerError, PockEngineError, TargetError, UnsupportedOpError
 from .frontend import FUNC_NAME, to_numpy
 from .ir import without_kernel_argument_checks
+from .passes.chunk_linear_log_prob import chunk_linear_log_prob
 from .passes.drop_saved_activations import drop_saved_activations
 from .passes.drop_unit_reductions import drop_unit_reductions
 from .passes.fast_math import fast_math
 from .passes.fold_broadcasts import fold_broadcasts
+from .passes.fuse_linear_log_prob import fuse_linear_log_prob
 from .passes.fuse_variance import fuse_variance
 from .passes.inline_elementwise import inline_elementwise
 from .passes.legalize_ops import legalize_and_fuse
@@ -110,17 +112,21 @@ def _internal_error_message(stage: str, error: Exception, origins: dict) -> str:
 
 
 def derive_step(imported, optimizer, plan):
-    """forward_loss -> train_step for a plan: split partially trained weights (prune_backward),
-    differentiate and add the optimizer (autodiff), then compute batch variances in one reduction
-    (fuse_variance), keep only what the backward needs of the forward (drop_saved_activations) and update each parameter once its gradient is complete
+    """forward_loss -> train_step for a plan: a vocabulary head and its cross-entropy as one operator
+    (fuse_linear_log_prob), split partially trained weights (prune_backward), differentiate and add
+    the optimizer (autodiff), then compute that operator in chunks of rows (chunk_linear_log_prob),
+    batch variances in one reduction (fuse_variance), keep only what the backward needs of the
+    forward (drop_saved_activations) and update each parameter once its gradient is complete
     (reorder_updates)."""
+    imported = dataclasses.replace(imported, mod=fuse_linear_log_prob(FUNC_NAME)(imported.mod))
     partial = {name: rule for name, rule in plan.items() if isinstance(rule, Partial)}
     if partial:
         pvars = imported.param_vars
         pruned = prune_backward(FUNC_NAME, {pvars[n]: (p.channels, p.axis) for n, p in partial.items()})(imported.mod)
         imported = dataclasses.replace(imported, mod=pruned)
     step_mod, signature, optimizer_state = build_train_step(imported, optimizer, plan)
-    step_mod = tvm.transform.Sequential([fuse_variance(STEP_FUNC), drop_saved_activations(STEP_FUNC),
+    step_mod = tvm.transform.Sequential([chunk_linear_log_prob(STEP_FUNC), fuse_variance(STEP_FUNC),
+                                         drop_saved_activations(STEP_FUNC),
                                          reorder_updates(STEP_FUNC)])(step_mod)
     return step_mod, signature, optimizer_state
 

@@ -48,6 +48,8 @@ from tvm.relax.op import (
 from tvm.relax.op.grad import max_pool2d_backward, no_grad, take_backward
 from tvm.relax.op.nn import conv2d, conv2d_transpose
 
+from . import linear_log_prob
+
 RULES: dict = {}
 
 
@@ -264,6 +266,19 @@ def gather_elements_grad(orig_var, orig_call, output_grad, ctx):
     x, index = orig_call.args
     axis = int(orig_call.attrs.axis)
     return [scatter_elements(zeros_like(x), index, output_grad, axis, "add"), no_grad(index)]
+
+
+@rule(linear_log_prob.OP_NAME)
+def linear_log_prob_grad(orig_var, orig_call, output_grad, ctx):
+    """y[i] = log_softmax(x @ W^T)[i, labels[i]]  ->  d = y_grad[:, None] * (onehot(labels) - softmax(x @ W^T)),
+    x_grad = d @ W, W_grad = d^T @ x
+
+    One operator for both gradients, bound once (a tuple: the logits are computed again for it, in
+    chunks, by passes/chunk_linear_log_prob.py; DCE drops the gradient nobody trains).
+    """
+    x, weight, labels = orig_call.args
+    grads = ctx.emit(linear_log_prob.linear_log_prob_grad(x, weight, labels, output_grad))
+    return [relax.TupleGetItem(grads, 0), relax.TupleGetItem(grads, 1), no_grad(labels)]
 
 
 @rule("relax.nn.pad")

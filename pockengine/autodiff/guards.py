@@ -26,6 +26,8 @@ import tvm
 from tvm import relax
 from tvm.relax import op as R
 
+from . import linear_log_prob
+
 # Ops whose output holds its first argument's values, rearranged: an index traced through them is
 # still the input's values.
 _SAME_VALUES = {"relax.expand_dims", "relax.squeeze", "relax.reshape", "relax.astype", "relax.permute_dims",
@@ -65,6 +67,8 @@ def index_ranges(func, input_names: list[str], origins: dict) -> list[IndexRange
                 data, index, axis = value.args[0], value.args[1], int(value.attrs.axis)
             elif name == "relax.nn.nll_loss":  # the ONNX frontend's cross-entropy
                 data, index, axis = value.args[0], value.args[1], 1 if len(value.args[0].ty.shape) > 1 else 0
+            elif name == linear_log_prob.OP_NAME:  # labels index the head's weight rows (the classes)
+                data, index, axis = value.args[1], value.args[2], 0
             else:
                 continue
             ignored = {int(value.attrs.ignore_index)} if name == "relax.nn.nll_loss" else set()
@@ -76,8 +80,9 @@ def index_ranges(func, input_names: list[str], origins: dict) -> list[IndexRange
             if not isinstance(extent, tvm.tirx.IntImm):
                 continue  # a dynamic size: nothing to check against
             origin = origins.get(b.var.name)
+            described = "cross_entropy over the vocabulary head (fused)" if name == linear_log_prob.OP_NAME else name
             found.append(IndexRange(inputs[source], int(extent.value), tuple(sorted(ignored)),
-                                    str(origin) if origin else name))
+                                    str(origin) if origin else described))
     return found
 
 

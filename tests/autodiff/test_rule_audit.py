@@ -37,6 +37,7 @@ from tvm.relax import op as R
 from tvm.relax.op.grad import no_grad
 
 from pockengine.autodiff import gradients
+from pockengine.autodiff.linear_log_prob import linear_log_prob
 from pockengine.ir import without_kernel_argument_checks
 
 TOL = 1e-10  # scaled by max(1, max |expected|)
@@ -295,6 +296,16 @@ for axis in (0, 1, -1):
     gidx = ints(3, 4, 5, high=[3, 4, 5][axis])
     case("relax.gather_elements", f"axis={axis}", lambda x, a=axis, i=gidx: R.gather_elements(x, c(i), a),
          lambda x, a=axis, i=gidx: torch.gather(x, a, torch.tensor(i)), rand(3, 4, 5))
+
+# Ours (autodiff/linear_log_prob.py): a vocabulary head's label log-probabilities; labels include
+# the first and last class and repeats. Its gradient is one operator, legalized unchunked here
+# (passes/chunk_linear_log_prob.py's chunks are tested against PyTorch in tests/passes).
+for rows, vocab, hidden in [(7, 11, 5), (1, 3, 4)]:
+    labels = np.concatenate([[0, vocab - 1], ints(rows, high=vocab)])[:rows]
+    case("pockengine.linear_log_prob", f"{rows}x{hidden},vocab={vocab}",
+         lambda x, w, y=labels: linear_log_prob(x, w, c(y)),
+         lambda x, w, y=labels: torch.log_softmax(x @ w.T, -1).gather(1, t(y)[:, None]).squeeze(1),
+         rand(rows, hidden), rand(vocab, hidden))
 
 for name, cshape, ashape, bshape in [
     ("same-shapes", (3, 4), (3, 4), (3, 4)), ("branch-broadcast-1x4", (3, 4), (1, 4), (3, 4)),
