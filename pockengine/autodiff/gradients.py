@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import tvm
 from tvm import relax
 from tvm.relax.op import (
     add,
@@ -29,12 +30,14 @@ from tvm.relax.op import (
     erf,
     exp,
     flip,
+    log,
     greater,
     less,
     logical_and,
     matmul,
     multiply,
     permute_dims,
+    power,
     reshape,
     scatter_elements,
     sign,
@@ -169,6 +172,42 @@ def erf_grad(orig_var, orig_call, output_grad, ctx):
     """y = erf(x)  ->  x_grad = 2 / sqrt(pi) * exp(-x^2) * y_grad"""
     x = orig_call.args[0]
     return [multiply(output_grad, multiply(_const(2 / math.sqrt(math.pi), x), exp(multiply(_const(-1, x), multiply(x, x)))))]
+
+
+@rule("relax.power")
+def power_grad(orig_var, orig_call, output_grad, ctx):
+    """z = x ** y  ->  x_grad = y * x^(y - 1) * z_grad,  y_grad = z * ln(x) * z_grad (x > 0), each summed
+    to its operand's shape
+
+    TVM's rule is this math, but for a constant exponent c it still computes x^(c - 1) with a libm
+    `pow` per element, the exponent a runtime tensor: RMSNorm's `x.pow(2)` cost 0.8 ms per layer in
+    SmolLM's backward (256 x 576). Here a scalar constant c gives c * x^(c - 1), the power written
+    out as products for c - 1 in {0, 1, 2}, and no gradient for the constant.
+    """
+    x, y = orig_call.args
+    out_shape = _shape(orig_var)
+    exponent = _scalar_constant(y)
+    if exponent is None:
+        one = _const(1, y)
+        return [_sum_to(multiply(output_grad, multiply(y, power(x, subtract(y, one)))), out_shape, x),
+                _sum_to(multiply(output_grad, multiply(orig_var, log(x))), out_shape, y)]
+    lower = exponent - 1
+    if lower == 0:
+        derivative = _const(exponent, x)
+    elif lower in (1, 2):
+        derivative = multiply(_const(exponent, x), x if lower == 1 else multiply(x, x))
+    else:
+        derivative = multiply(_const(exponent, x), power(x, _const(lower, x)))
+    return [_sum_to(multiply(output_grad, derivative), out_shape, x), no_grad(y)]
+
+
+def _scalar_constant(expr):
+    """The value of a one-element float constant, else None."""
+    if isinstance(expr, tvm.ir.expr.Constant):
+        value = expr.value.numpy()
+        if value.size == 1 and value.dtype.kind == "f":
+            return float(value.reshape(()))
+    return None
 
 
 # ---------------------------------------------------------------- shape and indexing

@@ -130,7 +130,13 @@ for op in ("relax.maximum", "relax.minimum"):
     case(op, "ties,3x4,3x4", rop, top, ties(3, 4), ties(3, 4))
     case(op, "ties,3x4,4", rop, top, ties(3, 4), ties(4))
     case(op, "ties,same-input", lambda x, rop=rop: rop(x, x), lambda x, top=top: top(x, x), rand(3, 4))
-case("relax.power", "x-to-2.0-const", lambda x: R.power(x, c(np.float64(2.0))), lambda x: x ** 2.0, rand(3, 4))
+for exponent in (2.0, 1.0, 3.0, 0.5, -1.5):  # written out as products for 2 and 3, a power otherwise
+    case("relax.power", f"x-to-{exponent}-const", lambda x, e=exponent: R.power(x, c(np.float64(e))),
+         lambda x, e=exponent: x ** e, rand(3, 4, low=0.5))
+case("relax.power", "x-to-2.0-const,float32", lambda x: R.power(x, c(np.float32(2.0))), lambda x: x ** 2.0,
+     rand(3, 4, dtype="float32"))
+case("relax.power", "3x4-to-const-vector", lambda x: R.power(x, c(np.array([2.0, 1.0, 3.0, 0.5]))),
+     lambda x: x ** torch.tensor([2.0, 1.0, 3.0, 0.5], dtype=torch.float64), rand(3, 4, low=0.5))
 case("relax.divide", "x/x", lambda x: R.divide(x, x), lambda x: x / x, rand(3, 4, low=0.5))
 case("relax.multiply", "x*x", lambda x: R.multiply(x, x), lambda x: x * x, rand(3, 4))
 case("relax.subtract", "x-x", lambda x: R.subtract(x, x), lambda x: x - x, rand(3, 4))
