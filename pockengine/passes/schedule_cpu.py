@@ -314,6 +314,14 @@ def _schedule_register_tiles(sch, block, vector_lanes: int, cores: int, tiles, p
         _pack_columns(sch, block, reduce_blocks, tile[1] * extents[3])
     init = sch.decompose_reduction(block, reduce_blocks)
     _vectorize_innermost(sch, [init])
+    # The initialisation's column-tile and row-tile loops as one: LLVM -O3 fully unrolls a 32-trip
+    # loop of tile stores and then spends seconds on the straight-line code (4 s per 128-row matmul
+    # kernel, 25 s of Qwen2-0.5B's build; 0.04 s fused). Same stores, same order.
+    shared = [sch.get(loop) for loop in sch.get_loops(block)]
+    own = [loop for loop in sch.get_loops(init) if not any(sch.get(loop).same_as(s) for s in shared)]
+    serial = [loop for loop in own if sch.get(loop).kind == tvm.tirx.ForKind.SERIAL]
+    if len(serial) > 1:
+        sch.fuse(*serial)
     return True
 
 
