@@ -60,11 +60,11 @@ def _single_use_value(var, value_of, uses):
     return value_of.get(var) if isinstance(var, relax.DataflowVar) and uses.get(var) == 1 else None
 
 
-def _row_view(value, ndim_last: int) -> bool:
-    """A reshape or slice that leaves the last axis (of extent `ndim_last`) as it is."""
+def _row_view(value, vocab: int) -> bool:
+    """A reshape or slice that leaves the last axis (the `vocab` classes) as it is."""
     name = op_name(value)
     if name == "relax.reshape":
-        return static_shape(value.args[0])[-1] == ndim_last and static_shape(value)[-1] == ndim_last
+        return static_shape(value.args[0])[-1] == vocab and static_shape(value)[-1] == vocab
     if name == "relax.strided_slice":
         ndim = len(static_shape(value.args[0]))
         return all(int(a) % ndim != ndim - 1 for a in value.args[1].fields)
@@ -95,7 +95,7 @@ def _matches(bindings, output, min_classes: int) -> dict:
             continue
         h, transposed = value.args
         weight_t = value_of.get(transposed)
-        if op_name(weight_t) != "relax.nn.permute_dims" and op_name(weight_t) != "relax.permute_dims":
+        if op_name(weight_t) != "relax.permute_dims":
             continue
         weight = weight_t.args[0]
         if (len(static_shape(weight)) != 2 or [int(a) for a in weight_t.attrs.axes or [1, 0]] != [1, 0]
