@@ -19,8 +19,8 @@ moves after it. Otherwise the backward computes each chunk's logits again.
 Chunks hold about CHUNK_LOGITS_BYTES of logits, at least MIN_CHUNK_ROWS rows, and there are at most
 MAX_CHUNKS of them (each is a few kernels to build). Each chunk's matmul reads, and the CPU schedule
 packs, the whole weight for its rows: SmolLM's head (2 cores, AVX2) took 112 ms for 256 rows in two
-chunks of 128, as much as unchunked, and 153 ms in four chunks of 64. Rows are padded to a multiple of 8, the CPU schedule's register tile, and
-split evenly in multiples of it.
+chunks of 128, as much as unchunked, and 153 ms in four chunks of 64. Rows are padded to a multiple
+of 8, the CPU schedule's register tile, and split evenly in multiples of it.
 """
 
 from __future__ import annotations
