@@ -117,22 +117,21 @@ def test_trains_like_cross_entropy_in_float64(tied, scheme, loss, small_chunks):
     assert worst < 1e-10, f"{where} is {worst:.3g} off PyTorch"
 
 
-def test_logits_memory_is_one_chunk(small_chunks):
-    """The planned activations shrink by the logits, their log-softmax and their gradient."""
+def test_logits_memory_is_one_chunk(small_chunks, monkeypatch):
+    """The planned peak shrinks by at least twice the logits' bytes: of the logits, their
+    log-softmax and their gradient, one chunk's stay (measured: 2.6x)."""
+    from pockengine.passes import fuse_linear_log_prob
+
     model = TinyLM(tied=True)
     data = batches(1)
 
-    def activations(fuse: bool, monkeypatch=pytest.MonkeyPatch()):
-        from pockengine.passes import fuse_linear_log_prob
+    def planned():
+        job = pe.TrainingJob(copy.deepcopy(model), (data[0][0],), data[0][1], causal_lm_loss, pe.optim.SGD())
+        return pe.compile(job, target=FAST_HOST).memory_report()
 
-        with monkeypatch.context() as patch:
-            if not fuse:
-                patch.setattr(fuse_linear_log_prob, "MIN_CLASSES", VOCAB + 1)
-            job = pe.TrainingJob(copy.deepcopy(model), (data[0][0],), data[0][1], causal_lm_loss, pe.optim.SGD())
-            report = pe.compile(job, target=FAST_HOST).memory_report()
-        return report
-
-    fused, plain = activations(True), activations(False)
+    fused = planned()
+    monkeypatch.setattr(fuse_linear_log_prob, "MIN_CLASSES", VOCAB + 1)
+    plain = planned()
     logits_bytes = BATCH * (SEQ - 1) * VOCAB * 4
     assert plain.peak_bytes - fused.peak_bytes >= 2 * logits_bytes, (plain.by_category, fused.by_category)
 
