@@ -137,7 +137,8 @@ def test_logits_memory_is_one_chunk(small_chunks, monkeypatch):
 
 
 def test_label_smoothing_keeps_the_unfused_loss():
-    """log_softmax has a second use (the smoothing's sum over classes): nothing to fuse, same numbers."""
+    """log_softmax has a second use (the smoothing's sum over classes): the loss is left as imported
+    (its gradient rules are audited on their own)."""
     def smoothed(logits, labels):
         return F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), label_smoothing=0.1)
 
