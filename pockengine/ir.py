@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import tvm
-from tvm import relax, s_tir
+from tvm import relax, s_tir, te
 
 
 def inline_body(bb: relax.BlockBuilder, func):
@@ -43,6 +43,14 @@ class Substitute(relax.PyExprMutator):
 
     def visit_dataflow_var_(self, op):
         return self.mapping.get(op, op)
+
+
+OPAQUE = 8  # TVM's OpPatternKind kOpaque: FuseOps fuses nothing into or out of such a kernel
+
+
+def opaque_kernel(tensors: list, name: str):
+    """A PrimFunc of TE `tensors` (inputs, then the output) that FuseOps leaves alone."""
+    return te.create_prim_func(tensors).with_attr({"global_symbol": name, "op_pattern": OPAQUE})
 
 
 def with_function(mod, name: str, func):

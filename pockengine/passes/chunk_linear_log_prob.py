@@ -32,8 +32,7 @@ from tvm import relax, te, topi
 from tvm.relax import op as R
 
 from ..autodiff.linear_log_prob import GRAD_OP_NAME, OP_NAME
-from ..ir import Substitute, op_name, static_shape, with_function
-from .drop_saved_activations import OPAQUE
+from ..ir import Substitute, op_name, opaque_kernel, static_shape, with_function
 
 CHUNK_LOGITS_BYTES = 16 << 20
 MIN_CHUNK_ROWS = 128
@@ -206,5 +205,5 @@ def _opaque(bb, compute, *args):
     placeholders = [te.placeholder(static_shape(a), str(a.ty.dtype), name=f"in{i}") for i, a in enumerate(args)]
     out = compute(*placeholders)
     name = f"{compute.__name__.strip('_')}_chunks"
-    func = te.create_prim_func([*placeholders, out]).with_attr({"global_symbol": name, "op_pattern": OPAQUE})
-    return bb.emit(relax.call_tir(bb.add_func(func, name), list(args), relax.TensorType(out.shape, out.dtype)))
+    kernel = bb.add_func(opaque_kernel([*placeholders, out], name), name)
+    return bb.emit(relax.call_tir(kernel, list(args), relax.TensorType(out.shape, out.dtype)))

@@ -26,7 +26,7 @@ import tvm
 from tvm import relax, te
 
 from ..autodiff.step import RECOMPUTED_SUFFIX, backward_start
-from ..ir import Substitute, op_name, with_blocks, with_function
+from ..ir import Substitute, op_name, opaque_kernel, with_blocks, with_function
 from .memory_plan import tensor_bytes
 
 # Elementwise (and broadcasting) ops cheap enough to run twice; reshape-like views cost nothing.
@@ -40,7 +40,6 @@ RECOMPUTABLE = {
     "relax.reshape", "relax.expand_dims", "relax.squeeze", "relax.broadcast_to",
 }
 MAX_RECOMPUTE_OPS = 16  # per saved tensor: bounds the extra work
-OPAQUE = 8  # TVM's OpPatternKind kOpaque: FuseOps fuses nothing into or out of it
 
 
 def drop_saved_activations(func_name: str = "train_step") -> tvm.transform.Pass:
@@ -75,7 +74,7 @@ def drop_saved_activations(func_name: str = "train_step") -> tvm.transform.Pass:
 def _opaque_copy(shape, dtype, name):
     src = te.placeholder(shape, dtype, name="mask")
     dst = te.compute(shape, lambda *i: src(*i), name="kept")
-    return te.create_prim_func([src, dst]).with_attr({"global_symbol": name, "op_pattern": OPAQUE})
+    return opaque_kernel([src, dst], name)
 
 
 def _inputs(value) -> list:

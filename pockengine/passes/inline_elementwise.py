@@ -42,7 +42,7 @@ from tvm import s_tir
 from tvm.s_tir import dlight
 
 from ..ir import kernel_schedule, map_kernels
-from .schedule_cpu import loop_extent, register_tiles, runs_repeatedly, uses_var
+from .schedule_cpu import loop_extent, register_tile, register_tiles, runs_repeatedly, uses_var
 
 
 def inline_elementwise(vector_lanes: int = 1, vector_registers: int = 16) -> tvm.transform.Pass:
@@ -233,7 +233,7 @@ def _register_tiled_matmul(sch, loops, spatial, vector, outer, reduction_loops, 
     if reduction_loops != 1 or vector != spatial - 1 or spatial < 2 or vector_lanes < 2:
         return False
     rows, vectors = loop_extent(sch, loops[spatial - 2]), loop_extent(sch, outer)
-    return any(rows % r == 0 and vectors % v == 0 for r, v in register_tiles(vector_registers))
+    return register_tile(rows, vectors, register_tiles(vector_registers)) is not None
 
 
 # Output rows per register tile of a convolution when they do not all fit: the most that divides

@@ -76,6 +76,11 @@ def register_tiles(vector_registers: int) -> tuple:
     return tuple((r, v) for r, v in REGISTER_TILES if r * v + v + 1 <= vector_registers)
 
 
+def register_tile(rows: int, vectors: int, tiles) -> tuple | None:
+    """The first of `tiles` (best first) that divides `rows` rows and `vectors` vectors of outputs."""
+    return next(((r, v) for r, v in tiles if rows % r == 0 and vectors % v == 0), None)
+
+
 def schedule_cpu(vector_lanes: int, cores: int, vector_registers: int = 16) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="ScheduleCPU")
     def transform(mod, _ctx):
@@ -294,7 +299,7 @@ def _schedule_register_tiles(sch, block, vector_lanes: int, cores: int, tiles, p
     narrow = extents[3] < vector_lanes and vector_lanes % extents[3] == 0 if extents[3] else False
     if 0 in extents or not (extents[3] == vector_lanes or narrow):
         return False  # symbolic extents, or not a vector (or a whole short row) of outputs innermost
-    tile = next(((r, v) for r, v in tiles if extents[0] % r == 0 and extents[1] % v == 0), None)
+    tile = register_tile(extents[0], extents[1], tiles)
     if tile is None:
         return False  # no tile divides it
     itemsize = tvm.DataType(str(sch.get(block).writes[0].source.dtype)).bits // 8
