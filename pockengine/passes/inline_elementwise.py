@@ -15,7 +15,8 @@ so each group of `vector_lanes` output points is finished right after its sums a
 convolution's result is that many scalars instead of a whole activation (TIR's buffer compaction
 shrinks it when the kernel is built). With `vector_lanes` > 1 one output loop of the reduction
 (the innermost one a multiple of it long, else the longest such) is split by it and its inner part
-moved inside the reduction loops, so a CPU schedule can vectorize it (one vector of running sums);
+moved inside the reduction loops, so a CPU schedule can vectorize it (one vector of running sums),
+except in a reduction along each output's own contiguous row (softmax, norms: see _row_reduction);
 the loop order is all this pass decides.
 TVM's schedule primitives check that the move preserves the kernel's meaning; a move they refuse
 (the epilogue reads other points of the sum, as a softmax does) is not made. A matmul that
@@ -167,7 +168,7 @@ def _epilogues_at_reductions(sch, vector_lanes: int, vector_registers: int = 16,
         if spatial == 0 or set(k[spatial:]) != {"R"}:
             continue
         loops = sch.get_loops(block)
-        choices = _vector_axes(sch, loops[:spatial], vector_lanes)
+        choices = [] if _row_reduction(sch, block) else _vector_axes(sch, loops[:spatial], vector_lanes)
         if not choices:
             tile_loop[i] = loops[spatial - 1]
             continue
@@ -220,6 +221,25 @@ def _epilogues_at_reductions(sch, vector_lanes: int, vector_registers: int = 16,
             placement = next((v for buf, v in placements.items() if buf.same_as(written)), None)
             sch = _place_padded_input(sch, block, placement)
     return sch
+
+
+def _row_reduction(sch, block) -> bool:
+    """Is the block a reduction of each output's own row along its contiguous axis (a softmax's
+    max and sum of exps, a norm's sum of squares): one reduction iterator, every read it indexes
+    indexed by it in its last dimension and by every output iterator? No value is shared between
+    outputs, so a vector across outputs only gathers (a 9 x 256 x 256 softmax: 0.73 ms); schedule_cpu
+    vectorizes such a row along itself instead (_vector_partial_sums). A matmul reads an operand
+    shared by a row of outputs."""
+    stmt = sch.get(block)
+    reduced = [iv.var for iv in stmt.iter_vars if iv.iter_type == tvm.tirx.IterVar.CommReduce]
+    spatial = [iv.var for iv in stmt.iter_vars if iv.iter_type != tvm.tirx.IterVar.CommReduce]
+    if len(reduced) != 1:
+        return False
+    indexed = [read for read in stmt.reads if any(uses_var(r.min, reduced[0]) for r in read.region)]
+    return bool(indexed) and all(
+        read.region[-1].min.same_as(reduced[0])
+        and all(any(uses_var(r.min, var) for r in read.region) for var in spatial)
+        for read in indexed)
 
 
 def _register_tiled_matmul(sch, loops, spatial, vector, outer, reduction_loops, vector_lanes, vector_registers):
