@@ -33,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "examples", "mobilenetv2")]
 
 import pockengine as pe  # noqa: E402
+from pockengine import bench  # noqa: E402
 from mobilenetv2 import MobileNetV2  # noqa: E402
 from pockengine.errors import MemoryLimitError  # noqa: E402
 from pockengine.sparse import apply_to_torch  # noqa: E402
@@ -153,11 +154,7 @@ def plot(rows, sram: int, target: str, path: str) -> str:
     ax.set_ylabel("training memory (KiB, log)")
     ax.set_title("MobileNetV2-0.35 training step (float32, batch 1)", fontsize=10)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return bench.save_figure(fig, path)
 
 
 def main(argv=None):

@@ -57,6 +57,17 @@ def import_vision_packages() -> bool:
     return True
 
 
+def save_figure(fig, path: str) -> str:
+    """Write a benchmark's matplotlib figure as a PNG at `path` (directories made) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def median_ms(step, repeats: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         step()

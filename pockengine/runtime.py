@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import time
 import weakref
 import zipfile
 
@@ -73,6 +74,7 @@ class Program:
             from .targets import torch_kernels
 
             torch_kernels.register(library_kernels)
+        self._executable = executable
         self._vm = relax.VirtualMachine(executable, self._device)
         self._fn = self._vm[STEP_FUNC]
         self._trained = [name for name in signature.outputs if signature.categories[name] == PARAM]
@@ -170,6 +172,40 @@ class Program:
         args = self._batch_tensors(self._batch_arrays(batch))
         state = {name: self._tensor(value.numpy()) for name, value in self._state.items()}
         return median_ms(lambda: self._run(args, state), repeats)
+
+    def kernel_times(self, *batch, repeats: int = 3) -> dict:
+        """{kernel name: (milliseconds per step, calls per step, the first call's argument shapes)} of
+        `repeats` steps on `batch` after one warm-up, each kernel call timed from the step's virtual
+        machine; run on a copy of the state like time_step, by a virtual machine of its own (so for a
+        moment the state and the step's working memory twice). VM builtins (allocation, views) are
+        listed too, under their `vm.builtin.*` names."""
+        from tvm import relax
+
+        args = self._batch_tensors(self._batch_arrays(batch))
+        state = {name: self._tensor(value.numpy()) for name, value in self._state.items()}
+        vm = relax.VirtualMachine(self._executable, self._device)  # its own instrument, not the step's
+        totals, started = {}, {}
+
+        def instrument(_func, name, before_run, _ret, *call_args):
+            now = time.perf_counter()
+            if before_run:
+                started[name] = now
+            else:
+                entry = totals.setdefault(name, [0.0, 0, [tuple(a.shape) for a in call_args if hasattr(a, "shape")]])
+                entry[0] += now - started.pop(name, now)
+                entry[1] += 1
+            return relax.VMInstrumentReturnKind.NO_OP
+
+        def run():
+            outs = vm[STEP_FUNC](*args, *(state[s.name] for s in self.signature.state))
+            state.update(zip(self.signature.outputs, list(outs)[1:]))
+
+        run()
+        vm.set_instrument(instrument)
+        for _ in range(repeats):
+            run()
+        return {name: (seconds * 1e3 / repeats, calls // repeats, shapes)
+                for name, (seconds, calls, shapes) in totals.items()}
 
     def _run(self, args, state: dict):
         """One step on `state` ({name: tensor}), which takes the new values; the step's outputs."""
@@ -431,7 +467,7 @@ class DeviceProgram(Program):
             "process. Export it (`program.export(DIR)` or `pockengine build`) and run it with `pockengine run DIR`, "
             "which uses QEMU for aarch64 and Cortex-M artifacts and a GPU for CUDA ones")
 
-    time_step = step
+    time_step = kernel_times = step
 
     def _read(self, name: str) -> np.ndarray:
         return self._state[name].copy()

@@ -1,11 +1,15 @@
 """FLOP count of a training step (analysis): multiply-accumulates of conv2d, conv2d_transpose and
 matmul, times two, split into forward (before the first `*_adjoint` binding of the Gradient pass,
-frozen prefix included) and backward (gradients and the optimizer update)."""
+frozen prefix included) and backward (gradients and the optimizer update); and of one fused TIR
+kernel (kernel_flops), for per-kernel GFLOP/s."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax
 
 from ..autodiff.step import backward_start
@@ -38,3 +42,83 @@ def step_flops(step_func) -> dict:
         "forward": sum(call_flops(b.value) for b in bindings[:start]),
         "backward": sum(call_flops(b.value) for b in bindings[start:]),
     }
+
+
+@dataclass(frozen=True)
+class MatmulShape:
+    """out[batch..., M, N] = sum over K of a[..., M, K] * b[..., K, N] (b[..., N, K] if transposed_b)."""
+
+    batch: int
+    m: int
+    k: int
+    n: int
+    transposed_b: bool
+
+
+def kernel_flops(func) -> tuple[int, MatmulShape | None]:
+    """(2 x multiply-accumulates, the matmul's shape or None) of a TIR kernel: every reduction block
+    whose update is `acc + a * b` counts 2 x the product of its iterators' extents (a convolution's
+    too). The shape is given when the kernel's one such block is a plain matmul (one reduction
+    iterator, the last index of `a`, and of `b` or its second to last), e.g. to time the same matmul
+    elsewhere. (0, None) when the kernel has symbolic extents."""
+    from tvm import s_tir
+
+    blocks = []
+    tvm_ffi.structural_walk(func.body, (s_tir.SBlock, blocks.append))
+    flops, shapes = 0, []
+    for block in blocks:
+        reduced = [iv for iv in block.iter_vars if iv.iter_type == tvm.tirx.IterVar.CommReduce]
+        store = block.body
+        if not reduced or not isinstance(store, tvm.tirx.BufferStore):
+            continue
+        product = _accumulated_product(store)
+        extents = [iv.dom.extent for iv in block.iter_vars]
+        if product is None or not all(isinstance(e, tvm.tirx.IntImm) for e in extents):
+            continue
+        flops += 2 * int(np.prod([int(e) for e in extents]))
+        shapes.append(_matmul_shape(block, store, product, reduced))
+    return flops, (shapes[0] if len(shapes) == 1 else None)
+
+
+_LOAD = tvm.ir.expr.TensorLoad  # a TIR buffer load (tvm.tirx.BufferLoad is its constructor, not a class)
+
+
+def _accumulated_product(store):
+    """The two loads of `acc[...] = acc[...] + a * b` (casts allowed around them), else None."""
+    value = store.value
+    if not isinstance(value, tvm.tirx.Add):
+        return None
+    for acc, term in ((value.a, value.b), (value.b, value.a)):
+        if isinstance(acc, _LOAD) and acc.source.same_as(store.buffer) and isinstance(term, tvm.tirx.Mul):
+            loads = [_strip_casts(term.a), _strip_casts(term.b)]
+            if all(isinstance(load, _LOAD) for load in loads):
+                return loads
+    return None
+
+
+def _strip_casts(expr):
+    while isinstance(expr, tvm.tirx.Cast):
+        expr = expr.value
+    return expr
+
+
+def _matmul_shape(block, store, loads, reduced) -> MatmulShape | None:
+    if len(reduced) != 1 or len(store.indices) < 2:
+        return None
+    k = reduced[0].var
+    extent = {iv.var: int(iv.dom.extent) for iv in block.iter_vars}
+    i, j = store.indices[-2], store.indices[-1]
+    if not (isinstance(i, tvm.tirx.Var) and isinstance(j, tvm.tirx.Var) and i in extent and j in extent):
+        return None
+    for a, b in (loads, loads[::-1]):
+        if not (len(a.indices) >= 2 and a.indices[-1].same_as(k) and a.indices[-2].same_as(i)):
+            continue
+        if len(b.indices) < 2:
+            continue
+        last, before = b.indices[-1], b.indices[-2]
+        transposed = last.same_as(k) and before.same_as(j)
+        if transposed or (before.same_as(k) and last.same_as(j)):
+            batch = int(np.prod([int(e) for e in (extent[v] for v in extent if not v.same_as(k)
+                                                   and not v.same_as(i) and not v.same_as(j))]))
+            return MatmulShape(batch, extent[i], extent[k], extent[j], transposed)
+    return None
