@@ -22,6 +22,7 @@ import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: its OpenMP threads share cores with TVM's
 import torch  # noqa: E402
+import tvm  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE]
@@ -49,7 +50,7 @@ def kernel_table(job, target: str, repeats: int, top: int, reference_repeats: in
     preset = targets.resolve(target)
     program = pe.compile(job, target=target)
     flops = {gvar.name_hint: kernel_flops(func)
-             for gvar, func in build.fused_step(job, preset).functions_items() if isinstance(func, tvm_prim_func())}
+             for gvar, func in build.fused_step(job, preset).functions_items() if isinstance(func, tvm.tirx.PrimFunc)}
     times = program.kernel_times(*job.example_inputs, job.example_targets, repeats=repeats)
     step_ms = sum(ms for ms, _, _ in times.values())
     rows = []
@@ -61,12 +62,6 @@ def kernel_table(job, target: str, repeats: int, top: int, reference_repeats: in
             row["torch"] = count / torch_matmul_ms(shape, preset.cores, reference_repeats) / 1e6
         rows.append(row)
     return rows
-
-
-def tvm_prim_func():
-    import tvm
-
-    return tvm.tirx.PrimFunc
 
 
 def torch_matmul_ms(shape, threads: int, repeats: int) -> float:

@@ -13,7 +13,7 @@ Every time is the median of `--repeats` steps after warm-up: ours in this proces
 ONNX Runtime's in fresh processes, each the faster of OMP_WAIT_POLICY unset and PASSIVE (see
 pockengine.bench; --small: unset only, half the peers' cost).
 GFLOP/s = the step's conv and matmul FLOPs (counted on the compiled graph) / median time, against
-a reference peak (pockengine.bench.PEAK_GFLOPS: a large oneDNN sgemm on both cores; not the ceiling).
+a reference peak (pockengine.bench.PEAK_GFLOPS: a large MKL sgemm, torch.matmul, on both cores).
 """
 
 from __future__ import annotations

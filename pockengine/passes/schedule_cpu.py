@@ -480,7 +480,7 @@ def _parallel_outer(sch, blocks, cores: int) -> None:
         stmt = sch.get(loop)
         # A unit loop (a split's whole outer part) drives some blocks and not others: it is no
         # obstacle, and stopping at it left ResNet's 7x7 stem weight gradient on one core (21 ms).
-        if stmt.kind != tvm.tirx.ForKind.SERIAL or any(loop_kind(sch, b, loop) not in "S-" for b in blocks):
+        if stmt.kind != tvm.tirx.ForKind.SERIAL or any(loop_kind(sch, b, loop) not in ("S", "-") for b in blocks):
             break
         chosen.append(loop)
         work *= loop_extent(sch, loop)
