@@ -169,8 +169,7 @@ class Program:
         program itself trains nothing."""
         from .bench import median_ms
 
-        args = self._batch_tensors(self._batch_arrays(batch))
-        state = {name: self._tensor(value.numpy()) for name, value in self._state.items()}
+        args, state = self._on_a_copy(batch)
         return median_ms(lambda: self._run(args, state), repeats)
 
     def kernel_times(self, *batch, repeats: int = 3) -> dict:
@@ -181,8 +180,7 @@ class Program:
         listed too, under their `vm.builtin.*` names."""
         from tvm import relax
 
-        args = self._batch_tensors(self._batch_arrays(batch))
-        state = {name: self._tensor(value.numpy()) for name, value in self._state.items()}
+        args, state = self._on_a_copy(batch)
         vm = relax.VirtualMachine(self._executable, self._device)  # its own instrument, not the step's
         totals, started = {}, {}
 
@@ -196,20 +194,23 @@ class Program:
                 entry[1] += 1
             return relax.VMInstrumentReturnKind.NO_OP
 
-        def run():
-            outs = vm[STEP_FUNC](*args, *(state[s.name] for s in self.signature.state))
-            state.update(zip(self.signature.outputs, list(outs)[1:]))
-
-        run()
+        step = vm[STEP_FUNC]
+        self._run(args, state, step)
         vm.set_instrument(instrument)
         for _ in range(repeats):
-            run()
+            self._run(args, state, step)
         return {name: (seconds * 1e3 / repeats, calls // repeats, shapes)
                 for name, (seconds, calls, shapes) in totals.items()}
 
-    def _run(self, args, state: dict):
-        """One step on `state` ({name: tensor}), which takes the new values; the step's outputs."""
-        outs = self._fn(*args, *(state[s.name] for s in self.signature.state))
+    def _on_a_copy(self, batch) -> tuple:
+        """(the batch's tensors, a copy of the state): what time_step and kernel_times run on."""
+        args = self._batch_tensors(self._batch_arrays(batch))
+        return args, {name: self._tensor(value.numpy()) for name, value in self._state.items()}
+
+    def _run(self, args, state: dict, step=None):
+        """One step (by `step`, default the program's) on `state` ({name: tensor}), which takes the
+        new values; the step's outputs."""
+        outs = (step or self._fn)(*args, *(state[s.name] for s in self.signature.state))
         state.update(zip(self.signature.outputs, list(outs)[1:]))
         if not self._inputs_checked and self._batch_buffers is not None:
             self._check_inputs_are_not_returned(outs)
