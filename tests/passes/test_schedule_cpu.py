@@ -438,7 +438,7 @@ def test_elementwise_vectors_run_along_rows_and_stay_exact(shape):
     Here the kernel reads a per-row value, as that gradient reads each row's log-sum-exp."""
     from tvm import te
 
-    from pockengine.passes.schedule_cpu import schedule_kernel
+    from pockengine.passes.schedule_cpu import schedule_kernel, uses_var
 
     x, rows = te.placeholder(shape, "float32", "x"), te.placeholder(shape[:-1], "float32", "rows")
     out = te.compute(shape, lambda *i: te.exp(x[i] - rows[i[:-1]]), name="out")
@@ -449,7 +449,6 @@ def test_elementwise_vectors_run_along_rows_and_stay_exact(shape):
                                              if loop.kind == tvm.tirx.ForKind.VECTORIZED else None))
     realizes = []
     tvm_ffi.structural_walk(scheduled.body, (tvm.s_tir.SBlockRealize, realizes.append))
-    from pockengine.passes.schedule_cpu import uses_var
     *row_indices, column = realizes[0].iter_values
     assert uses_var(column, vector[0]) and not any(uses_var(i, vector[0]) for i in row_indices)
     rng = np.random.default_rng(0)
