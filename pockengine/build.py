@@ -37,11 +37,13 @@ from .passes.fuse_linear_log_prob import fuse_linear_log_prob
 from .passes.fuse_variance import fuse_variance
 from .passes.inline_elementwise import inline_elementwise
 from .passes.legalize_ops import legalize_and_fuse
+from .passes.pack_frozen_weights import pack_frozen_weights, panel_widths
 from .passes.plan_arena import plan_arena
 from .passes.prune_backward import prune_backward
 from .passes.reorder_updates import reorder_updates
 from .passes.schedule_cpu import schedule_cpu
 from .passes.schedule_reductions import schedule_reductions
+from .passes.transposed_matmuls import transposed_matmuls
 from .passes.update_in_place import update_in_place
 from .sparse import FULL, Partial, plan_to_json
 from .runtime import LIBRARY
@@ -165,10 +167,23 @@ def import_model(job):
     return dataclasses.replace(imported, mod=fold_broadcasts(FUNC_NAME)(imported.mod))
 
 
+def with_packed_weights(step_mod, signature: StepSignature, preset):
+    """The step with its forward-only frozen weights held as the panels its CPU matmuls read
+    (passes/pack_frozen_weights.py) and the signature that says so; unchanged for a target whose
+    kernels are not schedule_cpu's."""
+    if preset.family not in (targets.HOST, targets.AARCH64):
+        return step_mod, signature
+    step_mod = transposed_matmuls()(step_mod)
+    widths = panel_widths(step_mod[STEP_FUNC], signature, preset.vector_lanes(32), preset.cores,
+                          preset.vector_registers)
+    return pack_frozen_weights(widths, signature, STEP_FUNC)(step_mod), signature.with_packed(widths)
+
+
 def fused_step(job, preset):
     """The job's training step as fused kernels for `preset`: what `pockengine tune` tunes."""
     imported = import_model(job)
-    step_mod = derive_step(imported, job.optimizer, job.plan(imported))[0]
+    step_mod, signature, _ = derive_step(imported, job.optimizer, job.plan(imported))
+    step_mod = with_packed_weights(step_mod, signature, preset)[0]
     with preset.target() as target:
         return tvm.transform.Sequential(fusion_passes(target))(step_mod)
 
@@ -236,7 +251,11 @@ class Derived:
     @property
     def initial_state(self) -> dict:
         """{state name: array} as the step reads it (partially trained weights in their two parts)."""
-        return self.signature.split_state({**self.imported.initial, **self.optimizer_state})
+        return self.state_for(self.signature)
+
+    def state_for(self, signature: StepSignature) -> dict:
+        """The initial state as a step of `signature` (this one's, or with packed weights) reads it."""
+        return signature.split_state({**self.imported.initial, **self.optimizer_state})
 
 
 def _meta(job, preset, derived: Derived) -> dict:
@@ -281,12 +300,15 @@ def _compile_cpu(job, preset, derived: Derived, progress, tuning_logs, backend):
 
     def lower(choices):
         switched = switching.switch_backend(choices, STEP_FUNC)(step_mod)
+        packed, packed_signature = with_packed_weights(switched, signature, preset)
         with tvm_target:
-            fused = tvm.transform.Sequential(fusion_passes(tvm_target))(switched)
+            fused = tvm.transform.Sequential(fusion_passes(tvm_target))(packed)
             fused, tuning_report = tuning.apply_logs(fused, tvm_target, list(tuning_logs))
-            return tvm.transform.Sequential(lowering_passes(preset, signature))(fused), tuning_report
+            lowered = tvm.transform.Sequential(lowering_passes(preset, packed_signature))(fused)
+            return lowered, tuning_report, packed_signature
 
-    def program(choices, lowered, tuning_report, report):
+    def program(choices, lowered, tuning_report, report, signature):
+        state = derived.state_for(signature)
         with tvm_target:
             final = tvm.transform.Sequential(finalize_passes())(lowered)
         with without_kernel_argument_checks():
@@ -302,19 +324,19 @@ def _compile_cpu(job, preset, derived: Derived, progress, tuning_logs, backend):
 
                 executable.export_library(library, fcompile=aarch64.cross_compiler())
                 files = {LIBRARY: library, aarch64.RUNNER: aarch64.runner_source_path()}
-                return DeviceProgram(files, signature, derived.initial_state, report, meta, scratch=scratch)
+                return DeviceProgram(files, signature, state, report, meta, scratch=scratch)
             # LLVM emits machine code when the library is written; doing it once here (instead of a JIT
             # link for the VM and again on export) halves the build. The Program owns the file.
             executable.export_library(library)
-            return Program(library, signature, derived.initial_state, report, meta, owns_library=True)
+            return Program(library, signature, state, report, meta, owns_library=True)
 
     with _stage("lower", progress, derived.imported.origin):
         choices = switching.measure(step_mod[STEP_FUNC], preset, backend, tuning_logs)
-        lowered, tuning_report = lower(choices)
+        lowered, tuning_report, packed_signature = lower(choices)
     with _stage("memory plan", progress, derived.imported.origin):
         report = _memory_report(job, lowered, derived)
     with _stage("codegen", progress, derived.imported.origin):
-        result = program(choices, lowered, tuning_report, report)
+        result = program(choices, lowered, tuning_report, report, packed_signature)
     if backend == "auto" and switching.library_kernels(choices):
         # Each op was timed alone. In the step a library call also hands the cores from TVM's
         # thread pool to PyTorch's and back, and loses the epilogue fusion would have put in TVM's
@@ -323,8 +345,8 @@ def _compile_cpu(job, preset, derived: Derived, progress, tuning_logs, backend):
         if progress:
             print("[auto] building the step without library kernels too, timing both ...", file=sys.stderr, flush=True)
         all_tvm = [dataclasses.replace(c, backend="tvm") for c in choices]
-        lowered, tuning_report = lower(all_tvm)
-        alternative = program(all_tvm, lowered, tuning_report, _memory_report(job, lowered, derived))
+        lowered, tuning_report, packed_signature = lower(all_tvm)
+        alternative = program(all_tvm, lowered, tuning_report, _memory_report(job, lowered, derived), packed_signature)
         batch = job.example_inputs + (job.example_targets,)
         step_ms = {"switched": result.time_step(*batch), "tvm": alternative.time_step(*batch)}
         if step_ms["tvm"] <= step_ms["switched"]:

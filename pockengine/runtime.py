@@ -314,6 +314,8 @@ class Program:
     def _model_shape(self, key: str) -> tuple:
         key = self._aliases.get(key, key)
         split = self.signature.partial.get(key)
+        if key in self.signature.packed:
+            return self.signature.packed[key].model_shape(self._specs[key].shape)
         if split is None:
             return self._specs[key].shape
         shape = list(self._specs[split.trained].shape)
@@ -322,12 +324,13 @@ class Program:
 
     def state_dict(self) -> dict:
         """The model's state, torch names -> numpy arrays (parameters and persistent buffers); a
-        partially trained weight is whole again."""
+        partially trained weight is whole again, a packed one unpacked."""
         out = {}
         for k in self._model_keys():
             name = self._aliases.get(k, k)
             split = self.signature.partial.get(name)
-            out[k] = split.join(self._read(split.trained), self._read(split.frozen)) if split else self._read(name)
+            out[k] = (split.join(self._read(split.trained), self._read(split.frozen)) if split
+                      else self.signature.model_layout(name, self._read(name)))
         return out
 
     def optimizer_state_dict(self) -> dict:

@@ -17,7 +17,7 @@ are hoisted with the frozen prefix and are data to the backward, which multiplie
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import tvm
@@ -71,6 +71,26 @@ class SplitWeight:
         return np.concatenate([trained, frozen], axis=self.axis)
 
 
+@dataclass(frozen=True)
+class Panels:
+    """A frozen weight W[N, K] held as `[N / width, K, width]`: the panels its CPU matmul reads
+    (passes/pack_frozen_weights.py), made when the state is loaded; state_dict() unmakes them."""
+
+    width: int
+
+    def pack(self, array: np.ndarray) -> np.ndarray:
+        rows, depth = array.shape
+        return np.ascontiguousarray(np.asarray(array).reshape(rows // self.width, self.width, depth).transpose(0, 2, 1))
+
+    def unpack(self, array: np.ndarray) -> np.ndarray:
+        panels, depth, width = array.shape
+        return np.ascontiguousarray(np.asarray(array).transpose(0, 2, 1).reshape(panels * width, depth))
+
+    def model_shape(self, shape) -> tuple:
+        panels, depth, width = shape
+        return (panels * width, depth)
+
+
 @dataclass
 class StepSignature:
     """How to call `train_step`: its inputs in order and which state each output replaces."""
@@ -82,6 +102,8 @@ class StepSignature:
     loss_dtype: str
     # Partially trained parameters (model names) -> the two state tensors they are split into.
     partial: dict = field(default_factory=dict)
+    # Frozen weights the step reads as matmul panels (state name -> Panels).
+    packed: dict = field(default_factory=dict)
     # Integer batch inputs used as indices and the values they may take (guards.IndexRange).
     index_ranges: list = field(default_factory=list)
     # The step checks its batch and new parameters itself (guards.py); artifacts built before it
@@ -104,7 +126,18 @@ class StepSignature:
         out = {}
         for name, value in arrays.items():
             out.update(self.partial[name].split(value) if name in self.partial else {name: value})
-        return out
+        return {name: self.packed[name].pack(value) if name in self.packed else value for name, value in out.items()}
+
+    def model_layout(self, name: str, array: np.ndarray) -> np.ndarray:
+        """A state tensor as the model holds it (a packed weight unpacked)."""
+        return self.packed[name].unpack(array) if name in self.packed else array
+
+    def with_packed(self, widths: dict) -> "StepSignature":
+        """This signature with the state tensors of `widths` ({name: panel width}) held as Panels."""
+        panels = {name: Panels(width) for name, width in widths.items()}
+        state = [TensorSpec(s.name, (s.shape[0] // panels[s.name].width, s.shape[1], panels[s.name].width), s.dtype)
+                 if s.name in panels else s for s in self.state]
+        return replace(self, state=state, packed={**self.packed, **panels})
 
     def to_json(self) -> dict:
         return {
@@ -113,6 +146,7 @@ class StepSignature:
             "outputs": ["loss"] + self.outputs,
             "loss_dtype": self.loss_dtype,
             "partial": {k: vars(v) for k, v in self.partial.items()},
+            "packed": {k: v.width for k, v in self.packed.items()},
             "index_ranges": [r.to_json() for r in self.index_ranges],
             "checks_in_step": self.checks_in_step,
         }
@@ -126,6 +160,7 @@ class StepSignature:
             outputs=list(d["outputs"][1:]),
             loss_dtype=d["loss_dtype"],
             partial={k: SplitWeight(**v) for k, v in d.get("partial", {}).items()},
+            packed={k: Panels(v) for k, v in d.get("packed", {}).items()},
             index_ranges=[IndexRange.from_json(r) for r in d.get("index_ranges", [])],
             checks_in_step=bool(d.get("checks_in_step", False)),
         )

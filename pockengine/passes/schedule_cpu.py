@@ -82,6 +82,22 @@ def register_tile(rows: int, vectors: int, tiles) -> tuple | None:
     return next(((r, v) for r, v in tiles if rows % r == 0 and vectors % v == 0), None)
 
 
+def column_panel_width(rows: int, columns: int, depth: int, batch: int, vector_lanes: int, cores: int,
+                       vector_registers: int = 16, itemsize: int = 4) -> int | None:
+    """The width of the panels a matmul of `batch` x `rows` x `depth` by `depth` x `columns`
+    copies its column operand into (see _schedule_register_tiles and _pack_columns), or None when
+    its default schedule reads that operand in place. Prepared panels of this width
+    (passes/pack_frozen_weights.py) are read with the same register tile."""
+    if columns % vector_lanes:
+        return None
+    vectors = columns // vector_lanes
+    tile = register_tile(rows, vectors, register_tiles(vector_registers))
+    if tile is None:
+        return None
+    _, block_rows, _ = _cache_blocks((rows, vectors, depth, vector_lanes), tile, cores, batch, itemsize)
+    return tile[1] * vector_lanes if block_rows // tile[0] >= MIN_ROW_TILES_TO_PACK else None
+
+
 def schedule_cpu(vector_lanes: int, cores: int, vector_registers: int = 16) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="ScheduleCPU")
     def transform(mod, _ctx):

@@ -21,6 +21,9 @@ from tvm import relax, te
 
 from ..ir import op_name
 
+# The name of the kernels this pass writes (pack_frozen_weights finds them by it).
+MATMUL_NT = "matmul_nt"
+
 
 def transposed_matmuls() -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="TransposedMatmuls")
@@ -77,7 +80,7 @@ class _Rewriter(relax.PyExprMutator):
             dtype = str(call.ty.dtype)
             if (base.ty.ndim == 2 and axes == [1, 0] and str(x.ty.dtype) == dtype and str(base.ty.dtype) == dtype
                     and _static(x) and _static(base)):
-                return self.builder_.call_te(_matmul_nt, x, base, primfunc_name_hint="matmul_nt")
+                return self.builder_.call_te(_matmul_nt, x, base, primfunc_name_hint=MATMUL_NT)
         return call
 
 
