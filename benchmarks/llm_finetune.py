@@ -4,6 +4,7 @@
     python benchmarks/llm_finetune.py --small                # 2 blocks, batch 2 x 32 tokens (what CI runs)
     python benchmarks/llm_finetune.py --model smollm-135m    # SmolLM-135M's shape, 1 x 256 tokens
     python benchmarks/llm_finetune.py --model qwen2-0.5b --torch-compile --backend tvm --backend auto
+    python benchmarks/llm_finetune.py --model smollm-135m --neighbour   # quiet and beside a busy process
 
 Models are random-initialised from their transformers configs (nothing is downloaded): the
 example's tiny LLaMA; SmolLM-135M (LLaMA: hidden 576, 30 layers, 9/3 heads, MLP 1536, vocabulary
@@ -124,6 +125,8 @@ def main(argv=None) -> list:
     parser.add_argument("--backend", action="append", choices=("tvm", "auto"),
                         help="our kernels (tvm, the default) and/or auto (PyTorch's where faster, host only)")
     parser.add_argument("--torch-compile", action="store_true", help="also time torch.compile (minutes of compiling)")
+    parser.add_argument("--neighbour", action="store_true",
+                        help="ours and PyTorch eager, quiet and beside a busy process: the two slowdowns")
     args = parser.parse_args(argv)
     if args.small and args.model != "tiny":
         parser.error("--small is the tiny model's CI size; leave out --model")
@@ -137,6 +140,16 @@ def main(argv=None) -> list:
     torch.set_num_threads(os.cpu_count() or 1)
     s = SIZES[size if args.model == "tiny" else args.model]
     tokens = s["batch"] * s["seq"]
+
+    if args.neighbour:
+        rows = []
+        for scheme in chosen:
+            source = bench.JobSource(os.path.abspath(__file__), "make_job", (scheme, size, args.model))
+            rows.append((args.model, scheme, bench.neighbour_times(source, args.target, args.repeats,
+                                                                   peer_policies=(None,) if args.small else None)))
+            print(bench.neighbour_report(rows[-1:]), file=sys.stderr, flush=True)
+        print(bench.neighbour_report(rows))
+        return rows
 
     rows = []
     for scheme in chosen:

@@ -4,6 +4,7 @@ torch.compile vs ONNX Runtime training, on the same step with the same frozen se
     python benchmarks/step_time.py                 # the workloads below, full size
     python benchmarks/step_time.py --small         # reduced sizes (what CI runs)
     python benchmarks/step_time.py --tune 1800     # tune each workload for up to 1800 s into tuning_logs/host/
+    python benchmarks/step_time.py --neighbour     # quiet and beside a busy process: ours vs eager's slowdown
 
 Workloads: MobileNetV2-0.35 at 8x3x128x128 (full update and MCUNetV3-style sparse update), a
 4-layer transformer classifier (d_model 128, seq 128, batch 8; full and last-2-blocks + biases),
@@ -203,23 +204,40 @@ def main(argv=None):
     parser.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime training (its own venv)")
     parser.add_argument("--target", default="host",
                         help="what ours is built for (default host: the preset the shipped logs were tuned for)")
+    parser.add_argument("--neighbour", action="store_true",
+                        help="ours (untuned) and PyTorch eager, quiet and beside a busy process: the two slowdowns")
     args = parser.parse_args(argv)
     if args.tune:
         tune_all(args.tune, args.trials, args.small, args.only, args.scheme, args.min_share)
         return []
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.neighbour:
+        return neighbour_table(args)
     peers = {"eager"} | (set() if args.no_compile else {"torch.compile"}) | (set() if args.no_ort else {"ort"})
     rows = []
-    for workload in workloads(args.small):
-        if args.only and workload["name"] != args.only:
-            continue
-        for scheme in workload["schemes"]:
-            if args.scheme and scheme != args.scheme:
-                continue
-            rows.append((workload["title"], scheme, measure(workload, scheme, args.small, args.repeats, peers,
-                                                            target=args.target)))
-            print(bench.report(rows[-1:]), file=sys.stderr, flush=True)
+    for workload, scheme in chosen(args):
+        rows.append((workload["title"], scheme, measure(workload, scheme, args.small, args.repeats, peers,
+                                                        target=args.target)))
+        print(bench.report(rows[-1:]), file=sys.stderr, flush=True)
     print(bench.report(rows))
+    return rows
+
+
+def chosen(args) -> list:
+    """(workload, scheme) pairs that --only and --scheme select."""
+    return [(w, scheme) for w in workloads(args.small) if not args.only or w["name"] == args.only
+            for scheme in w["schemes"] if not args.scheme or scheme == args.scheme]
+
+
+def neighbour_table(args) -> list:
+    rows = []
+    policies = (None,) if args.small else None
+    for workload, scheme in chosen(args):
+        source = bench.JobSource(os.path.abspath(__file__), "job_for", (workload["name"], scheme, args.small))
+        rows.append((workload["title"], scheme, bench.neighbour_times(source, args.target, args.repeats,
+                                                                      peer_policies=policies)))
+        print(bench.neighbour_report(rows[-1:]), file=sys.stderr, flush=True)
+    print(bench.neighbour_report(rows))
     return rows
 
 

@@ -34,11 +34,12 @@ def compile(job, target="host", verbose=False, tuning_logs=(), backend="tvm"):  
                     backend=backend)
 
 
-def load(directory):
-    """Load an exported artifact directory as a Program."""
+def load(directory, threads=None):
+    """Load an exported artifact directory as a Program; `threads`: worker threads for its kernels
+    (default: chosen step by step among the CPUs available to this process, see Program.threads)."""
     from .runtime import load as _load
 
-    return _load(directory)
+    return _load(directory, threads=threads)
 
 
 _LAZY = {"TrainingJob": ("job", "TrainingJob"), "SparseUpdate": ("sparse", "SparseUpdate"),

@@ -13,6 +13,7 @@ GFLOP/s counts the step's convolutions and matmuls (forward and backward) over t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -152,6 +153,56 @@ def step_times(source: JobSource, target="host", tuning_logs=(), repeats: int = 
         print(f"[{job.name}] {', '.join(torch_peers)} (fresh processes) ...", file=log, flush=True)
         row.update(torch_times_in_fresh_processes(source, torch_peers, repeats, peer_policies, plan=program.plan))
     return row
+
+
+@contextlib.contextmanager
+def busy_neighbour():
+    """Another process keeping one CPU busy (`while True: pass`) for the duration: a device's camera
+    pipeline or web server, as the training step meets them."""
+    process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)  # running before the timing starts
+        yield
+    finally:
+        process.kill()
+        process.wait()
+
+
+def neighbour_times(source: JobSource, target="host", repeats: int = 10, log=None, peer_policies=None) -> dict:
+    """{"ours": ms, "ours beside": ms, "eager": ms, "eager beside": ms}: the untuned step and
+    PyTorch eager's (fresh processes, best_over_wait_policies each time), quiet and beside a
+    busy_neighbour. `log`: progress lines (default: the current sys.stderr)."""
+    import pockengine as pe
+
+    log = log or sys.stderr
+
+    job = source.load()
+    print(f"[{job.name}] compiling ...", file=log, flush=True)
+    program = pe.compile(job, target)
+    batch = (*job.example_inputs, job.example_targets)
+    row = {"job": job.name, "ours": program.time_step(*batch, repeats=repeats)}
+    print(f"[{job.name}] eager (fresh processes) ...", file=log, flush=True)
+    row["eager"] = torch_times_in_fresh_processes(source, ["eager"], repeats, peer_policies, plan=program.plan)["eager"]
+    print(f"[{job.name}] beside a busy process ...", file=log, flush=True)
+    with busy_neighbour():
+        row["ours beside"] = program.time_step(*batch, repeats=repeats)
+        row["eager beside"] = torch_times_in_fresh_processes(source, ["eager"], repeats, peer_policies,
+                                                             plan=program.plan)["eager"]
+    return row
+
+
+def neighbour_report(rows: list[tuple[str, str, dict]]) -> str:
+    """Quiet and shared step times, ours and PyTorch eager's, and the two slowdowns."""
+    head = f"{'workload':<34}{'scheme':<22}{'ours':>10}{'beside':>10}{'slowdown':>10}{'eager':>10}{'beside':>10}" \
+           f"{'slowdown':>10}{'ours/eager':>12}"
+    lines = [head, "-" * len(head)]
+    for title, scheme, row in rows:
+        ours, eager = row["ours beside"] / row["ours"], row["eager beside"] / row["eager"]
+        lines.append(f"{title[:33]:<34}{scheme[:21]:<22}{row['ours']:>7.1f} ms{row['ours beside']:>7.1f} ms{ours:>9.2f}x"
+                     f"{row['eager']:>7.1f} ms{row['eager beside']:>7.1f} ms{eager:>9.2f}x{ours / eager:>11.2f}x")
+    lines.append(f"median step times; beside = with another process keeping one of the {os.cpu_count()} CPUs busy; "
+                 "ours/eager = our slowdown over eager's (goal <= 1.1)")
+    return "\n".join(lines)
 
 
 # OpenMP wait policies each peer is timed under, in fresh processes (None: unset, OpenMP's default);

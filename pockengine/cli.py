@@ -3,7 +3,7 @@
     pockengine build train.py --target host -o build/mlp [--tuning-log DIR]
     pockengine tune train.py --target host --trials 500 -o tuning_logs/host/mlp [--time-budget 600]
     pockengine bench train.py [--tuning-log DIR] [--torch-compile]
-    pockengine run build/mlp --steps 20 [--data batches.npz] [--save]
+    pockengine run build/mlp --steps 20 [--data batches.npz] [--save] [--threads N]
     pockengine inspect build/mlp
     pockengine targets
 
@@ -191,7 +191,7 @@ def cmd_run(args) -> int:
     if family == "aarch64":  # its runner locks the artifact itself when saving
         from .targets import aarch64
 
-        return aarch64.run(args.artifact, args.steps, args.data, args.save)
+        return aarch64.run(args.artifact, args.steps, args.data, args.save, threads=args.threads)
     # Saving: locked from reading the state to writing it back, so concurrent runs lose no step.
     with locked(args.artifact) if args.save else contextlib.nullcontext():
         return _train(args, family)
@@ -200,8 +200,11 @@ def cmd_run(args) -> int:
 def _train(args, family: str) -> int:
     from .runtime import load, runs_here
 
-    program = load(args.artifact)  # a CUDA artifact loads here only where there is a GPU
+    program = load(args.artifact, threads=args.threads)  # a CUDA artifact loads here only where there is a GPU
     if family == "cortex-m":
+        if args.threads:
+            raise InputError("--threads is for host, aarch64 and CUDA artifacts: a Cortex-M runs its step on its "
+                             "one core; leave it out")
         return _run_cortex_m(program, args)
     if family == "cuda" and not runs_here(program.meta):
         from .errors import TargetError
@@ -387,6 +390,8 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=positive_int, default=10)
     r.add_argument("--data", help=".npz with one array per input (optionally with a leading axis of batches)")
     r.add_argument("--save", action="store_true", help="write the trained state back into the artifact")
+    r.add_argument("--threads", type=positive_int, help="worker threads for the kernels (host, aarch64, CUDA's host "
+                   "side; default: the CPUs available to this process)")
     r.set_defaults(func=cmd_run)
 
     i = sub.add_parser("inspect", help="show an artifact's manifest and memory plan")

@@ -35,7 +35,8 @@ from .frontend import to_numpy
 from .passes.memory_plan import MemoryReport
 from .sparse import plan_from_json
 from .validate import check_learning_rate
-from .targets.device_runner import (EXAMPLE, NON_FINITE, batch_problem, first_non_finite, host_view, locked,
+from .targets.device_runner import (EXAMPLE, NON_FINITE, ThreadGovernor, available_cpus, batch_problem,
+                                    chosen_threads, configure_thread_pool, first_non_finite, host_view, locked,
                                     remove_path, write_npz as _write_npz)
 
 LIBRARY, STATE = "train_step.so", "state.npz"
@@ -47,7 +48,7 @@ class Program:
     example: dict | None = None  # {input name: array}: the batch it was compiled for, exported as example.npz
 
     def __init__(self, library: str, signature: StepSignature, state: dict, report: MemoryReport, meta: dict,
-                 owns_library: bool = False):
+                 owns_library: bool = False, threads: int | None = None):
         import tvm
         from tvm import relax
 
@@ -63,12 +64,13 @@ class Program:
         self.meta = meta
         self._report = report
         self._device = _device(tvm, meta)
-        # TVM sizes its thread pool once, on first use, from TVM_NUM_THREADS, else from half the
-        # CPUs on x86 (it assumes hyperthreads): one thread on a 2-core machine, and the kernels'
-        # parallel loops would run serially. The target says how many cores they were scheduled for.
-        cores = meta.get("tvm_target", {}).get("num-cores")
-        if cores:
-            os.environ.setdefault("TVM_NUM_THREADS", str(cores))
+        # TVM would size its thread pool from half the CPUs on x86 (it assumes hyperthreads) and pin
+        # it to cores: each step configures the pool of the thread running it instead, for a
+        # machine shared with other processes (device_runner.configure_thread_pool, ThreadGovernor).
+        self._available_cpus = available_cpus()
+        on_cpu = self._device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+        self._governor = ThreadGovernor(self._available_cpus, adaptive=on_cpu)  # a GPU step's time is the GPU's
+        self.threads = chosen_threads(threads)
         library_kernels = meta.get("backend", {}).get("library_kernels")
         if library_kernels:  # ops switched to PyTorch's kernels (passes/switch_backend.py)
             from .targets import torch_kernels
@@ -207,10 +209,30 @@ class Program:
         args = self._batch_tensors(self._batch_arrays(batch))
         return args, {name: self._tensor(value.numpy()) for name, value in self._state.items()}
 
+    @property
+    def threads(self) -> int | None:
+        """The worker threads the step's kernels run on, when set (`pe.load(..., threads=N)`, or
+        TVM_NUM_THREADS); None: chosen step by step (ThreadGovernor) among the CPUs available to this
+        process (its affinity mask and cgroup CPU quota, read at load): all of them on a quiet
+        machine, half beside busy processes."""
+        return self._threads
+
+    @threads.setter
+    def threads(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise InputError(f"threads must be a whole number >= 1 (or None: chosen among the {available_cpus()} "
+                             f"CPUs available to this process), got {value!r}")
+        self._threads = None if value is None else int(value)
+
     def _run(self, args, state: dict, step=None):
         """One step (by `step`, default the program's) on `state` ({name: tensor}), which takes the
         new values; the step's outputs."""
+        threads = self._threads or self._governor.threads()
+        configure_thread_pool(threads)
+        start = time.perf_counter()
         outs = (step or self._fn)(*args, *(state[s.name] for s in self.signature.state))
+        if self._threads is None and step is None:  # another step (kernel_times') is instrumented
+            self._governor.record(threads, time.perf_counter() - start)
         state.update(zip(self.signature.outputs, list(outs)[1:]))
         if not self._inputs_checked and self._batch_buffers is not None:
             self._check_inputs_are_not_returned(outs)
@@ -461,6 +483,7 @@ class DeviceProgram(Program):
         self._specs = {s.name: s for s in signature.state}
         self._state = {spec.name: np.array(state[spec.name], dtype=spec.dtype).reshape(spec.shape)
                        for spec in signature.state}
+        self._threads = None  # its runner chooses on the device (`pockengine run --threads N`)
         self.steps_taken = 0
         if scratch:
             weakref.finalize(self, shutil.rmtree, scratch, True)
@@ -521,9 +544,11 @@ def _device(tvm, meta: dict):
     return tvm.cpu()
 
 
-def load(directory: str) -> Program:
+def load(directory: str, threads: int | None = None) -> Program:
     """Load an artifact written by `Program.export` (or `pockengine build`). An artifact built for
-    another machine loads as a DeviceProgram: its state can be read and changed, its steps run there."""
+    another machine loads as a DeviceProgram: its state can be read and changed, its steps run there.
+    threads: worker threads for the step's kernels (default: chosen step by step among the CPUs
+    available to this process; see Program.threads)."""
     manifest = read_manifest(directory)
     for name, expected in manifest.get("sha256", {}).items():
         path = os.path.join(directory, name)
@@ -540,7 +565,7 @@ def load(directory: str) -> Program:
         if not os.path.isfile(lib_path):
             raise ArtifactError(f"{lib_path} is missing: the artifact is incomplete; rebuild it with `pockengine build`")
         _check_library(lib_path, manifest)
-        program = Program(lib_path, signature, state, report, meta)
+        program = Program(lib_path, signature, state, report, meta, threads=threads)
     else:
         files = {name: os.path.join(directory, name) for key, name in manifest["files"].items() if key != "state"}
         program = DeviceProgram({name: path for name, path in files.items() if os.path.exists(path)}, signature, state,

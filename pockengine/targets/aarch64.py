@@ -34,7 +34,8 @@ def is_native() -> bool:
     return platform.machine().lower() in ("aarch64", "arm64")
 
 
-def run(artifact: str, steps: int, data: str | None = None, save: bool = False, progress=None) -> int:
+def run(artifact: str, steps: int, data: str | None = None, save: bool = False, progress=None,
+        threads: int | None = None) -> int:
     """Run the artifact's runner for `steps` steps, streaming its output; its exit status."""
     runner = os.path.join(os.path.abspath(artifact), RUNNER)
     if not os.path.isfile(runner):
@@ -44,6 +45,8 @@ def run(artifact: str, steps: int, data: str | None = None, save: bool = False, 
         argv += ["--data", os.path.abspath(data)]
     if save:
         argv.append("--save")
+    if threads:
+        argv += ["--threads", str(threads)]
     if is_native():
         command, env = [sys.executable, *argv], None
     else:

@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -245,23 +246,196 @@ def remove_path(path: str) -> None:
             pass
 
 
-def run(artifact: str, steps: int, data: str | None = None, save: bool = False, out=sys.stdout) -> list:
+# TVM's CPU thread pool on a machine the training shares with other processes. Between kernels,
+# TVM's workers spin on sched_yield (up to 300000 times) before they sleep, and every parallel
+# kernel waits for its slowest worker: beside a busy process, a worker on the busy core gets the
+# core back only after the neighbour's time slice, once per kernel. MobileNetV2-0.35's step (128x128,
+# batch 8, 2 cores) took 52 ms quiet and 190-700 ms beside one busy process on 2 workers, 97 ms
+# quiet and 96-109 ms beside it on 1 worker. Not spinning (TVM_THREAD_POOL_SPIN_COUNT=0) fixes the
+# shared case (108 ms) but costs the quiet one 15% (60 ms): each kernel then wakes a sleeping
+# worker. So the spin stays, and ThreadGovernor picks the worker count by measuring the steps.
+# TVM also pins its workers and the calling thread to cores unless TVM_BIND_THREADS=0; it reads
+# that from the environment only, so configure_thread_pool sets it for the moment it configures the
+# pool and puts the environment back.
+_AFFINITY_SPECIFIED = -3  # TVM's ThreadGroup::kSpecifyThreadShareAllCore
+_POOL = threading.local()  # .threads: the worker count this thread's pool was last configured with
+
+
+def available_cpus(proc_cgroup: str = "/proc/self/cgroup", cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """How many CPUs this process may use: its affinity mask (taskset, a cpuset), cut down to a
+    cgroup CPU quota (a container's --cpus) rounded down, at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(proc_cgroup, cgroup_root)
+    return max(1, min(cpus, int(quota))) if quota is not None else max(1, cpus)
+
+
+def cgroup_cpu_quota(proc_cgroup: str = "/proc/self/cgroup", cgroup_root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPU quota (in CPUs) of this process's cgroup or of any cgroup above it, the smallest;
+    None without one. cgroup v2 (`cpu.max`: "max 100000" or "150000 100000") and v1
+    (`cpu.cfs_quota_us` / `cpu.cfs_period_us`, -1 for none)."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2: one hierarchy under cgroup_root
+            base, files = cgroup_root, ("cpu.max",)
+        elif "cpu" in controllers.split(","):  # v1: the cpu controller's hierarchy
+            base = next((os.path.join(cgroup_root, d) for d in (controllers, "cpu", "cpu,cpuacct")
+                         if os.path.isdir(os.path.join(cgroup_root, d))), None)
+            files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+            if base is None:
+                continue
+        else:
+            continue
+        parts = [p for p in path.strip("/").split("/") if p]
+        for depth in range(len(parts), -1, -1):  # this cgroup, then each one above it (a container's root is "/")
+            quota = _read_quota(os.path.join(base, *parts[:depth]), files)
+            if quota is not None:
+                quotas.append(quota)
+    return min(quotas) if quotas else None
+
+
+def _read_quota(directory: str, files: tuple) -> float | None:
+    try:
+        texts = []
+        for name in files:
+            with open(os.path.join(directory, name)) as f:
+                texts.append(f.read().split())
+    except OSError:
+        return None
+    try:
+        if len(files) == 1:  # v2: "$MAX $PERIOD"
+            limit, period = texts[0][0], texts[0][1]
+        else:
+            limit, period = texts[0][0], texts[1][0]
+        if limit in ("max", "-1") or float(period) <= 0:
+            return None
+        return float(limit) / float(period)
+    except (IndexError, ValueError):
+        return None
+
+
+def chosen_threads(threads: int | None) -> int | None:
+    """The worker count the user chose: `threads`, else TVM_NUM_THREADS when set (TVM's own
+    setting, taken as the same choice); None: let ThreadGovernor choose."""
+    if threads is not None:
+        return threads
+    value = os.environ.get("TVM_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def configure_thread_pool(threads: int) -> int:
+    """Give the calling thread's TVM thread pool `threads` workers, none pinned to a core (unless
+    the user set TVM_BIND_THREADS). TVM keeps a pool per calling thread: call this in the thread
+    that runs the steps, before each step (it returns at once when nothing changes)."""
+    if getattr(_POOL, "threads", None) == threads:
+        return threads
+    import tvm
+
+    configure = tvm.get_global_func("runtime.config_threadpool")
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = list(range(os.cpu_count() or 1))
+    with _tvm_environment(TVM_BIND_THREADS="0"):
+        if getattr(_POOL, "threads", None) is None:
+            # The cpu list sets how many workers TVM uses (its "max concurrency": at 1 kernels run
+            # without the pool) and, only when binding, where. The pool is created at the first
+            # call, with this size: as large as this machine allows, so a later count fits.
+            size = max(threads, len(allowed))
+            configure(_AFFINITY_SPECIFIED, size, [str(allowed[i % len(allowed)]) for i in range(size)])
+        configure(_AFFINITY_SPECIFIED, threads, [str(allowed[i % len(allowed)]) for i in range(threads)])
+    _POOL.threads = threads
+    return threads
+
+
+class ThreadGovernor:
+    """The worker count for each step when the user has not chosen one: all the CPUs available
+    while the steps run fastest that way, half of them (at least one) while other processes keep
+    cores busy. It measures: each count's recent step time, the current count kept while it is the
+    faster one; the other count is tried again after `interval` steps (doubling, up to
+    MAX_INTERVAL, each time it loses), or at once when a step takes SLOWDOWN times its count's
+    previous one; it wins when MARGIN times as fast. A quiet machine pays one slower step in MAX_INTERVAL; a
+    busy one, one slow step as often and, when the other processes stop, up to MAX_INTERVAL steps
+    on half the CPUs before the next trial finds out."""
+
+    MIN_INTERVAL, MAX_INTERVAL, SLOWDOWN, MARGIN = 4, 128, 1.5, 0.9
+
+    def __init__(self, cpus: int, adaptive: bool = True):
+        """adaptive=False: always `cpus` (the host side of a GPU step, whose time is the GPU's)."""
+        self.counts = (cpus, max(1, cpus // 2)) if cpus > 1 and adaptive else (cpus,)
+        self.current = self.counts[0]
+        self.recent: dict = {}  # worker count -> its latest step time (s)
+        self.interval = self.MIN_INTERVAL
+        self.since_trial = 0
+        self._trial_of = None  # the count being tried this step, else None
+
+    def threads(self) -> int:
+        """The worker count for the next step."""
+        if len(self.counts) == 1:
+            return self.current
+        other = self.counts[1] if self.current == self.counts[0] else self.counts[0]
+        if other not in self.recent or self.since_trial >= self.interval:
+            self._trial_of = other
+            return other
+        self._trial_of = None
+        return self.current
+
+    def record(self, threads: int, seconds: float) -> None:
+        """The step just run on `threads` workers took `seconds`."""
+        if len(self.counts) == 1:
+            return
+        if self._trial_of == threads:
+            self.since_trial = 0
+            if seconds < self.MARGIN * self.recent.get(self.current, float("inf")):
+                self.current, self.interval = threads, self.MIN_INTERVAL
+            else:
+                self.interval = min(2 * self.interval, self.MAX_INTERVAL)
+            self.recent[threads] = seconds
+            return
+        slower = threads in self.recent and seconds > self.SLOWDOWN * self.recent[threads]
+        self.recent[threads] = seconds
+        self.since_trial = self.interval if slower else self.since_trial + 1
+
+
+@contextlib.contextmanager
+def _tvm_environment(**variables):
+    """The environment variables the user has not set, set for the duration only."""
+    added = [name for name in variables if name not in os.environ]
+    for name in added:
+        os.environ[name] = variables[name]
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def run(artifact: str, steps: int, data: str | None = None, save: bool = False, out=sys.stdout,
+        threads: int | None = None) -> list:
     """Train `steps` steps; print and return the losses. With `save`, the artifact is locked from
     reading its state to writing it back, so concurrent runs train one after the other."""
     with locked(artifact) if save else contextlib.nullcontext():
-        return _train(artifact, steps, data, save, out)
+        return _train(artifact, steps, data, save, out, threads)
 
 
-def _train(artifact: str, steps: int, data: str | None, save: bool, out) -> list:
+def _train(artifact: str, steps: int, data: str | None, save: bool, out, threads: int | None = None) -> list:
     import tvm
     from tvm.runtime.vm import VirtualMachine  # the runtime-only path (tvm.relax needs the compiler)
 
     with open(os.path.join(artifact, "manifest.json")) as f:
         manifest = json.load(f)
     signature = manifest["signature"]
-    cores = manifest.get("tvm_target", {}).get("num-cores")
-    if cores:  # TVM sizes its thread pool from this on first use (see runtime.py)
-        os.environ.setdefault("TVM_NUM_THREADS", str(min(int(cores), os.cpu_count() or 1)))
+    threads = chosen_threads(threads)
+    # for a device shared with other processes; a GPU step's time is the GPU's
+    governor = ThreadGovernor(available_cpus(), adaptive=manifest.get("family") != "cuda")
     device = tvm.cpu()
     if manifest.get("family") == "cuda":  # a Jetson (or any GPU machine): the kernels run on the GPU
         device = tvm.cuda(0)
@@ -284,8 +458,11 @@ def _train(artifact: str, steps: int, data: str | None, save: bool, out) -> list
         if problem:  # the same checks as the host's Program.step
             raise ValueError(f"step {step}: {problem[1]}; nothing was saved")
         batch = [tvm.runtime.tensor(a, device) for a in arrays]
+        workers = configure_thread_pool(threads or governor.threads())
         start = time.perf_counter()
         outs = step_fn(*batch, *(state[s["name"]] for s in signature["state"]))
+        if threads is None:
+            governor.record(workers, time.perf_counter() - start)
         state.update(zip(signature["outputs"][1:], list(outs)[1:]))  # output 0 is the loss
         losses.append(float(outs[0].numpy()))
         print(f"step {step:>5}  loss {losses[-1]:.9g}  {(time.perf_counter() - start) * 1e3:8.2f} ms", file=out, flush=True)
@@ -320,9 +497,11 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument("--data", help=".npz with one array per input (optionally with a leading axis of batches)")
     parser.add_argument("--save", action="store_true", help="write the trained state back into the artifact")
+    parser.add_argument("--threads", type=positive_int,
+                        help="worker threads for the kernels (default: the CPUs available to this process)")
     args = parser.parse_args(argv)
     try:
-        run(args.artifact, args.steps, args.data, args.save)
+        run(args.artifact, args.steps, args.data, args.save, threads=args.threads)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

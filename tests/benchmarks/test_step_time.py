@@ -18,3 +18,15 @@ def test_step_time_benchmark_small(capsys):
         assert row.get("tuned kernels", 0) == 0
     out = capsys.readouterr().out
     assert "time / eager" in out and "GFLOP/s" in out
+
+
+def test_step_time_beside_a_busy_process_small(capsys):
+    """--neighbour: ours and eager quiet and beside a busy process, both slowdowns printed."""
+    bench = load_example_module("benchmarks/step_time.py", "step_time")
+    rows = bench.main(["--small", "--neighbour", "--only", "plain-cnn", "--repeats", "2",
+                       "--target", json.dumps(FAST_HOST)])
+    assert len(rows) == 1
+    row = rows[0][2]
+    assert all(row[c] > 0 for c in ("ours", "ours beside", "eager", "eager beside"))
+    out = capsys.readouterr().out
+    assert "slowdown" in out and "ours/eager" in out
