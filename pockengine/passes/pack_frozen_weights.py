@@ -7,14 +7,15 @@ A CPU matmul `x @ W^T` (nn.Linear; transposed_matmuls reads W[N, K] as stored) c
 it is the same copy every step. Measured on 2 cores AVX2: Qwen2-0.5B's 128 x 896 @ (4864 x 896)^T
 repeated (W in cache) takes 10 ms packing W and 6.8 ms reading prepared panels (MKL 8.2 ms); in the
 step, where each weight comes from DRAM once, its last-2-blocks step went 1294 -> 1251 ms (154
-weights packed), SmolLM-135M's 701 -> 678 ms (196). Rewrites, in `func_name`, for each state tensor of `widths`:
+weights packed), SmolLM-135M's 701 -> 678 ms (196).
+Rewrites, in `func_name`, for each state tensor of `widths`:
     param W[N, K]                        ->  param W[N / width, K, width]   (StepSignature.packed)
     call_tir(matmul_nt, x, W)            ->  call_tir(matmul_panels, x, W): out[..., i, j] = sum_k x[..., i, k] W[j / width, k, j % width]
 The runtime makes and unmakes the panels (autodiff.step.Panels); a state_dict() is in the model's
 layout. `panel_widths` chooses the weights: frozen (whole, not a part of a partially trained one),
 every use such a matmul, all wanting the same width (schedule_cpu.column_panel_width). A weight the
-backward also reads (`dy @ W`, the data gradient) reads it along the other axis and is left alone: a
-second, transposed copy for it would double the frozen weights' memory.
+backward also reads (its data gradient `dy @ W` reads it along the other axis) is left alone: a
+second, transposed copy of it would double the frozen weights' memory.
 """
 
 from __future__ import annotations
