@@ -364,7 +364,20 @@ def tune(job, target, trials: int, output: str, time_budget_s: float | None = No
     with at least `min_flop_share` of the step's estimated FLOPs, costliest first.
 
     Resumable: trials already in `output` for these kernels count toward `trials`, and the search
-    starts from their best schedules. Returns a summary dict (tasks, trials run, per-task best)."""
+    starts from their best schedules. Returns a summary dict (tasks, trials run, per-task best).
+    MetaSchedule's builder and runner workers see TVM_NUM_THREADS set to the target's cores for the
+    duration; the caller's environment is as it was afterwards."""
+    previous = os.environ.get("TVM_NUM_THREADS")
+    try:
+        return _tune(job, target, trials, output, time_budget_s, rpc, stream, seed, min_flop_share)
+    finally:
+        if previous is None:
+            os.environ.pop("TVM_NUM_THREADS", None)
+        else:
+            os.environ["TVM_NUM_THREADS"] = previous
+
+
+def _tune(job, target, trials: int, output: str, time_budget_s, rpc, stream, seed: int, min_flop_share: float) -> dict:
     from tvm.s_tir import meta_schedule as ms
 
     from . import build, targets

@@ -34,7 +34,9 @@ def mlp_log(tmp_path_factory):
     torch.manual_seed(0)
     model = MLP()
     log = str(tmp_path_factory.mktemp("tuning") / "mlp")
+    before = os.environ.get("TVM_NUM_THREADS")
     result = tuning.tune(mlp_job(model), "host", TRIALS, log)
+    assert os.environ.get("TVM_NUM_THREADS") == before  # set for MetaSchedule's workers only while tuning
     return model, log, result
 
 
