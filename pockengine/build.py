@@ -307,8 +307,8 @@ def _compile_cpu(job, preset, derived: Derived, progress, tuning_logs, backend):
             lowered = tvm.transform.Sequential(lowering_passes(preset, packed_signature))(fused)
             return lowered, tuning_report, packed_signature
 
-    def program(choices, lowered, tuning_report, report, signature):
-        state = derived.state_for(signature)
+    def program(choices, lowered, tuning_report, report, step_signature):
+        state = derived.state_for(step_signature)
         with tvm_target:
             final = tvm.transform.Sequential(finalize_passes())(lowered)
         with without_kernel_argument_checks():
@@ -324,11 +324,11 @@ def _compile_cpu(job, preset, derived: Derived, progress, tuning_logs, backend):
 
                 executable.export_library(library, fcompile=aarch64.cross_compiler())
                 files = {LIBRARY: library, aarch64.RUNNER: aarch64.runner_source_path()}
-                return DeviceProgram(files, signature, state, report, meta, scratch=scratch)
+                return DeviceProgram(files, step_signature, state, report, meta, scratch=scratch)
             # LLVM emits machine code when the library is written; doing it once here (instead of a JIT
             # link for the VM and again on export) halves the build. The Program owns the file.
             executable.export_library(library)
-            return Program(library, signature, state, report, meta, owns_library=True)
+            return Program(library, step_signature, state, report, meta, owns_library=True)
 
     with _stage("lower", progress, derived.imported.origin):
         choices = switching.measure(step_mod[STEP_FUNC], preset, backend, tuning_logs)

@@ -36,7 +36,7 @@ from .passes.memory_plan import MemoryReport
 from .sparse import plan_from_json
 from .validate import check_learning_rate
 from .targets.device_runner import (EXAMPLE, NON_FINITE, ThreadGovernor, available_cpus, batch_problem,
-                                    chosen_threads, configure_thread_pool, first_non_finite, host_view, locked,
+                                    chosen_threads, first_non_finite, host_view, locked,
                                     remove_path, write_npz as _write_npz)
 
 LIBRARY, STATE = "train_step.so", "state.npz"
@@ -67,9 +67,8 @@ class Program:
         # TVM would size its thread pool from half the CPUs on x86 (it assumes hyperthreads) and pin
         # it to cores: each step configures the pool of the thread running it instead, for a
         # machine shared with other processes (device_runner.configure_thread_pool, ThreadGovernor).
-        self._available_cpus = available_cpus()
         on_cpu = self._device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
-        self._governor = ThreadGovernor(self._available_cpus, adaptive=on_cpu)  # a GPU step's time is the GPU's
+        self._governor = ThreadGovernor(available_cpus(), adaptive=on_cpu)  # a GPU step's time is the GPU's
         self.threads = chosen_threads(threads)
         library_kernels = meta.get("backend", {}).get("library_kernels")
         if library_kernels:  # ops switched to PyTorch's kernels (passes/switch_backend.py)
@@ -227,12 +226,9 @@ class Program:
     def _run(self, args, state: dict, step=None):
         """One step (by `step`, default the program's) on `state` ({name: tensor}), which takes the
         new values; the step's outputs."""
-        threads = self._threads or self._governor.threads()
-        configure_thread_pool(threads)
-        start = time.perf_counter()
-        outs = (step or self._fn)(*args, *(state[s.name] for s in self.signature.state))
-        if self._threads is None and step is None:  # another step (kernel_times') is instrumented
-            self._governor.record(threads, time.perf_counter() - start)
+        # another step (kernel_times') is instrumented: its time says nothing about the thread count
+        outs = self._governor.run(step or self._fn, *args, *(state[s.name] for s in self.signature.state),
+                                  fixed=self._threads, learn=step is None)
         state.update(zip(self.signature.outputs, list(outs)[1:]))
         if not self._inputs_checked and self._batch_buffers is not None:
             self._check_inputs_are_not_returned(outs)

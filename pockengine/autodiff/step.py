@@ -90,6 +90,10 @@ class Panels:
         panels, depth, width = shape
         return (panels * width, depth)
 
+    def packed_shape(self, shape) -> tuple:
+        rows, depth = shape
+        return (rows // self.width, depth, self.width)
+
 
 @dataclass
 class StepSignature:
@@ -135,8 +139,8 @@ class StepSignature:
     def with_packed(self, widths: dict) -> "StepSignature":
         """This signature with the state tensors of `widths` ({name: panel width}) held as Panels."""
         panels = {name: Panels(width) for name, width in widths.items()}
-        state = [TensorSpec(s.name, (s.shape[0] // panels[s.name].width, s.shape[1], panels[s.name].width), s.dtype)
-                 if s.name in panels else s for s in self.state]
+        state = [TensorSpec(s.name, panels[s.name].packed_shape(s.shape), s.dtype) if s.name in panels else s
+                 for s in self.state]
         return replace(self, state=state, packed={**self.packed, **panels})
 
     def to_json(self) -> dict:

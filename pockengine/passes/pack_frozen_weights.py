@@ -25,7 +25,7 @@ import math
 import tvm
 from tvm import relax, te
 
-from ..autodiff.step import FROZEN, StepSignature
+from ..autodiff.step import FROZEN, Panels, StepSignature
 from ..ir import op_name
 from .schedule_cpu import column_panel_width
 from .transposed_matmuls import MATMUL_NT
@@ -40,7 +40,7 @@ def panel_widths(func, signature: StepSignature, vector_lanes: int, cores: int, 
     for block in func.body.blocks:
         for binding in block.bindings:
             width = _matmul_width(binding.value, vector_lanes, cores, vector_registers)
-            column = binding.value.args[1].fields[1] if width is not None else None
+            column = _matmul_nt_operands(binding.value)[1] if width is not None else None
             for var in relax.analysis.free_vars(binding.value):
                 if var in param_of:
                     wanted.setdefault(var, set()).add(width if var.same_as(column) else None)
@@ -51,11 +51,19 @@ def panel_widths(func, signature: StepSignature, vector_lanes: int, cores: int, 
             and signature.categories.get(param_of[var]) == FROZEN and signature.owner(param_of[var]) == param_of[var]}
 
 
-def _matmul_width(value, vector_lanes: int, cores: int, vector_registers: int) -> int | None:
-    """The panel width a floating-point `call_tir(matmul_nt, x, W)` wants for W, else None."""
+def _matmul_nt_operands(value) -> tuple | None:
+    """(x, W) of a `call_tir(matmul_nt, x, W)` (transposed_matmuls' kernel), else None."""
     if op_name(value) != "relax.call_tir" or not value.args[0].name_hint.startswith(MATMUL_NT):
         return None
-    x, weight = value.args[1].fields
+    return tuple(value.args[1].fields)
+
+
+def _matmul_width(value, vector_lanes: int, cores: int, vector_registers: int) -> int | None:
+    """The panel width a floating-point `call_tir(matmul_nt, x, W)` wants for W, else None."""
+    operands = _matmul_nt_operands(value)
+    if operands is None:
+        return None
+    x, weight = operands
     dtype = tvm.DataType(str(weight.ty.dtype))
     if dtype.type_code != tvm.DataTypeCode.FLOAT or str(x.ty.dtype) != str(weight.ty.dtype):
         return None
@@ -77,9 +85,8 @@ def pack_frozen_weights(widths: dict, signature: StepSignature, func_name: str) 
         for param, spec in zip(func.params[n_batch:], signature.state):
             if spec.name in widths:
                 width = widths[spec.name]
-                rows, depth = (int(d) for d in param.ty.shape)
-                new = relax.Var(param.name, relax.TensorType((rows // width, depth, width), param.ty.dtype))
-                packed[param] = (new, width)
+                shape = Panels(width).packed_shape(tuple(int(d) for d in param.ty.shape))
+                packed[param] = (relax.Var(param.name, relax.TensorType(shape, param.ty.dtype)), width)
         rewriter = _Rewriter(mod, packed)
         body = rewriter.visit_expr(func.body)
         params = [packed[p][0] if p in packed else p for p in func.params]
@@ -97,8 +104,9 @@ class _Rewriter(relax.PyExprMutator):
         self.packed = packed
 
     def visit_call_(self, call):
-        if op_name(call) == "relax.call_tir" and call.args[0].name_hint.startswith(MATMUL_NT):
-            x, weight = call.args[1].fields
+        operands = _matmul_nt_operands(call)
+        if operands is not None:
+            x, weight = operands
             if weight in self.packed:
                 panels, width = self.packed[weight]
                 return self.builder_.call_te(_matmul_panels, self.visit_expr(x), panels, width,

@@ -388,6 +388,16 @@ class ThreadGovernor:
         self._trial_of = None
         return self.current
 
+    def run(self, step, *args, fixed: int | None = None, learn: bool = True):
+        """step(*args) on the calling thread's pool: `fixed` workers, else the count chosen here,
+        which learns from the step's time unless `learn` is False (an instrumented step)."""
+        threads = configure_thread_pool(fixed or self.threads())
+        start = time.perf_counter()
+        outs = step(*args)
+        if fixed is None and learn:
+            self.record(threads, time.perf_counter() - start)
+        return outs
+
     def record(self, threads: int, seconds: float) -> None:
         """The step just run on `threads` workers took `seconds`."""
         if len(self.counts) == 1:
@@ -458,11 +468,8 @@ def _train(artifact: str, steps: int, data: str | None, save: bool, out, threads
         if problem:  # the same checks as the host's Program.step
             raise ValueError(f"step {step}: {problem[1]}; nothing was saved")
         batch = [tvm.runtime.tensor(a, device) for a in arrays]
-        workers = configure_thread_pool(threads or governor.threads())
         start = time.perf_counter()
-        outs = step_fn(*batch, *(state[s["name"]] for s in signature["state"]))
-        if threads is None:
-            governor.record(workers, time.perf_counter() - start)
+        outs = governor.run(step_fn, *batch, *(state[s["name"]] for s in signature["state"]), fixed=threads)
         state.update(zip(signature["outputs"][1:], list(outs)[1:]))  # output 0 is the loss
         losses.append(float(outs[0].numpy()))
         print(f"step {step:>5}  loss {losses[-1]:.9g}  {(time.perf_counter() - start) * 1e3:8.2f} ms", file=out, flush=True)
