@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import pockengine as pe  # noqa: E402
 from conftest import MLP, TransformerClassifier, make_batches, mobilenetv2  # noqa: E402
 from pockengine.autodiff.guards import compiled_without_checks  # noqa: E402
-from pockengine.bench import median_ms  # noqa: E402
+from pockengine.timing import median_ms  # noqa: E402
 
 
 def workloads(small: bool) -> list:

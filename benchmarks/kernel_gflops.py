@@ -31,8 +31,8 @@ import llm_finetune  # noqa: E402
 import step_time  # noqa: E402
 
 import pockengine as pe  # noqa: E402
-from pockengine import bench, build, targets  # noqa: E402
-from pockengine.passes.flops import kernel_flops  # noqa: E402
+from pockengine import bench, build, targets, timing  # noqa: E402
+from pockengine.analysis.flops import kernel_flops  # noqa: E402
 
 LLM_MODELS = ("smollm-135m", "qwen2-0.5b", "tiny")
 
@@ -74,7 +74,7 @@ def torch_matmul_ms(shape, threads: int, repeats: int) -> float:
         a = torch.randn(*lead, shape.m, shape.k, generator=g)
         b = torch.randn(*lead, shape.n, shape.k, generator=g).transpose(-1, -2) if shape.transposed_b else \
             torch.randn(*lead, shape.k, shape.n, generator=g)
-        return bench.median_ms(lambda: torch.matmul(a, b), repeats)
+        return timing.median_ms(lambda: torch.matmul(a, b), repeats)
     finally:
         torch.set_num_threads(previous)
 

@@ -1,5 +1,5 @@
 """ONNX Runtime on-device training of an exported model: median step time (runs in its own venv, so it
-imports nothing from pockengine — hence its own timing loop, like pockengine.bench.median_ms).
+imports nothing from pockengine — hence its own timing loop, like pockengine.timing.median_ms).
 
     python ort_training.py MODEL.onnx BATCH.npz TRAINED.json REPEATS
 

@@ -18,12 +18,12 @@ import copy
 import dataclasses
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 
 from .sparse import plan_from_json, plan_to_json
+from .timing import median_ms
 
 VARIANTS = ("untuned", "tuned", "tuned+switch")
 COLUMNS = VARIANTS + ("eager", "torch.compile", "ort")
@@ -69,17 +69,6 @@ def save_figure(fig, path: str) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def median_ms(step, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def torch_training_step(job, plan, compiled: bool = False):

@@ -23,8 +23,8 @@ from tvm import relax
 
 from . import targets
 from .autodiff.step import STEP_FUNC, StepSignature, build_train_step
-from .passes.memory_plan import memory_report
-from .passes.memory_timeline import timeline
+from .analysis.memory_plan import memory_report
+from .analysis.memory_timeline import timeline
 from .errors import InternalCompilerError, PockEngineError, TargetError, UnsupportedOpError
 from .frontend import FUNC_NAME, to_numpy
 from .ir import without_kernel_argument_checks

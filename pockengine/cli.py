@@ -267,7 +267,7 @@ def _batch_count(data: str | None, steps: int) -> int:
 def cmd_inspect(args) -> int:
     m = read_manifest(args.artifact)
     _without_pytorch()  # inspect runs nothing
-    from .passes.memory_plan import MemoryReport
+    from .analysis.memory_plan import MemoryReport
     from .tuning import TuningReport
 
     absent = [name for name in m["files"].values() if not os.path.exists(os.path.join(args.artifact, name))]

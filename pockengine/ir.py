@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import numpy as np
 import tvm
 from tvm import relax, s_tir, te
 
@@ -160,3 +161,14 @@ def without_kernel_argument_checks():
                                    disabled_pass=current.disabled_pass, instruments=current.instruments,
                                    config=config):
         yield
+
+
+def tensor_bytes(ty) -> int:
+    """Bytes of a statically shaped tensor type; 0 for any other type (a tuple, a symbolic shape)."""
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return 0
+    try:
+        n = int(np.prod([int(d) for d in ty.shape], dtype=np.int64))
+    except TypeError:
+        return 0
+    return n * tvm.DataType(str(ty.dtype)).bits // 8

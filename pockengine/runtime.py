@@ -32,7 +32,7 @@ from .artifact_files import (FORMAT, FORMAT_VERSION, MANIFEST, check_destination
                              read_manifest, recover, replace_directory)
 from .errors import ArtifactError, InputError, NumericsError, StateError, TargetError
 from .frontend import to_numpy
-from .passes.memory_plan import MemoryReport
+from .analysis.memory_plan import MemoryReport
 from .sparse import plan_from_json
 from .validate import check_learning_rate
 from .targets.device_runner import (EXAMPLE, NON_FINITE, ThreadGovernor, available_cpus, batch_problem,
@@ -168,7 +168,7 @@ class Program:
     def time_step(self, *batch, repeats: int = 10) -> float:
         """Median milliseconds of a step on `batch` after warm-up, run on a copy of the state: the
         program itself trains nothing."""
-        from .bench import median_ms
+        from .timing import median_ms
 
         args, state = self._on_a_copy(batch)
         return median_ms(lambda: self._run(args, state), repeats)

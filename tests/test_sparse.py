@@ -12,7 +12,7 @@ from torch import nn
 import pockengine as pe
 from conftest import FAST_HOST, MLP, make_batches, max_scaled_diff, train_torch
 from pockengine.errors import JobError
-from pockengine.passes.flops import step_flops
+from pockengine.analysis.flops import step_flops
 from pockengine.sparse import FROZEN, FULL, Partial, SparseUpdate, apply_to_torch
 
 

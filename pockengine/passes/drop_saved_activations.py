@@ -26,8 +26,7 @@ import tvm
 from tvm import relax, te
 
 from ..autodiff.step import RECOMPUTED_SUFFIX, backward_start
-from ..ir import Substitute, op_name, opaque_kernel, with_blocks, with_function
-from .memory_plan import tensor_bytes
+from ..ir import Substitute, op_name, opaque_kernel, tensor_bytes, with_blocks, with_function
 
 # Elementwise (and broadcasting) ops cheap enough to run twice; reshape-like views cost nothing.
 RECOMPUTABLE = {

@@ -24,8 +24,7 @@ import heapq
 import tvm
 from tvm import relax
 
-from ..ir import same_tensor_type, with_blocks, with_function
-from .memory_plan import tensor_bytes
+from ..ir import same_tensor_type, tensor_bytes, with_blocks, with_function
 
 SHRINK = 4  # output at most 1/SHRINK of the largest input
 

@@ -22,7 +22,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..bench import median_ms
+from ..timing import median_ms
 from ..errors import InputError
 from ..ir import static_shape, without_kernel_argument_checks
 from ..targets import torch_kernels

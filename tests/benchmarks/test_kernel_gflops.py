@@ -9,7 +9,7 @@ import torch
 from tvm import te, topi
 
 from conftest import FAST_HOST, load_example_module
-from pockengine.passes.flops import MatmulShape, kernel_flops
+from pockengine.analysis.flops import MatmulShape, kernel_flops
 from pockengine.passes.transposed_matmuls import _matmul_nt
 
 pytest.importorskip("transformers")

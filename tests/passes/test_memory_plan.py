@@ -7,7 +7,7 @@ from torch import nn
 
 import pockengine as pe
 from conftest import FAST_HOST
-from pockengine.passes.memory_plan import MemoryReport
+from pockengine.analysis.memory_plan import MemoryReport
 
 
 def net(freeze_first=False):

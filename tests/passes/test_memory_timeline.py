@@ -7,7 +7,7 @@ from torch import nn
 import pockengine as pe
 from conftest import FAST_HOST
 from pockengine.autodiff.step import build_train_step
-from pockengine.passes.memory_timeline import Timeline, timeline
+from pockengine.analysis.memory_timeline import Timeline, timeline
 
 
 def job(scheme=None):

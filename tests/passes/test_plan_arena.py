@@ -10,7 +10,7 @@ import pockengine as pe
 from conftest import FAST_HOST, mobilenetv2
 from pockengine import build, targets
 from pockengine.autodiff.step import STEP_FUNC
-from pockengine.passes.memory_plan import planned_storage
+from pockengine.analysis.memory_plan import planned_storage
 from pockengine.passes.plan_arena import ALIGNMENT, assign_offsets, lifetimes, plan_arena
 from pockengine.sparse import SparseUpdate
 

@@ -18,7 +18,7 @@ from pockengine import build, tuning
 from pockengine.autodiff.step import STEP_FUNC
 from pockengine.errors import TargetError
 from pockengine.job import load_job
-from pockengine.passes.memory_plan import planned_storage
+from pockengine.analysis.memory_plan import planned_storage
 from pockengine.targets import cuda
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not on PATH")

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tvm import relax
 
-from ..autodiff.step import StepSignature, backward_start
-from ..ir import viewed
+from ..autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, StepSignature, backward_start
+from ..ir import tensor_bytes, viewed
 from ..optim import UPDATE_PREFIX
-from .memory_plan import state_bytes, tensor_bytes
 
 STATE = ("parameters", "buffers", "optimizer_state")
 TRANSIENT = ("saved_activations", "forward_workspace", "gradients", "updates")
@@ -123,3 +122,12 @@ def plot(timelines: dict, path: str, title: str = "training step memory") -> str
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def state_bytes(signature: StepSignature) -> dict:
+    """Bytes of the state the step reads: {"parameters", "buffers", "optimizer_state"}."""
+    report_category = {PARAM: "parameters", FROZEN: "parameters", BUFFER: "buffers", OPTIMIZER: "optimizer_state"}
+    totals = {"parameters": 0, "buffers": 0, "optimizer_state": 0}
+    for spec in signature.state:
+        totals[report_category[signature.categories[spec.name]]] += spec.nbytes
+    return totals

@@ -18,11 +18,11 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, STEP_FUNC, StepSignature, backward_start
-from ..ir import viewed
+from ..autodiff.step import FROZEN, OPTIMIZER, PARAM, STEP_FUNC, StepSignature, backward_start
+from ..ir import tensor_bytes, viewed
 from .flops import call_flops, step_flops
+from .memory_timeline import state_bytes
 
-CATEGORIES = ("parameters", "buffers", "optimizer_state", "new_state", "planned_pool", "kernel_workspace")
 
 
 @dataclass
@@ -101,16 +101,6 @@ def _fmt(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
-
-
-def tensor_bytes(ty) -> int:
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return 0
-    try:
-        n = int(np.prod([int(d) for d in ty.shape], dtype=np.int64))
-    except TypeError:
-        return 0
-    return n * tvm.DataType(str(ty.dtype)).bits // 8
 
 
 def planned_storage(lowered_func) -> tuple[int, int, int]:
@@ -208,19 +198,10 @@ def layer_flops(step_func, signature: StepSignature, origin: dict) -> dict:
     return {k: tuple(v) for k, v in totals.items()}
 
 
-def state_bytes(signature: StepSignature) -> dict:
-    """Bytes of the state the step reads: {"parameters", "buffers", "optimizer_state"}."""
-    report_category = {PARAM: "parameters", FROZEN: "parameters", BUFFER: "buffers", OPTIMIZER: "optimizer_state"}
-    totals = {"parameters": 0, "buffers": 0, "optimizer_state": 0}
-    for spec in signature.state:
-        totals[report_category[signature.categories[spec.name]]] += spec.nbytes
-    return totals
-
-
 def kernel_workspace(lowered_mod, func_name: str) -> int:
     """The largest buffer set a kernel of the step allocates for itself while it runs (stages that
     could not be inlined, such as a convolution's padded input). Kernels run one at a time."""
-    from .inline_elementwise import intermediate_bytes
+    from ..passes.inline_elementwise import intermediate_bytes
 
     called = set()
     relax.analysis.post_order_visit(
