@@ -36,6 +36,7 @@ import pockengine as pe  # noqa: E402
 from pockengine import bench  # noqa: E402
 from mobilenetv2 import MobileNetV2  # noqa: E402
 from pockengine.errors import MemoryLimitError  # noqa: E402
+from pockengine.artifact_files import PROJECT  # noqa: E402
 from pockengine.sparse import apply_to_torch  # noqa: E402
 from pockengine.targets import cortex_m, resolve  # noqa: E402
 from sparse_memory import freeze_batchnorm, measure_torch  # noqa: E402
@@ -114,7 +115,7 @@ def train_under_qemu(scheme, resolution: int, target, steps: int, program=None) 
         program = pe.compile(job, target=target)
     with tempfile.TemporaryDirectory() as tmp:
         program.export(tmp + "/fw")
-        project = os.path.join(tmp, "fw", cortex_m.PROJECT)
+        project = os.path.join(tmp, "fw", PROJECT)
         cortex_m.project.write_batches(project, program.signature, [[x.numpy(), y.numpy()] for x, y in batches])
         ran = cortex_m.run(project, resolve(target), steps, program.signature)
     reference = apply_to_torch(model, program.plan)

@@ -34,7 +34,8 @@ sys.path[:0] = [os.path.join(ROOT, "examples", "mobilenetv2"), os.path.join(ROOT
 import pockengine as pe  # noqa: E402
 from mobilenetv2 import MobileNetV2  # noqa: E402
 from model import TransformerClassifier  # noqa: E402
-from pockengine import bench, tuning  # noqa: E402
+from pockengine import bench  # noqa: E402
+from pockengine.tuning import database, search  # noqa: E402
 from pockengine.sparse import SparseUpdate  # noqa: E402
 
 TUNING_LOGS = os.path.join(ROOT, "tuning_logs", "host")
@@ -110,7 +111,7 @@ def job_for(name: str, scheme: str, small: bool) -> pe.TrainingJob:
 
 
 def tune_all(budget_s: float, trials: int, small: bool, only: str | None = None, scheme: str | None = None,
-             min_flop_share: float = tuning.MIN_FLOP_SHARE) -> None:
+             min_flop_share: float = database.MIN_FLOP_SHARE) -> None:
     """Tune every workload's step into tuning_logs/host/<workload>/ (resumable): the full update
     first, then the sparse scheme, whose kernels are mostly the same and already have records."""
     for workload in workloads(small):
@@ -118,7 +119,7 @@ def tune_all(budget_s: float, trials: int, small: bool, only: str | None = None,
             continue
         for name in workload["schemes"]:
             if scheme is None or name == scheme:
-                tuning.tune(make_job(workload, name), "host", trials, os.path.join(TUNING_LOGS, workload["name"]),
+                search.tune(make_job(workload, name), "host", trials, os.path.join(TUNING_LOGS, workload["name"]),
                             time_budget_s=budget_s, min_flop_share=min_flop_share)
 
 
@@ -127,7 +128,7 @@ def measure(workload: dict, scheme: str, small: bool, repeats: int, peers: set, 
     """{column: median ms, ...} for one workload and scheme (pockengine.bench), ONNX Runtime added.
     At reduced size (CI) the peers are timed under OpenMP's default wait policy only."""
     policies = (None,) if small else None
-    logs = tuning.log_directories(os.path.join(TUNING_LOGS, workload["name"]))
+    logs = database.log_directories(os.path.join(TUNING_LOGS, workload["name"]))
     if not logs:
         print(f"no tuning log under {TUNING_LOGS}/{workload['name']}: run --tune first", file=log)
     source = bench.JobSource(os.path.abspath(__file__), "job_for", (workload["name"], scheme, small))
@@ -198,7 +199,7 @@ def main(argv=None):
     parser.add_argument("--trials", type=int, default=4000, help="with --tune: trials per workload and scheme")
     parser.add_argument("--only", choices=[w["name"] for w in workloads(True)], help="one workload")
     parser.add_argument("--scheme", help="one scheme (e.g. full)")
-    parser.add_argument("--min-share", type=float, default=tuning.MIN_FLOP_SHARE,
+    parser.add_argument("--min-share", type=float, default=database.MIN_FLOP_SHARE,
                         help="with --tune: tune kernels with at least this share of the step's FLOPs")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (minutes of cold compile)")
     parser.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime training (its own venv)")

@@ -20,11 +20,17 @@ import os
 import tempfile
 
 from .errors import ArtifactError
-from .targets.device_runner import remove_path, remove_stale, umask, writer_alive
+from .targets.device_runner import EXAMPLE, remove_path, remove_stale, umask, writer_alive
 
 FORMAT = "pockengine-artifact"
 FORMAT_VERSION = 2  # 2: partially trained weights are stored as their two parts
-MANIFEST = "manifest.json"
+# The files of an artifact. Every one has the manifest and the state; the rest depends on the family.
+MANIFEST, STATE = "manifest.json", "state.npz"
+EXAMPLE = EXAMPLE  # the batch it was compiled for: `pockengine run` trains on it without --data
+LIBRARY = "train_step.so"  # the compiled step (host, aarch64, CUDA)
+RUNNER = "run_step.py"  # device_runner.py, for a device without PockEngine (aarch64, CUDA)
+PTX_FILE, SOURCE_FILE = "kernels.ptx", "kernels.cu"  # a CUDA build's kernels, for inspection
+PROJECT = "project"  # a Cortex-M build's C project
 TMP_TAG, OLD_TAG = ".tmp-", ".old-"
 
 

@@ -22,9 +22,9 @@ import time
 import numpy as np
 
 from .artifact_files import check_destination, check_writable, read_manifest
-from .errors import InputError, NumericsError, PockEngineError
-from .targets.device_runner import EXAMPLE, locked, positive_int
-from .tuning import MIN_FLOP_SHARE
+from .errors import InputError, PockEngineError
+from .targets.device_runner import locked, positive_int
+from .tuning.database import MIN_FLOP_SHARE
 
 
 
@@ -42,7 +42,7 @@ def _parse_target(text: str):
 def _tuning_logs(explicit: str | None, target_name: str) -> list[str]:
     """--tuning-log DIR (a database or a directory of them), else every database under
     ./tuning_logs/<target>/ if there is one. Only an explicit directory that does not exist is an error."""
-    from .tuning import log_directories
+    from .tuning.database import log_directories
 
     if explicit is not None:
         if not os.path.isdir(explicit):
@@ -64,7 +64,7 @@ def cmd_build(args) -> int:
     target = resolve(_parse_target(args.target))
     target.check_tools("build")
     from .build import compile as compile_job, print_progress
-    from .tuning import TuningReport, check_log
+    from .tuning.database import check_log
     from .job import load_job
 
     logs = _tuning_logs(args.tuning_log, target.name)
@@ -80,61 +80,29 @@ def cmd_build(args) -> int:
                           backend=args.backend)
     program.export(out, force=args.force)  # with the example batch: `pockengine run` works without --data
     report = program.memory_report()
-    if "tuning" in program.meta:
-        print(TuningReport.from_json(program.meta["tuning"]).summary())
-    if "backend" in program.meta:
-        print(backend_summary(program.meta["backend"]))
-    if "firmware" in program.meta:
-        print(firmware_summary(program.meta))
-    if "cuda" in program.meta:
-        print(gpu_summary(program.meta["cuda"]))
+    _print_summaries(program.meta)
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s; planned peak memory {report.peak_bytes / 2**20:.2f} MiB")
-    if program.meta.get("family", "host") != "host":
+    if target.runner != "this machine":
         print(f"run it with `pockengine run {out} --steps N` ({target.runner})")
     return 0
 
 
-def firmware_summary(meta: dict) -> str:
-    """A Cortex-M build's memory, measured on the ELF, against the device's limits."""
-    from .targets.cortex_m import Footprint
+def _print_summaries(meta: dict, detailed: bool = False) -> None:
+    """What the build took from tuning logs, then what the artifact's family says of it."""
+    from .targets.families import family
+    from .tuning.database import TuningReport
 
-    fw = meta["firmware"]
-    table = Footprint(fw["flash"], fw["sram"], fw["parts"], fw["stack"]).table()
-    return (f"firmware for {meta['target']} ({fw['kernels']} kernels, {fw['kernel_calls']} calls per step):\n{table}\n"
-            f"  device limits: SRAM {fw['sram_limit'] / 1024:.0f} KiB, Flash {fw['flash_limit'] / 1024:.0f} KiB")
-
-
-def gpu_summary(gpu: dict) -> str:
-    """A CUDA build: its kernels, which schedule each got, and the PTX it carries."""
-    how = ", ".join(f"{count} {name}" for name, count in sorted(gpu["schedules"].items()))
-    ptx = gpu["ptx"]
-    return (f"GPU: {gpu['kernels']} kernels, all bound to GPU threads (schedules: {how}); "
-            f"PTX {ptx.get('version', '?')} for {ptx.get('target', '?')} (kernels.ptx), machine code for {gpu['arch']}")
-
-
-def backend_summary(backend: dict, table: bool = False) -> str:
-    """Which heavy ops run on library kernels (backend switching), with the measured times."""
-    choices = backend["choices"]
-    on_library = sum(c["calls"] for c in choices if c["backend"] == "library")
-    total = sum(c["calls"] for c in choices)
-    text = f"backend: {backend['mode']}; {on_library} of {total} heavy op calls on library kernels"
-    if "step_ms" in backend:  # auto: the whole step timed with the switched ops and without
-        times = backend["step_ms"]
-        kept = "switched" if on_library else "all TVM"
-        text += f" (whole step: switched {times['switched']:.1f} ms, all TVM {times['tvm']:.1f} ms; kept {kept})"
-    if table and any(c["tvm_ms"] is not None for c in choices):
-        text += f"\n  {'op':<58}{'shapes':<36}{'calls':>6}{'tvm ms':>9}{'lib ms':>9}  chosen"
-        for c in choices:
-            shapes = " ".join("x".join(map(str, s)) for s in c["shapes"])
-            text += (f"\n  {c['kernel'].split('.', 2)[-1][:56]:<58}{shapes[:34]:<36}{c['calls']:>6}"
-                     f"{c['tvm_ms']:>9.3f}{c['library_ms']:>9.3f}  {c['backend']}")
-    return text
+    if "tuning" in meta:
+        print(TuningReport.from_json(meta["tuning"]).summary())
+    summary = family(meta).summary(meta, detailed)
+    if summary:
+        print(summary)
 
 
 def cmd_tune(args) -> int:
     from .job import load_job
     from .targets import resolve
-    from .tuning import RPCTracker, tune
+    from .tuning.search import RPCTracker, tune
 
     target = resolve(_parse_target(args.target))
     rpc = RPCTracker.parse(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None
@@ -161,18 +129,6 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _batches(program, data_path: str | None, artifact: str):
-    """Yield batches forever: from --data (arrays named after the inputs, with an optional leading
-    batch-index axis, cycled) or the example batch saved at build time."""
-    from .targets.device_runner import iterate_batches
-
-    specs = [(s.name, s.shape) for s in program.signature.batch]
-    try:
-        yield from iterate_batches(specs, data_path or os.path.join(artifact, EXAMPLE))
-    except ValueError as e:
-        raise InputError(str(e)) from None
-
-
 def _without_pytorch(calls_its_kernels: bool = False) -> None:
     """Keep PyTorch out of a `run`, `inspect` or `targets` process when no artifact calls its kernels:
     importing TVM imports PyTorch whenever it is installed (tvm_ffi loads it first, against a symbol
@@ -185,90 +141,24 @@ def _without_pytorch(calls_its_kernels: bool = False) -> None:
 def cmd_run(args) -> int:
     manifest = read_manifest(args.artifact)
     _without_pytorch(calls_its_kernels=bool(manifest.get("backend", {}).get("library_kernels")))
-    family = manifest.get("family", "host")
+    from .runtime import load
+    from .targets.families import family as family_of
+    from .targets.family import RunOptions
+
+    family = family_of(manifest)
+    options = RunOptions(args.steps, args.data, args.save, args.threads)
     if args.save:  # before the steps, which may take long on a device, not when their result is saved
         check_writable(args.artifact)
-    if family == "aarch64":  # its runner locks the artifact itself when saving
-        from .targets import aarch64
-
-        return aarch64.run(args.artifact, args.steps, args.data, args.save, threads=args.threads)
-    # Saving: locked from reading the state to writing it back, so concurrent runs lose no step.
-    with locked(args.artifact) if args.save else contextlib.nullcontext():
-        return _train(args, family)
-
-
-def _train(args, family: str) -> int:
-    from .runtime import load, runs_here
-
-    program = load(args.artifact, threads=args.threads)  # a CUDA artifact loads here only where there is a GPU
-    if family == "cortex-m":
-        if args.threads:
-            raise InputError("--threads is for host, aarch64 and CUDA artifacts: a Cortex-M runs its step on its "
-                             "one core; leave it out")
-        return _run_cortex_m(program, args)
-    if family == "cuda" and not runs_here(program.meta):
-        from .errors import TargetError
-        from .targets import cuda
-
-        raise TargetError(f"{args.artifact} cannot run here: {cuda.why_not_here(program.meta['tvm_target'])}")
-    batches = _batches(program, args.data, args.artifact)
-    times = []
-    for step in range(1, args.steps + 1):
-        batch = next(batches)
-        start = time.perf_counter()
-        loss = program.step(*batch)
-        times.append(time.perf_counter() - start)
-        print(f"step {step:>5}  loss {loss:.6f}  {times[-1] * 1e3:8.2f} ms", flush=True)
-    if times:
-        print(f"{len(times)} steps, median {np.median(times) * 1e3:.2f} ms/step")
-    if args.save:
-        program.save_state(args.artifact)
-        print(f"saved the trained state to {args.artifact}")
-    return 0
-
-
-def _run_cortex_m(program, args) -> int:
-    """Build the firmware (if needed) and train under qemu-system-arm, on the batches given."""
-    from .targets import cortex_m, named, resolve
-
-    preset = named(program.meta["target"]) or resolve(program.meta["tvm_target"])
-    project = os.path.join(args.artifact, cortex_m.PROJECT)
-    batches = _batches(program, args.data, args.artifact)
-    count = _batch_count(args.data, args.steps)
-    chosen = [next(batches) for _ in range(count)]
-    for i, batch in enumerate(chosen):  # the checks Program.step makes on the host
-        program.check_batch([np.asarray(a) for a in batch], f"batch {i + 1}")
-    cortex_m.project.write_batches(project, program.signature, chosen)
-    cortex_m.project.write_state(project, program.signature, program.state_arrays())  # resume from state.npz
-    print(f"running {args.steps} steps on QEMU's {preset.board['qemu_machine']} ({preset.name}; times are not the device's)",
-          flush=True)
-    result = cortex_m.run(project, preset, args.steps, program.signature)
-    for step, loss in enumerate(result.losses, 1):
-        print(f"step {step:>5}  loss {loss:.6f}")
-        if not np.isfinite(loss):
-            raise NumericsError(f"step {step}: the loss is {loss} (a NaN or infinity in the loss or in a trained "
-                                "parameter); nothing was saved. Lower the learning rate or check the loss")
-    if args.save:
-        program.load_state_dict(result.state, strict=False)
-        program.save_state(args.artifact)
-        print(f"saved the trained state to {args.artifact}")
-    return 0
-
-
-def _batch_count(data: str | None, steps: int) -> int:
-    """How many distinct batches the firmware's batch file needs (it cycles through them)."""
-    if not data:
-        return 1
-    with np.load(data, allow_pickle=False) as npz:
-        leading = {npz[k].shape[0] for k in npz.files if npz[k].ndim}
-    return max(1, min(steps, min(leading) if leading else 1))
+    # Saving: locked from reading the state to writing it back, so concurrent runs lose no step
+    # (unless the family's own runner locks it).
+    with locked(args.artifact) if args.save and family.run_locks_artifact else contextlib.nullcontext():
+        return family.run(args.artifact, options, load)
 
 
 def cmd_inspect(args) -> int:
     m = read_manifest(args.artifact)
     _without_pytorch()  # inspect runs nothing
     from .analysis.memory_plan import MemoryReport
-    from .tuning import TuningReport
 
     absent = [name for name in m["files"].values() if not os.path.exists(os.path.join(args.artifact, name))]
     if absent and not args.json:
@@ -293,14 +183,7 @@ def cmd_inspect(args) -> int:
           f"{n_el(trained):,} values; buffers {len(m['buffers'])}")
     print("versions   " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
     print()
-    if "tuning" in m:
-        print(TuningReport.from_json(m["tuning"]).summary())
-    if "backend" in m:
-        print(backend_summary(m["backend"], table=True))
-    if "firmware" in m:
-        print(firmware_summary(m))
-    if "cuda" in m:
-        print(gpu_summary(m["cuda"]))
+    _print_summaries(m, detailed=True)
     print()
     report = MemoryReport.from_json(m["memory"])
     print(report)
@@ -312,6 +195,7 @@ def cmd_inspect(args) -> int:
 def cmd_targets(args) -> int:
     _without_pytorch()  # the host preset asks TVM for this CPU's name; nothing here needs PyTorch
     from .targets import ALIASES, presets
+    from .targets.families import family
 
     if args.missing_packages:  # for set-up scripts: `apt-get install $(pockengine targets --missing-packages)`
         missing = {package for preset in presets().values() for tool in preset.missing_tools()
@@ -323,13 +207,8 @@ def cmd_targets(args) -> int:
         for purpose in ("build", "run"):
             missing = preset.missing_tools(purpose)
             tools = [t.program for t in preset.tools if t.purpose == purpose]
-            if purpose == "run" and preset.family == "cuda":
-                from .targets import cuda
-
-                missing = ([] if cuda.host_runs_here(preset.tvm_target) else ["its host CPU"]) + (
-                    [] if cuda.gpu_present() else ["a CUDA device"])
-                status.append("run: " + (f"not here (this machine lacks {' and '.join(missing)})" if missing
-                                         else "ready (a CUDA device is present)"))
+            if purpose == "run" and (run_status := family(preset).run_status(preset)) is not None:
+                status.append(run_status)
                 continue
             if missing:
                 packages = " ".join(sorted({t.package for t in missing}))

@@ -133,7 +133,7 @@ class TrainingJob:
         parameters, for ONNX); with one, the scheme decides.
         """
         if self.sparse_update is not None:
-            from .passes.prune_backward import parameter_ops
+            from .frontend.parameter_use import parameter_ops
 
             kinds = parameter_ops(imported.func, imported.param_vars)
             table = [(s.name, s.shape, kinds[s.name]) for s in imported.params]

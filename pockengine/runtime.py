@@ -28,19 +28,17 @@ import zipfile
 import numpy as np
 
 from .autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, STEP_FUNC, StepSignature
-from .artifact_files import (FORMAT, FORMAT_VERSION, MANIFEST, check_destination, make_temp_directory,
-                             read_manifest, recover, replace_directory)
+from .artifact_files import (FORMAT, FORMAT_VERSION, LIBRARY, MANIFEST, STATE, check_destination,
+                             make_temp_directory, read_manifest, recover, replace_directory)
 from .errors import ArtifactError, InputError, NumericsError, StateError, TargetError
 from .frontend import to_numpy
 from .analysis.memory_plan import MemoryReport
 from .sparse import plan_from_json
+from .targets.families import family
 from .validate import check_learning_rate
 from .targets.device_runner import (EXAMPLE, NON_FINITE, ThreadGovernor, available_cpus, batch_problem,
                                     chosen_threads, first_non_finite, host_view, locked,
                                     remove_path, write_npz as _write_npz)
-
-LIBRARY, STATE = "train_step.so", "state.npz"
-
 
 class Program:
     """One compiled training step and the state it trains."""
@@ -63,7 +61,7 @@ class Program:
         self.signature = signature
         self.meta = meta
         self._report = report
-        self._device = _device(tvm, meta)
+        self._device = family(meta).device(meta)
         # TVM would size its thread pool from half the CPUs on x86 (it assumes hyperthreads) and pin
         # it to cores: each step configures the pool of the thread running it instead, for a
         # machine shared with other processes (device_runner.configure_thread_pool, ThreadGovernor).
@@ -72,7 +70,7 @@ class Program:
         self.threads = chosen_threads(threads)
         library_kernels = meta.get("backend", {}).get("library_kernels")
         if library_kernels:  # ops switched to PyTorch's kernels (passes/switch_backend.py)
-            from .targets import torch_kernels
+            from . import torch_kernels
 
             torch_kernels.register(library_kernels)
         self._executable = executable
@@ -529,17 +527,6 @@ class DeviceProgram(Program):
         return {**table, "state": STATE}
 
 
-def _device(tvm, meta: dict):
-    """The device a host-loadable artifact runs on: the GPU for CUDA builds (when there is one)."""
-    if meta.get("family") == "cuda":
-        device = tvm.cuda(0)
-        if not device.exist:
-            raise TargetError(f"this artifact runs on an NVIDIA GPU ({meta.get('tvm_target', {}).get('arch', '?')}); "
-                              "this machine has no CUDA device. Copy the artifact to the GPU machine and run it there")
-        return device
-    return tvm.cpu()
-
-
 def load(directory: str, threads: int | None = None) -> Program:
     """Load an artifact written by `Program.export` (or `pockengine build`). An artifact built for
     another machine loads as a DeviceProgram: its state can be read and changed, its steps run there.
@@ -579,16 +566,9 @@ _COMPUTED_KEYS = frozenset({"format", "format_version", "signature", "parameters
 
 
 def runs_here(manifest: dict) -> bool:
-    """Whether this process can run the artifact's steps: host builds, and CUDA builds whose host
-    code is for this machine's CPU, on a machine with a GPU (a Jetson for the jetson presets)."""
-    family = manifest.get("family", "host")
-    if family == "host":
-        return True
-    if family == "cuda":
-        from .targets import cuda
-
-        return cuda.host_runs_here(manifest.get("tvm_target", {})) and cuda.gpu_present()
-    return False
+    """Whether this process can run the artifact's steps (its family decides: host builds, and CUDA
+    builds whose host code is for this machine's CPU on a machine with a GPU)."""
+    return family(manifest).runs_here(manifest)
 
 
 def _read_state(path: str, signature: StepSignature) -> dict:

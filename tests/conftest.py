@@ -151,10 +151,11 @@ def fused_step_module(job):
     post-fusion passes: what those passes receive."""
     import tvm
 
-    from pockengine import build
+    from pockengine import pipeline
+    from pockengine.targets.host import CPU_LOWERING
 
     imported = job.import_model()
-    step_mod, _, _ = build.derive_step(imported, job.optimizer, job.plan(imported))
+    step_mod, _, _ = pipeline.derive_step(imported, job.optimizer, job.plan(imported))
     target = tvm.target.Target(FAST_HOST)
     with target:
-        return tvm.transform.Sequential(build.fusion_passes(target))(step_mod)
+        return tvm.transform.Sequential(pipeline.fusion_passes(CPU_LOWERING, target))(step_mod)

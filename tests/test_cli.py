@@ -104,8 +104,22 @@ def test_inspect_plots_the_memory_timeline(built, tmp_path):
 
 
 def test_targets_lists_presets():
+    """Every preset, its family, whether this machine can build for it and run it (what is missing
+    and the packages), its TVM target as JSON; then the aliases."""
+    from pockengine.targets import ALIASES, presets
+
     result = pockengine("targets")
-    assert result.returncode == 0 and result.stdout.startswith("host") and "ready" in result.stdout
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for name, preset in presets().items():
+        at = next(i for i, line in enumerate(lines) if line.split()[:2] == [name, preset.family])
+        status, tvm_target = lines[at + 1], lines[at + 2]
+        missing = preset.missing_tools("build")
+        assert ("build: ready" in status) == (not missing), status
+        assert all(tool.program in status for tool in missing) and status.endswith(f"runs on {preset.runner}")
+        assert json.loads(tvm_target) == preset.tvm_target
+        assert "run: " in status
+    assert lines[0].startswith("host") and all(f"{alias} = {name}" in lines[-2] for alias, name in ALIASES.items())
 
 
 def test_output_into_a_pipe_whose_reader_stopped_ends_quietly():

@@ -121,12 +121,12 @@ def test_masks_come_from_the_seed_in_every_program_and_survive_export_and_load(t
 def test_the_mask_is_hoisted_out_of_the_differentiated_graph():
     """The Philox computation depends on the seed and the step only: it runs before the forward
     the gradient pass sees, and the backward reads the mask the forward used."""
-    from pockengine import build
+    from pockengine import pipeline
 
     model = MaskProbe((3, 5), sites=1)
     job = pe.TrainingJob(model, (torch.ones(3, 5),), torch.ones(1, 3, 5), sum_loss, pe.optim.SGD(lr=1.0))
-    imported = build.import_model(job)
-    step_mod, signature, _ = build.derive_step(imported, job.optimizer, job.plan(imported))
+    imported = pipeline.import_model(job)
+    step_mod, signature, _ = pipeline.derive_step(imported, job.optimizer, job.plan(imported))
     bindings = [b for block in step_mod["train_step"].body.blocks for b in block.bindings]
     xor = [i for i, b in enumerate(bindings) if "bitwise_xor" in str(getattr(b.value, "op", ""))]
     first_adjoint = next(i for i, b in enumerate(bindings) if b.var.name.endswith("_adjoint"))
@@ -395,6 +395,7 @@ def test_dropout_mlp_on_cortex_m4_trains_like_the_host_build(tmp_path):
     """TVM's C kernels (uint64 arithmetic on a 32-bit core) under QEMU: the host build's losses and state."""
     if shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None:
         pytest.skip("arm-none-eabi-gcc / qemu-system-arm not installed")
+    from pockengine.artifact_files import PROJECT
     from pockengine.targets import cortex_m, resolve
 
     torch.manual_seed(0)
@@ -404,7 +405,7 @@ def test_dropout_mlp_on_cortex_m4_trains_like_the_host_build(tmp_path):
     job = pe.TrainingJob(model, (batches[0][0],), batches[0][1], "cross_entropy", pe.optim.SGD(lr=0.1), seed=3)
     program = pe.compile(job, target="cortex-m4")
     program.export(str(tmp_path / "m4"))
-    project = str(tmp_path / "m4" / cortex_m.PROJECT)
+    project = str(tmp_path / "m4" / PROJECT)
     cortex_m.project.write_batches(project, program.signature, [[x.numpy(), y.numpy()] for x, y in batches])
     run = cortex_m.run(project, resolve("cortex-m4"), len(batches), program.signature)
     host = pe.compile(job, target=FAST_HOST)

@@ -280,14 +280,14 @@ def test_an_internal_failure_is_reported_as_a_bug_naming_the_stage_and_the_op(mo
     InternalCompilerError naming the stage and the model's operation, with TVM's error chained."""
     import tvm
 
-    from pockengine import build
+    from pockengine import pipeline
     from pockengine.errors import InternalCompilerError
 
     @tvm.transform.module_pass(opt_level=0)
     def failing(mod, _ctx):
         raise tvm.error.InternalError("Check failed: (t.MatchesCode(kDLFloat)) in kernel fused_cumsum_add")
 
-    monkeypatch.setattr(build, "lowering_passes", lambda preset, signature: [failing])
+    monkeypatch.setattr(pipeline, "schedule_passes", lambda lowering, preset, target, notes: [failing])
 
     class Positions(nn.Module):
         def __init__(self):

@@ -135,7 +135,7 @@ def step_of(scheme):
     torch.manual_seed(0)
     job = pe.TrainingJob(MLP(), (torch.randn(8, 32),), torch.randint(0, 10, (8,)), "cross_entropy",
                          pe.optim.SGD(lr=0.1), sparse_update=scheme)
-    from pockengine.build import derive_step
+    from pockengine.pipeline import derive_step
 
     imported = job.import_model()
     mod, signature, _ = derive_step(imported, job.optimizer, job.plan(imported))

@@ -13,7 +13,7 @@ import torch
 
 import pockengine as pe
 from conftest import MLP, ROOT, make_batches, max_scaled_diff, train_torch
-from pockengine import tuning
+from pockengine.tuning import database, search
 from pockengine.errors import InputError
 
 TRIALS = 32  # two rounds: the two costliest kernels get a tuned schedule
@@ -35,7 +35,7 @@ def mlp_log(tmp_path_factory):
     model = MLP()
     log = str(tmp_path_factory.mktemp("tuning") / "mlp")
     before = os.environ.get("TVM_NUM_THREADS")
-    result = tuning.tune(mlp_job(model), "host", TRIALS, log)
+    result = search.tune(mlp_job(model), "host", TRIALS, log)
     assert os.environ.get("TVM_NUM_THREADS") == before  # set for MetaSchedule's workers only while tuning
     return model, log, result
 
@@ -43,35 +43,35 @@ def mlp_log(tmp_path_factory):
 def test_tuning_writes_a_database_that_resumes(mlp_log):
     model, log, result = mlp_log
     assert result["trials_run"] >= TRIALS and result["best_ms"]
-    with open(os.path.join(log, tuning.RECORD_FILE)) as f:
+    with open(os.path.join(log, database.RECORD_FILE)) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    with open(os.path.join(log, tuning.WORKLOAD_FILE)) as f:
+    with open(os.path.join(log, database.WORKLOAD_FILE)) as f:
         workloads = [json.loads(line) for line in f if line.strip()]
     assert len(records) >= TRIALS - 2  # a few candidates may fail to build; they are not recorded
     assert {r[0] for r in records} <= set(range(len(workloads)))
     measured = [r for r in records if r[1][1]]
     assert measured and all(float(t) > 0 for r in measured for t in r[1][1])
-    tuning.open_log(log)  # MetaSchedule itself reads it back
-    again = tuning.tune(mlp_job(model), "host", TRIALS, log)  # resumed: nothing left to run
+    database.open_log(log)  # MetaSchedule itself reads it back
+    again = search.tune(mlp_job(model), "host", TRIALS, log)  # resumed: nothing left to run
     assert again["trials_run"] == 0 and again["already"] >= TRIALS - 2
 
 
 
 def test_open_logs_reads_a_database_once_until_it_changes(mlp_log):
     _, log, _ = mlp_log
-    first = tuning.open_logs([log])
-    assert tuning.open_logs([log]) is first  # an auto build asks three times
-    record = os.path.join(log, tuning.RECORD_FILE)
+    first = database.open_logs([log])
+    assert database.open_logs([log]) is first  # an auto build asks three times
+    record = os.path.join(log, database.RECORD_FILE)
     stat = os.stat(record)
     os.utime(record, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as a resumed tuning run would
-    assert tuning.open_logs([log]) is not first
+    assert database.open_logs([log]) is not first
 
 def test_tuned_build_matches_untuned_and_pytorch(mlp_log):
     model, log, result = mlp_log
     batches = make_batches((8, 32), 10, STEPS)
     tuned = pe.compile(mlp_job(model), "host", tuning_logs=[log])
     untuned = pe.compile(mlp_job(model), "host")
-    report = tuning.TuningReport.from_json(tuned.meta["tuning"])
+    report = database.TuningReport.from_json(tuned.meta["tuning"])
     assert report.logs == [log] and report.tuned, report
     assert set(result["best_ms"]) <= set(report.tuned)  # every kernel measured in tuning runs tuned
     assert not untuned.meta["tuning"]["tuned"]
@@ -89,7 +89,7 @@ def test_tuned_build_matches_untuned_and_pytorch(mlp_log):
 def test_stale_log_falls_back_to_default_schedules(mlp_log):
     _, log, _ = mlp_log
     other = pe.compile(mlp_job(MLP(d_in=32, hidden=48), batch=4), "host", tuning_logs=[log])
-    report = tuning.TuningReport.from_json(other.meta["tuning"])
+    report = database.TuningReport.from_json(other.meta["tuning"])
     assert report.tuned == [] and report.fallback
     assert other.step(*make_batches((4, 32), 10, 1)[0]) > 0
 
@@ -110,34 +110,34 @@ def test_time_budget_stops_tuning_cleanly(tmp_path):
             pass
 
     # 1000 trials would take half an hour; the budget is used up before the first build
-    result = tuning.tune(mlp_job(), "host", 1000, log, time_budget_s=1, stream=Lines())
+    result = search.tune(mlp_job(), "host", 1000, log, time_budget_s=1, stream=Lines())
     assert result["trials_run"] == 0
     assert any("time budget of 1 s used up" in line for line in lines)
-    with open(os.path.join(log, tuning.RECORD_FILE)) as f:
+    with open(os.path.join(log, database.RECORD_FILE)) as f:
         assert not [line for line in f if line.strip()]  # skipped candidates are not recorded as failures
-    tuning.open_log(log)
+    database.open_log(log)
 
 
 def test_build_names_a_corrupt_log(mlp_log, tmp_path):
     _, log, _ = mlp_log
     bad = tmp_path / "bad"
     bad.mkdir()
-    for name in (tuning.WORKLOAD_FILE, tuning.RECORD_FILE):
+    for name in (database.WORKLOAD_FILE, database.RECORD_FILE):
         (bad / name).write_text(open(os.path.join(log, name)).read())
-    with open(bad / tuning.RECORD_FILE, "a") as f:
+    with open(bad / database.RECORD_FILE, "a") as f:
         f.write('[0, [["truncated\n')
     r = _cli("build", "examples/mlp_digits/train.py", "--tuning-log", str(bad), "-o", str(tmp_path / "out"), "-q")
     assert r.returncode == 2
-    assert f"{bad / tuning.RECORD_FILE}: line" in r.stderr and "corrupt" in r.stderr and "Traceback" not in r.stderr
+    assert f"{bad / database.RECORD_FILE}: line" in r.stderr and "corrupt" in r.stderr and "Traceback" not in r.stderr
     r = _cli("build", "examples/mlp_digits/train.py", "--tuning-log", str(tmp_path / "nowhere"), "-q")
     assert r.returncode == 2 and "no such directory" in r.stderr
 
 
 def test_rpc_options_are_checked():
     with pytest.raises(InputError, match="HOST:PORT"):
-        tuning.RPCTracker.parse("localhost", "k")
+        search.RPCTracker.parse("localhost", "k")
     with pytest.raises(InputError, match="--rpc-key"):
-        tuning.RPCTracker.parse("localhost:9190", None)
+        search.RPCTracker.parse("localhost:9190", None)
 
 
 def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path):
@@ -156,7 +156,7 @@ def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path):
     finally:
         server.terminate()
         tracker.terminate()
-    with open(os.path.join(log, tuning.RECORD_FILE)) as f:
+    with open(os.path.join(log, database.RECORD_FILE)) as f:
         measured = [json.loads(line) for line in f if line.strip()]
     assert len(measured) >= 4 and all(float(t) > 0 for r in measured for t in r[1][1])
 
@@ -191,11 +191,11 @@ def test_shipped_logs_tune_the_benchmark_transformer():
 
     step_time = load_example_module("benchmarks/step_time.py", "step_time")
     workload = next(w for w in step_time.workloads() if w["name"] == "transformer")
-    logs = tuning.log_directories(os.path.join(ROOT, "tuning_logs", "host"))
+    logs = database.log_directories(os.path.join(ROOT, "tuning_logs", "host"))
     assert os.path.join(ROOT, "tuning_logs", "host", "transformer") in logs
     job = step_time.make_job(workload, "full")
     program = pe.compile(job, FAST_HOST, tuning_logs=logs)
-    report = tuning.TuningReport.from_json(program.meta["tuning"])
+    report = database.TuningReport.from_json(program.meta["tuning"])
     assert len(report.tuned) >= 14 and report.fallback == [], report.summary()
     assert any(name.startswith("matmul") for name in report.tuned)
     assert 0 < program.step(workload["x"], workload["y"]) < 10

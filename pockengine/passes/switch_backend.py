@@ -1,9 +1,9 @@
 """switch_backend: run each heavy op — matmul, conv2d, and conv2d's data and weight gradients — on
 the faster of TVM's kernel and the target's library kernel, chosen by measuring both here.
 
-On the host the library is PyTorch (BLAS matmul, oneDNN convolutions; targets/torch_kernels.py),
-called through `relax.call_dps_packed` on the step's own buffers (DLPack, no copies). `measure`
-times every distinct op (same op, attributes and shapes) both ways: TVM's kernel built alone with
+On the host the library is PyTorch (BLAS matmul, oneDNN convolutions; torch_kernels.py),
+called through `relax.call_dps_packed` on the step's own buffers (DLPack, no copies). The host
+family's `measure_backends` (targets/host.py) times every distinct op (same op, attributes and shapes) both ways: TVM's kernel built alone with
 the build's default schedule, or its tuned schedule when a tuning log has that kernel, and the
 library kernel on the same shapes; `switch_backend` rewrites the calls whose library kernel won.
 Measuring ops alone ignores what fusion would add to TVM's kernel (a bias or BatchNorm epilogue
@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import tvm
 from tvm import relax
 
-from ..timing import median_ms
-from ..errors import InputError
-from ..ir import static_shape, without_kernel_argument_checks
-from ..targets import torch_kernels
+from ..ir import static_shape
+from .. import torch_kernels
 
 HEAVY_OPS = ("relax.matmul", "relax.nn.conv2d", "relax.nn.conv2d_transpose")
 MODES = ("tvm", "library", "auto")
@@ -65,60 +62,6 @@ def heavy_ops(func) -> dict[tuple, list]:
 
     relax.analysis.post_order_visit(func.body, visit)
     return found
-
-
-def _time_tvm(call, preset, database, repeats: int) -> float:
-    """Build the op alone through the build's own kernel pipeline and time it."""
-    from .. import build, tuning
-
-    params = [relax.Var(f"arg{i}", a.ty) for i, a in enumerate(call.args)]
-    bb = relax.BlockBuilder()
-    with bb.function("main", params):
-        with bb.dataflow():
-            out = bb.emit_output(relax.Call(call.op, params, call.attrs, call.ty_args))
-        bb.emit_func_output(out)
-    target = preset.target()
-    with target:
-        mod = tvm.transform.Sequential(build.fusion_passes(target))(bb.get())
-        mod = tuning.apply_database(mod, target, database)
-        mod = tvm.transform.Sequential(build.kernel_schedule_passes(preset))(mod)
-    with without_kernel_argument_checks():  # as the step's kernels are built
-        vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
-    rng = np.random.default_rng(0)
-    args = [tvm.runtime.tensor(rng.standard_normal(static_shape(a)).astype(str(a.ty.dtype))) for a in call.args]
-    evaluator = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=repeats, min_repeat_ms=0)
-    return float(np.median(evaluator(*args).results)) * 1e3
-
-
-def _time_library(call, kernel: str, repeats: int) -> float:
-    import torch
-
-    fn = torch_kernels.implementation(kernel)
-    g = torch.Generator().manual_seed(0)
-    dtype = getattr(torch, str(call.ty.dtype))
-    args = [torch.randn(static_shape(a), generator=g, dtype=dtype) for a in call.args]
-    out = torch.empty(static_shape(call), dtype=dtype)
-    return median_ms(lambda: fn(*args, out), repeats, warmup=1)
-
-
-def measure(func, preset, mode: str = "auto", tuning_logs=(), repeats: int = 10) -> list[Choice]:
-    """Choose a backend for every distinct heavy op of `func` (mode "auto": by measuring both;
-    "tvm" / "library": forced, nothing measured)."""
-    from .. import tuning
-
-    if mode not in MODES:
-        raise InputError(f"backend must be one of {', '.join(MODES)}, got {mode!r}")
-    database = tuning.open_logs(list(tuning_logs)) if mode == "auto" else None
-    choices = []
-    ops = heavy_ops(func)
-    for (kernel, shapes), calls in ops.items():
-        choice = Choice(kernel, [list(s) for s in shapes], len(calls), mode)
-        if mode == "auto":
-            choice.tvm_ms = _time_tvm(calls[0], preset, database, repeats)
-            choice.library_ms = _time_library(calls[0], kernel, repeats)
-            choice.backend = "library" if choice.library_ms < choice.tvm_ms else "tvm"
-        choices.append(choice)
-    return choices
 
 
 def switch_backend(choices: list[Choice], func_name: str) -> tvm.transform.Pass:

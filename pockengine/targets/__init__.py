@@ -1,9 +1,10 @@
 """Targets as data: a preset names a TVM target (a JSON dict, never a CLI string) and how to build for it.
 
 `resolve(spec)` accepts a preset name, a TVM target dict, a TVM tag, or a `tvm.target.Target`.
-Families: `host` (this CPU, runs in-process), `aarch64` (cross-compiled library + runner, QEMU here),
-`cuda` (GPU kernels, PTX by nvcc; needs a GPU to run) and `cortex-m` (a C project, ahead of time,
-static memory; QEMU here). A target outside them is a TargetError that lists what is available.
+Each preset names its family (how it is built and run: families.py lists them): `host` (this CPU,
+runs in-process), `aarch64` (cross-compiled library + runner, QEMU here), `cuda` (GPU kernels, PTX
+by nvcc; needs a GPU to run) and `cortex-m` (a C project, ahead of time, static memory; QEMU here).
+A target outside them is a TargetError that lists what is available.
 """
 
 from __future__ import annotations
@@ -16,16 +17,7 @@ from dataclasses import dataclass
 from ..errors import TargetError, ToolchainError
 
 
-def cache_dir():
-    """`$POCKENGINE_CACHE`, else ~/.cache/pockengine: what targets fetch or build once per machine
-    (the aarch64 sysroot, the stand-in CUDA driver), shared by every project on it."""
-    from pathlib import Path
-
-    configured = os.environ.get("POCKENGINE_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "pockengine"
-
-
-# Families: how a target is built and run. The build and runtime code is shared per family.
+# The families' names (targets/families.py maps them to their modules).
 HOST, AARCH64, CUDA, CORTEX_M = "host", "aarch64", "cuda", "cortex-m"
 
 
@@ -209,9 +201,9 @@ def resolve(spec) -> TargetPreset:
             f"{{\"kind\": \"llvm\", \"num-cores\": 2}}, or a TVM tag ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         ) from None
     if target.kind.name == "cuda" and not isinstance(spec, tvm.target.Target):
-        from . import cuda
+        from .cuda.device import cuda_target
 
-        target = cuda.cuda_target(spec)  # an arch is required (no GPU here to detect one); a host is added
+        target = cuda_target(spec)  # an arch is required (no GPU here to detect one); a host is added
     return _from_tvm_target(target, spec if isinstance(spec, str) else _label(target))
 
 

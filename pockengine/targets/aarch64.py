@@ -13,10 +13,12 @@ import platform
 import subprocess
 import sys
 
+from ..artifact_files import LIBRARY, RUNNER
 from ..errors import TargetError
+from .family import RunOptions
+from .host import CpuFamily
 
 CROSS_CXX = "aarch64-linux-gnu-g++"
-RUNNER = "run_step.py"
 
 
 def cross_compiler():
@@ -56,3 +58,21 @@ def run(artifact: str, steps: int, data: str | None = None, save: bool = False, 
         command, env = sysroot.command(argv), sysroot.environment()
         print("running under qemu-aarch64 (user-mode emulation: times are not the device's)", flush=True)
     return subprocess.run(command, env=env).returncode
+
+
+class Aarch64Family(CpuFamily):
+    """The CPU lowering of the host, a library linked by the cross compiler, and the runner."""
+
+    name = "aarch64"
+    run_locks_artifact = False  # its runner locks the artifact itself when saving
+
+    def export(self, executable, scratch: str) -> dict:
+        library = os.path.join(scratch, LIBRARY)
+        executable.export_library(library, fcompile=cross_compiler())
+        return {LIBRARY: library, RUNNER: runner_source_path()}
+
+    def run(self, artifact: str, options: RunOptions, load) -> int:
+        return run(artifact, options.steps, options.data, options.save, threads=options.threads)
+
+
+FAMILY = Aarch64Family()

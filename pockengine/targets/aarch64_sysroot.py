@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from ..errors import TargetError, ToolchainError
-from . import cache_dir
+from ..cache import cache_dir
 
 TVM_VERSION = "0.27.0.post1"
 # Newer tvm-ffi releases segfault in tvm.ir.save_json (TVM_FACTS.md); tvm itself only asks >=0.1.14.post0.

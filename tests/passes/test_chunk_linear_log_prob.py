@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 import pockengine as pe
 from conftest import FAST_HOST, max_scaled_diff, train_torch
-from pockengine import build
+from pockengine import pipeline
 from pockengine.autodiff.linear_log_prob import GRAD_OP_NAME, OP_NAME
 from pockengine.ir import op_name, static_shape
 from pockengine.passes import chunk_linear_log_prob as chunking
@@ -67,8 +67,8 @@ def small_chunks(monkeypatch):
 
 
 def derived_step(job):
-    imported = build.import_model(job)
-    return build.derive_step(imported, job.optimizer, job.plan(imported))[0]["train_step"]
+    imported = pipeline.import_model(job)
+    return pipeline.derive_step(imported, job.optimizer, job.plan(imported))[0]["train_step"]
 
 
 def bindings(func):

@@ -16,15 +16,15 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu
 
 import pockengine as pe
 from conftest import FAST_HOST, MLP, make_batches, max_scaled_diff, mobilenetv2, train_torch
-from pockengine import build
+from pockengine import pipeline
 from pockengine.passes.drop_unit_reductions import drop_unit_reductions
 from pockengine.sparse import apply_to_torch
 
 
 def legalized_and_fused(job):
     """The job's step after TVM's legalisation and fusion, without drop_unit_reductions."""
-    imported = build.import_model(job)
-    step_mod = build.derive_step(imported, job.optimizer, job.plan(imported))[0]
+    imported = pipeline.import_model(job)
+    step_mod = pipeline.derive_step(imported, job.optimizer, job.plan(imported))[0]
     target = tvm.target.Target(FAST_HOST)
     with target:
         return tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(step_mod)

@@ -109,7 +109,8 @@ def test_after_scheduling_inlined_stages_stay_well_formed():
     """Softmax's exp stage is inlined into two consumers (its sum and its normalisation) by
     inline_elementwise; fast_math runs after it, so each copy gets its own let variable and the
     kernel is still valid TIR, scheduled (threads) and right."""
-    from pockengine import build, targets
+    from pockengine import pipeline, targets
+    from pockengine.targets.host import CPU_LOWERING
 
     x = np.random.default_rng(0).standard_normal((4, 4, 32, 32)).astype("float32") * 4
     bb = relax.BlockBuilder()
@@ -120,7 +121,7 @@ def test_after_scheduling_inlined_stages_stay_well_formed():
         bb.emit_func_output(out)
     mod = relax.transform.LegalizeOps()(bb.get())
     preset = targets.resolve(FAST_HOST)
-    scheduled = tvm.transform.Sequential(build.kernel_schedule_passes(preset))(mod)
+    scheduled = tvm.transform.Sequential(pipeline.schedule_passes(CPU_LOWERING, preset, preset.target(), {}))(mod)
     (kernel,) = [f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
     assert tvm.s_tir.analysis.verify_well_formed(kernel)
     assert "T.parallel" in kernel.script() and not tir_calls(scheduled)

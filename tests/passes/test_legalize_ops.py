@@ -10,7 +10,7 @@ from tvm import relax
 
 import pockengine as pe
 from conftest import FAST_HOST, mobilenetv2
-from pockengine import build
+from pockengine import pipeline
 from pockengine.passes.legalize_ops import _call_key, legalize_ops
 
 
@@ -21,8 +21,8 @@ def both(mod):
 
 def step_module(model, x, y, optimizer):
     job = pe.TrainingJob(model, (x,), y, "cross_entropy", optimizer)
-    imported = build.import_model(job)
-    return build.derive_step(imported, job.optimizer, job.plan(imported))[0]
+    imported = pipeline.import_model(job)
+    return pipeline.derive_step(imported, job.optimizer, job.plan(imported))[0]
 
 
 def test_lookalike_calls_keep_their_own_kernels():

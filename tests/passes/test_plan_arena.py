@@ -3,16 +3,16 @@
 import random
 
 import torch
-import tvm
 from tvm import relax
 
 import pockengine as pe
 from conftest import FAST_HOST, mobilenetv2
-from pockengine import build, targets
+from pockengine import pipeline, targets
 from pockengine.autodiff.step import STEP_FUNC
 from pockengine.analysis.memory_plan import planned_storage
 from pockengine.passes.plan_arena import ALIGNMENT, assign_offsets, lifetimes, plan_arena
 from pockengine.sparse import SparseUpdate
+from pockengine.targets.host import CPU_LOWERING
 
 
 def test_offsets_never_overlap_in_space_while_overlapping_in_time():
@@ -40,11 +40,10 @@ def lowered(planners, model, x, scheme) -> list:
     job = pe.TrainingJob(model, (x,), torch.randint(0, 10, (x.shape[0],)), "cross_entropy",
                          pe.optim.SGD(lr=0.1, momentum=0.9), sparse_update=scheme)
     imported = job.import_model()
-    step_mod, signature, _ = build.derive_step(imported, job.optimizer, job.plan(imported))
+    step_mod, signature, _ = pipeline.derive_step(imported, job.optimizer, job.plan(imported))
     preset = targets.resolve(FAST_HOST)
+    unplanned = pipeline.lower(step_mod, signature, preset, CPU_LOWERING, plan_memory=False).mod
     with preset.target():
-        passes = build.fusion_passes(preset.target()) + build.lowering_passes(preset, signature)[:-1]
-        unplanned = tvm.transform.Sequential(passes)(step_mod)
         return [planner(unplanned)[STEP_FUNC] for planner in planners]
 
 

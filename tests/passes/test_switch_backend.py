@@ -15,10 +15,12 @@ from tvm import relax
 
 import pockengine as pe
 from conftest import FAST_HOST, MODELS, ROOT, make_batches, max_scaled_diff, mobilenetv2, train_torch
-from pockengine import build
+from pockengine import pipeline
 from pockengine.autodiff.step import STEP_FUNC
-from pockengine.passes.switch_backend import heavy_ops, measure, switch_backend
-from pockengine.targets import resolve, torch_kernels
+from pockengine.passes.switch_backend import heavy_ops, switch_backend
+from pockengine.targets.host import measure_backends
+from pockengine import torch_kernels
+from pockengine.targets import resolve
 
 # float64, as tests/test_parity.py: rounding cannot hide a wrong kernel there (relative to each tensor's size)
 FLOAT64_TOL = 1e-9
@@ -76,8 +78,8 @@ def test_ops_without_a_library_kernel_stay_on_tvm():  # PyTorch has no CPU half 
 def step_module(model, shape, classes):
     x, y = make_batches(shape, classes, 1)[0]
     job = pe.TrainingJob(copy.deepcopy(model), (x,), y, "cross_entropy", pe.optim.SGD(lr=0.01, momentum=0.9))
-    imported = build.import_model(job)
-    return build.derive_step(imported, job.optimizer, job.plan(imported))[0]
+    imported = pipeline.import_model(job)
+    return pipeline.derive_step(imported, job.optimizer, job.plan(imported))[0]
 
 
 def test_forced_library_rewrites_every_heavy_op_and_forced_tvm_none():
@@ -89,7 +91,7 @@ def test_forced_library_rewrites_every_heavy_op_and_forced_tvm_none():
     assert kinds == {"matmul", "conv2d", "conv2d_cnhw", "conv2d_transpose"}
     preset = resolve(FAST_HOST)
     for mode, expected in (("library", sum(len(c) for c in ops.values())), ("tvm", 0)):
-        after = switch_backend(measure(func, preset, mode), STEP_FUNC)(step)[STEP_FUNC]
+        after = switch_backend(measure_backends(func, preset, mode), STEP_FUNC)(step)[STEP_FUNC]
         packed = []
         relax.analysis.post_order_visit(after.body, lambda e: isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)
                                         and e.op.name == "relax.call_dps_packed" and packed.append(e))

@@ -19,6 +19,7 @@ import torch
 import pockengine as pe
 from conftest import FAST_HOST, MLP, ROOT, make_batches, max_scaled_diff, mobilenetv2, train_torch
 from pockengine.errors import MemoryLimitError, ToolchainError
+from pockengine.artifact_files import PROJECT
 from pockengine.sparse import apply_to_torch
 from pockengine.targets import cortex_m, resolve
 
@@ -44,7 +45,7 @@ def train_on_device(job, target, batches, directory):
     """Compile for `target`, export, train len(batches) steps under QEMU -> (program, run)."""
     program = pe.compile(job, target=target)
     program.export(directory)
-    project = os.path.join(directory, cortex_m.PROJECT)
+    project = os.path.join(directory, PROJECT)
     cortex_m.project.write_batches(project, program.signature, [[x.numpy(), y.numpy()] for x, y in batches])
     return program, cortex_m.run(project, resolve(target), len(batches), program.signature)
 
@@ -166,7 +167,7 @@ def test_the_firmware_refuses_bad_batches_before_training_on_them(tmp_path):
                          pe.optim.SGD(lr=0.1), name="mlp_checks")
     program = pe.compile(job, target="cortex-m4")
     program.export(str(tmp_path / "m4"))
-    project = str(tmp_path / "m4" / cortex_m.PROJECT)
+    project = str(tmp_path / "m4" / PROJECT)
     arrays = [[x.numpy(), y.numpy()] for x, y in batches]
     header = open(os.path.join(project, "pe_train_step.h")).read()
     assert "#define PE_ERROR_NON_FINITE_INPUT 1" in header and "#define PE_ERROR_INDEX_OUT_OF_RANGE 2" in header

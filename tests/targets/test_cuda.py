@@ -1,7 +1,10 @@
 """CUDA target without a GPU: the whole training step (MLP and a MobileNetV2-style CNN) becomes GPU
 kernels only, compiles to PTX/machine code for the Jetson Orin's sm_87 and exports for its aarch64
-host; a kernel left for the host CPU is an error that names it; tuning records come before dlight."""
+host; a kernel left for the host CPU is an error that names it; tuning records come before dlight.
+Builds go through the CUDA family (pe.compile); the kernel-level checks lower through the pipeline
+with the family's Lowering."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,33 +17,54 @@ import tvm
 
 import pockengine as pe
 from conftest import ROOT, mobilenetv2
-from pockengine import build, tuning
+from pockengine import pipeline
+from pockengine.analysis.memory_plan import planned_storage
+from pockengine.artifact_files import LIBRARY, PTX_FILE, SOURCE_FILE
 from pockengine.autodiff.step import STEP_FUNC
 from pockengine.errors import TargetError
 from pockengine.job import load_job
-from pockengine.analysis.memory_plan import planned_storage
-from pockengine.targets import cuda
+from pockengine.targets import resolve
+from pockengine.targets.cuda import device, family, kernel_check, nvcc, schedules
+from pockengine.targets.families import family as family_of
+from pockengine.tuning import database
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not on PATH")
 
 ELF_MACHINE = {b"\xb7\x00": "aarch64", b"\x3e\x00": "x86_64"}
 CROSS = "aarch64-linux-gnu-g++"
+ORIN = "jetson-orin"
+MLP = os.path.join(ROOT, "examples", "mlp_digits", "train.py")
 
 
 def derived(job):
-    imported = build.import_model(job)
-    step_mod, signature, _ = build.derive_step(imported, job.optimizer, job.plan(imported))
+    imported = pipeline.import_model(job)
+    step_mod, signature, _ = pipeline.derive_step(imported, job.optimizer, job.plan(imported))
     return step_mod, signature
+
+
+def lowered_for(step, rules=None, tuning_logs=()) -> pipeline.Lowered:
+    """The step lowered by the CUDA family's Lowering for the Orin (with only `rules` of dlight, if given)."""
+    lowering = family.LOWERING
+    if rules is not None:
+        lowering = dataclasses.replace(
+            lowering, schedule=lambda _preset, target, notes: [schedules.default_schedules_pass(target, notes, rules)])
+    return pipeline.lower(step[0], step[1], resolve(ORIN), lowering, tuning_logs)
+
+
+def orin_target():
+    return family.LOWERING.tvm_target(resolve(ORIN))
 
 
 @pytest.fixture(scope="module")
 def mlp_step():
-    return derived(load_job(os.path.join(ROOT, "examples", "mlp_digits", "train.py")))
+    return derived(load_job(MLP))
 
 
 @pytest.fixture(scope="module")
-def mlp_build(mlp_step):
-    return cuda.compile_step(*mlp_step, target=cuda.JETSON_ORIN)
+def mlp_program():
+    if shutil.which(CROSS) is None:
+        pytest.skip(f"{CROSS} (Debian g++-aarch64-linux-gnu) is not installed: no aarch64 host code")
+    return pe.compile(load_job(MLP), ORIN)
 
 
 def small_mobilenetv2_job():
@@ -54,20 +78,30 @@ def small_mobilenetv2_job():
                           pe.optim.SGD(lr=0.05, momentum=0.9, weight_decay=4e-5), name="mobilenetv2_small")
 
 
-def assert_all_gpu(result):
-    kernels = [gv.name_hint for gv, f in result.lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
-    assert sorted(result.kernels) == sorted(kernels) and kernels
-    assert cuda.host_kernels(result.lowered) == {}
-    assert None not in result.schedules.schedules.values()
-    module = cuda.cuda_module(result.executable)
-    assert module.is_runnable()  # compiled kernels, not the CUDA source a runtime-less TVM embeds
-    source = module.inspect_source("")
-    for name in kernels:  # each kernel became (at least) one CUDA __global__ function
+def kernel_names(lowered) -> list:
+    return [gv.name_hint for gv, f in lowered.mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+
+
+def assert_all_gpu(program, lowered):
+    """Every kernel of the lowered step is bound to GPU threads, was scheduled, and is one (at least)
+    CUDA __global__ function of the program's kernels.cu; the build counted the same kernels."""
+    kernels = kernel_names(lowered)
+    assert kernels and program.meta["cuda"]["kernels"] == len(kernels)
+    assert kernel_check.host_kernels(lowered.mod) == {}
+    assert None not in lowered.notes[schedules.REPORT].schedules.values()
+    with open(program.files[SOURCE_FILE]) as f:
+        source = f.read()
+    for name in kernels:
         assert f" {name}_kernel(" in source or f" {name}_kernel_" in source
 
 
+def ptx_of(program) -> bytes:
+    with open(program.files[PTX_FILE], "rb") as f:
+        return f.read()
+
+
 def assert_ptx_for_sm87(ptx: bytes):
-    header = cuda.ptx_header(ptx)
+    header = nvcc.ptx_header(ptx)
     assert header["target"] == "sm_87" and header["address_size"] == "64"
     assert b".entry" in ptx
 
@@ -79,65 +113,67 @@ def elf_machine(path: str) -> str:
     return ELF_MACHINE.get(head[18:20], repr(head[18:20]))
 
 
-def test_mlp_step_builds_for_jetson_orin(mlp_build, tmp_path):
-    assert_all_gpu(mlp_build)
-    assert_ptx_for_sm87(mlp_build.ptx)
+def test_mlp_step_builds_for_jetson_orin(mlp_program, mlp_step, tmp_path):
+    lowered = lowered_for(mlp_step)
+    assert_all_gpu(mlp_program, lowered)
+    assert_ptx_for_sm87(ptx_of(mlp_program))
     # One arena on the GPU and every parameter/momentum updated in place (nothing returned beside
     # the loss and the step counter but the scalars).
-    pool, storages, unplanned = planned_storage(mlp_build.lowered[STEP_FUNC])
+    pool, storages, unplanned = planned_storage(lowered.mod[STEP_FUNC])
     assert storages == 1 and pool > 0 and unplanned <= 16
-    if shutil.which(CROSS) is None:
-        pytest.skip(f"{CROSS} (Debian g++-aarch64-linux-gnu) is not installed: no aarch64 export")
-    paths = cuda.export_cuda(mlp_build.executable, mlp_build.ptx, str(tmp_path / "orin"), cuda.JETSON_ORIN)
-    assert elf_machine(paths["library"]) == "aarch64"
-    with open(paths["ptx"], "rb") as f:
-        assert f.read() == mlp_build.ptx
-    with open(paths["library"], "rb") as f:
+    assert mlp_program.memory_report().n_storages == 1
+    out = mlp_program.export(str(tmp_path / "orin"))
+    assert elf_machine(os.path.join(out, LIBRARY)) == "aarch64"
+    with open(os.path.join(out, PTX_FILE), "rb") as f:
+        assert f.read() == ptx_of(mlp_program)
+    with open(os.path.join(out, LIBRARY), "rb") as f:
         assert b"\x50\xed\x55\xba" in f.read()  # the fatbin (sm_87 code + PTX) is embedded
 
 
-def test_x86_host_variant_exports_a_library_that_loads_back(mlp_build, tmp_path):
+def test_x86_host_variant_exports_a_library_that_loads_back(mlp_step, tmp_path):
     target = {"kind": "cuda", "arch": "sm_87"}  # host: LLVM for this machine
-    executable, ptx = cuda.build_cuda(mlp_build.lowered, target)
-    assert_ptx_for_sm87(ptx)
-    paths = cuda.export_cuda(executable, ptx, str(tmp_path / "x86"), target)
-    assert elf_machine(paths["library"]) == "x86_64"
-    loaded = tvm.runtime.load_module(paths["library"])
-    module = cuda.cuda_module(loaded)
-    assert module.is_runnable() and module.implements_function(mlp_build.kernels[0] + "_kernel")
+    program = pe.compile(load_job(MLP), target)
+    assert_ptx_for_sm87(ptx_of(program))
+    out = program.export(str(tmp_path / "x86"))
+    assert elf_machine(os.path.join(out, LIBRARY)) == "x86_64"
+    loaded = tvm.runtime.load_module(os.path.join(out, LIBRARY))
+    module = nvcc.cuda_module(loaded)
+    assert module.is_runnable()  # compiled kernels, not the CUDA source a runtime-less TVM embeds
+    assert module.implements_function(kernel_names(lowered_for(mlp_step))[0] + "_kernel")
 
 
 def test_small_mobilenetv2_step_builds_for_jetson_orin():
-    result = cuda.compile_step(*derived(small_mobilenetv2_job()), target=cuda.JETSON_ORIN)
-    assert_all_gpu(result)
-    assert_ptx_for_sm87(result.ptx)
-    assert len(result.kernels) > 100
+    if shutil.which(CROSS) is None:
+        pytest.skip(f"{CROSS} (Debian g++-aarch64-linux-gnu) is not installed: no aarch64 host code")
+    program = pe.compile(small_mobilenetv2_job(), ORIN)
+    assert_ptx_for_sm87(ptx_of(program))
+    gpu = program.meta["cuda"]
+    assert gpu["kernels"] > 100 and gpu["kernels"] == sum(gpu["schedules"].values())
+    assert "unscheduled" not in gpu["schedules"]
     # dlight's Matmul rule raises on a conv weight-gradient kernel of MobileNetV2: the next rule
     # (Fallback) must take it instead of the whole module failing.
-    assert result.schedules.counts().get("Fallback", 0) > 0
-    assert planned_storage(result.lowered[STEP_FUNC])[1] == 1
+    assert gpu["schedules"].get("Fallback", 0) > 0
+    assert program.memory_report().n_storages == 1
 
 
 def test_a_kernel_left_on_the_cpu_is_an_error_naming_it(mlp_step):
-    target = cuda.cuda_target(cuda.JETSON_ORIN)
     # Without dlight's rules TVM would compile every unscheduled kernel for the host CPU.
-    step_mod, signature = mlp_step
-    lowered, report = cuda.gpu_lowering_with_report(step_mod, target, signature, schedule_rules=[])
+    lowered = lowered_for(mlp_step, rules=[])
     with pytest.raises(TargetError, match="would run on the host CPU") as caught:
-        cuda.gpu_kernels_check(lowered, report)
+        kernel_check.gpu_kernels_check(lowered.mod, lowered.notes[schedules.REPORT])
     left = caught.value.host_kernels
     # the MLP's matmuls (x @ W^T: matmul_nt) are left; TOPI's GPU scatter is bound already
     assert any(name.startswith("matmul") for name in left) and "scatter_elements" not in left
     assert all(name in str(caught.value) for name in left)
     with pytest.raises(TargetError, match="would run on the host CPU"):
-        cuda.build_cuda(lowered, target)
+        nvcc.build_cuda(lowered.mod, orin_target())
 
     # Only the matmul rule: the elementwise kernels are reported, the matmuls are not.
     from tvm.s_tir import dlight as dl
 
-    lowered = cuda.gpu_lowering(step_mod, target, signature, schedule_rules=[dl.gpu.Matmul()])
+    lowered = lowered_for(mlp_step, rules=[dl.gpu.Matmul()])
     with pytest.raises(TargetError) as caught:
-        cuda.gpu_kernels_check(lowered)
+        kernel_check.gpu_kernels_check(lowered.mod)
     left = caught.value.host_kernels
     assert not any(name.startswith("matmul") for name in left) and any(name.startswith("add") for name in left)
 
@@ -146,39 +182,42 @@ def test_tuning_record_comes_before_dlight(mlp_step, tmp_path):
     from tvm.s_tir import dlight as dl
     from tvm.s_tir import meta_schedule as ms
 
-    target = cuda.cuda_target(cuda.JETSON_ORIN)
-    with target:
-        fused = tvm.transform.Sequential(cuda.fusion_passes(target))(mlp_step[0])
-    kernel = tuning.kernels(fused, target)[0]
+    target = orin_target()
+    fused = pipeline.fused(mlp_step[0], mlp_step[1], resolve(ORIN), family.LOWERING)
+    kernel = database.kernels(fused, target)[0]
     # A record as a GPU tuning run would leave it (no GPU here to measure one): a schedule that is
     # not what dlight's default gives this matmul kernel, so its use is visible.
-    db = tuning.open_log(str(tmp_path), create=True)
+    db = database.open_log(str(tmp_path), create=True)
     schedule = dl.gpu.Fallback().apply(kernel.mod["main"], target, False)
     db.commit_tuning_record(ms.database.TuningRecord(
         schedule.trace, db.commit_workload(kernel.mod), [1e-4], target,
         ms.arg_info.ArgInfo.from_prim_func(kernel.mod["main"])))
-    lowered, report = cuda.gpu_lowering_with_report(mlp_step[0], target, mlp_step[1], tuning_logs=[str(tmp_path)])
-    assert report.tuning.tuned and set(report.tuning.tuned) <= {k for k, v in report.schedules.items() if v == "tuned"}
+    lowered = lowered_for(mlp_step, tuning_logs=[str(tmp_path)])
+    report = lowered.notes[schedules.REPORT]
+    assert lowered.tuning.tuned and set(lowered.tuning.tuned) <= {k for k, v in report.schedules.items() if v == "tuned"}
     assert report.counts()["tuned"] == 1 and report.counts()["Matmul"] >= 1
-    cuda.gpu_kernels_check(lowered)
+    kernel_check.gpu_kernels_check(lowered.mod)
 
 
 def test_targets_and_running_without_a_gpu():
     with pytest.raises(TargetError, match="arch"):
-        if not cuda.gpu_present():
-            cuda.cuda_target({"kind": "cuda"})
+        if not device.gpu_present():
+            device.cuda_target({"kind": "cuda"})
         else:
             raise TargetError("arch detected from the device")
     with pytest.raises(TargetError, match="not cuda"):
-        cuda.cuda_target({"kind": "llvm"})
-    assert cuda.cuda_target({"kind": "cuda", "arch": "sm_87"}).host is not None
-    assert str(cuda.cuda_target(None).host.attrs["mtriple"]) == "aarch64-linux-gnu"
-    if cuda.gpu_present():
+        device.cuda_target({"kind": "llvm"})
+    assert device.cuda_target({"kind": "cuda", "arch": "sm_87"}).host is not None
+    assert str(orin_target().host.attrs["mtriple"]) == "aarch64-linux-gnu"
+    if device.gpu_present():
         pytest.skip("a CUDA device is present")
-    with pytest.raises(TargetError, match=r"runs on an NVIDIA GPU \(sm_87\) beside an aarch64 CPU"):
-        cuda.require_gpu(cuda.JETSON_ORIN)
-    with pytest.raises(TargetError, match=r"runs on an NVIDIA GPU \(sm_87\) and this machine has no CUDA device"):
-        cuda.require_gpu({"kind": "cuda", "arch": "sm_87"})
+    cuda = family_of("cuda")
+    orin = {"family": "cuda", "tvm_target": resolve(ORIN).tvm_target}
+    assert not cuda.runs_here(orin)
+    assert "runs on an NVIDIA GPU (sm_87) beside an aarch64 CPU" in cuda.why_not_here(orin)
+    here = {"family": "cuda", "tvm_target": {"kind": "cuda", "arch": "sm_87"}}
+    assert not cuda.runs_here(here)
+    assert "runs on an NVIDIA GPU (sm_87) and this machine has no CUDA device" in cuda.why_not_here(here)
 
 
 def test_pockengine_build_for_jetson_then_run_says_plainly_there_is_no_gpu(tmp_path):
@@ -203,12 +242,12 @@ def test_pockengine_build_for_jetson_then_run_says_plainly_there_is_no_gpu(tmp_p
 
     no_arch = subprocess.run([cli, "build", example, "--target", '{"kind": "cuda"}', "-o", str(tmp_path / "x")],
                              capture_output=True, text=True)
-    if not cuda.gpu_present():  # TVM would fall back to sm_50, which nvcc 13 no longer knows
+    if not device.gpu_present():  # TVM would fall back to sm_50, which nvcc 13 no longer knows
         assert no_arch.returncode == 2 and "has no 'arch' and there is no GPU here" in no_arch.stderr
 
     program = pe.load(out)  # loads anywhere: the state can be read and changed
     assert not hasattr(program, "_vm") and set(program.state_dict()) == set(manifest["state_dict_keys"])
-    if cuda.gpu_present():
+    if device.gpu_present():
         pytest.skip("a CUDA device is present: the no-GPU messages do not apply")
     ran = subprocess.run([cli, "run", out, "--steps", "2"], capture_output=True, text=True)
     assert ran.returncode == 2 and "Traceback" not in ran.stderr

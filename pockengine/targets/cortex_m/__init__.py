@@ -24,27 +24,10 @@ from . import driver as c_driver
 from . import kernels as c_kernels
 from . import project
 
-PROJECT = "project"  # the C project's directory inside the artifact
 FIRMWARE = "firmware.elf"
 MEASURE_FIRMWARE = "firmware-measure.elf"  # `make measure`: linked for reading sizes, not for running
 QEMU_TIMEOUT_S = 1800
 STACK_RESERVE_KIB = project.STACK_BYTES // 1024
-
-
-def lowering_passes(preset, signature, state_aliases) -> list:
-    """Fused kernels -> memory-planned train_step for a microcontroller: intermediate buffers of
-    fused kernels inlined (inline_elementwise), gradients' lifetimes kept short
-    (schedule_reductions), TVM's dataflow lowering, new state written over the old
-    (update_in_place) and one arena (plan_arena). No CPU schedule: one core, no vector types."""
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-
-    from ...passes.inline_elementwise import inline_elementwise
-    from ...passes.plan_arena import plan_arena
-    from ...passes.schedule_reductions import schedule_reductions
-    from ...passes.update_in_place import update_in_place
-
-    return ([inline_elementwise(1), schedule_reductions(STEP_FUNC)] + cpu.dataflow_lower_passes(preset.target())
-            + [update_in_place(state_aliases, STEP_FUNC), plan_arena(STEP_FUNC)])
 
 
 @dataclass

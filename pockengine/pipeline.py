@@ -1,0 +1,327 @@
+"""The order of every pass, for every target family: this module owns it.
+
+    import    the frontend, then fold_broadcasts
+    derive    fuse_linear_log_prob, prune_backward (partially trained weights), autodiff and the optimizer
+              (autodiff/step.py), chunk_linear_log_prob, fuse_variance, drop_saved_activations, reorder_updates
+    switch    switch_backend: heavy ops measured faster as library kernels (host, --backend auto|library)
+    pack      transposed_matmuls, pack_frozen_weights (families whose kernels are schedule_cpu's)
+    fuse      the family's library dispatch (TVM's), legalize_ops + TVM's fusion, drop_unit_reductions
+    records   tuning logs: MetaSchedule records replace the kernels they match (tuning/database.py)
+    schedule  the family's default schedules for the rest, then what every kernel gets (fast_math on CPUs)
+    lower     schedule_reductions, the family's dataflow lowering (TVM's), update_in_place, plan_arena
+    finalize  TVM's VM lowering (LowerAllocTensor ... AttachGlobalSymbol)
+
+A target family (targets/) contributes only the phases that differ by target, as a `Lowering` of
+pass-list factories; every prefix and suffix is written here once. `pockengine tune` tunes the module
+`fused` returns, backend measurement builds one op with `kernels`, and every family lowers with
+`lower`: a pass added here is added to all of them. `PASSES` names our passes in this order; the
+README's pass table is checked against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import tvm
+from tvm import relax
+
+from .analysis.memory_plan import memory_report as plan_report
+from .analysis.memory_timeline import timeline
+from .autodiff.step import STEP_FUNC, StepSignature, build_train_step
+from .errors import InternalCompilerError, PockEngineError, UnsupportedOpError
+from .frontend import FUNC_NAME
+from .passes.chunk_linear_log_prob import chunk_linear_log_prob
+from .passes.drop_saved_activations import drop_saved_activations
+from .passes.drop_unit_reductions import drop_unit_reductions
+from .passes.fold_broadcasts import fold_broadcasts
+from .passes.fuse_linear_log_prob import fuse_linear_log_prob
+from .passes.fuse_variance import fuse_variance
+from .passes.legalize_ops import legalize_and_fuse
+from .passes.pack_frozen_weights import pack_frozen_weights, panel_widths
+from .passes.plan_arena import plan_arena
+from .passes.prune_backward import prune_backward
+from .passes.reorder_updates import reorder_updates
+from .passes.schedule_reductions import schedule_reductions
+from .passes.switch_backend import switch_backend
+from .passes.transposed_matmuls import transposed_matmuls
+from .passes.update_in_place import update_in_place
+from .sparse import FULL, Partial
+from .tuning.database import TuningReport, apply_logs
+
+# Our passes in the order they run (a family's schedule phase in its place); README's table follows it.
+PASSES = ("fold_broadcasts", "fuse_linear_log_prob", "prune_backward", "chunk_linear_log_prob", "fuse_variance",
+          "drop_saved_activations", "reorder_updates", "switch_backend", "transposed_matmuls",
+          "pack_frozen_weights", "legalize_ops", "drop_unit_reductions", "(tuning logs)", "inline_elementwise",
+          "schedule_cpu", "fast_math", "schedule_reductions", "update_in_place", "plan_arena")
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+    """A target family's phases of the pipeline, as factories of pass lists (run in this module's order).
+
+    dispatch(target): TVM's library dispatch for the target (the first phase of its backend pipeline).
+    schedule(preset, target, notes): default schedules for the kernels no tuning record scheduled; may
+        leave what it found in `notes` (a dict) for the build's report.
+    finish_kernels(): passes every scheduled kernel gets, tuned or not (a tuning candidate is measured
+        with them too).
+    dataflow(target): TVM's dataflow lowering for the target.
+    packs_frozen_weights: the kernels are schedule_cpu's, whose matmuls can read frozen weights as panels.
+    tvm_target(preset): the TVM target the step is lowered for.
+    """
+    dispatch: Callable
+    schedule: Callable
+    dataflow: Callable
+    finish_kernels: Callable = list
+    packs_frozen_weights: bool = False
+    tvm_target: Callable = lambda preset: preset.target()
+
+
+# ---------------------------------------------------------------------- stages
+
+
+STAGES = ("import", "autodiff", "lower", "memory plan", "codegen")
+
+
+def print_progress(index: int, total: int, name: str, seconds: float | None, stream=sys.stderr) -> None:
+    """seconds: None when the stage starts, negative when it failed (the error follows on its own line)."""
+    if seconds is None:
+        print(f"[{index}/{total}] {name} ...", end="", flush=True, file=stream)
+    elif seconds < 0:
+        print(" failed", flush=True, file=stream)
+    else:
+        print(f" {seconds:.1f} s", flush=True, file=stream)
+
+
+@contextmanager
+def stage(name: str, progress, origins=None):
+    """Time a stage; an error that is not one of ours (TVM's C++ checks, a Python bug) becomes an
+    InternalCompilerError naming the stage and, from `origins` (binding name -> Origin), the model's
+    operations the failure points at. `progress` receives (stage index, stage count, name, seconds
+    or None when it starts) so the CLI can show the build."""
+    index = STAGES.index(name) + 1
+    if progress:
+        progress(index, len(STAGES), name, None)
+    start = time.perf_counter()
+    try:
+        yield
+    except BaseException as e:
+        if progress:
+            progress(index, len(STAGES), name, -1.0)
+        if isinstance(e, (PockEngineError, OSError)) or not isinstance(e, Exception):
+            raise  # ours, the file system's (the CLI names the file), or an interrupt
+        raise InternalCompilerError(_internal_error_message(name, e, origins or {})) from e
+    if progress:
+        progress(index, len(STAGES), name, time.perf_counter() - start)
+
+
+def _internal_error_message(stage_name: str, error: Exception, origins: dict) -> str:
+    """The stage, TVM's own words (its last line, without the C++ trace) and the model's
+    operations whose names appear in them (`relax.cumsum`, a kernel `fused_conv2d1_add2`)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    summary = next((line for line in reversed(lines) if not line.startswith(("File ", "at ", "0:", "1:"))),
+                   type(error).__name__)
+    words = set(re.findall(r"[a-z][a-z0-9]*", summary.lower()))
+    named = {}
+    for origin in origins.values():
+        op = origin.op.split(".")[1] if origin.op.startswith("aten.") else origin.op
+        if op.lower() in words or any(part in words for part in op.lower().split("_") if len(part) > 3):
+            named.setdefault(str(origin), None)
+    where = "".join(f"\n  {o}" for o in list(named)[:10]) if named else " (no operation of the model is named)"
+    return (f"internal error in the {stage_name} stage: {type(error).__name__}: {summary}\n"
+            f"Operations it points at:{where}\n"
+            "This is a bug in PockEngine or in TVM, not in your model: please report it with the model (or a "
+            "small module that reproduces it). Meanwhile, freezing the named modules (sparse_update) or "
+            "replacing the operation may avoid it.")
+
+
+# ---------------------------------------------------------------------- import and derive
+
+
+def import_model(job):
+    imported = job.import_model()
+    return dataclasses.replace(imported, mod=fold_broadcasts(FUNC_NAME)(imported.mod))
+
+
+def derive_step(imported, optimizer, plan):
+    """forward_loss -> train_step for a plan: a vocabulary head and its cross-entropy as one operator
+    (fuse_linear_log_prob), split partially trained weights (prune_backward), differentiate and add
+    the optimizer (autodiff), then compute that operator in chunks of rows (chunk_linear_log_prob),
+    batch variances in one reduction (fuse_variance), keep only what the backward needs of the
+    forward (drop_saved_activations) and update each parameter once its gradient is complete
+    (reorder_updates)."""
+    imported = dataclasses.replace(imported, mod=fuse_linear_log_prob(FUNC_NAME)(imported.mod))
+    partial = {name: rule for name, rule in plan.items() if isinstance(rule, Partial)}
+    if partial:
+        pvars = imported.param_vars
+        pruned = prune_backward(FUNC_NAME, {pvars[n]: (p.channels, p.axis) for n, p in partial.items()})(imported.mod)
+        imported = dataclasses.replace(imported, mod=pruned)
+    step_mod, signature, optimizer_state = build_train_step(imported, optimizer, plan)
+    step_mod = tvm.transform.Sequential([chunk_linear_log_prob(STEP_FUNC), fuse_variance(STEP_FUNC),
+                                         drop_saved_activations(STEP_FUNC),
+                                         reorder_updates(STEP_FUNC)])(step_mod)
+    return step_mod, signature, optimizer_state
+
+
+@dataclasses.dataclass
+class Derived:
+    """The training step as autodiff left it, before any target-specific lowering."""
+    imported: object
+    plan: dict
+    step_mod: object
+    signature: StepSignature
+    optimizer_state: dict
+
+    @property
+    def initial_state(self) -> dict:
+        """{state name: array} as the step reads it (partially trained weights in their two parts)."""
+        return self.state_for(self.signature)
+
+    def state_for(self, signature: StepSignature) -> dict:
+        """The initial state as a step of `signature` (this one's, or with packed weights) reads it."""
+        return signature.split_state({**self.imported.initial, **self.optimizer_state})
+
+
+def derive(job, progress=None) -> Derived:
+    """The import and autodiff stages of a build."""
+    with stage("import", progress):
+        imported = import_model(job)
+    with stage("autodiff", progress, imported.origin):
+        plan = job.plan(imported)
+        step_mod, signature, optimizer_state = derive_step(imported, job.optimizer, plan)
+    return Derived(imported, plan, step_mod, signature, optimizer_state)
+
+
+# ---------------------------------------------------------------------- lower
+
+
+def with_packed_weights(step_mod, signature: StepSignature, preset, lowering: Lowering):
+    """The step with its forward-only frozen weights held as the panels its CPU matmuls read
+    (passes/pack_frozen_weights.py) and the signature that says so; unchanged for a family whose
+    kernels are not schedule_cpu's."""
+    if not lowering.packs_frozen_weights:
+        return step_mod, signature
+    step_mod = transposed_matmuls()(step_mod)
+    widths = panel_widths(step_mod[STEP_FUNC], signature, preset.vector_lanes(32), preset.cores,
+                          preset.vector_registers)
+    return pack_frozen_weights(widths, signature, STEP_FUNC)(step_mod), signature.with_packed(widths)
+
+
+def fusion_passes(lowering: Lowering, target) -> list:
+    """From the training step to fused, unscheduled TIR kernels: the family's library dispatch,
+    LegalizeOps legalizing each distinct call once and TVM's fusion (legalize_ops.py), then
+    reductions over one element as assignments (drop_unit_reductions). The module tuning logs are
+    made for and applied to."""
+    return lowering.dispatch(target) + legalize_and_fuse() + [drop_unit_reductions()]
+
+
+def schedule_passes(lowering: Lowering, preset, target, notes: dict) -> list:
+    return lowering.schedule(preset, target, notes) + lowering.finish_kernels()
+
+
+def kernels(mod, preset, lowering: Lowering, database=None, notes: dict | None = None):
+    """`mod` (Relax) as scheduled kernels: fused, the records of `database` (an open MetaSchedule
+    database or None) applied, the rest given the family's default schedules. What backend
+    measurement builds one operator with."""
+    from .tuning.database import apply_database
+
+    target = lowering.tvm_target(preset)
+    with target:
+        fused = tvm.transform.Sequential(fusion_passes(lowering, target))(mod)
+        fused = apply_database(fused, target, database)
+        return tvm.transform.Sequential(schedule_passes(lowering, preset, target, {} if notes is None else notes))(fused)
+
+
+def fused(step_mod, signature: StepSignature, preset, lowering: Lowering):
+    """The step as fused kernels for `preset`, with its frozen weights packed where the family does:
+    what `pockengine tune` tunes."""
+    step_mod = with_packed_weights(step_mod, signature, preset, lowering)[0]
+    target = lowering.tvm_target(preset)
+    with target:
+        return tvm.transform.Sequential(fusion_passes(lowering, target))(step_mod)
+
+
+def fused_step(job, preset, lowering: Lowering):
+    """The job's training step as fused kernels for `preset` (`pockengine tune`)."""
+    imported = import_model(job)
+    step_mod, signature, _ = derive_step(imported, job.optimizer, job.plan(imported))
+    return fused(step_mod, signature, preset, lowering)
+
+
+def state_aliases(signature: StepSignature) -> dict:
+    """{position in train_step's returned tuple: index of the parameter holding the old value}."""
+    state_index = {spec.name: i for i, spec in enumerate(signature.state)}
+    return {1 + k: len(signature.batch) + state_index[name] for k, name in enumerate(signature.outputs)}
+
+
+@dataclasses.dataclass
+class Lowered:
+    """A memory-planned step, not finalised, and what its lowering found."""
+    mod: object
+    signature: StepSignature  # the step's, with packed weights where the family packs them
+    tuning: TuningReport
+    notes: dict  # what the family's schedule phase left (CUDA: the ScheduleReport)
+
+
+def lower(step_mod, signature: StepSignature, preset, lowering: Lowering, tuning_logs=(), choices=None,
+          plan_memory: bool = True) -> Lowered:
+    """The derived step -> memory-planned Relax module: switch (when `choices` put ops on library
+    kernels), pack, fuse, tuning records, schedule, dataflow_passes (without plan_arena unless
+    `plan_memory`: to compare planners)."""
+    if choices:
+        step_mod = switch_backend(choices, STEP_FUNC)(step_mod)
+    step_mod, signature = with_packed_weights(step_mod, signature, preset, lowering)
+    target = lowering.tvm_target(preset)
+    notes: dict = {}
+    with target:
+        mod = tvm.transform.Sequential(fusion_passes(lowering, target))(step_mod)
+        mod, tuning_report = apply_logs(mod, target, list(tuning_logs))
+        mod = tvm.transform.Sequential(schedule_passes(lowering, preset, target, notes))(mod)
+        mod = tvm.transform.Sequential(dataflow_passes(lowering, target, signature, plan_memory))(mod)
+    return Lowered(mod, signature, tuning_report, notes)
+
+
+def dataflow_passes(lowering: Lowering, target, signature: StepSignature, plan_memory: bool = True) -> list:
+    """Scheduled kernels -> a memory-planned step: reductions right after their inputs
+    (schedule_reductions), the family's dataflow lowering, new state written over the old
+    (update_in_place) and one arena (plan_arena)."""
+    return ([schedule_reductions(STEP_FUNC)] + lowering.dataflow(target)
+            + [update_in_place(state_aliases(signature), STEP_FUNC)] + ([plan_arena(STEP_FUNC)] if plan_memory else []))
+
+
+def finalize_passes() -> list:
+    return [
+        relax.transform.LowerAllocTensor(),
+        relax.transform.KillAfterLastUse(),
+        relax.transform.LowerRuntimeBuiltin(),
+        relax.transform.ComputePrimValue(),
+        relax.transform.VMShapeLower(),
+        relax.transform.AttachGlobalSymbol(),
+    ]
+
+
+def finalize(lowered_mod, target):
+    """The lowered step as the VM builds it (relax.build with relax_pipeline=None)."""
+    with target:
+        return tvm.transform.Sequential(finalize_passes())(lowered_mod)
+
+
+# ---------------------------------------------------------------------- the memory plan
+
+
+def memory_report(lowered_mod, derived: Derived, optimizer):
+    """The planned memory of `lowered_mod`, with the step's activation timeline, and the full
+    update's when the plan is sparse (to compare)."""
+    step_func, signature, imported = derived.step_mod[STEP_FUNC], derived.signature, derived.imported
+    timelines = {"this step": timeline(step_func, signature)}
+    if any(rule != FULL for rule in derived.plan.values()):
+        try:
+            full_mod, full_sig, _ = derive_step(imported, optimizer, {name: FULL for name in derived.plan})
+            timelines["full update"] = timeline(full_mod[STEP_FUNC], full_sig)
+        except UnsupportedOpError:
+            pass  # a frozen part has ops without gradients: there is no full update to compare with
+    return plan_report(lowered_mod, step_func, signature, imported.origin, timelines)
