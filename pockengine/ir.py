@@ -9,6 +9,16 @@ import tvm
 from tvm import relax, s_tir, te
 
 
+def bindings_of(func) -> list:
+    """Every binding of a Relax function's body, in order across its binding blocks."""
+    return [b for block in func.body.blocks for b in block.bindings]
+
+
+def bound_values(func) -> dict:
+    """{Var: the value bound to it} over every binding of a Relax function's body."""
+    return {b.var: b.value for b in bindings_of(func)}
+
+
 def inline_body(bb: relax.BlockBuilder, func):
     """Re-emit `func`'s bindings into `bb` (inside the caller's dataflow block) and return its result
     as nested Python tuples of Relax expressions, resolving tuple-valued bindings statically.
@@ -16,10 +26,9 @@ def inline_body(bb: relax.BlockBuilder, func):
     The function's parameter Vars are reused as they are: the caller makes them its own parameters.
     """
     bound = {}
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            bb.emit_normalized(binding)
-            bound[binding.var] = binding.value
+    for binding in bindings_of(func):
+        bb.emit_normalized(binding)
+        bound[binding.var] = binding.value
 
     def resolve(expr):
         while isinstance(expr, relax.Var) and expr in bound and isinstance(bound[expr], (relax.Tuple, relax.Var)):
@@ -77,6 +86,14 @@ def with_blocks(func, blocks):
     """`func` with its body's binding blocks replaced (same parameters, result and attributes)."""
     body = relax.BlockBuilder().normalize(relax.SeqExpr(blocks, func.body.body))
     return relax.Function(func.params, body, attrs=func.attrs)
+
+
+def with_values(func, values: dict):
+    """`func` with the bindings of the Vars in `values` bound to the values given there instead
+    (same blocks, same order; the other bindings as they are)."""
+    blocks = [type(block)([relax.VarBinding(b.var, values[b.var]) if b.var in values else b for b in block.bindings])
+              for block in func.body.blocks]
+    return with_blocks(func, blocks)
 
 
 def is_scheduled(func) -> bool:

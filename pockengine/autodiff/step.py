@@ -25,7 +25,7 @@ from tvm import relax
 
 from ..errors import JobError, LossError, UnsupportedOpError
 from ..frontend import FUNC_NAME, RNG_SEED, ImportedModel, TensorSpec
-from ..ir import Substitute, inline_body
+from ..ir import Substitute, bindings_of, bound_values, inline_body
 from ..sparse import FROZEN as FROZEN_RULE, Partial
 from ..optim import LR, STEP, UPDATE_PREFIX, Optimizer, _Emitter
 from . import gradients
@@ -189,7 +189,7 @@ def check_differentiable(imported: ImportedModel, trainable: list[str]) -> None:
     func = imported.func
     pvars = imported.param_vars
     live = {pvars[name] for name in trainable}  # vars a gradient can flow back into
-    bindings = [b for block in func.body.blocks for b in block.bindings]
+    bindings = bindings_of(func)
     # Boolean and integer tensors (masks, indices) carry no gradient: the chain stops there. Relax's
     # Gradient pass still wants a rule for the op that makes one from a trained value (argsort).
     reads_trained = set()
@@ -285,7 +285,7 @@ def _carries_gradient(ty) -> bool:
 
 def _loss_expr(func):
     body = func.body.body
-    bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+    bound = bound_values(func)
     while isinstance(body, relax.Var) and body in bound:
         body = bound[body]
     return body.fields[0] if isinstance(body, relax.Tuple) else body
@@ -305,7 +305,7 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
     fparams = list(mod[FUNC_NAME].params)
     n_orig = len(fparams)
     pvars = dict(zip([s.name for s in imported.params], fparams[n_in:]))
-    bound = {b.var.name: b.var for block in mod[FUNC_NAME].body.blocks for b in block.bindings}
+    bound = {b.var.name: b.var for b in bindings_of(mod[FUNC_NAME])}
     missing = [n for n in partial if pvars[n].name + TRAINED not in bound]
     if missing:
         raise ValueError(f"partially trained {missing} arrive unsplit: run passes.prune_backward first")

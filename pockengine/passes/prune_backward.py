@@ -22,13 +22,13 @@ from tvm.relax import op as R
 
 from ..autodiff.step import FROZEN_PART, TRAINED
 from ..errors import JobError
-from ..ir import op_name, with_function
+from ..ir import bindings_of, op_name, with_function
 
 
 def parameter_ops(func, param_vars: dict) -> dict:
     """{parameter name: "conv" | "depthwise" | "linear" | None}: how each weight is used."""
     consumers = {}
-    bindings = [b for block in func.body.blocks for b in block.bindings]
+    bindings = bindings_of(func)
     for b in bindings:
         if isinstance(b.value, relax.Call):
             for i, arg in enumerate(b.value.args):
@@ -73,7 +73,7 @@ def prune_backward(func_name: str, partial: dict) -> tvm.transform.Pass:
 
 def _split_partial_weights(func, partial: dict, name: str):
     bb = relax.BlockBuilder()
-    bindings = [b for block in func.body.blocks for b in block.bindings]
+    bindings = bindings_of(func)
     transposed = {}  # var bound to permute_dims(W) -> W, for linear layers
     with bb.function(name, list(func.params), attrs=dict(func.attrs)):
         with bb.dataflow():

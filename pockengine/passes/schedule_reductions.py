@@ -24,7 +24,7 @@ import heapq
 import tvm
 from tvm import relax
 
-from ..ir import same_tensor_type, tensor_bytes, with_blocks, with_function
+from ..ir import bindings_of, same_tensor_type, tensor_bytes, with_blocks, with_function
 
 SHRINK = 4  # output at most 1/SHRINK of the largest input
 
@@ -34,10 +34,9 @@ def schedule_reductions(func_name: str = "train_step") -> tvm.transform.Pass:
     def transform(mod, _ctx):
         func = mod[func_name]
         returned = set(relax.analysis.free_vars(func.body.body))
-        for block in func.body.blocks:  # the returned tuple is a binding of its own
-            for b in block.bindings:
-                if isinstance(b.value, relax.Tuple) and b.var in returned:
-                    returned |= {f for f in b.value.fields if isinstance(f, relax.Var)}
+        for b in bindings_of(func):  # the returned tuple is a binding of its own
+            if isinstance(b.value, relax.Tuple) and b.var in returned:
+                returned |= {f for f in b.value.fields if isinstance(f, relax.Var)}
         blocks = [relax.DataflowBlock(schedule(list(block.bindings), returned))
                   if isinstance(block, relax.DataflowBlock) else block for block in func.body.blocks]
         return with_function(mod, func_name, with_blocks(func, blocks))
