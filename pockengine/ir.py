@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from contextlib import contextmanager
 
 import numpy as np
@@ -68,6 +70,49 @@ def with_function(mod, name: str, func):
     mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
     mod[name] = func
     return mod
+
+
+def step_pass(name: str, single_block: bool = False, drop_dead_code: bool = False):
+    """Decorator of a pass that rewrites one Relax function of a module (the step, the imported
+    forward_loss): the decorated factory takes the function's name as its `func_name` argument and
+    returns `rewrite(mod, func)`; the decorator makes it return module pass `name` applying it.
+
+    `rewrite` returns the new function, or None to leave the module as it is, or a whole new
+    module (a rewrite that adds kernels too). A factory may return None itself, when its arguments
+    leave nothing to rewrite. The input module is never mutated (with_function).
+    single_block: the rewrite handles one dataflow block; a function of several (control flow) is left
+    as it is.
+    drop_dead_code: DeadCodeElimination on the new function, for the values it no longer reads.
+    """
+    def decorate(factory):
+        signature = inspect.signature(factory)
+        assert "func_name" in signature.parameters, f"{factory.__name__} takes no func_name"
+
+        @functools.wraps(factory)
+        def make_pass(*args, **kwargs) -> tvm.transform.Pass:
+            arguments = signature.bind(*args, **kwargs)
+            arguments.apply_defaults()
+            func_name = arguments.arguments["func_name"]
+            rewrite = factory(*args, **kwargs)
+
+            @tvm.transform.module_pass(opt_level=0, name=name)
+            def transform(mod, _ctx):
+                if rewrite is None:
+                    return mod
+                func = mod[func_name]
+                if single_block and len(func.body.blocks) != 1:
+                    return mod
+                new = rewrite(mod, func)
+                if new is None:
+                    return mod
+                mod = new if isinstance(new, tvm.IRModule) else with_function(mod, func_name, new)
+                return relax.transform.DeadCodeElimination([func_name])(mod) if drop_dead_code else mod
+
+            return transform
+
+        return make_pass
+
+    return decorate
 
 
 # Ops whose result shares its input's buffer (no copy): the reshape-likes of the step as autodiff

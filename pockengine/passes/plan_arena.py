@@ -19,20 +19,15 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..ir import bindings_of, same_tensor_type, viewed, with_blocks, with_function
+from ..ir import bindings_of, same_tensor_type, step_pass, viewed, with_blocks
 from .update_in_place import elementwise_in_place
 
 ALIGNMENT = 64  # bytes: cache line, and what TVM's own allocator aligns to
 
 
-def plan_arena(func_name: str = "train_step") -> tvm.transform.Pass:
-    @tvm.transform.module_pass(opt_level=0, name="PlanArena")
-    def transform(mod, _ctx):
-        func = mod[func_name]
-        new_func = _plan(mod, func)
-        return mod if new_func is None else with_function(mod, func_name, new_func)
-
-    return transform
+@step_pass("PlanArena")
+def plan_arena(func_name: str = "train_step"):
+    return _plan
 
 
 def _alloc_op():

@@ -23,20 +23,14 @@ import tvm
 import tvm_ffi
 from tvm import relax, s_tir
 
-from ..ir import bindings_of, kernel_schedule, same_tensor_type, viewed, with_function, with_values
+from ..ir import bindings_of, kernel_schedule, same_tensor_type, step_pass, viewed, with_values
 from .schedule_cpu import runs_repeatedly
 
 
-def update_in_place(aliases: dict, func_name: str = "train_step") -> tvm.transform.Pass:
+@step_pass("UpdateInPlace")
+def update_in_place(aliases: dict, func_name: str = "train_step"):
     """aliases: {position in the returned tuple: index of the function parameter it replaces}."""
-
-    @tvm.transform.module_pass(opt_level=0, name="UpdateInPlace")
-    def transform(mod, _ctx):
-        func = mod[func_name]
-        new_func, _ = rewrite(mod, func, aliases)
-        return mod if new_func is None else with_function(mod, func_name, new_func)
-
-    return transform
+    return lambda mod, func: rewrite(mod, func, aliases)[0]
 
 
 def rewrite(mod, func, aliases: dict):
