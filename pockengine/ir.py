@@ -171,17 +171,19 @@ def kernel_schedule(func) -> s_tir.Schedule:
 AS_WRITTEN_ON_CPUS = "pockengine.as_written_on_cpus"
 
 
-def map_kernels(mod, rewrite, include_scheduled: bool = False):
+def map_kernels(mod, rewrite, include_scheduled: bool = False, named: bool = False):
     """A copy of `mod` where each TIR kernel not yet scheduled (see is_scheduled) is replaced by
-    `rewrite(kernel)` unless that is None. Tuned kernels, and those marked AS_WRITTEN_ON_CPUS, are
-    left as they are, unless `include_scheduled` (a rewrite that keeps every loop, such as
-    fast_math's)."""
+    `rewrite(kernel)` unless that is None (`mod` itself when none is). Tuned kernels, and those
+    marked AS_WRITTEN_ON_CPUS, are left as they are, unless `include_scheduled` (a rewrite that
+    keeps every loop, such as fast_math's, or one that decides for itself, such as the GPU's
+    default schedules). `named`: `rewrite(name, kernel)`, for a rewrite that reports on each
+    kernel by its name. Kernels are visited in name order, so such a report is too."""
     def skipped(func) -> bool:
         return is_scheduled(func) or bool(func.attrs is not None and func.attrs.get(AS_WRITTEN_ON_CPUS))
 
-    updates = {gv: new for gv, func in mod.functions.items()
+    updates = {gv: new for gv, func in mod.functions_items()
                if isinstance(func, tvm.tirx.PrimFunc) and (include_scheduled or not skipped(func))
-               and (new := rewrite(func)) is not None}
+               and (new := rewrite(gv.name_hint, func) if named else rewrite(func)) is not None}
     if not updates:
         return mod
     mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
