@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from contextlib import contextmanager
 
 import numpy as np
 import tvm
 from tvm import relax, s_tir, te
+
+
+def bindings_of(func) -> list:
+    """Every binding of a Relax function's body, in order across its binding blocks."""
+    return [b for block in func.body.blocks for b in block.bindings]
+
+
+def bound_values(func) -> dict:
+    """{Var: the value bound to it} over every binding of a Relax function's body."""
+    return {b.var: b.value for b in bindings_of(func)}
 
 
 def inline_body(bb: relax.BlockBuilder, func):
@@ -16,10 +28,9 @@ def inline_body(bb: relax.BlockBuilder, func):
     The function's parameter Vars are reused as they are: the caller makes them its own parameters.
     """
     bound = {}
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            bb.emit_normalized(binding)
-            bound[binding.var] = binding.value
+    for binding in bindings_of(func):
+        bb.emit_normalized(binding)
+        bound[binding.var] = binding.value
 
     def resolve(expr):
         while isinstance(expr, relax.Var) and expr in bound and isinstance(bound[expr], (relax.Tuple, relax.Var)):
@@ -61,6 +72,49 @@ def with_function(mod, name: str, func):
     return mod
 
 
+def step_pass(name: str, single_block: bool = False, drop_dead_code: bool = False):
+    """Decorator of a pass that rewrites one Relax function of a module (the step, the imported
+    forward_loss): the decorated factory takes the function's name as its `func_name` argument and
+    returns `rewrite(mod, func)`; the decorator makes it return module pass `name` applying it.
+
+    `rewrite` returns the new function, or None to leave the module as it is, or a whole new
+    module (a rewrite that adds kernels too). A factory may return None itself, when its arguments
+    leave nothing to rewrite. The input module is never mutated (with_function).
+    single_block: the rewrite handles one dataflow block; a function of several (control flow) is left
+    as it is.
+    drop_dead_code: DeadCodeElimination on the new function, for the values it no longer reads.
+    """
+    def decorate(factory):
+        signature = inspect.signature(factory)
+        assert "func_name" in signature.parameters, f"{factory.__name__} takes no func_name"
+
+        @functools.wraps(factory)
+        def make_pass(*args, **kwargs) -> tvm.transform.Pass:
+            arguments = signature.bind(*args, **kwargs)
+            arguments.apply_defaults()
+            func_name = arguments.arguments["func_name"]
+            rewrite = factory(*args, **kwargs)
+
+            @tvm.transform.module_pass(opt_level=0, name=name)
+            def transform(mod, _ctx):
+                if rewrite is None:
+                    return mod
+                func = mod[func_name]
+                if single_block and len(func.body.blocks) != 1:
+                    return mod
+                new = rewrite(mod, func)
+                if new is None:
+                    return mod
+                mod = new if isinstance(new, tvm.IRModule) else with_function(mod, func_name, new)
+                return relax.transform.DeadCodeElimination([func_name])(mod) if drop_dead_code else mod
+
+            return transform
+
+        return make_pass
+
+    return decorate
+
+
 # Ops whose result shares its input's buffer (no copy): the reshape-likes of the step as autodiff
 # wrote it, and what lowering turns them into.
 VIEW_OPS = frozenset({"relax.reshape", "relax.squeeze", "relax.expand_dims", "relax.flatten", "relax.memory.view"})
@@ -77,6 +131,14 @@ def with_blocks(func, blocks):
     """`func` with its body's binding blocks replaced (same parameters, result and attributes)."""
     body = relax.BlockBuilder().normalize(relax.SeqExpr(blocks, func.body.body))
     return relax.Function(func.params, body, attrs=func.attrs)
+
+
+def with_values(func, values: dict):
+    """`func` with the bindings of the Vars in `values` bound to the values given there instead
+    (same blocks, same order; the other bindings as they are)."""
+    blocks = [type(block)([relax.VarBinding(b.var, values[b.var]) if b.var in values else b for b in block.bindings])
+              for block in func.body.blocks]
+    return with_blocks(func, blocks)
 
 
 def is_scheduled(func) -> bool:
@@ -109,17 +171,19 @@ def kernel_schedule(func) -> s_tir.Schedule:
 AS_WRITTEN_ON_CPUS = "pockengine.as_written_on_cpus"
 
 
-def map_kernels(mod, rewrite, include_scheduled: bool = False):
+def map_kernels(mod, rewrite, include_scheduled: bool = False, named: bool = False):
     """A copy of `mod` where each TIR kernel not yet scheduled (see is_scheduled) is replaced by
-    `rewrite(kernel)` unless that is None. Tuned kernels, and those marked AS_WRITTEN_ON_CPUS, are
-    left as they are, unless `include_scheduled` (a rewrite that keeps every loop, such as
-    fast_math's)."""
+    `rewrite(kernel)` unless that is None (`mod` itself when none is). Tuned kernels, and those
+    marked AS_WRITTEN_ON_CPUS, are left as they are, unless `include_scheduled` (a rewrite that
+    keeps every loop, such as fast_math's, or one that decides for itself, such as the GPU's
+    default schedules). `named`: `rewrite(name, kernel)`, for a rewrite that reports on each
+    kernel by its name. Kernels are visited in name order, so such a report is too."""
     def skipped(func) -> bool:
         return is_scheduled(func) or bool(func.attrs is not None and func.attrs.get(AS_WRITTEN_ON_CPUS))
 
-    updates = {gv: new for gv, func in mod.functions.items()
+    updates = {gv: new for gv, func in mod.functions_items()
                if isinstance(func, tvm.tirx.PrimFunc) and (include_scheduled or not skipped(func))
-               and (new := rewrite(func)) is not None}
+               and (new := rewrite(gv.name_hint, func) if named else rewrite(func)) is not None}
     if not updates:
         return mod
     mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)

@@ -13,7 +13,7 @@ import tvm_ffi
 from tvm import relax
 
 from ..autodiff.step import backward_start
-from ..ir import static_shape
+from ..ir import bindings_of, static_shape
 
 
 def call_flops(call) -> int:
@@ -36,7 +36,7 @@ def call_flops(call) -> int:
 
 def step_flops(step_func) -> dict:
     """{"forward": flops, "backward": flops} of a train_step (or any function) before lowering."""
-    bindings = [b for block in step_func.body.blocks for b in block.bindings]
+    bindings = bindings_of(step_func)
     start = backward_start(bindings)
     return {
         "forward": sum(call_flops(b.value) for b in bindings[:start]),

@@ -19,7 +19,7 @@ import tvm
 from tvm import relax
 
 from ..autodiff.step import FROZEN, OPTIMIZER, PARAM, STEP_FUNC, StepSignature, backward_start
-from ..ir import tensor_bytes, viewed
+from ..ir import bindings_of, tensor_bytes, viewed
 from .flops import call_flops, step_flops
 from .memory_timeline import state_bytes
 
@@ -130,7 +130,7 @@ def saved_activations(step_func) -> dict:
     Keyed by Var, not name: the optimizer's bindings may reuse the importer's names. Reshape-like
     views are not counted (they share their input's buffer).
     """
-    bindings = [b for block in step_func.body.blocks for b in block.bindings]
+    bindings = bindings_of(step_func)
     start = backward_start(bindings)
     forward = {b.var: b for b in bindings[:start]}
     used_later = set()
@@ -166,7 +166,7 @@ def layer_flops(step_func, signature: StepSignature, origin: dict) -> dict:
     # Parameter Var -> model parameter (a partially trained weight's parts, `<weight>__trained` and
     # `<weight>__frozen`, are parameters of their own and count for the weight).
     torch_name = {p.name: signature.owner(spec.name) for p, spec in zip(step_func.params[n_batch:], signature.state)}
-    bindings = [b for block in step_func.body.blocks for b in block.bindings]
+    bindings = bindings_of(step_func)
     start = backward_start(bindings)
     value = {b.var: b.value for b in bindings}
 

@@ -19,7 +19,7 @@ import numpy as np
 from tvm import relax
 
 from ..autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, StepSignature, backward_start
-from ..ir import tensor_bytes, viewed
+from ..ir import bindings_of, tensor_bytes, viewed
 from ..optim import UPDATE_PREFIX
 
 STATE = ("parameters", "buffers", "optimizer_state")
@@ -47,7 +47,7 @@ class Timeline:
 
 
 def timeline(step_func, signature: StepSignature) -> Timeline:
-    bindings = [b for block in step_func.body.blocks for b in block.bindings]
+    bindings = bindings_of(step_func)
     n = len(bindings)
     start = backward_start(bindings)
     # A view (reshape, alias, tuple item) shares its source's buffer: uses of it keep the source alive.

@@ -26,6 +26,7 @@ import tvm
 from tvm import relax
 from tvm.relax import op as R
 
+from ..ir import bindings_of, bound_values
 from . import linear_log_prob
 
 # Ops whose output holds its first argument's values, rearranged: an index traced through them is
@@ -54,35 +55,34 @@ class IndexRange:
 def index_ranges(func, input_names: list[str], origins: dict) -> list[IndexRange]:
     """The IndexRanges of forward_loss `func`'s batch inputs (named `input_names`, in order);
     origins: binding name -> Origin, to name the indexing op."""
-    bindings = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+    bindings = bound_values(func)
     inputs = dict(zip(func.params, input_names))
     found = []
-    for block in func.body.blocks:
-        for b in block.bindings:
-            value = b.value
-            if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
-                continue
-            name = value.op.name
-            if name in ("relax.gather_elements", "relax.take"):
-                data, index, axis = value.args[0], value.args[1], int(value.attrs.axis)
-            elif name == "relax.nn.nll_loss":  # the ONNX frontend's cross-entropy
-                data, index, axis = value.args[0], value.args[1], 1 if len(value.args[0].ty.shape) > 1 else 0
-            elif name == linear_log_prob.OP_NAME:  # labels index the head's weight rows (the classes)
-                data, index, axis = value.args[1], value.args[2], 0
-            else:
-                continue
-            ignored = {int(value.attrs.ignore_index)} if name == "relax.nn.nll_loss" else set()
-            source = _trace(index, bindings, ignored)
-            shape = data.ty.shape
-            if source not in inputs or shape is None:
-                continue
-            extent = shape[axis % len(shape)]
-            if not isinstance(extent, tvm.tirx.IntImm):
-                continue  # a dynamic size: nothing to check against
-            origin = origins.get(b.var.name)
-            described = "cross_entropy over the vocabulary head (fused)" if name == linear_log_prob.OP_NAME else name
-            found.append(IndexRange(inputs[source], int(extent.value), tuple(sorted(ignored)),
-                                    str(origin) if origin else described))
+    for b in bindings_of(func):
+        value = b.value
+        if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
+            continue
+        name = value.op.name
+        if name in ("relax.gather_elements", "relax.take"):
+            data, index, axis = value.args[0], value.args[1], int(value.attrs.axis)
+        elif name == "relax.nn.nll_loss":  # the ONNX frontend's cross-entropy
+            data, index, axis = value.args[0], value.args[1], 1 if len(value.args[0].ty.shape) > 1 else 0
+        elif name == linear_log_prob.OP_NAME:  # labels index the head's weight rows (the classes)
+            data, index, axis = value.args[1], value.args[2], 0
+        else:
+            continue
+        ignored = {int(value.attrs.ignore_index)} if name == "relax.nn.nll_loss" else set()
+        source = _trace(index, bindings, ignored)
+        shape = data.ty.shape
+        if source not in inputs or shape is None:
+            continue
+        extent = shape[axis % len(shape)]
+        if not isinstance(extent, tvm.tirx.IntImm):
+            continue  # a dynamic size: nothing to check against
+        origin = origins.get(b.var.name)
+        described = "cross_entropy over the vocabulary head (fused)" if name == linear_log_prob.OP_NAME else name
+        found.append(IndexRange(inputs[source], int(extent.value), tuple(sorted(ignored)),
+                                str(origin) if origin else described))
     return found
 
 

@@ -25,7 +25,7 @@ from tvm import relax
 
 from ..errors import JobError, LossError, UnsupportedOpError
 from ..frontend import FUNC_NAME, RNG_SEED, ImportedModel, TensorSpec
-from ..ir import Substitute, inline_body
+from ..ir import Substitute, bindings_of, bound_values, inline_body
 from ..sparse import FROZEN as FROZEN_RULE, Partial
 from ..optim import LR, STEP, UPDATE_PREFIX, Optimizer, _Emitter
 from . import gradients
@@ -189,7 +189,7 @@ def check_differentiable(imported: ImportedModel, trainable: list[str]) -> None:
     func = imported.func
     pvars = imported.param_vars
     live = {pvars[name] for name in trainable}  # vars a gradient can flow back into
-    bindings = [b for block in func.body.blocks for b in block.bindings]
+    bindings = bindings_of(func)
     # Boolean and integer tensors (masks, indices) carry no gradient: the chain stops there. Relax's
     # Gradient pass still wants a rule for the op that makes one from a trained value (argsort).
     reads_trained = set()
@@ -285,7 +285,7 @@ def _carries_gradient(ty) -> bool:
 
 def _loss_expr(func):
     body = func.body.body
-    bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+    bound = bound_values(func)
     while isinstance(body, relax.Var) and body in bound:
         body = bound[body]
     return body.fields[0] if isinstance(body, relax.Tuple) else body
@@ -293,19 +293,65 @@ def _loss_expr(func):
 
 def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
     """plan: {parameter name: "full" | "frozen" | sparse.Partial}
-    -> (IRModule with `train_step`, StepSignature, initial optimizer state as {name: array})."""
+    -> (IRModule with `train_step`, StepSignature, initial optimizer state as {name: array}).
+
+    Differentiate forward_loss (_differentiate), lay out the state the optimizer adds and the parts of
+    partially trained weights, emit the step (_emit_step), then say how to call it (_signature)."""
     gradients.install()
     trainable = [s.name for s in imported.params if plan.get(s.name, FROZEN_RULE) != FROZEN_RULE]
     if not trainable:
         raise JobError("nothing to train: every parameter is frozen")
     check_differentiable(imported, trainable)
-    n_in = len(imported.inputs)
     partial = {name: rule for name, rule in plan.items() if isinstance(rule, Partial)}
+    differentiated = _differentiate(imported, trainable, partial)
+
+    trainable_set = set(trainable)
+    trained = [_trained_spec(s, partial.get(s.name)) for s in imported.params if s.name in trainable_set]
+    slots = {(slot, s.name): TensorSpec(slot_name(slot, s.name), s.shape, s.dtype)
+             for slot in optimizer.slots() for s in trained}
+    specs = {s.name: s for s in imported.params}
+    splits = {n: SplitWeight.of(n, partial[n].axis, partial[n].channels) for n in partial}
+    part_specs = {n: _part_specs(specs[n], partial[n], splits[n]) for n in partial}
+    ranges = index_ranges(imported.func, [s.name for s in imported.inputs], imported.origin)
+
+    step_mod, checks_in_step = _emit_step(imported, optimizer, differentiated, trained, slots, part_specs, ranges)
+    signature = _signature(imported, trainable_set, trained, slots, splits, part_specs, ranges, checks_in_step)
+    init = {LR: np.array(optimizer.lr, "float64"), STEP: np.array(0, "int64")}
+    init.update({spec.name: np.zeros(spec.shape, spec.dtype) for spec in slots.values()})
+    return step_mod, signature, init
+
+
+@dataclass
+class _Differentiated:
+    """forward_loss as the step runs it: the bindings hoisted out of differentiation (hoist_frozen),
+    then the adjoint of the rest (Relax's Gradient w.r.t. the trained parameters)."""
+
+    prefix: list  # hoisted bindings, reading forward_loss's parameter Vars
+    forward_params: list  # forward_loss's parameters
+    param_vars: dict  # model parameter name -> its parameter of forward_loss
+    slices: dict  # partially trained parameter -> the Vars of its (trained, frozen) slice bindings
+    hoisted: list  # prefix Vars the adjoint reads, in the order of its extra parameters
+    adjoint: relax.Function  # forward_loss's parameters, then `hoisted` -> ((loss, new buffers...), gradients)
+
+    @property
+    def params(self) -> list:
+        """The adjoint's Vars for forward_loss's parameters (the step reuses them)."""
+        return list(self.adjoint.params)[:len(self.forward_params)]
+
+    @property
+    def hoisted_params(self) -> list:
+        return list(self.adjoint.params)[len(self.forward_params):]
+
+
+def _differentiate(imported: ImportedModel, trainable: list, partial: dict) -> _Differentiated:
+    """forward_loss differentiated w.r.t. the `trainable` parameters; those in `partial` arrive
+    split by prune_backward, and their trained slices are what is differentiated."""
+    n_in = len(imported.inputs)
     mod = relax.transform.DecomposeOpsForTraining(FUNC_NAME)(imported.mod)
     fparams = list(mod[FUNC_NAME].params)
     n_orig = len(fparams)
     pvars = dict(zip([s.name for s in imported.params], fparams[n_in:]))
-    bound = {b.var.name: b.var for block in mod[FUNC_NAME].body.blocks for b in block.bindings}
+    bound = {b.var.name: b.var for b in bindings_of(mod[FUNC_NAME])}
     missing = [n for n in partial if pvars[n].name + TRAINED not in bound]
     if missing:
         raise ValueError(f"partially trained {missing} arrive unsplit: run passes.prune_backward first")
@@ -318,108 +364,121 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
     require = [pvars[n] if n not in partial else slice_params[n] for n in trainable]
     mod = tvm.IRModule({FUNC_NAME: main})
     mod = relax.transform.Gradient(FUNC_NAME, require_grads=require, target_index=0)(mod)
-    adjoint = mod[FUNC_NAME + "_adjoint"]
+    return _Differentiated(prefix, fparams, pvars, slices, hoisted, mod[FUNC_NAME + "_adjoint"])
 
-    # The adjoint takes forward_loss's parameters, then the hoisted frozen values; we reuse its Vars.
-    aparams = list(adjoint.params)
-    hoisted_params = aparams[n_orig:]
-    aparams = aparams[:n_orig]
-    n_p = len(imported.params)
+
+def _emit_step(imported: ImportedModel, optimizer: Optimizer, differentiated: _Differentiated, trained: list,
+               slots: dict, part_specs: dict, ranges: list):
+    """(the module of train_step, whether it checks its batch): the batch check, forward and
+    backward, the optimizer's updates, each new value gated by the batch check, the loss check."""
+    n_in, n_p = len(imported.inputs), len(imported.params)
+    aparams = differentiated.params
+    # What each trained parameter's update reads: the adjoint's parameter, or for a partially trained
+    # weight its hoisted trained slice.
     by_name = dict(zip([s.name for s in imported.params], aparams[n_in:n_in + n_p]))
-    by_name.update({n: hoisted_params[hoisted.index(t)] for n, (t, _) in slices.items()})
-    trainable_set = set(trainable)
-
+    by_name.update({n: differentiated.hoisted_params[differentiated.hoisted.index(t)]
+                    for n, (t, _) in differentiated.slices.items()})
     lr_var = relax.Var(LR, relax.TensorType((), "float64"))
     # A model that samples reads the step counter in its forward: that parameter is the step's.
-    random = bool(imported.random_sites)
-    step_var = aparams[-1] if random else relax.Var(STEP, relax.TensorType((), "int64"))
-    trained = [_trained_spec(s, partial.get(s.name)) for s in imported.params if s.name in trainable_set]
-    slot_specs, slot_vars = [], {}
-    for slot in optimizer.slots():
-        for s in trained:
-            spec = TensorSpec(slot_name(slot, s.name), s.shape, s.dtype)
-            slot_specs.append(spec)
-            slot_vars[(slot, s.name)] = relax.Var(spec.name, relax.TensorType(s.shape, s.dtype))
-
-    # A partially trained weight is passed as its two parts (SplitWeight), where the whole weight was;
-    # prune_backward's slices of the whole weight become those parameters.
-    specs = {s.name: s for s in imported.params}
-    splits = {n: SplitWeight.of(n, partial[n].axis, partial[n].channels) for n in partial}
-    part_specs = {n: _part_specs(specs[n], partial[n], splits[n]) for n in partial}
-    part_vars = {n: tuple(relax.Var(pvars[n].name + suffix, relax.TensorType(spec.shape, spec.dtype))
-                          for suffix, spec in zip((TRAINED, FROZEN_PART), part_specs[n])) for n in partial}
-    slice_param = {bound_var: var for n in partial for bound_var, var in zip(slices[n], part_vars[n])}
-    param_name = {v: s.name for v, s in zip(aparams[n_in:n_in + n_p], imported.params)}
-    step_params = [p for v in aparams[:len(aparams) - random]
-                   for p in (part_vars[param_name[v]] if param_name.get(v) in partial else (v,))]
-
-    loss_dtype = str(_loss_expr(imported.func).ty.dtype)
-    input_names = [s.name for s in imported.inputs]
-    ranges = index_ranges(imported.func, input_names, imported.origin)
+    step_var = aparams[-1] if imported.random_sites else relax.Var(STEP, relax.TensorType((), "int64"))
+    slot_vars = {key: relax.Var(spec.name, relax.TensorType(spec.shape, spec.dtype)) for key, spec in slots.items()}
+    model_params, slice_param = _model_params(imported, differentiated, part_specs)
     buffer_vars = dict(zip([s.name for s in imported.buffers], aparams[n_in + n_p:]))
     bb = relax.BlockBuilder()
-    all_params = step_params + [lr_var, step_var] + [slot_vars[k] for k in slot_vars]
+    all_params = model_params + [lr_var, step_var] + list(slot_vars.values())
     with bb.function(STEP_FUNC, all_params, attrs={"num_input": n_in}):
         with bb.dataflow():
-            batch_ok = emit_batch_check(bb, dict(zip(input_names, aparams[:n_in])), ranges)
-            # The prefix was cut from forward_loss: point it at the adjoint's parameter Vars (ours).
-            to_ours = Substitute(dict(zip(fparams, aparams)))
-            for binding in prefix:
-                value = slice_param.get(binding.var)
-                value = to_ours.visit_expr(binding.value) if value is None else value
-                bb.emit_normalized(relax.VarBinding(binding.var, value))
-            for param, value in zip(hoisted_params, hoisted):
-                bb.emit_normalized(relax.VarBinding(param, value))
-            ret = inline_body(bb, adjoint)
-            outputs, grads = ret
+            batch_ok = emit_batch_check(bb, dict(zip([s.name for s in imported.inputs], aparams[:n_in])), ranges)
+            outputs, grads = _emit_forward_backward(bb, differentiated, slice_param)
             loss, new_buffers = outputs[0], outputs[1:]
-            new_step = gate(bb, batch_ok, relax.op.add(step_var, relax.const(1, "int64")), step_var, STEP)
-            step_f64 = bb.emit(relax.op.astype(new_step, "float64"), UPDATE_PREFIX + "step_f64")
-            new_params, new_slots = [], []
-            for s, grad in zip(trained, grads):
-                em = _Emitter(bb, s.dtype, lambda new, old, name: gate(bb, batch_ok, new, old, name))
-                slots = {slot: slot_vars[(slot, s.name)] for slot in optimizer.slots()}
-                p, updated = optimizer.update(em, by_name[s.name], grad, slots, lr_var, step_f64)
-                new_params.append(p)
-                new_slots.append(updated)
-            # A refused batch (guards.emit_batch_check) changes nothing: every new value is gated
-            # (the optimizer's slots where it computes them, _Emitter.slot).
-            new_params = [gate(bb, batch_ok, p, by_name[s.name], s.name) for s, p in zip(trained, new_params)]
+            new_step, new_params, slot_out = _emit_updates(bb, optimizer, batch_ok, trained, grads, by_name,
+                                                           lr_var, step_var, slot_vars)
             new_buffers = [gate(bb, batch_ok, b, buffer_vars[name], name)
                            for name, b in zip(imported.mutated_buffers, new_buffers)]
-            slot_out = [new_slots[i][slot] for slot in optimizer.slots() for i in range(len(trained))]
             loss = emit_loss_check(bb, loss, batch_ok, new_params)
             out = bb.emit_output(relax.Tuple([loss] + new_params + list(new_buffers) + [new_step] + slot_out))
         bb.emit_func_output(out)
     step_mod = relax.transform.DeadCodeElimination([STEP_FUNC])(bb.get())  # train_step and the guard's kernel
+    return step_mod, batch_ok is not None
 
+
+def _model_params(imported: ImportedModel, differentiated: _Differentiated, part_specs: dict) -> tuple[list, dict]:
+    """(train_step's parameters before the optimizer's, {slice binding Var: the parameter it becomes}).
+
+    They are the adjoint's Vars for forward_loss's parameters (batch, parameters, buffers; a sampling
+    model's step counter is the optimizer's), except that a partially trained weight is passed as its
+    two parts (SplitWeight) where the whole weight was: prune_backward's slices of the whole weight
+    become those parameters."""
+    n_in, n_p = len(imported.inputs), len(imported.params)
+    aparams = differentiated.params
+    part_vars = {n: tuple(relax.Var(differentiated.param_vars[n].name + suffix, relax.TensorType(s.shape, s.dtype))
+                          for suffix, s in zip((TRAINED, FROZEN_PART), part_specs[n])) for n in part_specs}
+    slice_param = {bound_var: var for n in part_specs for bound_var, var in zip(differentiated.slices[n], part_vars[n])}
+    param_name = {v: s.name for v, s in zip(aparams[n_in:n_in + n_p], imported.params)}
+    random = bool(imported.random_sites)
+    params = [p for v in aparams[:len(aparams) - random]
+              for p in (part_vars[param_name[v]] if param_name.get(v) in part_specs else (v,))]
+    return params, slice_param
+
+
+def _emit_forward_backward(bb: relax.BlockBuilder, differentiated: _Differentiated, slice_param: dict):
+    """Emit the hoisted prefix, then the adjoint: ((loss, new buffers...), gradients)."""
+    # The prefix was cut from forward_loss: point it at the adjoint's parameter Vars (ours).
+    to_ours = Substitute(dict(zip(differentiated.forward_params, differentiated.params)))
+    for binding in differentiated.prefix:
+        value = slice_param.get(binding.var)
+        value = to_ours.visit_expr(binding.value) if value is None else value
+        bb.emit_normalized(relax.VarBinding(binding.var, value))
+    for param, value in zip(differentiated.hoisted_params, differentiated.hoisted):
+        bb.emit_normalized(relax.VarBinding(param, value))
+    return inline_body(bb, differentiated.adjoint)
+
+
+def _emit_updates(bb: relax.BlockBuilder, optimizer: Optimizer, batch_ok, trained: list, grads, by_name: dict,
+                  lr_var, step_var, slot_vars: dict):
+    """Emit the optimizer's step: (new step counter, new parameters, new slots slot by slot)."""
+    new_step = gate(bb, batch_ok, relax.op.add(step_var, relax.const(1, "int64")), step_var, STEP)
+    step_f64 = bb.emit(relax.op.astype(new_step, "float64"), UPDATE_PREFIX + "step_f64")
+    new_params, new_slots = [], []
+    for s, grad in zip(trained, grads):
+        em = _Emitter(bb, s.dtype, lambda new, old, name: gate(bb, batch_ok, new, old, name))
+        slots = {slot: slot_vars[(slot, s.name)] for slot in optimizer.slots()}
+        p, updated = optimizer.update(em, by_name[s.name], grad, slots, lr_var, step_f64)
+        new_params.append(p)
+        new_slots.append(updated)
+    # A refused batch (guards.emit_batch_check) changes nothing: every new value is gated
+    # (the optimizer's slots where it computes them, _Emitter.slot).
+    new_params = [gate(bb, batch_ok, p, by_name[s.name], s.name) for s, p in zip(trained, new_params)]
+    slot_out = [new_slots[i][slot] for slot in optimizer.slots() for i in range(len(trained))]
+    return new_step, new_params, slot_out
+
+
+def _signature(imported: ImportedModel, trainable: set, trained: list, slots: dict, splits: dict, part_specs: dict,
+               ranges: list, checks_in_step: bool) -> StepSignature:
+    """How to call the step _emit_step wrote: its state in argument order, each tensor's category,
+    and what each output replaces."""
     param_state = []  # the parameters as the step reads them: partial ones as their two parts
     for spec in imported.params:
-        if spec.name in partial:
+        if spec.name in part_specs:
             param_state += part_specs[spec.name]
         else:
             param_state.append(spec)
-    categories = {s.name: (PARAM if s.name in trainable_set else FROZEN) for s in imported.params if s.name not in partial}
+    categories = {s.name: (PARAM if s.name in trainable else FROZEN) for s in imported.params if s.name not in splits}
     categories.update({split.trained: PARAM for split in splits.values()})
     categories.update({split.frozen: FROZEN for split in splits.values()})
     categories.update({s.name: BUFFER for s in imported.buffers})
-    opt_specs = [TensorSpec(LR, (), "float64"), TensorSpec(STEP, (), "int64")] + slot_specs
+    opt_specs = [TensorSpec(LR, (), "float64"), TensorSpec(STEP, (), "int64")] + list(slots.values())
     # The generator's seed travels with the optimizer state (saved, exported, loaded with it).
-    rng_specs = [TensorSpec(RNG_SEED, (), "int64")] if random else []
+    rng_specs = [TensorSpec(RNG_SEED, (), "int64")] if imported.random_sites else []
     categories.update({s.name: OPTIMIZER for s in opt_specs + rng_specs})
-    signature = StepSignature(
+    return StepSignature(
         batch=list(imported.inputs),
         state=param_state + list(imported.buffers) + rng_specs + opt_specs,
         categories=categories,
-        outputs=[splits[s.name].trained if s.name in partial else s.name for s in trained]
-        + list(imported.mutated_buffers) + [STEP] + [slot_name(slot, s.name) for slot in optimizer.slots() for s in trained],
-        loss_dtype=loss_dtype,
+        outputs=[splits[s.name].trained if s.name in splits else s.name for s in trained]
+        + list(imported.mutated_buffers) + [STEP] + [spec.name for spec in slots.values()],
+        loss_dtype=str(_loss_expr(imported.func).ty.dtype),
         partial=splits,
         index_ranges=ranges,
-        checks_in_step=batch_ok is not None,
+        checks_in_step=checks_in_step,
     )
-    init = {LR: np.array(optimizer.lr, "float64"), STEP: np.array(0, "int64")}
-    for slot in optimizer.slots():
-        for s in trained:
-            init[slot_name(slot, s.name)] = np.zeros(s.shape, s.dtype)
-    return step_mod, signature, init

@@ -14,7 +14,7 @@ import os
 from tvm import relax
 
 from ..errors import FrontendError, LossError, UnsupportedOpError
-from ..ir import inline_body
+from ..ir import bindings_of, inline_body
 from . import FUNC_NAME, ImportedModel, Origin, TensorSpec, to_numpy
 
 LOSSES = ("cross_entropy", "mse")
@@ -66,7 +66,7 @@ def import_onnx(model, example_inputs, example_targets, loss) -> ImportedModel:
     buffers = [s for s in specs if s.name in statistics]
     inputs = [TensorSpec(n, a.shape, str(a.dtype)) for n, a in zip(graph_inputs, arrays)]
     inputs.append(TensorSpec("target", target.shape, str(target.dtype)))
-    origin = {b.var.name: Origin("onnx node") for blk in fmod[FUNC_NAME].body.blocks for b in blk.bindings}
+    origin = {b.var.name: Origin("onnx node") for b in bindings_of(fmod[FUNC_NAME])}
     return ImportedModel(mod=fmod, inputs=inputs, params=params, buffers=buffers, mutated_buffers=[],
                          initial=dict(zip(names, values)), origin=origin, source="onnx")
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from tvm import relax
 
-from ..ir import op_name
+from ..ir import bindings_of, op_name
 
 
 def parameter_ops(func, param_vars: dict) -> dict:
     """{parameter name: "conv" | "depthwise" | "linear" | None}: how each weight is used."""
     consumers = {}
-    for b in (b for block in func.body.blocks for b in block.bindings):
+    for b in bindings_of(func):
         if isinstance(b.value, relax.Call):
             for i, arg in enumerate(b.value.args):
                 consumers.setdefault(arg, []).append((b, i))

@@ -27,6 +27,7 @@ import tvm
 from tvm import relax
 
 from ..errors import FrontendError, LossError, UnsupportedOpError
+from ..ir import bindings_of
 from . import FUNC_NAME, RNG_SEED, RNG_STEP, ImportedModel, Origin, TensorSpec
 from .decompositions import decompose
 from .philox import RandomSource
@@ -327,15 +328,14 @@ class _Importer:
                 if isinstance(var, relax.Var):
                     node_of.setdefault(var, node)
         origin, pending = {}, []
-        for block in mod[FUNC_NAME].body.blocks:
-            for binding in block.bindings:
-                pending.append(binding.var.name)
-                node = node_of.get(binding.var)
-                if node is not None:
-                    where = node_origin(node)
-                    for name in pending:
-                        origin[name] = where
-                    pending = []
+        for binding in bindings_of(mod[FUNC_NAME]):
+            pending.append(binding.var.name)
+            node = node_of.get(binding.var)
+            if node is not None:
+                where = node_origin(node)
+                for name in pending:
+                    origin[name] = where
+                pending = []
         return origin
 
 

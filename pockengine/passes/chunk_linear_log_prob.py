@@ -32,7 +32,7 @@ from tvm import relax, te, topi
 from tvm.relax import op as R
 
 from ..autodiff.linear_log_prob import GRAD_OP_NAME, OP_NAME
-from ..ir import Substitute, op_name, opaque_kernel, static_shape, with_function
+from ..ir import Substitute, bindings_of, op_name, opaque_kernel, static_shape, step_pass, with_function
 
 CHUNK_LOGITS_BYTES = 16 << 20
 MIN_CHUNK_ROWS = 128
@@ -40,15 +40,13 @@ MAX_CHUNKS = 16
 ROW_MULTIPLE = 8
 
 
-def chunk_linear_log_prob(func_name: str = "train_step") -> tvm.transform.Pass:
-    @tvm.transform.module_pass(opt_level=0, name="ChunkLinearLogProb")
-    def transform(mod, _ctx):
-        func = mod[func_name]
-        if len(func.body.blocks) != 1:
-            return mod  # left to the operators' legalization (unchunked, still exact)
-        bindings = list(func.body.blocks[0].bindings)
+# Several binding blocks (control flow) are left to the operators' legalization (unchunked, still exact).
+@step_pass("ChunkLinearLogProb", single_block=True, drop_dead_code=True)
+def chunk_linear_log_prob(func_name: str = "train_step"):
+    def rewrite(mod, func):
+        bindings = bindings_of(func)
         if not any(op_name(b.value) in (OP_NAME, GRAD_OP_NAME) for b in bindings):
-            return mod
+            return None
         built = _Expansion(func, func_name, bindings).run()
         mod = with_function(mod, func_name, built[func_name])
         taken = {gv.name_hint for gv in mod.get_global_vars()}
@@ -56,9 +54,9 @@ def chunk_linear_log_prob(func_name: str = "train_step") -> tvm.transform.Pass:
             if isinstance(kernel, tvm.tirx.PrimFunc):
                 assert gv.name_hint not in taken, f"{gv.name_hint} is already a function of the module"
                 mod[gv] = kernel
-        return relax.transform.DeadCodeElimination([func_name])(mod)
+        return mod
 
-    return transform
+    return rewrite
 
 
 def chunk_bounds(rows: int, vocab: int, itemsize: int) -> list[tuple[int, int]]:

@@ -26,7 +26,7 @@ import tvm
 from tvm import relax, te
 
 from ..autodiff.step import RECOMPUTED_SUFFIX, backward_start
-from ..ir import Substitute, op_name, opaque_kernel, tensor_bytes, with_blocks, with_function
+from ..ir import Substitute, bindings_of, op_name, opaque_kernel, step_pass, tensor_bytes, with_blocks, with_function
 
 # Elementwise (and broadcasting) ops cheap enough to run twice; reshape-like views cost nothing.
 RECOMPUTABLE = {
@@ -41,13 +41,9 @@ RECOMPUTABLE = {
 MAX_RECOMPUTE_OPS = 16  # per saved tensor: bounds the extra work
 
 
-def drop_saved_activations(func_name: str = "train_step") -> tvm.transform.Pass:
-    @tvm.transform.module_pass(opt_level=0, name="DropSavedActivations")
-    def transform(mod, _ctx):
-        func = mod[func_name]
-        if len(func.body.blocks) != 1:
-            return mod
-        bindings = list(func.body.blocks[0].bindings)
+@step_pass("DropSavedActivations", single_block=True)
+def drop_saved_activations(func_name: str = "train_step"):
+    def rewrite(mod, func):
         builder = relax.BlockBuilder(with_function(mod, func_name, func))  # a copy: never mutate the input
         keepers = {}
 
@@ -60,14 +56,14 @@ def drop_saved_activations(func_name: str = "train_step") -> tvm.transform.Pass:
                 keepers[key] = builder.add_func(_opaque_copy(*key, name), name)
             return relax.call_tir(keepers[key], [var], relax.TensorType(*key))
 
-        new_bindings = _rewrite(bindings, set(func.params), relax.analysis.free_vars(func.body.body), keep)
+        new_bindings = _rewrite(bindings_of(func), set(func.params), relax.analysis.free_vars(func.body.body), keep)
         if new_bindings is None:
-            return mod
-        mod = builder.get()
+            return None
+        mod = builder.get()  # the function, and the kernels `keep` added
         mod[func_name] = with_blocks(func, [relax.DataflowBlock(new_bindings)])
         return mod
 
-    return transform
+    return rewrite
 
 
 def _opaque_copy(shape, dtype, name):

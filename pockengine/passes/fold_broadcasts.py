@@ -15,23 +15,15 @@ The second is an ordinary 2-D matmul whose weight gradient needs no batch-sized 
 from __future__ import annotations
 
 import numpy as np
-import tvm
 from tvm import relax
 from tvm.relax import op as R
 
-from ..ir import Substitute, static_shape, with_function
+from ..ir import Substitute, bindings_of, static_shape, step_pass
 
 
-def fold_broadcasts(func_name: str) -> tvm.transform.Pass:
-    @tvm.transform.module_pass(opt_level=0, name="FoldBroadcasts")
-    def transform(mod, _ctx):
-        func = mod[func_name]
-        if len(func.body.blocks) != 1:
-            return mod
-        mod = with_function(mod, func_name, _fold(func, func_name))
-        return relax.transform.DeadCodeElimination([func_name])(mod)  # the folded broadcasts
-
-    return transform
+@step_pass("FoldBroadcasts", single_block=True, drop_dead_code=True)  # the folded broadcasts
+def fold_broadcasts(func_name: str):
+    return lambda _mod, func: _fold(func, func_name)
 
 
 def _is_broadcast(value) -> bool:
@@ -39,7 +31,7 @@ def _is_broadcast(value) -> bool:
 
 
 def _fold(func, name):
-    bindings = list(func.body.blocks[0].bindings)
+    bindings = bindings_of(func)
     value_of = {b.var: b.value for b in bindings}
     rename = {}  # identity broadcast var -> its source
     bb = relax.BlockBuilder()

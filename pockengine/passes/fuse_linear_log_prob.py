@@ -19,32 +19,25 @@ they would be computed anyway.
 
 from __future__ import annotations
 
-import tvm
 from tvm import relax
 from tvm.relax import op as R
 
 from ..autodiff.linear_log_prob import FLOAT_DTYPES, linear_log_prob
-from ..ir import op_name, static_shape, with_function
+from ..ir import bindings_of, op_name, static_shape, step_pass
 
 MIN_CLASSES = 2048
 
 
-def fuse_linear_log_prob(func_name: str, min_classes: int | None = None) -> tvm.transform.Pass:
+@step_pass("FuseLinearLogProb", single_block=True, drop_dead_code=True)  # the logits and their log-softmax
+def fuse_linear_log_prob(func_name: str, min_classes: int | None = None):
     """min_classes: MIN_CLASSES when None (read when the pass runs)."""
 
-    @tvm.transform.module_pass(opt_level=0, name="FuseLinearLogProb")
-    def transform(mod, _ctx):
-        func = mod[func_name]
-        if len(func.body.blocks) != 1:
-            return mod
-        bindings = list(func.body.blocks[0].bindings)
+    def rewrite(_mod, func):
+        bindings = bindings_of(func)
         matches = _matches(bindings, func.body.body, MIN_CLASSES if min_classes is None else min_classes)
-        if not matches:
-            return mod
-        mod = with_function(mod, func_name, _rewrite(func, func_name, bindings, matches))
-        return relax.transform.DeadCodeElimination([func_name])(mod)  # the logits and their log-softmax
+        return _rewrite(func, func_name, bindings, matches) if matches else None
 
-    return transform
+    return rewrite
 
 
 def _uses(bindings, output) -> dict:

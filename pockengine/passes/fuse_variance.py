@@ -13,28 +13,21 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from ..ir import with_blocks, with_function
+from ..ir import bindings_of, bound_values, step_pass, with_values
 
 
-def fuse_variance(func_name: str = "train_step") -> tvm.transform.Pass:
-    @tvm.transform.module_pass(opt_level=0, name="FuseVariance")
-    def transform(mod, _ctx):
-        func = mod[func_name]
-        value = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+@step_pass("FuseVariance", drop_dead_code=True)  # the squares nobody reads now
+def fuse_variance(func_name: str = "train_step"):
+    def rewrite(_mod, func):
+        value = bound_values(func)
         rewrites = {}
-        for block in func.body.blocks:
-            for b in block.bindings:
-                source = _variance_of(b.value, value)
-                if source is not None:
-                    rewrites[b.var] = relax.op.variance(source, b.value.attrs.axis, keepdims=b.value.attrs.keepdims)
-        if not rewrites:
-            return mod
-        blocks = [type(block)([relax.VarBinding(b.var, rewrites[b.var]) if b.var in rewrites else b
-                               for b in block.bindings]) for block in func.body.blocks]
-        mod = with_function(mod, func_name, with_blocks(func, blocks))
-        return relax.transform.DeadCodeElimination([func_name])(mod)  # the squares nobody reads now
+        for b in bindings_of(func):
+            source = _variance_of(b.value, value)
+            if source is not None:
+                rewrites[b.var] = relax.op.variance(source, b.value.attrs.axis, keepdims=b.value.attrs.keepdims)
+        return with_values(func, rewrites) if rewrites else None
 
-    return transform
+    return rewrite
 
 
 def _op(expr, value, name):

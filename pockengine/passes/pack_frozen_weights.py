@@ -26,7 +26,7 @@ import tvm
 from tvm import relax, te
 
 from ..autodiff.step import FROZEN, Panels, StepSignature
-from ..ir import op_name
+from ..ir import bindings_of, op_name
 from .schedule_cpu import column_panel_width
 from .transposed_matmuls import MATMUL_NT
 
@@ -37,13 +37,12 @@ def panel_widths(func, signature: StepSignature, vector_lanes: int, cores: int, 
     n_batch = len(signature.batch)
     param_of = {param: spec.name for param, spec in zip(func.params[n_batch:], signature.state)}
     wanted: dict = {}  # param -> set of widths its uses want (None: a use that is not a matmul's column operand)
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            width = _matmul_width(binding.value, vector_lanes, cores, vector_registers)
-            column = _matmul_nt_operands(binding.value)[1] if width is not None else None
-            for var in relax.analysis.free_vars(binding.value):
-                if var in param_of:
-                    wanted.setdefault(var, set()).add(width if var.same_as(column) else None)
+    for binding in bindings_of(func):
+        width = _matmul_width(binding.value, vector_lanes, cores, vector_registers)
+        column = _matmul_nt_operands(binding.value)[1] if width is not None else None
+        for var in relax.analysis.free_vars(binding.value):
+            if var in param_of:
+                wanted.setdefault(var, set()).add(width if var.same_as(column) else None)
     for var in relax.analysis.free_vars(func.body.body):
         wanted.setdefault(var, set()).add(None)
     return {param_of[var]: widths.pop() for var, widths in wanted.items()

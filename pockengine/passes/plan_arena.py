@@ -19,20 +19,15 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..ir import same_tensor_type, viewed, with_blocks, with_function
+from ..ir import bindings_of, same_tensor_type, step_pass, viewed, with_blocks
 from .update_in_place import elementwise_in_place
 
 ALIGNMENT = 64  # bytes: cache line, and what TVM's own allocator aligns to
 
 
-def plan_arena(func_name: str = "train_step") -> tvm.transform.Pass:
-    @tvm.transform.module_pass(opt_level=0, name="PlanArena")
-    def transform(mod, _ctx):
-        func = mod[func_name]
-        new_func = _plan(mod, func)
-        return mod if new_func is None else with_function(mod, func_name, new_func)
-
-    return transform
+@step_pass("PlanArena")
+def plan_arena(func_name: str = "train_step"):
+    return _plan
 
 
 def _alloc_op():
@@ -140,8 +135,7 @@ def assign_offsets(intervals: dict, size: dict) -> tuple[dict, int]:
 
 
 def _plan(mod, func):
-    blocks = list(func.body.blocks)
-    bindings = [b for block in blocks for b in block.bindings]
+    bindings = bindings_of(func)
     intervals, size, escapes, first_use, base = lifetimes(bindings, func.body.body)
     planned = {t: s for t, s in size.items() if t not in escapes}
     if not planned:
@@ -160,7 +154,7 @@ def _plan(mod, func):
     arena_binding = relax.VarBinding(arena, relax.op.memory.alloc_storage(
         relax.ShapeExpr([total]), 0, "global", "uint8"))
     new_blocks = []
-    for k, block in enumerate(blocks):
+    for k, block in enumerate(func.body.blocks):
         new = [arena_binding] if k == 0 else []
         for b in block.bindings:
             if b.var in offsets:

@@ -16,31 +16,25 @@ state tensors of their own (SplitWeight): the step never slices, copies or reass
 
 from __future__ import annotations
 
-import tvm
 from tvm import relax
 from tvm.relax import op as R
 
 from ..autodiff.step import FROZEN_PART, TRAINED
 from ..errors import JobError
-from ..ir import op_name, with_function
+from ..ir import bindings_of, op_name, step_pass
 
 
-def prune_backward(func_name: str, partial: dict) -> tvm.transform.Pass:
+@step_pass("PruneBackward")
+def prune_backward(func_name: str, partial: dict):
     """partial: {parameter Var: (channels, axis)} for weights trained on their first channels."""
-
-    @tvm.transform.module_pass(opt_level=0, name="PruneBackward")
-    def transform(mod, _ctx):
-        if not partial:
-            return mod
-        func = mod[func_name]
-        return with_function(mod, func_name, _split_partial_weights(func, partial, func_name))
-
-    return transform
+    if not partial:
+        return None
+    return lambda _mod, func: _split_partial_weights(func, partial, func_name)
 
 
 def _split_partial_weights(func, partial: dict, name: str):
     bb = relax.BlockBuilder()
-    bindings = [b for block in func.body.blocks for b in block.bindings]
+    bindings = bindings_of(func)
     transposed = {}  # var bound to permute_dims(W) -> W, for linear layers
     with bb.function(name, list(func.params), attrs=dict(func.attrs)):
         with bb.dataflow():

@@ -13,24 +13,19 @@ Any topological order of a dataflow block computes the same values; only lifetim
 
 from __future__ import annotations
 
-import tvm
 from tvm import relax
 
 from ..autodiff.step import backward_start
-from ..ir import same_tensor_type, with_blocks, with_function
+from ..ir import bindings_of, same_tensor_type, step_pass, with_blocks
 
 
-def reorder_updates(func_name: str = "train_step") -> tvm.transform.Pass:
-    @tvm.transform.module_pass(opt_level=0, name="ReorderUpdates")
-    def transform(mod, _ctx):
-        func = mod[func_name]
-        if len(func.body.blocks) != 1:
-            return mod
-        bindings = list(func.body.blocks[0].bindings)
-        block = relax.DataflowBlock(schedule(bindings, {p.name for p in func.params}))
-        return with_function(mod, func_name, with_blocks(func, [block]))
+@step_pass("ReorderUpdates", single_block=True)
+def reorder_updates(func_name: str = "train_step"):
+    def rewrite(_mod, func):
+        block = relax.DataflowBlock(schedule(bindings_of(func), {p.name for p in func.params}))
+        return with_blocks(func, [block])
 
-    return transform
+    return rewrite
 
 
 def update_side(bindings, start: int, param_names: set) -> set:

@@ -21,28 +21,25 @@ from __future__ import annotations
 
 import heapq
 
-import tvm
 from tvm import relax
 
-from ..ir import same_tensor_type, tensor_bytes, with_blocks, with_function
+from ..ir import bindings_of, same_tensor_type, step_pass, tensor_bytes, with_blocks
 
 SHRINK = 4  # output at most 1/SHRINK of the largest input
 
 
-def schedule_reductions(func_name: str = "train_step") -> tvm.transform.Pass:
-    @tvm.transform.module_pass(opt_level=0, name="ScheduleReductions")
-    def transform(mod, _ctx):
-        func = mod[func_name]
+@step_pass("ScheduleReductions")
+def schedule_reductions(func_name: str = "train_step"):
+    def rewrite(_mod, func):
         returned = set(relax.analysis.free_vars(func.body.body))
-        for block in func.body.blocks:  # the returned tuple is a binding of its own
-            for b in block.bindings:
-                if isinstance(b.value, relax.Tuple) and b.var in returned:
-                    returned |= {f for f in b.value.fields if isinstance(f, relax.Var)}
+        for b in bindings_of(func):  # the returned tuple is a binding of its own
+            if isinstance(b.value, relax.Tuple) and b.var in returned:
+                returned |= {f for f in b.value.fields if isinstance(f, relax.Var)}
         blocks = [relax.DataflowBlock(schedule(list(block.bindings), returned))
                   if isinstance(block, relax.DataflowBlock) else block for block in func.body.blocks]
-        return with_function(mod, func_name, with_blocks(func, blocks))
+        return with_blocks(func, blocks)
 
-    return transform
+    return rewrite
 
 
 def value_bytes(ty) -> int:

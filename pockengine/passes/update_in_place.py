@@ -23,27 +23,20 @@ import tvm
 import tvm_ffi
 from tvm import relax, s_tir
 
-from ..ir import kernel_schedule, same_tensor_type, viewed, with_blocks, with_function
+from ..ir import bindings_of, kernel_schedule, same_tensor_type, step_pass, viewed, with_values
 from .schedule_cpu import runs_repeatedly
 
 
-def update_in_place(aliases: dict, func_name: str = "train_step") -> tvm.transform.Pass:
+@step_pass("UpdateInPlace")
+def update_in_place(aliases: dict, func_name: str = "train_step"):
     """aliases: {position in the returned tuple: index of the function parameter it replaces}."""
-
-    @tvm.transform.module_pass(opt_level=0, name="UpdateInPlace")
-    def transform(mod, _ctx):
-        func = mod[func_name]
-        new_func, _ = rewrite(mod, func, aliases)
-        return mod if new_func is None else with_function(mod, func_name, new_func)
-
-    return transform
+    return lambda mod, func: rewrite(mod, func, aliases)[0]
 
 
 def rewrite(mod, func, aliases: dict):
     """(new function or None, {output position: True if written in place})."""
     alloc_op = tvm.ir.Op.get("relax.builtin.alloc_tensor")
-    blocks = list(func.body.blocks)
-    bindings = [b for block in blocks for b in block.bindings]
+    bindings = bindings_of(func)
     value_of = {b.var: b.value for b in bindings}
     position = {b.var: i for i, b in enumerate(bindings)}
     result = func.body.body
@@ -88,9 +81,7 @@ def rewrite(mod, func, aliases: dict):
             done[out_pos] = True
     if not replace:
         return None, done
-    new_blocks = [type(block)([relax.VarBinding(b.var, replace[b.var]) if b.var in replace else b
-                               for b in block.bindings]) for block in blocks]
-    return with_blocks(func, new_blocks), done
+    return with_values(func, replace), done
 
 
 def _view_roots(bindings) -> dict:

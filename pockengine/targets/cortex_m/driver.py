@@ -19,6 +19,7 @@ from tvm import relax
 
 from ...autodiff.step import StepSignature
 from ...errors import TargetError
+from ...ir import bindings_of
 from .kernels import c_symbol
 
 # uint64/uint32: the random generator's constants (frontend/philox.py).
@@ -64,73 +65,22 @@ def translate(func: relax.Function, signature: StepSignature, input_symbols: lis
 
     input_symbols / state_symbols: the C arrays holding each batch input / state tensor, in the
     order of the function's parameters."""
-    driver = Driver()
     params = list(func.params)
     expected = len(signature.batch) + len(signature.state)
     if len(params) != expected:
         raise TargetError(f"train_step has {len(params)} parameters, the signature {expected}")
-    env = {}
+    translation = _Translation()
     for p, symbol, dtype in zip(params, input_symbols + state_symbols,
                                 [s.dtype for s in signature.batch] + [s.dtype for s in signature.state]):
-        env[p] = f"(({c_type(dtype)}*){symbol})"
-    storages = {}
-    alloc_storage = tvm.ir.Op.get("relax.memory.alloc_storage")
-    alloc_tensor = tvm.ir.Op.get("relax.memory.alloc_tensor")
-    builtin_alloc = tvm.ir.Op.get("relax.builtin.alloc_tensor")
-    zero_offset = tvm.ir.Op.get("relax.memory.ensure_zero_offset")
-    views = {tvm.ir.Op.get(name) for name in ("relax.reshape", "relax.memory.view")}
-
-    def constant(expr):
-        value = (expr.value if hasattr(expr, "value") else expr.data).numpy()
-        symbol = f"pe_const_{len(driver.constants)}"
-        driver.constants.append(Constant(symbol, str(value.dtype), np.ascontiguousarray(value)))
-        return f"(({c_type(value.dtype)}*){symbol})"
-
-    def arg(expr, where):
-        if isinstance(expr, relax.Var):
-            if expr not in env:
-                raise TargetError(f"{where}: {expr.name} is not bound to memory")
-            return env[expr]
-        if isinstance(expr, (tvm.ir.expr.Constant, tvm.ir.expr.GenericConst)):
-            return constant(expr)
-        raise TargetError(f"{where}: argument {type(expr).__name__} has no C form")
-
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            var, value = binding.var, binding.value
-            where = f"binding {var.name}"
-            if isinstance(value, relax.Var):
-                env[var] = env[value]
-            elif isinstance(value, relax.Tuple):
-                env[var] = [arg(f, where) for f in value.fields]
-            elif isinstance(value, relax.TupleGetItem):
-                env[var] = env[value.tuple_value][value.index]
-            elif isinstance(value, relax.Call) and value.op.same_as(alloc_storage):
-                if storages:
-                    raise TargetError("train_step allocates more than one storage; plan_arena should leave one arena")
-                driver.arena_bytes = int(value.args[0].values[0])
-                storages[var] = "pe_arena"
-            elif isinstance(value, relax.Call) and value.op.same_as(alloc_tensor):
-                storage, offset = value.args[0], int(value.args[1].value)
-                env[var] = f"(({c_type(var.ty.dtype)}*)({storages[storage]} + {offset}))"
-            elif isinstance(value, relax.Call) and value.op.same_as(builtin_alloc):
-                # A tensor the step returns (the loss): it outlives the step, so it is not in the arena.
-                symbol = f"pe_out_{len(driver.output_buffers)}"
-                driver.output_buffers.append((symbol, str(var.ty.dtype), _static_count(var.ty)))
-                env[var] = f"(({c_type(var.ty.dtype)}*){symbol})"
-            elif isinstance(value, relax.Call) and value.op.same_as(zero_offset):
-                env[var] = env[value.args[0]]
-            elif isinstance(value, relax.Call) and any(value.op.same_as(v) for v in views):
-                env[var] = f"(({c_type(var.ty.dtype)}*){env[value.args[0]]})"
-            elif isinstance(value, relax.Call) and isinstance(value.op, relax.GlobalVar):
-                name = value.op.name_hint
-                args = ", ".join(arg(a, f"kernel {name}") for a in value.args)
-                driver.body.append(f"{c_symbol(name)}({args});")
-                driver.kernels_called.append(name)
-            else:
-                op = value.op.name if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else type(value).__name__
-                raise TargetError(f"the Cortex-M driver cannot translate {op} ({where}) of train_step; "
-                                  "only kernel calls, arena views and tuples are expected after lowering")
+        translation.env[p] = f"(({c_type(dtype)}*){symbol})"
+    for binding in bindings_of(func):
+        kind = _kind(binding.value)
+        where = f"binding {binding.var.name}"
+        if kind not in TRANSLATIONS:
+            raise TargetError(f"the Cortex-M driver cannot translate {kind} ({where}) of train_step; "
+                              "only kernel calls, arena views and tuples are expected after lowering")
+        TRANSLATIONS[kind](translation, binding.var, binding.value, where)
+    driver, env = translation.driver, translation.env
     result = func.body.body
     if not isinstance(result, relax.Var) or not isinstance(env.get(result), list):
         raise TargetError("train_step does not return a tuple of tensors")
@@ -139,3 +89,96 @@ def translate(func: relax.Function, signature: StepSignature, input_symbols: lis
         raise TargetError(f"train_step returns {len(returned)} values; the signature expects {1 + len(signature.outputs)}")
     driver.outputs = returned
     return driver
+
+
+KERNEL_CALL = "kernel call"
+
+
+def _kind(value) -> str:
+    """What a binding's value is, as TRANSLATIONS knows it: the op a call calls, a call of one of the
+    step's kernels, or the kind of expression (Var, Tuple, ...)."""
+    if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+        return value.op.name
+    if isinstance(value, relax.Call) and isinstance(value.op, relax.GlobalVar):
+        return KERNEL_CALL
+    return type(value).__name__
+
+
+class _Translation:
+    """The driver being written, and the C expression of each Relax Var bound so far (a list of them
+    for a tuple)."""
+
+    def __init__(self):
+        self.driver = Driver()
+        self.env = {}
+        self.storages = {}
+
+    def constant(self, expr) -> str:
+        value = (expr.value if hasattr(expr, "value") else expr.data).numpy()
+        symbol = f"pe_const_{len(self.driver.constants)}"
+        self.driver.constants.append(Constant(symbol, str(value.dtype), np.ascontiguousarray(value)))
+        return f"(({c_type(value.dtype)}*){symbol})"
+
+    def arg(self, expr, where: str) -> str:
+        if isinstance(expr, relax.Var):
+            if expr not in self.env:
+                raise TargetError(f"{where}: {expr.name} is not bound to memory")
+            return self.env[expr]
+        if isinstance(expr, (tvm.ir.expr.Constant, tvm.ir.expr.GenericConst)):
+            return self.constant(expr)
+        raise TargetError(f"{where}: argument {type(expr).__name__} has no C form")
+
+    # One method a kind of binding: (bound Var, its value, where, for errors).
+
+    def alias(self, var, value, where):
+        self.env[var] = self.env[value]
+
+    def make_tuple(self, var, value, where):
+        self.env[var] = [self.arg(f, where) for f in value.fields]
+
+    def tuple_item(self, var, value, where):
+        self.env[var] = self.env[value.tuple_value][value.index]
+
+    def arena(self, var, value, where):
+        if self.storages:
+            raise TargetError("train_step allocates more than one storage; plan_arena should leave one arena")
+        self.driver.arena_bytes = int(value.args[0].values[0])
+        self.storages[var] = "pe_arena"
+
+    def arena_tensor(self, var, value, where):
+        storage, offset = value.args[0], int(value.args[1].value)
+        self.env[var] = f"(({c_type(var.ty.dtype)}*)({self.storages[storage]} + {offset}))"
+
+    def output_tensor(self, var, value, where):
+        # A tensor the step returns (the loss): it outlives the step, so it is not in the arena.
+        symbol = f"pe_out_{len(self.driver.output_buffers)}"
+        self.driver.output_buffers.append((symbol, str(var.ty.dtype), _static_count(var.ty)))
+        self.env[var] = f"(({c_type(var.ty.dtype)}*){symbol})"
+
+    def same_memory(self, var, value, where):
+        self.env[var] = self.env[value.args[0]]
+
+    def view(self, var, value, where):
+        self.env[var] = f"(({c_type(var.ty.dtype)}*){self.env[value.args[0]]})"
+
+    def kernel_call(self, var, value, where):
+        name = value.op.name_hint
+        args = ", ".join(self.arg(a, f"kernel {name}") for a in value.args)
+        self.driver.body.append(f"{c_symbol(name)}({args});")
+        self.driver.kernels_called.append(name)
+
+
+# What each kind of binding (see _kind) becomes in C.
+TRANSLATIONS = {
+    "Var": _Translation.alias,
+    "DataflowVar": _Translation.alias,
+    "Tuple": _Translation.make_tuple,
+    "TupleGetItem": _Translation.tuple_item,
+    "relax.memory.alloc_storage": _Translation.arena,
+    "relax.memory.alloc_tensor": _Translation.arena_tensor,
+    "relax.builtin.alloc_tensor": _Translation.output_tensor,
+    "relax.memory.ensure_zero_offset": _Translation.same_memory,  # the arena's offsets are in the pointer already
+    "relax.reshape": _Translation.view,
+    "relax.memory.view": _Translation.view,
+    KERNEL_CALL: _Translation.kernel_call,
+}

@@ -39,42 +39,39 @@ def default_schedules(mod, target, rules=None):
     not applying: dlight.ApplyDefaultSchedule aborts the whole module on the first exception, and
     on a training step some do raise (gpu.Matmul on a MobileNetV2 weight-gradient kernel: "There are
     some consumers of the cache-write stage that are not properly inlined")."""
-    import tvm
-
-    from ...ir import is_scheduled
+    from ...ir import is_scheduled, map_kernels
 
     rules = _dlight_rules() if rules is None else rules
-    updates, schedules, errors = {}, {}, {}
-    with target:
-        for gv, func in mod.functions_items():
-            if not isinstance(func, tvm.tirx.PrimFunc):
+    schedules, errors = {}, {}
+
+    def schedule(name, func):
+        """`func` with the first dlight rule that applies; None when tuned, legalized for the GPU
+        already, or no rule applies (each case is reported)."""
+        if is_scheduled(func):
+            schedules[name] = "tuned"
+            return None
+        found, tags = unbound_compute(func)
+        if tags and not found:
+            # TOPI legalized it for the GPU already (scatter, sort, ...: kernels with their own launches).
+            schedules[name] = "legalization"
+            return None
+        schedules[name] = None
+        for rule in rules:
+            try:
+                space = rule.apply(func, target, False)
+            except Exception as e:  # noqa: BLE001 - next rule; all messages kept for the report
+                errors.setdefault(name, []).append(f"{type(rule).__name__}: {_one_line(e)}")
                 continue
-            name = gv.name_hint
-            if is_scheduled(func):
-                schedules[name] = "tuned"
-                continue
-            found, tags = unbound_compute(func)
-            if tags and not found:
-                # TOPI legalized it for the GPU already (scatter, sort, ...: kernels with their own launches).
-                schedules[name] = "legalization"
-                continue
-            schedules[name] = None
-            for rule in rules:
-                try:
-                    space = rule.apply(func, target, False)
-                except Exception as e:  # noqa: BLE001 - next rule; all messages kept for the report
-                    errors.setdefault(name, []).append(f"{type(rule).__name__}: {_one_line(e)}")
-                    continue
-                if space is None:
-                    continue
-                sch = space[0] if isinstance(space, list) else space
-                updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+            if space is not None:
                 schedules[name] = type(rule).__name__
-                break
-    if updates:
-        mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
-        for gv, func in updates.items():
-            mod[gv] = func
+                sch = space[0] if isinstance(space, list) else space
+                return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        return None
+
+    # include_scheduled: tuned kernels are reported too, and GPUs give threads to the kernels CPUs
+    # run as written (ir.AS_WRITTEN_ON_CPUS).
+    with target:
+        mod = map_kernels(mod, schedule, include_scheduled=True, named=True)
     return mod, ScheduleReport(schedules, errors)
 
 
