@@ -252,12 +252,6 @@ def fused_step(job, preset, lowering: Lowering):
     return fused(step_mod, signature, preset, lowering)
 
 
-def state_aliases(signature: StepSignature) -> dict:
-    """{position in train_step's returned tuple: index of the parameter holding the old value}."""
-    state_index = {spec.name: i for i, spec in enumerate(signature.state)}
-    return {1 + k: len(signature.batch) + state_index[name] for k, name in enumerate(signature.outputs)}
-
-
 @dataclasses.dataclass
 class Lowered:
     """A memory-planned step, not finalised, and what its lowering found."""
@@ -290,7 +284,7 @@ def dataflow_passes(lowering: Lowering, target, signature: StepSignature, plan_m
     (schedule_reductions), the family's dataflow lowering, new state written over the old
     (update_in_place) and one arena (plan_arena)."""
     return ([schedule_reductions(STEP_FUNC)] + lowering.dataflow(target)
-            + [update_in_place(state_aliases(signature), STEP_FUNC)] + ([plan_arena(STEP_FUNC)] if plan_memory else []))
+            + [update_in_place(signature.state_aliases(), STEP_FUNC)] + ([plan_arena(STEP_FUNC)] if plan_memory else []))
 
 
 def finalize_passes() -> list:

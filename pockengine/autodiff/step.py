@@ -120,6 +120,12 @@ class StepSignature:
         shapes = {s.name: s.shape for s in self.state}
         return {name: shapes[split.trained] for name, split in self.partial.items()}
 
+    def state_aliases(self) -> dict:
+        """{position in train_step's returned tuple: index of the parameter holding the old value}:
+        which output may be written over which input (update_in_place)."""
+        state_index = {spec.name: i for i, spec in enumerate(self.state)}
+        return {1 + k: len(self.batch) + state_index[name] for k, name in enumerate(self.outputs)}
+
     def owner(self, state_name: str) -> str:
         """The model parameter a state tensor holds (part of), or the state name itself."""
         return next((name for name, split in self.partial.items() if state_name in (split.trained, split.frozen)),
