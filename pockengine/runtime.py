@@ -1,5 +1,9 @@
 """A compiled training program: run steps, read and write state, export and load artifacts.
 
+CompiledStep holds what every compiled step has wherever it runs (the state, state dicts, the
+learning rate, export); Program runs the step in this process, DeviceProgram holds one built for
+another machine and has no step here.
+
 Only numpy and the TVM runtime are imported here: a loaded artifact trains without PyTorch. Tensors
 from torch are accepted duck-typed (anything with `.detach().cpu().numpy()`).
 
@@ -30,7 +34,7 @@ import numpy as np
 from .autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, STEP_FUNC, StepSignature
 from .artifact_files import (FORMAT, FORMAT_VERSION, MANIFEST, check_destination, make_temp_directory,
                              read_manifest, recover, replace_directory)
-from .errors import ArtifactError, InputError, NumericsError, StateError, TargetError
+from .errors import ArtifactError, InputError, NotRunnableHereError, NumericsError, StateError, TargetError
 from .frontend import to_numpy
 from .analysis.memory_plan import MemoryReport
 from .sparse import plan_from_json
@@ -42,109 +46,51 @@ from .targets.device_runner import (EXAMPLE, NON_FINITE, ThreadGovernor, availab
 LIBRARY, STATE = "train_step.so", "state.npz"
 
 
-class Program:
-    """One compiled training step and the state it trains."""
+class CompiledStep:
+    """A compiled training step and the state it trains, wherever the step runs: state dicts, the
+    learning rate, the batch checks, the artifact. Program runs the step in this process,
+    DeviceProgram holds one built for another machine; each keeps the state tensors in its own
+    storage (_stored, _read, _view)."""
 
     example: dict | None = None  # {input name: array}: the batch it was compiled for, exported as example.npz
 
-    def __init__(self, library: str, signature: StepSignature, state: dict, report: MemoryReport, meta: dict,
-                 owns_library: bool = False, threads: int | None = None):
-        import tvm
-        from tvm import relax
-
-        self._tvm = tvm
-        self.library = library
-        try:
-            executable = tvm.runtime.load_module(library)
-        except Exception as e:
-            raise ArtifactError(f"cannot load {library}: {str(e).splitlines()[0][:300]}; rebuild the artifact") from e
-        if owns_library:  # a compile's private copy: removed with the Program (the loaded code stays mapped)
-            weakref.finalize(self, shutil.rmtree, os.path.dirname(library), True)
+    def __init__(self, signature: StepSignature, state: dict, report: MemoryReport, meta: dict):
         self.signature = signature
         self.meta = meta
         self._report = report
-        self._device = _device(tvm, meta)
-        # TVM would size its thread pool from half the CPUs on x86 (it assumes hyperthreads) and pin
-        # it to cores: each step configures the pool of the thread running it instead, for a
-        # machine shared with other processes (device_runner.configure_thread_pool, ThreadGovernor).
-        on_cpu = self._device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
-        self._governor = ThreadGovernor(available_cpus(), adaptive=on_cpu)  # a GPU step's time is the GPU's
-        self.threads = chosen_threads(threads)
-        library_kernels = meta.get("backend", {}).get("library_kernels")
-        if library_kernels:  # ops switched to PyTorch's kernels (passes/switch_backend.py)
-            from .targets import torch_kernels
-
-            torch_kernels.register(library_kernels)
-        self._executable = executable
-        self._vm = relax.VirtualMachine(executable, self._device)
-        self._fn = self._vm[STEP_FUNC]
-        self._trained = [name for name in signature.outputs if signature.categories[name] == PARAM]
         self._specs = {s.name: s for s in signature.state}
         self._state = {}
         for spec in signature.state:
             if spec.name not in state:
                 raise StateError(f"no initial value for {spec.name}")
-            self._state[spec.name] = self._tensor(np.asarray(state[spec.name], dtype=spec.dtype).reshape(spec.shape))
-        self.steps_taken = 0
+            self._state[spec.name] = self._stored(np.asarray(state[spec.name], dtype=spec.dtype).reshape(spec.shape))
 
-    def _tensor(self, array: np.ndarray):
-        return self._tvm.runtime.tensor(np.array(array, order="C", copy=True), self._device)
+    def _stored(self, array: np.ndarray):
+        """A state tensor as this program keeps it, from an array of its dtype and shape (copied)."""
+        raise NotImplementedError
 
-    # ------------------------------------------------------------------ training
+    def _read(self, name: str) -> np.ndarray:
+        """One state tensor (by state name) as a numpy array of its own."""
+        raise NotImplementedError
 
-    def step(self, *batch, check: bool = True) -> float:
-        """Run one training step on (inputs..., target) and return the loss.
+    def _view(self, name: str) -> np.ndarray:
+        """A state tensor read in place where it is in host memory."""
+        raise NotImplementedError
 
-        The step checks its batch and its result itself (autodiff/guards.py): a batch holding NaN or
-        infinite values, or labels (indices) out of the range the model accepts, changes no state,
-        and neither does it count as a step; a trained parameter the update made non-finite (which a
-        ReLU can hide from the loss) makes the loss NaN. With `check` (the default) either raises:
-        NumericsError for non-finite values, InputError for labels out of range, naming the input or
-        the parameter. Updates are written in place, so after a non-finite update the program
-        refuses to step until a finite state is loaded; a non-finite state is never saved or
-        exported. check=False returns the NaN loss instead of raising, and steps on."""
-        if self._diverged:
-            raise NumericsError(f"{self._diverged}; this program's state is not finite: load a finite state "
-                                "(load_state_dict) or the artifact again (pockengine.load)")
-        arrays = self._batch_arrays(batch)
-        if not self.signature.checks_in_step:
-            return self._step_checked_here(arrays, check)
-        outs = self._run(self._batch_tensors(arrays), self._state)
-        loss = float(outs[0].numpy())
-        if math.isfinite(loss):
-            self.steps_taken += 1
-            return loss
-        # Only now is it worth a look from Python: which of the step's checks failed.
-        label = f"step {self.steps_taken + 1}"
-        try:
-            self.check_batch(arrays, label, ". The step did not train on it: the state is unchanged")
-        except (NumericsError, InputError):
-            if check:
-                raise
-            return loss
-        self.steps_taken += 1
-        if not check:
-            return loss
-        what = self._non_finite_state(self._trained) or f"the loss is {loss}"
-        self._diverged = f"{label}: {what}"
-        raise NumericsError(f"{self._diverged}. Nothing was saved; lower the learning rate or check the "
-                            "loss for log(0) or division by zero")
+    def _write(self, arrays: dict) -> None:
+        """Replace state tensors, {state name: array} (cast to their dtype)."""
+        for name, value in arrays.items():
+            spec = self._specs[name]
+            self._state[name] = self._stored(np.asarray(value).astype(spec.dtype, copy=False).reshape(spec.shape))
 
-    def _step_checked_here(self, arrays: list, check: bool) -> float:
-        """A step that does not check itself (an artifact built before steps did, or compiled
-        without checks): the same checks from Python, the batch before it runs."""
-        label = f"step {self.steps_taken + 1}"
-        if check:
-            self.check_batch(arrays, label)
-        loss = float(self._run(self._batch_tensors(arrays), self._state)[0].numpy())
-        self.steps_taken += 1
-        if check:
-            what = self._non_finite_state(self._trained) or ("" if math.isfinite(loss) else f"the loss is {loss}")
-            if what:
-                self._diverged = f"{label}: {what}"
-                raise NumericsError(f"{self._diverged}. Nothing was saved; lower the learning rate or check the "
-                                    "loss for log(0) or division by zero")
-        return loss
+    @property
+    def lr(self) -> float:
+        return float(self._read("lr"))
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        check_learning_rate(value)
+        self._write({"lr": np.array(value, "float64")})
 
     _diverged = ""  # why the state is not finite, once a checked step found it so
 
@@ -161,130 +107,6 @@ class Program:
         found = first_non_finite((name, self._view(name)) for name in names)
         return f"{found[1]} values of {self.signature.owner(found[0])} are NaN or infinite" if found else ""
 
-    def _view(self, name: str) -> np.ndarray:
-        """A state tensor read in place where it is in host memory."""
-        return host_view(self._state[name])
-
-    def time_step(self, *batch, repeats: int = 10) -> float:
-        """Median milliseconds of a step on `batch` after warm-up, run on a copy of the state: the
-        program itself trains nothing."""
-        from .timing import median_ms
-
-        args, state = self._on_a_copy(batch)
-        return median_ms(lambda: self._run(args, state), repeats)
-
-    def kernel_times(self, *batch, repeats: int = 3) -> dict:
-        """{kernel name: (milliseconds per step, calls per step, the first call's argument shapes)} of
-        `repeats` steps on `batch` after one warm-up, each kernel call timed from the step's virtual
-        machine; run on a copy of the state like time_step, by a virtual machine of its own (so for a
-        moment the state and the step's working memory twice). VM builtins (allocation, views) are
-        listed too, under their `vm.builtin.*` names."""
-        from tvm import relax
-
-        args, state = self._on_a_copy(batch)
-        vm = relax.VirtualMachine(self._executable, self._device)  # its own instrument, not the step's
-        totals, started = {}, {}
-
-        def instrument(_func, name, before_run, _ret, *call_args):
-            now = time.perf_counter()
-            if before_run:
-                started[name] = now
-            else:
-                entry = totals.setdefault(name, [0.0, 0, [tuple(a.shape) for a in call_args if hasattr(a, "shape")]])
-                entry[0] += now - started.pop(name, now)
-                entry[1] += 1
-            return relax.VMInstrumentReturnKind.NO_OP
-
-        step = vm[STEP_FUNC]
-        self._run(args, state, step)
-        vm.set_instrument(instrument)
-        for _ in range(repeats):
-            self._run(args, state, step)
-        return {name: (seconds * 1e3 / repeats, calls // repeats, shapes)
-                for name, (seconds, calls, shapes) in totals.items()}
-
-    def _on_a_copy(self, batch) -> tuple:
-        """(the batch's tensors, a copy of the state): what time_step and kernel_times run on."""
-        args = self._batch_tensors(self._batch_arrays(batch))
-        return args, {name: self._tensor(value.numpy()) for name, value in self._state.items()}
-
-    @property
-    def threads(self) -> int | None:
-        """The worker threads the step's kernels run on, when set (`pe.load(..., threads=N)`, or
-        TVM_NUM_THREADS); None: chosen step by step (ThreadGovernor) among the CPUs available to this
-        process (its affinity mask and cgroup CPU quota, read at load): all of them on a quiet
-        machine, half beside busy processes."""
-        return self._threads
-
-    @threads.setter
-    def threads(self, value: int | None) -> None:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
-            raise InputError(f"threads must be a whole number >= 1 (or None: chosen among the {available_cpus()} "
-                             f"CPUs available to this process), got {value!r}")
-        self._threads = None if value is None else int(value)
-
-    def _run(self, args, state: dict, step=None):
-        """One step (by `step`, default the program's) on `state` ({name: tensor}), which takes the
-        new values; the step's outputs."""
-        # another step (kernel_times') is instrumented: its time says nothing about the thread count
-        outs = self._governor.run(step or self._fn, *args, *(state[s.name] for s in self.signature.state),
-                                  fixed=self._threads, learn=step is None)
-        state.update(zip(self.signature.outputs, list(outs)[1:]))
-        if not self._inputs_checked and self._batch_buffers is not None:
-            self._check_inputs_are_not_returned(outs)
-        return outs
-
-    def _batch_arrays(self, batch) -> list:
-        """The batch as numpy arrays, checked against the compiled shapes and dtypes."""
-        specs = self.signature.batch
-        if len(batch) != len(specs):
-            names = ", ".join(s.name for s in specs)
-            raise InputError(f"step() takes {len(specs)} arrays ({names}), got {len(batch)}")
-        arrays = []
-        for i, (x, spec) in enumerate(zip(batch, specs)):
-            a = to_numpy(x)
-            if tuple(a.shape) != spec.shape or str(a.dtype) != spec.dtype:
-                raise InputError(
-                    f"input {i} ({spec.name}): expected shape {spec.shape} dtype {spec.dtype}, got shape "
-                    f"{tuple(a.shape)} dtype {a.dtype}. The program is compiled for the example batch's "
-                    "shapes and dtypes: convert the array, or compile again with an example of this shape."
-                )
-            arrays.append(a)  # a strided array is copied once, into the step's tensor, not first made contiguous
-        return arrays
-
-    def _batch_tensors(self, arrays: list) -> list:
-        if self._batch_buffers is None:
-            return [self._tvm.runtime.tensor(a, self._device) for a in arrays]
-        for (_, view), a in zip(self._batch_buffers, arrays):
-            np.copyto(view, a)
-        return [tensor for tensor, _ in self._batch_buffers]
-
-    @functools.cached_property
-    def _batch_buffers(self) -> list | None:
-        """[(tensor, numpy view of it)] per input, which each batch is copied into: a new TVM tensor per
-        input and step costs ~25 us (a small MLP's step is ~300 us), a copy into a kept one ~1 us.
-        None on a GPU, and once a step has returned one of them (_check_inputs_are_not_returned)."""
-        if self._device.dlpack_device_type() != self._tvm.cpu().dlpack_device_type():
-            return None
-        tensors = [self._tvm.runtime.empty(s.shape, s.dtype, self._device) for s in self.signature.batch]
-        return [(tensor, host_view(tensor)) for tensor in tensors]
-
-    _inputs_checked = False
-
-    def _check_inputs_are_not_returned(self, outs) -> None:
-        """After the first step on the kept input tensors: a tensor the step returned may share their
-        memory (a buffer the forward sets to its input, returned as the input or a view of it), and the
-        next batch would then overwrite that state. If one does, batches get new tensors from now on;
-        what was returned keeps its memory. A compiled step aliases the same way at every call."""
-        spans = [(view.ctypes.data, view.ctypes.data + view.nbytes) for _, view in self._batch_buffers]
-        for out in list(outs)[1:]:
-            view = host_view(out)
-            start, end = view.ctypes.data, view.ctypes.data + view.nbytes
-            if any(start < span_end and span_start < end for span_start, span_end in spans):
-                self._batch_buffers = None
-                break
-        self._inputs_checked = True
-
     @functools.cached_property
     def _batch_checks(self) -> tuple:
         """(input names, index ranges as dicts): read once, not before every step."""
@@ -300,24 +122,7 @@ class Program:
             kind, message = problem
             raise (NumericsError if kind == NON_FINITE else InputError)(f"{label}: {message}{outcome}")
 
-    @property
-    def lr(self) -> float:
-        return float(self._state["lr"].numpy())
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        check_learning_rate(value)
-        self._state["lr"] = self._tensor(np.array(value, "float64"))
-
     # ------------------------------------------------------------------ state
-
-    def _read(self, name: str) -> np.ndarray:
-        """One state tensor (by state name) as a numpy array."""
-        return self._state[name].numpy()
-
-    def _write(self, arrays: dict) -> None:
-        """Replace state tensors, {state name: array} (cast to their dtype)."""
-        self._state.update({k: self._tensor(np.asarray(v).astype(self._specs[k].dtype, copy=False)) for k, v in arrays.items()})
 
     @property
     def _aliases(self) -> dict:
@@ -451,7 +256,241 @@ class Program:
 
     def state_arrays(self) -> dict:
         """Every state tensor by its state name (a partially trained weight as its two parts)."""
-        return {k: v.numpy() for k, v in self._state.items()}
+        return {name: self._read(name) for name in self._state}
+
+    def _write_files(self, directory: str) -> None:
+        """Copy the step's files (not the state) into the artifact directory being assembled."""
+        raise NotImplementedError
+
+    def _hashed_files(self) -> list:
+        """The files whose sha256 the manifest records (checked when the artifact is loaded)."""
+        raise NotImplementedError
+
+    def _file_table(self) -> dict:
+        """The manifest's "files": {role: file name}."""
+        raise NotImplementedError
+
+
+class Program(CompiledStep):
+    """One compiled training step that runs in this process, and the state it trains."""
+
+    def __init__(self, library: str, signature: StepSignature, state: dict, report: MemoryReport, meta: dict,
+                 owns_library: bool = False, threads: int | None = None):
+        import tvm
+        from tvm import relax
+
+        self._tvm = tvm
+        self.library = library
+        try:
+            executable = tvm.runtime.load_module(library)
+        except Exception as e:
+            raise ArtifactError(f"cannot load {library}: {str(e).splitlines()[0][:300]}; rebuild the artifact") from e
+        if owns_library:  # a compile's private copy: removed with the Program (the loaded code stays mapped)
+            weakref.finalize(self, shutil.rmtree, os.path.dirname(library), True)
+        self._device = _device(tvm, meta)
+        # TVM would size its thread pool from half the CPUs on x86 (it assumes hyperthreads) and pin
+        # it to cores: each step configures the pool of the thread running it instead, for a
+        # machine shared with other processes (device_runner.configure_thread_pool, ThreadGovernor).
+        on_cpu = self._device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+        self._governor = ThreadGovernor(available_cpus(), adaptive=on_cpu)  # a GPU step's time is the GPU's
+        self.threads = chosen_threads(threads)
+        library_kernels = meta.get("backend", {}).get("library_kernels")
+        if library_kernels:  # ops switched to PyTorch's kernels (passes/switch_backend.py)
+            from .targets import torch_kernels
+
+            torch_kernels.register(library_kernels)
+        self._executable = executable
+        self._vm = relax.VirtualMachine(executable, self._device)
+        self._fn = self._vm[STEP_FUNC]
+        self._trained = [name for name in signature.outputs if signature.categories[name] == PARAM]
+        super().__init__(signature, state, report, meta)
+        self.steps_taken = 0
+
+    def _stored(self, array: np.ndarray):
+        """A tensor on the step's device."""
+        return self._tvm.runtime.tensor(np.array(array, order="C", copy=True), self._device)
+
+    def _read(self, name: str) -> np.ndarray:
+        return self._state[name].numpy()
+
+    def _view(self, name: str) -> np.ndarray:
+        return host_view(self._state[name])
+
+    # ------------------------------------------------------------------ training
+
+    def step(self, *batch, check: bool = True) -> float:
+        """Run one training step on (inputs..., target) and return the loss.
+
+        The step checks its batch and its result itself (autodiff/guards.py): a batch holding NaN or
+        infinite values, or labels (indices) out of the range the model accepts, changes no state,
+        and neither does it count as a step; a trained parameter the update made non-finite (which a
+        ReLU can hide from the loss) makes the loss NaN. With `check` (the default) either raises:
+        NumericsError for non-finite values, InputError for labels out of range, naming the input or
+        the parameter. Updates are written in place, so after a non-finite update the program
+        refuses to step until a finite state is loaded; a non-finite state is never saved or
+        exported. check=False returns the NaN loss instead of raising, and steps on."""
+        if self._diverged:
+            raise NumericsError(f"{self._diverged}; this program's state is not finite: load a finite state "
+                                "(load_state_dict) or the artifact again (pockengine.load)")
+        arrays = self._batch_arrays(batch)
+        if not self.signature.checks_in_step:
+            return self._step_checked_here(arrays, check)
+        outs = self._run(self._batch_tensors(arrays), self._state)
+        loss = float(outs[0].numpy())
+        if math.isfinite(loss):
+            self.steps_taken += 1
+            return loss
+        # Only now is it worth a look from Python: which of the step's checks failed.
+        label = f"step {self.steps_taken + 1}"
+        try:
+            self.check_batch(arrays, label, ". The step did not train on it: the state is unchanged")
+        except (NumericsError, InputError):
+            if check:
+                raise
+            return loss
+        self.steps_taken += 1
+        if not check:
+            return loss
+        what = self._non_finite_state(self._trained) or f"the loss is {loss}"
+        self._diverged = f"{label}: {what}"
+        raise NumericsError(f"{self._diverged}. Nothing was saved; lower the learning rate or check the "
+                            "loss for log(0) or division by zero")
+
+    def _step_checked_here(self, arrays: list, check: bool) -> float:
+        """A step that does not check itself (an artifact built before steps did, or compiled
+        without checks): the same checks from Python, the batch before it runs."""
+        label = f"step {self.steps_taken + 1}"
+        if check:
+            self.check_batch(arrays, label)
+        loss = float(self._run(self._batch_tensors(arrays), self._state)[0].numpy())
+        self.steps_taken += 1
+        if check:
+            what = self._non_finite_state(self._trained) or ("" if math.isfinite(loss) else f"the loss is {loss}")
+            if what:
+                self._diverged = f"{label}: {what}"
+                raise NumericsError(f"{self._diverged}. Nothing was saved; lower the learning rate or check the "
+                                    "loss for log(0) or division by zero")
+        return loss
+
+    def time_step(self, *batch, repeats: int = 10) -> float:
+        """Median milliseconds of a step on `batch` after warm-up, run on a copy of the state: the
+        program itself trains nothing."""
+        from .timing import median_ms
+
+        args, state = self._on_a_copy(batch)
+        return median_ms(lambda: self._run(args, state), repeats)
+
+    def kernel_times(self, *batch, repeats: int = 3) -> dict:
+        """{kernel name: (milliseconds per step, calls per step, the first call's argument shapes)} of
+        `repeats` steps on `batch` after one warm-up, each kernel call timed from the step's virtual
+        machine; run on a copy of the state like time_step, by a virtual machine of its own (so for a
+        moment the state and the step's working memory twice). VM builtins (allocation, views) are
+        listed too, under their `vm.builtin.*` names."""
+        from tvm import relax
+
+        args, state = self._on_a_copy(batch)
+        vm = relax.VirtualMachine(self._executable, self._device)  # its own instrument, not the step's
+        totals, started = {}, {}
+
+        def instrument(_func, name, before_run, _ret, *call_args):
+            now = time.perf_counter()
+            if before_run:
+                started[name] = now
+            else:
+                entry = totals.setdefault(name, [0.0, 0, [tuple(a.shape) for a in call_args if hasattr(a, "shape")]])
+                entry[0] += now - started.pop(name, now)
+                entry[1] += 1
+            return relax.VMInstrumentReturnKind.NO_OP
+
+        step = vm[STEP_FUNC]
+        self._run(args, state, step)
+        vm.set_instrument(instrument)
+        for _ in range(repeats):
+            self._run(args, state, step)
+        return {name: (seconds * 1e3 / repeats, calls // repeats, shapes)
+                for name, (seconds, calls, shapes) in totals.items()}
+
+    def _on_a_copy(self, batch) -> tuple:
+        """(the batch's tensors, a copy of the state): what time_step and kernel_times run on."""
+        args = self._batch_tensors(self._batch_arrays(batch))
+        return args, {name: self._stored(value.numpy()) for name, value in self._state.items()}
+
+    @property
+    def threads(self) -> int | None:
+        """The worker threads the step's kernels run on, when set (`pe.load(..., threads=N)`, or
+        TVM_NUM_THREADS); None: chosen step by step (ThreadGovernor) among the CPUs available to this
+        process (its affinity mask and cgroup CPU quota, read at load): all of them on a quiet
+        machine, half beside busy processes."""
+        return self._threads
+
+    @threads.setter
+    def threads(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise InputError(f"threads must be a whole number >= 1 (or None: chosen among the {available_cpus()} "
+                             f"CPUs available to this process), got {value!r}")
+        self._threads = None if value is None else int(value)
+
+    def _run(self, args, state: dict, step=None):
+        """One step (by `step`, default the program's) on `state` ({name: tensor}), which takes the
+        new values; the step's outputs."""
+        # another step (kernel_times') is instrumented: its time says nothing about the thread count
+        outs = self._governor.run(step or self._fn, *args, *(state[s.name] for s in self.signature.state),
+                                  fixed=self._threads, learn=step is None)
+        state.update(zip(self.signature.outputs, list(outs)[1:]))
+        if not self._inputs_checked and self._batch_buffers is not None:
+            self._check_inputs_are_not_returned(outs)
+        return outs
+
+    def _batch_arrays(self, batch) -> list:
+        """The batch as numpy arrays, checked against the compiled shapes and dtypes."""
+        specs = self.signature.batch
+        if len(batch) != len(specs):
+            names = ", ".join(s.name for s in specs)
+            raise InputError(f"step() takes {len(specs)} arrays ({names}), got {len(batch)}")
+        arrays = []
+        for i, (x, spec) in enumerate(zip(batch, specs)):
+            a = to_numpy(x)
+            if tuple(a.shape) != spec.shape or str(a.dtype) != spec.dtype:
+                raise InputError(
+                    f"input {i} ({spec.name}): expected shape {spec.shape} dtype {spec.dtype}, got shape "
+                    f"{tuple(a.shape)} dtype {a.dtype}. The program is compiled for the example batch's "
+                    "shapes and dtypes: convert the array, or compile again with an example of this shape."
+                )
+            arrays.append(a)  # a strided array is copied once, into the step's tensor, not first made contiguous
+        return arrays
+
+    def _batch_tensors(self, arrays: list) -> list:
+        if self._batch_buffers is None:
+            return [self._tvm.runtime.tensor(a, self._device) for a in arrays]
+        for (_, view), a in zip(self._batch_buffers, arrays):
+            np.copyto(view, a)
+        return [tensor for tensor, _ in self._batch_buffers]
+
+    @functools.cached_property
+    def _batch_buffers(self) -> list | None:
+        """[(tensor, numpy view of it)] per input, which each batch is copied into: a new TVM tensor per
+        input and step costs ~25 us (a small MLP's step is ~300 us), a copy into a kept one ~1 us.
+        None on a GPU, and once a step has returned one of them (_check_inputs_are_not_returned)."""
+        if self._device.dlpack_device_type() != self._tvm.cpu().dlpack_device_type():
+            return None
+        tensors = [self._tvm.runtime.empty(s.shape, s.dtype, self._device) for s in self.signature.batch]
+        return [(tensor, host_view(tensor)) for tensor in tensors]
+
+    _inputs_checked = False
+
+    def _check_inputs_are_not_returned(self, outs) -> None:
+        """After the first step on the kept input tensors: a tensor the step returned may share their
+        memory (a buffer the forward sets to its input, returned as the input or a view of it), and the
+        next batch would then overwrite that state. If one does, batches get new tensors from now on;
+        what was returned keeps its memory. A compiled step aliases the same way at every call."""
+        spans = [(view.ctypes.data, view.ctypes.data + view.nbytes) for _, view in self._batch_buffers]
+        for out in list(outs)[1:]:
+            view = host_view(out)
+            start, end = view.ctypes.data, view.ctypes.data + view.nbytes
+            if any(start < span_end and span_start < end for span_start, span_end in spans):
+                self._batch_buffers = None
+                break
+        self._inputs_checked = True
 
     def _write_files(self, directory: str) -> None:
         shutil.copyfile(self.library, os.path.join(directory, LIBRARY))
@@ -463,54 +502,40 @@ class Program:
         return {"library": LIBRARY, "state": STATE}
 
 
-class DeviceProgram(Program):
-    """A training step built for another machine (aarch64, a GPU, a microcontroller): it exports an
-    artifact for that machine, but runs no step here. `pockengine run` runs the exported artifact
-    under QEMU (aarch64, Cortex-M) or on a GPU when there is one."""
+class DeviceProgram(CompiledStep):
+    """A training step built for another machine (aarch64, a GPU, a microcontroller) and its state:
+    it exports an artifact for that machine, and its state can be read and changed here, but it
+    has no step(), time_step() or kernel_times(): asking for one raises NotRunnableHereError (a
+    TargetError and an AttributeError), which says how to run it. `pockengine run` runs the
+    exported artifact under QEMU (aarch64, Cortex-M) or on a GPU when there is one."""
 
     def __init__(self, files: dict, signature: StepSignature, state: dict, report: MemoryReport, meta: dict,
                  scratch: str | None = None):
         """files: {name in the artifact: path of a file or directory to copy there}; scratch: a
         temporary directory holding them, removed with the program."""
         self.files = files
-        self.signature = signature
-        self.meta = meta
-        self._report = report
-        self._specs = {s.name: s for s in signature.state}
-        self._state = {spec.name: np.array(state[spec.name], dtype=spec.dtype).reshape(spec.shape)
-                       for spec in signature.state}
-        self._threads = None  # its runner chooses on the device (`pockengine run --threads N`)
-        self.steps_taken = 0
+        super().__init__(signature, state, report, meta)
         if scratch:
             weakref.finalize(self, shutil.rmtree, scratch, True)
 
-    def step(self, *batch) -> float:
-        raise TargetError(
-            f"this program is built for {self.meta['target']} ({self.meta['family']}); it cannot run in this "
-            "process. Export it (`program.export(DIR)` or `pockengine build`) and run it with `pockengine run DIR`, "
-            "which uses QEMU for aarch64 and Cortex-M artifacts and a GPU for CUDA ones")
+    def __getattr__(self, name: str):
+        # Only for attributes the instance and its class do not have: a Program's ways of running
+        # the step get an answer saying where this one runs.
+        if name in RUN_HERE_ONLY:
+            raise NotRunnableHereError(
+                f"program.{name}: this program is built for {self.meta['target']} ({self.meta['family']}); it cannot run "
+                "in this process. Export it (`program.export(DIR)` or `pockengine build`) and run it with "
+                "`pockengine run DIR`, which uses QEMU for aarch64 and Cortex-M artifacts and a GPU for CUDA ones")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}", name=name, obj=self)
 
-    time_step = kernel_times = step
+    def _stored(self, array: np.ndarray) -> np.ndarray:
+        return np.array(array, copy=True)
 
     def _read(self, name: str) -> np.ndarray:
         return self._state[name].copy()
 
-    def _write(self, arrays: dict) -> None:
-        for k, v in arrays.items():
-            spec = self._specs[k]
-            self._state[k] = np.asarray(v).astype(spec.dtype, copy=True).reshape(spec.shape)
-
-    @property
-    def lr(self) -> float:
-        return float(self._state["lr"])
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        check_learning_rate(value)
-        self._state["lr"] = np.array(value, "float64")
-
-    def state_arrays(self) -> dict:
-        return dict(self._state)
+    def _view(self, name: str) -> np.ndarray:
+        return self._state[name]
 
     def _write_files(self, directory: str) -> None:
         for name, path in self.files.items():
@@ -529,6 +554,10 @@ class DeviceProgram(Program):
         return {**table, "state": STATE}
 
 
+# What a Program does with its step in this process, which a DeviceProgram cannot.
+RUN_HERE_ONLY = ("step", "time_step", "kernel_times", "threads")
+
+
 def _device(tvm, meta: dict):
     """The device a host-loadable artifact runs on: the GPU for CUDA builds (when there is one)."""
     if meta.get("family") == "cuda":
@@ -540,9 +569,9 @@ def _device(tvm, meta: dict):
     return tvm.cpu()
 
 
-def load(directory: str, threads: int | None = None) -> Program:
-    """Load an artifact written by `Program.export` (or `pockengine build`). An artifact built for
-    another machine loads as a DeviceProgram: its state can be read and changed, its steps run there.
+def load(directory: str, threads: int | None = None) -> Program | DeviceProgram:
+    """Load an artifact written by `export` (or `pockengine build`) as a Program. An artifact built
+    for another machine loads as a DeviceProgram: its state can be read and changed, its steps run there.
     threads: worker threads for the step's kernels (default: chosen step by step among the CPUs
     available to this process; see Program.threads)."""
     manifest = read_manifest(directory)
