@@ -28,6 +28,7 @@ import shutil
 import time
 import weakref
 import zipfile
+from typing import NamedTuple
 
 import numpy as np
 
@@ -161,34 +162,49 @@ class CompiledStep:
         return {s.name: self._read(s.name) for s in self.signature.state
                 if self.signature.categories[s.name] == OPTIMIZER}
 
-    def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
-        """Replace model (and/or optimizer) state. With strict, the model's keys must match exactly.
-        State names (a partially trained weight's parts) are accepted too."""
-        self._check_state_dict(state_dict, strict)
+    def load_state_dict(self, state_dict: dict, strict: bool = True) -> IncompatibleKeys:
+        """Replace model (and/or optimizer) state, as torch.nn.Module.load_state_dict does: with
+        `strict` (the default) the keys must be the model's exactly, else StateError; without, the
+        keys the program has are loaded and the others ignored. Either way every shape must be the
+        model's, and nothing is loaded unless all are. Returns (missing_keys, unexpected_keys). State
+        names (a partially trained weight's parts, optimizer slots) are accepted too."""
+        missing, unexpected = self._check_state_dict(state_dict, strict)
+        ignored = set(unexpected)
         # A tied parameter's alias is the same tensor: its value is taken when its own name is absent.
         arrays = {self._aliases.get(k, k): to_numpy(v) for k, v in state_dict.items()
-                  if not (k in self._aliases and self._aliases[k] in state_dict)}
+                  if k not in ignored and not (k in self._aliases and self._aliases[k] in state_dict)}
         self._write(self.signature.split_state(arrays))
         if self._diverged and not self._non_finite_state():
             self._diverged = ""
+        return IncompatibleKeys(missing, unexpected)
 
-    def _check_state_dict(self, state_dict: dict, strict: bool) -> None:
-        model_keys = set(self._model_keys())
-        unknown = [k for k in state_dict if k not in self._specs and k not in self.signature.partial
-                   and k not in self._aliases]
-        missing = [k for k in self._model_keys() if k not in state_dict]
-        if unknown or (strict and missing):
+    def _check_state_dict(self, state_dict: dict, strict: bool) -> tuple:
+        """(missing keys, unexpected keys) of `state_dict`; StateError for either with `strict`, and
+        for a shape that is not the model's."""
+        model_keys = self._model_keys()
+        unexpected = [k for k in state_dict if k not in self._specs and k not in self.signature.partial
+                      and k not in self._aliases]
+        missing = [k for k in model_keys if not self._given(k, state_dict)]
+        if strict and (unexpected or missing):
             raise StateError(
                 "load_state_dict: "
-                + (f"unexpected keys {unknown[:10]}{'...' if len(unknown) > 10 else ''}; " if unknown else "")
-                + (f"missing keys {missing[:10]}{'...' if len(missing) > 10 else ''}; " if strict and missing else "")
-                + f"the program's keys are {sorted(model_keys)[:10]}{'...' if len(model_keys) > 10 else ''} "
-                "(pass strict=False to load a subset)"
+                + (f"unexpected keys {_listed(unexpected)}; " if unexpected else "")
+                + (f"missing keys {_listed(missing)}; " if missing else "")
+                + f"the program's keys are {_listed(sorted(model_keys))} "
+                "(pass strict=False to load the keys the program has and ignore the others)"
             )
+        ignored = set(unexpected)
         for k, v in state_dict.items():
             shape = tuple(to_numpy(v).shape)
-            if shape != self._model_shape(k):
+            if k not in ignored and shape != self._model_shape(k):
                 raise StateError(f"load_state_dict: {k} has shape {shape}, the program expects {self._model_shape(k)}")
+        return missing, unexpected
+
+    def _given(self, key: str, state_dict: dict) -> bool:
+        """Whether `state_dict` holds the model's `key`: by its name, or a partially trained weight
+        as both its parts (state names, as state_arrays() gives them)."""
+        split = self.signature.partial.get(key)
+        return key in state_dict or (split is not None and split.trained in state_dict and split.frozen in state_dict)
 
     def memory_report(self) -> MemoryReport:
         return self._report
@@ -556,6 +572,24 @@ class DeviceProgram(CompiledStep):
 
 # What a Program does with its step in this process, which a DeviceProgram cannot.
 RUN_HERE_ONLY = ("step", "time_step", "kernel_times", "threads")
+
+
+class IncompatibleKeys(NamedTuple):
+    """What load_state_dict did not match, as torch.nn.Module.load_state_dict reports it: the
+    program's keys the state dict lacks, and the state dict's keys the program does not have."""
+
+    missing_keys: list
+    unexpected_keys: list
+
+    def __repr__(self) -> str:
+        if not self.missing_keys and not self.unexpected_keys:
+            return "<All keys matched successfully>"
+        return f"IncompatibleKeys(missing_keys={self.missing_keys}, unexpected_keys={self.unexpected_keys})"
+
+
+def _listed(keys: list, shown: int = 10) -> str:
+    """The first `shown` keys, and '...' when there are more."""
+    return f"{keys[:shown]}{'...' if len(keys) > shown else ''}"
 
 
 def _device(tvm, meta: dict):
