@@ -20,8 +20,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import errors  # noqa: E402
 
-__all__ = ["TrainingJob", "SparseUpdate", "compile", "load", "Program", "DeviceProgram", "optim", "errors",
-           "targets"]
+__all__ = ["TrainingJob", "SparseUpdate", "compile", "load", "Program", "DeviceProgram", "to_torch", "optim",
+           "errors", "targets"]
 
 
 def compile(job, target="host", verbose=False, tuning_logs=(), backend="tvm"):  # noqa: A001 - the contract's name
@@ -45,6 +45,7 @@ def load(directory, threads=None):
 
 _LAZY = {"TrainingJob": ("job", "TrainingJob"), "SparseUpdate": ("sparse", "SparseUpdate"),
          "Program": ("runtime", "Program"), "DeviceProgram": ("runtime", "DeviceProgram"),
+         "to_torch": ("frontend", "to_torch"),
          "optim": ("optim", None), "targets": ("targets", None)}
 
 

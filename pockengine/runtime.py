@@ -36,7 +36,7 @@ from .autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, STEP_FUNC, StepSign
 from .artifact_files import (FORMAT, FORMAT_VERSION, MANIFEST, check_destination, make_temp_directory,
                              read_manifest, recover, replace_directory)
 from .errors import ArtifactError, InputError, NotRunnableHereError, NumericsError, StateError, TargetError
-from .frontend import to_numpy
+from .frontend import to_numpy, to_torch
 from .analysis.memory_plan import MemoryReport
 from .sparse import plan_from_json
 from .validate import check_learning_rate
@@ -146,16 +146,17 @@ class CompiledStep:
         shape[split.axis] += self._specs[split.frozen].shape[split.axis]
         return tuple(shape)
 
-    def state_dict(self) -> dict:
+    def state_dict(self, as_torch: bool = False) -> dict:
         """The model's state, torch names -> numpy arrays (parameters and persistent buffers); a
-        partially trained weight is whole again, a packed one unpacked."""
+        partially trained weight is whole again, a packed one unpacked. as_torch: torch tensors
+        instead, for `model.load_state_dict(program.state_dict(as_torch=True))`."""
         out = {}
         for k in self._model_keys():
             name = self._aliases.get(k, k)
             split = self.signature.partial.get(name)
             out[k] = (split.join(self._read(split.trained), self._read(split.frozen)) if split
                       else self.signature.model_layout(name, self._read(name)))
-        return out
+        return to_torch(out) if as_torch else out
 
     def optimizer_state_dict(self) -> dict:
         """lr, step and the per-parameter slots (`optimizer.exp_avg.fc.weight`, ...) -> numpy arrays."""

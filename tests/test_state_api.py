@@ -146,3 +146,21 @@ def test_load_state_dict_keeps_partially_trained_weights():
     assert program.load_state_dict({**state, **parts}, strict=False).missing_keys == []
     result = program.load_state_dict({k: v for k, v in state.items() if k != "net.2.weight"} | parts)
     assert result == ([], [])  # a partially trained weight given as its two parts is not missing
+
+
+# ---------------------------------------------------------------------- torch tensors
+
+
+def test_state_dicts_come_out_as_torch_tensors(host_program):
+    state = host_program.state_dict(as_torch=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    model = MLP()
+    model.load_state_dict(state)
+    for key, value in model.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), host_program.state_dict()[key], err_msg=key)
+    read_only = np.arange(3.0)
+    read_only.flags.writeable = False
+    nested = pe.to_torch({"a": read_only, "groups": [{"lr": 0.1, "betas": (0.9, 0.99), "step": np.float32(2)}]})
+    assert torch.equal(nested["a"], torch.arange(3.0, dtype=torch.float64))
+    assert nested["groups"][0]["lr"] == 0.1 and nested["groups"][0]["betas"] == (0.9, 0.99)
+    assert torch.equal(nested["groups"][0]["step"], torch.tensor(2.0))
