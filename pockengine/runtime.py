@@ -38,6 +38,8 @@ from .artifact_files import (FORMAT, FORMAT_VERSION, MANIFEST, check_destination
 from .errors import ArtifactError, InputError, NotRunnableHereError, NumericsError, StateError, TargetError
 from .frontend import to_numpy, to_torch
 from .analysis.memory_plan import MemoryReport
+from .optim import LR, STEP, from_json as optimizer_from_json
+from .optimizer_state import TorchOptimizerLayout, is_torch_layout
 from .sparse import plan_from_json
 from .validate import check_learning_rate
 from .targets.device_runner import (EXAMPLE, NON_FINITE, ThreadGovernor, available_cpus, batch_problem,
@@ -158,10 +160,49 @@ class CompiledStep:
                       else self.signature.model_layout(name, self._read(name)))
         return to_torch(out) if as_torch else out
 
-    def optimizer_state_dict(self) -> dict:
-        """lr, step and the per-parameter slots (`optimizer.exp_avg.fc.weight`, ...) -> numpy arrays."""
-        return {s.name: self._read(s.name) for s in self.signature.state
-                if self.signature.categories[s.name] == OPTIMIZER}
+    def optimizer_state_dict(self, as_torch: bool = False) -> dict:
+        """The optimizer's state: lr, step and the per-parameter slots (`optimizer.exp_avg.fc.weight`,
+        ...) -> numpy arrays. as_torch: torch.optim's `state_dict()` layout instead, with torch
+        tensors, the parameters numbered as `torch.optim.AdamW(model.parameters())` numbers them,
+        for `torch_optimizer.load_state_dict(...)` (see optimizer_state.py)."""
+        own = {name: self._read(name) for name in self._optimizer_state_names()}
+        return to_torch(self._torch_optimizer_layout().export(own)) if as_torch else own
+
+    def load_optimizer_state_dict(self, state_dict: dict) -> None:
+        """Replace the optimizer's state from either layout optimizer_state_dict gives: the
+        program's own, or torch.optim's (`torch_optimizer.state_dict()`: its hyper-parameters must
+        be those the program was compiled with, its learning rate becomes program.lr, its parameters
+        are numbered in model.parameters() order or, for an optimizer given only the trained
+        parameters, in theirs). StateError names what does not fit, and nothing is loaded then."""
+        if is_torch_layout(state_dict):
+            arrays = self._torch_optimizer_layout().read(state_dict, int(self._read(STEP)))
+        else:
+            own = self._optimizer_state_names()
+            unexpected = [k for k in state_dict if k not in own]
+            if unexpected:
+                raise StateError(f"load_optimizer_state_dict: {_listed(unexpected)} are not optimizer state; the "
+                                 f"program's is {_listed(own)} (the model's state loads with load_state_dict)")
+            arrays = {k: to_numpy(v) for k, v in state_dict.items()}
+            for k, a in arrays.items():
+                if tuple(a.shape) != self._specs[k].shape:
+                    raise StateError(f"load_optimizer_state_dict: {k} has shape {tuple(a.shape)}, the program "
+                                     f"expects {self._specs[k].shape}")
+        if LR in arrays:
+            check_learning_rate(float(arrays[LR]))
+        self._write(arrays)
+
+    def _optimizer_state_names(self) -> list[str]:
+        return [s.name for s in self.signature.state if self.signature.categories[s.name] == OPTIMIZER]
+
+    def _torch_optimizer_layout(self) -> TorchOptimizerLayout:
+        """The program's parameters as torch.optim numbers them, and its optimizer."""
+        categories, partial = self.signature.categories, self.signature.partial
+        parameters = [k for k in self.meta["state_dict_keys"] if k not in self._aliases
+                      and (k in partial or categories.get(k) in (PARAM, FROZEN))]
+        trained = [k for k in parameters if k in partial or categories[k] == PARAM]
+        return TorchOptimizerLayout(optimizer_from_json(self.meta["optimizer"]), parameters, trained,
+                                    {k: self._model_shape(k) for k in trained},
+                                    {k: partial[k] for k in trained if k in partial})
 
     def load_state_dict(self, state_dict: dict, strict: bool = True) -> IncompatibleKeys:
         """Replace model (and/or optimizer) state, as torch.nn.Module.load_state_dict does: with

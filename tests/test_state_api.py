@@ -164,3 +164,157 @@ def test_state_dicts_come_out_as_torch_tensors(host_program):
     assert torch.equal(nested["a"], torch.arange(3.0, dtype=torch.float64))
     assert nested["groups"][0]["lr"] == 0.1 and nested["groups"][0]["betas"] == (0.9, 0.99)
     assert torch.equal(nested["groups"][0]["step"], torch.tensor(2.0))
+
+
+# ---------------------------------------------------------------------- optimizer state in torch.optim's layout
+
+# Continued training against torch.optim (the oracle), float64: weights within this scaled error
+# (each tensor's max |difference| over max(|w|.max(), 1e-2)), as the model zoo's parity checks.
+TOLERANCE = 1e-9
+DOUBLE_BATCHES = make_batches((8, 32), 10, 6, dtype=torch.float64)
+
+OPTIMIZER_CASES = {
+    "sgd momentum dampening": (pe.optim.SGD(lr=0.05, momentum=0.9, dampening=0.2), None),
+    "adamw": (pe.optim.AdamW(lr=1e-2, weight_decay=0.05), None),
+    "sgd momentum, frozen layers": (pe.optim.SGD(lr=0.05, momentum=0.9),
+                                    pe.SparseUpdate({"net.2.bias": "full", "net.4.*": "full"})),
+    "adam amsgrad, frozen and partially trained": (pe.optim.Adam(lr=1e-2, amsgrad=True),
+                                                   pe.SparseUpdate({"net.2.weight": 0.25, "net.4.*": "full"})),
+}
+
+
+def torch_steps(model, optimizer, batches):
+    for x, y in batches:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def compiled_with_torch_twin(case):
+    """(program, its PyTorch twin, the twin's torch.optim over model.parameters()): the same
+    weights, the same parameters frozen (a gradient mask on partially trained ones)."""
+    import copy
+
+    from conftest import FAST_HOST
+
+    optimizer, scheme = OPTIMIZER_CASES[case]
+    torch.manual_seed(0)
+    model = MLP().double()
+    x, y = DOUBLE_BATCHES[0]
+    job = pe.TrainingJob(copy.deepcopy(model), (x,), y, "cross_entropy", optimizer, sparse_update=scheme)
+    program = pe.compile(job, FAST_HOST)
+    pe.sparse.apply_to_torch(model, program.plan)
+    return program, model, optimizer.to_torch(model.parameters())
+
+
+def assert_same_training_state(program, model, torch_optimizer):
+    from conftest import max_scaled_diff
+
+    worst, where = max_scaled_diff(program.state_dict(), model.state_dict(), floor=1e-2)
+    assert worst < TOLERANCE, f"{where}: {worst:.3g}"
+    ours, theirs = program.optimizer_state_dict(as_torch=True), torch_optimizer.state_dict()
+    assert ours["param_groups"][0]["params"] == theirs["param_groups"][0]["params"]
+    assert sorted(ours["state"]) == sorted(theirs["state"])  # frozen parameters have none
+    for index, entry in theirs["state"].items():
+        assert sorted(ours["state"][index]) == sorted(entry)
+        for slot, value in entry.items():
+            scale = max(float(value.abs().max()), 1e-2)
+            assert float((ours["state"][index][slot].double() - value.double()).abs().max()) / scale < TOLERANCE, \
+                (index, slot)
+
+
+@pytest.mark.parametrize("case", list(OPTIMIZER_CASES))
+def test_training_continues_from_a_torch_optimizers_state(case):
+    program, model, torch_optimizer = compiled_with_torch_twin(case)
+    torch_steps(model, torch_optimizer, DOUBLE_BATCHES[:3])
+    program.load_state_dict(model.state_dict())
+    program.load_optimizer_state_dict(torch_optimizer.state_dict())
+    assert int(program.optimizer_state_dict()["step"]) == 3 or not program.meta["optimizer"]["kind"].startswith("Adam")
+    for x, y in DOUBLE_BATCHES[3:]:
+        program.step(x, y)
+    torch_steps(model, torch_optimizer, DOUBLE_BATCHES[3:])
+    assert_same_training_state(program, model, torch_optimizer)
+
+
+@pytest.mark.parametrize("case", list(OPTIMIZER_CASES))
+def test_torch_optim_continues_from_the_programs_state(case):
+    program, model, torch_optimizer = compiled_with_torch_twin(case)
+    for x, y in DOUBLE_BATCHES[:3]:
+        program.step(x, y)
+    model.load_state_dict(program.state_dict(as_torch=True))
+    torch_optimizer.load_state_dict(program.optimizer_state_dict(as_torch=True))
+    for x, y in DOUBLE_BATCHES[3:]:
+        program.step(x, y)
+    torch_steps(model, torch_optimizer, DOUBLE_BATCHES[3:])
+    assert_same_training_state(program, model, torch_optimizer)
+
+
+def test_a_torch_optimizer_of_the_trained_parameters_only_or_of_named_ones_loads_too():
+    program, model, _ = compiled_with_torch_twin("sgd momentum, frozen layers")
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    for torch_optimizer in (torch.optim.SGD(trained.values(), lr=0.05, momentum=0.9),
+                            torch.optim.SGD(model.named_parameters(), lr=0.02, momentum=0.9)):
+        torch_steps(model, torch_optimizer, DOUBLE_BATCHES[:2])
+        program.load_optimizer_state_dict(torch_optimizer.state_dict())
+        ours = program.optimizer_state_dict()
+        assert program.lr == torch_optimizer.param_groups[0]["lr"]
+        for name, p in trained.items():
+            np.testing.assert_array_equal(ours[f"optimizer.momentum_buffer.{name}"],
+                                          torch_optimizer.state[p]["momentum_buffer"].numpy(), err_msg=name)
+    assert "param_names" in torch_optimizer.state_dict()["param_groups"][0]
+
+
+def test_a_fresh_torch_optimizer_starts_the_programs_optimizer_afresh():
+    program, model, torch_optimizer = compiled_with_torch_twin("adamw")
+    assert program.optimizer_state_dict(as_torch=True)["state"] == {}  # as torch.optim's before its first step
+    program.step(*DOUBLE_BATCHES[0])
+    assert len(program.optimizer_state_dict(as_torch=True)["state"]) == 6
+    torch_optimizer.param_groups[0]["lr"] = 3e-3
+    program.load_optimizer_state_dict(torch_optimizer.state_dict())
+    state = program.optimizer_state_dict()
+    assert int(state["step"]) == 0 and program.lr == 3e-3
+    assert not any(value.any() for name, value in state.items() if name.startswith("optimizer."))
+
+
+def test_the_programs_own_optimizer_layout_loads_back(host_program):
+    program = mlp_program()
+    program.step(*BATCHES[0])
+    host_program.load_optimizer_state_dict(program.optimizer_state_dict())
+    for name, value in host_program.optimizer_state_dict().items():
+        np.testing.assert_array_equal(value, program.optimizer_state_dict()[name], err_msg=name)
+    with pytest.raises(pe.errors.StateError, match=r"\['net.0.bias'\] are not optimizer state.*load_state_dict"):
+        host_program.load_optimizer_state_dict({"net.0.bias": np.zeros(64)})
+    with pytest.raises(pe.errors.StateError, match=r"optimizer.momentum_buffer.net.0.bias has shape \(3,\)"):
+        host_program.load_optimizer_state_dict({"optimizer.momentum_buffer.net.0.bias": np.zeros(3)})
+
+
+def test_an_optimizer_state_that_does_not_fit_is_refused_naming_what():
+    import copy
+
+    program, model, torch_optimizer = compiled_with_torch_twin("sgd momentum, frozen layers")
+    torch_steps(model, torch_optimizer, DOUBLE_BATCHES[:1])
+    state = torch_optimizer.state_dict()
+    before = program.optimizer_state_dict()
+
+    def refused(change, message):
+        bad = copy.deepcopy(state)
+        change(bad)
+        with pytest.raises(pe.errors.StateError, match=message):
+            program.load_optimizer_state_dict(bad)
+
+    refused(lambda s: s["param_groups"][0].update(momentum=0.5),
+            r"param_groups\[0\] has momentum=0.5, the program is compiled with SGD\(momentum=0.9\).*"
+            r"pe.optim.SGD\(momentum=0.5\)")
+    refused(lambda s: s["param_groups"][0].update(betas=(0.9, 0.999)), "betas: it is another optimizer's state")
+    refused(lambda s: s["state"].pop(3), r"no state for \['net.2.bias'\] while 2 other trained parameters have one")
+    refused(lambda s: s["state"][4].update(momentum_buffer=torch.zeros(3)),
+            r"momentum_buffer of net.4.weight has shape \(3,\), the parameter's is \(10, 64\)")
+    refused(lambda s: s["param_groups"][0].update(params=[0, 1]), "list 2 parameters; the model has 6 \\(3 trained")
+    refused(lambda s: s["param_groups"].append({**s["param_groups"][0], "lr": 1.0, "params": []}),
+            r"learning rates \[0.05, 1.0\]")
+    adam = torch.optim.Adam(model.parameters())
+    torch_steps(model, adam, DOUBLE_BATCHES[:1])
+    with pytest.raises(pe.errors.StateError, match="another optimizer's state than the program's SGD"):
+        program.load_optimizer_state_dict(adam.state_dict())
+    after = program.optimizer_state_dict()
+    assert all(np.array_equal(after[name], value) for name, value in before.items())  # nothing was loaded
