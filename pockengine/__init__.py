@@ -24,15 +24,21 @@ __all__ = ["TrainingJob", "SparseUpdate", "compile", "load", "Program", "DeviceP
            "errors", "targets"]
 
 
-def compile(job, target="host", verbose=False, tuning_logs=(), backend="tvm"):  # noqa: A001 - the contract's name
-    """Compile a TrainingJob for a target (preset name, TVM target dict or TVM tag), applying the
-    MetaSchedule databases in `tuning_logs` (directories written by `pockengine tune`); `backend`
-    "auto" runs each heavy op on whichever of TVM and PyTorch's kernels measures faster, "library"
-    on PyTorch's, "tvm" (default) on TVM's only — the artifact then needs no PyTorch to run."""
-    from .build import compile as _compile, print_progress
+def compile(job, target="host", *, tuning_logs=(), backend="tvm", progress=None, verbose=False):  # noqa: A001 - the contract's name
+    """Compile a TrainingJob for a target (preset name, TVM target dict or TVM tag) into a Program,
+    or for another machine (aarch64, a GPU, a microcontroller) a DeviceProgram that exports its
+    artifact. `tuning_logs`: MetaSchedule databases (directories written by `pockengine tune`) for
+    the kernels they match. `backend` "auto" runs each heavy op on whichever of TVM and PyTorch's
+    kernels measures faster, "library" on PyTorch's, "tvm" (default) on TVM's only — the artifact
+    then needs no PyTorch to run. `progress(stage index, stage count, name, seconds)` hears of each
+    stage (seconds None when it starts, negative when it failed); `verbose` prints them instead."""
+    from .build import compile as compile_job, print_progress
 
-    return _compile(job, target, progress=print_progress if verbose else None, tuning_logs=tuning_logs,
-                    backend=backend)
+    if verbose and progress is not None:
+        raise errors.InputError("compile: pass verbose=True (print the stages) or progress=... (hear of them), "
+                                "not both")
+    return compile_job(job, target, tuning_logs=tuning_logs, backend=backend,
+                       progress=print_progress if verbose else progress)
 
 
 def load(directory, threads=None):

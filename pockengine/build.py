@@ -205,8 +205,9 @@ def finalize_passes() -> list:
     ]
 
 
-def compile(job, target="host", progress=None, tuning_logs=(), backend="tvm"):  # noqa: A001 - the contract's name
-    """Compile `job` for `target` (preset name, TVM target dict or tag) -> runtime.Program.
+def compile(job, target="host", *, tuning_logs=(), backend="tvm", progress=None):  # noqa: A001 - the contract's name
+    """Compile `job` for `target` (preset name, TVM target dict or tag) -> runtime.Program: the
+    pipeline behind `pockengine.compile`, the public entry, which takes the same arguments (and `verbose`).
 
     tuning_logs: MetaSchedule database directories (see tuning.py) whose records replace the default
     schedule of the kernels they match.

@@ -318,3 +318,26 @@ def test_an_optimizer_state_that_does_not_fit_is_refused_naming_what():
         program.load_optimizer_state_dict(adam.state_dict())
     after = program.optimizer_state_dict()
     assert all(np.array_equal(after[name], value) for name, value in before.items())  # nothing was loaded
+
+
+# ---------------------------------------------------------------------- one compile signature
+
+
+def test_compile_has_one_signature_and_reports_progress():
+    import inspect
+
+    from pockengine import build
+
+    public, pipeline = inspect.signature(pe.compile).parameters, inspect.signature(build.compile).parameters
+    assert list(public) == [*pipeline, "verbose"]
+    for name, parameter in pipeline.items():
+        assert (public[name].default, public[name].kind) == (parameter.default, parameter.kind), name
+    x, y = BATCHES[0]
+    job = pe.TrainingJob(MLP(), (x,), y, "cross_entropy", pe.optim.SGD(lr=0.1))
+    with pytest.raises(TypeError):
+        pe.compile(job, "host", True)  # everything after the target is named
+    with pytest.raises(pe.errors.InputError, match=r"pass verbose=True .* or progress=.*, not both"):
+        pe.compile(job, verbose=True, progress=print)
+    heard = []
+    pe.compile(job, progress=lambda index, total, name, seconds: heard.append((name, seconds is None)))
+    assert heard == [(name, starts) for name in build.STAGES for starts in (True, False)]
