@@ -17,6 +17,7 @@ small to matter (under MIN_FLOP_SHARE of the step's estimated FLOPs) are not tun
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import importlib.util
 import json
@@ -365,30 +366,22 @@ def tune(job, target, trials: int, output: str, time_budget_s: float | None = No
 
     Resumable: trials already in `output` for these kernels count toward `trials`, and the search
     starts from their best schedules. Returns a summary dict (tasks, trials run, per-task best).
-    MetaSchedule's builder and runner workers see TVM_NUM_THREADS set to the target's cores for the
-    duration; the caller's environment is as it was afterwards."""
-    previous = os.environ.get("TVM_NUM_THREADS")
-    try:
-        return _tune(job, target, trials, output, time_budget_s, rpc, stream, seed, min_flop_share)
-    finally:
-        if previous is None:
-            os.environ.pop("TVM_NUM_THREADS", None)
-        else:
-            os.environ["TVM_NUM_THREADS"] = previous
+    The local runner's worker process measures on the target's cores: it configures its TVM thread
+    pool when it starts (device_runner.configure_thread_pool); no environment variable is set."""
+    return _tune(job, target, trials, output, time_budget_s, rpc, stream, seed, min_flop_share)
 
 
 def _tune(job, target, trials: int, output: str, time_budget_s, rpc, stream, seed: int, min_flop_share: float) -> dict:
     from tvm.s_tir import meta_schedule as ms
 
     from . import build, targets
+    from .targets.device_runner import configure_thread_pool
 
     if trials < 1:
         raise InputError(f"--trials must be at least 1, got {trials}")
     started = time.perf_counter()  # the budget counts the step's compile and the kernels' extraction too
     preset = targets.resolve(target)
     tvm_target = preset.target()
-    # Builder and runner workers inherit the environment: measure with the cores the step will use.
-    os.environ["TVM_NUM_THREADS"] = str(preset.cores)
     selected = worth_tuning(kernels(build.fused_step(job, preset), tvm_target), min_flop_share)
     if not selected:
         raise InputError(f"job {job.name!r} has no kernel worth tuning")
@@ -418,7 +411,10 @@ def _tune(job, target, trials: int, output: str, time_budget_s, rpc, stream, see
                             progress)
         evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)
         if rpc is None:
-            runner = ms.runner.LocalRunner(timeout_sec=60, evaluator_config=evaluator)
+            # Measured with the cores the step will use, its pool configured in the worker (the
+            # thread that measures), as the runtime configures the step's
+            runner = ms.runner.LocalRunner(timeout_sec=60, evaluator_config=evaluator,
+                                           initializer=functools.partial(configure_thread_pool, preset.cores))
         else:
             runner = ms.runner.RPCRunner(
                 rpc_config=ms.runner.RPCConfig(tracker_host=rpc.host, tracker_port=rpc.port, tracker_key=rpc.key,
