@@ -8,17 +8,12 @@
 
 This module imports neither torch nor TVM eagerly (its names load on first use): `pe.load(dir)` and
 `step()` on a loaded artifact need only numpy and the TVM runtime, and the command line answers a
-mistake in its arguments without the seconds those imports take.
+mistake in its arguments without the seconds those imports take. Nor does it change the environment:
+thread counts go through TVM's API (targets/device_runner.py), and PyTorch's OpenMP threads beside
+TVM's are handled where library kernels run (targets/torch_kernels.py).
 """
 
-import os
-
-# Library kernels (build --backend auto|library) run PyTorch's OpenMP threads next to TVM's thread pool;
-# OpenMP's default active wait makes idle threads spin on the cores TVM needs (10x slower steps). OpenMP
-# reads this once, when torch is first imported — here, ahead of it, unless the user chose otherwise.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from . import errors  # noqa: E402
+from . import errors
 
 __all__ = ["TrainingJob", "SparseUpdate", "compile", "load", "Program", "DeviceProgram", "to_torch", "optim",
            "errors", "targets"]
