@@ -37,7 +37,7 @@ sys.path[:0] = [HERE, os.path.join(HERE, "..", "examples", "llama_finetune")]
 import torch  # noqa: E402
 
 import pockengine as pe  # noqa: E402
-from pockengine import bench, build  # noqa: E402
+from pockengine import bench  # noqa: E402
 from tiny_llama import causal_lm_loss, tiny_llama  # noqa: E402
 
 ANCHOR = 7.9  # PockEngine (MLSys 2024), LLaMA2-7B fine-tuning on Jetson AGX Orin, over PyTorch
@@ -164,7 +164,7 @@ def main(argv=None) -> list:
                     stages[name] = seconds
 
             start = time.perf_counter()
-            program = build.compile(job, target=args.target, backend=backend, progress=record)
+            program = pe.compile(job, target=args.target, backend=backend, progress=record)
             row[f"{backend} compile s"] = time.perf_counter() - start
             row[f"{backend} compile stages"] = stages
             row[f"{backend} ms"] = program.time_step(*job.example_inputs, job.example_targets, repeats=args.repeats)

@@ -8,30 +8,33 @@
 
 This module imports neither torch nor TVM eagerly (its names load on first use): `pe.load(dir)` and
 `step()` on a loaded artifact need only numpy and the TVM runtime, and the command line answers a
-mistake in its arguments without the seconds those imports take.
+mistake in its arguments without the seconds those imports take. Nor does it change the environment:
+thread counts go through TVM's API (targets/device_runner.py), and PyTorch's OpenMP threads beside
+TVM's are handled where library kernels run (torch_kernels.py).
 """
 
-import os
+from . import errors
 
-# Library kernels (build --backend auto|library) run PyTorch's OpenMP threads next to TVM's thread pool;
-# OpenMP's default active wait makes idle threads spin on the cores TVM needs (10x slower steps). OpenMP
-# reads this once, when torch is first imported — here, ahead of it, unless the user chose otherwise.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from . import errors  # noqa: E402
-
-__all__ = ["TrainingJob", "SparseUpdate", "compile", "load", "optim", "errors", "targets"]
+__all__ = ["TrainingJob", "SparseUpdate", "compile", "load", "Program", "DeviceProgram", "to_torch", "optim",
+           "errors", "targets"]
 
 
-def compile(job, target="host", verbose=False, tuning_logs=(), backend="tvm"):  # noqa: A001 - the contract's name
-    """Compile a TrainingJob for a target (preset name, TVM target dict or TVM tag), applying the
-    MetaSchedule databases in `tuning_logs` (directories written by `pockengine tune`); `backend`
-    "auto" runs each heavy op on whichever of TVM and PyTorch's kernels measures faster, "library"
-    on PyTorch's, "tvm" (default) on TVM's only — the artifact then needs no PyTorch to run."""
-    from .build import compile as _compile, print_progress
+def compile(job, target="host", *, tuning_logs=(), backend="tvm", progress=None, verbose=False):  # noqa: A001 - the contract's name
+    """Compile a TrainingJob for a target (preset name, TVM target dict or TVM tag) into a Program,
+    or for another machine (aarch64, a GPU, a microcontroller) a DeviceProgram that exports its
+    artifact. `tuning_logs`: MetaSchedule databases (directories written by `pockengine tune`) for
+    the kernels they match. `backend` "auto" runs each heavy op on whichever of TVM and PyTorch's
+    kernels measures faster, "library" on PyTorch's, "tvm" (default) on TVM's only — the artifact
+    then needs no PyTorch to run. `progress(stage index, stage count, name, seconds)` hears of each
+    stage (seconds None when it starts, negative when it failed); `verbose` prints them instead."""
+    from .build import compile as compile_job
+    from .pipeline import print_progress
 
-    return _compile(job, target, progress=print_progress if verbose else None, tuning_logs=tuning_logs,
-                    backend=backend)
+    if verbose and progress is not None:
+        raise errors.InputError("compile: pass verbose=True (print the stages) or progress=... (hear of them), "
+                                "not both")
+    return compile_job(job, target, tuning_logs=tuning_logs, backend=backend,
+                       progress=print_progress if verbose else progress)
 
 
 def load(directory, threads=None):
@@ -43,6 +46,8 @@ def load(directory, threads=None):
 
 
 _LAZY = {"TrainingJob": ("job", "TrainingJob"), "SparseUpdate": ("sparse", "SparseUpdate"),
+         "Program": ("runtime", "Program"), "DeviceProgram": ("runtime", "DeviceProgram"),
+         "to_torch": ("frontend", "to_torch"),
          "optim": ("optim", None), "targets": ("targets", None)}
 
 

@@ -3,11 +3,11 @@ against PyTorch eager and torch.compile running the same step (same frozen set, 
 
     pockengine bench train.py [--tuning-log DIR] [--torch-compile]
 
-Every time is the median of `repeats` steps after warm-up. Ours run in this process, with the
-OpenMP setting importing pockengine makes (OMP_WAIT_POLICY=PASSIVE: PyTorch's idle OpenMP threads
-would otherwise spin on the cores TVM's pool needs). PyTorch runs in fresh processes, once with
-OpenMP's default and once with PASSIVE, and is credited with the faster: PASSIVE costs eager ~20%
-on this machine, so measuring it only here would flatter us.
+Every time is the median of `repeats` steps after warm-up. Ours run in this process, under its
+OpenMP setting (library kernels run on one PyTorch thread unless OMP_WAIT_POLICY=PASSIVE, so that
+PyTorch's idle OpenMP threads do not spin on the cores TVM's pool needs: torch_kernels.py).
+PyTorch runs in fresh processes, once with OpenMP's default and once with PASSIVE, and is credited
+with the faster: PASSIVE costs eager ~20% on this machine, so timing it under PASSIVE alone would flatter us.
 GFLOP/s counts the step's convolutions and matmuls (forward and backward) over the median time.
 """
 
@@ -195,8 +195,8 @@ def neighbour_report(rows: list[tuple[str, str, dict]]) -> str:
 
 
 # OpenMP wait policies each peer is timed under, in fresh processes (None: unset, OpenMP's default);
-# it is credited with its faster one. PASSIVE is what pockengine sets for itself: measured here it
-# cost eager ~20% on MobileNetV2, while ONNX Runtime was faster with it (118 ms) than without (165 ms).
+# it is credited with its faster one. PASSIVE is what library kernels want beside TVM's threads: measured
+# here it cost eager ~20% on MobileNetV2, while ONNX Runtime was faster with it (118 ms) than without (165 ms).
 PEER_WAIT_POLICIES = (None, "PASSIVE")
 
 

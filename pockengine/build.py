@@ -11,15 +11,16 @@ from __future__ import annotations
 
 from . import targets
 from .frontend import to_numpy
-from .pipeline import derive, print_progress  # noqa: F401 - print_progress: the CLI's and the API's progress
+from .pipeline import derive
 from .runtime import DeviceProgram, Program
 from .sparse import plan_to_json
 from .targets.families import family as family_of
 from .targets.family import BuildRequest
 
 
-def compile(job, target="host", progress=None, tuning_logs=(), backend="tvm"):  # noqa: A001 - the contract's name
-    """Compile `job` for `target` (preset name, TVM target dict or tag) -> runtime.Program.
+def compile(job, target="host", *, tuning_logs=(), backend="tvm", progress=None):  # noqa: A001 - the contract's name
+    """Compile `job` for `target` (preset name, TVM target dict or tag) -> runtime.Program: the
+    pipeline behind `pockengine.compile`, the public entry, which takes the same arguments (and `verbose`).
 
     tuning_logs: MetaSchedule database directories (see tuning/database.py) whose records replace the
     default schedule of the kernels they match.

@@ -63,7 +63,7 @@ def cmd_build(args) -> int:
     # Fail fast: a preset's name and its tools are checked without TVM, before the user's script runs.
     target = resolve(_parse_target(args.target))
     target.check_tools("build")
-    from .build import compile as compile_job, print_progress
+    from . import compile as compile_job
     from .tuning.database import check_log
     from .job import load_job
 
@@ -76,8 +76,7 @@ def cmd_build(args) -> int:
         check_destination(out, args.force, protect=(args.train_py,))
     print(f"building {args.train_py} (job {job.name!r}) for target {target.name}", file=sys.stderr)
     start = time.perf_counter()
-    program = compile_job(job, target, progress=None if args.quiet else print_progress, tuning_logs=logs,
-                          backend=args.backend)
+    program = compile_job(job, target, tuning_logs=logs, backend=args.backend, verbose=not args.quiet)
     program.export(out, force=args.force)  # with the example batch: `pockengine run` works without --data
     report = program.memory_report()
     _print_summaries(program.meta)

@@ -41,6 +41,12 @@ class ToolchainError(TargetError):
     """A compiler or emulator the target needs is not installed (the message names the package)."""
 
 
+class NotRunnableHereError(TargetError, AttributeError):
+    """A program built for another machine (runtime.DeviceProgram) was asked to run its step here.
+    It has no step(): an AttributeError too, so hasattr() and getattr(..., default) say so; the
+    message says how to run it where it belongs."""
+
+
 class MemoryLimitError(TargetError):
     """The step does not fit the device's memory (the message says what it needs and what would fit)."""
 

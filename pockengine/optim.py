@@ -58,6 +58,8 @@ class Optimizer:
     """Base class: subclasses define `slots`, `validate` and `update`."""
 
     lr: float = 1e-3
+    # Whether torch.optim keeps a step count in each parameter's state (optimizer_state.py)
+    torch_state_has_step = False
 
     @property
     def kind(self) -> str:
@@ -151,6 +153,7 @@ class Adam(Optimizer):
     amsgrad: bool = False
     maximize: bool = False
     decoupled_weight_decay: bool = False
+    torch_state_has_step = True
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)

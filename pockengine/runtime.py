@@ -1,5 +1,9 @@
 """A compiled training program: run steps, read and write state, export and load artifacts.
 
+CompiledStep holds what every compiled step has wherever it runs (the state, state dicts, the
+learning rate, export); Program runs the step in this process, DeviceProgram holds one built for
+another machine and has no step here.
+
 Only numpy and the TVM runtime are imported here: a loaded artifact trains without PyTorch. Tensors
 from torch are accepted duck-typed (anything with `.detach().cpu().numpy()`).
 
@@ -24,15 +28,18 @@ import shutil
 import time
 import weakref
 import zipfile
+from typing import NamedTuple
 
 import numpy as np
 
 from .autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, STEP_FUNC, StepSignature
 from .artifact_files import (FORMAT, FORMAT_VERSION, LIBRARY, MANIFEST, STATE, check_destination,
                              make_temp_directory, read_manifest, recover, replace_directory)
-from .errors import ArtifactError, InputError, NumericsError, StateError, TargetError
-from .frontend import to_numpy
+from .errors import ArtifactError, InputError, NotRunnableHereError, NumericsError, StateError
+from .frontend import to_numpy, to_torch
 from .analysis.memory_plan import MemoryReport
+from .optim import LR, STEP, from_json as optimizer_from_json
+from .optimizer_state import TorchOptimizerLayout, is_torch_layout
 from .sparse import plan_from_json
 from .targets.families import family
 from .validate import check_learning_rate
@@ -40,10 +47,289 @@ from .targets.device_runner import (EXAMPLE, NON_FINITE, ThreadGovernor, availab
                                     chosen_threads, first_non_finite, host_view, locked,
                                     remove_path, write_npz as _write_npz)
 
-class Program:
-    """One compiled training step and the state it trains."""
+
+class CompiledStep:
+    """A compiled training step and the state it trains, wherever the step runs: state dicts, the
+    learning rate, the batch checks, the artifact. Program runs the step in this process,
+    DeviceProgram holds one built for another machine; each keeps the state tensors in its own
+    storage (_stored, _read, _view)."""
 
     example: dict | None = None  # {input name: array}: the batch it was compiled for, exported as example.npz
+
+    def __init__(self, signature: StepSignature, state: dict, report: MemoryReport, meta: dict):
+        self.signature = signature
+        self.meta = meta
+        self._report = report
+        self._specs = {s.name: s for s in signature.state}
+        self._state = {}
+        for spec in signature.state:
+            if spec.name not in state:
+                raise StateError(f"no initial value for {spec.name}")
+            self._state[spec.name] = self._stored(np.asarray(state[spec.name], dtype=spec.dtype).reshape(spec.shape))
+
+    def _stored(self, array: np.ndarray):
+        """A state tensor as this program keeps it, from an array of its dtype and shape (copied)."""
+        raise NotImplementedError
+
+    def _read(self, name: str) -> np.ndarray:
+        """One state tensor (by state name) as a numpy array of its own."""
+        raise NotImplementedError
+
+    def _view(self, name: str) -> np.ndarray:
+        """A state tensor read in place where it is in host memory."""
+        raise NotImplementedError
+
+    def _write(self, arrays: dict) -> None:
+        """Replace state tensors, {state name: array} (cast to their dtype)."""
+        for name, value in arrays.items():
+            spec = self._specs[name]
+            self._state[name] = self._stored(np.asarray(value).astype(spec.dtype, copy=False).reshape(spec.shape))
+
+    @property
+    def lr(self) -> float:
+        return float(self._read("lr"))
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        check_learning_rate(value)
+        self._write({"lr": np.array(value, "float64")})
+
+    _diverged = ""  # why the state is not finite, once a checked step found it so
+
+    def _refuse_non_finite(self) -> None:
+        """Never write a non-finite state (steps run with check=False may have made one)."""
+        cause = self._diverged or self._non_finite_state()
+        if cause:
+            raise NumericsError(f"not saving: {cause}. Load a finite state first")
+
+    def _non_finite_state(self, names=None) -> str:
+        """The first state tensor (of `names`, default all) holding a NaN or an infinity, described;
+        '' if none does."""
+        names = [s.name for s in self.signature.state] if names is None else names
+        found = first_non_finite((name, self._view(name)) for name in names)
+        return f"{found[1]} values of {self.signature.owner(found[0])} are NaN or infinite" if found else ""
+
+    @functools.cached_property
+    def _batch_checks(self) -> tuple:
+        """(input names, index ranges as dicts): read once, not before every step."""
+        return [s.name for s in self.signature.batch], [r.to_json() for r in self.signature.index_ranges]
+
+    def check_batch(self, arrays: list, label: str, outcome: str = "") -> None:
+        """Raise NumericsError for NaN or infinite inputs, InputError for labels or ids out of range
+        (device_runner.batch_problem: what the step's own check refuses, described); `label` names
+        the batch in the message, `outcome` follows it."""
+        names, ranges = self._batch_checks
+        problem = batch_problem(names, arrays, ranges)
+        if problem:
+            kind, message = problem
+            raise (NumericsError if kind == NON_FINITE else InputError)(f"{label}: {message}{outcome}")
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def _aliases(self) -> dict:
+        """Tied parameters' second names -> the parameter they name."""
+        return self.meta.get("aliases", {})
+
+    def _model_keys(self) -> list[str]:
+        skip = set(self.meta.get("non_persistent", []))
+        known = set(self._specs) | set(self.signature.partial) | set(self._aliases)
+        return [k for k in self.meta["state_dict_keys"] if k in known and k not in skip]
+
+    def _model_shape(self, key: str) -> tuple:
+        key = self._aliases.get(key, key)
+        split = self.signature.partial.get(key)
+        if key in self.signature.packed:
+            return self.signature.packed[key].model_shape(self._specs[key].shape)
+        if split is None:
+            return self._specs[key].shape
+        shape = list(self._specs[split.trained].shape)
+        shape[split.axis] += self._specs[split.frozen].shape[split.axis]
+        return tuple(shape)
+
+    def state_dict(self, as_torch: bool = False) -> dict:
+        """The model's state, torch names -> numpy arrays (parameters and persistent buffers); a
+        partially trained weight is whole again, a packed one unpacked. as_torch: torch tensors
+        instead, for `model.load_state_dict(program.state_dict(as_torch=True))`."""
+        out = {}
+        for k in self._model_keys():
+            name = self._aliases.get(k, k)
+            split = self.signature.partial.get(name)
+            out[k] = (split.join(self._read(split.trained), self._read(split.frozen)) if split
+                      else self.signature.model_layout(name, self._read(name)))
+        return to_torch(out) if as_torch else out
+
+    def optimizer_state_dict(self, as_torch: bool = False) -> dict:
+        """The optimizer's state: lr, step and the per-parameter slots (`optimizer.exp_avg.fc.weight`,
+        ...) -> numpy arrays. as_torch: torch.optim's `state_dict()` layout instead, with torch
+        tensors, the parameters numbered as `torch.optim.AdamW(model.parameters())` numbers them,
+        for `torch_optimizer.load_state_dict(...)` (see optimizer_state.py)."""
+        own = {name: self._read(name) for name in self._optimizer_state_names()}
+        return to_torch(self._torch_optimizer_layout().export(own)) if as_torch else own
+
+    def load_optimizer_state_dict(self, state_dict: dict) -> None:
+        """Replace the optimizer's state from either layout optimizer_state_dict gives: the
+        program's own, or torch.optim's (`torch_optimizer.state_dict()`: its hyper-parameters must
+        be those the program was compiled with, its learning rate becomes program.lr, its parameters
+        are numbered in model.parameters() order or, for an optimizer given only the trained
+        parameters, in theirs). StateError names what does not fit, and nothing is loaded then."""
+        if is_torch_layout(state_dict):
+            arrays = self._torch_optimizer_layout().read(state_dict, int(self._read(STEP)))
+        else:
+            own = self._optimizer_state_names()
+            unexpected = [k for k in state_dict if k not in own]
+            if unexpected:
+                raise StateError(f"load_optimizer_state_dict: {_listed(unexpected)} are not optimizer state; the "
+                                 f"program's is {_listed(own)} (the model's state loads with load_state_dict)")
+            arrays = {k: to_numpy(v) for k, v in state_dict.items()}
+            for k, a in arrays.items():
+                if tuple(a.shape) != self._specs[k].shape:
+                    raise StateError(f"load_optimizer_state_dict: {k} has shape {tuple(a.shape)}, the program "
+                                     f"expects {self._specs[k].shape}")
+        if LR in arrays:
+            check_learning_rate(float(arrays[LR]))
+        self._write(arrays)
+
+    def _optimizer_state_names(self) -> list[str]:
+        return [s.name for s in self.signature.state if self.signature.categories[s.name] == OPTIMIZER]
+
+    def _torch_optimizer_layout(self) -> TorchOptimizerLayout:
+        """The program's parameters as torch.optim numbers them, and its optimizer."""
+        categories, partial = self.signature.categories, self.signature.partial
+        parameters = [k for k in self.meta["state_dict_keys"] if k not in self._aliases
+                      and (k in partial or categories.get(k) in (PARAM, FROZEN))]
+        trained = [k for k in parameters if k in partial or categories[k] == PARAM]
+        return TorchOptimizerLayout(optimizer_from_json(self.meta["optimizer"]), parameters, trained,
+                                    {k: self._model_shape(k) for k in trained},
+                                    {k: partial[k] for k in trained if k in partial})
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True) -> IncompatibleKeys:
+        """Replace model (and/or optimizer) state, as torch.nn.Module.load_state_dict does: with
+        `strict` (the default) the keys must be the model's exactly, else StateError; without, the
+        keys the program has are loaded and the others ignored. Either way every shape must be the
+        model's, and nothing is loaded unless all are. Returns (missing_keys, unexpected_keys). State
+        names (a partially trained weight's parts, optimizer slots) are accepted too."""
+        missing, unexpected = self._check_state_dict(state_dict, strict)
+        ignored = set(unexpected)
+        # A tied parameter's alias is the same tensor: its value is taken when its own name is absent.
+        arrays = {self._aliases.get(k, k): to_numpy(v) for k, v in state_dict.items()
+                  if k not in ignored and not (k in self._aliases and self._aliases[k] in state_dict)}
+        self._write(self.signature.split_state(arrays))
+        if self._diverged and not self._non_finite_state():
+            self._diverged = ""
+        return IncompatibleKeys(missing, unexpected)
+
+    def _check_state_dict(self, state_dict: dict, strict: bool) -> tuple:
+        """(missing keys, unexpected keys) of `state_dict`; StateError for either with `strict`, and
+        for a shape that is not the model's."""
+        model_keys = self._model_keys()
+        unexpected = [k for k in state_dict if k not in self._specs and k not in self.signature.partial
+                      and k not in self._aliases]
+        missing = [k for k in model_keys if not self._given(k, state_dict)]
+        if strict and (unexpected or missing):
+            raise StateError(
+                "load_state_dict: "
+                + (f"unexpected keys {_listed(unexpected)}; " if unexpected else "")
+                + (f"missing keys {_listed(missing)}; " if missing else "")
+                + f"the program's keys are {_listed(sorted(model_keys))} "
+                "(pass strict=False to load the keys the program has and ignore the others)"
+            )
+        ignored = set(unexpected)
+        for k, v in state_dict.items():
+            shape = tuple(to_numpy(v).shape)
+            if k not in ignored and shape != self._model_shape(k):
+                raise StateError(f"load_state_dict: {k} has shape {shape}, the program expects {self._model_shape(k)}")
+        return missing, unexpected
+
+    def _given(self, key: str, state_dict: dict) -> bool:
+        """Whether `state_dict` holds the model's `key`: by its name, or a partially trained weight
+        as both its parts (state names, as state_arrays() gives them)."""
+        split = self.signature.partial.get(key)
+        return key in state_dict or (split is not None and split.trained in state_dict and split.frozen in state_dict)
+
+    def memory_report(self) -> MemoryReport:
+        return self._report
+
+    @property
+    def plan(self) -> dict:
+        """{parameter name: "full" | "frozen" | sparse.Partial}: what the step trains, as the job's
+        sparse scheme resolved on the model (TrainingJob.plan), without importing the model again."""
+        if "plan" not in self.meta:
+            raise ArtifactError("this artifact was built by a PockEngine that did not record its sparse plan; "
+                                "rebuild it to read program.plan")
+        return plan_from_json(self.meta["plan"])
+
+    # ------------------------------------------------------------------ artifacts
+
+    def manifest(self) -> dict:
+        import tvm
+
+        versions = {"pockengine": _package_version(), "tvm": tvm.__version__, "numpy": np.__version__}
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            **self.meta,
+            "signature": self.signature.to_json(),
+            "parameters": [dict(s.to_json(), trained=self.signature.categories[s.name] == PARAM)
+                           for s in self.signature.state if self.signature.categories[s.name] in (PARAM, FROZEN)],
+            "buffers": [s.to_json() for s in self.signature.state if self.signature.categories[s.name] == BUFFER],
+            "memory": self._report.to_json(),
+            "versions": versions,
+            "files": self._file_table(),
+        }
+
+    def export(self, directory: str, force: bool = False) -> str:
+        """Write the artifact to `directory` and return its path. An artifact already there is replaced
+        atomically (a crash leaves the old one or the new one); anything else there is refused unless
+        `force`."""
+        self._refuse_non_finite()
+        directory = os.path.abspath(directory)
+        recover(directory)
+        check_destination(directory, force)
+        tmp = make_temp_directory(directory)
+        try:
+            self._write_files(tmp)
+            _write_npz(os.path.join(tmp, STATE), self.state_arrays())
+            if self.example:
+                _write_npz(os.path.join(tmp, EXAMPLE), self.example)
+            manifest = self.manifest()
+            manifest["sha256"] = {name: _sha256(os.path.join(tmp, name)) for name in self._hashed_files()}
+            _write_json(os.path.join(tmp, MANIFEST), manifest)  # last: a directory with a manifest is complete
+            if os.path.isdir(directory) and not os.path.islink(directory):
+                with locked(directory):  # not while a `run --save` is training it
+                    replace_directory(tmp, directory)
+            else:
+                replace_directory(tmp, directory)
+        except BaseException:
+            remove_path(tmp)
+            raise
+        return directory
+
+    def save_state(self, directory: str) -> None:
+        """Write the current state into an exported artifact (atomically replaces its state.npz)."""
+        self._refuse_non_finite()
+        with locked(directory):
+            _write_npz(os.path.join(directory, STATE), self.state_arrays())
+
+    def state_arrays(self) -> dict:
+        """Every state tensor by its state name (a partially trained weight as its two parts)."""
+        return {name: self._read(name) for name in self._state}
+
+    def _write_files(self, directory: str) -> None:
+        """Copy the step's files (not the state) into the artifact directory being assembled."""
+        raise NotImplementedError
+
+    def _hashed_files(self) -> list:
+        """The files whose sha256 the manifest records (checked when the artifact is loaded)."""
+        raise NotImplementedError
+
+    def _file_table(self) -> dict:
+        """The manifest's "files": {role: file name}."""
+        raise NotImplementedError
+
+
+class Program(CompiledStep):
+    """One compiled training step that runs in this process, and the state it trains."""
 
     def __init__(self, library: str, signature: StepSignature, state: dict, report: MemoryReport, meta: dict,
                  owns_library: bool = False, threads: int | None = None):
@@ -58,9 +344,6 @@ class Program:
             raise ArtifactError(f"cannot load {library}: {str(e).splitlines()[0][:300]}; rebuild the artifact") from e
         if owns_library:  # a compile's private copy: removed with the Program (the loaded code stays mapped)
             weakref.finalize(self, shutil.rmtree, os.path.dirname(library), True)
-        self.signature = signature
-        self.meta = meta
-        self._report = report
         self._device = family(meta).device(meta)
         # TVM would size its thread pool from half the CPUs on x86 (it assumes hyperthreads) and pin
         # it to cores: each step configures the pool of the thread running it instead, for a
@@ -77,16 +360,18 @@ class Program:
         self._vm = relax.VirtualMachine(executable, self._device)
         self._fn = self._vm[STEP_FUNC]
         self._trained = [name for name in signature.outputs if signature.categories[name] == PARAM]
-        self._specs = {s.name: s for s in signature.state}
-        self._state = {}
-        for spec in signature.state:
-            if spec.name not in state:
-                raise StateError(f"no initial value for {spec.name}")
-            self._state[spec.name] = self._tensor(np.asarray(state[spec.name], dtype=spec.dtype).reshape(spec.shape))
+        super().__init__(signature, state, report, meta)
         self.steps_taken = 0
 
-    def _tensor(self, array: np.ndarray):
+    def _stored(self, array: np.ndarray):
+        """A tensor on the step's device."""
         return self._tvm.runtime.tensor(np.array(array, order="C", copy=True), self._device)
+
+    def _read(self, name: str) -> np.ndarray:
+        return self._state[name].numpy()
+
+    def _view(self, name: str) -> np.ndarray:
+        return host_view(self._state[name])
 
     # ------------------------------------------------------------------ training
 
@@ -144,25 +429,6 @@ class Program:
                                     "loss for log(0) or division by zero")
         return loss
 
-    _diverged = ""  # why the state is not finite, once a checked step found it so
-
-    def _refuse_non_finite(self) -> None:
-        """Never write a non-finite state (steps run with check=False may have made one)."""
-        cause = self._diverged or self._non_finite_state()
-        if cause:
-            raise NumericsError(f"not saving: {cause}. Load a finite state first")
-
-    def _non_finite_state(self, names=None) -> str:
-        """The first state tensor (of `names`, default all) holding a NaN or an infinity, described;
-        '' if none does."""
-        names = [s.name for s in self.signature.state] if names is None else names
-        found = first_non_finite((name, self._view(name)) for name in names)
-        return f"{found[1]} values of {self.signature.owner(found[0])} are NaN or infinite" if found else ""
-
-    def _view(self, name: str) -> np.ndarray:
-        """A state tensor read in place where it is in host memory."""
-        return host_view(self._state[name])
-
     def time_step(self, *batch, repeats: int = 10) -> float:
         """Median milliseconds of a step on `batch` after warm-up, run on a copy of the state: the
         program itself trains nothing."""
@@ -204,7 +470,7 @@ class Program:
     def _on_a_copy(self, batch) -> tuple:
         """(the batch's tensors, a copy of the state): what time_step and kernel_times run on."""
         args = self._batch_tensors(self._batch_arrays(batch))
-        return args, {name: self._tensor(value.numpy()) for name, value in self._state.items()}
+        return args, {name: self._stored(value.numpy()) for name, value in self._state.items()}
 
     @property
     def threads(self) -> int | None:
@@ -283,174 +549,6 @@ class Program:
                 break
         self._inputs_checked = True
 
-    @functools.cached_property
-    def _batch_checks(self) -> tuple:
-        """(input names, index ranges as dicts): read once, not before every step."""
-        return [s.name for s in self.signature.batch], [r.to_json() for r in self.signature.index_ranges]
-
-    def check_batch(self, arrays: list, label: str, outcome: str = "") -> None:
-        """Raise NumericsError for NaN or infinite inputs, InputError for labels or ids out of range
-        (device_runner.batch_problem: what the step's own check refuses, described); `label` names
-        the batch in the message, `outcome` follows it."""
-        names, ranges = self._batch_checks
-        problem = batch_problem(names, arrays, ranges)
-        if problem:
-            kind, message = problem
-            raise (NumericsError if kind == NON_FINITE else InputError)(f"{label}: {message}{outcome}")
-
-    @property
-    def lr(self) -> float:
-        return float(self._state["lr"].numpy())
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        check_learning_rate(value)
-        self._state["lr"] = self._tensor(np.array(value, "float64"))
-
-    # ------------------------------------------------------------------ state
-
-    def _read(self, name: str) -> np.ndarray:
-        """One state tensor (by state name) as a numpy array."""
-        return self._state[name].numpy()
-
-    def _write(self, arrays: dict) -> None:
-        """Replace state tensors, {state name: array} (cast to their dtype)."""
-        self._state.update({k: self._tensor(np.asarray(v).astype(self._specs[k].dtype, copy=False)) for k, v in arrays.items()})
-
-    @property
-    def _aliases(self) -> dict:
-        """Tied parameters' second names -> the parameter they name."""
-        return self.meta.get("aliases", {})
-
-    def _model_keys(self) -> list[str]:
-        skip = set(self.meta.get("non_persistent", []))
-        known = set(self._specs) | set(self.signature.partial) | set(self._aliases)
-        return [k for k in self.meta["state_dict_keys"] if k in known and k not in skip]
-
-    def _model_shape(self, key: str) -> tuple:
-        key = self._aliases.get(key, key)
-        split = self.signature.partial.get(key)
-        if key in self.signature.packed:
-            return self.signature.packed[key].model_shape(self._specs[key].shape)
-        if split is None:
-            return self._specs[key].shape
-        shape = list(self._specs[split.trained].shape)
-        shape[split.axis] += self._specs[split.frozen].shape[split.axis]
-        return tuple(shape)
-
-    def state_dict(self) -> dict:
-        """The model's state, torch names -> numpy arrays (parameters and persistent buffers); a
-        partially trained weight is whole again, a packed one unpacked."""
-        out = {}
-        for k in self._model_keys():
-            name = self._aliases.get(k, k)
-            split = self.signature.partial.get(name)
-            out[k] = (split.join(self._read(split.trained), self._read(split.frozen)) if split
-                      else self.signature.model_layout(name, self._read(name)))
-        return out
-
-    def optimizer_state_dict(self) -> dict:
-        """lr, step and the per-parameter slots (`optimizer.exp_avg.fc.weight`, ...) -> numpy arrays."""
-        return {s.name: self._read(s.name) for s in self.signature.state
-                if self.signature.categories[s.name] == OPTIMIZER}
-
-    def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
-        """Replace model (and/or optimizer) state. With strict, the model's keys must match exactly.
-        State names (a partially trained weight's parts) are accepted too."""
-        self._check_state_dict(state_dict, strict)
-        # A tied parameter's alias is the same tensor: its value is taken when its own name is absent.
-        arrays = {self._aliases.get(k, k): to_numpy(v) for k, v in state_dict.items()
-                  if not (k in self._aliases and self._aliases[k] in state_dict)}
-        self._write(self.signature.split_state(arrays))
-        if self._diverged and not self._non_finite_state():
-            self._diverged = ""
-
-    def _check_state_dict(self, state_dict: dict, strict: bool) -> None:
-        model_keys = set(self._model_keys())
-        unknown = [k for k in state_dict if k not in self._specs and k not in self.signature.partial
-                   and k not in self._aliases]
-        missing = [k for k in self._model_keys() if k not in state_dict]
-        if unknown or (strict and missing):
-            raise StateError(
-                "load_state_dict: "
-                + (f"unexpected keys {unknown[:10]}{'...' if len(unknown) > 10 else ''}; " if unknown else "")
-                + (f"missing keys {missing[:10]}{'...' if len(missing) > 10 else ''}; " if strict and missing else "")
-                + f"the program's keys are {sorted(model_keys)[:10]}{'...' if len(model_keys) > 10 else ''} "
-                "(pass strict=False to load a subset)"
-            )
-        for k, v in state_dict.items():
-            shape = tuple(to_numpy(v).shape)
-            if shape != self._model_shape(k):
-                raise StateError(f"load_state_dict: {k} has shape {shape}, the program expects {self._model_shape(k)}")
-
-    def memory_report(self) -> MemoryReport:
-        return self._report
-
-    @property
-    def plan(self) -> dict:
-        """{parameter name: "full" | "frozen" | sparse.Partial}: what the step trains, as the job's
-        sparse scheme resolved on the model (TrainingJob.plan), without importing the model again."""
-        if "plan" not in self.meta:
-            raise ArtifactError("this artifact was built by a PockEngine that did not record its sparse plan; "
-                                "rebuild it to read program.plan")
-        return plan_from_json(self.meta["plan"])
-
-    # ------------------------------------------------------------------ artifacts
-
-    def manifest(self) -> dict:
-        import tvm
-
-        versions = {"pockengine": _package_version(), "tvm": tvm.__version__, "numpy": np.__version__}
-        return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            **self.meta,
-            "signature": self.signature.to_json(),
-            "parameters": [dict(s.to_json(), trained=self.signature.categories[s.name] == PARAM)
-                           for s in self.signature.state if self.signature.categories[s.name] in (PARAM, FROZEN)],
-            "buffers": [s.to_json() for s in self.signature.state if self.signature.categories[s.name] == BUFFER],
-            "memory": self._report.to_json(),
-            "versions": versions,
-            "files": self._file_table(),
-        }
-
-    def export(self, directory: str, force: bool = False) -> str:
-        """Write the artifact to `directory` and return its path. An artifact already there is replaced
-        atomically (a crash leaves the old one or the new one); anything else there is refused unless
-        `force`."""
-        self._refuse_non_finite()
-        directory = os.path.abspath(directory)
-        recover(directory)
-        check_destination(directory, force)
-        tmp = make_temp_directory(directory)
-        try:
-            self._write_files(tmp)
-            _write_npz(os.path.join(tmp, STATE), self.state_arrays())
-            if self.example:
-                _write_npz(os.path.join(tmp, EXAMPLE), self.example)
-            manifest = self.manifest()
-            manifest["sha256"] = {name: _sha256(os.path.join(tmp, name)) for name in self._hashed_files()}
-            _write_json(os.path.join(tmp, MANIFEST), manifest)  # last: a directory with a manifest is complete
-            if os.path.isdir(directory) and not os.path.islink(directory):
-                with locked(directory):  # not while a `run --save` is training it
-                    replace_directory(tmp, directory)
-            else:
-                replace_directory(tmp, directory)
-        except BaseException:
-            remove_path(tmp)
-            raise
-        return directory
-
-    def save_state(self, directory: str) -> None:
-        """Write the current state into an exported artifact (atomically replaces its state.npz)."""
-        self._refuse_non_finite()
-        with locked(directory):
-            _write_npz(os.path.join(directory, STATE), self.state_arrays())
-
-    def state_arrays(self) -> dict:
-        """Every state tensor by its state name (a partially trained weight as its two parts)."""
-        return {k: v.numpy() for k, v in self._state.items()}
-
     def _write_files(self, directory: str) -> None:
         shutil.copyfile(self.library, os.path.join(directory, LIBRARY))
 
@@ -461,54 +559,40 @@ class Program:
         return {"library": LIBRARY, "state": STATE}
 
 
-class DeviceProgram(Program):
-    """A training step built for another machine (aarch64, a GPU, a microcontroller): it exports an
-    artifact for that machine, but runs no step here. `pockengine run` runs the exported artifact
-    under QEMU (aarch64, Cortex-M) or on a GPU when there is one."""
+class DeviceProgram(CompiledStep):
+    """A training step built for another machine (aarch64, a GPU, a microcontroller) and its state:
+    it exports an artifact for that machine, and its state can be read and changed here, but it
+    has no step(), time_step() or kernel_times(): asking for one raises NotRunnableHereError (a
+    TargetError and an AttributeError), which says how to run it. `pockengine run` runs the
+    exported artifact under QEMU (aarch64, Cortex-M) or on a GPU when there is one."""
 
     def __init__(self, files: dict, signature: StepSignature, state: dict, report: MemoryReport, meta: dict,
                  scratch: str | None = None):
         """files: {name in the artifact: path of a file or directory to copy there}; scratch: a
         temporary directory holding them, removed with the program."""
         self.files = files
-        self.signature = signature
-        self.meta = meta
-        self._report = report
-        self._specs = {s.name: s for s in signature.state}
-        self._state = {spec.name: np.array(state[spec.name], dtype=spec.dtype).reshape(spec.shape)
-                       for spec in signature.state}
-        self._threads = None  # its runner chooses on the device (`pockengine run --threads N`)
-        self.steps_taken = 0
+        super().__init__(signature, state, report, meta)
         if scratch:
             weakref.finalize(self, shutil.rmtree, scratch, True)
 
-    def step(self, *batch) -> float:
-        raise TargetError(
-            f"this program is built for {self.meta['target']} ({self.meta['family']}); it cannot run in this "
-            "process. Export it (`program.export(DIR)` or `pockengine build`) and run it with `pockengine run DIR`, "
-            "which uses QEMU for aarch64 and Cortex-M artifacts and a GPU for CUDA ones")
+    def __getattr__(self, name: str):
+        # Only for attributes the instance and its class do not have: a Program's ways of running
+        # the step get an answer saying where this one runs.
+        if name in RUN_HERE_ONLY:
+            raise NotRunnableHereError(
+                f"program.{name}: this program is built for {self.meta['target']} ({self.meta['family']}); it cannot run "
+                "in this process. Export it (`program.export(DIR)` or `pockengine build`) and run it with "
+                "`pockengine run DIR`, which uses QEMU for aarch64 and Cortex-M artifacts and a GPU for CUDA ones")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}", name=name, obj=self)
 
-    time_step = kernel_times = step
+    def _stored(self, array: np.ndarray) -> np.ndarray:
+        return np.array(array, copy=True)
 
     def _read(self, name: str) -> np.ndarray:
         return self._state[name].copy()
 
-    def _write(self, arrays: dict) -> None:
-        for k, v in arrays.items():
-            spec = self._specs[k]
-            self._state[k] = np.asarray(v).astype(spec.dtype, copy=True).reshape(spec.shape)
-
-    @property
-    def lr(self) -> float:
-        return float(self._state["lr"])
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        check_learning_rate(value)
-        self._state["lr"] = np.array(value, "float64")
-
-    def state_arrays(self) -> dict:
-        return dict(self._state)
+    def _view(self, name: str) -> np.ndarray:
+        return self._state[name]
 
     def _write_files(self, directory: str) -> None:
         for name, path in self.files.items():
@@ -527,9 +611,31 @@ class DeviceProgram(Program):
         return {**table, "state": STATE}
 
 
-def load(directory: str, threads: int | None = None) -> Program:
-    """Load an artifact written by `Program.export` (or `pockengine build`). An artifact built for
-    another machine loads as a DeviceProgram: its state can be read and changed, its steps run there.
+# What a Program does with its step in this process, which a DeviceProgram cannot.
+RUN_HERE_ONLY = ("step", "time_step", "kernel_times", "threads")
+
+
+class IncompatibleKeys(NamedTuple):
+    """What load_state_dict did not match, as torch.nn.Module.load_state_dict reports it: the
+    program's keys the state dict lacks, and the state dict's keys the program does not have."""
+
+    missing_keys: list
+    unexpected_keys: list
+
+    def __repr__(self) -> str:
+        if not self.missing_keys and not self.unexpected_keys:
+            return "<All keys matched successfully>"
+        return f"IncompatibleKeys(missing_keys={self.missing_keys}, unexpected_keys={self.unexpected_keys})"
+
+
+def _listed(keys: list, shown: int = 10) -> str:
+    """The first `shown` keys, and '...' when there are more."""
+    return f"{keys[:shown]}{'...' if len(keys) > shown else ''}"
+
+
+def load(directory: str, threads: int | None = None) -> Program | DeviceProgram:
+    """Load an artifact written by `export` (or `pockengine build`) as a Program. An artifact built
+    for another machine loads as a DeviceProgram: its state can be read and changed, its steps run there.
     threads: worker threads for the step's kernels (default: chosen step by step among the CPUs
     available to this process; see Program.threads)."""
     manifest = read_manifest(directory)

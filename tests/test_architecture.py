@@ -28,7 +28,7 @@ LAYERS = (
                          "targets.cuda.schedules", "targets.cuda.nvcc", "targets.cuda.family", "targets.cortex_m",
                          "targets.families")),
     ("tuning search", ("tuning.search",)),
-    ("runtime", ("runtime",)),
+    ("runtime", ("runtime", "optimizer_state")),
     ("build", ("build",)),
     ("front doors", ("bench", "cli", "__main__", "")),  # "": the package itself (pockengine/__init__.py)
 )

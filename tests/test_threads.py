@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pockengine as pe
-from conftest import MLP, make_batches
+from conftest import MLP, ROOT, make_batches
 from pockengine.errors import InputError
 from pockengine.targets.device_runner import ThreadGovernor, available_cpus, cgroup_cpu_quota
 
@@ -159,3 +159,24 @@ def test_the_governor_keeps_all_cpus_on_a_quiet_machine_and_half_beside_busy_pro
     assert chosen[-5:] == [2] * 5  # back to all CPUs by the next trial
     assert ThreadGovernor(1).counts == (1,) and run_governor(ThreadGovernor(1), quiet.__getitem__, 5) == [1] * 5
     assert ThreadGovernor(8).counts == (8, 4)
+
+
+def test_pockengine_leaves_the_environment_alone():
+    """Importing pockengine, compiling with library kernels and stepping set no environment variable
+    (OMP_WAIT_POLICY included: without it, library kernels run on one PyTorch thread)."""
+    script = textwrap.dedent("""
+        import os
+        before = dict(os.environ)
+        import torch
+        import pockengine as pe
+        x, y = torch.randn(8, 32), torch.randint(0, 10, (8,))
+        model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+        program = pe.compile(pe.TrainingJob(model, (x,), y, "cross_entropy", pe.optim.SGD(lr=0.1)), backend="library")
+        assert program.meta["backend"]["library_kernels"]
+        program.step(x, y)
+        changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}
+        assert not changed, changed
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert ran.returncode == 0, ran.stderr[-2000:]

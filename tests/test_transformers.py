@@ -173,8 +173,8 @@ def test_lora_adapters_merge_into_the_base_weights():
     assert any(np.abs(state[f"{m}.lora_B"]).max() > 0 for m in job.lora_modules)
     merged = merge(state, job.model)  # scale alpha / r = 8 / 4 from the adapters
     plain = copy.deepcopy(model)
-    plain.load_state_dict({k: torch.from_numpy(v) for k, v in merged.items()})
-    job.model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    plain.load_state_dict(pe.to_torch(merged))
+    job.model.load_state_dict(pe.to_torch(state))
     with torch.no_grad():
         np.testing.assert_allclose(plain(ids).logits.numpy(), job.model(ids).logits.numpy(), rtol=1e-10, atol=1e-10)
 

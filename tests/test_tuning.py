@@ -40,6 +40,37 @@ def mlp_log(tmp_path_factory):
     return model, log, result
 
 
+def pool_workers() -> int:
+    """TVM's thread pool size in the calling thread (run in the runner's worker process)."""
+    import tvm
+
+    return tvm.get_global_func("runtime.NumThreads")()
+
+
+def test_the_runner_measures_on_the_targets_cores_without_environment_variables(monkeypatch, tmp_path):
+    """The local runner's worker configures its thread pool itself (an initializer calling TVM's
+    thread-pool API), instead of inheriting TVM_NUM_THREADS set for it."""
+    import cloudpickle
+    from tvm.s_tir import meta_schedule as ms
+
+    from pockengine import targets
+
+    seen = {}
+
+    def tune_tasks(*, runner, **_):
+        seen["TVM_NUM_THREADS"] = os.environ.get("TVM_NUM_THREADS")
+        seen["workers"] = runner.pool.submit(pool_workers).result()
+
+    monkeypatch.setattr(ms.tune, "tune_tasks", tune_tasks)
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)  # TVM's default would otherwise size the pool
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the worker cannot import this test module
+    try:
+        search.tune(mlp_job(), "host", 16, str(tmp_path / "log"))
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert seen == {"TVM_NUM_THREADS": None, "workers": targets.resolve("host").cores}
+
+
 def test_tuning_writes_a_database_that_resumes(mlp_log):
     model, log, result = mlp_log
     assert result["trials_run"] >= TRIALS and result["best_ms"]

@@ -96,7 +96,7 @@ def complete(model, prompt: str, tokens: int = 12) -> str:
 def with_weights(model, program):
     """A copy of `model` holding the program's trained weights."""
     trained = copy.deepcopy(model)
-    trained.load_state_dict({k: torch.from_numpy(v) for k, v in program.state_dict().items()})
+    trained.load_state_dict(program.state_dict(as_torch=True))
     return trained.eval()
 
 

@@ -147,7 +147,7 @@ def main(argv=None) -> dict:
             losses.append(program.step(*tokenize(tokenizer, [s for s, _ in rows]),
                                        torch.tensor([label for _, label in rows])))
         print(f"epoch {epoch}: mean loss {np.mean(losses[-(len(train) // BATCH):]):.4f}")
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in program.state_dict().items()})
+    model.load_state_dict(program.state_dict(as_torch=True))
     after = accuracy(model, tokenizer, held_out)
     print(f"held-out accuracy after fine-tuning: {100 * after:.1f}% (before: {100 * before:.1f}%)")
     return {"before": before, "after": after, "losses": losses}

@@ -39,7 +39,7 @@ job = pe.TrainingJob(
 
 def test_accuracy(state_dict) -> float:
     """Accuracy of the trained weights, evaluated by PyTorch on the held-out quarter."""
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()})
+    model.load_state_dict(pe.to_torch(state_dict))
     with torch.no_grad():
         predicted = model(torch.from_numpy(x_test)).argmax(1).numpy()
     return float((predicted == y_test).mean())

@@ -43,7 +43,7 @@ job = pe.TrainingJob(
 
 
 def test_accuracy(state_dict) -> float:
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()})
+    model.load_state_dict(pe.to_torch(state_dict))
     model.eval()
     with torch.no_grad():
         predicted = model(torch.from_numpy(as_images(x_test))).argmax(1).numpy()

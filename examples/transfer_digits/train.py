@@ -85,7 +85,7 @@ def pretrain(net, epochs=15):
 
 
 def accuracy(net, state_dict):
-    net.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()})
+    net.load_state_dict(pe.to_torch(state_dict))
     net.eval()
     with torch.no_grad():
         predicted = net(images(x_new_test)).argmax(1).numpy()

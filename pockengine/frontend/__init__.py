@@ -26,6 +26,24 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def to_torch(state):
+    """Numpy arrays as torch tensors, for torch's load_state_dict: a dict (a state dict, or an
+    optimizer state dict's nested dicts and lists) with each array replaced by a tensor sharing its
+    memory where numpy allows (a read-only array is copied); anything else is kept as it is. torch
+    is imported here, when asked: the runtime runs without it."""
+    import torch
+
+    if isinstance(state, np.ndarray):
+        return torch.from_numpy(state if state.flags.writeable else state.copy())
+    if isinstance(state, np.generic):
+        return torch.from_numpy(np.array(state))
+    if isinstance(state, dict):
+        return {key: to_torch(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_torch(value) for value in state)
+    return state
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """Name, static shape and dtype (a numpy dtype name) of one tensor the step reads or writes."""

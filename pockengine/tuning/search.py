@@ -23,6 +23,7 @@ import time
 from .. import pipeline
 from ..errors import InputError
 from ..ir import without_kernel_argument_checks
+from ..targets.device_runner import configure_thread_pool
 from ..targets import resolve
 from ..targets.families import family
 from .database import MIN_FLOP_SHARE, kernels, open_log, worth_tuning
@@ -171,38 +172,20 @@ def tune(job, target, trials: int, output: str, time_budget_s: float | None = No
 
     Resumable: trials already in `output` for these kernels count toward `trials`, and the search
     starts from their best schedules. Returns a summary dict (tasks, trials run, per-task best).
-    MetaSchedule's builder and runner workers see TVM_NUM_THREADS set to the target's cores for the
-    duration; the caller's environment is as it was afterwards."""
-    previous = os.environ.get("TVM_NUM_THREADS")
-    try:
-        return _tune(job, target, trials, output, time_budget_s, rpc, stream, seed, min_flop_share)
-    finally:
-        if previous is None:
-            os.environ.pop("TVM_NUM_THREADS", None)
-        else:
-            os.environ["TVM_NUM_THREADS"] = previous
-
-
-def _tune(job, target, trials: int, output: str, time_budget_s, rpc, stream, seed: int, min_flop_share: float) -> dict:
-    from tvm.s_tir import meta_schedule as ms
-
+    The local runner's worker process measures on the target's cores: it configures its TVM thread
+    pool when it starts (device_runner.configure_thread_pool); no environment variable is set."""
     if trials < 1:
         raise InputError(f"--trials must be at least 1, got {trials}")
     started = time.perf_counter()  # the budget counts the step's compile and the kernels' extraction too
     preset = resolve(target)
     lowering = family(preset).lowering
     tvm_target = lowering.tvm_target(preset)
-    # Builder and runner workers inherit the environment: measure with the cores the step will use.
-    os.environ["TVM_NUM_THREADS"] = str(preset.cores)
     selected = worth_tuning(kernels(pipeline.fused_step(job, preset, lowering), tvm_target), min_flop_share)
     if not selected:
         raise InputError(f"job {job.name!r} has no kernel worth tuning")
     os.makedirs(output, exist_ok=True)
     database = open_log(output, create=True)
-    already = 0
-    for k in selected:
-        if database.has_workload(k.mod):
-            already += len(database.get_top_k(database.commit_workload(k.mod), 10**6))
+    already = _trials_in(database, selected)
     remaining = trials - already
     print(f"tuning {len(selected)} kernels of {job.name!r} for {preset.name} "
           f"({sum(k.weighted_flop for k in selected) / 1e9:.3f} GFLOP per step); "
@@ -210,43 +193,65 @@ def _tune(job, target, trials: int, output: str, time_budget_s, rpc, stream, see
           + (f", budget {time_budget_s:.0f} s" if time_budget_s else ""), file=stream, flush=True)
     if remaining <= 0:
         return {"tasks": [k.name for k in selected], "trials_run": 0, "already": already}
+    progress = Progress(remaining, [k.name for k in selected], stream, time_budget_s, start=started)
+    _search(selected, preset, tvm_target, database, progress, rpc, seed)
+    if progress.stopped:
+        print(f"time budget of {time_budget_s:.0f} s used up; every measured round is in the database",
+              file=stream, flush=True)
+    print(progress.table(), file=stream, flush=True)
+    return {"tasks": [k.name for k in selected], "trials_run": progress.done, "already": already,
+            "best_ms": {n: b * 1e3 for n, b in zip(progress.names, progress.best) if b < float("inf")}}
+
+
+def _trials_in(database, selected: list) -> int:
+    """The trials `database` holds for the selected kernels (they count toward the requested ones)."""
+    already = 0
+    for k in selected:
+        if database.has_workload(k.mod):
+            already += len(database.get_top_k(database.commit_workload(k.mod), 10**6))
+    return already
+
+
+def _search(selected: list, preset, tvm_target, database, progress: Progress, rpc, seed: int) -> None:
+    """MetaSchedule's evolutionary search over the selected kernels, weighted by their calls per
+    step, until `progress.total` trials are measured or its time budget is used up."""
+    from tvm.s_tir import meta_schedule as ms
 
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     _import_cpu_tensor_intrinsics(tvm_target)
+    # MetaSchedule's first search round cannot be stopped once begun: a budget already used up by
+    # the step's compile and the kernels' extraction starts none.
+    progress.stopped = progress.out_of_time()
+    if progress.stopped:
+        return
     with tempfile.TemporaryDirectory(prefix="pockengine-tune-") as work_dir:  # MetaSchedule's per-task logs
         contexts = [ms.TuneContext(mod=k.mod, target=tvm_target, space_generator="post-order-apply",
                                    search_strategy="evolutionary", task_name=k.name, num_threads=preset.cores,
                                    logger=None, rand_state=seed + i)
                     for i, k in enumerate(selected)]
-        progress = Progress(remaining, [k.name for k in selected], stream, time_budget_s, start=started)
-        builder = _budgeted(ms.builder.LocalBuilder(f_build=functools.partial(build_kernel, preset.family), max_workers=preset.cores, timeout_sec=120),
-                            progress)
-        evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)
-        if rpc is None:
-            runner = ms.runner.LocalRunner(timeout_sec=60, evaluator_config=evaluator)
-        else:
-            runner = ms.runner.RPCRunner(
-                rpc_config=ms.runner.RPCConfig(tracker_host=rpc.host, tracker_port=rpc.port, tracker_key=rpc.key,
-                                               session_priority=1, session_timeout_sec=120),
-                evaluator_config=evaluator, max_workers=1)
-        # MetaSchedule's first search round cannot be stopped once begun: a budget already used up by
-        # the step's compile and the kernels' extraction starts none.
-        progress.stopped = progress.out_of_time()
-        if not progress.stopped:
-            try:
-                ms.tune.tune_tasks(
-                    tasks=contexts, task_weights=[float(k.calls) for k in selected], work_dir=work_dir,
-                    max_trials_global=remaining, num_trials_per_iter=TRIALS_PER_ROUND, builder=builder,
-                    runner=runner, database=database, cost_model="xgb",
-                    measure_callbacks=[_measure_callback(progress)]
-                    + ms.measure_callback.MeasureCallback.create("default"))
-            except Exception:
-                if not progress.stopped:
-                    raise
-        if progress.stopped:
-            print(f"time budget of {time_budget_s:.0f} s used up; every measured round is in the database",
-                  file=stream, flush=True)
-    print(progress.table(), file=stream, flush=True)
-    return {"tasks": [k.name for k in selected], "trials_run": progress.done, "already": already,
-            "best_ms": {n: b * 1e3 for n, b in zip(progress.names, progress.best) if b < float("inf")}}
+        builder = _budgeted(ms.builder.LocalBuilder(f_build=functools.partial(build_kernel, preset.family),
+                                                    max_workers=preset.cores, timeout_sec=120), progress)
+        try:
+            ms.tune.tune_tasks(
+                tasks=contexts, task_weights=[float(k.calls) for k in selected], work_dir=work_dir,
+                max_trials_global=progress.total, num_trials_per_iter=TRIALS_PER_ROUND, builder=builder,
+                runner=_runner(preset, rpc), database=database, cost_model="xgb",
+                measure_callbacks=[_measure_callback(progress)] + ms.measure_callback.MeasureCallback.create("default"))
+        except Exception:
+            if not progress.stopped:
+                raise
 
+
+def _runner(preset, rpc):
+    """Where candidates are measured: here (the worker's thread pool configured with the cores the
+    step will use, as the runtime configures the step's) or on devices behind an RPC tracker."""
+    from tvm.s_tir import meta_schedule as ms
+
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)
+    if rpc is None:
+        return ms.runner.LocalRunner(timeout_sec=60, evaluator_config=evaluator,
+                                     initializer=functools.partial(configure_thread_pool, preset.cores))
+    return ms.runner.RPCRunner(
+        rpc_config=ms.runner.RPCConfig(tracker_host=rpc.host, tracker_port=rpc.port, tracker_key=rpc.key,
+                                       session_priority=1, session_timeout_sec=120),
+        evaluator_config=evaluator, max_workers=1)

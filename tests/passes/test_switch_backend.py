@@ -171,3 +171,23 @@ def test_unknown_backend_is_a_clear_error():
     job = pe.TrainingJob(factory(), (x,), y, "cross_entropy", pe.optim.SGD(lr=0.01))
     with pytest.raises(InputError, match="tvm, library, auto"):
         pe.compile(job, FAST_HOST, backend="onednn")
+
+
+def test_library_kernels_run_on_one_pytorch_thread_unless_openmp_threads_sleep(monkeypatch):
+    """With OpenMP's default wait policy its idle threads would spin on TVM's cores after each
+    library kernel (torch_kernels' docstring): the kernel then runs on one PyTorch thread, and
+    PyTorch's thread count is as it was afterwards."""
+    seen, matmul = [], torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda *args, **kw: (seen.append(torch.get_num_threads()), matmul(*args, **kw)))
+    x, w, out = torch.randn(4, 3), torch.randn(3, 5), torch.empty(4, 5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        torch_kernels.implementation("pockengine.torch.matmul")(x, w, out)
+        monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+        torch_kernels.implementation("pockengine.torch.matmul")(x, w, out)
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(out, x @ w)
