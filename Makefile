@@ -1,7 +1,8 @@
-# Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv and install
-# everything first (torch's CPU wheel is pinned and installed before the rest so pip never picks a
-# CUDA build). `make test` also installs, as root, the Debian packages of the targets' tools that
-# are missing (cross compilers, QEMU: the presets name them), so the target tests run for real.
+# Two entry points for a fresh machine: `make demo` and `make test` (ruff, then the tests). Both
+# create .venv and install everything first (torch's CPU wheel is pinned and installed before the
+# rest so pip never picks a CUDA build). `make test` also installs, as root, the Debian packages of
+# the targets' tools that are missing (cross compilers, QEMU: the presets name them), so the target
+# tests run for real.
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -47,6 +48,7 @@ target-tools: setup
 	[ -z "$$available" ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$available >/dev/null
 
 test: setup target-tools
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -rs --durations=10 -n auto --dist loadfile
 
 clean:

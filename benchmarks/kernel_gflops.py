@@ -21,8 +21,8 @@ import os
 import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: its OpenMP threads share cores with TVM's
-import torch  # noqa: E402
-import tvm  # noqa: E402
+import torch
+import tvm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE]
@@ -32,8 +32,8 @@ import step_time  # noqa: E402
 
 import pockengine as pe  # noqa: E402
 from pockengine import bench, pipeline, targets, timing  # noqa: E402
-from pockengine.targets.families import family  # noqa: E402
 from pockengine.analysis.flops import kernel_flops  # noqa: E402
+from pockengine.targets.families import family  # noqa: E402
 
 LLM_MODELS = ("smollm-135m", "qwen2-0.5b", "tiny")
 
@@ -51,7 +51,8 @@ def kernel_table(job, target: str, repeats: int, top: int, reference_repeats: in
     preset = targets.resolve(target)
     program = pe.compile(job, target=target)
     flops = {gvar.name_hint: kernel_flops(func)
-             for gvar, func in pipeline.fused_step(job, preset, family(preset).lowering).functions_items() if isinstance(func, tvm.tirx.PrimFunc)}
+             for gvar, func in pipeline.fused_step(job, preset, family(preset).lowering).functions_items()
+             if isinstance(func, tvm.tirx.PrimFunc)}
     times = program.kernel_times(*job.example_inputs, job.example_targets, repeats=repeats)
     step_ms = sum(ms for ms, _, _ in times.values())
     rows = []

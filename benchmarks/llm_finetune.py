@@ -35,10 +35,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "examples", "llama_finetune")]
 
 import torch  # noqa: E402
+from tiny_llama import causal_lm_loss, tiny_llama  # noqa: E402
 
 import pockengine as pe  # noqa: E402
 from pockengine import bench  # noqa: E402
-from tiny_llama import causal_lm_loss, tiny_llama  # noqa: E402
 
 ANCHOR = 7.9  # PockEngine (MLSys 2024), LLaMA2-7B fine-tuning on Jetson AGX Orin, over PyTorch
 # batch x seq of each model; "small" is the tiny model at CI size.

@@ -32,14 +32,15 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "examples", "mobilenetv2")]
 
+from mobilenetv2 import MobileNetV2  # noqa: E402
+from sparse_memory import freeze_batchnorm, measure_torch  # noqa: E402
+
 import pockengine as pe  # noqa: E402
 from pockengine import bench  # noqa: E402
-from mobilenetv2 import MobileNetV2  # noqa: E402
-from pockengine.errors import MemoryLimitError  # noqa: E402
 from pockengine.artifact_files import PROJECT  # noqa: E402
+from pockengine.errors import MemoryLimitError  # noqa: E402
 from pockengine.sparse import apply_to_torch  # noqa: E402
 from pockengine.targets import cortex_m, resolve  # noqa: E402
-from sparse_memory import freeze_batchnorm, measure_torch  # noqa: E402
 
 KiB = 1024
 MCUNETV3_ANCHOR_KB = 141  # MCUNetV3 (Lin et al. 2022), Tiny Training Engine, int8
@@ -165,7 +166,8 @@ def main(argv=None):
     parser.add_argument("--small", action="store_true",
                         help="resolution 32 only, no search for the largest that fits (for CI)")
     parser.add_argument("--steps", type=int, default=3, help="steps under QEMU at the largest fitting resolution")
-    parser.add_argument("--plot", default=os.path.join("build", "mcu_memory.png"), help="PNG to draw (default %(default)s)")
+    parser.add_argument("--plot", default=os.path.join("build", "mcu_memory.png"),
+                        help="PNG to draw (default %(default)s)")
     args = parser.parse_args(argv)
     preset = resolve(args.target)
     if preset.family != "cortex-m":
@@ -186,7 +188,8 @@ def main(argv=None):
 
     print(f"\nMobileNetV2-0.35, batch 1, float32, SGD, BatchNorm frozen; {preset.name}: SRAM {sram // KiB} KiB, "
           f"Flash {flash // KiB} KiB")
-    header = f"{'resolution':<12}{'scheme':<18}{'SRAM KiB':>10}{'Flash KiB':>11}{'fits':>6}{'PyTorch KiB':>13}{'ratio':>8}"
+    header = (f"{'resolution':<12}{'scheme':<18}{'SRAM KiB':>10}{'Flash KiB':>11}{'fits':>6}"
+              f"{'PyTorch KiB':>13}{'ratio':>8}")
     print(header)
     print("-" * len(header))
     for resolution, name, ours, rom, theirs in rows:
@@ -207,7 +210,8 @@ def main(argv=None):
                                  if best else f"none of {', '.join(map(str, resolutions))}"))
     full_fits = [r[0] for r in rows if r[1] == "full" and r[2] <= sram]
     print(f"  {'full':<18}" + (f"{max(full_fits)}x{max(full_fits)}" if full_fits else
-                               f"none of {', '.join(map(str, resolutions))}: the weights it writes alone exceed the SRAM"))
+                               f"none of {', '.join(map(str, resolutions))}: "
+                               "the weights it writes alone exceed the SRAM"))
     print(f"anchor: MCUNetV3's Tiny Training Engine trains an MCUNet in {MCUNETV3_ANCHOR_KB} KB with int8 weights and "
           "activations; these steps are float32 (4 bytes per value).")
 

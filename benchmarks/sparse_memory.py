@@ -28,11 +28,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.join(HERE, "..", "examples", "mobilenetv2"), os.path.join(HERE, "..", "examples", "transformer")]
+sys.path[:0] = [os.path.join(HERE, "..", "examples", "mobilenetv2"),
+                os.path.join(HERE, "..", "examples", "transformer")]
 
-import pockengine as pe  # noqa: E402
 from mobilenetv2 import MobileNetV2  # noqa: E402
 from model import TransformerClassifier  # noqa: E402
+
+import pockengine as pe  # noqa: E402
 from pockengine.sparse import FROZEN, Partial, SparseUpdate, apply_to_torch  # noqa: E402
 
 
@@ -141,8 +143,8 @@ def run(name, make_model, x, y, schemes, target, repeats, rows, only=None):
             times.append(time.perf_counter() - start)
         plan = program.plan
         reference = apply_to_torch(model, plan)
-        torch_bytes, torch_time = measure_torch(reference, optimizer.to_torch([p for p in reference.parameters() if p.requires_grad]),
-                                                x, y, repeats)
+        torch_bytes, torch_time = measure_torch(
+            reference, optimizer.to_torch([p for p in reference.parameters() if p.requires_grad]), x, y, repeats)
         ours = program.memory_report().peak_bytes
         trained = sum(int(torch.tensor(s).prod()) for s in program.signature.trained_shapes.values())
         trained += sum(p.numel() for n, p in model.named_parameters()

@@ -25,18 +25,19 @@ import os
 import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: its OpenMP threads share cores with TVM's
-import torch  # noqa: E402
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [os.path.join(ROOT, "examples", "mobilenetv2"), os.path.join(ROOT, "examples", "transformer")]
 
-import pockengine as pe  # noqa: E402
 from mobilenetv2 import MobileNetV2  # noqa: E402
 from model import TransformerClassifier  # noqa: E402
+
+import pockengine as pe  # noqa: E402
 from pockengine import bench  # noqa: E402
-from pockengine.tuning import database, search  # noqa: E402
 from pockengine.sparse import SparseUpdate  # noqa: E402
+from pockengine.tuning import database, search  # noqa: E402
 
 TUNING_LOGS = os.path.join(ROOT, "tuning_logs", "host")
 

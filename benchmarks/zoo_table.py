@@ -61,8 +61,8 @@ def table(records: list[dict]) -> str:
         full, sparse, float32 = checks.get("full"), checks.get("sparse"), checks.get("float32")
         parameters = f"{full['parameters']:,}" if full else "?"
         scheme = "—" if sparse is None else f"{_float64_cell(sparse)} {sparse['scheme']}"
-        rows.append(f"| {model} | {source[model]} | {parameters} | {_float64_cell(full)} | {scheme} | {_float32_cell(float32)} "
-                    f"| {full['compile_s'] if full else '?'} |")
+        rows.append(f"| {model} | {source[model]} | {parameters} | {_float64_cell(full)} | {scheme} | "
+                    f"{_float32_cell(float32)} | {full['compile_s'] if full else '?'} |")
     return "\n".join(rows)
 
 

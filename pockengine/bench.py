@@ -29,8 +29,8 @@ VARIANTS = ("untuned", "tuned", "tuned+switch")
 COLUMNS = VARIANTS + ("eager", "torch.compile", "ort")
 # The reference peak the benchmarks report against: a large sgemm in PyTorch (MKL) on both cores of
 # the machine they were run on (AMD EPYC, 2.45 GHz, AVX2 FMA): torch.matmul of 2048 x 2048 matrices,
-# 176 GFLOP/s (1024: 161), measured on 2026-12-05. It was 83, the figure issue 17 quoted, which no
-# measurement since reproduces; our untuned matmuls reach 140-178 GFLOP/s on the LLM shapes
+# 176 GFLOP/s (1024: 161), measured on 2026-12-05. An earlier figure of 83 GFLOP/s is not
+# reproduced by any measurement since; our untuned matmuls reach 140-178 GFLOP/s on the LLM shapes
 # (benchmarks/kernel_gflops.py). Not the ceiling either: the CPU's clock varies with load.
 PEAK_GFLOPS = 176.0
 # torchvision, timm and mcunet for the benchmarks and the model zoo, installed by the Makefile outside
@@ -52,7 +52,7 @@ def import_vision_packages() -> bool:
     import torch
 
     try:
-        torch.ops.torchvision.nms
+        _ = torch.ops.torchvision.nms
     except (AttributeError, RuntimeError):
         _torchvision_schemas = torch.library.Library("torchvision", "FRAGMENT")
         _torchvision_schemas.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
@@ -136,7 +136,8 @@ def step_times(source: JobSource, target="host", tuning_logs=(), repeats: int = 
         if column == "tuned":
             row["tuned kernels"] = len(program.meta["tuning"]["tuned"])
         if column == "tuned+switch":
-            row["library ops"] = sum(c["calls"] for c in program.meta["backend"]["choices"] if c["backend"] == "library")
+            row["library ops"] = sum(c["calls"] for c in program.meta["backend"]["choices"]
+                                     if c["backend"] == "library")
     torch_peers = [c for c in ("eager", "torch.compile") if c in peers]
     if torch_peers:
         print(f"[{job.name}] {', '.join(torch_peers)} (fresh processes) ...", file=log, flush=True)
@@ -187,8 +188,9 @@ def neighbour_report(rows: list[tuple[str, str, dict]]) -> str:
     lines = [head, "-" * len(head)]
     for title, scheme, row in rows:
         ours, eager = row["ours beside"] / row["ours"], row["eager beside"] / row["eager"]
-        lines.append(f"{title[:33]:<34}{scheme[:21]:<22}{row['ours']:>7.1f} ms{row['ours beside']:>7.1f} ms{ours:>9.2f}x"
-                     f"{row['eager']:>7.1f} ms{row['eager beside']:>7.1f} ms{eager:>9.2f}x{ours / eager:>11.2f}x")
+        lines.append(f"{title[:33]:<34}{scheme[:21]:<22}{row['ours']:>7.1f} ms{row['ours beside']:>7.1f} ms"
+                     f"{ours:>9.2f}x{row['eager']:>7.1f} ms{row['eager beside']:>7.1f} ms{eager:>9.2f}x"
+                     f"{ours / eager:>11.2f}x")
     lines.append(f"median step times; beside = with another process keeping one of the {os.cpu_count()} CPUs busy; "
                  "ours/eager = our slowdown over eager's (goal <= 1.1)")
     return "\n".join(lines)
@@ -279,8 +281,9 @@ def report(rows: list[tuple[str, str, dict]]) -> str:
         ours = min(row[c] for c in VARIANTS if c in row)
         gflops = row["gflop"] / (ours / 1e3)
         faster = ", ".join(f"{c} {row[c] / ours:.2f}x" for c in ("eager", "torch.compile", "ort") if c in row)
-        lines.append(f"{'':<56}best of ours {ours:.1f} ms: {gflops:.1f} GFLOP/s = {100 * gflops / PEAK_GFLOPS:.0f}% of the "
-                     f"{PEAK_GFLOPS:.0f} reference peak ({row['gflop']:.3f} GFLOP/step); speed-up over {faster}")
+        lines.append(f"{'':<56}best of ours {ours:.1f} ms: {gflops:.1f} GFLOP/s = "
+                     f"{100 * gflops / PEAK_GFLOPS:.0f}% of the {PEAK_GFLOPS:.0f} reference peak "
+                     f"({row['gflop']:.3f} GFLOP/step); speed-up over {faster}")
         policies = ", ".join(f"{c} {row[f'{c} wait policy']}" for c in COLUMNS if f"{c} wait policy" in row)
         if policies:
             lines.append(f"{'':<56}peers' faster OMP_WAIT_POLICY: {policies}")

@@ -27,7 +27,6 @@ from .targets.device_runner import locked, positive_int
 from .tuning.database import MIN_FLOP_SHARE
 
 
-
 def _parse_target(text: str):
     """--target takes a preset name, a TVM tag or a JSON target dict."""
     text = text.strip()
@@ -64,8 +63,8 @@ def cmd_build(args) -> int:
     target = resolve(_parse_target(args.target))
     target.check_tools("build")
     from . import compile as compile_job
-    from .tuning.database import check_log
     from .job import load_job
+    from .tuning.database import check_log
 
     logs = _tuning_logs(args.tuning_log, target.name)
     for log in logs:  # a damaged database is named before the user's script runs
@@ -80,7 +79,8 @@ def cmd_build(args) -> int:
     program.export(out, force=args.force)  # with the example batch: `pockengine run` works without --data
     report = program.memory_report()
     _print_summaries(program.meta)
-    print(f"wrote {out} in {time.perf_counter() - start:.1f} s; planned peak memory {report.peak_bytes / 2**20:.2f} MiB")
+    print(f"wrote {out} in {time.perf_counter() - start:.1f} s; "
+          f"planned peak memory {report.peak_bytes / 2**20:.2f} MiB")
     if target.runner != "this machine":
         print(f"run it with `pockengine run {out} --steps N` ({target.runner})")
     return 0
@@ -177,7 +177,7 @@ def cmd_inspect(args) -> int:
     print("inputs     " + ", ".join(f"{b['name']} {tuple(b['shape'])} {b['dtype']}" for b in sig["batch"]))
     params = m["parameters"]
     trained = [p for p in params if p["trained"]]
-    n_el = lambda ps: sum(int(np.prod(p["shape"], dtype=np.int64)) for p in ps)  # noqa: E731
+    n_el = lambda ps: sum(int(np.prod(p["shape"], dtype=np.int64)) for p in ps)
     print(f"parameters {len(params)} tensors, {n_el(params):,} values; trained {len(trained)} tensors, "
           f"{n_el(trained):,} values; buffers {len(m['buffers'])}")
     print("versions   " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
@@ -211,7 +211,8 @@ def cmd_targets(args) -> int:
                 continue
             if missing:
                 packages = " ".join(sorted({t.package for t in missing}))
-                status.append(f"{purpose}: missing {', '.join(t.program for t in missing)} (apt-get install {packages})")
+                status.append(f"{purpose}: missing {', '.join(t.program for t in missing)} "
+                              f"(apt-get install {packages})")
             else:
                 status.append(f"{purpose}: ready" + (f" ({', '.join(tools)})" if tools else ""))
         memory = (f"; SRAM {preset.sram_bytes // 1024} KiB, Flash {preset.flash_bytes // 1024} KiB"
@@ -238,13 +239,15 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", choices=("tvm", "library", "auto"), default="tvm",
                    help="heavy ops on TVM kernels (default), PyTorch's library kernels, or whichever measures faster")
     b.add_argument("--tuning-log", metavar="DIR",
-                   help="MetaSchedule database (or directory of them) to apply (default: tuning_logs/<target>/ if present)")
+                   help="MetaSchedule database (or directory of them) to apply "
+                        "(default: tuning_logs/<target>/ if present)")
     b.set_defaults(func=cmd_build)
 
     tu = sub.add_parser("tune", help="tune the kernels of a train.py's training step with MetaSchedule")
     tu.add_argument("train_py")
     tu.add_argument("--target", default="host", help="preset name, TVM tag or JSON target dict (default: host)")
-    tu.add_argument("--trials", type=int, default=1000, help="total measured trials, including those already in the log")
+    tu.add_argument("--trials", type=int, default=1000,
+                    help="total measured trials, including those already in the log")
     tu.add_argument("-o", "--output", help="database directory (default: tuning_logs/<target>/<job name>)")
     tu.add_argument("--time-budget", type=float, metavar="SECONDS",
                     help="stop building new candidates this many seconds after the command starts (measured "
@@ -304,7 +307,7 @@ def main(argv=None) -> int:
         print("interrupted: nothing half-written was kept (artifacts and state are replaced atomically)",
               file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - a bug of ours: one line, the traceback on request
+    except Exception as e:
         if os.environ.get("POCKENGINE_TRACEBACK"):
             raise
         print(f"error: internal error ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); this is "

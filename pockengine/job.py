@@ -14,7 +14,6 @@ from .errors import JobError, LossError
 from .optim import Optimizer
 from .sparse import FROZEN, FULL, SparseUpdate
 
-
 LOSS_NAMES = ("cross_entropy", "mse")  # what both frontends implement
 
 
@@ -56,7 +55,8 @@ class TrainingJob:
         if not isinstance(self.optimizer, Optimizer):
             hint = ""
             if type(self.optimizer).__module__.startswith("torch.optim"):
-                hint = f" (got torch.optim.{type(self.optimizer).__name__}: use pockengine.optim.{type(self.optimizer).__name__} with the same arguments)"
+                hint = (f" (got torch.optim.{type(self.optimizer).__name__}: "
+                        f"use pockengine.optim.{type(self.optimizer).__name__} with the same arguments)")
             raise JobError(f"optimizer must be a pockengine.optim optimizer such as pe.optim.SGD(lr=0.01){hint}")
         if isinstance(self.sparse_update, dict):
             self.sparse_update = SparseUpdate(self.sparse_update)

@@ -177,7 +177,8 @@ class Adam(Optimizer):
         g = em.emit(R.negative(grad)) if self.maximize else grad
         if self.weight_decay != 0:
             if self.decoupled_weight_decay:
-                shrink = R.subtract(relax.const(1.0, "float64"), R.multiply(lr_f64, relax.const(self.weight_decay, "float64")))
+                shrink = R.subtract(relax.const(1.0, "float64"),
+                                    R.multiply(lr_f64, relax.const(self.weight_decay, "float64")))
                 param = em.emit(R.multiply(param, em.cast(shrink)))
             else:
                 g = em.emit(R.add(g, R.multiply(em.c(self.weight_decay), param)))

@@ -103,9 +103,10 @@ class TorchOptimizerLayout:
             for key, value in ours.items():
                 if key in group and not _same(group[key], value):
                     raise StateError(
-                        f"load_optimizer_state_dict: param_groups[{i}] has {key}={_plain(group[key])!r}, the program is "
-                        f"compiled with {kind}({key}={value!r}); hyper-parameters are constants of the compiled step: "
-                        f"compile the job with pe.optim.{kind}({key}={_plain(group[key])!r}) to continue this state")
+                        f"load_optimizer_state_dict: param_groups[{i}] has {key}={_plain(group[key])!r}, "
+                        f"the program is compiled with {kind}({key}={value!r}); "
+                        "hyper-parameters are constants of the compiled step: compile the job with "
+                        f"pe.optim.{kind}({key}={_plain(group[key])!r}) to continue this state")
         rates = {float(to_numpy(group[LR])) for group in groups}
         if len(rates) != 1:
             raise StateError(f"load_optimizer_state_dict: the param groups have learning rates {sorted(rates)}; the "

@@ -233,7 +233,8 @@ def kernels(mod, preset, lowering: Lowering, database=None, notes: dict | None =
     with target:
         fused = tvm.transform.Sequential(fusion_passes(lowering, target))(mod)
         fused = apply_database(fused, target, database)
-        return tvm.transform.Sequential(schedule_passes(lowering, preset, target, {} if notes is None else notes))(fused)
+        return tvm.transform.Sequential(schedule_passes(lowering, preset, target,
+                                                        {} if notes is None else notes))(fused)
 
 
 def fused(step_mod, signature: StepSignature, preset, lowering: Lowering):
@@ -284,7 +285,8 @@ def dataflow_passes(lowering: Lowering, target, signature: StepSignature, plan_m
     (schedule_reductions), the family's dataflow lowering, new state written over the old
     (update_in_place) and one arena (plan_arena)."""
     return ([schedule_reductions(STEP_FUNC)] + lowering.dataflow(target)
-            + [update_in_place(signature.state_aliases(), STEP_FUNC)] + ([plan_arena(STEP_FUNC)] if plan_memory else []))
+            + [update_in_place(signature.state_aliases(), STEP_FUNC)]
+            + ([plan_arena(STEP_FUNC)] if plan_memory else []))
 
 
 def finalize_passes() -> list:

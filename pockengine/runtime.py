@@ -32,20 +32,41 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .analysis.memory_plan import MemoryReport
+from .artifact_files import (
+    FORMAT,
+    FORMAT_VERSION,
+    LIBRARY,
+    MANIFEST,
+    STATE,
+    check_destination,
+    make_temp_directory,
+    read_manifest,
+    recover,
+    replace_directory,
+)
 from .autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, STEP_FUNC, StepSignature
-from .artifact_files import (FORMAT, FORMAT_VERSION, LIBRARY, MANIFEST, STATE, check_destination,
-                             make_temp_directory, read_manifest, recover, replace_directory)
 from .errors import ArtifactError, InputError, NotRunnableHereError, NumericsError, StateError
 from .frontend import to_numpy, to_torch
-from .analysis.memory_plan import MemoryReport
-from .optim import LR, STEP, from_json as optimizer_from_json
+from .optim import LR, STEP
+from .optim import from_json as optimizer_from_json
 from .optimizer_state import TorchOptimizerLayout, is_torch_layout
 from .sparse import plan_from_json
+from .targets.device_runner import (
+    EXAMPLE,
+    NON_FINITE,
+    ThreadGovernor,
+    available_cpus,
+    batch_problem,
+    chosen_threads,
+    first_non_finite,
+    host_view,
+    locked,
+    remove_path,
+)
+from .targets.device_runner import write_npz as _write_npz
 from .targets.families import family
 from .validate import check_learning_rate
-from .targets.device_runner import (EXAMPLE, NON_FINITE, ThreadGovernor, available_cpus, batch_problem,
-                                    chosen_threads, first_non_finite, host_view, locked,
-                                    remove_path, write_npz as _write_npz)
 
 
 class CompiledStep:
@@ -580,9 +601,10 @@ class DeviceProgram(CompiledStep):
         # the step get an answer saying where this one runs.
         if name in RUN_HERE_ONLY:
             raise NotRunnableHereError(
-                f"program.{name}: this program is built for {self.meta['target']} ({self.meta['family']}); it cannot run "
-                "in this process. Export it (`program.export(DIR)` or `pockengine build`) and run it with "
-                "`pockengine run DIR`, which uses QEMU for aarch64 and Cortex-M artifacts and a GPU for CUDA ones")
+                f"program.{name}: this program is built for {self.meta['target']} ({self.meta['family']}); "
+                "it cannot run in this process. Export it (`program.export(DIR)` or `pockengine build`) "
+                "and run it with `pockengine run DIR`, which uses QEMU for aarch64 and Cortex-M artifacts "
+                "and a GPU for CUDA ones")
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}", name=name, obj=self)
 
     def _stored(self, array: np.ndarray) -> np.ndarray:
@@ -644,7 +666,8 @@ def load(directory: str, threads: int | None = None) -> Program | DeviceProgram:
         if not os.path.isfile(path):
             raise ArtifactError(f"{path} is missing: the artifact is incomplete; rebuild it with `pockengine build`")
         if _sha256(path) != expected:
-            raise ArtifactError(f"{path} is corrupt or truncated (sha256 differs from the manifest); rebuild the artifact")
+            raise ArtifactError(f"{path} is corrupt or truncated (sha256 differs from the manifest); "
+                                "rebuild the artifact")
     signature = StepSignature.from_json(manifest["signature"])
     state = _read_state(os.path.join(directory, manifest["files"]["state"]), signature)
     meta = {k: v for k, v in manifest.items() if k not in _COMPUTED_KEYS}
@@ -652,7 +675,8 @@ def load(directory: str, threads: int | None = None) -> Program | DeviceProgram:
     if runs_here(manifest):
         lib_path = os.path.join(directory, manifest["files"]["library"])
         if not os.path.isfile(lib_path):
-            raise ArtifactError(f"{lib_path} is missing: the artifact is incomplete; rebuild it with `pockengine build`")
+            raise ArtifactError(f"{lib_path} is missing: the artifact is incomplete; "
+                                "rebuild it with `pockengine build`")
         _check_library(lib_path, manifest)
         program = Program(lib_path, signature, state, report, meta, threads=threads)
     else:

@@ -53,7 +53,7 @@ class SparseUpdate:
         for pattern, rule in rules:
             _check_rule(pattern, rule)
 
-    def __or__(self, other) -> "SparseUpdate":
+    def __or__(self, other) -> SparseUpdate:
         """This scheme with `other`'s rules (a dict or a SparseUpdate) applied after its own."""
         extra = other.rules if isinstance(other, SparseUpdate) else tuple(dict(other).items())
         return replace(self, rules=self.rules + tuple(extra))
@@ -61,23 +61,23 @@ class SparseUpdate:
     # ------------------------------------------------------------------ presets
 
     @classmethod
-    def full(cls) -> "SparseUpdate":
+    def full(cls) -> SparseUpdate:
         return cls((), FULL)
 
     @classmethod
-    def bias_only(cls) -> "SparseUpdate":
+    def bias_only(cls) -> SparseUpdate:
         """TinyTL: every bias (for conv+BN models, the BatchNorm shifts), no weights."""
         return cls((("*", BIAS),))
 
     @classmethod
-    def last_k(cls, k: int) -> "SparseUpdate":
+    def last_k(cls, k: int) -> SparseUpdate:
         """Every parameter of the last k layers (modules that own parameters, in model order)."""
         if not isinstance(k, int) or k < 1:
             raise JobError(f"last_k needs an integer k >= 1, got {k!r}")
         return cls(preset=("last_k", k))
 
     @classmethod
-    def mcunetv3(cls, n_bias_update: int, manual_weight_idx, weight_update_ratio) -> "SparseUpdate":
+    def mcunetv3(cls, n_bias_update: int, manual_weight_idx, weight_update_ratio) -> SparseUpdate:
         """tiny-training's flags: biases of the last `n_bias_update` convs; the weights of the convs
         at `manual_weight_idx` (e.g. "21-24-27" or a list), each at its `weight_update_ratio`."""
         idx, ratios = _ints(manual_weight_idx), _floats(weight_update_ratio)
@@ -88,7 +88,7 @@ class SparseUpdate:
         return cls(preset=("mcunetv3", int(n_bias_update), tuple(idx), tuple(ratios)))
 
     @classmethod
-    def last_blocks(cls, k: int, part: str = "all") -> "SparseUpdate":
+    def last_blocks(cls, k: int, part: str = "all") -> SparseUpdate:
         """The last k blocks of a transformer (the repeated modules `<container>.<i>`, found in the
         parameter names: `model.layers.<i>`, `bert.encoder.layer.<i>`). part "attention" or "mlp"
         trains only that half of each block: its linear layers (weights and biases) under a module
@@ -101,12 +101,12 @@ class SparseUpdate:
         return cls(preset=("last_blocks", k, part))
 
     @classmethod
-    def bias_and_norm(cls) -> "SparseUpdate":
+    def bias_and_norm(cls) -> SparseUpdate:
         """Every 1-D parameter: the biases (BitFit) and the normalisation scales (LayerNorm, RMSNorm)."""
         return cls(preset=("bias_and_norm",))
 
     @classmethod
-    def lora(cls, r: int = 8, targets=("q_proj", "v_proj"), alpha: float | None = None, seed: int = 0) -> "SparseUpdate":
+    def lora(cls, r: int = 8, targets=("q_proj", "v_proj"), alpha: float | None = None, seed: int = 0) -> SparseUpdate:
         """LoRA: rank-r adapters on the nn.Linear modules matching `targets` (a module name, a path
         suffix or a glob), scale alpha / r (alpha defaults to r); only the adapters train. The job
         trains a copy of its model with the adapters added (pockengine.lora.add_lora)."""
@@ -172,7 +172,8 @@ def _mcunetv3_rules(params, n_bias_update, weight_idx, weight_ratio):
             rules.append((bias, FULL))
     for idx, ratio in zip(weight_idx, weight_ratio):
         if not 0 <= idx < len(convs):
-            raise JobError(f"mcunetv3: conv index {idx} out of range; the model has {len(convs)} convs (0..{len(convs) - 1})")
+            raise JobError(f"mcunetv3: conv index {idx} out of range; "
+                           f"the model has {len(convs)} convs (0..{len(convs) - 1})")
         rules.append((names[convs[idx]], FULL if ratio == 1 else ratio))
     return rules
 
@@ -263,7 +264,8 @@ def _partial(name, ratio, shape, kind):
     total = shape[axis]
     channels = int(round(ratio * total))
     if channels == 0:
-        raise JobError(f"sparse_update ratio {ratio} on {name} keeps 0 of its {total} channels; use a larger ratio or 'frozen'")
+        raise JobError(f"sparse_update ratio {ratio} on {name} keeps 0 of its {total} channels; "
+                       "use a larger ratio or 'frozen'")
     return FULL if channels == total else Partial(channels, axis, total)
 
 

@@ -17,7 +17,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 # `pytest -n N`: the workers share the cores, so each one's kernels (TVM's thread pool) and PyTorch's
 # get an equal share of them. With a thread per core in every worker, a step's parallel kernel waits
-# for a pool thread that the other worker's compile has descheduled (TVM's pool spins; see issue 18).
+# for a pool thread that the other worker's compile has descheduled (TVM's pool spins: device_runner.ThreadGovernor).
 # Tests never assert timings; the benchmarks set their own thread counts.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:

@@ -71,7 +71,8 @@ def test_run_with_data_file_and_save(built, tmp_path):
     shutil.copytree(built[0], out)
     example = np.load(os.path.join(out, "example.npz"))
     data = str(tmp_path / "batches.npz")
-    np.savez(data, x=np.stack([example["x"], example["x"][::-1]]), target=np.stack([example["target"], example["target"][::-1]]))
+    np.savez(data, x=np.stack([example["x"], example["x"][::-1]]),
+             target=np.stack([example["target"], example["target"][::-1]]))
     before = np.load(os.path.join(out, "state.npz"))["0.weight"]
     result = pockengine("run", out, "--steps", "4", "--data", data, "--save")
     assert result.returncode == 0, result.stderr

@@ -99,7 +99,7 @@ def test_keep_rate_and_scale_are_pytorchs_and_masks_differ_by_step_and_site():
         kept = scaled != 0
         assert abs(kept.sum() - n * (1 - p)) <= 5 * np.sqrt(n * p * (1 - p))
         np.testing.assert_array_equal(scaled[kept], np.float32(1 / (1 - p)))
-    same = lambda a, b: np.mean((a != 0) == (b != 0))  # noqa: E731 - about 0.58 for independent masks
+    same = lambda a, b: np.mean((a != 0) == (b != 0))
     assert same(first[0], first[1]) < 0.62 and same(first[0], second[0]) < 0.62
 
 
@@ -312,7 +312,8 @@ def test_bert_with_its_default_dropout_trains_like_pytorch_with_the_same_masks(m
     assert "rng.seed" in program.optimizer_state_dict()
 
 
-def test_llama_with_attention_dropout_trains_like_pytorch_with_the_same_masks(monkeypatch, llama_in_input_dtype):
+def test_llama_with_attention_dropout_trains_like_pytorch_with_the_same_masks(
+        monkeypatch, llama_in_input_dtype):  # noqa: F811 - the pytest fixture imported above
     assert_parity(tiny_llama(), token_batches(), llama_loss, pe.optim.SGD(lr=0.1), monkeypatch, sites=2, seed=9)
 
 

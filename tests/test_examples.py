@@ -16,7 +16,8 @@ def test_digits_demo_reaches_90_percent():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "mlp_digits", "train.py")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    accuracies = [float(line.split()[-1].rstrip("%")) for line in result.stdout.splitlines() if line.startswith("epoch")]
+    accuracies = [float(line.split()[-1].rstrip("%")) for line in result.stdout.splitlines()
+                  if line.startswith("epoch")]
     assert accuracies[-1] > accuracies[0]
     assert "reached the 90% goal" in result.stdout
 

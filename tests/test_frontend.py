@@ -3,8 +3,6 @@ the errors a user gets for what cannot be imported or differentiated."""
 
 import collections
 import copy
-import io
-import os
 
 import numpy as np
 import pytest
@@ -59,7 +57,8 @@ def test_batchnorm_in_eval_mode_uses_and_keeps_running_statistics():
 def test_callable_loss_and_mse():
     model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
     g = torch.Generator().manual_seed(0)
-    regression = [(torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64))
+    regression = [(torch.randn(7, 5, generator=g, dtype=torch.float64),
+                   torch.randn(7, 3, generator=g, dtype=torch.float64))
                   for _ in range(4)]
     _, (worst, _) = parity(model, regression, pe.optim.Adam(lr=1e-2), loss="mse", loss_fn=nn.functional.mse_loss)
     assert worst <= F64
@@ -159,7 +158,8 @@ def test_op_the_importer_does_not_know_is_named():
             return self.fc(torch.digamma(x.abs() + 1))
 
     job = pe.TrainingJob(Digamma(), (torch.randn(2, 3),), torch.tensor([0, 1]), "cross_entropy", pe.optim.SGD())
-    with pytest.raises(UnsupportedOpError, match=r"(?s)no conversion for 1 operator.*aten.digamma.default at test_frontend.py"):
+    with pytest.raises(UnsupportedOpError,
+                       match=r"(?s)no conversion for 1 operator.*aten.digamma.default at test_frontend.py"):
         pe.compile(job)
 
 

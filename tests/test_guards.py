@@ -135,7 +135,8 @@ def test_a_refused_batch_changes_no_state_and_training_goes_on_as_if_it_never_ca
     model = BatchNormNet().double()
     good = [(torch.randn(4, 3, 6, 6, dtype=torch.float64), torch.randint(0, 3, (4,))) for _ in range(3)]
     x, y = good[0]
-    job = pe.TrainingJob(BatchNormNet().double().requires_grad_(True), (x,), y, "cross_entropy", pe.optim.AdamW(lr=0.01))
+    job = pe.TrainingJob(BatchNormNet().double().requires_grad_(True), (x,), y, "cross_entropy",
+                         pe.optim.AdamW(lr=0.01))
     job.model.load_state_dict(model.state_dict())
     program = pe.compile(job, FAST_HOST)
     x_nan, y_bad = x.clone(), y.clone()
@@ -211,7 +212,8 @@ def test_the_cli_and_the_device_runner_refuse_a_nan_batch_and_save_nothing(mlp, 
     x_bad[0, 0] = np.nan
     data = str(tmp_path / "bad.npz")
     np.savez(data, x=np.stack([x.numpy(), x_bad]), target=np.stack([y.numpy(), y.numpy()]))
-    result = subprocess.run([CLI, "run", path, "--steps", "3", "--data", data, "--save"], capture_output=True, text=True)
+    result = subprocess.run([CLI, "run", path, "--steps", "3", "--data", data, "--save"],
+                            capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: step 2: input x holds 1 NaN")
     with pytest.raises(ValueError, match="step 2: input x holds 1 NaN.*nothing was saved"):

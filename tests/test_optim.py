@@ -73,4 +73,5 @@ def test_defaults_are_torchs():
         for field, value in vars(ours).items():
             if field in params:
                 default = params[field].default
-                assert value == (tuple(default) if isinstance(default, tuple) else default), f"{theirs.__name__}.{field}"
+                expected = tuple(default) if isinstance(default, tuple) else default
+                assert value == expected, f"{theirs.__name__}.{field}"

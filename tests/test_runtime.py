@@ -160,7 +160,8 @@ def test_step_rejects_wrong_shape_dtype_and_count():
     x, y = BATCHES[0]
     with pytest.raises(InputError, match=r"input 0 \(x\): expected shape \(8, 32\) dtype float32, got shape \(4, 32\)"):
         program.step(x[:4], y)
-    with pytest.raises(InputError, match=r"input 0 \(x\): expected shape \(8, 32\) dtype float32, got .* dtype float64"):
+    with pytest.raises(InputError,
+                       match=r"input 0 \(x\): expected shape \(8, 32\) dtype float32, got .* dtype float64"):
         program.step(x.double(), y)
     with pytest.raises(InputError, match=r"input 1 \(target\).*dtype int64, got shape \(8,\) dtype int32"):
         program.step(x, y.int())

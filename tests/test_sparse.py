@@ -11,8 +11,8 @@ from torch import nn
 
 import pockengine as pe
 from conftest import FAST_HOST, MLP, make_batches, max_scaled_diff, train_torch
-from pockengine.errors import JobError
 from pockengine.analysis.flops import step_flops
+from pockengine.errors import JobError
 from pockengine.sparse import FROZEN, FULL, Partial, SparseUpdate, apply_to_torch
 
 
@@ -145,7 +145,7 @@ def step_of(scheme):
 def test_pruned_backward_costs_the_expected_flops():
     """MLP 32-64-64-10, batch 8: each linear costs 2*8*in*out for forward, weight gradient and input
     gradient. The first layer's input gradient is never needed."""
-    mm = lambda i, o: 2 * 8 * i * o  # noqa: E731
+    mm = lambda i, o: 2 * 8 * i * o
     forward = mm(32, 64) + mm(64, 64) + mm(64, 10)
     full, _ = step_of(SparseUpdate.full())
     assert full == {"forward": forward, "backward": forward + mm(64, 64) + mm(64, 10)}
@@ -175,12 +175,15 @@ def test_block_presets_and_lora_say_what_is_wrong():
         SparseUpdate.last_blocks(1, "ffn")
     with pytest.raises(JobError, match=r"last_blocks\(3\): the model has 2 blocks \(net.0 .. net.1\)"):
         layers = nn.Sequential(*(nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(2)))
-        model = nn.Sequential(); model.add_module("net", layers)
+        model = nn.Sequential()
+        model.add_module("net", layers)
         j = pe.TrainingJob(model, (torch.randn(2, 8),), torch.randn(2, 8), "mse", pe.optim.SGD(lr=0.1),
                            sparse_update=SparseUpdate.last_blocks(3))
         j.plan(j.import_model())
-    with pytest.raises(JobError, match=r"LoRA targets \['q_proj'\] match no nn.Linear of the model; its linear layers: head"):
-        pe.TrainingJob(net, (x,), y, "cross_entropy", pe.optim.SGD(lr=0.1), sparse_update=SparseUpdate.lora(2, "q_proj"))
+    with pytest.raises(JobError,
+                       match=r"LoRA targets \['q_proj'\] match no nn.Linear of the model; its linear layers: head"):
+        pe.TrainingJob(net, (x,), y, "cross_entropy", pe.optim.SGD(lr=0.1),
+                       sparse_update=SparseUpdate.lora(2, "q_proj"))
     with pytest.raises(JobError, match="LoRA rank 32 exceeds head's size"):
         pe.TrainingJob(net, (x,), y, "cross_entropy", pe.optim.SGD(lr=0.1), sparse_update=SparseUpdate.lora(32, "head"))
 

@@ -49,7 +49,7 @@ PROBE = textwrap.dedent("""
         "affinity_kept": sorted(os.sched_getaffinity(0)) == affinity,
         "pinned": [t for t in tids if sorted(os.sched_getaffinity(t)) != affinity],
     }))
-""" % (TVM_VARIABLES,))
+""" % (TVM_VARIABLES,))  # noqa: UP031 - str.format would need every brace of the script doubled
 
 
 def probe(artifact, cpus=None, threads=None, **environment):

@@ -13,8 +13,8 @@ import torch
 
 import pockengine as pe
 from conftest import MLP, ROOT, make_batches, max_scaled_diff, train_torch
-from pockengine.tuning import database, search
 from pockengine.errors import InputError
+from pockengine.tuning import database, search
 
 TRIALS = 32  # two rounds: the two costliest kernels get a tuned schedule
 # Tuned kernels sum in a different order than the default schedule: float32 rounding, not a wrong result.
@@ -210,7 +210,8 @@ def test_pytorch_is_timed_in_fresh_processes_under_both_openmp_wait_policies(mon
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     assert "OMP_WAIT_POLICY" not in bench.peer_environment()
     assert bench.peer_environment("PASSIVE")["OMP_WAIT_POLICY"] == "PASSIVE"
-    times = bench.torch_times_in_fresh_processes(bench.JobSource(os.path.join(ROOT, "examples", "mlp_digits", "train.py")), ["eager"], 2)
+    source = bench.JobSource(os.path.join(ROOT, "examples", "mlp_digits", "train.py"))
+    times = bench.torch_times_in_fresh_processes(source, ["eager"], 2)
     assert times["eager"] > 0 and times["eager wait policy"] in ("default", "PASSIVE")
     assert times["peer wait policies"] == "default and PASSIVE"
 

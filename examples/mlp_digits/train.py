@@ -54,7 +54,8 @@ if __name__ == "__main__":
         order = rng.permutation(len(x_train))
         losses = [program.step(x_train[idx], y_train[idx])
                   for idx in (order[i:i + BATCH] for i in range(0, len(order) - BATCH + 1, BATCH))]
-        print(f"epoch {epoch}  loss {np.mean(losses):.4f}  test accuracy {100 * test_accuracy(program.state_dict()):5.1f}%")
+        print(f"epoch {epoch}  loss {np.mean(losses):.4f}  "
+              f"test accuracy {100 * test_accuracy(program.state_dict()):5.1f}%")
     accuracy = test_accuracy(program.state_dict())
     verdict = "reached" if accuracy >= 0.9 else "did NOT reach"
     print(f"final test accuracy {100 * accuracy:.1f}%: {verdict} the 90% goal")

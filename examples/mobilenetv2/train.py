@@ -9,11 +9,11 @@ channels, so the example needs no download.
 
 import numpy as np
 import torch
+from mobilenetv2 import MobileNetV2
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import pockengine as pe
-from mobilenetv2 import MobileNetV2
 
 BATCH = 8
 RESOLUTION = 64

@@ -37,7 +37,8 @@ class SmallCNN(nn.Module):
         def block(cin, cout, stride):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU6())
         c = widths
-        self.features = nn.Sequential(block(1, c[0], 1), block(c[0], c[1], 2), block(c[1], c[2], 1), block(c[2], c[3], 2))
+        self.features = nn.Sequential(block(1, c[0], 1), block(c[0], c[1], 2), block(c[1], c[2], 1),
+                                      block(c[2], c[3], 2))
         self.classifier = nn.Linear(c[3], classes)
 
     def forward(self, x):
@@ -115,8 +116,8 @@ if __name__ == "__main__":
     model.classifier = nn.Linear(model.classifier.in_features, 5)  # a new head for the new classes
     # 269 test images: one run moves by a point or two with the data order, so each scheme is
     # fine-tuned with SEEDS shuffles and the mean is compared.
-    print(f"{'scheme':<30}{'lr':>6}{'epochs':>8}{'test acc (mean ± sd, ' + str(SEEDS) + ' runs)':>32}{'trained params':>16}"
-          f"{'planned memory':>16}")
+    print(f"{'scheme':<30}{'lr':>6}{'epochs':>8}{'test acc (mean ± sd, ' + str(SEEDS) + ' runs)':>32}"
+          f"{'trained params':>16}{'planned memory':>16}")
     results = {}
     for name, scheme in SCHEMES.items():
         runs = [fine_tune(model, scheme, LEARNING_RATE[name], EPOCHS[name], seed=seed) for seed in range(SEEDS)]

@@ -9,7 +9,8 @@ class TransformerClassifier(nn.Module):
         super().__init__()
         self.embed = nn.Linear(d_in, d_model)
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=ffn, dropout=0.0, activation="gelu", batch_first=True)
+            nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=ffn, dropout=0.0, activation="gelu",
+                                       batch_first=True)
             for _ in range(layers)
         )
         self.head = nn.Linear(d_model, classes)

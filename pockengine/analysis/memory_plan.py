@@ -24,7 +24,6 @@ from .flops import call_flops, step_flops
 from .memory_timeline import state_bytes
 
 
-
 @dataclass
 class LayerRow:
     layer: str
@@ -71,7 +70,7 @@ class MemoryReport:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "MemoryReport":
+    def from_json(cls, d: dict) -> MemoryReport:
         d = dict(d)
         d["layers"] = [LayerRow(**r) for r in d.get("layers", [])]
         return cls(**d)

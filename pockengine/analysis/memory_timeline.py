@@ -42,7 +42,7 @@ class Timeline:
         return {"ops": self.ops, "bytes": self.bytes, "backward_start": self.backward_start}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Timeline":
+    def from_json(cls, d: dict) -> Timeline:
         return cls(list(d["ops"]), {k: list(v) for k, v in d["bytes"].items()}, int(d["backward_start"]))
 
 

@@ -171,7 +171,8 @@ def rsqrt_grad(orig_var, orig_call, output_grad, ctx):
 def erf_grad(orig_var, orig_call, output_grad, ctx):
     """y = erf(x)  ->  x_grad = 2 / sqrt(pi) * exp(-x^2) * y_grad"""
     x = orig_call.args[0]
-    return [multiply(output_grad, multiply(_const(2 / math.sqrt(math.pi), x), exp(multiply(_const(-1, x), multiply(x, x)))))]
+    return [multiply(output_grad, multiply(_const(2 / math.sqrt(math.pi), x),
+                                           exp(multiply(_const(-1, x), multiply(x, x)))))]
 
 
 @rule("relax.power")

@@ -48,7 +48,7 @@ class IndexRange:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "IndexRange":
+    def from_json(cls, d: dict) -> IndexRange:
         return cls(d["input"], int(d["size"]), tuple(d["ignored"]), d["op"])
 
 
@@ -185,7 +185,7 @@ def gate(bb: relax.BlockBuilder, batch_ok, new, old, name: str):
                    f"{UPDATE_PREFIX}gated_{name}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gate_kernel(shape: tuple, dtype: str):
     from tvm import te, tirx
 

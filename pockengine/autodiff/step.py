@@ -26,8 +26,9 @@ from tvm import relax
 from ..errors import JobError, LossError, UnsupportedOpError
 from ..frontend import FUNC_NAME, RNG_SEED, ImportedModel, TensorSpec
 from ..ir import Substitute, bindings_of, bound_values, inline_body
-from ..sparse import FROZEN as FROZEN_RULE, Partial
 from ..optim import LR, STEP, UPDATE_PREFIX, Optimizer, _Emitter
+from ..sparse import FROZEN as FROZEN_RULE
+from ..sparse import Partial
 from . import gradients
 from .guards import IndexRange, emit_batch_check, emit_loss_check, gate, index_ranges
 
@@ -59,7 +60,7 @@ class SplitWeight:
     frozen: str
 
     @classmethod
-    def of(cls, name: str, axis: int, channels: int) -> "SplitWeight":
+    def of(cls, name: str, axis: int, channels: int) -> SplitWeight:
         lead = ":, " * axis
         return cls(axis, channels, f"{name}[{lead}:{channels}]", f"{name}[{lead}{channels}:]")
 
@@ -142,7 +143,7 @@ class StepSignature:
         """A state tensor as the model holds it (a packed weight unpacked)."""
         return self.packed[name].unpack(array) if name in self.packed else array
 
-    def with_packed(self, widths: dict) -> "StepSignature":
+    def with_packed(self, widths: dict) -> StepSignature:
         """This signature with the state tensors of `widths` ({name: panel width}) held as Panels."""
         panels = {name: Panels(width) for name, width in widths.items()}
         state = [TensorSpec(s.name, panels[s.name].packed_shape(s.shape), s.dtype) if s.name in panels else s
@@ -162,7 +163,7 @@ class StepSignature:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "StepSignature":
+    def from_json(cls, d: dict) -> StepSignature:
         return cls(
             batch=[TensorSpec.from_json(s) for s in d["batch"]],
             state=[TensorSpec.from_json(s) for s in d["state"]],

@@ -22,8 +22,8 @@ import warnings
 
 import numpy as np
 import torch
-from torch import nn
 import tvm
+from torch import nn
 from tvm import relax
 
 from ..errors import FrontendError, LossError, UnsupportedOpError
@@ -46,7 +46,8 @@ def resolve_loss(loss):
         return LOSSES[loss]
     if callable(loss):
         return loss
-    raise LossError(f"loss must be a name ({sorted(LOSSES)}) or a callable loss(output, target), got {type(loss).__name__}")
+    raise LossError(f"loss must be a name ({sorted(LOSSES)}) or a callable loss(output, target), "
+                    f"got {type(loss).__name__}")
 
 
 class _ForwardLoss(nn.Module):
@@ -152,14 +153,15 @@ def _stop_gradients(ep) -> None:
                 with graph.inserting_after(result):
                     stopped = graph.call_function(torch.ops.pockengine.stop_gradient.default, (result,))
                 stopped.meta = dict(result.meta)
-                result.replace_all_uses_with(stopped, delete_user_cb=lambda user: user is not stopped)
+                result.replace_all_uses_with(stopped, delete_user_cb=lambda user, stopped=stopped: user is not stopped)
                 changed = True
     if changed:
         ep.graph_module.recompile()
 
 
 def _check_loss_is_scalar(ep) -> None:
-    outputs = [s for s in ep.graph_signature.output_specs if s.kind == torch.export.graph_signature.OutputKind.USER_OUTPUT]
+    outputs = [s for s in ep.graph_signature.output_specs
+               if s.kind == torch.export.graph_signature.OutputKind.USER_OUTPUT]
     out_node = next(n for n in ep.graph.nodes if n.op == "output")
     by_name = {n.name: n for n in out_node.args[0] if isinstance(n, torch.fx.Node)}
     if len(outputs) != 1:
@@ -247,9 +249,8 @@ class _Importer:
             else:  # lifted tensor constants are folded into the graph
                 constants[spec.arg.name] = ep.constants[spec.target]
         n_inputs = len(inputs)
-        inputs = [TensorSpec(f"input{i}" if n_inputs > 2 else "x", s.shape, s.dtype) for i, s in enumerate(inputs[:-1])] + [
-            TensorSpec("target", inputs[-1].shape, inputs[-1].dtype)
-        ]
+        inputs = [TensorSpec(f"input{i}" if n_inputs > 2 else "x", s.shape, s.dtype)
+                  for i, s in enumerate(inputs[:-1])] + [TensorSpec("target", inputs[-1].shape, inputs[-1].dtype)]
         user_var_list = list(user_vars.values())
 
         bb = imp.block_builder = _InputDtypeBlockBuilder()
@@ -279,7 +280,8 @@ class _Importer:
         if random_vars:
             initial[RNG_SEED] = np.array(self.seed, "int64")
         if constants:
-            mod = relax.transform.BindParams(FUNC_NAME, {k: imp._convert_pytorch_tensor_to_tvm(v) for k, v in constants.items()})(mod)
+            mod = relax.transform.BindParams(FUNC_NAME, {k: imp._convert_pytorch_tensor_to_tvm(v)
+                                                         for k, v in constants.items()})(mod)
         return ImportedModel(
             mod=mod, inputs=inputs, params=params, buffers=buffers, mutated_buffers=mutated,
             initial=initial, origin=self._origins(mod), non_persistent=non_persistent, source="torch",
@@ -412,7 +414,7 @@ def _batch_norm(importer, x, weight, bias, eps, running=None, momentum=None):
     dtype = _dtype(x)
     axes = [0] + list(range(2, ndim))
     bshape = [1, channels] + [1] * (ndim - 2)
-    c = lambda v: relax.const(v, dtype)  # noqa: E731
+    c = lambda v: relax.const(v, dtype)
     if momentum is None and running is not None:  # eval mode: running stats normalise, nothing updates
         mean = bb.emit(relax.op.reshape(running[0], bshape))
         rstd = bb.emit(relax.op.rsqrt(relax.op.add(relax.op.reshape(running[1], bshape), c(eps))))

@@ -113,7 +113,8 @@ class _Expansion:
                 for b in self.bindings:
                     value = Substitute(rename).visit_expr(b.value) if rename else b.value
                     name = op_name(value)
-                    reads = [f for f, vs in postponed_vars.items() if any(v in vs for v in relax.analysis.free_vars(value))]
+                    reads = [f for f, vs in postponed_vars.items()
+                             if any(v in vs for v in relax.analysis.free_vars(value))]
                     if b.var in merged_forwards:
                         postponed[b.var], postponed_vars[b.var] = [], {b.var}
                     elif reads and b.var not in pairs:

@@ -10,8 +10,8 @@ zeroed the classifier's weights at lr 1 and shrank them by lr at any other rate)
 
 So every reduction block whose reduction iterators all have extent 1 is rewritten before any
 schedule sees it: those iterators become spatial ones, their single value replaces them in the
-body, and the block computes `C = <body with C read as its init value>`, without an init. It is then elementwise in fact as well
-as in form, and the inlining is correct.
+body, and the block computes `C = <body with C read as its init value>`, without an init. It is
+then elementwise in fact as well as in form, and the inlining is correct.
 """
 
 from __future__ import annotations

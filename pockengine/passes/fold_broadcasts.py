@@ -39,7 +39,8 @@ def _fold(func, name):
         with bb.dataflow():
             for b in bindings:
                 value = Substitute(rename).visit_expr(b.value) if rename else b.value
-                if _is_broadcast(value) and static_shape(value.args[0]) == static_shape(b.var) and isinstance(value.args[0], relax.Var):
+                if (_is_broadcast(value) and static_shape(value.args[0]) == static_shape(b.var)
+                        and isinstance(value.args[0], relax.Var)):
                     if isinstance(b.var, relax.DataflowVar):  # an output var must stay bound
                         rename[b.var] = value.args[0]
                         continue

@@ -10,7 +10,8 @@ step, where each weight comes from DRAM once, its last-2-blocks step went 1294 -
 weights packed), SmolLM-135M's 701 -> 678 ms (196).
 Rewrites, in `func_name`, for each state tensor of `widths`:
     param W[N, K]                        ->  param W[N / width, K, width]   (StepSignature.packed)
-    call_tir(matmul_nt, x, W)            ->  call_tir(matmul_panels, x, W): out[..., i, j] = sum_k x[..., i, k] W[j / width, k, j % width]
+    call_tir(matmul_nt, x, W)            ->  call_tir(matmul_panels, x, W):
+                                                 out[..., i, j] = sum_k x[..., i, k] W[j / width, k, j % width]
 The runtime makes and unmakes the panels (autodiff.step.Panels); a state_dict() is in the model's
 layout. `panel_widths` chooses the weights: frozen (whole, not a part of a partially trained one),
 every use such a matmul, all wanting the same width (schedule_cpu.column_panel_width). A weight the

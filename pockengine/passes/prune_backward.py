@@ -51,11 +51,13 @@ def _split_partial_weights(func, partial: dict, name: str):
                     transposed[b.var] = value.args[0]
                     continue
                 if op == "relax.nn.conv2d" and value.args[1] in pieces:
-                    bb.emit_normalized(relax.VarBinding(b.var, bb.normalize(_split_conv(bb, value, pieces[value.args[1]], b.var.name))))
+                    split = _split_conv(bb, value, pieces[value.args[1]], b.var.name)
+                    bb.emit_normalized(relax.VarBinding(b.var, bb.normalize(split)))
                     continue
                 if op == "relax.matmul" and value.args[1] in transposed:
                     w = transposed[value.args[1]]
-                    bb.emit_normalized(relax.VarBinding(b.var, bb.normalize(_split_matmul(bb, value, pieces[w], b.var.name))))
+                    split = _split_matmul(bb, value, pieces[w], b.var.name)
+                    bb.emit_normalized(relax.VarBinding(b.var, bb.normalize(split)))
                     continue
                 used = [v for v in relax.analysis.free_vars(value) if v in pieces or v in transposed]
                 if used:
@@ -85,7 +87,8 @@ def _split_conv(bb, call, piece, name):
         a = bb.emit(R.nn.conv2d(x_trained, trained, groups=k, **common), name + SPLIT)
         b = bb.emit(R.nn.conv2d(x_frozen, frozen, groups=total - k, **common), name + SPLIT)
         return R.concat([a, b], axis=1)
-    raise JobError(f"channel-ratio update of a grouped conv (groups={groups}) is not supported; train it fully or freeze it")
+    raise JobError(f"channel-ratio update of a grouped conv (groups={groups}) is not supported; "
+                   "train it fully or freeze it")
 
 
 def _split_matmul(bb, call, piece, name):

@@ -114,11 +114,12 @@ def schedule_kernel(func, vector_lanes: int, cores: int, vector_registers: int =
         try:
             sch = kernel_schedule(func)
             root = sch.get_sblock("root")
-        except Exception:  # noqa: BLE001 - not a block-structured kernel
+        except Exception:
             return None
         try:
             for nest in _nests(sch, root):
-                _schedule_nest(sch, nest, vector_lanes, cores, register_tiles(vector_registers) if tiles else None, pack)
+                _schedule_nest(sch, nest, vector_lanes, cores,
+                               register_tiles(vector_registers) if tiles else None, pack)
         except s_tir.schedule.ScheduleError:
             continue
         scheduled = sch.mod["main"]
@@ -129,7 +130,8 @@ def schedule_kernel(func, vector_lanes: int, cores: int, vector_registers: int =
 def _has_empty_loop(func) -> bool:
     empty = []
     tvm_ffi.structural_walk(func.body, (tvm.tirx.For, lambda loop: empty.append(loop)
-                                        if isinstance(loop.extent, tvm.tirx.IntImm) and int(loop.extent) == 0 else None))
+                                        if isinstance(loop.extent, tvm.tirx.IntImm) and int(loop.extent) == 0
+                                        else None))
     return bool(empty)
 
 
@@ -414,7 +416,7 @@ def _pack_columns(sch, block, reduce_blocks, width: int) -> None:
         sch.compute_at(packed, reduce_blocks)
 
         def panels(*idx):
-            lead, n, k = idx[:-2], idx[n_axis], idx[k_axis]
+            lead, n, k = idx[:-2], idx[n_axis], idx[k_axis]  # noqa: B023 - transform_layout calls it at once
             return (*lead, n // width, k, n % width)
 
         sch.transform_layout(block, ("read", index), panels)

@@ -3,9 +3,10 @@ the faster of TVM's kernel and the target's library kernel, chosen by measuring 
 
 On the host the library is PyTorch (BLAS matmul, oneDNN convolutions; torch_kernels.py),
 called through `relax.call_dps_packed` on the step's own buffers (DLPack, no copies). The host
-family's `measure_backends` (targets/host.py) times every distinct op (same op, attributes and shapes) both ways: TVM's kernel built alone with
-the build's default schedule, or its tuned schedule when a tuning log has that kernel, and the
-library kernel on the same shapes; `switch_backend` rewrites the calls whose library kernel won.
+family's `measure_backends` (targets/host.py) times every distinct op (same op, attributes and
+shapes) both ways: TVM's kernel built alone with the build's default schedule, or its tuned
+schedule when a tuning log has that kernel, and the library kernel on the same shapes;
+`switch_backend` rewrites the calls whose library kernel won.
 Measuring ops alone ignores what fusion would add to TVM's kernel (a bias or BatchNorm epilogue
 computed in the same loop): a switched op's epilogue runs as a kernel of its own.
 
@@ -21,8 +22,8 @@ import dataclasses
 import tvm
 from tvm import relax
 
-from ..ir import static_shape
 from .. import torch_kernels
+from ..ir import static_shape
 
 HEAVY_OPS = ("relax.matmul", "relax.nn.conv2d", "relax.nn.conv2d_transpose")
 MODES = ("tvm", "library", "auto")

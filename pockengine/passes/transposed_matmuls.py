@@ -9,7 +9,8 @@ weight every step (frozen or not) and then a matmul over the copy: SmolLM-135M's
 which rejects a step where the transposed weight has other users ("cyclic dependency").
 Rewrites, on every Relax function of the module:
     permute_dims(permute_dims(w, a), b)  ->  permute_dims(w, a then b), or w when that is no permutation
-    matmul(x[..., M, K], permute_dims(W[N, K]))  ->  call_tir(matmul_nt, x, W): out[..., i, j] = sum_k x[..., i, k] W[j, k]
+    matmul(x[..., M, K], permute_dims(W[N, K]))  ->  call_tir(matmul_nt, x, W):
+                                                         out[..., i, j] = sum_k x[..., i, k] W[j, k]
 The matmul's CPU schedule packs W from either layout (schedule_cpu._pack_columns). A transpose
 left without users is removed (DeadCodeElimination).
 """

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from ..errors import TargetError, ToolchainError
 
-
 # The families' names (targets/families.py maps them to their modules).
 HOST, AARCH64, CUDA, CORTEX_M = "host", "aarch64", "cuda", "cortex-m"
 
@@ -198,7 +197,8 @@ def resolve(spec) -> TargetPreset:
     except Exception as e:
         raise TargetError(
             f"unknown target {spec!r}: use a preset ({', '.join(PRESET_NAMES)}), a TVM target dict such as "
-            f"{{\"kind\": \"llvm\", \"num-cores\": 2}}, or a TVM tag ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            f"{{\"kind\": \"llvm\", \"num-cores\": 2}}, or a TVM tag "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         ) from None
     if target.kind.name == "cuda" and not isinstance(spec, tvm.target.Target):
         from .cuda.device import cuda_target
@@ -247,7 +247,8 @@ def _from_tvm_target(target, label: str) -> TargetPreset:
                             runner=AARCH64_RUNNER, vector_registers=32)
     if kind == "cuda":
         host = target.host
-        tools = CUDA_TOOLS + (AARCH64_TOOLS[:1] if host is not None and "aarch64" in str(host.attrs.get("mtriple", "")) else ())
+        tools = CUDA_TOOLS + (AARCH64_TOOLS[:1] if host is not None and "aarch64" in str(host.attrs.get("mtriple", ""))
+                              else ())
         return TargetPreset(label, f"NVIDIA GPU {target.attrs.get('arch', '')}", exported, family=CUDA, tools=tools,
                             runner="an NVIDIA GPU")
     boards = {p.tvm_target["mcpu"]: p for p in presets().values() if p.family == CORTEX_M}

@@ -33,15 +33,16 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
-from ..errors import TargetError, ToolchainError
 from ..cache import cache_dir
+from ..errors import TargetError, ToolchainError
 
 TVM_VERSION = "0.27.0.post1"
-# Newer tvm-ffi releases segfault in tvm.ir.save_json (TVM_FACTS.md); tvm itself only asks >=0.1.14.post0.
+# Newer tvm-ffi releases segfault in tvm.ir.save_json (writing MetaSchedule databases); tvm itself
+# only asks >=0.1.14.post0.
 TVM_FFI_VERSION = "0.1.14.post1"
 PYTHON_VERSION = "3.11"  # bookworm's python3, and the ABI the cp311 wheels are built for
 SUITE = "bookworm"
@@ -99,7 +100,7 @@ class Sysroot:
             "PYTHONNOUSERSITE": "1",
             # Runtime only, stated rather than left to TVM's fallback when libtvm_compiler.so is not found
             # (it is not shipped here): compiler-only modules stay unimported, which with the compiler
-            # library present is the difference between 26 s and 9.5 s under QEMU (TVM_FACTS.md).
+            # library present is the difference between 26 s and 9.5 s under QEMU (measured here).
             "TVM_USE_RUNTIME_LIB": "1",
         })
         return env

@@ -48,8 +48,8 @@ def iterate_batches(specs: list, path: str):
         missing = [name for name, _ in specs if name not in npz.files]
         if missing:
             raise ValueError(f"{path} lacks arrays {missing}; it has {npz.files}. Name the arrays "
-                             f"{[name for name, _ in specs]} (shapes {[tuple(shape) for _, shape in specs]}, optionally "
-                             "with a leading axis indexing batches)")
+                             f"{[name for name, _ in specs]} (shapes {[tuple(shape) for _, shape in specs]}, "
+                             "optionally with a leading axis indexing batches)")
         arrays = [npz[name] for name, _ in specs]
     counts = set()
     for a, (name, shape) in zip(arrays, specs):
@@ -61,8 +61,9 @@ def iterate_batches(specs: list, path: str):
         else:
             raise ValueError(f"{path}: {name} has shape {a.shape}; expected {shape} or (N, *{shape})")
     if len(counts) > 1:
-        raise ValueError(f"{path}: the arrays hold different numbers of batches "
-                         f"({', '.join(f'{name} {a.shape[0]}' for a, (name, shape) in zip(arrays, specs) if a.shape != tuple(shape))}); "
+        per_array = ", ".join(f"{name} {a.shape[0]}" for a, (name, shape) in zip(arrays, specs)
+                              if a.shape != tuple(shape))
+        raise ValueError(f"{path}: the arrays hold different numbers of batches ({per_array}); "
                          "give every input and the target the same number")
     n = min(counts) if counts else 1
     i = 0
@@ -75,10 +76,10 @@ NON_FINITE, OUT_OF_RANGE = "non-finite", "out of range"
 
 
 def batch_problem(names: list, arrays: list, index_ranges: list) -> tuple | None:
-    """Why a batch must not be trained on, as (NON_FINITE | OUT_OF_RANGE, message), or None: a NaN or infinity in a float input (PyTorch's
-    loss would be NaN; TVM's ReLU turns NaN into 0 and would train on), or an index input outside
-    the range its indexing op accepts (index_ranges: IndexRange.to_json() dicts; TVM reads out of
-    bounds where PyTorch raises)."""
+    """Why a batch must not be trained on, as (NON_FINITE | OUT_OF_RANGE, message), or None: a NaN or
+    infinity in a float input (PyTorch's loss would be NaN; TVM's ReLU turns NaN into 0 and would
+    train on), or an index input outside the range its indexing op accepts (index_ranges:
+    IndexRange.to_json() dicts; TVM reads out of bounds where PyTorch raises)."""
     # Fast paths first (a sum, min and max): a step of a small model takes well under a millisecond,
     # and this runs before every one.
     found = first_non_finite(zip(names, arrays))
@@ -96,9 +97,9 @@ def batch_problem(names: list, arrays: list, index_ranges: list) -> tuple | None
         if bad.any():
             first = tuple(int(i) for i in np.argwhere(bad)[0])
             ignored = f" or be {', '.join(map(str, r['ignored']))} (ignored)" if r["ignored"] else ""
-            return OUT_OF_RANGE, (f"input {r['input']}: {a[first]} (at index {first}) is out of range for {r['op']}: its values "
-                    f"must lie in [0, {r['size']}){ignored}, as PyTorch requires (it raises 'out of bounds'). "
-                    "Check how the labels or ids are encoded")
+            return OUT_OF_RANGE, (f"input {r['input']}: {a[first]} (at index {first}) is out of range for {r['op']}: "
+                    f"its values must lie in [0, {r['size']}){ignored}, as PyTorch requires "
+                    "(it raises 'out of bounds'). Check how the labels or ids are encoded")
     return None
 
 
@@ -472,7 +473,8 @@ def _train(artifact: str, steps: int, data: str | None, save: bool, out, threads
         outs = governor.run(step_fn, *batch, *(state[s["name"]] for s in signature["state"]), fixed=threads)
         state.update(zip(signature["outputs"][1:], list(outs)[1:]))  # output 0 is the loss
         losses.append(float(outs[0].numpy()))
-        print(f"step {step:>5}  loss {losses[-1]:.9g}  {(time.perf_counter() - start) * 1e3:8.2f} ms", file=out, flush=True)
+        print(f"step {step:>5}  loss {losses[-1]:.9g}  {(time.perf_counter() - start) * 1e3:8.2f} ms",
+              file=out, flush=True)
         found = first_non_finite((name, host_view(state[name])) for name in trained)
         if found or not np.isfinite(losses[-1]):
             what = f"{found[1]} values of {found[0]} are NaN or infinite" if found else f"the loss is {losses[-1]}"

@@ -19,8 +19,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ..errors import InputError, TargetError
 from ..artifact_files import EXAMPLE
+from ..errors import InputError, TargetError
 from .device_runner import iterate_batches
 
 

@@ -26,7 +26,7 @@ from ..passes.schedule_cpu import schedule_cpu
 from ..passes.switch_backend import MODES, Choice, heavy_ops, library_kernels
 from ..timing import median_ms
 from ..tuning.database import open_logs
-from .family import Built, BuildRequest, Family, note, removed_on_error, scratch_directory
+from .family import BuildRequest, Built, Family, note, removed_on_error, scratch_directory
 
 
 def _cpu_dispatch(target) -> list:
@@ -44,7 +44,8 @@ def _cpu_dataflow(target) -> list:
 def _cpu_schedules(preset, _target, _notes) -> list:
     """The default schedule of every fused kernel not tuned (one loop nest, threads and vectors)."""
     lanes = preset.vector_lanes(32)
-    return [inline_elementwise(lanes, preset.vector_registers), schedule_cpu(lanes, preset.cores, preset.vector_registers)]
+    return [inline_elementwise(lanes, preset.vector_registers),
+            schedule_cpu(lanes, preset.cores, preset.vector_registers)]
 
 
 def _cpu_finish() -> list:

@@ -23,8 +23,8 @@ import time
 from .. import pipeline
 from ..errors import InputError
 from ..ir import without_kernel_argument_checks
-from ..targets.device_runner import configure_thread_pool
 from ..targets import resolve
+from ..targets.device_runner import configure_thread_pool
 from ..targets.families import family
 from .database import MIN_FLOP_SHARE, kernels, open_log, worth_tuning
 
@@ -70,7 +70,7 @@ class RPCTracker:
     key: str
 
     @classmethod
-    def parse(cls, address: str, key: str | None) -> "RPCTracker":
+    def parse(cls, address: str, key: str | None) -> RPCTracker:
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise InputError(f"--rpc-tracker must be HOST:PORT, got {address!r}")
@@ -107,8 +107,9 @@ class Progress:
             self.best[task] = min(self.best[task], min(good))
         best = f"{self.best[task] * 1e3:.3f} ms" if self.best[task] < float("inf") else "no valid schedule yet"
         mins, secs = divmod(int(self.elapsed()), 60)
-        print(f"[{self.done:>5}/{max(self.total, self.done)} trials {mins:>3}:{secs:02d}] task {task + 1}/{len(self.names)} "
-              f"{self.names[task][:48]:<48} best {best}", file=self.stream, flush=True)
+        print(f"[{self.done:>5}/{max(self.total, self.done)} trials {mins:>3}:{secs:02d}] "
+              f"task {task + 1}/{len(self.names)} {self.names[task][:48]:<48} best {best}",
+              file=self.stream, flush=True)
 
     def table(self) -> str:
         lines = [f"{'task':<52}{'trials':>8}{'errors':>8}{'best ms':>10}"]

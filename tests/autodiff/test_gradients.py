@@ -128,7 +128,8 @@ CASES = {
         with_kinks((2, 3, 4), []),
     ),
     "relax.nn.adaptive_avg_pool2d (global)": (
-        lambda x: R.nn.adaptive_avg_pool2d(x, (1, 1)), lambda x: F.adaptive_avg_pool2d(x, 1), with_kinks((2, 3, 5, 7), []),
+        lambda x: R.nn.adaptive_avg_pool2d(x, (1, 1)), lambda x: F.adaptive_avg_pool2d(x, 1),
+        with_kinks((2, 3, 5, 7), []),
     ),
     "relax.nn.adaptive_avg_pool2d (overlapping windows)": (
         lambda x: R.nn.adaptive_avg_pool2d(x, (2, 3)), lambda x: F.adaptive_avg_pool2d(x, (2, 3)),

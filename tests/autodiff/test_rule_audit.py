@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import itertools
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -590,7 +590,7 @@ class Results:
         if cs.id not in self.adjoints:
             try:
                 self.adjoints[cs.id] = adjoint_function(cs, f"case{CASES.index(cs)}")
-            except Exception as err:  # noqa: BLE001 - reported by that case's test
+            except Exception as err:
                 self.adjoints[cs.id] = err
         return self.adjoints[cs.id]
 
@@ -612,13 +612,13 @@ class Results:
 def _compile_and_run(items, target) -> dict:
     """Compile the adjoints together and run them; a failing compile is bisected down to the culprit."""
     mod = tvm.IRModule({})
-    for cs, fn in items:
+    for _cs, fn in items:
         name = fn.attrs["global_symbol"]
         mod[name] = fn
     try:
         with without_kernel_argument_checks():  # as the step's build does: half the code to emit
             vm = relax.VirtualMachine(tvm.compile(mod, tvm.target.Target(target)), tvm.cpu())
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         if len(items) == 1:
             return {items[0][0].id: err}
         half = len(items) // 2
@@ -628,7 +628,7 @@ def _compile_and_run(items, target) -> dict:
         try:
             loss, grads = vm[fn.attrs["global_symbol"]](*[tvm.runtime.tensor(x) for x in cs.inputs])
             res[cs.id] = (loss.numpy(), [g.numpy() for g in grads])
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             res[cs.id] = err
     return res
 

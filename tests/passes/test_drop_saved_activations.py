@@ -6,13 +6,12 @@ import copy
 import torch
 import tvm
 from torch import nn
-from tvm import relax
 
 import pockengine as pe
 from conftest import FAST_HOST, make_batches, max_scaled_diff, train_torch
+from pockengine.analysis.memory_plan import saved_activations
 from pockengine.autodiff.step import STEP_FUNC, build_train_step
 from pockengine.passes.drop_saved_activations import drop_saved_activations
-from pockengine.analysis.memory_plan import saved_activations
 from pockengine.sparse import SparseUpdate, apply_to_torch
 
 ACTIVATION_SHAPE = (4, 8, 16, 16)

@@ -8,7 +8,7 @@ import tvm
 from tvm import relax
 
 import pockengine as pe
-from conftest import TransformerClassifier, make_batches, max_scaled_diff, train_torch, FAST_HOST
+from conftest import FAST_HOST, TransformerClassifier, make_batches, max_scaled_diff, train_torch
 from pockengine.frontend import FUNC_NAME
 from pockengine.passes.fold_broadcasts import fold_broadcasts
 
@@ -36,7 +36,8 @@ def test_weight_expansion_and_identity_broadcasts_are_folded():
 def rank2_weight_matmuls(func):
     found = []
     relax.analysis.post_order_visit(func.body, lambda e: isinstance(e, relax.Call) and hasattr(e.op, "name")
-                                    and e.op.name == "relax.matmul" and len(e.args[1].ty.shape) == 2 and found.append(e))
+                                    and e.op.name == "relax.matmul" and len(e.args[1].ty.shape) == 2
+                                    and found.append(e))
     return len(found)
 
 

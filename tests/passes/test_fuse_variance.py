@@ -45,7 +45,8 @@ def test_values_unchanged():
     rng = np.random.default_rng(0)
     args = [rng.standard_normal(s.shape).astype(s.dtype) if s.dtype.startswith("float")
             else np.zeros(s.shape, s.dtype) for s in signature.batch]
-    args += [state[s.name] if s.name in state else rng.standard_normal(s.shape).astype(s.dtype) for s in signature.state]
+    args += [state[s.name] if s.name in state else rng.standard_normal(s.shape).astype(s.dtype)
+             for s in signature.state]
     args[1] = np.array([0, 2], dtype="int64")
     outs = []
     for mod in (before, after):

@@ -13,7 +13,8 @@ from pockengine.passes.inline_elementwise import inline_elementwise, intermediat
 
 def job():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(), nn.Flatten(), nn.Linear(8 * 64, 4))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(), nn.Flatten(),
+                          nn.Linear(8 * 64, 4))
     return pe.TrainingJob(model, (torch.randn(4, 3, 8, 8),), torch.randint(0, 4, (4,)), "cross_entropy",
                           pe.optim.SGD(lr=0.1))
 
@@ -32,7 +33,8 @@ def test_elementwise_chains_become_single_loop_nests():
     # A convolution's or matmul's epilogue now runs per output point right after its sum, so no
     # kernel keeps more than a few scalars (a reduction's running value, BatchNorm's per-row sums).
     assert max(a.values()) <= 64
-    epilogued = [name for name in b if name.startswith("fused_") and ("conv2d" in name or "matmul" in name) and b[name] > 64]
+    epilogued = [name for name in b
+                 if name.startswith("fused_") and ("conv2d" in name or "matmul" in name) and b[name] > 64]
     assert len(epilogued) >= 2  # a convolution and a matmul stored their whole result before the epilogue
     assert set(a) == set(b)
 

@@ -1,7 +1,6 @@
 """The memory report: categories add up, per-layer rows reflect what is trained, and freezing a prefix
 shrinks what the backward keeps."""
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -6,8 +6,8 @@ from torch import nn
 
 import pockengine as pe
 from conftest import FAST_HOST
-from pockengine.autodiff.step import build_train_step
 from pockengine.analysis.memory_timeline import Timeline, timeline
+from pockengine.autodiff.step import build_train_step
 
 
 def job(scheme=None):

@@ -8,8 +8,8 @@ from tvm import relax
 import pockengine as pe
 from conftest import FAST_HOST, mobilenetv2
 from pockengine import pipeline, targets
-from pockengine.autodiff.step import STEP_FUNC
 from pockengine.analysis.memory_plan import planned_storage
+from pockengine.autodiff.step import STEP_FUNC
 from pockengine.passes.plan_arena import ALIGNMENT, assign_offsets, lifetimes, plan_arena
 from pockengine.sparse import SparseUpdate
 from pockengine.targets.host import CPU_LOWERING

@@ -48,7 +48,7 @@ def test_each_gradient_dies_at_its_update():
         lifetimes_before, _ = gradient_lifetimes(before[STEP_FUNC])
         lifetimes, bindings = gradient_lifetimes(after[STEP_FUNC])
         assert set(lifetimes) == set(lifetimes_before) and len(lifetimes) == 8
-        for name, (start, last, others) in lifetimes.items():
+        for name, (_start, _last, others) in lifetimes.items():
             # From the gradient to its parameter's update, nothing but that update's chain runs.
             assert not others, (name, [bindings[j].var.name for j in others])
         # Before, every gradient lived until the optimizer ran after the whole backward.

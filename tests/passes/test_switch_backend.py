@@ -15,12 +15,11 @@ from tvm import relax
 
 import pockengine as pe
 from conftest import FAST_HOST, MODELS, ROOT, make_batches, max_scaled_diff, mobilenetv2, train_torch
-from pockengine import pipeline
+from pockengine import pipeline, torch_kernels
 from pockengine.autodiff.step import STEP_FUNC
 from pockengine.passes.switch_backend import heavy_ops, switch_backend
-from pockengine.targets.host import measure_backends
-from pockengine import torch_kernels
 from pockengine.targets import resolve
+from pockengine.targets.host import measure_backends
 
 # float64, as tests/test_parity.py: rounding cannot hide a wrong kernel there (relative to each tensor's size)
 FLOAT64_TOL = 1e-9
@@ -29,8 +28,8 @@ KERNEL_TOL = 1e-4
 
 def op_cases():
     nn = relax.op.nn
-    x = lambda *s: relax.Var("x", relax.TensorType(s, "float32"))  # noqa: E731
-    w = lambda *s: relax.Var("w", relax.TensorType(s, "float32"))  # noqa: E731
+    x = lambda *s: relax.Var("x", relax.TensorType(s, "float32"))
+    w = lambda *s: relax.Var("w", relax.TensorType(s, "float32"))
     return {
         "matmul batched, broadcast": lambda: (relax.op.matmul, (x(2, 3, 5, 7), w(7, 4)), {}),
         "conv2d stride 2 pad 1": lambda: (nn.conv2d, (x(2, 6, 9, 9), w(4, 6, 3, 3)), dict(strides=2, padding=1)),
@@ -94,7 +93,8 @@ def test_forced_library_rewrites_every_heavy_op_and_forced_tvm_none():
         after = switch_backend(measure_backends(func, preset, mode), STEP_FUNC)(step)[STEP_FUNC]
         packed = []
         relax.analysis.post_order_visit(after.body, lambda e: isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)
-                                        and e.op.name == "relax.call_dps_packed" and packed.append(e))
+                                        and e.op.name == "relax.call_dps_packed"
+                                        and packed.append(e))  # noqa: B023 - called within this iteration
         assert len(packed) == expected
         assert len(heavy_ops(after)) == (0 if mode == "library" else len(ops))
 
@@ -178,7 +178,8 @@ def test_library_kernels_run_on_one_pytorch_thread_unless_openmp_threads_sleep(m
     library kernel (torch_kernels' docstring): the kernel then runs on one PyTorch thread, and
     PyTorch's thread count is as it was afterwards."""
     seen, matmul = [], torch.matmul
-    monkeypatch.setattr(torch, "matmul", lambda *args, **kw: (seen.append(torch.get_num_threads()), matmul(*args, **kw)))
+    monkeypatch.setattr(torch, "matmul",
+                        lambda *args, **kw: (seen.append(torch.get_num_threads()), matmul(*args, **kw)))
     x, w, out = torch.randn(4, 3), torch.randn(3, 5), torch.empty(4, 5)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -5,7 +5,6 @@ import copy
 
 import numpy as np
 import torch
-import tvm
 from torch import nn
 from tvm import te
 
@@ -65,7 +64,7 @@ def test_optimizer_writes_in_place_and_matches_pytorch():
 def test_strided_1x1_conv_weight_is_updated_once():
     """A 1x1 stride-2 convolution of an even-sized input: its weight gradient is computed on 2x2
     points and sliced to 1x1, and the update's epilogue must run once per weight, not once per
-    point (in place, it applied the update 4 times; at opt-level 0 nothing masked it: issue 15)."""
+    point (in place, it applied the update 4 times; at opt-level 0 nothing masked it)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 1, stride=2, bias=False), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)).double()
     trained_in_place(model, make_batches((2, 3, 8, 8), 10, steps=2, dtype=torch.float64), pe.optim.SGD(lr=0.1))

@@ -21,7 +21,7 @@ CLI = os.path.join(os.path.dirname(sys.executable), "pockengine")
 def test_presets_are_valid_tvm_targets_of_their_family():
     presets = targets.presets()
     assert {"host", "jetson-orin", "jetson-orin-nano", "rpi4", "cortex-m4", "cortex-m7", "cortex-m55"} <= set(presets)
-    for name, preset in presets.items():
+    for _name, preset in presets.items():
         target = preset.target()  # TVM accepts the dict
         assert target.kind.name == {"host": "llvm", "aarch64": "llvm", "cuda": "cuda", "cortex-m": "c"}[preset.family]
         if preset.family == targets.CORTEX_M:
@@ -95,4 +95,5 @@ def test_running_without_the_emulator_names_its_package(tmp_path):
     env = bare_path(tmp_path, "make")  # make, but no qemu-system-arm
     ran = subprocess.run([CLI, "run", out, "--steps", "1"], capture_output=True, text=True, env=env)
     assert ran.returncode == 2 and "Traceback" not in ran.stderr
-    assert "qemu-system-arm not found, needed to run for it; install it with `apt-get install qemu-system-arm`" in ran.stderr
+    assert ("qemu-system-arm not found, needed to run for it; "
+            "install it with `apt-get install qemu-system-arm`" in ran.stderr)

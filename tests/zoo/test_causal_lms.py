@@ -2,9 +2,9 @@
 full update and the family's usual sparse scheme in float64, 20 float32 steps."""
 
 import pytest
-
 from hf_models import CAUSAL_LMS, SCHEMES, build
 from zoo_parity import assert_float64_parity, cases, check_model
+
 from pockengine.passes import chunk_linear_log_prob, fuse_linear_log_prob
 
 SPARSE_IN_CI = ["llama", "gemma2", "mistral"]  # LoRA, biases and norms, last layers
@@ -27,7 +27,8 @@ def test_fused_vocabulary_loss_trains_like_pytorch(name, sparse, monkeypatch):
     monkeypatch.setattr(chunk_linear_log_prob, "CHUNK_LOGITS_BYTES", 1)
     chunked = []
     bounds = chunk_linear_log_prob.chunk_bounds
-    monkeypatch.setattr(chunk_linear_log_prob, "chunk_bounds", lambda *args: chunked.append(bounds(*args)) or chunked[-1])
+    monkeypatch.setattr(chunk_linear_log_prob, "chunk_bounds",
+                        lambda *args: chunked.append(bounds(*args)) or chunked[-1])
     model, loss, batches = build(name, monkeypatch)
     label, make_scheme = SCHEMES[name]
     if sparse:

@@ -2,7 +2,6 @@
 (zoo_parity.py): the full update and one sparse scheme in float64, 20 float32 steps."""
 
 import pytest
-
 from hf_models import CAUSAL_LMS, MODELS, SCHEMES, build
 from zoo_parity import cases, check_model
 

@@ -2,7 +2,6 @@
 update and one sparse scheme in float64, 20 float32 steps."""
 
 import pytest
-
 from vision_models import MODELS, SCHEMES, build
 from zoo_parity import cases, check_model
 

@@ -78,7 +78,7 @@ class Footprint:
 HARNESS = "harness (libc, semihosting)"  # the QEMU test main's own memory: not the step's
 
 
-def build_firmware(directory: str, preset) -> "Footprint":
+def build_firmware(directory: str, preset) -> Footprint:
     """`make` the project and measure the ELF. Firmware too big for the QEMU board is linked again
     by `make measure` into memory of any size, so that what it needs can still be reported (the
     result then has fits_board False)."""
@@ -149,7 +149,8 @@ def check_limits(footprint: Footprint, preset, signature: StepSignature, plan: d
     it needs, where it goes, and what would fit."""
     problems = []
     if preset.sram_bytes and footprint.sram > preset.sram_bytes:
-        problems.append(f"SRAM: needs {footprint.sram / 1024:.1f} KiB, {preset.name} has {preset.sram_bytes / 1024:.0f} KiB")
+        problems.append(f"SRAM: needs {footprint.sram / 1024:.1f} KiB, {preset.name} has "
+                        f"{preset.sram_bytes / 1024:.0f} KiB")
     if preset.flash_bytes and footprint.flash > preset.flash_bytes:
         problems.append(f"Flash: needs {footprint.flash / 1024:.1f} KiB, {preset.name} has "
                         f"{preset.flash_bytes / 1024:.0f} KiB")
@@ -181,7 +182,8 @@ def _advice(footprint: Footprint, preset, signature: StepSignature, plan: dict) 
     if preset.sram_bytes and footprint.sram > preset.sram_bytes:
         trained = sum(1 for rule in plan.values() if rule == FULL)
         if fixed >= preset.sram_bytes or trained > len(plan) // 2:
-            tips.append(f"the state the step writes takes {footprint.parts['mutable state (trained params, optimizer)'] / 1024:.1f} "
+            tips.append("the state the step writes takes "
+                        f"{footprint.parts['mutable state (trained params, optimizer)'] / 1024:.1f} "
                         "KiB: train fewer parameters, e.g. sparse_update=SparseUpdate.bias_only() or "
                         "SparseUpdate.mcunetv3(...), and an optimizer without momentum")
         if fixed < preset.sram_bytes and scaling:

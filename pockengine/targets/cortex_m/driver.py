@@ -52,7 +52,8 @@ class Driver:
     constants: list = field(default_factory=list)
     arena_bytes: int = 0
     outputs: list = field(default_factory=list)  # (C buffer of the returned tensor, bytes) per output
-    output_buffers: list = field(default_factory=list)  # (symbol, dtype, count): tensors the step returns in memory of their own
+    # (symbol, dtype, count): tensors the step returns in memory of their own
+    output_buffers: list = field(default_factory=list)
     kernels_called: list = field(default_factory=list)
 
 
@@ -86,7 +87,8 @@ def translate(func: relax.Function, signature: StepSignature, input_symbols: lis
         raise TargetError("train_step does not return a tuple of tensors")
     returned = env[result]
     if len(returned) != 1 + len(signature.outputs):
-        raise TargetError(f"train_step returns {len(returned)} values; the signature expects {1 + len(signature.outputs)}")
+        raise TargetError(f"train_step returns {len(returned)} values; "
+                          f"the signature expects {1 + len(signature.outputs)}")
     driver.outputs = returned
     return driver
 

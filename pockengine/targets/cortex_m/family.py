@@ -15,7 +15,7 @@ from ...errors import InputError, NumericsError
 from ...frontend import to_numpy
 from ...passes.inline_elementwise import inline_elementwise
 from .. import named, resolve
-from ..family import Built, BuildRequest, Family, RunOptions, batches, removed_on_error, scratch_directory
+from ..family import BuildRequest, Built, Family, RunOptions, batches, removed_on_error, scratch_directory
 from ..host import CPU_LOWERING
 from . import Footprint, build_firmware, check_limits, generate, project, run
 
@@ -88,7 +88,8 @@ class CortexMFamily(Family):
         fw = meta["firmware"]
         table = Footprint(fw["flash"], fw["sram"], fw["parts"], fw["stack"]).table()
         return (f"firmware for {meta['target']} ({fw['kernels']} kernels, {fw['kernel_calls']} calls per step):\n"
-                f"{table}\n  device limits: SRAM {fw['sram_limit'] / 1024:.0f} KiB, Flash {fw['flash_limit'] / 1024:.0f} KiB")
+                f"{table}\n  device limits: SRAM {fw['sram_limit'] / 1024:.0f} KiB, "
+                f"Flash {fw['flash_limit'] / 1024:.0f} KiB")
 
 
 def _batch_count(data: str | None, steps: int) -> int:

@@ -51,7 +51,8 @@ def pointer_abi(func: tirx.PrimFunc, symbol: str) -> tirx.PrimFunc:
             raise TargetError(f"kernel {symbol} has a non-buffer parameter {param.name}; "
                               "the Cortex-M driver passes only tensors")
         if ty.strides and len(ty.strides):
-            raise TargetError(f"kernel {symbol}: parameter {param.name} is strided; the driver passes contiguous tensors")
+            raise TargetError(f"kernel {symbol}: parameter {param.name} is strided; "
+                              "the driver passes contiguous tensors")
         pointer = Var(param.name + "_ptr", tvm.ir.PointerType(tvm.ir.PrimType(str(ty.dtype))))
         buffer = tirx.decl_buffer(ty.shape, str(ty.dtype), name=param.name, data=pointer, elem_offset=0)
         renamed[param] = buffer
@@ -110,7 +111,8 @@ def generate_c(kernels: dict, target) -> str:
         mod = finalize_host_passes()(on_the_cpu(pipeline(mod)))
         source = codegen_build(mod, target).inspect_source()
     except Exception as e:
-        raise TargetError(f"TVM's C code generator failed on the step's kernels: {str(e).strip().splitlines()[-1][:300]}") from None
+        raise TargetError("TVM's C code generator failed on the step's kernels: "
+                          f"{str(e).strip().splitlines()[-1][:300]}") from None
     # For a module with one function TVM appends a packed entry point calling it: not wanted here.
     cut = source.find(_AUTO_ENTRY)
     return _non_finite_literals(source if cut < 0 else source[:cut])

@@ -14,6 +14,7 @@ import tempfile
 from ...cache import cache_dir
 from ...errors import TargetError
 
+
 def cuda_target(spec):
     """A TVM target dict, tag or Target of kind cuda -> tvm Target with a host (a preset's is its
     `tvm_target`)."""
@@ -26,7 +27,7 @@ def cuda_target(spec):
         explicit_arch = spec != "nvidia/cuda"  # a tag names its GPU; this one does not
     try:
         target = spec if isinstance(spec, tvm.target.Target) else tvm.target.Target(spec)
-    except Exception as e:  # noqa: BLE001 - TVM raises several types for a bad target
+    except Exception as e:
         raise TargetError(f"not a TVM target: {spec!r} ({str(e).strip().splitlines()[-1][:200]})") from None
     if target.kind.name != "cuda":
         raise TargetError(f"{spec!r} is a {target.kind.name} target, not cuda")
@@ -64,7 +65,7 @@ def gpu_present() -> bool:
     try:
         ensure_cuda_runtime()
         return bool(tvm.cuda(0).exist)
-    except Exception:  # noqa: BLE001 - any failure to reach the device means no device
+    except Exception:
         return False
 
 

@@ -8,7 +8,7 @@ from ... import pipeline
 from ...artifact_files import LIBRARY, PTX_FILE, RUNNER, SOURCE_FILE
 from ...errors import TargetError
 from ..aarch64 import runner_source_path
-from ..family import Built, BuildRequest, Family, removed_on_error, scratch_directory
+from ..family import BuildRequest, Built, Family, removed_on_error, scratch_directory
 from .device import arch_of, cuda_target, gpu_present, host_runs_here, why_not_here
 from .kernel_check import gpu_kernels_check
 from .nvcc import build_cuda, export_cuda, ptx_header
@@ -89,8 +89,9 @@ class CudaFamily(Family):
 
         device = tvm.cuda(0)
         if not device.exist:
-            raise TargetError(f"this artifact runs on an NVIDIA GPU ({manifest.get('tvm_target', {}).get('arch', '?')}); "
-                              "this machine has no CUDA device. Copy the artifact to the GPU machine and run it there")
+            raise TargetError("this artifact runs on an NVIDIA GPU "
+                              f"({manifest.get('tvm_target', {}).get('arch', '?')}); this machine has no CUDA "
+                              "device. Copy the artifact to the GPU machine and run it there")
         return device
 
     def summary(self, meta: dict, detailed: bool = False) -> str | None:
