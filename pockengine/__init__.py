@@ -19,7 +19,7 @@ __all__ = ["TrainingJob", "SparseUpdate", "compile", "load", "Program", "DeviceP
            "errors", "targets"]
 
 
-def compile(job, target="host", *, tuning_logs=(), backend="tvm", progress=None, verbose=False):
+def compile(job, target="host", *, tuning_logs=(), backend="tvm", progress=None, verbose=False):  # noqa: A001 - the contract's name
     """Compile a TrainingJob for a target (preset name, TVM target dict or TVM tag) into a Program,
     or for another machine (aarch64, a GPU, a microcontroller) a DeviceProgram that exports its
     artifact. `tuning_logs`: MetaSchedule databases (directories written by `pockengine tune`) for

@@ -18,7 +18,7 @@ from .targets.families import family as family_of
 from .targets.family import BuildRequest
 
 
-def compile(job, target="host", *, tuning_logs=(), backend="tvm", progress=None):
+def compile(job, target="host", *, tuning_logs=(), backend="tvm", progress=None):  # noqa: A001 - the contract's name
     """Compile `job` for `target` (preset name, TVM target dict or tag) -> runtime.Program: the
     pipeline behind `pockengine.compile`, the public entry, which takes the same arguments (and `verbose`).
 

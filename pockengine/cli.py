@@ -307,7 +307,7 @@ def main(argv=None) -> int:
         print("interrupted: nothing half-written was kept (artifacts and state are replaced atomically)",
               file=sys.stderr)
         return 130
-    except Exception as e:
+    except Exception as e:  # a bug of ours: one line, the traceback on request
         if os.environ.get("POCKENGINE_TRACEBACK"):
             raise
         print(f"error: internal error ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); this is "

@@ -774,5 +774,5 @@ def _package_version() -> str:
         from importlib.metadata import version
 
         return version("pockengine")
-    except Exception:
+    except Exception:  # noqa: BLE001 - no package metadata (a source checkout): the version is unknown
         return "0+unknown"

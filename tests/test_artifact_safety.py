@@ -101,7 +101,7 @@ def _export_crashing_at(program, path, crash_at: int, exchange: bool) -> int:
             sys.addaudithook(die_before)
             program.export(path)
             os._exit(0)
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - the child's exit status is the result
             os._exit(1)
     return os.waitpid(pid, 0)[1] >> 8
 

@@ -99,7 +99,7 @@ def test_keep_rate_and_scale_are_pytorchs_and_masks_differ_by_step_and_site():
         kept = scaled != 0
         assert abs(kept.sum() - n * (1 - p)) <= 5 * np.sqrt(n * p * (1 - p))
         np.testing.assert_array_equal(scaled[kept], np.float32(1 / (1 - p)))
-    same = lambda a, b: np.mean((a != 0) == (b != 0))
+    same = lambda a, b: np.mean((a != 0) == (b != 0))  # about 0.58 for independent masks
     assert same(first[0], first[1]) < 0.62 and same(first[0], second[0]) < 0.62
 
 

@@ -733,5 +733,5 @@ def has_gradient(op_name: str) -> bool:
         return True
     try:
         return tvm.ir.Op.get(op_name).get_attr("FPrimalGradient") is not None
-    except Exception:  # not an operator at all (e.g. a call_tir target)
+    except Exception:  # noqa: BLE001 - not an operator at all (e.g. a call_tir target)
         return False

@@ -114,7 +114,7 @@ def schedule_kernel(func, vector_lanes: int, cores: int, vector_registers: int =
         try:
             sch = kernel_schedule(func)
             root = sch.get_sblock("root")
-        except Exception:
+        except Exception:  # noqa: BLE001 - not a block-structured kernel
             return None
         try:
             for nest in _nests(sch, root):

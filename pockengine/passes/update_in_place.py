@@ -122,7 +122,7 @@ def elementwise_in_place(prim_func, read_index: int, write_index: int) -> bool:
         sch = kernel_schedule(prim_func)
         block_refs = sch.get_child_blocks(sch.get_sblock("root"))
         blocks = [sch.get(b) for b in block_refs]
-    except Exception:
+    except Exception:  # noqa: BLE001 - a kernel of unusual structure: keep the copy
         return False
     src, dst = params[read_index], params[write_index]
     writers = [i for i, block in enumerate(blocks) if any(w.source.same_as(dst) for w in block.writes)]

@@ -194,7 +194,7 @@ def resolve(spec) -> TargetPreset:
 
     try:
         target = spec if isinstance(spec, tvm.target.Target) else tvm.target.Target(spec)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - TVM raises several types for a target it cannot parse
         raise TargetError(
             f"unknown target {spec!r}: use a preset ({', '.join(PRESET_NAMES)}), a TVM target dict such as "
             f"{{\"kind\": \"llvm\", \"num-cores\": 2}}, or a TVM tag "

@@ -89,8 +89,8 @@ class Family:
         return False
 
     def why_not_here(self, manifest: dict) -> str:
-        runner = manifest.get("target", self.name)
-        return (f"this program is built for {runner} ({self.name}); it cannot run in this process. Export it "
+        target = manifest.get("target", self.name)
+        return (f"this program is built for {target} ({self.name}); it cannot run in this process. Export it "
                 "(`program.export(DIR)` or `pockengine build`) and run it with `pockengine run DIR`")
 
     def device(self, manifest: dict):

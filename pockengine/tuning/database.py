@@ -56,7 +56,7 @@ def kernels(fused_mod, target) -> list[Kernel]:
     for task in ms.relax_integration.extract_tasks(fused_mod, target):
         try:
             flop = float(estimate_tir_flops(task.dispatched[0]))
-        except Exception:
+        except Exception:  # noqa: BLE001 - an unanalysable kernel is still a kernel; count it as cheap
             flop = 0.0
         found.append(Kernel(task.task_name, task.dispatched[0], int(task.weight), flop))
     return sorted(found, key=lambda k: -k.weighted_flop)
@@ -117,7 +117,7 @@ def open_log(directory: str, create: bool = False):
     workload, record = os.path.join(directory, WORKLOAD_FILE), os.path.join(directory, RECORD_FILE)
     try:
         return ms.database.JSONDatabase(path_workload=workload, path_tuning_record=record, allow_missing=create)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - TVM raises its own error types for malformed entries
         raise TuningLogError(f"{directory}: MetaSchedule cannot read this database "
                              f"({str(e).strip().splitlines()[-1][:300]}); "
                              "delete it or re-run `pockengine tune`") from None

@@ -193,7 +193,7 @@ def float64_internals(monkeypatch):
         monkeypatch.setattr(getattr(module, f"{prefix}RotaryEmbedding"), "forward", rotary)
         source = inspect.getsource(module.eager_attention_forward).replace("dtype=torch.float32", "dtype=query.dtype")
         namespace = dict(module.__dict__)
-        exec(source, namespace)
+        exec(source, namespace)  # noqa: S102 - transformers' own function, recompiled with one dtype changed
         monkeypatch.setattr(module, "eager_attention_forward", namespace["eager_attention_forward"])
     from transformers.models.t5 import modeling_t5
 

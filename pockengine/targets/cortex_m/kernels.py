@@ -110,7 +110,7 @@ def generate_c(kernels: dict, target) -> str:
         pipeline, finalize_host_passes, _ = tvm.tirx.get_default_tir_pipeline(target)
         mod = finalize_host_passes()(on_the_cpu(pipeline(mod)))
         source = codegen_build(mod, target).inspect_source()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - TVM's code generator raises several types; its words go on
         raise TargetError("TVM's C code generator failed on the step's kernels: "
                           f"{str(e).strip().splitlines()[-1][:300]}") from None
     # For a module with one function TVM appends a packed entry point calling it: not wanted here.

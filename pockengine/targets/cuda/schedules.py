@@ -59,7 +59,7 @@ def default_schedules(mod, target, rules=None):
         for rule in rules:
             try:
                 space = rule.apply(func, target, False)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - next rule; all messages kept for the report
                 errors.setdefault(name, []).append(f"{type(rule).__name__}: {_one_line(e)}")
                 continue
             if space is not None:
