@@ -51,7 +51,7 @@ from .passes.switch_backend import switch_backend
 from .passes.transposed_matmuls import transposed_matmuls
 from .passes.update_in_place import update_in_place
 from .sparse import FULL, Partial
-from .tuning.database import TuningReport, apply_logs
+from .tuning.database import TuningReport, apply_database, apply_logs
 
 # Our passes in the order they run (a family's schedule phase in its place); README's table follows it.
 PASSES = ("fold_broadcasts", "fuse_linear_log_prob", "prune_backward", "chunk_linear_log_prob", "fuse_variance",
@@ -227,8 +227,6 @@ def kernels(mod, preset, lowering: Lowering, database=None, notes: dict | None =
     """`mod` (Relax) as scheduled kernels: fused, the records of `database` (an open MetaSchedule
     database or None) applied, the rest given the family's default schedules. What backend
     measurement builds one operator with."""
-    from .tuning.database import apply_database
-
     target = lowering.tvm_target(preset)
     with target:
         fused = tvm.transform.Sequential(fusion_passes(lowering, target))(mod)
