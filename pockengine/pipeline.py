@@ -21,6 +21,7 @@ README's pass table is checked against it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import sys
 import time
@@ -175,6 +176,7 @@ class Derived:
     step_mod: object
     signature: StepSignature
     optimizer_state: dict
+    optimizer: object
 
     @property
     def initial_state(self) -> dict:
@@ -185,6 +187,21 @@ class Derived:
         """The initial state as a step of `signature` (this one's, or with packed weights) reads it."""
         return signature.split_state({**self.imported.initial, **self.optimizer_state})
 
+    @functools.cached_property
+    def timelines(self) -> dict:
+        """The step's activation timeline, and the full update's when the plan is sparse (to
+        compare): derived once, however many lowerings of the step are planned (--backend auto
+        plans two)."""
+        step_func, imported = self.step_mod[STEP_FUNC], self.imported
+        timelines = {"this step": timeline(step_func, self.signature)}
+        if any(rule != FULL for rule in self.plan.values()):
+            try:
+                full_mod, full_sig, _ = derive_step(imported, self.optimizer, {name: FULL for name in self.plan})
+                timelines["full update"] = timeline(full_mod[STEP_FUNC], full_sig)
+            except UnsupportedOpError:
+                pass  # a frozen part has ops without gradients: there is no full update to compare with
+        return timelines
+
 
 def derive(job, progress=None) -> Derived:
     """The import and autodiff stages of a build."""
@@ -193,7 +210,7 @@ def derive(job, progress=None) -> Derived:
     with stage("autodiff", progress, imported.origin):
         plan = job.plan(imported)
         step_mod, signature, optimizer_state = derive_step(imported, job.optimizer, plan)
-    return Derived(imported, plan, step_mod, signature, optimizer_state)
+    return Derived(imported, plan, step_mod, signature, optimizer_state, job.optimizer)
 
 
 # ---------------------------------------------------------------------- lower
@@ -307,15 +324,7 @@ def finalize(lowered_mod, target):
 # ---------------------------------------------------------------------- the memory plan
 
 
-def memory_report(lowered_mod, derived: Derived, optimizer):
-    """The planned memory of `lowered_mod`, with the step's activation timeline, and the full
-    update's when the plan is sparse (to compare)."""
-    step_func, signature, imported = derived.step_mod[STEP_FUNC], derived.signature, derived.imported
-    timelines = {"this step": timeline(step_func, signature)}
-    if any(rule != FULL for rule in derived.plan.values()):
-        try:
-            full_mod, full_sig, _ = derive_step(imported, optimizer, {name: FULL for name in derived.plan})
-            timelines["full update"] = timeline(full_mod[STEP_FUNC], full_sig)
-        except UnsupportedOpError:
-            pass  # a frozen part has ops without gradients: there is no full update to compare with
-    return plan_report(lowered_mod, step_func, signature, imported.origin, timelines)
+def memory_report(lowered_mod, derived: Derived):
+    """The planned memory of `lowered_mod`, with the step's activation timelines (Derived.timelines)."""
+    return plan_report(lowered_mod, derived.step_mod[STEP_FUNC], derived.signature, derived.imported.origin,
+                       derived.timelines)

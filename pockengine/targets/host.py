@@ -74,7 +74,7 @@ class CpuFamily(Family):
             lowered = pipeline.lower(derived.step_mod, derived.signature, preset, self.lowering,
                                      request.tuning_logs, choices)
         with pipeline.stage("memory plan", request.progress, request.origins):
-            report = pipeline.memory_report(lowered.mod, derived, request.job.optimizer)
+            report = pipeline.memory_report(lowered.mod, derived)
         with pipeline.stage("codegen", request.progress, request.origins):
             first = self._codegen(request, lowered, report, choices)
         if not (request.backend == "auto" and library_kernels(choices)):
@@ -88,7 +88,7 @@ class CpuFamily(Family):
         all_tvm = [dataclasses.replace(c, backend="tvm") for c in choices]
         lowered = pipeline.lower(derived.step_mod, derived.signature, preset, self.lowering, request.tuning_logs,
                                  all_tvm)
-        report = pipeline.memory_report(lowered.mod, derived, request.job.optimizer)
+        report = pipeline.memory_report(lowered.mod, derived)
         return [first, self._codegen(request, lowered, report, all_tvm)]
 
     def backend_choices(self, request: BuildRequest) -> list:

@@ -40,7 +40,7 @@ class CortexMFamily(Family):
         with pipeline.stage("lower", request.progress, request.origins):
             lowered = pipeline.lower(derived.step_mod, signature, preset, self.lowering)
         with pipeline.stage("memory plan", request.progress, request.origins):
-            report = pipeline.memory_report(lowered.mod, derived, job.optimizer)
+            report = pipeline.memory_report(lowered.mod, derived)
         scratch = scratch_directory()
         with removed_on_error(scratch):  # a refused build (too big for the device) leaves no project behind
             with pipeline.stage("codegen", request.progress, request.origins):

@@ -62,7 +62,7 @@ class CudaFamily(Family):
             schedules.tuning = lowered.tuning
             kernels = gpu_kernels_check(lowered.mod, schedules)
         with pipeline.stage("memory plan", request.progress, request.origins):
-            report = pipeline.memory_report(lowered.mod, derived, request.job.optimizer)
+            report = pipeline.memory_report(lowered.mod, derived)
         with pipeline.stage("codegen", request.progress, request.origins):
             executable, ptx = build_cuda(lowered.mod, target)
             scratch = scratch_directory()
