@@ -35,7 +35,7 @@ from .analysis.memory_plan import memory_report as plan_report
 from .analysis.memory_timeline import timeline
 from .autodiff.step import STEP_FUNC, StepSignature, build_train_step
 from .errors import InternalCompilerError, PockEngineError, UnsupportedOpError
-from .frontend import FUNC_NAME
+from .frontend import FUNC_NAME, quantized_ops
 from .passes.chunk_linear_log_prob import chunk_linear_log_prob
 from .passes.drop_saved_activations import drop_saved_activations
 from .passes.drop_unit_reductions import drop_unit_reductions
@@ -43,6 +43,7 @@ from .passes.fold_broadcasts import fold_broadcasts
 from .passes.fuse_linear_log_prob import fuse_linear_log_prob
 from .passes.fuse_variance import fuse_variance
 from .passes.legalize_ops import legalize_and_fuse
+from .passes.narrow_quantized import narrow_quantized, narrowable_weights
 from .passes.pack_frozen_weights import pack_frozen_weights, panel_widths
 from .passes.plan_arena import plan_arena
 from .passes.prune_backward import prune_backward
@@ -56,7 +57,7 @@ from .tuning.database import TuningReport, apply_database, apply_logs
 
 # Our passes in the order they run (a family's schedule phase in its place); README's table follows it.
 PASSES = ("fold_broadcasts", "fuse_linear_log_prob", "prune_backward", "chunk_linear_log_prob", "fuse_variance",
-          "drop_saved_activations", "reorder_updates", "switch_backend", "transposed_matmuls",
+          "drop_saved_activations", "reorder_updates", "narrow_quantized", "switch_backend", "transposed_matmuls",
           "pack_frozen_weights", "legalize_ops", "drop_unit_reductions", "(tuning logs)", "inline_elementwise",
           "schedule_cpu", "fast_math", "schedule_reductions", "update_in_place", "plan_arena")
 
@@ -154,7 +155,7 @@ def derive_step(imported, optimizer, plan):
     the optimizer (autodiff), then compute that operator in chunks of rows (chunk_linear_log_prob),
     batch variances in one reduction (fuse_variance), keep only what the backward needs of the
     forward (drop_saved_activations) and update each parameter once its gradient is complete
-    (reorder_updates)."""
+    (reorder_updates); a quantized model's integers then take int8 (narrow_quantized)."""
     imported = dataclasses.replace(imported, mod=fuse_linear_log_prob(FUNC_NAME)(imported.mod))
     partial = {name: rule for name, rule in plan.items() if isinstance(rule, Partial)}
     if partial:
@@ -165,6 +166,9 @@ def derive_step(imported, optimizer, plan):
     step_mod = tvm.transform.Sequential([chunk_linear_log_prob(STEP_FUNC), fuse_variance(STEP_FUNC),
                                          drop_saved_activations(STEP_FUNC),
                                          reorder_updates(STEP_FUNC)])(step_mod)
+    int8_weights = narrowable_weights(step_mod[STEP_FUNC], signature, imported.initial)
+    step_mod = narrow_quantized(signature, int8_weights, STEP_FUNC)(step_mod)
+    signature = signature.with_state_dtypes(dict.fromkeys(int8_weights, quantized_ops.STORAGE_DTYPE))
     return step_mod, signature, optimizer_state
 
 

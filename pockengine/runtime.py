@@ -235,7 +235,9 @@ class CompiledStep:
         # A tied parameter's alias is the same tensor: its value is taken when its own name is absent.
         arrays = {self._aliases.get(k, k): to_numpy(v) for k, v in state_dict.items()
                   if k not in ignored and not (k in self._aliases and self._aliases[k] in state_dict)}
-        self._write(self.signature.split_state(arrays))
+        arrays = self.signature.split_state(arrays)
+        self._check_integer_state(arrays)
+        self._write(arrays)
         if self._diverged and not self._non_finite_state():
             self._diverged = ""
         return IncompatibleKeys(missing, unexpected)
@@ -261,6 +263,22 @@ class CompiledStep:
             if k not in ignored and shape != self._model_shape(k):
                 raise StateError(f"load_state_dict: {k} has shape {shape}, the program expects {self._model_shape(k)}")
         return missing, unexpected
+
+    def _check_integer_state(self, arrays: dict) -> None:
+        """A quantized model's frozen weights are int8 state (passes/narrow_quantized.py): a value
+        that is not an integer in [-128, 127] would be cast silently into another weight."""
+        for name, value in arrays.items():
+            if self._specs[name].dtype != "int8":
+                continue
+            value = np.asarray(value, dtype=np.float64)
+            bad = ~np.isfinite(value) | (value != np.round(value)) | (value < -128) | (value > 127)
+            if bad.any():
+                index = tuple(int(i) for i in np.argwhere(bad)[0])
+                raise StateError(
+                    f"load_state_dict: {self.signature.owner(name)} is a frozen weight of a quantized model, "
+                    f"held as int8 by the step: its values must be integers in [-128, 127], element {index} "
+                    f"is {value[index]!r}. Load the weights pe.quantize.int8 made, or train this weight "
+                    "(sparse_update) to keep it in float; nothing was loaded")
 
     def _given(self, key: str, state_dict: dict) -> bool:
         """Whether `state_dict` holds the model's `key`: by its name, or a partially trained weight

@@ -51,6 +51,7 @@ from tvm.relax.op import (
 from tvm.relax.op.grad import max_pool2d_backward, no_grad, take_backward
 from tvm.relax.op.nn import conv2d, conv2d_transpose
 
+from ..frontend import quantized_ops
 from . import linear_log_prob
 
 RULES: dict = {}
@@ -703,6 +704,78 @@ def max_pool2d_grad(orig_var, orig_call, output_grad, ctx):
             share = _spread(share, [n, c, oh, pw], 2, i * dh, sh, ph, oh)
             grad = share if grad is None else add(grad, share)
     return [strided_slice(grad, [2, 3], [top, left], [top + h, left + w])]
+
+
+# ---------------------------------------------------------------- int8 operators (MCUNetV3)
+
+
+def _inside_clip(y, low: int, high: int):
+    """Where an integer output was not clipped: strictly inside [low, high], as torch's relu and
+    hardtanh (ReLU6) pass a gradient. MCUNetV3 tests the value before clipping, inclusive; the
+    output alone cannot tell a value that reached a bound from one clipped to it, and a fused ReLU
+    is the clip, so the output decides here."""
+    return logical_and(greater(y, _const(low, y)), less(y, _const(high, y)))
+
+
+def _requantize_scale(multiplier, shift, like):
+    """m / 2^n per channel, in the gradient's dtype (exact in float64)."""
+    dtype = _dtype(like)
+    power = astype(relax.op.left_shift(relax.const(1, "int64"), astype(shift, "int64")), dtype)
+    return relax.op.divide(astype(multiplier, dtype), power)
+
+
+@rule(quantized_ops.QUANTIZE)
+def quantize_grad(orig_var, orig_call, output_grad, ctx):
+    """q = clip(round(x * inv_scale) + zero, qmin, qmax)
+    ->  x_grad = q_grad * inv_scale where q is inside the clip range (straight through the rounding)."""
+    x, inv_scale, config = orig_call.args
+    _, qmin, qmax = quantized_ops.config_of(orig_call, 2)
+    grad = where(_inside_clip(orig_var, qmin, qmax), output_grad, zeros_like(output_grad))
+    return [multiply(grad, astype(inv_scale, _dtype(x))), no_grad(inv_scale), no_grad(config)]
+
+
+@rule(quantized_ops.CONV2D)
+def quantized_conv2d_grad(orig_var, orig_call, output_grad, ctx):
+    """y = clip(requantize(conv2d(x - zero_x, round(w)) + round(b), m, n) + zero_y, qmin, qmax)
+    ->  g = y_grad * (m / 2^n)[c] where y is inside the clip range (MCUNetV3's _QuantizedConv2dFunc:
+        straight through both roundings),
+        b_grad = sum of g over N, H, W,
+        x_grad = conv2d_transpose(g, round(w)), w_grad = conv2d(x - zero_x, g) over the windows,
+        as quantized_conv2d_input_grad / _weight_grad: they read x and w as stored (int8 once
+        narrow_quantized ran), never a float copy of them.
+    A weight in two parts (prune_backward: trained first channels, frozen rest) gets the gradient
+    of its trained part only."""
+    x, weight, bias, multiplier, shift, config = orig_call.args[:6]
+    frozen = orig_call.args[6] if len(orig_call.args) > 6 else None
+    values = quantized_ops.config_of(orig_call, 5)
+    scale = reshape(ctx.emit(_requantize_scale(multiplier, shift, orig_var)), (1, -1, 1, 1))
+    inside = _inside_clip(orig_var, values[quantized_ops.CONV_QMIN], values[quantized_ops.CONV_QMAX])
+    grad = ctx.emit(multiply(where(inside, output_grad, zeros_like(output_grad)), scale))
+    x_grad = quantized_ops.quantized_conv2d_input_grad(grad, weight, values, _shape(x), frozen)
+    w_grad = quantized_ops.quantized_conv2d_weight_grad(x, grad, values, _shape(weight))
+    b_grad = relax.op.sum(grad, axis=[0, 2, 3])
+    grads = [x_grad, w_grad, b_grad, no_grad(multiplier), no_grad(shift), no_grad(config)]
+    return grads + ([no_grad(frozen)] if frozen is not None else [])
+
+
+@rule(quantized_ops.ADD)
+def quantized_add_grad(orig_var, orig_call, output_grad, ctx):
+    """y = clip(requantize((x1 - z1) m1 + (x2 - z2) m2, 1, n) + zero_y, qmin, qmax)
+    ->  x1_grad = y_grad * m1 / 2^n, x2_grad = y_grad * m2 / 2^n where y is inside the clip range."""
+    x1, x2, config = orig_call.args
+    _, _, _, m1, m2, shift, qmin, qmax = quantized_ops.config_of(orig_call, 2)
+    grad = ctx.emit(where(_inside_clip(orig_var, qmin, qmax), output_grad, zeros_like(output_grad)))
+    return [multiply(grad, _const(m1 / 2.0 ** shift, orig_var)), multiply(grad, _const(m2 / 2.0 ** shift, orig_var)),
+            no_grad(config)]
+
+
+@rule(quantized_ops.MEAN)
+def quantized_mean_grad(orig_var, orig_call, output_grad, ctx):
+    """y = round(mean of x over H, W)  ->  x_grad = y_grad / (H W), spread over H, W (MCUNetV3's
+    _QuantizedAvgPoolFunc: straight through the rounding)."""
+    x = orig_call.args[0]
+    _, _, h, w = _shape(x)
+    return [broadcast_to(multiply(output_grad, _const(1.0 / (h * w), orig_var)), x.ty.shape)]
 
 
 # ---------------------------------------------------------------- registration

@@ -150,6 +150,12 @@ class StepSignature:
                  for s in self.state]
         return replace(self, state=state, packed={**self.packed, **panels})
 
+    def with_state_dtypes(self, dtypes: dict) -> StepSignature:
+        """This signature with the state tensors of `dtypes` ({name: dtype}) stored in that dtype
+        (passes/narrow_quantized.py: frozen int8 weights)."""
+        state = [TensorSpec(s.name, s.shape, dtypes[s.name]) if s.name in dtypes else s for s in self.state]
+        return replace(self, state=state)
+
     def to_json(self) -> dict:
         return {
             "batch": [s.to_json() for s in self.batch],

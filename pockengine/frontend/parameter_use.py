@@ -6,6 +6,7 @@ from __future__ import annotations
 from tvm import relax
 
 from ..ir import bindings_of, op_name
+from . import quantized_ops
 
 
 def parameter_ops(func, param_vars: dict) -> dict:
@@ -22,6 +23,9 @@ def parameter_ops(func, param_vars: dict) -> dict:
             op = op_name(b.value)
             if op == "relax.nn.conv2d" and i == 1:
                 groups = int(b.value.attrs.groups)
+                kinds[name] = "depthwise" if groups > 1 and groups == int(var.ty.shape[0]) else "conv"
+            elif op == quantized_ops.CONV2D and i == 1:
+                groups = quantized_ops.conv_attrs(quantized_ops.config_of(b.value, 5))["groups"]
                 kinds[name] = "depthwise" if groups > 1 and groups == int(var.ty.shape[0]) else "conv"
             elif op == "relax.permute_dims" and _feeds_matmul(b.var, consumers):
                 kinds[name] = "linear"

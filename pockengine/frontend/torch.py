@@ -28,7 +28,7 @@ from tvm import relax
 
 from ..errors import FrontendError, LossError, UnsupportedOpError
 from ..ir import bindings_of
-from . import FUNC_NAME, RNG_SEED, RNG_STEP, ImportedModel, Origin, TensorSpec
+from . import FUNC_NAME, RNG_SEED, RNG_STEP, ImportedModel, Origin, TensorSpec, quantized_ops
 from .decompositions import decompose
 from .philox import RandomSource
 
@@ -653,8 +653,39 @@ def _stop_gradient(node, importer):
     return importer.block_builder.emit(relax.op.grad.no_grad(importer.env[node.args[0]]))
 
 
+def _quantize(node, importer):
+    x = importer.env[node.args[0]]
+    inv_scale = relax.const(float(node.args[1]), _dtype(x))
+    config = quantized_ops.config_constant(node.args[2])
+    return importer.block_builder.emit(quantized_ops.quantize(x, inv_scale, config))
+
+
+def _quantized_conv2d(node, importer):
+    x, weight, bias, multiplier, shift = (importer.env[a] for a in node.args[:5])
+    return importer.block_builder.emit(quantized_ops.quantized_conv2d(
+        x, weight, bias, multiplier, shift, quantized_ops.config_constant(node.args[5])))
+
+
+def _quantized_add(node, importer):
+    x1, x2 = importer.env[node.args[0]], importer.env[node.args[1]]
+    return importer.block_builder.emit(quantized_ops.quantized_add(x1, x2, quantized_ops.config_constant(node.args[2])))
+
+
+def _quantized_mean(node, importer):
+    return importer.block_builder.emit(quantized_ops.quantized_mean(importer.env[node.args[0]]))
+
+
+_QUANTIZED_CONVERTERS = {  # pockengine/quantize.py's operators
+    "quantize.default": _quantize,
+    "quantized_conv2d.default": _quantized_conv2d,
+    "quantized_add.default": _quantized_add,
+    "quantized_mean.default": _quantized_mean,
+}
+
+
 CONVERTERS = {
     "stop_gradient.default": _stop_gradient,
+    **_QUANTIZED_CONVERTERS,
     "native_dropout.default": _native_dropout,
     **_RANDOM_CONVERTERS,
     "_native_batch_norm_legit_functional.default": _bn_functional,

@@ -7,6 +7,7 @@ the remaining case, a weight trained on its first k of C channels (MCUNetV3's su
     y = conv2d(x, W)         ->  y = conv2d(x[:, :k], W[:, :k]) + conv2d(x[:, k:], W[:, k:])
     y = x @ W^T              ->  y = x[..., :k] @ W[:, :k]^T + x[..., k:] @ W[:, k:]^T
     y = depthwise(x, W)      ->  y = concat(depthwise(x[:, :k], W[:k]), depthwise(x[:, k:], W[k:]))
+    y = quantized_conv2d(x, W, ...)  ->  y = quantized_conv2d(x, W[:, :k], ..., W[:, k:])   (int8 models)
 
 `W[:, :k]` is bound as `<W>__trained` and differentiated; `W[:, k:]` (`<W>__frozen`) is not. The weight
 gradient then reads only the first k channels of the saved input activation and costs k/C of the
@@ -21,6 +22,7 @@ from tvm.relax import op as R
 
 from ..autodiff.step import FROZEN_PART, TRAINED
 from ..errors import JobError
+from ..frontend import quantized_ops
 from ..ir import bindings_of, op_name, step_pass
 
 
@@ -52,6 +54,10 @@ def _split_partial_weights(func, partial: dict, name: str):
                     continue
                 if op == "relax.nn.conv2d" and value.args[1] in pieces:
                     split = _split_conv(bb, value, pieces[value.args[1]], b.var.name)
+                    bb.emit_normalized(relax.VarBinding(b.var, bb.normalize(split)))
+                    continue
+                if op == quantized_ops.CONV2D and value.args[1] in pieces:
+                    split = _split_quantized_conv(value, pieces[value.args[1]])
                     bb.emit_normalized(relax.VarBinding(b.var, bb.normalize(split)))
                     continue
                 if op == "relax.matmul" and value.args[1] in transposed:
@@ -89,6 +95,18 @@ def _split_conv(bb, call, piece, name):
         return R.concat([a, b], axis=1)
     raise JobError(f"channel-ratio update of a grouped conv (groups={groups}) is not supported; "
                    "train it fully or freeze it")
+
+
+def _split_quantized_conv(call, piece):
+    """An int8 convolution takes the two parts as they are (frontend/quantized_ops.py): its int32
+    sum runs over both before the one requantization, so it is not two convolutions added."""
+    trained, frozen, k, total = piece
+    groups = quantized_ops.conv_attrs(quantized_ops.config_of(call, 5))["groups"]
+    if groups not in (1, total):
+        raise JobError(f"channel-ratio update of a grouped conv (groups={groups}) is not supported; "
+                       "train it fully or freeze it")
+    x, _, bias, multiplier, shift, config = call.args
+    return quantized_ops.quantized_conv2d(x, trained, bias, multiplier, shift, config, frozen)
 
 
 def _split_matmul(bb, call, piece, name):

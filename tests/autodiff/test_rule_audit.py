@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+import quantized_reference
 import torch
 import torch.nn.functional as F
 import tvm
@@ -38,6 +39,7 @@ from tvm.relax.op.grad import no_grad
 
 from pockengine.autodiff import gradients
 from pockengine.autodiff.linear_log_prob import linear_log_prob
+from pockengine.frontend import quantized_ops
 from pockengine.ir import without_kernel_argument_checks
 
 TOL = 1e-10  # scaled by max(1, max |expected|)
@@ -312,6 +314,59 @@ for rows, vocab, hidden in [(7, 11, 5), (1, 3, 4)]:
          lambda x, w, y=labels: linear_log_prob(x, w, c(y)),
          lambda x, w, y=labels: torch.log_softmax(x @ w.T, -1).gather(1, t(y)[:, None]).squeeze(1),
          rand(rows, hidden), rand(vocab, hidden))
+
+# Ours (frontend/quantized_ops.py): the int8 operators of a quantized model, against the fake-quant
+# reference (tests/quantized_reference.py: PyTorch's operators, roundings straight through). Values
+# are integers (trained weights and biases carry fractions, rounded in the forward); clip ranges are
+# narrow enough that some outputs are clipped.
+def _int_valued(*shape, low=-128, high=128, fractions=False):
+    values = ints(*shape, low=low, high=high).astype("float64")
+    return values + (rand(*shape, low=-0.5) * 0.45 if fractions else 0.0)
+
+
+def _fixed_point(channels, bits=(34, 38)):
+    return ints(channels, low=1 << 30, high=1 << 31), ints(channels, low=bits[0], high=bits[1])
+
+
+for c_in, c_out, k, stride, pad, dil, groups, size in [(3, 4, 3, 2, 1, 1, 1, 7), (4, 4, 3, 1, 1, 1, 4, 6),
+                                                        (4, 6, 1, 1, 0, 1, 1, 5), (4, 4, 3, 1, 2, 2, 2, 6),
+                                                        (2, 2, 5, 2, 2, 1, 2, 7)]:
+    multiplier, shift = _fixed_point(c_out)
+    qconfig = [-3, 5, -90, 100, stride, stride, pad, pad, pad, pad, dil, dil, groups]
+    case("pockengine.quantized_conv2d", f"k{k}s{stride}p{pad}d{dil}g{groups}",
+         lambda x, w, b, m=multiplier, n=shift, cfg=qconfig: quantized_ops.quantized_conv2d(
+             x, w, b, c(m), c(n), quantized_ops.config_constant(cfg)),
+         lambda x, w, b, m=multiplier, n=shift, cfg=qconfig: quantized_reference.conv2d(x, w, b, t(m), t(n), cfg),
+         _int_valued(2, c_in, size, size), _int_valued(c_out, c_in // groups, k, k, low=-127, fractions=True),
+         _int_valued(c_out, low=-3000, high=3000, fractions=True))
+# a weight split into trained first channels and a frozen rest (prune_backward): input channels of a
+# 1x1 conv, output channels of a depthwise one; the frozen part is a constant
+for c_in, c_out, k, groups, trained in [(6, 4, 1, 1, 2), (4, 4, 3, 4, 1)]:
+    multiplier, shift = _fixed_point(c_out)
+    qconfig = [2, -1, -100, 110, 1, 1, k // 2, k // 2, k // 2, k // 2, 1, 1, groups]
+    axis = 1 if groups == 1 else 0
+    whole = _int_valued(c_out, c_in // groups, k, k, low=-127)
+    frozen_part = np.take(whole, range(trained, whole.shape[axis]), axis=axis)
+    case("pockengine.quantized_conv2d", f"split-k{k}g{groups}",
+         lambda x, w, b, m=multiplier, n=shift, cfg=qconfig, f=frozen_part: quantized_ops.quantized_conv2d(
+             x, w, b, c(m), c(n), quantized_ops.config_constant(cfg), c(f)),
+         lambda x, w, b, m=multiplier, n=shift, cfg=qconfig, f=frozen_part, a=axis: quantized_reference.conv2d(
+             x, torch.cat([w, t(f)], a), b, t(m), t(n), cfg),
+         _int_valued(1, c_in, 5, 5),
+         _int_valued(*[trained if i == axis else s for i, s in enumerate((c_out, c_in // groups, k, k))],
+                     low=-127, fractions=True),
+         _int_valued(c_out, low=-3000, high=3000, fractions=True))
+for add_config in ([3, -7, 2, 1 << 30, 3 << 29, 31, -128, 127], [0, 0, -128, 1 << 30, 1 << 30, 30, -128, 0]):
+    case("pockengine.quantized_add", f"m=({add_config[3]},{add_config[4]}),clip=({add_config[6]},{add_config[7]})",
+         lambda a, b, cfg=add_config: quantized_ops.quantized_add(a, b, quantized_ops.config_constant(cfg)),
+         lambda a, b, cfg=add_config: quantized_reference.add(a, b, cfg),
+         _int_valued(2, 3, 4, 4), _int_valued(2, 3, 4, 4))
+case("pockengine.quantized_mean", "3x5", quantized_ops.quantized_mean, quantized_reference.mean,
+     _int_valued(2, 4, 3, 5))
+for quant_config in ([0, -128, 127], [-20, -128, 40]):
+    case("pockengine.quantize", f"zero={quant_config[0]},clip=({quant_config[1]},{quant_config[2]})",
+         lambda x, cfg=quant_config: quantized_ops.quantize(x, c(np.float64(7.5)), quantized_ops.config_constant(cfg)),
+         lambda x, cfg=quant_config: quantized_reference.quantize(x, 7.5, cfg), rand(3, 8) * 10)
 
 for name, cshape, ashape, bshape in [
     ("same-shapes", (3, 4), (3, 4), (3, 4)), ("branch-broadcast-1x4", (3, 4), (1, 4), (3, 4)),
