@@ -16,7 +16,7 @@ TVM's are handled where library kernels run (torch_kernels.py).
 from . import errors
 
 __all__ = ["TrainingJob", "SparseUpdate", "compile", "load", "Program", "DeviceProgram", "to_torch", "optim",
-           "errors", "targets"]
+           "errors", "targets", "quantize"]
 
 
 def compile(job, target="host", *, tuning_logs=(), backend="tvm", progress=None, verbose=False):  # noqa: A001 - the contract's name
@@ -48,7 +48,7 @@ def load(directory, threads=None):
 _LAZY = {"TrainingJob": ("job", "TrainingJob"), "SparseUpdate": ("sparse", "SparseUpdate"),
          "Program": ("runtime", "Program"), "DeviceProgram": ("runtime", "DeviceProgram"),
          "to_torch": ("frontend", "to_torch"),
-         "optim": ("optim", None), "targets": ("targets", None)}
+         "optim": ("optim", None), "targets": ("targets", None), "quantize": ("quantize", None)}
 
 
 def __getattr__(name):
