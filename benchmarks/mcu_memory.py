@@ -15,8 +15,10 @@ no sub-tensor update: it computes a channel-ratio weight's whole gradient and ma
 resolutions its peak is the backward's weight gradients rather than the activations.
 
 Then the largest resolution at which each sparse scheme fits the device's SRAM is searched in steps
-of 8 pixels, and that firmware trains a few steps under QEMU next to PyTorch. The anchor is
-MCUNetV3's Tiny Training Engine, which trains an MCUNet in 141 KB with int8; this is float32.
+of 8 pixels, and that firmware trains a few steps under QEMU next to PyTorch, counting the
+instructions each step executes (QEMU -icount). The anchors are MCUNetV3's Tiny Training Engine,
+which trains an MCUNet in 141 KB with int8 (this is float32), and its 373 ms per sparse step of
+MobileNetV2 on a 216 MHz Cortex-M7: about 81 M cycles.
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ from pockengine.artifact_files import PROJECT  # noqa: E402
 from pockengine.errors import MemoryLimitError  # noqa: E402
 from pockengine.sparse import apply_to_torch  # noqa: E402
 from pockengine.targets import cortex_m, resolve  # noqa: E402
+from pockengine.targets.cortex_m.family import ONE_INSTRUCTION_PER_CYCLE, step_time  # noqa: E402
 
 KiB = 1024
 MCUNETV3_ANCHOR_KB = 141  # MCUNetV3 (Lin et al. 2022), Tiny Training Engine, int8
+MCUNETV3_STEP_MS, MCUNETV3_CLOCK_HZ = 373, 216_000_000  # its sparse MobileNetV2 step on an STM32F746 (Cortex-M7)
 
 
 def schemes() -> dict:
@@ -106,8 +110,9 @@ def largest_fitting(scheme, target, rows, name: str, sram: int, search: bool = T
 
 
 def train_under_qemu(scheme, resolution: int, target, steps: int, program=None) -> tuple:
-    """(losses on the device, PyTorch's losses) for `steps` batches at `resolution`; `program`: the
-    firmware of make_job(resolution, scheme) when it was already built (make_job is deterministic)."""
+    """(losses on the device, PyTorch's losses, instructions per step on the device) for `steps`
+    batches at `resolution`; `program`: the firmware of make_job(resolution, scheme) when it was
+    already built (make_job is deterministic)."""
     job, model, _, _ = make_job(resolution, scheme)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(1, 3, resolution, resolution, generator=g), torch.randint(0, 10, (1,), generator=g))
@@ -128,7 +133,7 @@ def train_under_qemu(scheme, resolution: int, target, steps: int, program=None) 
         loss.backward()
         optimizer.step()
         theirs.append(loss.item())
-    return ran.losses, theirs
+    return ran.losses, theirs, ran.instructions
 
 
 def plot(rows, sram: int, target: str, path: str) -> str:
@@ -220,12 +225,18 @@ def main(argv=None):
         resolution = found[name][0]
         print(f"[{name}] training {args.steps} steps at {resolution}x{resolution} under QEMU ...", file=sys.stderr,
               flush=True)
-        ours, theirs = on_device = train_under_qemu(schemes()[name], resolution, args.target, args.steps,
-                                                    built.get((resolution, name)))
+        ours, theirs, instructions = on_device = train_under_qemu(schemes()[name], resolution, args.target,
+                                                                  args.steps, built.get((resolution, name)))
         print(f"\n{name} at {resolution}x{resolution} on QEMU's {preset.board['qemu_machine']} ({preset.name}), "
               f"{args.steps} steps: losses " + " ".join(f"{v:.5f}" for v in ours)
               + "; PyTorch eager " + " ".join(f"{v:.5f}" for v in theirs)
               + f" (largest difference {max(abs(a - b) for a, b in zip(ours, theirs)):.1e})")
+        print("instructions per training step: " + ", ".join(f"{n / 1e6:.2f} M" for n in instructions)
+              + f" ({step_time(max(instructions), preset.clock_hz)}, one per cycle)")
+        print(f"anchor: MCUNetV3's Tiny Training Engine reports {MCUNETV3_STEP_MS} ms per sparse step of "
+              f"MobileNetV2 on a {MCUNETV3_CLOCK_HZ / 1e6:.0f} MHz Cortex-M7, about "
+              f"{MCUNETV3_STEP_MS * MCUNETV3_CLOCK_HZ / 1e9:.0f} M cycles (int8, its own resolution and scheme).\n"
+              + ONE_INSTRUCTION_PER_CYCLE)
     if args.plot:
         print(f"wrote {plot(rows, sram, preset.name, args.plot)}")
     return {"rows": rows, "largest": found, "on_device": on_device}

@@ -41,7 +41,8 @@ class TargetPreset:
     # Microcontrollers: the device's memory and the QEMU board that stands in for it.
     sram_bytes: int | None = None
     flash_bytes: int | None = None
-    board: dict | None = None  # qemu_machine, cflags, memory_map (see targets/cortex_m)
+    board: dict | None = None  # qemu_machine, qemu_cpu_hz, cflags, memory_map (see targets/cortex_m)
+    clock_hz: int | None = None  # the device's core clock: instructions counted under QEMU as a time
 
     @property
     def cores(self) -> int:
@@ -96,9 +97,12 @@ CUDA_TOOLS = (Tool("nvcc", "nvidia-cuda-toolkit", "build"),)
 CORTEX_M_TOOLS = (Tool("arm-none-eabi-gcc", "gcc-arm-none-eabi libnewlib-arm-none-eabi", "build"),
                   Tool("qemu-system-arm", "qemu-system-arm", "run"))
 KiB = 1024
+# The CPU clock QEMU gives each board, which also clocks SysTick (its "processor clock" source): the
+# harness reads SysTick as an instruction counter (cortex_m/project.py), and `make calibrate` checks it.
+QEMU_BOARD_CPU_HZ = {"mps2-an386": 25_000_000, "mps2-an500": 25_000_000, "mps3-an547": 32_000_000}
 
 
-def _cortex_m(name, cpu, description, sram, flash, machine, cflags, memory_map):
+def _cortex_m(name, cpu, description, sram, flash, clock_hz, machine, cflags, memory_map):
     """memory_map: (code origin, code bytes, RAM origin, RAM bytes[, constants origin, bytes]) of the
     QEMU board: where it has memory for code (the vector table at 0), data, and, when the code memory
     is small, constants (weights). The firmware is linked for the board's memory, so that it links
@@ -108,8 +112,8 @@ def _cortex_m(name, cpu, description, sram, flash, machine, cflags, memory_map):
     return TargetPreset(
         name, description, {"kind": "c", "mcpu": cpu, "keys": ["arm_cpu", "cpu"]}, family=CORTEX_M,
         tools=CORTEX_M_TOOLS, runner=f"qemu-system-arm -M {machine} (semihosting)", vector_bytes=4,
-        sram_bytes=sram, flash_bytes=flash,
-        board={"qemu_machine": machine, "cflags": [f"-mcpu={cpu}", *cflags],
+        sram_bytes=sram, flash_bytes=flash, clock_hz=clock_hz,
+        board={"qemu_machine": machine, "qemu_cpu_hz": QEMU_BOARD_CPU_HZ[machine], "cflags": [f"-mcpu={cpu}", *cflags],
                "memory_map": {"flash_origin": memory_map[0], "flash_bytes": memory_map[1],
                               "sram_origin": memory_map[2], "sram_bytes": memory_map[3],
                               "rom_origin": rom[0], "rom_bytes": rom[1], "separate_rom": len(memory_map) > 4}})
@@ -145,18 +149,19 @@ def _preset_factories() -> dict:
             {"kind": "cuda", "arch": "sm_80", "max_num_threads": 1024, "thread_warp_size": 32,
              "host": _host_target()},
             family=CUDA, tools=CUDA_TOOLS, runner="an NVIDIA GPU on this machine"),
-        # SRAM / Flash of a typical part of each core; QEMU's boards have at least as much at these addresses.
+        # SRAM, Flash and clock of a typical part of each core; QEMU's boards have at least as much memory
+        # at these addresses.
         "cortex-m4": lambda name: _cortex_m(
-            name, "cortex-m4", "Cortex-M4F, sized as an STM32F429",
-            256 * KiB, 2048 * KiB, "mps2-an386", ["-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"],
+            name, "cortex-m4", "Cortex-M4F, sized and clocked as an STM32F429 (168 MHz)",
+            256 * KiB, 2048 * KiB, 168_000_000, "mps2-an386", ["-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"],
             (0x0, 4096 * KiB, 0x20000000, 4096 * KiB)),
         "cortex-m7": lambda name: _cortex_m(
-            name, "cortex-m7", "Cortex-M7, sized as an STM32F746",
-            320 * KiB, 1024 * KiB, "mps2-an500", ["-mfloat-abi=hard", "-mfpu=fpv5-d16"],
+            name, "cortex-m7", "Cortex-M7, sized and clocked as an STM32F746 (216 MHz)",
+            320 * KiB, 1024 * KiB, 216_000_000, "mps2-an500", ["-mfloat-abi=hard", "-mfpu=fpv5-d16"],
             (0x0, 4096 * KiB, 0x20000000, 4096 * KiB)),
         "cortex-m55": lambda name: _cortex_m(
-            name, "cortex-m55", "Cortex-M55 (Helium), sized as an Alif Ensemble E3-class part",
-            512 * KiB, 4096 * KiB, "mps3-an547", ["-mfloat-abi=hard"],
+            name, "cortex-m55", "Cortex-M55 (Helium), sized as an Alif Ensemble E3-class part, 400 MHz (its HP core)",
+            512 * KiB, 4096 * KiB, 400_000_000, "mps3-an547", ["-mfloat-abi=hard"],
             # AN547: 512 KiB ITCM at 0 (code), 512 KiB DTCM (data), 8 MiB QSPI (constants)
             (0x0, 512 * KiB, 0x20000000, 512 * KiB, 0x28000000, 8192 * KiB)),
     }
@@ -256,7 +261,7 @@ def _from_tvm_target(target, label: str) -> TargetPreset:
         board = boards[mcpu]
         return TargetPreset(label, board.description, exported, family=CORTEX_M, tools=board.tools, runner=board.runner,
                             vector_bytes=board.vector_bytes, sram_bytes=board.sram_bytes, flash_bytes=board.flash_bytes,
-                            board=board.board)
+                            clock_hz=board.clock_hz, board=board.board)
     if "thumb" in triple or mcpu.startswith("cortex-m"):
         raise TargetError(f"target {label!r}: microcontrollers are built through TVM's C code generator; use a preset "
                           f"({', '.join(boards)}) or {{\"kind\": \"c\", \"mcpu\": \"cortex-m4\"}}")

@@ -24,8 +24,10 @@ def test_mcu_memory_benchmark_small(tmp_path, capsys):
         assert all(r[4] > r[2] for r in (full, sparse))  # PyTorch needs more RAM than our firmware SRAM
     resolution, sram, _ = result["largest"]["MCUNetV3-style"]
     assert resolution == 32 and sram <= 256 * 1024
-    ours, theirs = result["on_device"]
+    ours, theirs, instructions = result["on_device"]
     assert len(ours) == 2 and max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-4
+    assert len(instructions) == 2 and min(instructions) > 1_000_000
     assert (tmp_path / "mcu.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "largest resolution whose training step fits 256 KiB" in out and "ratio" in out
+    assert "instructions per training step" in out and "373 ms per sparse step" in out

@@ -3,10 +3,12 @@ static arena), built with arm-none-eabi-gcc and run under qemu-system-arm with s
 
 The firmware's losses and trained state are compared with the host build of the same job (same
 kernels, another compiler: 1e-5, scaled by each tensor's magnitude) and with PyTorch eager (the
-oracle; float32, a few steps: 1e-4)."""
+oracle; float32, a few steps: 1e-4). The instructions per step the QEMU harness counts are checked
+against loops of known length first."""
 
 import copy
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from conftest import FAST_HOST, MLP, ROOT, make_batches, max_scaled_diff, mobile
 from pockengine.artifact_files import PROJECT
 from pockengine.errors import MemoryLimitError, ToolchainError
 from pockengine.sparse import apply_to_torch
-from pockengine.targets import cortex_m, resolve
+from pockengine.targets import QEMU_BOARD_CPU_HZ, cortex_m, resolve
 
 pytestmark = pytest.mark.skipif(
     shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None,
@@ -70,6 +72,54 @@ def check_against_host_and_torch(job, model, batches, run, optimizer):
     return host
 
 
+def mlp_project(target, batch_size, directory, steps=2):
+    """A small MLP's project for `target` (classifying 8 features into 3 classes), with `steps`
+    batches of `batch_size` written -> (program, project directory, batches)."""
+    torch.manual_seed(0)
+    batches = make_batches((batch_size, 8), 3, steps)
+    job = pe.TrainingJob(MLP(d_in=8, hidden=16, classes=3), (batches[0][0],), batches[0][1], "cross_entropy",
+                         pe.optim.SGD(lr=0.1), name="mlp_small")
+    program = pe.compile(job, target=target)
+    program.export(directory)
+    project = os.path.join(directory, PROJECT)
+    cortex_m.project.write_batches(project, program.signature, [[x.numpy(), y.numpy()] for x, y in batches])
+    return program, project, batches
+
+
+@pytest.mark.parametrize("target", ["cortex-m4", "cortex-m7", "cortex-m55"])
+def test_the_instruction_counter_counts_loops_of_known_length(tmp_path, target):
+    """The proof that the harness's instruction counts are honest: `make calibrate` counts loops of
+    2 + 30 n instructions (integer adds, loads, float adds, nops, the loop's own) with the counter the
+    harness reads around each step (SysTick under QEMU's -icount shift=0). Every count is within two
+    SysTick ticks of the truth (one for the tick the reading falls in, one for the few instructions
+    of the reading itself): 80 instructions on mps2, 62.5 on mps3, however long the loop, and the
+    longest loop runs past SysTick's 24 bits, so its wraps are counted too."""
+    preset = resolve(target)
+    _, project, _ = mlp_project(target, 4, str(tmp_path / "mlp"))
+    out = cortex_m.make(project, preset, "calibrate")
+    loops = [tuple(map(int, m)) for m in re.findall(r"^loop (\d+) expected (\d+) counted (\d+)$", out, flags=re.M)]
+    instructions_per_tick = 1e9 / QEMU_BOARD_CPU_HZ[preset.board["qemu_machine"]]
+    assert [n for n, _, _ in loops] == [0, 1, 1000, 1_000_000, 25_000_000]
+    for iterations, expected, counted in loops:
+        assert expected == 2 + 30 * iterations
+        assert abs(counted - expected) <= 2 * instructions_per_tick, (iterations, expected, counted)
+    assert loops[-1][1] > 2 ** 24 * instructions_per_tick  # SysTick wrapped during the last loop
+
+
+def test_training_steps_report_deterministic_instruction_counts(tmp_path):
+    """Each step's instructions are counted: the same on two runs of the same batches (QEMU's
+    -icount is deterministic), and more for a larger batch."""
+    counts = {}
+    for batch_size in (4, 16):
+        program, project, batches = mlp_project("cortex-m4", batch_size, str(tmp_path / f"batch{batch_size}"))
+        first, again = (cortex_m.run(project, resolve("cortex-m4"), len(batches), program.signature) for _ in "12")
+        assert first.instructions == again.instructions and first.losses == again.losses
+        assert len(first.instructions) == len(batches) and all(n > 1000 for n in first.instructions)
+        counts[batch_size] = first.instructions
+    print(f"instructions per step of the MLP on cortex-m4: {counts}")
+    assert min(counts[16]) > 2 * max(counts[4])  # 4x the rows: the matmuls and the loss scale with them
+
+
 def test_sparse_mobilenetv2_on_cortex_m4(tmp_path):
     """MobileNetV2-0.35, MCUNetV3-style sparse update (biases of the last 12 convs, the first 1/8 of
     the input channels of the last two blocks' projections, the classifier), frozen BatchNorm,
@@ -82,6 +132,8 @@ def test_sparse_mobilenetv2_on_cortex_m4(tmp_path):
     job = pe.TrainingJob(copy.deepcopy(model), (batches[0][0],), batches[0][1], "cross_entropy", optimizer,
                          sparse_update=scheme, name="mnv2_sparse")
     program, run = train_on_device(job, "cortex-m4", batches, str(tmp_path / "m4"))
+    print(f"instructions per step: {run.instructions}")
+    assert len(run.instructions) == STEPS and min(run.instructions) > 1_000_000
     firmware = program.meta["firmware"]
     assert firmware["sram"] <= 256 * 1024 and firmware["flash"] <= 2048 * 1024
     plan = program.plan
@@ -127,10 +179,11 @@ def test_cli_builds_and_runs_the_mlp_example_on_cortex_m7(tmp_path):
     source = open(os.path.join(ROOT, "examples", "mlp_digits", "train.py")).read()
     example.write_text(source.replace("pe.optim.SGD(lr=0.05, momentum=0.9)", "pe.optim.Adam(lr=1e-3)"))
     cli = [os.path.join(os.path.dirname(sys.executable), "pockengine")]
-    losses, builds = {}, {}
+    losses, builds, outputs = {}, {}, {}
     def run(out, *args):
         ran = subprocess.run(cli + ["run", out, *args], capture_output=True, text=True)
         assert ran.returncode == 0, ran.stderr
+        outputs[out] = ran.stdout
         return [float(line.split()[3]) for line in ran.stdout.splitlines() if line.startswith("step")]
 
     for target in ("cortex-m7", "host"):
@@ -148,6 +201,14 @@ def test_cli_builds_and_runs_the_mlp_example_on_cortex_m7(tmp_path):
     assert "SRAM of the step (no harness)" in builds["cortex-m7"].stdout
     assert "device limits" in builds["cortex-m7"].stdout
     assert len(losses["cortex-m7"]) == 5
+    # Each step's instructions, and their time at the STM32F746's 216 MHz at one per cycle (said so).
+    counted = re.findall(r"^step +\d+  loss \S+  instructions ([\d,]+) \(([\d.]+) ms at 216 MHz, one per cycle\)$",
+                         outputs[str(tmp_path / "cortex-m7-straight")], flags=re.M)
+    assert len(counted) == 5
+    for instructions, ms in counted:
+        assert int(instructions.replace(",", "")) > 1000
+        assert float(ms) == pytest.approx(int(instructions.replace(",", "")) / 216e3, abs=0.006)
+    assert "one instruction per cycle" in outputs[str(tmp_path / "cortex-m7-straight")]
     np.testing.assert_allclose(losses["cortex-m7"], losses["host"], rtol=VS_HOST)
     project = tmp_path / "cortex-m7" / "project"
     for name in ("kernels.c", "pe_train_step.c", "pe_train_step.h", "Makefile", "link.ld", "firmware.elf"):

@@ -5,7 +5,7 @@ but with kernels left serial and unvectorized (kernels.py turns them into plain 
 TVM's C code generator), and the lowered Relax function, a straight line of kernel calls on one
 planned arena, becomes a C driver (driver.py). project.py writes the files, this module builds them
 with arm-none-eabi-gcc, measures SRAM and Flash from the ELF, and runs the firmware under
-qemu-system-arm with semihosting.
+qemu-system-arm with semihosting, counting the instructions each step executes (QEMU's -icount).
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def _stack_bytes(directory: str) -> int:
     main (the step calls kernels one level deep; kernels call only libm)."""
     frames = {}
     for name in os.listdir(directory):
-        if name.endswith(".su"):
+        if name.endswith(".su") and name != "calibrate.su":  # `make calibrate`'s main is not the firmware's
             with open(os.path.join(directory, name)) as f:
                 for line in f:
                     m = re.match(r".*:(\w+)\s+(\d+)\s+(\w+)", line.strip())
@@ -241,10 +241,14 @@ def _stack_bytes(directory: str) -> int:
 class Run:
     losses: list
     state: dict  # mutable state after the run, by name
+    # Instructions each step executed (pe_train_step, to one SysTick tick: see project.COUNTER_H); None
+    # from a project written before the harness counted them.
+    instructions: list | None = None
 
 
 def run(directory: str, preset, steps: int, signature: StepSignature, timeout: float = QEMU_TIMEOUT_S) -> Run:
-    """Train `steps` steps in QEMU on batches.bin; the losses and the trained state."""
+    """Train `steps` steps in QEMU on batches.bin; the losses, the trained state and the instructions
+    per step."""
     out_path = os.path.join(directory, "state_out.bin")
     if os.path.exists(out_path):
         os.unlink(out_path)
@@ -260,10 +264,12 @@ def run(directory: str, preset, steps: int, signature: StepSignature, timeout: f
                     "nothing was trained on it or saved. Clean or filter the data")
     if failure is not None:
         raise failure
-    losses = [float(m.group(1)) for m in re.finditer(r"^step \d+ loss (\S+)$", stdout, flags=re.M)]
-    if len(losses) != steps or "done" not in stdout or not os.path.exists(out_path):
+    lines = re.findall(r"^step \d+ loss (\S+)(?: instructions (\d+))?$", stdout, flags=re.M)
+    if len(lines) != steps or "done" not in stdout or not os.path.exists(out_path):
         raise TargetError(f"the firmware did not finish {steps} steps under QEMU; its output:\n{stdout[-2000:]}")
-    return Run(losses, read_state(out_path, signature))
+    counted = all(instructions for _, instructions in lines)
+    return Run([float(loss) for loss, _ in lines], read_state(out_path, signature),
+               [int(instructions) for _, instructions in lines] if counted else None)
 
 
 def read_state(path: str, signature: StepSignature) -> dict:

@@ -1,6 +1,6 @@
 """The Cortex-M family: a C project (kernels, driver on one static arena, state, Makefile, linker
 script), compiled with arm-none-eabi-gcc so its SRAM and Flash are measured and checked against the
-device; `pockengine run` trains it under qemu-system-arm."""
+device; `pockengine run` trains it under qemu-system-arm and reports the instructions per step."""
 
 from __future__ import annotations
 
@@ -28,6 +28,17 @@ def _schedules(_preset, _target, _notes) -> list:
 
 # TVM's CPU pipeline, as C: kernels left serial and unvectorized (kernels.py), no fast_math, no packing.
 LOWERING = dataclasses.replace(CPU_LOWERING, schedule=_schedules, finish_kernels=list, packs_frozen_weights=False)
+
+# What the time `pockengine run` gives for a step's instructions is, and is not.
+ONE_INSTRUCTION_PER_CYCLE = (
+    "instructions are counted under QEMU's -icount (to within 80); the time is at one instruction per cycle at "
+    "the part's clock: a lower bound on a single-issue core such as the Cortex-M4 (its loads take 2 cycles, a float "
+    "division 14, and Flash wait states add more), an estimate on the Cortex-M7, which can issue two per cycle")
+
+
+def step_time(instructions: int, clock_hz: int) -> str:
+    """The instructions of a step as milliseconds at one instruction per cycle at `clock_hz`."""
+    return f"{instructions / clock_hz * 1e3:.2f} ms at {clock_hz / 1e6:.0f} MHz"
 
 
 class CortexMFamily(Family):
@@ -69,14 +80,18 @@ class CortexMFamily(Family):
             program.check_batch([np.asarray(a) for a in batch], f"batch {i + 1}")
         project.write_batches(directory, program.signature, chosen)
         project.write_state(directory, program.signature, program.state_arrays())  # resume from state.npz
-        print(f"running {options.steps} steps on QEMU's {preset.board['qemu_machine']} ({preset.name}; times are "
-              "not the device's)", flush=True)
+        print(f"running {options.steps} steps on QEMU's {preset.board['qemu_machine']} ({preset.name})", flush=True)
         result = run(directory, preset, options.steps, program.signature)
         for step, loss in enumerate(result.losses, 1):
-            print(f"step {step:>5}  loss {loss:.6f}")
+            counted = "" if result.instructions is None else (
+                f"  instructions {result.instructions[step - 1]:,} "
+                f"({step_time(result.instructions[step - 1], preset.clock_hz)}, one per cycle)")
+            print(f"step {step:>5}  loss {loss:.6f}{counted}")
             if not np.isfinite(loss):
                 raise NumericsError(f"step {step}: the loss is {loss} (a NaN or infinity in the loss or in a trained "
                                     "parameter); nothing was saved. Lower the learning rate or check the loss")
+        print(ONE_INSTRUCTION_PER_CYCLE if result.instructions is not None else
+              "(this project's harness predates instruction counting: rebuild the artifact to count them)")
         if options.save:
             program.load_state_dict(result.state, strict=False)
             program.save_state(artifact)

@@ -8,7 +8,10 @@
                        .rodata (Flash only), zero-initialised state in .bss
     pe_tvm.h           the few declarations TVM's generated C expects (instead of TVM's headers)
     harness.c          a test main for QEMU: batches from a file and the step count through
-                       semihosting, the loss per step on stdout, the trained state written back
+                       semihosting, the loss and the instructions executed per step on stdout, the
+                       trained state written back
+    pe_counter.c .h    the harness's instruction counter: SysTick under QEMU's -icount
+    calibrate.c        `make calibrate`: the counter on loops of known length
     startup.c link.ld  vector table, reset handler (FPU on), memory map of the board
     measure.ld         the same layout with unbounded memory: sizes of firmware too big for the board
     Makefile           `make` builds firmware.elf; `make run STEPS=N` runs it under qemu-system-arm;
@@ -74,10 +77,14 @@ def write_project(directory: str, *, kernels_c: str, driver: Driver, signature: 
         "pe_train_step.c": _driver_source(driver, signature, workspace_bytes),
         "pe_state.S": _state_assembly(signature, state, directory),
         "harness.c": HARNESS_C,
+        "pe_counter.h": COUNTER_H,
+        "pe_counter.c": COUNTER_C,
+        "calibrate.c": CALIBRATE_C,
         "startup.c": STARTUP_C,
         "link.ld": _linker_script(board["memory_map"]),
         "measure.ld": _linker_script({**board["memory_map"], **MEASURE_MEMORY}),
-        "Makefile": MAKEFILE.format(cflags=" ".join(board["cflags"]), machine=board["qemu_machine"]),
+        "Makefile": MAKEFILE.format(cflags=" ".join(board["cflags"]), machine=board["qemu_machine"],
+                                    cpu_hz=board["qemu_cpu_hz"]),
     }
     for name, text in files.items():
         _write(os.path.join(directory, name), text)
@@ -343,13 +350,15 @@ int TVMBackendFreeWorkspace(int device_type, int device_id, void* ptr) {{
 """
 
 HARNESS_C = r"""/* Test harness for QEMU (semihosting): run the step on the batches in batches.bin, print the
- * loss per step, write the trained state to state_out.bin. On a device, call pe_train_step from
- * the application instead. Usage (QEMU): -semihosting-config enable=on,target=native,arg=fw,arg=STEPS */
+ * loss and the instructions executed per step (pe_train_step's, and the few of reading the counter),
+ * write the trained state to state_out.bin. On a device, call pe_train_step from the application
+ * instead. Usage (QEMU): -icount shift=0 -semihosting-config enable=on,target=native,arg=fw,arg=STEPS */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "pe_train_step.h"
 #include "pe_batch.h"
+#include "pe_counter.h"
 
 static int semihost(int op, void* arg) {
   register int r0 __asm__("r0") = op;
@@ -371,13 +380,16 @@ int main(void) {
   int steps = steps_from_command_line();
   FILE* data = fopen("batches.bin", "rb");
   if (!data) { printf("error: cannot open batches.bin\n"); return 1; }
+  pe_counter_start();
   for (int step = 1; step <= steps; ++step) {
     if (!PE_READ_BATCH(data)) {  /* at the end of the file: start over */
       rewind(data);
       if (!PE_READ_BATCH(data)) { printf("error: batches.bin is shorter than one batch\n"); return 1; }
     }
     float loss = 0.0f;
+    uint64_t before = pe_counter_ticks();
     int status = pe_train_step(PE_BATCH_ARGS, &loss);
+    uint64_t instructions = pe_ticks_to_instructions(pe_counter_ticks() - before);
     if (status != PE_OK) {  /* nothing was trained on it, and no state is written out */
       printf("error: step %d: code %d: %s\n", step, status, status == PE_ERROR_NON_FINITE_INPUT
              ? "an input holds NaN or an infinity (PyTorch's loss would be NaN)"
@@ -385,7 +397,7 @@ int main(void) {
       fclose(data);
       return status;
     }
-    printf("step %d loss %.9g\n", step, (double)loss);
+    printf("step %d loss %.9g instructions %llu\n", step, (double)loss, (unsigned long long)instructions);
   }
   fclose(data);
   FILE* out = fopen("state_out.bin", "wb");
@@ -394,6 +406,90 @@ int main(void) {
     fwrite(pe_mutable_state[i].data, 1, pe_mutable_state[i].bytes, out);
   fclose(out);
   printf("done\n");
+  return 0;
+}
+"""
+
+COUNTER_H = """/* The instructions the firmware executes, counted under QEMU (the harness reports them per step).
+ * Under -icount shift=0 QEMU's virtual clock advances exactly 1 ns per instruction executed, and the
+ * board clocks SysTick from it at the board's CPU clock, PE_QEMU_CPU_HZ (25 MHz on mps2, 32 MHz on
+ * mps3): ticks x 1e9 / PE_QEMU_CPU_HZ are instructions, to one tick (40 instructions on mps2, 31.25
+ * on mps3). QEMU implements no DWT (CYCCNT reads 0), and its semihosting clock counts centiseconds.
+ * On a device SysTick counts cycles, not instructions. `make calibrate` checks the count. */
+#ifndef PE_COUNTER_H
+#define PE_COUNTER_H
+#include <stdint.h>
+void pe_counter_start(void);
+uint64_t pe_counter_ticks(void);  /* since pe_counter_start; read twice around the code to count */
+uint64_t pe_ticks_to_instructions(uint64_t ticks);  /* outside the code counted: a 64-bit division */
+#endif
+"""
+
+COUNTER_C = """#include "pe_counter.h"
+#define SYST_CSR (*(volatile uint32_t*)0xE000E010u)
+#define SYST_RVR (*(volatile uint32_t*)0xE000E014u)
+#define SYST_CVR (*(volatile uint32_t*)0xE000E018u)
+#define SYST_RELOAD 0xFFFFFFu  /* SysTick counts down 24 bits: 0.67 s at 25 MHz, so its interrupt counts the wraps */
+
+static volatile uint32_t pe_counter_wraps;
+
+void SysTick_Handler(void) { ++pe_counter_wraps; }
+
+void pe_counter_start(void) {
+  SYST_CSR = 0;
+  SYST_RVR = SYST_RELOAD;
+  SYST_CVR = 0;  /* the next tick loads SYST_RELOAD */
+  pe_counter_wraps = 0;
+  SYST_CSR = 7;  /* enabled, interrupt at 0, processor clock */
+}
+
+uint64_t pe_counter_ticks(void) {
+  uint32_t wraps, value;
+  /* The interrupt comes as the counter reaches 0, a few instructions into that tick: a 0 is
+   * ambiguous (wrapped or not yet counted), and so is a wrap between the two reads. Both last
+   * under a tick; read again. Before the first tick the counter reads 0 too. */
+  do {
+    wraps = pe_counter_wraps;
+    value = SYST_CVR;
+  } while (value == 0 || wraps != pe_counter_wraps);
+  return (uint64_t)wraps * (SYST_RELOAD + 1u) + (SYST_RELOAD - value);
+}
+
+uint64_t pe_ticks_to_instructions(uint64_t ticks) {
+  return (ticks * 1000000000ull + PE_QEMU_CPU_HZ / 2) / PE_QEMU_CPU_HZ;
+}
+"""
+
+CALIBRATE_C = """/* `make calibrate`: the instruction counter (pe_counter.c) on loops of known length. A loop of n
+ * iterations executes 2 + 30 n instructions: a compare and a branch, then per iteration seven
+ * times an integer add, a load, a float add and a nop (what is counted must not depend on the kind
+ * of instruction), a decrement and a branch back. The last loop outlasts SysTick's 24 bits. */
+#include <stdio.h>
+#include "pe_counter.h"
+
+static inline __attribute__((always_inline)) void loop(uint32_t iterations) {
+  uint32_t sum = 0, loaded;
+  __asm__ volatile("cmp %0, #0\\n beq 2f\\n"
+                   "1:\\n .rept 7\\n adds %1, %1, #1\\n ldr %2, [sp]\\n vadd.f32 s15, s15, s15\\n nop\\n .endr\\n"
+                   "subs %0, %0, #1\\n bne 1b\\n 2:"
+                   : "+r"(iterations), "+r"(sum), "=&r"(loaded) : : "s15", "cc", "memory");
+}
+
+#define MEASURE(n) do { \\
+    uint64_t before = pe_counter_ticks(); \\
+    loop(n); \\
+    uint64_t counted = pe_ticks_to_instructions(pe_counter_ticks() - before); \\
+    printf("loop %lu expected %llu counted %llu\\n", (unsigned long)(n), 2ull + 30ull * (n), \\
+           (unsigned long long)counted); \\
+  } while (0)
+
+int main(void) {
+  pe_counter_start();
+  MEASURE(0u);
+  MEASURE(1u);
+  MEASURE(1000u);
+  MEASURE(1000000u);
+  MEASURE(25000000u);
   return 0;
 }
 """
@@ -407,9 +503,10 @@ extern void __libc_init_array(void);
 extern void exit(int);
 void Reset_Handler(void);
 void Default_Handler(void) { for (;;) {} }
+void SysTick_Handler(void) __attribute__((weak, alias("Default_Handler")));  /* pe_counter.c's, when linked */
 __attribute__((section(".isr_vector"), used))
 const void* pe_vectors[16] = { &_estack, Reset_Handler, Default_Handler, Default_Handler, Default_Handler,
-  Default_Handler, Default_Handler, 0, 0, 0, 0, Default_Handler, Default_Handler, 0, Default_Handler, Default_Handler };
+  Default_Handler, Default_Handler, 0, 0, 0, 0, Default_Handler, Default_Handler, 0, Default_Handler, SysTick_Handler };
 void Reset_Handler(void) {
   uint32_t *src = &_sidata, *dst = &_sdata;
   while (dst < &_edata) *dst++ = *src++;
@@ -452,15 +549,18 @@ CC      = arm-none-eabi-gcc
 SIZE    ?= arm-none-eabi-size
 QEMU    ?= qemu-system-arm
 STEPS   ?= 3
-CFLAGS  := {cflags} -mthumb -O2 -ffunction-sections -fdata-sections -fstack-usage -Wall -Wno-unused-variable -Wno-unused-function
-SOURCES := kernels.c pe_train_step.c harness.c startup.c
+CFLAGS  := {cflags} -mthumb -O2 -ffunction-sections -fdata-sections -fstack-usage -Wall -Wno-unused-variable -Wno-unused-function -DPE_QEMU_CPU_HZ={cpu_hz}
+SOURCES := kernels.c pe_train_step.c harness.c pe_counter.c startup.c
 OBJECTS := $(SOURCES:.c=.o) pe_state.o
 LDFLAGS := --specs=rdimon.specs -nostartfiles -Wl,--gc-sections
+# -icount shift=0: the virtual clock advances 1 ns per instruction, so the harness counts instructions (pe_counter.h)
+QEMUFLAGS := -M {machine} -icount shift=0 -nographic -monitor none -serial none
+SEMIHOSTING := enable=on,target=native
 
-.PHONY: all run size measure clean
+.PHONY: all run calibrate size measure clean
 all: firmware.elf
 
-%.o: %.c pe_tvm.h pe_train_step.h kernels.h pe_batch.h
+%.o: %.c pe_tvm.h pe_train_step.h kernels.h pe_batch.h pe_counter.h
 \t$(CC) $(CFLAGS) -c $< -o $@
 
 pe_state.o: pe_state.S $(wildcard state/*.bin)
@@ -475,11 +575,17 @@ firmware-measure.elf: $(OBJECTS) measure.ld
 \t$(CC) $(CFLAGS) $(LDFLAGS) -T measure.ld $(OBJECTS) -lm -o $@
 
 run: firmware.elf batches.bin
-\t$(QEMU) -M {machine} -nographic -monitor none -serial none -semihosting-config enable=on,target=native,arg=firmware,arg=$(STEPS) -kernel firmware.elf
+\t$(QEMU) $(QEMUFLAGS) -semihosting-config $(SEMIHOSTING),arg=firmware,arg=$(STEPS) -kernel firmware.elf
+
+# The instruction counter on loops of known length: expected and counted instructions per loop.
+calibrate: calibrate.elf
+\t$(QEMU) $(QEMUFLAGS) -semihosting-config $(SEMIHOSTING) -kernel calibrate.elf
+calibrate.elf: calibrate.o pe_counter.o startup.o link.ld
+\t$(CC) $(CFLAGS) $(LDFLAGS) -T link.ld calibrate.o pe_counter.o startup.o -o $@
 
 size: firmware.elf
 \t$(SIZE) -A firmware.elf
 
 clean:
-\trm -f *.o *.su firmware.elf firmware-measure.elf firmware.map state_out.bin
+\trm -f *.o *.su firmware.elf firmware-measure.elf calibrate.elf firmware.map state_out.bin
 """
