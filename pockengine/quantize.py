@@ -233,8 +233,8 @@ class QuantizedConv2d(nn.Module):
         self.weight_scale = weight_scale.detach().to(torch.float64).clone()
         effective = (self.input_scale * self.weight_scale / self.output_scale).tolist()
         multiplier, shift = zip(*(fixed_point(s) for s in effective))
-        self.register_buffer("multiplier", torch.tensor(multiplier, dtype=torch.int64))
-        self.register_buffer("shift", torch.tensor(shift, dtype=torch.int64))
+        self.register_buffer("multiplier", torch.tensor(multiplier, dtype=torch.int32))
+        self.register_buffer("shift", torch.tensor(shift, dtype=torch.int32))
         padding = conv.padding if not isinstance(conv.padding, str) else _same_padding(conv)
         self.config = [int(v) for v in (self.zero_x, self.zero_y, *clip, *conv.stride,
                                         padding[0], padding[1], padding[0], padding[1], *conv.dilation, conv.groups)]

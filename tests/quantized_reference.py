@@ -24,7 +24,7 @@ def clipped(v, low, high):
 
 def fixed_point_scale(acc, multiplier, shift):
     """(acc * m + 2^(n-1)) >> n, gradient acc * m / 2^n."""
-    multiplier, shift = torch.as_tensor(multiplier), torch.as_tensor(shift)
+    multiplier, shift = torch.as_tensor(multiplier).to(torch.int64), torch.as_tensor(shift).to(torch.int64)
     integer = acc.detach().to(torch.int64)
     value = torch.div(integer * multiplier + (1 << (shift - 1)), 2 ** shift, rounding_mode="floor")
     scaled = acc * (multiplier.to(acc.dtype) / torch.pow(2.0, shift.to(acc.dtype)))

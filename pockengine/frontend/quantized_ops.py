@@ -177,8 +177,10 @@ def round_half_away(value):
     addition itself rounds (0.49999997f + 0.5f == 1.0f)."""
     dtype = _dtype_of(value)
     whole = tirx.trunc(value)
-    step = tirx.Select(value < tirx.const(0, dtype), tirx.const(-1, dtype), tirx.const(1, dtype))
-    return whole + tirx.Select(tirx.abs(value - whole) >= tirx.const(0.5, dtype), step, tirx.const(0, dtype))
+    fraction = value - whole  # no fabs: TVM's C code generator has no rule for it
+    up = tirx.Select(fraction >= tirx.const(0.5, dtype), tirx.const(1, dtype), tirx.const(0, dtype))
+    down = tirx.Select(fraction <= tirx.const(-0.5, dtype), tirx.const(-1, dtype), tirx.const(0, dtype))
+    return whole + up + down
 
 
 def _dtype_of(value) -> str:
@@ -189,10 +191,12 @@ def _dtype_of(value) -> str:
 def relax_round_half_away(value):
     """round_half_away as Relax operators (for the gradient rules, which see the same integers)."""
     whole = relax.op.trunc(value)
-    half = relax.const(0.5, str(value.ty.dtype))
-    zero = relax.op.zeros_like(value)
-    return relax.op.add(whole, relax.op.where(relax.op.greater_equal(relax.op.abs(relax.op.subtract(value, whole)),
-                                                                        half), relax.op.sign(value), zero))
+    fraction = relax.op.subtract(value, whole)
+    half, zero = relax.const(0.5, str(value.ty.dtype)), relax.op.zeros_like(value)
+    one = relax.op.ones_like(value)
+    up = relax.op.where(relax.op.greater_equal(fraction, half), one, zero)
+    down = relax.op.where(relax.op.less_equal(fraction, relax.op.negative(half)), relax.op.negative(one), zero)
+    return relax.op.add(relax.op.add(whole, up), down)
 
 
 def _to_int(value, dtype: str):

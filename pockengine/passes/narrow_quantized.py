@@ -37,11 +37,15 @@ def narrowable_weights(func, signature: StepSignature, initial: dict) -> set:
     n_batch = len(signature.batch)
     name_of = {param: spec.name for param, spec in zip(func.params[n_batch:], signature.state)}
     weight_uses, other_quantized_uses = set(), set()
+    alias = {}  # a binding of a parameter to a new name (autodiff's `W1 = W`) -> the parameter
     for binding in bindings_of(func):
+        if isinstance(binding.value, relax.Var) and (binding.value in name_of or binding.value in alias):
+            alias[binding.var] = alias.get(binding.value, binding.value)
         if not quantized_ops.is_quantized_op(binding.value):
             continue
         slots = _WEIGHT_SLOT.get(op_name(binding.value), ())
         for i, arg in enumerate(binding.value.args):
+            arg = alias.get(arg, arg)
             if arg in name_of:
                 (weight_uses if i in slots else other_quantized_uses).add(arg)
     chosen = set()
@@ -85,6 +89,9 @@ def _narrow(func, signature: StepSignature, weights: set, func_name: str):
         with bb.dataflow():
             for binding in bindings_of(func):
                 value, var = binding.value, binding.var
+                if isinstance(value, relax.Var) and value in narrowed:
+                    narrowed[var], float_dtype[var] = narrowed[value], float_dtype[value]  # an alias
+                    continue
                 if quantized_ops.is_quantized_op(value):
                     args = [narrowed.get(a, renamed.get(a, a)) if isinstance(a, relax.Var) else a for a in value.args]
                     value = bb.normalize(relax.Call(value.op, args, value.attrs))
