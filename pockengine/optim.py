@@ -91,13 +91,21 @@ class Optimizer:
         """The equivalent torch.optim optimizer over `params` (for comparisons and benchmarks)."""
         import torch
 
-        args = {k: v for k, v in asdict(self).items()}
+        args = {k: v for k, v in asdict(self).items() if k != "qas"}
         return getattr(torch.optim, self.kind)(params, **args)
 
 
 @dataclass
 class SGD(Optimizer):
-    """torch.optim.SGD: weight decay, momentum with dampening, Nesterov, maximize."""
+    """torch.optim.SGD: weight decay, momentum with dampening, Nesterov, maximize.
+
+    qas: MCUNetV3's Quantization-Aware Scaling for a model of pe.quantize.int8: before the update,
+    the gradient of each int8 conv's weight is multiplied by s_w^-2 (its per-output-channel weight
+    scale) and of its bias by (s_x s_w)^-2, the scales folded into the step as constants; float
+    parameters (the classifier) are updated as they are. An int8 weight w = W / s_w has gradient
+    s_w * dL/dW, so plain SGD moves it s_w^2 times as far as the float weight it stands for would
+    move; QAS undoes that, per channel. Without momentum, as MCUNetV3 trains on microcontrollers,
+    the update adds no state."""
 
     lr: float = 1e-3
     momentum: float = 0.0
@@ -105,6 +113,7 @@ class SGD(Optimizer):
     weight_decay: float = 0.0
     nesterov: bool = False
     maximize: bool = False
+    qas: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -120,6 +129,13 @@ class SGD(Optimizer):
 
     def slots(self) -> list[str]:
         return ["momentum_buffer"] if self.momentum != 0 else []
+
+    def to_torch(self, params):
+        if self.qas:
+            raise OptimizerError("SGD(qas=True): torch.optim has no Quantization-Aware Scaling; to train the same "
+                                 "way in PyTorch, call pockengine.quantize.scale_gradients_qas(model) between "
+                                 "backward() and the step of torch.optim.SGD")
+        return super().to_torch(params)
 
     def update(self, em, param, grad, slots, lr_f64, step_f64):
         g = em.emit(R.negative(grad)) if self.maximize else grad

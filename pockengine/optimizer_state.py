@@ -85,7 +85,8 @@ class TorchOptimizerLayout:
     def _hyperparameters(self) -> dict:
         """The optimizer's arguments as torch.optim's param groups name them (tuples where torch has
         tuples)."""
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in asdict(self.optimizer).items() if k != LR}
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in asdict(self.optimizer).items()
+                if k not in (LR, "qas")}  # qas: PockEngine's own, torch has no such argument
 
     # ------------------------------------------------------------------ read
 

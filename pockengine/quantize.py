@@ -242,6 +242,12 @@ class QuantizedConv2d(nn.Module):
     def forward(self, x):
         return quantized_conv2d_op(x, self.weight, self.bias, self.multiplier, self.shift, self.config)
 
+    def qas_gradient_scales(self) -> dict:
+        """MCUNetV3's Quantization-Aware Scaling: the weight's gradient times s_w^-2 and the bias's
+        times (s_x s_w)^-2, per output channel (what an int8 step moves matches the float weight's)."""
+        return {"weight": (self.weight_scale ** -2).view(-1, 1, 1, 1),
+                "bias": (self.input_scale * self.weight_scale) ** -2}
+
     def extra_repr(self):
         return (f"{self.weight.shape[1] * self.config[12]}, {self.weight.shape[0]}, "
                 f"kernel_size={tuple(self.weight.shape[2:])}, stride={tuple(self.config[4:6])}, "
@@ -268,6 +274,17 @@ class QuantizedMean(nn.Module):
 
     def forward(self, x):
         return quantized_mean_op(x)
+
+
+def scale_gradients_qas(model: nn.Module) -> None:
+    """QAS in PyTorch: scale the gradients of `model`'s int8 layers in place, as optim.SGD(qas=True)
+    does inside the compiled step (call between backward() and torch.optim.SGD's step())."""
+    for module in model.modules():
+        if hasattr(module, "qas_gradient_scales"):
+            for name, factor in module.qas_gradient_scales().items():
+                param = getattr(module, name)
+                if param.grad is not None:
+                    param.grad.mul_(factor.to(param.grad.dtype))
 
 
 def _same_padding(conv: nn.Conv2d) -> tuple:

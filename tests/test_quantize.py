@@ -338,3 +338,65 @@ def test_int8_training_on_cortex_m_equals_the_host(tmp_path, target):
     host_state = host.state_arrays()
     for name, value in ran.state.items():
         np.testing.assert_allclose(value, host_state[name], rtol=2e-6, atol=2e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_qas_scales_the_int8_gradients_as_mcunetv3(momentum):
+    """SGD(qas=True) against the update written here: before torch.optim.SGD's step, each int8 conv's
+    weight gradient times weight_scale^-2 per output channel, its bias's times (input_scale *
+    weight_scale)^-2, the float classifier's unchanged (MCUNetV3's SGDScale.pre_step)."""
+    q = quantized(TinyNet(), (2, 3, 16, 16))
+    batches = batches_for((2, 3, 16, 16), 5)
+    job = pe.TrainingJob(copy.deepcopy(q), (batches[0][0],), batches[0][1], "cross_entropy",
+                         pe.optim.SGD(lr=1e-5, momentum=momentum, qas=True), sparse_update=SCHEMES["mcunetv3"])
+    program = pe.compile(job, target=FAST_HOST)
+    ours = [program.step(x, y) for x, y in batches]
+
+    ref = apply_to_torch(reference_of(q), program.plan)
+    layers = {name: module for name, module in q.named_modules() if isinstance(module, quantize.QuantizedConv2d)}
+    opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=1e-5, momentum=momentum)
+    theirs = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss = F.cross_entropy(ref(x), y)
+        loss.backward()
+        for name, layer in layers.items():
+            conv = ref.get_submodule(name)
+            if conv.weight.grad is not None:
+                conv.weight.grad /= layer.weight_scale.view(-1, 1, 1, 1) ** 2
+            if conv.bias.grad is not None:
+                conv.bias.grad /= (layer.input_scale * layer.weight_scale) ** 2
+        opt.step()
+        theirs.append(loss.item())
+    np.testing.assert_allclose(ours, theirs, rtol=1e-10)
+    worst, where = max_scaled_diff(program.state_dict(), ref.state_dict(), floor=1e-2)
+    assert worst < 1e-9, (worst, where)
+
+
+
+def test_qas_moves_each_channel_by_its_weight_scale():
+    """One step from the same state: QAS's move of a weight channel over plain SGD's is s_w^-2."""
+    q = quantized(TinyNet(), (2, 3, 16, 16))
+    x, y = batches_for((2, 3, 16, 16), 5, steps=1)[0]
+    moves = []
+    for qas in (False, True):
+        job = pe.TrainingJob(copy.deepcopy(q), (x,), y, "cross_entropy", pe.optim.SGD(lr=1e-2, qas=qas),
+                             sparse_update=pe.SparseUpdate.bias_only() | {"pw.0.weight": "full"})
+        program = pe.compile(job, target=FAST_HOST)
+        program.step(x, y)
+        moves.append(program.state_dict()["pw.0.weight"] - q.get_submodule("pw.0").weight.detach().numpy())
+    plain, scaled = moves
+    expected = (q.get_submodule("pw.0").weight_scale.numpy() ** -2).reshape(-1, 1, 1, 1)
+    moving = np.abs(plain) > 1e-12
+    ratio = scaled[moving] / plain[moving]
+    np.testing.assert_allclose(ratio, np.broadcast_to(expected, plain.shape)[moving], rtol=1e-6)
+
+
+def test_qas_needs_a_quantized_model():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    job = pe.TrainingJob(model, (torch.randn(2, 3, 2, 2),), torch.tensor([0, 1]), "cross_entropy",
+                         pe.optim.SGD(lr=0.1, qas=True))
+    with pytest.raises(JobError, match="qas=True.*pe.quantize.int8"):
+        pe.compile(job, target=FAST_HOST)
+    with pytest.raises(pe.errors.OptimizerError, match="scale_gradients_qas"):
+        pe.optim.SGD(lr=0.1, qas=True).to_torch(model.parameters())

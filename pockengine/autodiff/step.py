@@ -282,6 +282,25 @@ def _trained_spec(spec: TensorSpec, part) -> TensorSpec:
     return TensorSpec(spec.name, tuple(shape), spec.dtype)
 
 
+def _gradient_scales(imported: ImportedModel, optimizer: Optimizer, trained: list) -> dict:
+    """{trained parameter: the constant its gradient is multiplied by before the update}: QAS's
+    per-channel factors (optim.SGD(qas=True)), cut to the trained channels of a partial weight."""
+    if not getattr(optimizer, "qas", False):
+        return {}
+    scales = {}
+    for spec in trained:
+        factor = imported.gradient_scales.get(spec.name)
+        if factor is None:
+            continue
+        index = tuple(slice(0, n) if f != 1 else slice(None) for f, n in zip(factor.shape, spec.shape))
+        scales[spec.name] = np.ascontiguousarray(factor[index]).astype(spec.dtype)
+    if not scales:
+        raise JobError("SGD(qas=True) scales the gradients of a quantized model's int8 layers "
+                       "(pe.quantize.int8), and none of the trained parameters is one: train a quantized "
+                       "model, or drop qas")
+    return scales
+
+
 def _part_specs(spec: TensorSpec, part, split: SplitWeight) -> tuple:
     """The state tensors of a partially trained parameter: its trained channels, the frozen rest."""
     rest = list(spec.shape)
@@ -327,7 +346,9 @@ def build_train_step(imported: ImportedModel, optimizer: Optimizer, plan: dict):
     part_specs = {n: _part_specs(specs[n], partial[n], splits[n]) for n in partial}
     ranges = index_ranges(imported.func, [s.name for s in imported.inputs], imported.origin)
 
-    step_mod, checks_in_step = _emit_step(imported, optimizer, differentiated, trained, slots, part_specs, ranges)
+    scales = _gradient_scales(imported, optimizer, trained)
+    step_mod, checks_in_step = _emit_step(imported, optimizer, differentiated, trained, slots, part_specs, ranges,
+                                          scales)
     signature = _signature(imported, trainable_set, trained, slots, splits, part_specs, ranges, checks_in_step)
     init = {LR: np.array(optimizer.lr, "float64"), STEP: np.array(0, "int64")}
     init.update({spec.name: np.zeros(spec.shape, spec.dtype) for spec in slots.values()})
@@ -381,7 +402,7 @@ def _differentiate(imported: ImportedModel, trainable: list, partial: dict) -> _
 
 
 def _emit_step(imported: ImportedModel, optimizer: Optimizer, differentiated: _Differentiated, trained: list,
-               slots: dict, part_specs: dict, ranges: list):
+               slots: dict, part_specs: dict, ranges: list, scales: dict):
     """(the module of train_step, whether it checks its batch): the batch check, forward and
     backward, the optimizer's updates, each new value gated by the batch check, the loss check."""
     n_in, n_p = len(imported.inputs), len(imported.params)
@@ -404,6 +425,8 @@ def _emit_step(imported: ImportedModel, optimizer: Optimizer, differentiated: _D
             batch_ok = emit_batch_check(bb, dict(zip([s.name for s in imported.inputs], aparams[:n_in])), ranges)
             outputs, grads = _emit_forward_backward(bb, differentiated, slice_param)
             loss, new_buffers = outputs[0], outputs[1:]
+            grads = [bb.emit(relax.op.multiply(g, relax.const(scales[s.name], s.dtype)), UPDATE_PREFIX + "qas")
+                     if s.name in scales else g for s, g in zip(trained, grads)]
             new_step, new_params, slot_out = _emit_updates(bb, optimizer, batch_ok, trained, grads, by_name,
                                                            lr_var, step_var, slot_vars)
             new_buffers = [gate(bb, batch_ok, b, buffer_vars[name], name)

@@ -109,6 +109,9 @@ class ImportedModel:
     aliases: dict = field(default_factory=dict)
     # Random operations converted to the step's generator; when > 0, forward_loss ends with (seed, step).
     random_sites: int = 0
+    # Parameter name -> the factor QAS (optim.SGD(qas=True)) multiplies its gradient by, broadcast
+    # against it: the int8 layers of a pe.quantize.int8 model.
+    gradient_scales: dict = field(default_factory=dict)
 
     @property
     def func(self):

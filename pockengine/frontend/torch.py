@@ -85,7 +85,22 @@ def import_torch(model: nn.Module, example_inputs: tuple, example_targets, loss,
             "(no data-dependent Python control flow; see torch.export's documentation)."
         ) from e
     _check_loss_is_scalar(ep)
-    return _Importer(ep, seed).run()
+    imported = _Importer(ep, seed).run()
+    imported.gradient_scales = _gradient_scales(model, {s.name for s in imported.params})
+    return imported
+
+
+def _gradient_scales(model: nn.Module, params: set) -> dict:
+    """{parameter name: per-channel factor} of the modules that say how QAS scales their gradients
+    (pockengine.quantize.QuantizedConv2d.qas_gradient_scales)."""
+    scales = {}
+    for prefix, module in model.named_modules():
+        if hasattr(module, "qas_gradient_scales"):
+            for name, factor in module.qas_gradient_scales().items():
+                full = f"{prefix}.{name}" if prefix else name
+                if full in params:
+                    scales[full] = factor.detach().cpu().numpy()
+    return scales
 
 
 # Ops that PyTorch refuses for operands of different dtypes; torch.export's fake tensors let them
