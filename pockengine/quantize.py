@@ -300,14 +300,21 @@ _SHAPE_OPS = {"flatten", "reshape", "view", "squeeze", "contiguous"}
 _ADDS = (operator.add, torch.add)
 
 
-def int8(model: nn.Module, calibration_batches, *, report: bool = False) -> nn.Module:
+def int8(model: nn.Module, calibration_batches, *, input: str = "float", report: bool = False) -> nn.Module:
     """A quantized copy of `model` (a torch.fx-traceable nn.Module), its activation ranges
     calibrated on `calibration_batches` (input tensors, or tuples of the model's inputs; a few
     batches of real data). BatchNorm is folded with its running statistics, as an int8 engine
-    folds it: the copy trains with BatchNorm frozen. `report`: print what became integer."""
+    folds it: the copy trains with BatchNorm frozen. `report`: print what became integer.
+
+    input="float": the copy takes the model's float inputs and quantizes them itself. input="int8":
+    it takes them quantized already, as int8 tensors (`quantize_input(qmodel, x)` makes them; a
+    camera's pixels usually are, up to an offset): a microcontroller then holds its input batch in
+    one byte per value instead of four."""
     batches = [b if isinstance(b, (tuple, list)) else (b,) for b in calibration_batches]
     if not batches:
         raise JobError("quantize.int8: give at least one calibration batch (the activation ranges come from it)")
+    if input not in ("float", "int8"):
+        raise JobError(f"quantize.int8: input must be 'float' or 'int8', got {input!r}")
     float_model = copy.deepcopy(model).eval()
     try:
         traced = torch.fx.symbolic_trace(float_model)
@@ -315,10 +322,16 @@ def int8(model: nn.Module, calibration_batches, *, report: bool = False) -> nn.M
         raise JobError(f"quantize.int8: torch.fx cannot trace the model ({type(e).__name__}: {e}); "
                        "quantization rewrites the traced graph, so the forward must be traceable") from None
     ranges = _calibrate(traced, batches)
-    converted = _Converter(traced, ranges).run()
+    converted = _Converter(traced, ranges, int8_inputs=input == "int8").run()
     if report:
         print(describe(converted))
     return converted
+
+
+def quantize_input(qmodel: nn.Module, x: torch.Tensor, index: int = 0) -> torch.Tensor:
+    """Input `index` of a model made with input="int8", quantized as its calibration set: int8."""
+    scale, zero = qmodel.input_qparams[index]
+    return quantize_op(x.to(torch.float64), 1.0 / scale, [zero, INT8_MIN, INT8_MAX]).to(torch.int8)
 
 
 def describe(qmodel: nn.Module) -> str:
@@ -382,8 +395,9 @@ def _clip_of(node_or_module, scale: float, zero: int) -> tuple[int, int]:
 class _Converter:
     """Rewrites a traced float graph into the quantized one, node by node."""
 
-    def __init__(self, traced, ranges):
-        self.traced, self.ranges = traced, ranges
+    def __init__(self, traced, ranges, int8_inputs: bool = False):
+        self.traced, self.ranges, self.int8_inputs = traced, ranges, int8_inputs
+        self.input_qparams = []  # (scale, zero) of each input taken as int8
         self.modules = dict(traced.named_modules())
         self.graph = torch.fx.Graph()
         self.env = {}  # old node -> (new node, (scale, zero) when it holds int8 values, else None)
@@ -400,6 +414,7 @@ class _Converter:
             handler(node)
         gm = torch.fx.GraphModule(self.root, self.graph, class_name="QuantizedModel")
         gm.quantization_counts = self.counts
+        gm.input_qparams = self.input_qparams
         return gm
 
     # -- helpers
@@ -497,7 +512,16 @@ class _Converter:
         return False
 
     def _placeholder(self, node):
-        self.env[node] = (self.graph.node_copy(node), None)
+        new = self.graph.node_copy(node)
+        if not self.int8_inputs:
+            self.env[node] = (new, None)
+            return
+        # int8 values in; the float tensor the operators read (the model's dtype: the first
+        # parameter's, whatever .to() the copy gets later) is made inside, and only there.
+        qparams = self._qparams(node)
+        self.input_qparams.append(qparams)
+        like = self.graph.get_attr(next(name for name, _ in self.traced.named_parameters()))
+        self.env[node] = (self.graph.call_method("type_as", (new, like)), qparams)
 
     def _output(self, node):
         self.graph.output(self._as_float(node.args[0]))

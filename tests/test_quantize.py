@@ -400,3 +400,35 @@ def test_qas_needs_a_quantized_model():
         pe.compile(job, target=FAST_HOST)
     with pytest.raises(pe.errors.OptimizerError, match="scale_gradients_qas"):
         pe.optim.SGD(lr=0.1, qas=True).to_torch(model.parameters())
+
+
+def test_a_model_can_take_its_inputs_as_int8():
+    """input="int8": the copy reads quantized inputs (quantize_input makes them); the step's batch is
+    int8 and no float copy of it is made; it trains as the float-input copy does."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    calibration = [torch.randn(4, 3, 16, 16, generator=g) for _ in range(3)]
+    model = calibrated(TinyNet(), calibration)
+    float_input, int8_input = (quantize.int8(model, calibration, input=kind).double() for kind in ("float", "int8"))
+    batches = batches_for((2, 3, 16, 16), 5)
+    quantized_batches = [(quantize.quantize_input(int8_input, x), y) for x, y in batches]
+    assert quantized_batches[0][0].dtype == torch.int8
+    with torch.no_grad():
+        assert torch.equal(float_input(batches[0][0]), int8_input(quantized_batches[0][0]))
+    losses = []
+    for model_, data in ((float_input, batches), (int8_input, quantized_batches)):
+        job = pe.TrainingJob(copy.deepcopy(model_), (data[0][0],), data[0][1], "cross_entropy",
+                             pe.optim.SGD(lr=0.05, qas=True), sparse_update=SCHEMES["mcunetv3"])
+        program = pe.compile(job, target=FAST_HOST)
+        losses.append([program.step(x, y) for x, y in data])
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-12)
+    assert program.signature.batch[0].dtype == "int8"
+    from pockengine import pipeline
+    derived = pipeline.derive(job)
+    from pockengine.ir import bindings_of
+    casts = [b for b in bindings_of(derived.step_mod[pipeline.STEP_FUNC])
+             if "astype" in str(getattr(b.value, "op", "")) and b.value.args[0].same_as(
+                 derived.step_mod[pipeline.STEP_FUNC].params[0])]
+    assert not casts, "the int8 input is cast to a float copy"
+    with pytest.raises(JobError, match="input must be 'float' or 'int8'"):
+        quantize.int8(model, calibration, input="uint8")

@@ -92,6 +92,10 @@ def _narrow(func, signature: StepSignature, weights: set, func_name: str):
                 if isinstance(value, relax.Var) and value in narrowed:
                     narrowed[var], float_dtype[var] = narrowed[value], float_dtype[value]  # an alias
                     continue
+                source = _widened_int8(value)
+                if source is not None:  # an int8 input made float for the operators: they take it as it is
+                    narrowed[var], float_dtype[var] = renamed.get(source, source), str(var.ty.dtype)
+                    continue
                 if quantized_ops.is_quantized_op(value):
                     args = [narrowed.get(a, renamed.get(a, a)) if isinstance(a, relax.Var) else a for a in value.args]
                     value = bb.normalize(relax.Call(value.op, args, value.attrs))
@@ -112,6 +116,14 @@ def _narrow(func, signature: StepSignature, weights: set, func_name: str):
             outputs = Substitute({**renamed, **late}).visit_expr(outputs)
         bb.emit_func_output(outputs)
     return bb.get()[func_name]
+
+
+def _widened_int8(value):
+    """The int8 Var that `value` casts to a float (a model taking int8 inputs), else None."""
+    if op_name(value) != "relax.astype" or not isinstance(value.args[0], relax.Var):
+        return None
+    source = value.args[0]
+    return source if str(source.ty.dtype) == STORAGE and "float" in str(value.ty.dtype) else None
 
 
 def _bind(bb: relax.BlockBuilder, var, value):
