@@ -70,7 +70,7 @@ class MemoryReport:
         """The patched prefix in a line: where it ends, its grid, what its halos cost and what it saves."""
         p = self.patches
         return (f"patched prefix: up to {p['split']} on a {p['grid']}x{p['grid']} grid, "
-                f"+{100 * p['overhead']:.1f}% of its convolution FLOPs; step timeline peak "
+                f"+{100 * p['overhead']:.1f}% of its convolution FLOPs; estimated step peak "
                 f"{_fmt(p['peak_before'])} -> {_fmt(p['peak_after'])}")
 
     def to_json(self) -> dict:
