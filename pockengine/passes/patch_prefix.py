@@ -330,21 +330,23 @@ def patch_prefix(split: relax.Var, grid: int, n_inputs: int, func_name: str = "t
             with bb.dataflow():
                 for b in bindings_of(func):
                     if b.var.same_as(split):
-                        _emit_patches(bb, prefix, split, grid)
+                        _emit_patches(bb, prefix, split, grid, {gv.name_hint for gv in mod.functions})
                     elif b.var not in members:
                         bb.emit_normalized(b)
             bb.emit_func_output(func.body.body)
         built = bb.get()
         mod = with_function(mod, func_name, built[func_name])
         for gv, kernel in built.functions.items():
-            if gv.name_hint != func_name and not any(g.name_hint == gv.name_hint for g in mod.functions):
+            if gv.name_hint != func_name:
                 mod[gv] = kernel
         return mod
 
     return rewrite
 
 
-def _emit_patches(bb, prefix: Prefix, split, grid: int):
+def _emit_patches(bb, prefix: Prefix, split, grid: int, taken: set):
+    """Emit every patch, row by row, and bind `split` to their tiles joined (by a kernel named
+    apart from the module's functions, `taken`)."""
     height, width = static_shape(split)[2:]
     tile_vars = []
     for i, row in enumerate(tiles(height, width, grid)):
@@ -352,7 +354,11 @@ def _emit_patches(bb, prefix: Prefix, split, grid: int):
                           for j, tile in enumerate(row)])
     shapes = [[static_shape(t) for t in row] for row in tile_vars]
     dtype = str(split.ty.dtype)
-    name = f"assemble_patches_{grid}x{grid}_{'x'.join(map(str, static_shape(split)))}"
+    base = f"assemble_patches_{grid}x{grid}_{'x'.join(map(str, static_shape(split)))}"
+    name, copies = base, 0
+    while name in taken:  # the pass applied again, to another prefix of the same shape
+        copies += 1
+        name = f"{base}_{copies}"
     kernel = bb.add_func(assemble_kernel(shapes, dtype, name), name)
     value = relax.call_tir(kernel, [t for row in tile_vars for t in row], relax.TensorType(static_shape(split), dtype))
     bb.emit_normalized(relax.VarBinding(split, bb.normalize(value)))

@@ -309,3 +309,16 @@ def test_cli_patches_argument():
     assert _patches("auto") == "auto" and _patches("features.3:3") == ("features.3", 3)
     with pytest.raises(argparse.ArgumentTypeError, match="MODULE:GRID"):
         _patches("features.3")
+
+
+def test_an_op_is_patchable_through_its_table_entry(monkeypatch):
+    """What the pass knows of a windowed op is its entry in WINDOWED (a quantized convolution with
+    conv2d's attributes would be `WINDOWED[name] = weight_window`)."""
+    from pockengine.passes import patch_prefix as module
+
+    mod, named = small_module(pool="avg")
+    monkeypatch.delitem(module.WINDOWED, "relax.nn.avg_pool2d")
+    with pytest.raises(NotPatchable, match="avg_pool2d"):
+        prefix_of(mod["main"], named["split"], 1)
+    monkeypatch.setitem(module.WINDOWED, "relax.nn.avg_pool2d", module.pool_window)
+    assert len(prefix_of(mod["main"], named["split"], 1).bindings) == 7
