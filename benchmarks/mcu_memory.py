@@ -14,6 +14,10 @@ optimizer state; see sparse_memory.py): what the same training needs in RAM on a
 no sub-tensor update: it computes a channel-ratio weight's whole gradient and masks it, so at these
 resolutions its peak is the backward's weight gradients rather than the activations.
 
+The row "MCUNetV3 + patches" is MCUNetV3's scheme built with `patches="auto"`: its frozen first
+blocks run patch by patch (passes/patch_prefix.py) where that lowers the peak, which at 96-128 pixels
+is where those blocks' activations make it.
+
 Then the largest resolution at which each sparse scheme fits the device's SRAM is searched in steps
 of 8 pixels, and that firmware trains a few steps under QEMU next to PyTorch, counting the
 instructions each step executes (QEMU -icount). The anchors are MCUNetV3's Tiny Training Engine,
@@ -61,6 +65,15 @@ def schemes() -> dict:
     }
 
 
+PATCHED = "MCUNetV3 + patches"
+
+
+def rows_built() -> dict:
+    """{row: (scheme name, patches)}: every scheme as it is, and MCUNetV3's with its frozen first
+    layers run patch by patch where that lowers the peak (`pe.compile(..., patches="auto")`)."""
+    return {**{name: (name, None) for name in schemes()}, PATCHED: ("MCUNetV3-style", "auto")}
+
+
 def make_job(resolution: int, scheme, seed: int = 0):
     torch.manual_seed(seed)
     model = freeze_batchnorm(MobileNetV2(num_classes=10, width_mult=0.35))
@@ -71,10 +84,10 @@ def make_job(resolution: int, scheme, seed: int = 0):
     return job, model, x, y
 
 
-def firmware(job, target):
+def firmware(job, target, patches=None):
     """(program or None when it does not fit, footprint as JSON)."""
     try:
-        program = pe.compile(job, target=target)
+        program = pe.compile(job, target=target, patches=patches)
         return program, program.meta["firmware"]
     except MemoryLimitError as e:
         return None, e.footprint.to_json()
@@ -88,7 +101,7 @@ def torch_peak(job, program, model, x, y) -> int:
     return measure_torch(reference, optimizer, x, y, repeats=1)[0]
 
 
-def largest_fitting(scheme, target, rows, name: str, sram: int, search: bool = True):
+def largest_fitting(scheme, target, rows, name: str, sram: int, search: bool = True, patches=None):
     """(resolution, SRAM, Flash) of the largest multiple of 8 whose firmware fits `sram`, searched
     upwards from the largest measured resolution that fits (without `search`: the largest measured
     one); None when none measured fits."""
@@ -100,7 +113,7 @@ def largest_fitting(scheme, target, rows, name: str, sram: int, search: bool = T
     found = (best, *measured[best])
     resolution = best + 8
     while search and resolution not in measured:  # the next measured resolution does not fit: no need to go there
-        fp = firmware(make_job(resolution, scheme)[0], target)[1]
+        fp = firmware(make_job(resolution, scheme)[0], target, patches)[1]
         print(f"  {resolution}x{resolution}: SRAM {fp['sram'] / KiB:.1f} KiB", file=sys.stderr, flush=True)
         if fp["sram"] > sram:
             break
@@ -180,41 +193,51 @@ def main(argv=None):
     resolutions = [32] if args.small else [int(r) for r in args.resolutions.split(",")]
     sram, flash = preset.sram_bytes, preset.flash_bytes
 
-    rows = []  # (resolution, scheme, our SRAM, our Flash, PyTorch bytes)
-    built = {}  # (resolution, scheme) -> its firmware, when it fits
+    rows = []  # (resolution, row name, our SRAM, our Flash, PyTorch bytes)
+    built = {}  # (resolution, row name) -> its firmware, when it fits
+    patched = {}  # resolution -> the patched prefix's choice, when the patched row has one
     for resolution in resolutions:
-        for name, scheme in schemes().items():
+        theirs = {}  # scheme -> PyTorch's bytes (patches change nothing in PyTorch's step)
+        for name, (scheme_name, patches) in rows_built().items():
             print(f"[{resolution}x{resolution} / {name}] building the firmware ...", file=sys.stderr, flush=True)
-            job, model, x, y = make_job(resolution, scheme)
-            program, fp = firmware(job, args.target)
-            rows.append((resolution, name, fp["sram"], fp["flash"], torch_peak(job, program, model, x, y)))
+            job, model, x, y = make_job(resolution, schemes()[scheme_name])
+            program, fp = firmware(job, args.target, patches)
+            if scheme_name not in theirs:
+                theirs[scheme_name] = torch_peak(job, program, model, x, y)
+            rows.append((resolution, name, fp["sram"], fp["flash"], theirs[scheme_name]))
             if program is not None:
                 built[(resolution, name)] = program
+                if program.meta.get("patches"):
+                    patched[resolution] = program.meta["patches"]
 
     print(f"\nMobileNetV2-0.35, batch 1, float32, SGD, BatchNorm frozen; {preset.name}: SRAM {sram // KiB} KiB, "
           f"Flash {flash // KiB} KiB")
-    header = (f"{'resolution':<12}{'scheme':<18}{'SRAM KiB':>10}{'Flash KiB':>11}{'fits':>6}"
+    header = (f"{'resolution':<12}{'scheme':<20}{'SRAM KiB':>10}{'Flash KiB':>11}{'fits':>6}"
               f"{'PyTorch KiB':>13}{'ratio':>8}")
     print(header)
     print("-" * len(header))
     for resolution, name, ours, rom, theirs in rows:
         fits = "yes" if ours <= sram and rom <= flash else "no"
-        print(f"{f'{resolution}x{resolution}':<12}{name:<18}{ours / KiB:>10.1f}{rom / KiB:>11.1f}{fits:>6}"
+        print(f"{f'{resolution}x{resolution}':<12}{name:<20}{ours / KiB:>10.1f}{rom / KiB:>11.1f}{fits:>6}"
               f"{theirs / KiB:>13.1f}{theirs / ours:>7.1f}x")
     print("ratio = PyTorch's training memory / our firmware's SRAM (frozen weights live in Flash on the device)")
+    for resolution, choice in patched.items():
+        print(f"{PATCHED} at {resolution}x{resolution}: up to {choice['split']} on a {choice['grid']}x{choice['grid']} "
+              f"grid, +{100 * choice['overhead']:.1f}% of the prefix's convolution FLOPs")
 
     print(f"\nlargest resolution whose training step fits {sram // KiB} KiB of SRAM (steps of 8 pixels):")
     found = {}
-    for name, scheme in schemes().items():
+    for name, (scheme_name, patches) in rows_built().items():
         if name == "full":
             continue
         print(f"[{name}] searching for the largest resolution that fits ...", file=sys.stderr, flush=True)
-        found[name] = largest_fitting(scheme, args.target, rows, name, sram, search=not args.small)
+        found[name] = largest_fitting(schemes()[scheme_name], args.target, rows, name, sram, search=not args.small,
+                                      patches=patches)
         best = found[name]
-        print(f"  {name:<18}" + (f"{best[0]}x{best[0]}: SRAM {best[1] / KiB:.1f} KiB, Flash {best[2] / KiB:.1f} KiB"
+        print(f"  {name:<20}" + (f"{best[0]}x{best[0]}: SRAM {best[1] / KiB:.1f} KiB, Flash {best[2] / KiB:.1f} KiB"
                                  if best else f"none of {', '.join(map(str, resolutions))}"))
     full_fits = [r[0] for r in rows if r[1] == "full" and r[2] <= sram]
-    print(f"  {'full':<18}" + (f"{max(full_fits)}x{max(full_fits)}" if full_fits else
+    print(f"  {'full':<20}" + (f"{max(full_fits)}x{max(full_fits)}" if full_fits else
                                f"none of {', '.join(map(str, resolutions))}: "
                                "the weights it writes alone exceed the SRAM"))
     print(f"anchor: MCUNetV3's Tiny Training Engine trains an MCUNet in {MCUNETV3_ANCHOR_KB} KB with int8 weights and "

@@ -19,21 +19,24 @@ __all__ = ["TrainingJob", "SparseUpdate", "compile", "load", "Program", "DeviceP
            "errors", "targets", "quantize"]
 
 
-def compile(job, target="host", *, tuning_logs=(), backend="tvm", progress=None, verbose=False):  # noqa: A001 - the contract's name
+def compile(job, target="host", *, tuning_logs=(), backend="tvm", patches=None, progress=None, verbose=False):  # noqa: A001 - the contract's name
     """Compile a TrainingJob for a target (preset name, TVM target dict or TVM tag) into a Program,
     or for another machine (aarch64, a GPU, a microcontroller) a DeviceProgram that exports its
     artifact. `tuning_logs`: MetaSchedule databases (directories written by `pockengine tune`) for
     the kernels they match. `backend` "auto" runs each heavy op on whichever of TVM and PyTorch's
     kernels measures faster, "library" on PyTorch's, "tvm" (default) on TVM's only — the artifact
-    then needs no PyTorch to run. `progress(stage index, stage count, name, seconds)` hears of each
-    stage (seconds None when it starts, negative when it failed); `verbose` prints them instead."""
+    then needs no PyTorch to run. `patches`: "auto" runs the forward's frozen first layers patch by
+    patch when that lowers the step's peak memory (MCUNetV2), (module path, grid) runs them up to
+    that module's output on a grid x grid patch grid, None (default) not. `progress(stage index,
+    stage count, name, seconds)` hears of each stage (seconds None when it starts, negative when it
+    failed); `verbose` prints them instead."""
     from .build import compile as compile_job
     from .pipeline import print_progress
 
     if verbose and progress is not None:
         raise errors.InputError("compile: pass verbose=True (print the stages) or progress=... (hear of them), "
                                 "not both")
-    return compile_job(job, target, tuning_logs=tuning_logs, backend=backend,
+    return compile_job(job, target, tuning_logs=tuning_logs, backend=backend, patches=patches,
                        progress=print_progress if verbose else progress)
 
 

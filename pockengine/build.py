@@ -18,7 +18,7 @@ from .targets.families import family as family_of
 from .targets.family import BuildRequest
 
 
-def compile(job, target="host", *, tuning_logs=(), backend="tvm", progress=None):  # noqa: A001 - the contract's name
+def compile(job, target="host", *, tuning_logs=(), backend="tvm", patches=None, progress=None):  # noqa: A001 - the contract's name
     """Compile `job` for `target` (preset name, TVM target dict or tag) -> runtime.Program: the
     pipeline behind `pockengine.compile`, the public entry, which takes the same arguments (and `verbose`).
 
@@ -27,6 +27,8 @@ def compile(job, target="host", *, tuning_logs=(), backend="tvm", progress=None)
     backend: "tvm" (every op a TVM kernel), "library" (every heavy op a library kernel: PyTorch on the
     host) or "auto" (per heavy op, whichever measures faster here, see passes/switch_backend.py;
     kept only if the whole step is faster than with TVM's kernels alone).
+    patches: None, "auto" or (module path, grid): run the forward's frozen prefix ending with that
+    module's output patch by patch (pipeline.patched_step; "auto" picks the one lowering the peak most).
 
     For another machine than this one (aarch64, a GPU, a microcontroller) the result is a
     runtime.DeviceProgram: it exports the artifact for that machine but runs no step here."""
@@ -34,7 +36,7 @@ def compile(job, target="host", *, tuning_logs=(), backend="tvm", progress=None)
     preset.check_tools("build")
     family = family_of(preset)
     family.check_options(preset, backend)
-    derived = derive(job, progress)
+    derived = derive(job, progress, patches)
     builds = family.build(BuildRequest(job, preset, derived, tuple(tuning_logs), backend, progress))
     meta = _meta(job, preset, derived)
     programs = [_program(built, meta) for built in builds]
@@ -76,4 +78,5 @@ def _meta(job, preset, derived) -> dict:
         "non_persistent": sorted(imported.non_persistent),
         "aliases": dict(imported.aliases),  # tied parameters: state_dict() returns them under both names
         "plan": plan_to_json(derived.plan),
+        "patches": derived.patches.to_json() if derived.patches is not None else None,
     }

@@ -75,10 +75,13 @@ def cmd_build(args) -> int:
         check_destination(out, args.force, protect=(args.train_py,))
     print(f"building {args.train_py} (job {job.name!r}) for target {target.name}", file=sys.stderr)
     start = time.perf_counter()
-    program = compile_job(job, target, tuning_logs=logs, backend=args.backend, verbose=not args.quiet)
+    program = compile_job(job, target, tuning_logs=logs, backend=args.backend, patches=args.patches,
+                          verbose=not args.quiet)
     program.export(out, force=args.force)  # with the example batch: `pockengine run` works without --data
     report = program.memory_report()
     _print_summaries(program.meta)
+    if report.patches:
+        print(report.patches_summary())
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s; "
           f"planned peak memory {report.peak_bytes / 2**20:.2f} MiB")
     if target.runner != "this machine":
@@ -225,6 +228,16 @@ def cmd_targets(args) -> int:
     return 0
 
 
+def _patches(text: str):
+    """`--patches`: "auto", or MODULE:GRID as pockengine.compile's (module path, grid)."""
+    if text == "auto":
+        return text
+    module, _, grid = text.rpartition(":")
+    if not module or not grid.isdigit() or int(grid) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give auto or MODULE:GRID, e.g. features.3:3")
+    return module, int(grid)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pockengine", description="Compile and run training steps with TVM.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -241,6 +254,9 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--tuning-log", metavar="DIR",
                    help="MetaSchedule database (or directory of them) to apply "
                         "(default: tuning_logs/<target>/ if present)")
+    b.add_argument("--patches", type=_patches, default=None, metavar="auto|MODULE:GRID",
+                   help="run the forward's frozen first layers patch by patch: `auto` where that lowers the "
+                        "peak memory, or up to MODULE's output on a GRIDxGRID grid (default: not)")
     b.set_defaults(func=cmd_build)
 
     tu = sub.add_parser("tune", help="tune the kernels of a train.py's training step with MetaSchedule")

@@ -2,7 +2,8 @@
 
     import    the frontend, then fold_broadcasts
     derive    fuse_linear_log_prob, prune_backward (partially trained weights), autodiff and the optimizer
-              (autodiff/step.py), chunk_linear_log_prob, fuse_variance, drop_saved_activations, reorder_updates
+              (autodiff/step.py), chunk_linear_log_prob, fuse_variance, drop_saved_activations, reorder_updates,
+              patch_prefix (when asked: a frozen prefix of the forward run patch by patch)
     switch    switch_backend: heavy ops measured faster as library kernels (host, --backend auto|library)
     pack      transposed_matmuls, pack_frozen_weights (families whose kernels are schedule_cpu's)
     fuse      the family's library dispatch (TVM's), legalize_ops + TVM's fusion, drop_unit_reductions
@@ -31,11 +32,13 @@ from contextlib import contextmanager
 import tvm
 from tvm import relax
 
+from .analysis.flops import call_flops
 from .analysis.memory_plan import memory_report as plan_report
 from .analysis.memory_timeline import timeline
 from .autodiff.step import STEP_FUNC, StepSignature, build_train_step
-from .errors import InternalCompilerError, PockEngineError, UnsupportedOpError
+from .errors import InputError, InternalCompilerError, PockEngineError, UnsupportedOpError
 from .frontend import FUNC_NAME, quantized_ops
+from .ir import static_shape
 from .passes.chunk_linear_log_prob import chunk_linear_log_prob
 from .passes.drop_saved_activations import drop_saved_activations
 from .passes.drop_unit_reductions import drop_unit_reductions
@@ -45,6 +48,7 @@ from .passes.fuse_variance import fuse_variance
 from .passes.legalize_ops import legalize_and_fuse
 from .passes.narrow_quantized import narrow_quantized, narrowable_weights
 from .passes.pack_frozen_weights import pack_frozen_weights, panel_widths
+from .passes.patch_prefix import NotPatchable, Prefixes, is_spatial_op, patch_prefix, plan_patch, tiles
 from .passes.plan_arena import plan_arena
 from .passes.prune_backward import prune_backward
 from .passes.reorder_updates import reorder_updates
@@ -57,9 +61,9 @@ from .tuning.database import TuningReport, apply_database, apply_logs
 
 # Our passes in the order they run (a family's schedule phase in its place); README's table follows it.
 PASSES = ("fold_broadcasts", "fuse_linear_log_prob", "prune_backward", "chunk_linear_log_prob", "fuse_variance",
-          "drop_saved_activations", "reorder_updates", "narrow_quantized", "switch_backend", "transposed_matmuls",
-          "pack_frozen_weights", "legalize_ops", "drop_unit_reductions", "(tuning logs)", "inline_elementwise",
-          "schedule_cpu", "fast_math", "schedule_reductions", "update_in_place", "plan_arena")
+          "drop_saved_activations", "reorder_updates", "narrow_quantized", "patch_prefix", "switch_backend",
+          "transposed_matmuls", "pack_frozen_weights", "legalize_ops", "drop_unit_reductions", "(tuning logs)",
+          "inline_elementwise", "schedule_cpu", "fast_math", "schedule_reductions", "update_in_place", "plan_arena")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +185,7 @@ class Derived:
     signature: StepSignature
     optimizer_state: dict
     optimizer: object
+    patches: PatchChoice | None = None  # the patched prefix, when the build asked for one
 
     @property
     def initial_state(self) -> dict:
@@ -207,14 +212,141 @@ class Derived:
         return timelines
 
 
-def derive(job, progress=None) -> Derived:
-    """The import and autodiff stages of a build."""
+def derive(job, progress=None, patches=None) -> Derived:
+    """The import and autodiff stages of a build; `patches` as `pockengine.compile` takes it (see
+    patched_step)."""
     with stage("import", progress):
         imported = import_model(job)
     with stage("autodiff", progress, imported.origin):
         plan = job.plan(imported)
         step_mod, signature, optimizer_state = derive_step(imported, job.optimizer, plan)
-    return Derived(imported, plan, step_mod, signature, optimizer_state, job.optimizer)
+        step_mod, choice = patched_step(step_mod, signature, imported.origin, patches)
+    return Derived(imported, plan, step_mod, signature, optimizer_state, job.optimizer, choice)
+
+
+# ---------------------------------------------------------------------- patch-based prefix
+
+PATCH_GRIDS = (2, 3, 4)
+# "auto" accepts a patched prefix computing at most this much more (its halos, recomputed) than the
+# unpatched prefix: MCUNetV2 reports 10-20% for the splits it picks.
+MAX_PATCH_OVERHEAD = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchChoice:
+    """A patched prefix: the module whose output ends it (`split`, the step's tensor `tensor`), the
+    grid, the extra convolution FLOPs its halos cost (a fraction of the unpatched prefix's) and the
+    step's peak bytes before and after, from its activation timeline with elementwise chains fused
+    (memory_timeline.py; on MobileNetV2 within 7% of the arena plan_arena lays out)."""
+    split: str
+    tensor: str
+    grid: int
+    overhead: float
+    peak_before: int
+    peak_after: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def patch_overhead(prefix, grid: int) -> float:
+    """Extra convolution FLOPs of the prefix computed on a grid x grid patch grid (the halos each
+    patch recomputes), as a fraction of the unpatched prefix's."""
+    height, width = static_shape(prefix.split)[2:]
+    plans = [plan_patch(prefix, tile) for row in tiles(height, width, grid) for tile in row]
+    whole = patched = 0
+    for b in prefix.bindings:
+        flops = call_flops(b.value)
+        if flops:  # a convolution: its FLOPs are proportional to the pixels it computes
+            pixels = static_shape(b.var)[2] * static_shape(b.var)[3]
+            computed = sum((rows[1] - rows[0]) * (cols[1] - cols[0]) for rows, cols in (p.region[b.var] for p in plans))
+            whole, patched = whole + flops, patched + flops * computed // pixels
+    return patched / whole - 1 if whole else 0.0
+
+
+def patch_splits(step_func, n_inputs: int, origin: dict) -> dict:
+    """{module path: the prefix its output ends}, for the modules (at any depth: `features.3`,
+    `features.3.conv.1`) whose last tensor computed in the forward can end a patched prefix, in
+    forward order. A tensor no module claims is named by its binding."""
+    prefixes = Prefixes(step_func, n_inputs)
+    last = {}  # module path -> the last forward activation computed in it (or in a module within it)
+    for b in prefixes.bindings[:prefixes.forward_end]:
+        # Origins are keyed by the imported forward's names, which the step's own forward values
+        # (the batch checks, the backward's masks: booleans and integers) may reuse; an int8
+        # model's activations are int8 tensors of its own operators.
+        activation = str(b.var.ty.dtype).startswith("float") or quantized_ops.is_quantized_op(b.value)
+        if not (is_spatial_op(b.value) and activation):
+            continue
+        where = origin.get(b.var.name)
+        path = where.module_path if where is not None and where.module_path else b.var.name
+        parts = path.split(".")
+        for depth in range(1, len(parts) + 1):
+            last[".".join(parts[:depth])] = b.var
+    found = {}
+    for module, var in sorted(last.items(), key=lambda item: prefixes.position[item[1]]):
+        try:
+            found[module] = prefixes.ending_at(var)
+        except NotPatchable:
+            continue
+    return found
+
+
+def _outermost(modules) -> list:
+    """The modules not within another of `modules`: what an error lists of them."""
+    return [m for m in modules if not any(m.startswith(other + ".") for other in modules)]
+
+
+def patched_step(step_mod, signature: StepSignature, origin: dict, patches):
+    """(the step with a prefix of its forward computed patch by patch, PatchChoice or None).
+
+    patches: None (unchanged), (module path, grid) — the prefix ends with that module's output —
+    or "auto": of the prefixes whose output a module ends, on grids of PATCH_GRIDS, the one that
+    lowers the step's peak most (its activation timeline, elementwise chains fused as the kernels
+    will be: lowering each candidate would take seconds) within MAX_PATCH_OVERHEAD extra FLOPs,
+    the cheapest of those peaking the same; the step is unchanged when none lowers it."""
+    if patches is None:
+        return step_mod, None
+    func, n_inputs = step_mod[STEP_FUNC], len(signature.batch)
+    splits = patch_splits(func, n_inputs, origin)
+    auto = patches == "auto"
+    if auto:
+        tried = {}  # one name per tensor, the outermost module's (`features.2`, not `features.2.conv.3`)
+        for module, prefix in splits.items():
+            if not any(prefix.split.same_as(splits[other].split) for other in tried):
+                tried[module] = PATCH_GRIDS
+    elif isinstance(patches, (tuple, list)) and len(patches) == 2 and isinstance(patches[1], int) and patches[1] > 1:
+        module, grid = patches
+        if module not in splits:
+            raise InputError(f"patches=({module!r}, {grid}): {module!r} does not end a prefix that can run patch "
+                             f"by patch (only convolutions, pooling and elementwise ops, nothing the backward or "
+                             f"another branch reads). These modules do: {', '.join(_outermost(splits)) or 'none'} "
+                             "(and modules within them)")
+        tried = {module: (grid,)}
+    else:
+        raise InputError(f"patches={patches!r}: give None, \"auto\" or (module path, grid of at least 2), e.g. "
+                         "(\"features.3\", 3)")
+    before = timeline(func, signature, fused_elementwise=True).peak()[0]
+    best = None
+    for module, grids in tried.items():
+        prefix = splits[module]
+        side = min(static_shape(prefix.split)[2:])
+        if not auto and grids[0] > side:
+            raise InputError(f"patches=({module!r}, {grids[0]}): {module}'s output is smaller than the grid "
+                             f"({'x'.join(map(str, static_shape(prefix.split)[2:]))})")
+        overheads = {grid: patch_overhead(prefix, grid) for grid in grids if grid <= side}
+        if auto:
+            overheads = {grid: cost for grid, cost in overheads.items() if cost <= MAX_PATCH_OVERHEAD}
+            if not overheads:
+                break  # halos only grow with the prefix's depth: the later splits cost more still
+        for grid, overhead in overheads.items():
+            mod = patch_prefix(prefix.split, grid, n_inputs, STEP_FUNC)(step_mod)
+            choice = PatchChoice(module, prefix.split.name, grid, overhead, before,
+                                 timeline(mod[STEP_FUNC], signature, fused_elementwise=True).peak()[0])
+            if best is None or (choice.peak_after, choice.overhead) < (best[1].peak_after, best[1].overhead):
+                best = (mod, choice)
+    if best is None or (auto and best[1].peak_after >= before):
+        return step_mod, None
+    return best
 
 
 # ---------------------------------------------------------------------- lower
@@ -331,4 +463,4 @@ def finalize(lowered_mod, target):
 def memory_report(lowered_mod, derived: Derived):
     """The planned memory of `lowered_mod`, with the step's activation timelines (Derived.timelines)."""
     return plan_report(lowered_mod, derived.step_mod[STEP_FUNC], derived.signature, derived.imported.origin,
-                       derived.timelines)
+                       derived.timelines, derived.patches.to_json() if derived.patches is not None else None)

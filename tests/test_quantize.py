@@ -309,11 +309,12 @@ def test_int8_convolution_kernel_is_bit_exact(case):
     np.testing.assert_array_equal(torch_out.numpy().astype(np.int8), expected)
 
 
-@pytest.mark.parametrize("target", ["cortex-m4", "cortex-m55"])
-def test_int8_training_on_cortex_m_equals_the_host(tmp_path, target):
+@pytest.mark.parametrize("target, patches", [("cortex-m4", None), ("cortex-m55", None), ("cortex-m4", ("stem", 2))])
+def test_int8_training_on_cortex_m_equals_the_host(tmp_path, target, patches):
     """Three int8 steps of a sub-tensor scheme in the firmware under QEMU and on the host: the same
     integers forward (the losses agree to float32 rounding: an activation off by one would move
-    them by ~1e-3), the same trained weights, the frozen int8 weights in Flash."""
+    them by ~1e-3), the same trained weights, the frozen int8 weights in Flash; with the frozen
+    prefix run patch by patch in the firmware too (MCUNetV2), the unpatched host's."""
     import os
 
     from pockengine.artifact_files import PROJECT
@@ -328,8 +329,9 @@ def test_int8_training_on_cortex_m_equals_the_host(tmp_path, target):
 
     host = pe.compile(job(), target=FAST_HOST)
     host_losses = [host.step(x, y) for x, y in batches]
-    program = pe.compile(job(), target=target)
+    program = pe.compile(job(), target=target, patches=patches)
     assert {s.name: s.dtype for s in program.signature.state}["pw.0.weight[:, 2:]"] == "int8"
+    assert (program.meta.get("patches") is not None) == (patches is not None)
     program.export(str(tmp_path / "fw"))
     project = os.path.join(tmp_path, "fw", PROJECT)
     cortex_m.project.write_batches(project, program.signature, [[x.numpy(), y.numpy()] for x, y in batches])
@@ -400,6 +402,25 @@ def test_qas_needs_a_quantized_model():
         pe.compile(job, target=FAST_HOST)
     with pytest.raises(pe.errors.OptimizerError, match="scale_gradients_qas"):
         pe.optim.SGD(lr=0.1, qas=True).to_torch(model.parameters())
+
+
+def test_an_int8_prefix_runs_patch_by_patch_with_the_same_integers():
+    """patch_prefix on an int8 step (its convolutions pad with their input's zero point, per patch
+    only at the image's borders): the same losses and weights, bit for bit, at a lower peak."""
+    q = quantized(TinyNet(), (2, 3, 32, 32))
+    batches = batches_for((2, 3, 32, 32), 5)
+    results = []
+    for patches in (None, ("dw.0", 2), "auto"):
+        job = pe.TrainingJob(copy.deepcopy(q), (batches[0][0],), batches[0][1], "cross_entropy",
+                             pe.optim.SGD(lr=0.05, qas=True), sparse_update=pe.SparseUpdate.mcunetv3(2, "3-4", "1-1"))
+        program = pe.compile(job, target=FAST_HOST, patches=patches)
+        results.append(([program.step(x, y) for x, y in batches], program.state_dict(), program.meta.get("patches")))
+    (plain, plain_state, _), *patched = results
+    for losses, state, choice in patched:
+        assert choice is not None and choice["peak_after"] < choice["peak_before"]
+        assert losses == plain
+        assert all(np.array_equal(state[k], plain_state[k]) for k in plain_state)
+    assert patched[0][2]["split"] == "dw.0" and patched[0][2]["grid"] == 2
 
 
 def test_a_model_can_take_its_inputs_as_int8():

@@ -55,6 +55,8 @@ class MemoryReport:
     flops: dict = field(default_factory=dict)  # {"forward": n, "backward": n} (conv/matmul)
     # label -> Timeline as JSON: this step, and (for sparse schemes) the same model fully updated
     timelines: dict = field(default_factory=dict)
+    # the forward's prefix run patch by patch (pipeline.PatchChoice as JSON), when the build did
+    patches: dict = field(default_factory=dict)
 
     def plot(self, path: str) -> str:
         """Draw the memory timelines (this step vs full update) to a PNG."""
@@ -63,6 +65,13 @@ class MemoryReport:
         if not self.timelines:
             raise ValueError("this report has no timeline")
         return plot({k: Timeline.from_json(v) for k, v in self.timelines.items()}, path)
+
+    def patches_summary(self) -> str:
+        """The patched prefix in a line: where it ends, its grid, what its halos cost and what it saves."""
+        p = self.patches
+        return (f"patched prefix: up to {p['split']} on a {p['grid']}x{p['grid']} grid, "
+                f"+{100 * p['overhead']:.1f}% of its convolution FLOPs; estimated step peak "
+                f"{_fmt(p['peak_before'])} -> {_fmt(p['peak_after'])}")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -81,6 +90,8 @@ class MemoryReport:
             lines.append(f"  {cat:<18}{_fmt(b):>12}")
         lines.append(f"  (within the pool: gradients {_fmt(self.gradient_bytes)}, "
                      f"saved activations {_fmt(self.saved_activation_bytes)})")
+        if self.patches:
+            lines.append(self.patches_summary())
         if self.flops:
             lines.append(f"FLOPs per step: forward {self.flops['forward'] / 1e6:.1f} M, "
                          f"backward {self.flops['backward'] / 1e6:.1f} M (conv and matmul)")
@@ -210,8 +221,10 @@ def kernel_workspace(lowered_mod, func_name: str) -> int:
                 if gv.name_hint in called and isinstance(f, tvm.tirx.PrimFunc)), default=0)
 
 
-def memory_report(lowered_mod, step_func, signature: StepSignature, origin: dict, timelines=None) -> MemoryReport:
-    """lowered_mod: the module after the lowering passes; step_func: `train_step` before them."""
+def memory_report(lowered_mod, step_func, signature: StepSignature, origin: dict, timelines=None,
+                  patches: dict | None = None) -> MemoryReport:
+    """lowered_mod: the module after the lowering passes; step_func: `train_step` before them;
+    patches: the patched prefix's description, when the step has one."""
     pool, n_storages, unplanned = planned_storage(lowered_mod[STEP_FUNC])
     cats = signature.categories
     by_category = {
@@ -261,4 +274,5 @@ def memory_report(lowered_mod, step_func, signature: StepSignature, origin: dict
         gradient_bytes=sum(r.grad_bytes for r in rows.values()),
         flops=step_flops(step_func),
         timelines={k: t.to_json() for k, t in (timelines or {}).items()},
+        patches=dict(patches or {}),
     )

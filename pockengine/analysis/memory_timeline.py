@@ -16,11 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import tvm
 from tvm import relax
 
 from ..autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, StepSignature, backward_start
-from ..ir import bindings_of, tensor_bytes, viewed
+from ..ir import bindings_of, same_tensor_type, tensor_bytes, viewed
 from ..optim import UPDATE_PREFIX
+from ..passes.patch_prefix import POINTWISE
 
 STATE = ("parameters", "buffers", "optimizer_state")
 TRANSIENT = ("saved_activations", "forward_workspace", "gradients", "updates")
@@ -46,17 +48,22 @@ class Timeline:
         return cls(list(d["ops"]), {k: list(v) for k, v in d["bytes"].items()}, int(d["backward_start"]))
 
 
-def timeline(step_func, signature: StepSignature) -> Timeline:
+def timeline(step_func, signature: StepSignature, fused_elementwise: bool = False) -> Timeline:
+    """fused_elementwise: an elementwise op whose operand of its size and type dies there writes over
+    it, as the kernels of fused chains (convolution, BatchNorm, ReLU6) leave one tensor where the
+    Relax step has several: closer to the planned arena where such chains make the peak."""
     bindings = bindings_of(step_func)
     n = len(bindings)
     start = backward_start(bindings)
+    in_place = _dying_operands(bindings) if fused_elementwise else {}
     # A view (reshape, alias, tuple item) shares its source's buffer: uses of it keep the source alive.
     base = {}
     for b in bindings:
+        src = in_place.get(b.var)
         if _is_view(b.value):
             src = b.value.args[0] if isinstance(b.value, relax.Call) else getattr(b.value, "tuple_value", b.value)
-            if isinstance(src, relax.Var):
-                base[b.var] = base.get(src, src)
+        if isinstance(src, relax.Var):
+            base[b.var] = base.get(src, src)
     last_use = {}
     for i, b in enumerate(bindings):
         for v in relax.analysis.free_vars(b.value):
@@ -69,7 +76,7 @@ def timeline(step_func, signature: StepSignature) -> Timeline:
         value = b.value
         op = value.op.name if isinstance(value, relax.Call) and hasattr(value.op, "name") else type(value).__name__
         ops.append(op.replace("relax.", ""))
-        if _is_view(value) or isinstance(value, relax.Tuple):
+        if _is_view(value) or isinstance(value, relax.Tuple) or b.var in in_place:
             continue  # no new memory
         end = last_use.get(b.var, i)  # alive from its producer through its last consumer
         if b.var.name.startswith(UPDATE_PREFIX):
@@ -88,6 +95,26 @@ def timeline(step_func, signature: StepSignature) -> Timeline:
     alive = {c: [state[c]] * n for c in STATE}
     alive.update({c: np.cumsum(delta[c])[:n].tolist() for c in TRANSIENT})
     return Timeline(ops, alive, start)
+
+
+def _dying_operands(bindings) -> dict:
+    """{elementwise binding's Var: the operand it can write over} (one of its size and type, computed
+    by the step, that no later binding reads)."""
+    produced = {b.var for b in bindings}
+    last_use = {}
+    for i, b in enumerate(bindings):
+        for v in relax.analysis.free_vars(b.value):
+            last_use[v] = i
+    found = {}
+    for i, b in enumerate(bindings):
+        if not (isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op) and b.value.op.name in POINTWISE):
+            continue
+        for arg in b.value.args:
+            if (isinstance(arg, relax.Var) and arg in produced and last_use.get(arg) == i
+                    and same_tensor_type(arg.ty, b.var.ty)):
+                found[b.var] = arg
+                break
+    return found
 
 
 def _is_view(value) -> bool:

@@ -56,7 +56,7 @@ CONV_CONFIG_LENGTH, ADD_CONFIG_LENGTH, QUANTIZE_CONFIG_LENGTH = 13, 8, 3
 
 
 def config_constant(values):
-    return relax.const(np.asarray([int(v) for v in values], dtype="int64"))
+    return relax.const(np.asarray([int(v) for v in values], dtype="int64"), "int64")  # not narrowed to int32
 
 
 def config_of(call, index: int) -> list[int]:

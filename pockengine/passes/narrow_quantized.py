@@ -20,6 +20,7 @@ runtime refuses to load a value into it that is not an integer in int8's range.
 from __future__ import annotations
 
 import numpy as np
+import tvm_ffi
 from tvm import relax
 
 from ..autodiff.step import FROZEN, StepSignature
@@ -100,7 +101,7 @@ def _narrow(func, signature: StepSignature, weights: set, func_name: str):
                     args = [narrowed.get(a, renamed.get(a, a)) if isinstance(a, relax.Var) else a for a in value.args]
                     value = bb.normalize(relax.Call(value.op, args, value.attrs))
                     if op_name(value) == quantized_ops.QUANTIZE:
-                        value = bb.normalize(relax.op.astype(bb.emit(value, var.name), STORAGE))
+                        value = relax.op.astype(bb.emit(value, var.name + "_values"), STORAGE)
                     new = _bind(bb, var, value)
                     if str(new.ty.dtype) == STORAGE:
                         narrowed[var], float_dtype[var] = new, str(var.ty.dtype)
@@ -127,4 +128,10 @@ def _widened_int8(value):
 
 
 def _bind(bb: relax.BlockBuilder, var, value):
-    return bb.emit(value, var.name) if isinstance(var, relax.DataflowVar) else bb.emit_output(value, var.name)
+    """Bind `value` to `var`, or to a Var of the same name and kind when its type changed: names are
+    what reports and patch_prefix find a layer's tensors by (the builder's own names would be fresh)."""
+    value = bb.normalize(value)
+    if not tvm_ffi.structural_equal(value.ty, var.ty):
+        var = (relax.DataflowVar if isinstance(var, relax.DataflowVar) else relax.Var)(var.name, value.ty)
+    bb.emit_normalized(relax.VarBinding(var, value))
+    return var

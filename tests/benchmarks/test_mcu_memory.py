@@ -16,7 +16,7 @@ def test_mcu_memory_benchmark_small(tmp_path, capsys):
     bench = load_example_module("benchmarks/mcu_memory.py", "mcu_memory")
     result = bench.main(["--small", "--steps", "2", "--plot", str(tmp_path / "mcu.png")])
     rows = {(r[0], r[1]): r for r in result["rows"]}
-    assert {scheme for _, scheme in rows} == {"full", "bias + ratios", "MCUNetV3-style"}
+    assert {scheme for _, scheme in rows} == {"full", "bias + ratios", "MCUNetV3-style", bench.PATCHED}
     for resolution in (32,):
         full, sparse = rows[(resolution, "full")], rows[(resolution, "MCUNetV3-style")]
         assert sparse[2] < full[2] / 4  # SRAM: the sparse step writes a fraction of the state

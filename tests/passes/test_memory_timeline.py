@@ -54,3 +54,26 @@ def test_report_plots_this_step_against_full_update(tmp_path):
     path = report.plot(str(tmp_path / "memory.png"))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fused_elementwise_chains_count_one_tensor():
+    """conv -> BatchNorm (eval: subtract, multiply, multiply, add) -> ReLU6 in the forward of a frozen
+    prefix: unfused, two activations of the chain are alive at once; with `fused_elementwise` the
+    chain writes over the conv's output, as its fused kernel does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16).eval(), nn.ReLU6(), nn.Flatten(),
+                          nn.Linear(16 * 8 * 8, 10))
+    j = pe.TrainingJob(model, (torch.randn(1, 3, 8, 8),), torch.randint(0, 10, (1,)), "cross_entropy",
+                       pe.optim.SGD(lr=0.1), sparse_update={"4.weight": "full"})
+    imported = j.import_model()
+    mod, signature, _ = build_train_step(imported, j.optimizer, j.plan(imported))
+    plain, fused = timeline(mod["train_step"], signature), timeline(mod["train_step"], signature, True)
+
+    def transient(t, i):
+        return sum(t.bytes[c][i] for c in ("saved_activations", "forward_workspace", "gradients", "updates"))
+
+    activation = 16 * 8 * 8 * 4
+    chain = range(plain.ops.index("nn.conv2d"), plain.ops.index("clip") + 1)
+    assert 2 * activation <= max(transient(plain, i) for i in chain) < 2 * activation + 1024
+    assert activation <= max(transient(fused, i) for i in chain) < activation + 1024
+    assert all(transient(fused, i) <= transient(plain, i) for i in range(len(plain.ops)))  # never more
