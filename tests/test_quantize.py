@@ -453,3 +453,20 @@ def test_a_model_can_take_its_inputs_as_int8():
     assert not casts, "the int8 input is cast to a float copy"
     with pytest.raises(JobError, match="input must be 'float' or 'int8'"):
         quantize.int8(model, calibration, input="uint8")
+
+
+def test_flops_count_the_int8_convolutions():
+    """The FLOP analysis (per-layer reports, patch_prefix's halo overhead) counts int8 convolutions
+    and their gradients as it counts float ones."""
+    from pockengine import pipeline
+    from pockengine.analysis.flops import step_flops
+
+    q = quantized(TinyNet(), (2, 3, 16, 16))
+    x, y = batches_for((2, 3, 16, 16), 5, steps=1)[0]
+    job = pe.TrainingJob(copy.deepcopy(q), (x,), y, "cross_entropy", pe.optim.SGD(lr=0.05))
+    flops = step_flops(pipeline.derive(job).step_mod[pipeline.STEP_FUNC])
+    # forward: stem 3->8 k3 s2 (8x8 out), depthwise k3 s2 (4x4), 1x1 8->8 (4x4), dilated 8->8 k3 (4x4), head 8->5
+    macs = 2 * (64 * 8 * 27 + 16 * 8 * 9 + 16 * 64 + 16 * 8 * 72) + 2 * 8 * 5
+    assert flops["forward"] == 2 * macs
+    # backward: every weight gradient (as many MACs as its forward) and the data gradients below the stem
+    assert flops["backward"] == 2 * (macs + macs - 2 * 64 * 8 * 27)

@@ -13,6 +13,7 @@ import tvm_ffi
 from tvm import relax
 
 from ..autodiff.step import backward_start
+from ..frontend import quantized_ops
 from ..ir import bindings_of, static_shape
 
 
@@ -31,6 +32,16 @@ def call_flops(call) -> int:
         return int(2 * np.prod(static_shape(call.args[0])) * per_input)
     if op == "relax.matmul":
         return int(2 * np.prod(static_shape(call)) * static_shape(call.args[0])[-1])
+    if op in (quantized_ops.CONV2D, quantized_ops.CONV2D_INPUT_GRAD):
+        # A convolution's MACs: each output pixel (of every image) takes every weight once; its data
+        # gradient the same. A split weight is its two parts.
+        weights = [call.args[1]] + ([call.args[-1]] if len(call.args) > {quantized_ops.CONV2D: 6}.get(op, 3) else [])
+        grad_or_out = static_shape(call if op == quantized_ops.CONV2D else call.args[0])
+        pixels = grad_or_out[0] * np.prod(grad_or_out[2:])
+        return int(2 * pixels * sum(np.prod(static_shape(w)) for w in weights))
+    if op == quantized_ops.CONV2D_WEIGHT_GRAD:  # each weight element sums over every output pixel
+        grad = static_shape(call.args[1])
+        return int(2 * np.prod(static_shape(call)) * grad[0] * np.prod(grad[2:]))
     return 0
 
 

@@ -60,7 +60,8 @@ def timeline(step_func, signature: StepSignature, fused_elementwise: bool = Fals
     base = {}
     for b in bindings:
         src = in_place.get(b.var)
-        if _is_view(b.value):
+        if fused_elementwise and _fused_into_readers(b.value):
+            src = b.value.args[0]
             src = b.value.args[0] if isinstance(b.value, relax.Call) else getattr(b.value, "tuple_value", b.value)
         if isinstance(src, relax.Var):
             base[b.var] = base.get(src, src)
@@ -76,7 +77,8 @@ def timeline(step_func, signature: StepSignature, fused_elementwise: bool = Fals
         value = b.value
         op = value.op.name if isinstance(value, relax.Call) and hasattr(value.op, "name") else type(value).__name__
         ops.append(op.replace("relax.", ""))
-        if _is_view(value) or isinstance(value, relax.Tuple) or b.var in in_place:
+        if _is_view(value) or isinstance(value, relax.Tuple) or b.var in in_place or (
+                fused_elementwise and _fused_into_readers(value)):
             continue  # no new memory
         end = last_use.get(b.var, i)  # alive from its producer through its last consumer
         if b.var.name.startswith(UPDATE_PREFIX):
@@ -115,6 +117,16 @@ def _dying_operands(bindings) -> dict:
                 found[b.var] = arg
                 break
     return found
+
+
+# Values fusion computes inside the kernels that read them, never as tensors of their own: a
+# broadcast (of a per-channel gradient, a bias) and a tensor of zeros (the other branch of a where).
+_FUSED_INTO_READERS = frozenset({"relax.broadcast_to", "relax.zeros_like", "relax.ones_like", "relax.full_like"})
+
+
+def _fused_into_readers(value) -> bool:
+    return (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name in _FUSED_INTO_READERS
+            and isinstance(value.args[0], relax.Var))
 
 
 def _is_view(value) -> bool:
