@@ -16,13 +16,17 @@ resolutions its peak is the backward's weight gradients rather than the activati
 
 The row "MCUNetV3 + patches" is MCUNetV3's scheme built with `patches="auto"`: its frozen first
 blocks run patch by patch (passes/patch_prefix.py) where that lowers the peak, which at 96-128 pixels
-is where those blocks' activations make it.
+is where those blocks' activations make it. The "int8" rows are the same network quantized as
+MCUNetV3 trains it (`pe.quantize.int8`, BatchNorm statistics from random batches, inputs taken as
+int8, SGD with QAS): int8 activations and frozen weights, float trained parameters; their PyTorch
+column is PyTorch eager training that quantized model (its integers in float tensors).
 
 Then the largest resolution at which each sparse scheme fits the device's SRAM is searched in steps
 of 8 pixels, and that firmware trains a few steps under QEMU next to PyTorch, counting the
 instructions each step executes (QEMU -icount). The anchors are MCUNetV3's Tiny Training Engine,
-which trains an MCUNet in 141 KB with int8 (this is float32), and its 373 ms per sparse step of
-MobileNetV2 on a 216 MHz Cortex-M7: about 81 M cycles.
+which trains an MCUNet in 141 KB with int8, and its 373 ms per sparse step of MobileNetV2 on a
+216 MHz Cortex-M7: about 81 M cycles. The largest fitting resolution is also given for 320 KiB (an
+STM32F746's SRAM, TTE's board).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from pockengine.targets import cortex_m, resolve  # noqa: E402
 from pockengine.targets.cortex_m.family import ONE_INSTRUCTION_PER_CYCLE, step_time  # noqa: E402
 
 KiB = 1024
+OTHER_BUDGET_KIB = 320  # an STM32F746's SRAM (the Cortex-M7 board MCUNetV3's numbers come from)
 MCUNETV3_ANCHOR_KB = 141  # MCUNetV3 (Lin et al. 2022), Tiny Training Engine, int8
 MCUNETV3_STEP_MS, MCUNETV3_CLOCK_HZ = 373, 216_000_000  # its sparse MobileNetV2 step on an STM32F746 (Cortex-M7)
 
@@ -65,23 +70,45 @@ def schemes() -> dict:
     }
 
 
-PATCHED = "MCUNetV3 + patches"
+PATCHED, INT8, INT8_PATCHED = "MCUNetV3 + patches", "int8 MCUNetV3", "int8 MCUNetV3 + patches"
 
 
 def rows_built() -> dict:
-    """{row: (scheme name, patches)}: every scheme as it is, and MCUNetV3's with its frozen first
-    layers run patch by patch where that lowers the peak (`pe.compile(..., patches="auto")`)."""
-    return {**{name: (name, None) for name in schemes()}, PATCHED: ("MCUNetV3-style", "auto")}
+    """{row: (scheme name, patches, int8)}: every scheme as it is, MCUNetV3's with its frozen first
+    layers run patch by patch where that lowers the peak (`pe.compile(..., patches="auto")`), and
+    MCUNetV3's on the int8 model, without and with patches."""
+    return {**{name: (name, None, False) for name in schemes()}, PATCHED: ("MCUNetV3-style", "auto", False),
+            INT8: ("MCUNetV3-style", None, True), INT8_PATCHED: ("MCUNetV3-style", "auto", True)}
 
 
-def make_job(resolution: int, scheme, seed: int = 0):
+def make_job(resolution: int, scheme, seed: int = 0, int8: bool = False):
+    """(job, the model it trains, x, y); `int8`: the model quantized (inputs int8, QAS)."""
     torch.manual_seed(seed)
     model = freeze_batchnorm(MobileNetV2(num_classes=10, width_mult=0.35))
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randn(1, 3, resolution, resolution, generator=g), torch.randint(0, 10, (1,), generator=g)
-    job = pe.TrainingJob(copy.deepcopy(model), (x,), y, "cross_entropy", pe.optim.SGD(lr=0.05), sparse_update=scheme,
+    optimizer = pe.optim.SGD(lr=0.05)
+    if int8:
+        model = quantized(model, resolution, g)
+        x, optimizer = pe.quantize.quantize_input(model, x), pe.optim.SGD(lr=0.05, qas=True)
+    job = pe.TrainingJob(copy.deepcopy(model), (x,), y, "cross_entropy", optimizer, sparse_update=scheme,
                          name=f"mobilenetv2_{resolution}")
     return job, model, x, y
+
+
+def quantized(model, resolution: int, generator):
+    """`model` quantized with pe.quantize.int8 (inputs int8), its BatchNorm statistics first taken
+    from random batches: a random-initialised BatchNorm's are 0 and 1, a degenerate calibration."""
+    calibration = [torch.randn(4, 3, resolution, resolution, generator=generator) for _ in range(2)]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in norms:
+        norm.momentum = None  # the cumulative average of the calibration batches
+        norm.train()
+    with torch.no_grad():
+        for batch in calibration:
+            model(batch)
+    model.eval()
+    return pe.quantize.int8(model, calibration, input="int8")
 
 
 def firmware(job, target, patches=None):
@@ -95,13 +122,15 @@ def firmware(job, target, patches=None):
 
 def torch_peak(job, program, model, x, y) -> int:
     """PyTorch's training memory for the job, training what `program` trains (the plan is imported
-    again only when the firmware did not fit and there is no program)."""
+    again only when the firmware did not fit and there is no program); QAS adds no memory, plain
+    SGD stands in for it (torch.optim has none)."""
     reference = apply_to_torch(model, program.plan if program is not None else job.plan(job.import_model()))
-    optimizer = job.optimizer.to_torch([p for p in reference.parameters() if p.requires_grad])
+    optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=job.optimizer.lr)
+    x = x.to(next(reference.parameters()).dtype) if not x.is_floating_point() else x
     return measure_torch(reference, optimizer, x, y, repeats=1)[0]
 
 
-def largest_fitting(scheme, target, rows, name: str, sram: int, search: bool = True, patches=None):
+def largest_fitting(scheme, target, rows, name: str, sram: int, search: bool = True, patches=None, int8=False):
     """(resolution, SRAM, Flash) of the largest multiple of 8 whose firmware fits `sram`, searched
     upwards from the largest measured resolution that fits (without `search`: the largest measured
     one); None when none measured fits."""
@@ -113,7 +142,7 @@ def largest_fitting(scheme, target, rows, name: str, sram: int, search: bool = T
     found = (best, *measured[best])
     resolution = best + 8
     while search and resolution not in measured:  # the next measured resolution does not fit: no need to go there
-        fp = firmware(make_job(resolution, scheme)[0], target, patches)[1]
+        fp = firmware(make_job(resolution, scheme, int8=int8)[0], target, patches)[1]
         print(f"  {resolution}x{resolution}: SRAM {fp['sram'] / KiB:.1f} KiB", file=sys.stderr, flush=True)
         if fp["sram"] > sram:
             break
@@ -122,28 +151,33 @@ def largest_fitting(scheme, target, rows, name: str, sram: int, search: bool = T
     return found
 
 
-def train_under_qemu(scheme, resolution: int, target, steps: int, program=None) -> tuple:
+def train_under_qemu(scheme, resolution: int, target, steps: int, program=None, int8=False, patches=None) -> tuple:
     """(losses on the device, PyTorch's losses, instructions per step on the device) for `steps`
-    batches at `resolution`; `program`: the firmware of make_job(resolution, scheme) when it was
-    already built (make_job is deterministic)."""
-    job, model, _, _ = make_job(resolution, scheme)
+    batches at `resolution`; `program`: the firmware of make_job(resolution, scheme, int8=int8) when
+    it was already built (make_job is deterministic). PyTorch trains the int8 model with QAS done by
+    pe.quantize.scale_gradients_qas."""
+    job, model, _, _ = make_job(resolution, scheme, int8=int8)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(1, 3, resolution, resolution, generator=g), torch.randint(0, 10, (1,), generator=g))
                for _ in range(steps)]
+    if int8:
+        batches = [(pe.quantize.quantize_input(model, x), y) for x, y in batches]
     if program is None:
-        program = pe.compile(job, target=target)
+        program = pe.compile(job, target=target, patches=patches)
     with tempfile.TemporaryDirectory() as tmp:
         program.export(tmp + "/fw")
         project = os.path.join(tmp, "fw", PROJECT)
         cortex_m.project.write_batches(project, program.signature, [[x.numpy(), y.numpy()] for x, y in batches])
         ran = cortex_m.run(project, resolve(target), steps, program.signature)
     reference = apply_to_torch(model, program.plan)
-    optimizer = job.optimizer.to_torch([p for p in reference.parameters() if p.requires_grad])
+    optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=job.optimizer.lr)
     theirs = []
     for x, y in batches:
         optimizer.zero_grad()
         loss = torch.nn.functional.cross_entropy(reference(x), y)
         loss.backward()
+        if int8:
+            pe.quantize.scale_gradients_qas(reference)
         optimizer.step()
         theirs.append(loss.item())
     return ran.losses, theirs, ran.instructions
@@ -172,7 +206,7 @@ def plot(rows, sram: int, target: str, path: str) -> str:
     ax.set_yscale("log")
     ax.set_xlabel("input resolution (pixels per side), batch 1")
     ax.set_ylabel("training memory (KiB, log)")
-    ax.set_title("MobileNetV2-0.35 training step (float32, batch 1)", fontsize=10)
+    ax.set_title("MobileNetV2-0.35 training step (batch 1; float32 unless int8)", fontsize=10)
     ax.legend(fontsize=7)
     return bench.save_figure(fig, path)
 
@@ -195,67 +229,73 @@ def main(argv=None):
 
     rows = []  # (resolution, row name, our SRAM, our Flash, PyTorch bytes)
     built = {}  # (resolution, row name) -> its firmware, when it fits
-    patched = {}  # resolution -> the patched prefix's choice, when the patched row has one
+    patched = {}  # (resolution, row) -> the patched prefix's choice, when a patched row has one
     for resolution in resolutions:
-        theirs = {}  # scheme -> PyTorch's bytes (patches change nothing in PyTorch's step)
-        for name, (scheme_name, patches) in rows_built().items():
+        theirs = {}  # (scheme, int8) -> PyTorch's bytes (patches change nothing in PyTorch's step)
+        for name, (scheme_name, patches, int8) in rows_built().items():
             print(f"[{resolution}x{resolution} / {name}] building the firmware ...", file=sys.stderr, flush=True)
-            job, model, x, y = make_job(resolution, schemes()[scheme_name])
+            job, model, x, y = make_job(resolution, schemes()[scheme_name], int8=int8)
             program, fp = firmware(job, args.target, patches)
-            if scheme_name not in theirs:
-                theirs[scheme_name] = torch_peak(job, program, model, x, y)
-            rows.append((resolution, name, fp["sram"], fp["flash"], theirs[scheme_name]))
+            if (scheme_name, int8) not in theirs:
+                theirs[(scheme_name, int8)] = torch_peak(job, program, model, x, y)
+            rows.append((resolution, name, fp["sram"], fp["flash"], theirs[(scheme_name, int8)]))
             if program is not None:
                 built[(resolution, name)] = program
                 if program.meta.get("patches"):
-                    patched[resolution] = program.meta["patches"]
+                    patched[(resolution, name)] = program.meta["patches"]
 
-    print(f"\nMobileNetV2-0.35, batch 1, float32, SGD, BatchNorm frozen; {preset.name}: SRAM {sram // KiB} KiB, "
-          f"Flash {flash // KiB} KiB")
-    header = (f"{'resolution':<12}{'scheme':<20}{'SRAM KiB':>10}{'Flash KiB':>11}{'fits':>6}"
+    print(f"\nMobileNetV2-0.35, batch 1, SGD, BatchNorm frozen, float32 unless int8; {preset.name}: SRAM "
+          f"{sram // KiB} KiB, Flash {flash // KiB} KiB")
+    header = (f"{'resolution':<12}{'scheme':<25}{'SRAM KiB':>10}{'Flash KiB':>11}{'fits':>6}"
               f"{'PyTorch KiB':>13}{'ratio':>8}")
     print(header)
     print("-" * len(header))
     for resolution, name, ours, rom, theirs in rows:
         fits = "yes" if ours <= sram and rom <= flash else "no"
-        print(f"{f'{resolution}x{resolution}':<12}{name:<20}{ours / KiB:>10.1f}{rom / KiB:>11.1f}{fits:>6}"
+        print(f"{f'{resolution}x{resolution}':<12}{name:<25}{ours / KiB:>10.1f}{rom / KiB:>11.1f}{fits:>6}"
               f"{theirs / KiB:>13.1f}{theirs / ours:>7.1f}x")
     print("ratio = PyTorch's training memory / our firmware's SRAM (frozen weights live in Flash on the device)")
-    for resolution, choice in patched.items():
-        print(f"{PATCHED} at {resolution}x{resolution}: up to {choice['split']} on a {choice['grid']}x{choice['grid']} "
+    for (resolution, name), choice in patched.items():
+        print(f"{name} at {resolution}x{resolution}: up to {choice['split']} on a {choice['grid']}x{choice['grid']} "
               f"grid, +{100 * choice['overhead']:.1f}% of the prefix's convolution FLOPs")
 
-    print(f"\nlargest resolution whose training step fits {sram // KiB} KiB of SRAM (steps of 8 pixels):")
     found = {}
-    for name, (scheme_name, patches) in rows_built().items():
-        if name == "full":
-            continue
-        print(f"[{name}] searching for the largest resolution that fits ...", file=sys.stderr, flush=True)
-        found[name] = largest_fitting(schemes()[scheme_name], args.target, rows, name, sram, search=not args.small,
-                                      patches=patches)
-        best = found[name]
-        print(f"  {name:<20}" + (f"{best[0]}x{best[0]}: SRAM {best[1] / KiB:.1f} KiB, Flash {best[2] / KiB:.1f} KiB"
-                                 if best else f"none of {', '.join(map(str, resolutions))}"))
+    for budget in dict.fromkeys([sram, OTHER_BUDGET_KIB * KiB]):
+        print(f"\nlargest resolution whose training step fits {budget // KiB} KiB of SRAM (steps of 8 pixels):")
+        for name, (scheme_name, patches, int8) in rows_built().items():
+            if name == "full":
+                continue
+            print(f"[{name}] searching for the largest resolution that fits {budget // KiB} KiB ...", file=sys.stderr,
+                  flush=True)
+            best = largest_fitting(schemes()[scheme_name], args.target, rows, name, budget, search=not args.small,
+                                   patches=patches, int8=int8)
+            found[name if budget == sram else (name, budget // KiB)] = best
+            print(f"  {name:<25}" + (f"{best[0]}x{best[0]}: SRAM {best[1] / KiB:.1f} KiB, Flash {best[2] / KiB:.1f} KiB"
+                                     if best else f"none of {', '.join(map(str, resolutions))}"))
     full_fits = [r[0] for r in rows if r[1] == "full" and r[2] <= sram]
-    print(f"  {'full':<20}" + (f"{max(full_fits)}x{max(full_fits)}" if full_fits else
+    print(f"  {'full':<25} (at {sram // KiB} KiB) " + (f"{max(full_fits)}x{max(full_fits)}" if full_fits else
                                f"none of {', '.join(map(str, resolutions))}: "
                                "the weights it writes alone exceed the SRAM"))
     print(f"anchor: MCUNetV3's Tiny Training Engine trains an MCUNet in {MCUNETV3_ANCHOR_KB} KB with int8 weights and "
-          "activations; these steps are float32 (4 bytes per value).")
+          "activations.")
 
-    name, on_device = "MCUNetV3-style", None
-    if args.steps and found.get(name):
+    on_device = {}
+    for name in ("MCUNetV3-style", INT8_PATCHED):
+        if not (args.steps and found.get(name)):
+            continue
+        scheme_name, patches, int8 = rows_built()[name]
         resolution = found[name][0]
         print(f"[{name}] training {args.steps} steps at {resolution}x{resolution} under QEMU ...", file=sys.stderr,
               flush=True)
-        ours, theirs, instructions = on_device = train_under_qemu(schemes()[name], resolution, args.target,
-                                                                  args.steps, built.get((resolution, name)))
+        ours, theirs, instructions = on_device[name] = train_under_qemu(
+            schemes()[scheme_name], resolution, args.target, args.steps, built.get((resolution, name)), int8, patches)
         print(f"\n{name} at {resolution}x{resolution} on QEMU's {preset.board['qemu_machine']} ({preset.name}), "
               f"{args.steps} steps: losses " + " ".join(f"{v:.5f}" for v in ours)
               + "; PyTorch eager " + " ".join(f"{v:.5f}" for v in theirs)
               + f" (largest difference {max(abs(a - b) for a, b in zip(ours, theirs)):.1e})")
         print("instructions per training step: " + ", ".join(f"{n / 1e6:.2f} M" for n in instructions)
               + f" ({step_time(max(instructions), preset.clock_hz)}, one per cycle)")
+    if on_device:
         print(f"anchor: MCUNetV3's Tiny Training Engine reports {MCUNETV3_STEP_MS} ms per sparse step of "
               f"MobileNetV2 on a {MCUNETV3_CLOCK_HZ / 1e6:.0f} MHz Cortex-M7, about "
               f"{MCUNETV3_STEP_MS * MCUNETV3_CLOCK_HZ / 1e9:.0f} M cycles (int8, its own resolution and scheme).\n"
