@@ -5,7 +5,12 @@ passes the gradient strictly inside its range. Written independently of pockengi
 frontend/quantized_ops.py, which the tests check against it (tests/test_quantize.py, the rule
 audit)."""
 
+import copy
+
 import torch
+from torch import nn
+
+from pockengine import quantize as pe_quantize
 
 F = torch.nn.functional
 
@@ -31,7 +36,7 @@ def fixed_point_scale(acc, multiplier, shift):
     return scaled + (value.to(acc.dtype) - scaled).detach()
 
 
-def quantize(x, inv_scale, config):
+def quantize_ref(x, inv_scale, config):
     zero, qmin, qmax = config
     return clipped(ste_round(x * inv_scale) + zero, qmin, qmax)
 
@@ -55,3 +60,56 @@ def mean(x):
     """Global average pooling, halves up (as (2 sum + count) // (2 count))."""
     m = x.mean(dim=(2, 3), keepdim=True)
     return m + (torch.floor(m.detach() + 0.5) - m).detach()
+
+
+# ---------------------------------------------------------------- a quantized model's reference
+
+
+class ReferenceQuantize(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.inv, self.config = 1.0 / m.scale, (m.zero, -128, 127)
+
+    def forward(self, x):
+        return quantize_ref(x, self.inv, self.config)
+
+
+class ReferenceConv(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.weight, self.bias = m.weight, m.bias
+        self.register_buffer("multiplier", m.multiplier)
+        self.register_buffer("shift", m.shift)
+        self.config = list(m.config)
+
+    def forward(self, x):
+        return conv2d(x, self.weight, self.bias, self.multiplier, self.shift, self.config)
+
+
+class ReferenceAdd(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.config = list(m.config)
+
+    def forward(self, a, b):
+        return add(a, b, self.config)
+
+
+class ReferenceMean(nn.Module):
+    def __init__(self, _m):
+        super().__init__()
+
+    def forward(self, x):
+        return mean(x)
+
+
+def reference_of(qmodel):
+    """The fake-quant reference of a quantized model: the same parameters and graph, each int8
+    module replaced by its reference."""
+    ref = copy.deepcopy(qmodel)
+    kinds = {pe_quantize.Quantize: ReferenceQuantize, pe_quantize.QuantizedConv2d: ReferenceConv,
+             pe_quantize.QuantizedAdd: ReferenceAdd, pe_quantize.QuantizedMean: ReferenceMean}
+    for name, module in list(ref.named_modules()):
+        if type(module) in kinds:
+            pe_quantize._replace_submodule(ref, name, kinds[type(module)](module))
+    return ref

@@ -9,8 +9,8 @@ import copy
 
 import numpy as np
 import pytest
-import quantized_reference as reference
 import torch
+from quantized_reference import reference_of
 from torch import nn
 
 import pockengine as pe
@@ -20,59 +20,6 @@ from pockengine.errors import JobError, StateError
 from pockengine.sparse import apply_to_torch
 
 F = nn.functional
-
-
-# ---------------------------------------------------------------- the reference
-
-
-class ReferenceQuantize(nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.inv, self.config = 1.0 / m.scale, (m.zero, -128, 127)
-
-    def forward(self, x):
-        return reference.quantize(x, self.inv, self.config)
-
-
-class ReferenceConv(nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.weight, self.bias = m.weight, m.bias
-        self.register_buffer("multiplier", m.multiplier)
-        self.register_buffer("shift", m.shift)
-        self.config = list(m.config)
-
-    def forward(self, x):
-        return reference.conv2d(x, self.weight, self.bias, self.multiplier, self.shift, self.config)
-
-
-class ReferenceAdd(nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.config = list(m.config)
-
-    def forward(self, a, b):
-        return reference.add(a, b, self.config)
-
-
-class ReferenceMean(nn.Module):
-    def __init__(self, _m):
-        super().__init__()
-
-    def forward(self, x):
-        return reference.mean(x)
-
-
-def reference_of(qmodel):
-    """The fake-quant reference of a quantized model: the same parameters and graph, each int8
-    module replaced by its reference."""
-    ref = copy.deepcopy(qmodel)
-    kinds = {quantize.Quantize: ReferenceQuantize, quantize.QuantizedConv2d: ReferenceConv,
-             quantize.QuantizedAdd: ReferenceAdd, quantize.QuantizedMean: ReferenceMean}
-    for name, module in list(ref.named_modules()):
-        if type(module) in kinds:
-            quantize._replace_submodule(ref, name, kinds[type(module)](module))
-    return ref
 
 
 # ---------------------------------------------------------------- models

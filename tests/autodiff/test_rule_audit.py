@@ -366,7 +366,7 @@ case("pockengine.quantized_mean", "3x5", quantized_ops.quantized_mean, quantized
 for quant_config in ([0, -128, 127], [-20, -128, 40]):
     case("pockengine.quantize", f"zero={quant_config[0]},clip=({quant_config[1]},{quant_config[2]})",
          lambda x, cfg=quant_config: quantized_ops.quantize(x, c(np.float64(7.5)), quantized_ops.config_constant(cfg)),
-         lambda x, cfg=quant_config: quantized_reference.quantize(x, 7.5, cfg), rand(3, 8) * 10)
+         lambda x, cfg=quant_config: quantized_reference.quantize_ref(x, 7.5, cfg), rand(3, 8) * 10)
 
 for name, cshape, ashape, bshape in [
     ("same-shapes", (3, 4), (3, 4), (3, 4)), ("branch-broadcast-1x4", (3, 4), (1, 4), (3, 4)),
