@@ -266,7 +266,7 @@ class CompiledStep:
 
     def _check_integer_state(self, arrays: dict) -> None:
         """A quantized model's frozen weights are int8 state (passes/narrow_quantized.py): a value
-        that is not an integer in [-128, 127] would be cast silently into another weight."""
+        that is not an integer in [-128, 127] would silently become another one when cast."""
         for name, value in arrays.items():
             if self._specs[name].dtype != "int8":
                 continue
