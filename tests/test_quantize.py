@@ -200,19 +200,12 @@ CONV_CASES = [  # (in channels, out channels, kernel, stride, padding, dilation,
     (3, 8, 3, 2, 1, 1, 1, 15), (8, 8, 3, 1, 1, 1, 8, 8), (8, 8, 5, 2, 2, 1, 8, 9), (16, 24, 1, 1, 0, 1, 1, 6),
     (8, 8, 3, 1, 2, 2, 1, 7), (12, 6, 3, 1, 1, 1, 3, 5), (4, 4, 7, 2, 3, 1, 4, 11),
 ]
+CONV_CASE_IDS = [f"{c[0]}-{c[1]}-k{c[2]}s{c[3]}p{c[4]}d{c[5]}g{c[6]}" for c in CONV_CASES]
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=[f"{c[0]}-{c[1]}-k{c[2]}s{c[3]}p{c[4]}d{c[5]}g{c[6]}"
-                                                  for c in CONV_CASES])
-def test_int8_convolution_kernel_is_bit_exact(case):
-    """The compiled kernel on int8 tensors (as the step runs it after narrow_quantized) against the
-    integer arithmetic written in numpy here: random weights, biases, zero points, multipliers and
-    shifts, every output element equal."""
-    import tvm
-    from tvm import relax
-
-    from pockengine.frontend import quantized_ops
-
+def random_convolution(case):
+    """x, w, b, m, n and the configuration of a CONV_CASES convolution: random int8 tensors, biases,
+    zero points, multipliers and shifts (seeded by the case)."""
     c_in, c_out, k, stride, pad, dil, groups, size = case
     rng = np.random.default_rng(sum(case))
     x = rng.integers(-128, 128, (2, c_in, size, size), dtype=np.int8)
@@ -222,12 +215,19 @@ def test_int8_convolution_kernel_is_bit_exact(case):
     n = rng.integers(36, 44, c_out, dtype=np.int64)
     zero_x, zero_y, qmin, qmax = int(rng.integers(-128, 0)), int(rng.integers(-20, 20)), -100, 120
     config = [zero_x, zero_y, qmin, qmax, stride, stride, pad, pad, pad, pad, dil, dil, groups]
+    return x, w, b, m, n, config
 
-    # numpy reference: int64 all the way
+
+def integer_convolution(x, w, b, m, n, config):
+    """quantized_conv2d's integer arithmetic in numpy, int64 all the way (square kernels, symmetric
+    padding, as CONV_CASES)."""
+    zero_x, zero_y, qmin, qmax, stride, _, pad, _, _, _, dil, _, groups = config
+    c_out, per_in, k, _ = w.shape
+    size = x.shape[2]
     xp = np.pad(x.astype(np.int64) - zero_x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     out = (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
-    acc = np.zeros((2, c_out, out, out), np.int64)
-    per_in, per_out = c_in // groups, c_out // groups
+    acc = np.zeros((x.shape[0], c_out, out, out), np.int64)
+    per_out = c_out // groups
     for o in range(c_out):
         g = o // per_out
         for ky in range(k):
@@ -237,7 +237,21 @@ def test_int8_convolution_kernel_is_bit_exact(case):
                 acc[:, o] += np.einsum("nchw,c->nhw", window, w[o, :, ky, kx].astype(np.int64))
     acc += b.astype(np.int64).reshape(1, -1, 1, 1)
     y = (acc * m.reshape(1, -1, 1, 1) + (1 << (n.reshape(1, -1, 1, 1) - 1))) >> n.reshape(1, -1, 1, 1)
-    expected = np.clip(y + zero_y, qmin, qmax).astype(np.int8)
+    return np.clip(y + zero_y, qmin, qmax).astype(np.int8)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_CASE_IDS)
+def test_int8_convolution_kernel_is_bit_exact(case):
+    """The compiled kernel on int8 tensors (as the step runs it after narrow_quantized) against the
+    integer arithmetic written in numpy here: random weights, biases, zero points, multipliers and
+    shifts, every output element equal."""
+    import tvm
+    from tvm import relax
+
+    from pockengine.frontend import quantized_ops
+
+    x, w, b, m, n, config = random_convolution(case)
+    expected = integer_convolution(x, w, b, m, n, config)
 
     bb = relax.BlockBuilder()
     args = [relax.Var(name, relax.TensorType(a.shape, str(a.dtype))) for name, a in

@@ -53,6 +53,8 @@ CONV_ZERO_X, CONV_ZERO_Y, CONV_QMIN, CONV_QMAX = range(4)
 ADD_ZERO_1, ADD_ZERO_2, ADD_ZERO_Y, ADD_MULTIPLIER_1, ADD_MULTIPLIER_2, ADD_SHIFT, ADD_QMIN, ADD_QMAX = range(8)
 QUANTIZE_ZERO, QUANTIZE_QMIN, QUANTIZE_QMAX = range(3)
 CONV_CONFIG_LENGTH, ADD_CONFIG_LENGTH, QUANTIZE_CONFIG_LENGTH = 13, 8, 3
+# The attribute on quantized_conv2d's legalized PrimFunc: its configuration (gone once fused with others).
+CONV2D_KERNEL_ATTR = "pockengine.quantized_conv2d"
 
 
 def config_constant(values):
@@ -375,18 +377,22 @@ def _mean_te(x, *, config=None):
                       name="quantized_mean")
 
 
-def _legalizer(compute, name: str, config_index=None):
-    """FLegalize of an operator: `compute(*tensor arguments, config=its integer configuration)` in TE."""
+def _legalizer(compute, name: str, config_index=None, marker=None):
+    """FLegalize of an operator: `compute(*tensor arguments, config=its integer configuration)` in TE.
+    `marker`: a PrimFunc attribute holding the configuration, by which a target recognises the
+    operator's kernel while it is unfused (the Cortex-M build swaps in hand-written SIMD C for it)."""
     def legalize(builder, call):
         config = config_of(call, config_index) if config_index is not None else None
         tensors = [arg for i, arg in enumerate(call.args) if i != config_index]
-        return builder.call_te(lambda *args: compute(*args, config=config), *tensors, primfunc_name_hint=name)
+        attrs = {marker: config} if marker else None
+        return builder.call_te(lambda *args: compute(*args, config=config), *tensors, primfunc_name_hint=name,
+                               primfunc_attrs=attrs)
 
     return legalize
 
 
 for _name, _infer, _legalize in ((QUANTIZE, _infer_quantize, _legalizer(_quantize_te, "quantize", 2)),
-                                 (CONV2D, _infer_conv, _legalizer(_conv_te, "quantized_conv2d", 5)),
+                                 (CONV2D, _infer_conv, _legalizer(_conv_te, "quantized_conv2d", 5, CONV2D_KERNEL_ATTR)),
                                  (ADD, _infer_add, _legalizer(_add_te, "quantized_add", 2)),
                                  (MEAN, _infer_mean, _legalizer(_mean_te, "quantized_mean")),
                                  (CONV2D_INPUT_GRAD, _infer_input_grad,

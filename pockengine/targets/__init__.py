@@ -43,6 +43,10 @@ class TargetPreset:
     flash_bytes: int | None = None
     board: dict | None = None  # qemu_machine, qemu_cpu_hz, cflags, memory_map (see targets/cortex_m)
     clock_hz: int | None = None  # the device's core clock: instructions counted under QEMU as a time
+    # Instruction-set extensions the C compiler may use by hand (Cortex-M: "dsp" for the M-profile DSP
+    # extension's SIMD32 (SMLAD, SXTB16), "mve" for Helium): the int8 convolution's hand-written
+    # kernels are chosen from them (cortex_m/int8_conv.py); a core without them gets TVM's loops.
+    features: frozenset = frozenset()
 
     @property
     def cores(self) -> int:
@@ -102,7 +106,7 @@ KiB = 1024
 QEMU_BOARD_CPU_HZ = {"mps2-an386": 25_000_000, "mps2-an500": 25_000_000, "mps3-an547": 32_000_000}
 
 
-def _cortex_m(name, cpu, description, sram, flash, clock_hz, machine, cflags, memory_map):
+def _cortex_m(name, cpu, description, sram, flash, clock_hz, machine, cflags, memory_map, features=()):
     """memory_map: (code origin, code bytes, RAM origin, RAM bytes[, constants origin, bytes]) of the
     QEMU board: where it has memory for code (the vector table at 0), data, and, when the code memory
     is small, constants (weights). The firmware is linked for the board's memory, so that it links
@@ -112,7 +116,7 @@ def _cortex_m(name, cpu, description, sram, flash, clock_hz, machine, cflags, me
     return TargetPreset(
         name, description, {"kind": "c", "mcpu": cpu, "keys": ["arm_cpu", "cpu"]}, family=CORTEX_M,
         tools=CORTEX_M_TOOLS, runner=f"qemu-system-arm -M {machine} (semihosting)", vector_bytes=4,
-        sram_bytes=sram, flash_bytes=flash, clock_hz=clock_hz,
+        sram_bytes=sram, flash_bytes=flash, clock_hz=clock_hz, features=frozenset(features),
         board={"qemu_machine": machine, "qemu_cpu_hz": QEMU_BOARD_CPU_HZ[machine], "cflags": [f"-mcpu={cpu}", *cflags],
                "memory_map": {"flash_origin": memory_map[0], "flash_bytes": memory_map[1],
                               "sram_origin": memory_map[2], "sram_bytes": memory_map[3],
@@ -154,16 +158,18 @@ def _preset_factories() -> dict:
         "cortex-m4": lambda name: _cortex_m(
             name, "cortex-m4", "Cortex-M4F, sized and clocked as an STM32F429 (168 MHz)",
             256 * KiB, 2048 * KiB, 168_000_000, "mps2-an386", ["-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"],
-            (0x0, 4096 * KiB, 0x20000000, 4096 * KiB)),
+            (0x0, 4096 * KiB, 0x20000000, 4096 * KiB), features={"dsp"}),
         "cortex-m7": lambda name: _cortex_m(
             name, "cortex-m7", "Cortex-M7, sized and clocked as an STM32F746 (216 MHz)",
             320 * KiB, 1024 * KiB, 216_000_000, "mps2-an500", ["-mfloat-abi=hard", "-mfpu=fpv5-d16"],
-            (0x0, 4096 * KiB, 0x20000000, 4096 * KiB)),
+            (0x0, 4096 * KiB, 0x20000000, 4096 * KiB), features={"dsp"}),
         "cortex-m55": lambda name: _cortex_m(
             name, "cortex-m55", "Cortex-M55 (Helium), sized as an Alif Ensemble E3-class part, 400 MHz (its HP core)",
+            # -mcpu=cortex-m55 alone gives GCC (12) its default extensions: MVE with floats (+mve.fp) and
+            # double-precision FP, so arm_mve.h's intrinsics compile without an -march.
             512 * KiB, 4096 * KiB, 400_000_000, "mps3-an547", ["-mfloat-abi=hard"],
             # AN547: 512 KiB ITCM at 0 (code), 512 KiB DTCM (data), 8 MiB QSPI (constants)
-            (0x0, 512 * KiB, 0x20000000, 512 * KiB, 0x28000000, 8192 * KiB)),
+            (0x0, 512 * KiB, 0x20000000, 512 * KiB, 0x28000000, 8192 * KiB), features={"dsp", "mve"}),
     }
 
 
@@ -261,7 +267,7 @@ def _from_tvm_target(target, label: str) -> TargetPreset:
         board = boards[mcpu]
         return TargetPreset(label, board.description, exported, family=CORTEX_M, tools=board.tools, runner=board.runner,
                             vector_bytes=board.vector_bytes, sram_bytes=board.sram_bytes, flash_bytes=board.flash_bytes,
-                            clock_hz=board.clock_hz, board=board.board)
+                            clock_hz=board.clock_hz, board=board.board, features=board.features)
     if "thumb" in triple or mcpu.startswith("cortex-m"):
         raise TargetError(f"target {label!r}: microcontrollers are built through TVM's C code generator; use a preset "
                           f"({', '.join(boards)}) or {{\"kind\": \"c\", \"mcpu\": \"cortex-m4\"}}")

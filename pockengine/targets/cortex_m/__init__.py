@@ -21,8 +21,8 @@ import tvm
 from ...autodiff.step import STEP_FUNC, StepSignature
 from ...errors import ArtifactError, InputError, MemoryLimitError, NumericsError, TargetError
 from . import driver as c_driver
+from . import int8_conv, project
 from . import kernels as c_kernels
-from . import project
 
 FIRMWARE = "firmware.elf"
 MEASURE_FIRMWARE = "firmware-measure.elf"  # `make measure`: linked for reading sizes, not for running
@@ -37,6 +37,7 @@ class Project:
     workspace_bytes: int
     kernel_calls: int
     kernels: int
+    handwritten_kernels: int = 0  # of `kernels`: int8 convolutions in hand-written SIMD C (int8_conv.py)
 
 
 def generate(directory: str, lowered, signature: StepSignature, state: dict, preset, batches=None) -> Project:
@@ -46,11 +47,15 @@ def generate(directory: str, lowered, signature: StepSignature, state: dict, pre
     drv = c_driver.translate(func, signature, [project.input_symbol(s.name) for s in signature.batch],
                              [project.state_symbol(s.name) for s in signature.state])
     used = {name: kernels[name] for name in dict.fromkeys(drv.kernels_called)}
-    source = c_kernels.generate_c(used, preset.target())
+    convolutions = int8_conv.handwritten(used, preset)
+    generated = {name: func for name, func in used.items() if name not in convolutions}
+    source = c_kernels.generate_c(generated, preset.target()) if generated else c_kernels.EMPTY_SOURCE
+    if convolutions:
+        source += int8_conv.c_source(convolutions, int8_conv.simd_of(preset))
     workspace = c_kernels.workspace_bytes(source)
     project.write_project(directory, kernels_c=source, driver=drv, signature=signature, state=state,
                           workspace_bytes=workspace, board=preset.board, batches=batches)
-    return Project(drv.arena_bytes, workspace, len(drv.kernels_called), len(used))
+    return Project(drv.arena_bytes, workspace, len(drv.kernels_called), len(used), len(convolutions))
 
 
 @dataclass

@@ -35,6 +35,8 @@ _KDL_CPU = 1  # DLPack's device type code of the CPU
 # `tirx.kernel_max_stack_bytes` is a bit below, it is conservative): everything above goes through
 # TVMBackendAllocWorkspace.
 _AUTO_ENTRY = "// CodegenC: NOTE: Auto-generated entry function"
+# The C of no TVM kernel at all (every kernel of the step is hand-written: int8_conv.py).
+EMPTY_SOURCE = "#include <stdint.h>\n"
 
 
 def c_symbol(name: str) -> str:
