@@ -263,7 +263,7 @@ def _conv_te(x, weight, bias, multiplier, shift, frozen=None, *, config):
     (dil_h, dil_w), groups = attrs["dilation"], attrs["groups"]
     _, _, in_h, in_w = (int(d) for d in x.shape)
     c_out, c_per_group, k_h, k_w = _full_weight_shape(weight, frozen, groups)
-    out_shape = [int(x.shape[0]), c_out] + _conv_output_size(x.shape[2:], (k_h, k_w), attrs)
+    out_shape = [int(x.shape[0]), c_out] + conv_output_size(x.shape[2:], (k_h, k_w), attrs)
     read_weight = _weight_reader(weight, frozen, groups)
     out_per_group = c_out // groups
     rc = te.reduce_axis((0, c_per_group), name="rc")
@@ -293,7 +293,8 @@ def _full_weight_shape(weight, frozen, groups: int) -> list[int]:
     return shape
 
 
-def _conv_output_size(in_size, kernel, attrs) -> list[int]:
+def conv_output_size(in_size, kernel, attrs) -> list[int]:
+    """(out_h, out_w) of a convolution of `kernel` (kh, kw) over an input of `in_size` (h, w)."""
     (stride_h, stride_w), (top, left, bottom, right) = attrs["strides"], attrs["padding"]
     dil_h, dil_w = attrs["dilation"]
     k_h, k_w = (int(k) for k in kernel)

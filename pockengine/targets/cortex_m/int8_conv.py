@@ -97,7 +97,7 @@ def convolution_of(func) -> Convolution | None:
     x, w, bias, multiplier, shift, y = shapes
     conv = Convolution(*x, w[0], *y[2:], *w[2:], config)
     attrs = quantized_ops.conv_attrs(list(config))
-    expected_y = [x[0], w[0], *quantized_ops._conv_output_size(x[2:], w[2:], attrs)]
+    expected_y = [x[0], w[0], *quantized_ops.conv_output_size(x[2:], w[2:], attrs)]
     groups = attrs["groups"]
     if (len(x) != 4 or y != expected_y or w[1] * groups != x[1] or w[0] % groups or bias != [w[0]]
             or multiplier != [w[0]] or shift != [w[0]]):
