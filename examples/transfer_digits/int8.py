@@ -16,7 +16,7 @@ The learning rate of each scheme is chosen on a validation split of the new task
 gets the same (MCUNetV3's point: int8 SGD with float hyper-parameters is badly scaled, its weight steps
 are s_w^2 ~ 1e-6 of the float ones), and QAS gets its own best on the same grid. The sweep is printed.
 
-    python examples/transfer_digits/int8.py            # the study in README (~20 minutes on 2 cores)
+    python examples/transfer_digits/int8.py            # the study in README (~45 minutes on 2 shared cores)
     python examples/transfer_digits/int8.py --seeds 1 --epochs-scale 0.25 --tasks digits  # a quick look
 """
 
