@@ -44,6 +44,22 @@ def test_transfer_digits_fine_tunes_with_sparse_schemes():
     assert ratio_trained < full_trained and ratio_peak < full_peak
 
 
+def test_transfer_digits_int8_with_qas_trains_close_to_float(tmp_path):
+    """The int8 study at its smallest (one task, scheme and seed, one epoch, a fixed lr): every variant
+    trains the same parameters through a compiled step, and int8 + QAS classifies the new digits about
+    as well as the float model (the study's numbers: README)."""
+    example = load_example_module("examples/transfer_digits/int8.py", "transfer_digits_int8")
+    plot = tmp_path / "int8.png"
+    results = example.main(["--tasks", "digits", "--schemes", "channel ratio", "--seeds", "1", "--lr", "0.1",
+                            "--pretrain-epochs", "2", "--epochs-scale", "0.2", "--plot", str(plot)])
+    cell = results["digits 5-9"]["channel ratio"]
+    float_acc, qas_acc = (cell[v]["accuracies"].mean() for v in ("float32", "int8 + QAS"))
+    assert qas_acc > 0.6 and qas_acc > float_acc - 0.1  # chance is 0.2
+    assert cell["float32"]["trained"] == cell["int8 SGD"]["trained"] == cell["int8 + QAS"]["trained"]
+    assert cell["int8 + QAS"]["planned"] < cell["float32"]["planned"]  # int8 activations
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
 def test_llama_finetune_example_learns_the_new_text():
     """Stage 1 (full pretraining) and stage 2 (the last 2 blocks) at reduced size: the held-out loss
     on the fine-tuning text falls. (LoRA's numerics: tests/test_transformers.py; at this size, with
