@@ -63,6 +63,20 @@ MODELS = {
 }
 
 
+def calibrated(model, batches):
+    """`model` in eval mode with the BatchNorm statistics of `batches` (their cumulative average): a
+    random-initialised BatchNorm's are 0 and 1, a degenerate start for quantization (pe.quantize.int8
+    folds them into the convolutions)."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    return model.eval()
+
+
 def make_batches(shape, classes, steps, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(shape, generator=g, dtype=dtype), torch.randint(0, classes, (shape[0],), generator=g))

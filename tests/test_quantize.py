@@ -14,7 +14,7 @@ from quantized_reference import reference_of
 from torch import nn
 
 import pockengine as pe
-from conftest import FAST_HOST, max_scaled_diff
+from conftest import FAST_HOST, calibrated, max_scaled_diff
 from pockengine import quantize
 from pockengine.errors import JobError, StateError
 from pockengine.sparse import apply_to_torch
@@ -43,18 +43,6 @@ class TinyNet(nn.Module):
         x = x + self.pw(x)
         x = self.relu(self.dilated(x))
         return self.head(x.mean([2, 3]))
-
-
-def calibrated(model, batches):
-    """`model` with BatchNorm statistics of `batches` (a random-initialised BN is the identity)."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for x in batches:
-            model(x)
-    return model.eval()
 
 
 def quantized(model, shape, seed=0, dtype=torch.float64):

@@ -35,7 +35,8 @@ def call_flops(call) -> int:
     if op in (quantized_ops.CONV2D, quantized_ops.CONV2D_INPUT_GRAD):
         # A convolution's MACs: each output pixel (of every image) takes every weight once; its data
         # gradient the same. A split weight is its two parts.
-        weights = [call.args[1]] + ([call.args[-1]] if len(call.args) > {quantized_ops.CONV2D: 6}.get(op, 3) else [])
+        frozen_part = 6 if op == quantized_ops.CONV2D else 3  # where a split weight's frozen part is passed
+        weights = [call.args[1]] + ([call.args[frozen_part]] if len(call.args) > frozen_part else [])
         grad_or_out = static_shape(call if op == quantized_ops.CONV2D else call.args[0])
         pixels = grad_or_out[0] * np.prod(grad_or_out[2:])
         return int(2 * pixels * sum(np.prod(static_shape(w)) for w in weights))

@@ -135,12 +135,7 @@ def _conv_output_shape(call) -> list[int]:
     if len(config) != CONV_CONFIG_LENGTH or len(x_shape) != 4 or len(w_shape) != 4:
         raise ValueError(f"{CONV2D}: expects NCHW x, OIHW weight and {CONV_CONFIG_LENGTH} integers of "
                          f"configuration, got x {x_shape}, weight {w_shape}, {len(config)} integers")
-    attrs = conv_attrs(config)
-    (stride_h, stride_w), (top, left, bottom, right) = attrs["strides"], attrs["padding"]
-    dil_h, dil_w = attrs["dilation"]
-    out_h = (x_shape[2] + top + bottom - dil_h * (w_shape[2] - 1) - 1) // stride_h + 1
-    out_w = (x_shape[3] + left + right - dil_w * (w_shape[3] - 1) - 1) // stride_w + 1
-    return [x_shape[0], w_shape[0], out_h, out_w]
+    return [x_shape[0], w_shape[0], *conv_output_size(x_shape[2:], w_shape[2:], conv_attrs(config))]
 
 
 def _infer_quantize(call, _builder):

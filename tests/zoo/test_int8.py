@@ -15,22 +15,11 @@ from quantized_reference import reference_of
 from vision_models import MODELS
 
 import pockengine as pe
-from conftest import FAST_HOST, max_scaled_diff
+from conftest import FAST_HOST, calibrated, max_scaled_diff
 from pockengine import quantize
 from pockengine.sparse import apply_to_torch
 
 INT8_MODELS = ["mobilenet_v2", "resnet18", "efficientnet", "mcunet mixed kernels"]
-
-
-def calibrated_int8(model, batches):
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for x in batches:
-            model(x)
-    return quantize.int8(model.eval(), batches).double()
 
 
 def int8_scheme(qmodel):
@@ -48,7 +37,7 @@ def test_int8_qas_training_matches_the_fake_quant_reference(name):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     calibration = [torch.randn(4, 3, size, size, generator=g) for _ in range(2)]
-    qmodel = calibrated_int8(factory(), calibration)
+    qmodel = quantize.int8(calibrated(factory(), calibration), calibration).double()
     counts = qmodel.quantization_counts
     assert counts["convolutions"] >= 8, counts
     batches = [(torch.randn(2, 3, size, size, generator=g, dtype=torch.float64),
