@@ -140,13 +140,21 @@ def test_time_budget_stops_tuning_cleanly(tmp_path):
         def flush(self):
             pass
 
-    # 1000 trials would take half an hour; the budget is used up before the first build
-    result = search.tune(mlp_job(), "host", 1000, log, time_budget_s=1, stream=Lines())
+    # 1000 trials would take half an hour; the budget is used up by the step's compile, before the
+    # first search round (a round, once begun, cannot be stopped: half a minute here)
+    result = search.tune(mlp_job(), "host", 1000, log, time_budget_s=0.001, stream=Lines())
     assert result["trials_run"] == 0
-    assert any("time budget of 1 s used up" in line for line in lines)
+    assert any("time budget of 0.001 s used up" in line for line in lines)
     with open(os.path.join(log, database.RECORD_FILE)) as f:
         assert not [line for line in f if line.strip()]  # skipped candidates are not recorded as failures
     database.open_log(log)
+
+
+@pytest.mark.parametrize("budget", [0, -5, float("nan")])
+def test_a_time_budget_that_is_not_positive_is_refused(budget, tmp_path):
+    with pytest.raises(InputError, match="--time-budget must be a positive number"):
+        search.tune(mlp_job(), "host", 10, str(tmp_path / "log"), time_budget_s=budget)
+    assert not (tmp_path / "log").exists()
 
 
 def test_build_names_a_corrupt_log(mlp_log, tmp_path):

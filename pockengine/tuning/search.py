@@ -177,6 +177,8 @@ def tune(job, target, trials: int, output: str, time_budget_s: float | None = No
     pool when it starts (device_runner.configure_thread_pool); no environment variable is set."""
     if trials < 1:
         raise InputError(f"--trials must be at least 1, got {trials}")
+    if time_budget_s is not None and not time_budget_s > 0:  # also refuses NaN
+        raise InputError(f"--time-budget must be a positive number of seconds, got {time_budget_s}")
     started = time.perf_counter()  # the budget counts the step's compile and the kernels' extraction too
     preset = resolve(target)
     lowering = family(preset).lowering
@@ -191,13 +193,13 @@ def tune(job, target, trials: int, output: str, time_budget_s: float | None = No
     print(f"tuning {len(selected)} kernels of {job.name!r} for {preset.name} "
           f"({sum(k.weighted_flop for k in selected) / 1e9:.3f} GFLOP per step); "
           f"{already} trials already in {output}, {max(remaining, 0)} to run"
-          + (f", budget {time_budget_s:.0f} s" if time_budget_s else ""), file=stream, flush=True)
+          + (f", budget {time_budget_s:g} s" if time_budget_s else ""), file=stream, flush=True)
     if remaining <= 0:
         return {"tasks": [k.name for k in selected], "trials_run": 0, "already": already}
     progress = Progress(remaining, [k.name for k in selected], stream, time_budget_s, start=started)
     _search(selected, preset, tvm_target, database, progress, rpc, seed)
     if progress.stopped:
-        print(f"time budget of {time_budget_s:.0f} s used up; every measured round is in the database",
+        print(f"time budget of {time_budget_s:g} s used up; every measured round is in the database",
               file=stream, flush=True)
     print(progress.table(), file=stream, flush=True)
     return {"tasks": [k.name for k in selected], "trials_run": progress.done, "already": already,
