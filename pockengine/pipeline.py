@@ -9,7 +9,8 @@
     fuse      the family's library dispatch (TVM's), legalize_ops + TVM's fusion, drop_unit_reductions
     records   tuning logs: MetaSchedule records replace the kernels they match (tuning/database.py)
     schedule  the family's default schedules for the rest, then what every kernel gets (fast_math on CPUs)
-    lower     schedule_reductions, the family's dataflow lowering (TVM's), update_in_place, plan_arena
+    lower     recompute_expansions (families short of memory), schedule_reductions, the family's dataflow
+              lowering (TVM's), update_in_place, plan_arena
     finalize  TVM's VM lowering (LowerAllocTensor ... AttachGlobalSymbol)
 
 A target family (targets/) contributes only the phases that differ by target, as a `Lowering` of
@@ -51,6 +52,7 @@ from .passes.pack_frozen_weights import pack_frozen_weights, panel_widths
 from .passes.patch_prefix import NotPatchable, Prefixes, is_spatial_op, patch_prefix, plan_patch, tiles
 from .passes.plan_arena import plan_arena
 from .passes.prune_backward import prune_backward
+from .passes.recompute_expansions import recompute_expansions
 from .passes.reorder_updates import reorder_updates
 from .passes.schedule_reductions import schedule_reductions
 from .passes.switch_backend import switch_backend
@@ -63,7 +65,8 @@ from .tuning.database import TuningReport, apply_database, apply_logs
 PASSES = ("fold_broadcasts", "fuse_linear_log_prob", "prune_backward", "chunk_linear_log_prob", "fuse_variance",
           "drop_saved_activations", "reorder_updates", "narrow_quantized", "patch_prefix", "switch_backend",
           "transposed_matmuls", "pack_frozen_weights", "legalize_ops", "drop_unit_reductions", "(tuning logs)",
-          "inline_elementwise", "schedule_cpu", "fast_math", "schedule_reductions", "update_in_place", "plan_arena")
+          "inline_elementwise", "schedule_cpu", "fast_math", "recompute_expansions", "schedule_reductions",
+          "update_in_place", "plan_arena")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +80,8 @@ class Lowering:
         with them too).
     dataflow(target): TVM's dataflow lowering for the target.
     packs_frozen_weights: the kernels are schedule_cpu's, whose matmuls can read frozen weights as panels.
+    recomputes_expansions: memory is the constraint: a kernel expanding small inputs into a large
+        tensor runs inside each of its readers instead (recompute_expansions).
     tvm_target(preset): the TVM target the step is lowered for.
     """
     dispatch: Callable
@@ -84,6 +89,7 @@ class Lowering:
     dataflow: Callable
     finish_kernels: Callable = list
     packs_frozen_weights: bool = False
+    recomputes_expansions: bool = False
     tvm_target: Callable = lambda preset: preset.target()
 
 
@@ -432,10 +438,12 @@ def lower(step_mod, signature: StepSignature, preset, lowering: Lowering, tuning
 
 
 def dataflow_passes(lowering: Lowering, target, signature: StepSignature, plan_memory: bool = True) -> list:
-    """Scheduled kernels -> a memory-planned step: reductions right after their inputs
-    (schedule_reductions), the family's dataflow lowering, new state written over the old
-    (update_in_place) and one arena (plan_arena)."""
-    return ([schedule_reductions(STEP_FUNC)] + lowering.dataflow(target)
+    """Scheduled kernels -> a memory-planned step: expanding kernels run inside their readers where
+    the family asks (recompute_expansions), reductions right after their inputs (schedule_reductions),
+    the family's dataflow lowering, new state written over the old (update_in_place) and one arena
+    (plan_arena)."""
+    return (([recompute_expansions(STEP_FUNC)] if lowering.recomputes_expansions else [])
+            + [schedule_reductions(STEP_FUNC)] + lowering.dataflow(target)
             + [update_in_place(signature.state_aliases(), STEP_FUNC)]
             + ([plan_arena(STEP_FUNC)] if plan_memory else []))
 

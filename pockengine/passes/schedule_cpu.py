@@ -441,7 +441,7 @@ def _transposed_read_axis(sch, block, loops) -> int | None:
     not the innermost loop (the one the write is contiguous along); None for other kernels."""
     if len(loops) < 2:
         return None
-    realize = _realize(sch, block)
+    realize = block_realize(sch, block)
     loop_vars = [sch.get(loop).loop_var for loop in loops]
     loop_of = {}  # block iterator -> the one loop driving it
     for iv, value in zip(realize.block.iter_vars, realize.iter_values):
@@ -530,7 +530,7 @@ def loop_kind(sch, block, loop) -> str:
     """'R' if the loop drives one of the block's reduction iterators, 'S' if only spatial ones,
     '-' if it does not drive the block at all (a unit loop)."""
     var = sch.get(loop).loop_var
-    realize = _realize(sch, block)
+    realize = block_realize(sch, block)
     kinds = set()
     for iv, value in zip(realize.block.iter_vars, realize.iter_values):
         if uses_var(value, var):
@@ -546,12 +546,13 @@ def runs_repeatedly(sch, block) -> bool:
     when it reads its producer at fixed indices along a loop it is moved under (a 1x1 weight
     gradient's `dw[o, c, 0, 0]` out of the 2x2 a stride-2 gradient of an even-sized input computes).
     Harmless while every output has its own buffer, wrong when an output is written over an input."""
-    used = [v for value in _realize(sch, block).iter_values for v in collect_vars_used_in_prim_expr(value)]
+    used = [v for value in block_realize(sch, block).iter_values for v in collect_vars_used_in_prim_expr(value)]
     return any(loop_extent(sch, loop) != 1 and not any(sch.get(loop).loop_var.same_as(v) for v in used)
                for loop in sch.get_loops(block))
 
 
-def _realize(sch, block):
+def block_realize(sch, block):
+    """The SBlockRealize of `block`: its iterators' values in terms of the loops around it."""
     target = sch.get(block)
     found = []
     tvm_ffi.structural_walk(sch.mod["main"].body,

@@ -27,7 +27,8 @@ def _schedules(_preset, _target, _notes) -> list:
 
 
 # TVM's CPU pipeline, as C: kernels left serial and unvectorized (kernels.py), no fast_math, no packing.
-LOWERING = dataclasses.replace(CPU_LOWERING, schedule=_schedules, finish_kernels=list, packs_frozen_weights=False)
+LOWERING = dataclasses.replace(CPU_LOWERING, schedule=_schedules, finish_kernels=list, packs_frozen_weights=False,
+                               recomputes_expansions=True)
 
 # What the time `pockengine run` gives for a step's instructions is, and is not.
 ONE_INSTRUCTION_PER_CYCLE = (
