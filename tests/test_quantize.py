@@ -356,7 +356,8 @@ def test_qas_needs_a_quantized_model():
 
 def test_an_int8_prefix_runs_patch_by_patch_with_the_same_integers():
     """patch_prefix on an int8 step (its convolutions pad with their input's zero point, per patch
-    only at the image's borders): the same losses and weights, bit for bit, at a lower peak."""
+    only at the image's borders): the same losses and weights, bit for bit. ("auto" may decline:
+    this net's peak is its backward's, which patches do not lower.)"""
     q = quantized(TinyNet(), (2, 3, 32, 32))
     batches = batches_for((2, 3, 32, 32), 5)
     results = []
@@ -366,11 +367,12 @@ def test_an_int8_prefix_runs_patch_by_patch_with_the_same_integers():
         program = pe.compile(job, target=FAST_HOST, patches=patches)
         results.append(([program.step(x, y) for x, y in batches], program.state_dict(), program.meta.get("patches")))
     (plain, plain_state, _), *patched = results
-    for losses, state, choice in patched:
-        assert choice is not None and choice["peak_after"] < choice["peak_before"]
+    for losses, state, _ in patched:
         assert losses == plain
         assert all(np.array_equal(state[k], plain_state[k]) for k in plain_state)
     assert patched[0][2]["split"] == "dw.0" and patched[0][2]["grid"] == 2
+    auto = patched[1][2]
+    assert auto is None or auto["peak_after"] < auto["peak_before"]
 
 
 def test_a_model_can_take_its_inputs_as_int8():

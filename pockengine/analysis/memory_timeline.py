@@ -20,7 +20,7 @@ import tvm
 from tvm import relax
 
 from ..autodiff.step import BUFFER, FROZEN, OPTIMIZER, PARAM, StepSignature, backward_start
-from ..ir import bindings_of, same_tensor_type, tensor_bytes, viewed
+from ..ir import bindings_of, op_name, same_tensor_type, tensor_bytes, viewed
 from ..optim import UPDATE_PREFIX
 from ..passes.patch_prefix import POINTWISE
 
@@ -56,13 +56,17 @@ def timeline(step_func, signature: StepSignature, fused_elementwise: bool = Fals
     n = len(bindings)
     start = backward_start(bindings)
     in_place = _dying_operands(bindings) if fused_elementwise else {}
+    in_readers = _computed_in_readers(bindings) if fused_elementwise else {}
+    in_place_updates = _in_place_updates(bindings, set(step_func.params)) if fused_elementwise else set()
+    in_updates = _feeding_updates(bindings, in_place_updates) if fused_elementwise else set()
     # A view (reshape, alias, tuple item) shares its source's buffer: uses of it keep the source alive.
     base = {}
     for b in bindings:
         src = in_place.get(b.var)
-        if fused_elementwise and _fused_into_readers(b.value):
+        if b.var in in_readers:
+            src = in_readers[b.var]
+        elif fused_elementwise and _fused_into_readers(b.value):
             src = b.value.args[0]
-            src = b.value.args[0] if isinstance(b.value, relax.Call) else getattr(b.value, "tuple_value", b.value)
         if isinstance(src, relax.Var):
             base[b.var] = base.get(src, src)
     last_use = {}
@@ -78,7 +82,8 @@ def timeline(step_func, signature: StepSignature, fused_elementwise: bool = Fals
         op = value.op.name if isinstance(value, relax.Call) and hasattr(value.op, "name") else type(value).__name__
         ops.append(op.replace("relax.", ""))
         if _is_view(value) or isinstance(value, relax.Tuple) or b.var in in_place or (
-                fused_elementwise and _fused_into_readers(value)):
+                fused_elementwise and _fused_into_readers(value)) or b.var in in_readers \
+                or b.var in in_place_updates or b.var in in_updates:
             continue  # no new memory
         end = last_use.get(b.var, i)  # alive from its producer through its last consumer
         if b.var.name.startswith(UPDATE_PREFIX):
@@ -127,6 +132,70 @@ _FUSED_INTO_READERS = frozenset({"relax.broadcast_to", "relax.zeros_like", "rela
 def _fused_into_readers(value) -> bool:
     return (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name in _FUSED_INTO_READERS
             and isinstance(value.args[0], relax.Var))
+
+
+def _in_place_updates(bindings, params: set) -> set:
+    """The optimizer's new values written over the state they replace (update_in_place does so
+    where the update is elementwise, as SGD's and Adam's are)."""
+    return {b.var for b in bindings
+            if b.var.name.startswith(UPDATE_PREFIX) and isinstance(b.var.ty, relax.TensorType)
+            and any(v in params and same_tensor_type(v.ty, b.var.ty) for v in relax.analysis.free_vars(b.value))}
+
+
+def _feeding_updates(bindings, updates: set) -> set:
+    """The tensors only an in-place update consumes, through a chain of elementwise ops each read
+    once (a weight gradient, times the learning rate, subtracted from the weight, gated by the
+    step's finiteness check): fusion computes that chain as the epilogue of the gradient's kernel,
+    written over the weight, so none of them exists whole."""
+    value_of = {b.var: b.value for b in bindings}
+    readers: dict = {}
+    for b in bindings:
+        for v in relax.analysis.free_vars(b.value):
+            readers[v] = readers.get(v, 0) + 1
+    found, stack = set(), list(updates)
+    while stack:
+        var = stack.pop()
+        for v in relax.analysis.free_vars(value_of[var]):
+            if v in value_of and v not in found and readers.get(v) == 1 and not _is_view(value_of[v]):
+                found.add(v)
+                if op_name(value_of[v]) in _ELEMENTWISE:
+                    stack.append(v)
+    return found
+
+
+# Elementwise ops fusion can compute inside an elementwise reader: the pointwise arithmetic, casts and
+# the comparisons of masks.
+_ELEMENTWISE = POINTWISE | {"relax.greater", "relax.greater_equal", "relax.less", "relax.less_equal", "relax.equal",
+                            "relax.not_equal", "relax.logical_and", "relax.logical_or", "relax.logical_not"}
+
+
+# Ops that move elements without computing: fused into an elementwise reader, they become its indexing
+# (a patch's crop of the image read by the quantization of that patch).
+_INJECTIVE = frozenset({"relax.strided_slice", "relax.permute_dims"})
+
+
+def _computed_in_readers(bindings) -> dict:
+    """{var: the one tensor it is computed from} for the values fusion computes inside the kernels
+    reading them, never as tensors of their own: an elementwise or injective op of one tensor (and
+    constants) that only elementwise ops read (an int8 activation cast to float and compared with the
+    ReLU6 bounds inside the kernel making the backward's mask, narrow_quantized puts the casts there;
+    a patch's crop of the input, quantized), and a transpose only matmuls read (transposed_matmuls
+    makes them read the tensor as stored)."""
+    readers: dict = {}
+    for b in bindings:
+        for v in relax.analysis.free_vars(b.value):
+            readers.setdefault(v, []).append(op_name(b.value))
+    found = {}
+    for b in bindings:
+        operands = relax.analysis.free_vars(b.value)
+        read_by = readers.get(b.var)
+        if len(operands) != 1 or not read_by:
+            continue
+        op = op_name(b.value)
+        if op in _ELEMENTWISE | _INJECTIVE and all(r in _ELEMENTWISE for r in read_by) \
+                or op == "relax.permute_dims" and all(r == "relax.matmul" for r in read_by):
+            found[b.var] = operands[0]
+    return found
 
 
 def _is_view(value) -> bool:

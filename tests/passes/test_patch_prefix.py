@@ -223,10 +223,11 @@ def test_auto_lowers_the_planned_peak_at_128_pixels_and_reports_its_choice():
 
 
 def test_auto_leaves_a_step_whose_peak_is_not_in_its_first_layers():
-    """At 32x32 the peak is elsewhere (the trained layers' backward): nothing is patched."""
+    """At 24x24 the peak is elsewhere (the trained layers' backward): nothing is patched. (From 32x32
+    on the first blocks' activations are the peak: the arena halves, 60 -> 28 KiB.)"""
     torch.manual_seed(0)
     model = bn_eval(mobilenetv2(width_mult=0.35, num_classes=10))
-    batches = make_batches((1, 3, 32, 32), 10, 1)
+    batches = make_batches((1, 3, 24, 24), 10, 1)
     derived = pipeline.derive(job_for(model, batches), patches="auto")
     assert derived.patches is None
 
