@@ -8,9 +8,10 @@ what is alive at any moment (MobileNetV2 bias-only at 128x128: 47 MiB planned fo
 Here each tensor the step allocates (`R.builtin.alloc_tensor`, after CallTIRRewrite) gets a byte
 offset in a single `uint8` storage: it lives from its allocation to its last use (uses through
 reshape views and aliases included), and tensors whose lifetimes overlap never overlap in memory.
-Offsets are assigned greedily, largest tensor first, each at the lowest offset that fits — the
-"greedy by size" planner of TFLite Micro. The arena is what the Cortex-M driver will allocate
-statically. Tensors the step returns keep their own allocation: the caller owns them.
+Offsets are assigned greedily, each tensor at the lowest offset that fits, in two orders (largest
+first, the "greedy by size" planner of TFLite Micro, and longest-lived first), keeping the smaller.
+The arena is what the Cortex-M driver will allocate statically. Tensors the step returns keep their
+own allocation: the caller owns them.
 """
 
 from __future__ import annotations
@@ -116,11 +117,27 @@ def _allocs_of(var, base: dict, fields: dict) -> list:
     return [a for f in fields.get(var, []) if f is not None for a in _allocs_of(f, base, fields)]
 
 
+# The orders tensors are placed in, each first-fit: largest first (TFLite Micro's "greedy by size"),
+# and longest-lived first (long-lived tensors at the bottom leave the short ones one region to share:
+# MobileNetV2-0.35 int8 at 128x128, 84.8 -> 79.2 KiB, where 78.9 are alive at once). The arena is the
+# smaller of the two plans.
+PLACEMENT_ORDERS = (
+    lambda intervals, size: sorted(size, key=lambda t: (-size[t], intervals[t][0])),
+    lambda intervals, size: sorted(size, key=lambda t: (intervals[t][0] - intervals[t][1], -size[t], intervals[t][0])),
+)
+
+
 def assign_offsets(intervals: dict, size: dict) -> tuple[dict, int]:
-    """Greedy by size: {tensor: byte offset}, arena bytes."""
+    """{tensor: byte offset}, arena bytes: the smaller of the first-fit plans of PLACEMENT_ORDERS."""
+    return min((first_fit(order(intervals, size), intervals, size) for order in PLACEMENT_ORDERS),
+               key=lambda plan: plan[1])
+
+
+def first_fit(order: list, intervals: dict, size: dict) -> tuple[dict, int]:
+    """Each tensor in `order` at the lowest aligned offset free for its whole lifetime."""
     placed = []  # (start, end, offset, offset + size)
     offsets = {}
-    for t in sorted(size, key=lambda t: (-size[t], intervals[t][0])):
+    for t in order:
         start, end = intervals[t]
         busy = sorted((lo, hi) for s, e, lo, hi in placed if s <= end and start <= e)
         offset = 0

@@ -10,7 +10,7 @@ from conftest import FAST_HOST, mobilenetv2
 from pockengine import pipeline, targets
 from pockengine.analysis.memory_plan import planned_storage
 from pockengine.autodiff.step import STEP_FUNC
-from pockengine.passes.plan_arena import ALIGNMENT, assign_offsets, lifetimes, plan_arena
+from pockengine.passes.plan_arena import ALIGNMENT, PLACEMENT_ORDERS, assign_offsets, first_fit, lifetimes, plan_arena
 from pockengine.sparse import SparseUpdate
 from pockengine.targets.host import CPU_LOWERING
 
@@ -33,6 +33,17 @@ def test_offsets_never_overlap_in_space_while_overlapping_in_time():
         live_peak = max(sum(size[t] for t in range(n) if intervals[t][0] <= i <= intervals[t][1])
                         for i in range(131))
         assert live_peak <= total
+
+
+def test_the_smaller_of_largest_first_and_longest_lived_first():
+    """Largest first puts the 8-unit tensor at the bottom and the long-lived one above it, which
+    leaves no room for the last: 21 units. Longest-lived first reaches what is alive at once (15)."""
+    unit = ALIGNMENT
+    intervals = {"long": (2, 5), "first": (0, 1), "large": (3, 3), "middle": (1, 2)}
+    size = {"long": 7 * unit, "first": 7 * unit, "large": 8 * unit, "middle": 7 * unit}
+    assert first_fit(PLACEMENT_ORDERS[0](intervals, size), intervals, size)[1] == 21 * unit
+    offsets, total = assign_offsets(intervals, size)
+    assert total == 15 * unit and offsets["long"] == 0
 
 
 def lowered(planners, model, x, scheme) -> list:
