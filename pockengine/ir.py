@@ -227,12 +227,17 @@ def without_kernel_argument_checks():
         yield
 
 
+def tensor_elements(ty) -> int:
+    """Elements of a statically shaped tensor type (TypeError for a symbolic shape)."""
+    return int(np.prod([int(d) for d in ty.shape], dtype=np.int64))
+
+
 def tensor_bytes(ty) -> int:
     """Bytes of a statically shaped tensor type; 0 for any other type (a tuple, a symbolic shape)."""
     if not isinstance(ty, relax.TensorType) or ty.shape is None:
         return 0
     try:
-        n = int(np.prod([int(d) for d in ty.shape], dtype=np.int64))
+        n = tensor_elements(ty)
     except TypeError:
         return 0
     return n * tvm.DataType(str(ty.dtype)).bits // 8

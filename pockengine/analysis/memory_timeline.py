@@ -56,9 +56,12 @@ def timeline(step_func, signature: StepSignature, fused_elementwise: bool = Fals
     n = len(bindings)
     start = backward_start(bindings)
     in_place = _dying_operands(bindings) if fused_elementwise else {}
-    in_readers = _computed_in_readers(bindings) if fused_elementwise else {}
-    in_place_updates = _in_place_updates(bindings, set(step_func.params)) if fused_elementwise else set()
-    in_updates = _feeding_updates(bindings, in_place_updates) if fused_elementwise else set()
+    in_readers, in_updates = {}, set()  # values fusion never stores (see their functions)
+    if fused_elementwise:
+        readers = _readers(bindings)
+        in_readers = _computed_in_readers(bindings, readers)
+        updates = _in_place_updates(bindings, set(step_func.params))
+        in_updates = updates | _feeding_updates(bindings, updates, readers)
     # A view (reshape, alias, tuple item) shares its source's buffer: uses of it keep the source alive.
     base = {}
     for b in bindings:
@@ -82,8 +85,7 @@ def timeline(step_func, signature: StepSignature, fused_elementwise: bool = Fals
         op = value.op.name if isinstance(value, relax.Call) and hasattr(value.op, "name") else type(value).__name__
         ops.append(op.replace("relax.", ""))
         if _is_view(value) or isinstance(value, relax.Tuple) or b.var in in_place or (
-                fused_elementwise and _fused_into_readers(value)) or b.var in in_readers \
-                or b.var in in_place_updates or b.var in in_updates:
+                fused_elementwise and _fused_into_readers(value)) or b.var in in_readers or b.var in in_updates:
             continue  # no new memory
         end = last_use.get(b.var, i)  # alive from its producer through its last consumer
         if b.var.name.startswith(UPDATE_PREFIX):
@@ -142,21 +144,26 @@ def _in_place_updates(bindings, params: set) -> set:
             and any(v in params and same_tensor_type(v.ty, b.var.ty) for v in relax.analysis.free_vars(b.value))}
 
 
-def _feeding_updates(bindings, updates: set) -> set:
+def _readers(bindings) -> dict:
+    """{var: the values of the bindings reading it}."""
+    readers: dict = {}
+    for b in bindings:
+        for v in relax.analysis.free_vars(b.value):
+            readers.setdefault(v, []).append(b.value)
+    return readers
+
+
+def _feeding_updates(bindings, updates: set, readers: dict) -> set:
     """The tensors only an in-place update consumes, through a chain of elementwise ops each read
     once (a weight gradient, times the learning rate, subtracted from the weight, gated by the
     step's finiteness check): fusion computes that chain as the epilogue of the gradient's kernel,
     written over the weight, so none of them exists whole."""
     value_of = {b.var: b.value for b in bindings}
-    readers: dict = {}
-    for b in bindings:
-        for v in relax.analysis.free_vars(b.value):
-            readers[v] = readers.get(v, 0) + 1
     found, stack = set(), list(updates)
     while stack:
         var = stack.pop()
         for v in relax.analysis.free_vars(value_of[var]):
-            if v in value_of and v not in found and readers.get(v) == 1 and not _is_view(value_of[v]):
+            if v in value_of and v not in found and len(readers.get(v, ())) == 1 and not _is_view(value_of[v]):
                 found.add(v)
                 if op_name(value_of[v]) in _ELEMENTWISE:
                     stack.append(v)
@@ -174,21 +181,17 @@ _ELEMENTWISE = POINTWISE | {"relax.greater", "relax.greater_equal", "relax.less"
 _INJECTIVE = frozenset({"relax.strided_slice", "relax.permute_dims"})
 
 
-def _computed_in_readers(bindings) -> dict:
+def _computed_in_readers(bindings, readers: dict) -> dict:
     """{var: the one tensor it is computed from} for the values fusion computes inside the kernels
     reading them, never as tensors of their own: an elementwise or injective op of one tensor (and
     constants) that only elementwise ops read (an int8 activation cast to float and compared with the
     ReLU6 bounds inside the kernel making the backward's mask, narrow_quantized puts the casts there;
     a patch's crop of the input, quantized), and a transpose only matmuls read (transposed_matmuls
     makes them read the tensor as stored)."""
-    readers: dict = {}
-    for b in bindings:
-        for v in relax.analysis.free_vars(b.value):
-            readers.setdefault(v, []).append(op_name(b.value))
     found = {}
     for b in bindings:
         operands = relax.analysis.free_vars(b.value)
-        read_by = readers.get(b.var)
+        read_by = [op_name(value) for value in readers.get(b.var, ())]
         if len(operands) != 1 or not read_by:
             continue
         op = op_name(b.value)

@@ -27,13 +27,12 @@ lose its register tiling, for memory a CPU has.
 
 from __future__ import annotations
 
-import numpy as np
 import tvm
 import tvm_ffi
 from tvm import relax, s_tir
 from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
 
-from ..ir import bindings_of, kernel_schedule, step_pass, tensor_bytes, with_values
+from ..ir import bindings_of, kernel_schedule, step_pass, tensor_bytes, tensor_elements, with_values
 from .schedule_cpu import block_realize, loop_extent, loop_kind
 
 EXPANSION = 2  # the producer's output is at least this many times the bytes of its inputs
@@ -133,14 +132,10 @@ def _merged_kernel(mod, producer, reader, position):
     try:
         kernel = _fused(mod[producer_kernel], mod[reader_kernel], producer_args, reader_args, position,
                         producer.var.ty, reader.var.ty)
-        kernel = _placed(kernel, _root_blocks(mod[producer_kernel]), _elements(producer.var.ty))
+        kernel = _placed(kernel, _root_blocks(mod[producer_kernel]), tensor_elements(producer.var.ty))
     except Exception:  # noqa: BLE001 - FuseTIR or a primitive refused: the reader keeps the stored tensor
         return None
     return None if kernel is None else (kernel, f"{reader_kernel.name_hint}_with_{producer_kernel.name_hint}")
-
-
-def _elements(ty) -> int:
-    return int(np.prod([int(d) for d in ty.shape], dtype=np.int64))
 
 
 def _fused(producer, reader, producer_args, reader_args, position, mid_ty, out_ty):
@@ -178,13 +173,12 @@ def _placed(kernel, producer_blocks: int, elements: int):
     """The merged kernel with the producer computed under the reader's loops, each element once;
     None when no placement does that."""
     sch = kernel_schedule(kernel)
-    blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    for block in reversed(blocks[: producer_blocks - 1]):  # the producer's own stages, into its last
+    root = sch.get_sblock("root")
+    for block in reversed(sch.get_child_blocks(root)[: producer_blocks - 1]):  # the producer's stages, into its last
         sch.compute_inline(block)
-    writer = sch.get_child_blocks(sch.get_sblock("root"))[0]
+    writer, *rest = sch.get_child_blocks(root)
     mid = sch.get(writer).writes[0].source
-    readers = [b for b in sch.get_child_blocks(sch.get_sblock("root"))[1:]
-               if any(r.source.same_as(mid) for r in sch.get(b).reads)]
+    readers = [b for b in rest if any(r.source.same_as(mid) for r in sch.get(b).reads)]
     if len(readers) != 1:
         return None
     reader = readers[0]

@@ -19,7 +19,7 @@ from tvm import relax
 
 from ...autodiff.step import StepSignature
 from ...errors import TargetError
-from ...ir import bindings_of
+from ...ir import bindings_of, tensor_elements
 from .kernels import c_symbol
 
 # uint64/uint32: the random generator's constants (frontend/philox.py).
@@ -55,10 +55,6 @@ class Driver:
     # (symbol, dtype, count): tensors the step returns in memory of their own
     output_buffers: list = field(default_factory=list)
     kernels_called: list = field(default_factory=list)
-
-
-def _static_count(ty) -> int:
-    return int(np.prod([int(d) for d in ty.shape], dtype=np.int64))
 
 
 def translate(func: relax.Function, signature: StepSignature, input_symbols: list, state_symbols: list) -> Driver:
@@ -154,7 +150,7 @@ class _Translation:
     def output_tensor(self, var, value, where):
         # A tensor the step returns (the loss): it outlives the step, so it is not in the arena.
         symbol = f"pe_out_{len(self.driver.output_buffers)}"
-        self.driver.output_buffers.append((symbol, str(var.ty.dtype), _static_count(var.ty)))
+        self.driver.output_buffers.append((symbol, str(var.ty.dtype), tensor_elements(var.ty)))
         self.env[var] = f"(({c_type(var.ty.dtype)}*){symbol})"
 
     def same_memory(self, var, value, where):
