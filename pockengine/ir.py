@@ -171,6 +171,12 @@ def kernel_schedule(func) -> s_tir.Schedule:
 AS_WRITTEN_ON_CPUS = "pockengine.as_written_on_cpus"
 
 
+# A block annotation: the operand of a matmul computed from a compact form (a 4-bit weight's
+# dequantization, frontend/w4_ops.py). It is never stored whole: schedule_cpu computes it into the
+# matmul's panels, one cache block at a time; inline_elementwise leaves it for that.
+PANEL_OPERAND = "pockengine.panel_operand"
+
+
 def map_kernels(mod, rewrite, include_scheduled: bool = False, named: bool = False):
     """A copy of `mod` where each TIR kernel not yet scheduled (see is_scheduled) is replaced by
     `rewrite(kernel)` unless that is None (`mod` itself when none is). Tuned kernels, and those
@@ -195,6 +201,17 @@ def map_kernels(mod, rewrite, include_scheduled: bool = False, named: bool = Fal
 def static_shape(expr) -> list[int]:
     """The static shape of a tensor-typed Relax expression."""
     return [int(d) for d in expr.ty.shape]
+
+
+def operand_shape(expr, what: str, op: str, ndim: int | None = None) -> list[int]:
+    """The static shape of an operator's operand `what`; ValueError naming `op` when it is not a
+    tensor of static shape (of `ndim` axes, when given): a custom operator's type check."""
+    ty = expr.ty
+    if (not isinstance(ty, relax.TensorType) or ty.shape is None or (ndim is not None and len(ty.shape) != ndim)
+            or not all(isinstance(d, tvm.tirx.IntImm) for d in ty.shape)):
+        axes = f"{ndim}-D " if ndim is not None else ""
+        raise ValueError(f"{op}: {what} must be a {axes}tensor of static shape, got {ty}")
+    return [int(d) for d in ty.shape]
 
 
 def same_tensor_type(a, b) -> bool:

@@ -6,6 +6,8 @@ parameters, `<name>.lora_A` (r x in, Kaiming-uniform as PEFT initialises it) and
 (out x r, zeros: training starts from the base model's function). `SparseUpdate.lora(...)` does this
 to a copy of a job's model and trains only the adapters, so PockEngine's sparse updates and LoRA
 compare under the same compiler; `merge(state_dict)` folds trained adapters back into the weights.
+A 4-bit W4Linear (pockengine/awq.py) becomes a LoRAW4Linear the same way: QLoRA's setting, the
+adapters in float beside a packed base they are never merged into.
 """
 
 from __future__ import annotations
@@ -16,9 +18,23 @@ import math
 import torch
 from torch import nn
 
+from .awq import W4Linear
 from .errors import JobError
 
 LORA_A, LORA_B = "lora_A", "lora_B"
+
+
+def _add_adapters(module: nn.Module, r: int, alpha: float, dtype, generator: torch.Generator) -> None:
+    module.r, module.scale = r, alpha / r
+    # PEFT initialises A with kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)).
+    bound = 1 / math.sqrt(module.in_features)
+    a = torch.empty(r, module.in_features, dtype=dtype).uniform_(-bound, bound, generator=generator)
+    module.lora_A = nn.Parameter(a)
+    module.lora_B = nn.Parameter(torch.zeros(module.out_features, r, dtype=dtype))
+
+
+def _update(module: nn.Module, x):
+    return nn.functional.linear(nn.functional.linear(x, module.lora_A), module.lora_B) * module.scale
 
 
 class LoRALinear(nn.Module):
@@ -28,19 +44,39 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        self.r, self.scale = r, alpha / r
-        # PEFT initialises A with kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)).
-        bound = 1 / math.sqrt(base.in_features)
-        a = torch.empty(r, base.in_features, dtype=base.weight.dtype).uniform_(-bound, bound, generator=generator)
-        self.lora_A = nn.Parameter(a)
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype))
+        _add_adapters(self, r, alpha, base.weight.dtype, generator)
 
     def forward(self, x):
-        update = nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B)
-        return nn.functional.linear(x, self.weight, self.bias) + update * self.scale
+        return nn.functional.linear(x, self.weight, self.bias) + _update(self, x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, scale={self.scale}"
+
+
+class LoRAW4Linear(W4Linear):
+    """A 4-bit W4Linear (pockengine/awq.py: QLoRA's setting) plus a rank-r update in float; the packed
+    weight, its scales and zero points are the base's buffers, under the same names."""
+
+    def __init__(self, base: W4Linear, r: int, alpha: float, generator: torch.Generator):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.group_size, self.w_bit = base.group_size, base.w_bit
+        for name in ("packed", "scales", "zeros", "input_scale"):
+            self.register_buffer(name, getattr(base, name))
+        self.bias = base.bias
+        _add_adapters(self, r, alpha, base.scales.dtype, generator)
+
+    def forward(self, x):
+        return W4Linear.forward(self, x) + _update(self, x)
+
+    def as_float(self) -> LoRALinear:
+        """A LoRALinear on the dequantized base, with these adapters (the same Parameters)."""
+        adapted = LoRALinear(W4Linear.as_float(self), self.r, self.r * self.scale, torch.Generator())
+        adapted.scale, adapted.lora_A, adapted.lora_B = self.scale, self.lora_A, self.lora_B
+        return adapted
+
+    def extra_repr(self) -> str:
+        return f"{W4Linear.extra_repr(self)}, r={self.r}, scale={self.scale}"
 
 
 def _matches(name: str, target: str) -> bool:
@@ -56,7 +92,7 @@ def add_lora(model, r: int = 8, targets=("q_proj", "v_proj"), alpha: float | Non
     if not isinstance(r, int) or r < 1:
         raise JobError(f"LoRA rank must be an integer >= 1, got {r!r}")
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, W4Linear))]
     chosen = [(name, m) for name, m in linears if any(_matches(name, t) for t in targets)]
     if not chosen:
         names = ", ".join(name for name, _ in linears[:30]) + (" ..." if len(linears) > 30 else "")
@@ -67,10 +103,12 @@ def add_lora(model, r: int = 8, targets=("q_proj", "v_proj"), alpha: float | Non
             raise JobError(f"LoRA rank {r} exceeds {name}'s size ({base.out_features} x {base.in_features})")
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        base.weight.requires_grad_(False)
+        if isinstance(base, nn.Linear):
+            base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
-        setattr(owner, child, LoRALinear(base, r, float(r if alpha is None else alpha), generator))
+        adapted = LoRAW4Linear if isinstance(base, W4Linear) else LoRALinear
+        setattr(owner, child, adapted(base, r, float(r if alpha is None else alpha), generator))
     return [name for name, _ in chosen]
 
 
@@ -80,6 +118,9 @@ def merge(state_dict: dict, model) -> dict:
     (a LoRA job's `job.model`), which knows each adapter's scale."""
     merged = {k: v for k, v in state_dict.items() if not k.endswith((f".{LORA_A}", f".{LORA_B}"))}
     for name, module in model.named_modules():
+        if isinstance(module, LoRAW4Linear):
+            raise JobError(f"lora.merge: {name}'s base weight is 4-bit (quantize.awq); adding the adapters to it "
+                           "would round them away. Keep the adapters beside the base (its state dict as it is)")
         if isinstance(module, LoRALinear):
             a, b = state_dict[f"{name}.{LORA_A}"], state_dict[f"{name}.{LORA_B}"]
             merged[f"{name}.weight"] = state_dict[f"{name}.weight"] + module.scale * (b @ a)

@@ -595,3 +595,7 @@ class _Converter:
 def _replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+# 4-bit weights (AWQ) are made in awq.py; pe.quantize is where a user looks for them.
+from .awq import W4Linear, awq, dequantized, rtn  # noqa: E402, F401

@@ -51,7 +51,7 @@ from tvm.relax.op import (
 from tvm.relax.op.grad import max_pool2d_backward, no_grad, take_backward
 from tvm.relax.op.nn import conv2d, conv2d_transpose
 
-from ..frontend import quantized_ops
+from ..frontend import quantized_ops, w4_ops
 from . import linear_log_prob
 
 RULES: dict = {}
@@ -776,6 +776,19 @@ def quantized_mean_grad(orig_var, orig_call, output_grad, ctx):
     x = orig_call.args[0]
     _, _, h, w = _shape(x)
     return [broadcast_to(multiply(output_grad, _const(1.0 / (h * w), orig_var)), x.ty.shape)]
+
+
+# ---------------------------------------------------------------- 4-bit weights (AWQ)
+
+
+@rule(w4_ops.MATMUL)
+def w4_matmul_grad(orig_var, orig_call, output_grad, ctx):
+    """y = x W^T, W dequantized from 4 bits  ->  x_grad = y_grad W (w4_matmul_input_grad: read packed,
+    as the forward reads it); the packed weight, its scales and zero points are frozen: no gradient."""
+    x, packed, scales, zeros, config = orig_call.args
+    x_grad = w4_ops.w4_matmul_input_grad(output_grad, packed, scales, zeros, w4_ops.group_size_of(orig_call),
+                                         _shape(x)[-1])
+    return [x_grad, no_grad(packed), no_grad(scales), no_grad(zeros), no_grad(config)]
 
 
 # ---------------------------------------------------------------- registration

@@ -27,6 +27,8 @@ import tvm
 from tvm import relax, te, tirx, topi
 from tvm.ir import register_op_attr
 
+from ..ir import operand_shape
+
 OP_NAME = "pockengine.linear_log_prob"
 GRAD_OP_NAME = "pockengine.linear_log_prob_grad"
 FLOAT_DTYPES = ("float32", "float64")
@@ -40,19 +42,11 @@ def linear_log_prob_grad(x, weight, labels, out_grad) -> relax.Call:
     return relax.Call(tvm.ir.Op.get(GRAD_OP_NAME), [x, weight, labels, out_grad])
 
 
-def _tensor_shape(expr, what: str, ndim: int) -> list[int]:
-    ty = expr.ty
-    if (not isinstance(ty, relax.TensorType) or ty.shape is None or len(ty.shape) != ndim
-            or not all(isinstance(d, tirx.IntImm) for d in ty.shape)):
-        raise ValueError(f"{OP_NAME}: {what} must be a {ndim}-D tensor of static shape, got {ty}")
-    return [int(d) for d in ty.shape]
-
-
 def _check_operands(call) -> tuple:
     """(rows, hidden, vocabulary, dtype) of a call of either operator; ValueError when misused."""
     x, weight, labels = call.args[:3]
-    (rows, hidden), (vocab, w_hidden) = _tensor_shape(x, "x", 2), _tensor_shape(weight, "weight", 2)
-    (label_rows,) = _tensor_shape(labels, "labels", 1)
+    (rows, hidden), (vocab, w_hidden) = operand_shape(x, "x", OP_NAME, 2), operand_shape(weight, "weight", OP_NAME, 2)
+    (label_rows,) = operand_shape(labels, "labels", OP_NAME, 1)
     dtype = str(x.ty.dtype)
     if dtype not in FLOAT_DTYPES or str(weight.ty.dtype) != dtype:
         raise ValueError(f"{OP_NAME}: x and weight must share a float dtype, got {dtype} and {weight.ty.dtype}")

@@ -37,6 +37,8 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.ir import register_op_attr
 
+from ..ir import operand_shape
+
 QUANTIZE = "pockengine.quantize"
 CONV2D = "pockengine.quantized_conv2d"
 ADD = "pockengine.quantized_add"
@@ -116,20 +118,12 @@ def is_quantized_op(call) -> bool:
 # ---------------------------------------------------------------- types
 
 
-def _static_shape(expr, what: str, op: str) -> list[int]:
-    ty = expr.ty
-    if (not isinstance(ty, relax.TensorType) or ty.shape is None
-            or not all(isinstance(d, tirx.IntImm) for d in ty.shape)):
-        raise ValueError(f"{op}: {what} must be a tensor of static shape, got {ty}")
-    return [int(d) for d in ty.shape]
-
-
 def _conv_output_shape(call) -> list[int]:
-    x_shape = _static_shape(call.args[0], "x", CONV2D)
-    w_shape = _static_shape(call.args[1], "weight", CONV2D)
+    x_shape = operand_shape(call.args[0], "x", CONV2D)
+    w_shape = operand_shape(call.args[1], "weight", CONV2D)
     config = config_of(call, 5)
     if len(call.args) > 6:  # split weight: the parts together
-        frozen = _static_shape(call.args[6], "frozen weight", CONV2D)
+        frozen = operand_shape(call.args[6], "frozen weight", CONV2D)
         axis = _split_axis(conv_attrs(config)["groups"])
         w_shape[axis] += frozen[axis]
     if len(config) != CONV_CONFIG_LENGTH or len(x_shape) != 4 or len(w_shape) != 4:
@@ -159,7 +153,7 @@ def _infer_add(call, _builder):
 
 
 def _infer_mean(call, _builder):
-    n, c, _, _ = _static_shape(call.args[0], "x", MEAN)
+    n, c, _, _ = operand_shape(call.args[0], "x", MEAN)
     return relax.TensorType([n, c, 1, 1], call.args[0].ty.dtype)
 
 

@@ -28,7 +28,7 @@ from tvm import relax
 
 from ..errors import FrontendError, LossError, UnsupportedOpError
 from ..ir import bindings_of
-from . import FUNC_NAME, RNG_SEED, RNG_STEP, ImportedModel, Origin, TensorSpec, quantized_ops
+from . import FUNC_NAME, RNG_SEED, RNG_STEP, ImportedModel, Origin, TensorSpec, quantized_ops, w4_ops
 from .decompositions import decompose
 from .philox import RandomSource
 
@@ -690,7 +690,13 @@ def _quantized_mean(node, importer):
     return importer.block_builder.emit(quantized_ops.quantized_mean(importer.env[node.args[0]]))
 
 
-_QUANTIZED_CONVERTERS = {  # pockengine/quantize.py's operators
+def _w4_matmul(node, importer):
+    x, packed, scales, zeros = (importer.env[a] for a in node.args[:4])
+    return importer.block_builder.emit(w4_ops.w4_matmul(x, packed, scales, zeros, int(node.args[4])))
+
+
+_QUANTIZED_CONVERTERS = {  # pockengine/quantize.py's and pockengine/awq.py's operators
+    "w4_matmul.default": _w4_matmul,
     "quantize.default": _quantize,
     "quantized_conv2d.default": _quantized_conv2d,
     "quantized_add.default": _quantized_add,

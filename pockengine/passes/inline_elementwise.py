@@ -42,7 +42,7 @@ import tvm_ffi
 from tvm import s_tir
 from tvm.s_tir import dlight
 
-from ..ir import kernel_schedule, map_kernels
+from ..ir import PANEL_OPERAND, kernel_schedule, map_kernels
 from .schedule_cpu import loop_extent, register_tile, register_tiles, runs_repeatedly, uses_var
 
 
@@ -91,7 +91,8 @@ def _inline(func, vector_lanes: int, vector_registers: int):
         if blocks is None:
             return None
         padded = _padded_inputs(sch, blocks)
-        dlight.try_inline(sch, [b for b in blocks if b.name not in padded])
+        panel_operands = {b.name for b in blocks if PANEL_OPERAND in sch.get(b.block_rv).annotations}
+        dlight.try_inline(sch, [b for b in blocks if b.name not in padded | panel_operands])
         sch = _epilogues_at_reductions(sch, vector_lanes, vector_registers, padded)
         return sch.mod["main"].with_attrs(func.attrs) if func.attrs is not None else sch.mod["main"]
     except Exception:  # noqa: BLE001 - keep the kernel as FuseTIR wrote it

@@ -41,7 +41,7 @@ import tvm_ffi
 from tvm import s_tir
 from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
 
-from ..ir import kernel_schedule, map_kernels
+from ..ir import PANEL_OPERAND, kernel_schedule, map_kernels
 
 MAX_VECTOR = 64  # longest innermost loop turned into one vector
 # Waking the thread pool costs microseconds: an elementwise kernel smaller than this runs on one core.
@@ -117,9 +117,18 @@ def schedule_kernel(func, vector_lanes: int, cores: int, vector_registers: int =
         except Exception:  # noqa: BLE001 - not a block-structured kernel
             return None
         try:
-            for nest in _nests(sch, root):
-                _schedule_nest(sch, nest, vector_lanes, cores,
-                               register_tiles(vector_registers) if tiles else None, pack)
+            nests = _nests(sch, root)
+            panel_operands = [nest[0] for nest in nests if len(nest) == 1 and _is_panel_operand(sch, nest[0])]
+            for nest in nests:
+                if not (len(nest) == 1 and _is_panel_operand(sch, nest[0])):
+                    _schedule_nest(sch, nest, vector_lanes, cores, register_tiles(vector_registers) if tiles else None,
+                                   pack, always_pack=bool(panel_operands))
+            for block in panel_operands:
+                # Into the panels the matmul packed (or, unpacked, into the matmul itself).
+                try:
+                    sch.compute_inline(block)
+                except s_tir.schedule.ScheduleError:
+                    _schedule_nest(sch, [block], vector_lanes, cores, None)
         except s_tir.schedule.ScheduleError:
             continue
         scheduled = sch.mod["main"]
@@ -159,13 +168,20 @@ def _try(primitive, *args, **kwargs):
         return None
 
 
-def _schedule_nest(sch, blocks, vector_lanes: int, cores: int, tiles, pack: bool = True) -> None:
+def _is_panel_operand(sch, block) -> bool:
+    return PANEL_OPERAND in sch.get(block).annotations
+
+
+def _schedule_nest(sch, blocks, vector_lanes: int, cores: int, tiles, pack: bool = True,
+                   always_pack: bool = False) -> None:
     """tiles: the matmul register tiles to try, best first; None for no tiling at all. pack: copy
-    the column operand of a tiled matmul into panels (see _schedule_register_tiles)."""
+    the column operand of a tiled matmul into panels (see _schedule_register_tiles); `always_pack`
+    even for few rows (a PANEL_OPERAND is computed there: read in place it would be gathered)."""
     if len(blocks) == 1 and not is_reduction(sch, blocks[0]):
         _schedule_elementwise(sch, blocks[0], vector_lanes, cores, tiles is not None)
         return
-    if tiles and len(blocks) == 1 and _schedule_register_tiles(sch, blocks[0], vector_lanes, cores, tiles, pack):
+    if tiles and len(blocks) == 1 and _schedule_register_tiles(sch, blocks[0], vector_lanes, cores, tiles, pack,
+                                                               always_pack):
         return
     blocks = _vector_partial_sums(sch, blocks, vector_lanes)
     # Annotate while the reductions still carry their initialisation (TVM only proves a loop
@@ -319,7 +335,8 @@ def _schedule_short_rows(sch, loops, vector_lanes: int, cores: int) -> bool:
     return True
 
 
-def _schedule_register_tiles(sch, block, vector_lanes: int, cores: int, tiles, pack: bool = True) -> bool:
+def _schedule_register_tiles(sch, block, vector_lanes: int, cores: int, tiles, pack: bool = True,
+                             always_pack: bool = False) -> bool:
     """A matmul-like reduction as inline_elementwise leaves it — loops (batch..., i, j, k, lanes):
     rows i, vectors j of `lanes` outputs, reduction k — computed a register tile (the first of
     `tiles` that divides it) of output vectors at a time, k outside them: each loaded input value
@@ -355,7 +372,7 @@ def _schedule_register_tiles(sch, block, vector_lanes: int, cores: int, tiles, p
     sch.unroll(tile_vectors)
     if cores > 1:
         sch.parallel(sch.fuse(*loops[:-4], row_blocks, column_blocks))
-    if pack and block_rows // tile[0] >= MIN_ROW_TILES_TO_PACK:
+    if pack and (always_pack or block_rows // tile[0] >= MIN_ROW_TILES_TO_PACK):
         _pack_columns(sch, block, reduce_blocks, tile[1] * extents[3])
     init = sch.decompose_reduction(block, reduce_blocks)
     _vectorize_innermost(sch, [init])

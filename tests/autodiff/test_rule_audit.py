@@ -37,9 +37,10 @@ from tvm import relax
 from tvm.relax import op as R
 from tvm.relax.op.grad import no_grad
 
+from pockengine import awq
 from pockengine.autodiff import gradients
 from pockengine.autodiff.linear_log_prob import linear_log_prob
-from pockengine.frontend import quantized_ops
+from pockengine.frontend import quantized_ops, w4_ops
 from pockengine.ir import without_kernel_argument_checks
 
 TOL = 1e-10  # scaled by max(1, max |expected|)
@@ -367,6 +368,19 @@ for quant_config in ([0, -128, 127], [-20, -128, 40]):
     case("pockengine.quantize", f"zero={quant_config[0]},clip=({quant_config[1]},{quant_config[2]})",
          lambda x, cfg=quant_config: quantized_ops.quantize(x, c(np.float64(7.5)), quantized_ops.config_constant(cfg)),
          lambda x, cfg=quant_config: quantized_reference.quantize_ref(x, 7.5, cfg), rand(3, 8) * 10)
+
+# Ours (frontend/w4_ops.py): a 4-bit weight (pockengine/awq.py's format) read packed; only x has a
+# gradient. Shapes cover a batch of sequences, an odd in_features (the last byte half used) and a
+# shorter last group; PyTorch's side dequantizes with pockengine.awq and multiplies.
+for lead, n_out, k_in, group in [((2, 3), 6, 40, 16), ((5,), 4, 33, 8), ((1,), 3, 16, 16)]:
+    codes = ints(n_out, k_in, high=16, dtype="uint8")
+    groups = -(-k_in // group)
+    w4_scales, w4_zeros = rand(n_out, groups, low=0.01), ints(n_out, groups, high=16, dtype="uint8")
+    w4_packed = awq.pack_int4(t(codes)).numpy()
+    case("pockengine.w4_matmul", f"{shp(lead)}x{k_in},out={n_out},group={group}",
+         lambda x, p=w4_packed, s=w4_scales, z=w4_zeros, g=group: w4_ops.w4_matmul(x, c(p), c(s), c(z), g),
+         lambda x, q=codes, s=w4_scales, z=w4_zeros, g=group: x @ awq.dequantize_groups(t(q), t(s), t(z), g).T,
+         rand(*lead, k_in))
 
 for name, cshape, ashape, bshape in [
     ("same-shapes", (3, 4), (3, 4), (3, 4)), ("branch-broadcast-1x4", (3, 4), (1, 4), (3, 4)),
