@@ -277,3 +277,4 @@ def test_awq_needs_calibration_but_round_to_nearest_does_not():
     with pytest.raises(JobError, match="at least one calibration batch"):
         pe.quantize.awq(mlp(), [])
     assert isinstance(pe.quantize.rtn(mlp(), group_size=16)[0], awq.W4Linear)
+
