@@ -5,6 +5,7 @@
     python benchmarks/llm_finetune.py --model smollm-135m    # SmolLM-135M's shape, 1 x 256 tokens
     python benchmarks/llm_finetune.py --model qwen2-0.5b --torch-compile --backend tvm --backend auto
     python benchmarks/llm_finetune.py --model smollm-135m --neighbour   # quiet and beside a busy process
+    python benchmarks/llm_finetune.py --model qwen2-0.5b --base float32 --base awq-w4 --scheme "LoRA r=32 (q, v)"
 
 Models are random-initialised from their transformers configs (nothing is downloaded): the
 example's tiny LLaMA; SmolLM-135M (LLaMA: hidden 576, 30 layers, 9/3 heads, MLP 1536, vocabulary
@@ -20,6 +21,13 @@ and PASSIVE and credited with the faster (see pockengine/bench.py; --small: unse
 batch x sequence / median step time. Memory: our planned peak (state, new state, arena, kernel
 workspace) and PyTorch's live tensors at the step's peak on top of its parameters, gradients and
 optimizer state (sparse_memory.py's count). Compile: seconds of `pe.compile`, cold.
+
+Bases (--base, repeatable): float32 (default), and awq-w4: every frozen linear but the tied head in
+AWQ's 4-bit format (`pe.quantize.awq(..., sparse_update=scheme)`: a scheme's trained linears stay
+float; calibrated on 2 batches of the job's token distribution, groups of 128); PyTorch then trains
+the same W4 model (pockengine/awq.py's operator dequantizes each call, as a PyTorch QLoRA does).
+The line under the table compares each W4 scheme's memory with PyTorch's on the float32 base
+(the goal: LoRA on the W4 base in at most a quarter of PyTorch's float32 LoRA).
 
 The anchor is PockEngine's LLaMA2-7B on a Jetson AGX Orin: 7.9x PyTorch's fine-tuning throughput.
 """
@@ -89,14 +97,24 @@ def build_model(model: str, size: str):
     raise ValueError(f"unknown model {model!r}; choose from {sorted(MODELS)}")
 
 
-def make_job(scheme: str, size: str = "full", model: str = "tiny"):
+BASES = ("float32", "awq-w4")
+
+
+def make_job(scheme: str, size: str = "full", model: str = "tiny", base: str = "float32"):
     """The benchmark's job; also built in the fresh processes that time PyTorch (bench.JobSource)."""
     net = build_model(model, size)
     s = SIZES[size if model == "tiny" else model]
-    ids = torch.randint(0, net.config.vocab_size if model != "tiny" else 256, (s["batch"], s["seq"]),
-                        generator=torch.Generator().manual_seed(0))
+    vocabulary = net.config.vocab_size if model != "tiny" else 256
+    ids = torch.randint(0, vocabulary, (s["batch"], s["seq"]), generator=torch.Generator().manual_seed(0))
+    if base == "awq-w4":
+        g = torch.Generator().manual_seed(1)
+        calibration = [torch.randint(0, vocabulary, (s["batch"], s["seq"]), generator=g) for _ in range(2)]
+        net = pe.quantize.awq(net, calibration, group_size=128, sparse_update=schemes()[scheme])
+    elif base != "float32":
+        raise ValueError(f"unknown base {base!r}; choose from {BASES}")
+    name = f"{model.replace('-', '_').replace('.', '_')}_{base.replace('-', '_')}_{scheme}"
     return pe.TrainingJob(net, (ids,), ids.clone(), causal_lm_loss, pe.optim.AdamW(lr=1e-4),
-                          sparse_update=schemes()[scheme], name=f"{model.replace('-', '_').replace('.', '_')}_{scheme}")
+                          sparse_update=schemes()[scheme], name=name)
 
 
 def torch_peak_bytes(job, plan) -> int:
@@ -124,6 +142,8 @@ def main(argv=None) -> list:
     parser.add_argument("--scheme", action="append", help="only this scheme (repeatable; default: see default_schemes)")
     parser.add_argument("--backend", action="append", choices=("tvm", "auto"),
                         help="our kernels (tvm, the default) and/or auto (PyTorch's where faster, host only)")
+    parser.add_argument("--base", action="append", choices=BASES,
+                        help="the frozen base's format (repeatable; default float32): awq-w4 = pe.quantize.awq")
     parser.add_argument("--torch-compile", action="store_true", help="also time torch.compile (minutes of compiling)")
     parser.add_argument("--neighbour", action="store_true",
                         help="ours and PyTorch eager, quiet and beside a busy process: the two slowdowns")
@@ -141,7 +161,10 @@ def main(argv=None) -> list:
     s = SIZES[size if args.model == "tiny" else args.model]
     tokens = s["batch"] * s["seq"]
 
+    bases = args.base or ["float32"]
     if args.neighbour:
+        if bases != ["float32"]:
+            parser.error("--neighbour measures the float32 base only")
         rows = []
         for scheme in chosen:
             source = bench.JobSource(os.path.abspath(__file__), "make_job", (scheme, size, args.model))
@@ -152,10 +175,10 @@ def main(argv=None) -> list:
         return rows
 
     rows = []
-    for scheme in chosen:
-        row = {"scheme": scheme}
+    for base, scheme in [(b, s) for b in bases for s in chosen]:
+        row = {"scheme": scheme, "base": base}
         for backend in backends:
-            job = make_job(scheme, size, args.model)
+            job = make_job(scheme, size, args.model, base)
             print(f"[{scheme}] compiling ({backend}) ...", file=sys.stderr, flush=True)
             stages = {}
 
@@ -173,12 +196,12 @@ def main(argv=None) -> list:
             del program
         print(f"[{scheme}] {', '.join(peers)} (fresh processes) ...", file=sys.stderr, flush=True)
         peer = bench.torch_times_in_fresh_processes(
-            bench.JobSource(os.path.abspath(__file__), "make_job", (scheme, size, args.model)), peers, args.repeats,
-            policies=(None,) if args.small else None, plan=plan)
+            bench.JobSource(os.path.abspath(__file__), "make_job", (scheme, size, args.model, base)), peers,
+            args.repeats, policies=(None,) if args.small else None, plan=plan)
         row.update({"trained": trained_values(job, plan), "eager ms": peer["eager"],
                     "eager policy": peer["eager wait policy"], "policies tried": peer["peer wait policies"],
                     "torch.compile ms": peer.get("torch.compile"),
-                    "eager MiB": torch_peak_bytes(make_job(scheme, size, args.model), plan) / 2**20})
+                    "eager MiB": torch_peak_bytes(make_job(scheme, size, args.model, base), plan) / 2**20})
         # The first backend's figures are "ours" (the default build).
         row.update({"ours ms": row[f"{backends[0]} ms"], "ours MiB": row[f"{backends[0]} MiB"],
                     "compile s": row[f"{backends[0]} compile s"]})
@@ -187,6 +210,13 @@ def main(argv=None) -> list:
     print(f"\n{MODELS[args.model].format(layers=s.get('layers', ''))}, batch {s['batch']} x {s['seq']} tokens, "
           f"AdamW, float32, {os.cpu_count()} cores")
     print(table(rows, tokens, backends))
+    for r in rows:
+        on_float = next((f for f in rows if f["base"] == "float32" and f["scheme"] == r["scheme"]), None)
+        if r["base"] != "float32" and on_float is not None:
+            print(f"{r['scheme']} on the {r['base']} base: our peak {r['ours MiB']:.1f} MiB = 1/"
+                  f"{on_float['eager MiB'] / r['ours MiB']:.2f} of PyTorch's on the float32 base "
+                  f"({on_float['eager MiB']:.1f} MiB); {tokens / r['ours ms'] * 1e3:,.0f} tokens/s against its "
+                  f"{tokens / on_float['eager ms'] * 1e3:,.0f}")
     for r in rows:
         for backend in backends:
             stages = ", ".join(f"{name} {seconds:.1f}" for name, seconds in r[f"{backend} compile stages"].items())
@@ -204,14 +234,14 @@ def table(rows: list, tokens: int, backends: list) -> str:
     def rate(ms):
         return f"{tokens / ms * 1e3:,.0f}" if ms else "-"
 
-    columns = [("scheme", 18), ("trained", 12)] + [(f"{b} tok/s", 11) for b in backends] + [
+    columns = [("scheme", 18), ("base", 9), ("trained", 12)] + [(f"{b} tok/s", 11) for b in backends] + [
         ("eager tok/s", 12), ("compile tok/s", 14), ("speed-up", 9), ("ours MiB", 10), ("eager MiB", 10),
         ("memory", 8), ("compile s", 10), ("vs eager full", 14)]
     lines = ["".join(f"{name:>{width}}" if i else f"{name:<{width}}" for i, (name, width) in enumerate(columns))]
     lines.append("-" * len(lines[0]))
-    eager_full = next((r["eager ms"] for r in rows if r["scheme"] == "full"), None)
+    eager_full = next((r["eager ms"] for r in rows if r["scheme"] == "full" and r["base"] == "float32"), None)
     for r in rows:
-        cells = [f"{r['scheme']:<18}", f"{r['trained']:>12,}"]
+        cells = [f"{r['scheme']:<18}", f"{r['base']:>9}", f"{r['trained']:>12,}"]
         cells += [f"{rate(r[f'{b} ms']):>11}" for b in backends]
         cells += [f"{rate(r['eager ms']):>12}", f"{rate(r['torch.compile ms']):>14}",
                   f"{r['eager ms'] / r['ours ms']:>8.2f}x", f"{r['ours MiB']:>10.1f}", f"{r['eager MiB']:>10.1f}",

@@ -189,11 +189,12 @@ class W4Linear(nn.Module):
 
 
 def dequantized(model: nn.Module) -> nn.Module:
-    """A copy of `model` with each W4Linear replaced by the nn.Linear of its dequantized weight (the
-    same function in float: the reference a W4 fine-tune is compared against)."""
+    """A copy of `model` with each layer of a weight-only format (a W4Linear, a W8 W8Linear)
+    replaced by the nn.Linear of its dequantized weight: the same function in float, the reference a
+    fine-tune on such a base is compared against. W8A8 layers, which round their input, stay."""
     copied = copy.deepcopy(model)
     for name, module in list(copied.named_modules()):
-        if isinstance(module, W4Linear):
+        if callable(getattr(module, "as_float", None)) and getattr(module, "activations", "float") == "float":
             _replace(copied, name, module.as_float())
     return copied
 
@@ -256,18 +257,22 @@ def clip_weight(weight: torch.Tensor, bounds: torch.Tensor, group_size: int) -> 
 
 
 def awq(model: nn.Module, calibration_batches, *, w_bit: int = 4, group_size: int = 128, skip=("lm_head",),
-        scale_search: bool = True, clip_search: bool = True, fold: bool = True, max_tokens: int = 4096) -> nn.Module:
+        sparse_update=None, scale_search: bool = True, clip_search: bool = True, fold: bool = True,
+        max_tokens: int = 4096) -> nn.Module:
     """A copy of `model` with its linear layers' weights in AWQ's 4-bit format (see the module
     docstring). `calibration_batches`: model inputs (tensors, tuples of positional inputs or dicts
     of keyword inputs), a few batches of real data; `skip`: names (or globs, or name suffixes) of
-    linears to leave float; `max_tokens`: calibration rows kept per linear (evenly subsampled)."""
+    linears to leave float; `sparse_update`: the scheme the copy will be trained with, whose trained
+    linears (wholly or in part: the last blocks of `last_blocks`) stay float too, as the frozen base
+    alone is quantized; `max_tokens`: calibration rows kept per linear (evenly subsampled)."""
     _check_format(w_bit, group_size)
     batches = list(calibration_batches or ())
     if (scale_search or clip_search) and not batches:
         raise JobError("quantize.awq: give at least one calibration batch (the activation scales come from it); "
                        "quantize.rtn needs none")
     quantized = copy.deepcopy(model)
-    chosen = _chosen_linears(quantized, skip)
+    chosen = {name: linear for name, linear in _chosen_linears(quantized, skip).items()
+              if name not in _trained_linears(quantized, sparse_update)}
     if not chosen:
         raise JobError("quantize.awq: the model has no nn.Linear to quantize (all skipped or tied)")
     inputs, groups = _record_inputs(quantized, chosen, batches, max_tokens) if batches else ({}, [[n] for n in chosen])
@@ -290,9 +295,34 @@ def awq(model: nn.Module, calibration_batches, *, w_bit: int = 4, group_size: in
     return quantized
 
 
-def rtn(model: nn.Module, *, w_bit: int = 4, group_size: int = 128, skip=("lm_head",)) -> nn.Module:
+def rtn(model: nn.Module, *, w_bit: int = 4, group_size: int = 128, skip=("lm_head",), sparse_update=None) -> nn.Module:
     """`model`'s linears in the same 4-bit format by plain round-to-nearest: AWQ's baseline."""
-    return awq(model, None, w_bit=w_bit, group_size=group_size, skip=skip, scale_search=False, clip_search=False)
+    return awq(model, None, w_bit=w_bit, group_size=group_size, skip=skip, sparse_update=sparse_update,
+               scale_search=False, clip_search=False)
+
+
+def _trained_linears(model: nn.Module, sparse_update) -> set:
+    """Names of the nn.Linear modules whose weight `sparse_update` trains, wholly or in part (a LoRA
+    scheme trains adapters it adds, none of the model's own linears)."""
+    if sparse_update is None or sparse_update.lora_spec is not None:
+        return set()
+    from .sparse import FROZEN
+
+    kinds = {f"{name}.weight": kind for name, module in model.named_modules()
+             for kind in [_kind(module)] if kind is not None}
+    table = [(name, tuple(param.shape), kinds.get(name)) for name, param in model.named_parameters()]
+    decided = sparse_update.resolve(table)
+    return {name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and decided.get(f"{name}.weight", FROZEN) != FROZEN}
+
+
+def _kind(module: nn.Module) -> str | None:
+    """How a module uses its weight, as a sparse scheme's rules see it (frontend/parameter_use.py)."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "depthwise" if module.groups > 1 and module.groups == module.out_channels else "conv"
+    return None
 
 
 def _check_format(w_bit: int, group_size: int) -> None:
@@ -401,8 +431,8 @@ def _bias_of(norm):
 
 
 def _norm_outputs(model: nn.Module, batch) -> dict:
-    """{W4Linear name: the norm module whose output it reads} for one forward of `batch`: a norm is
-    a module with a one-dimensional weight Parameter whose class name says Norm."""
+    """{quantized linear's name: the norm module whose output it reads} for one forward of `batch`: a
+    norm is a module with a one-dimensional weight Parameter whose class name says Norm."""
     made_by: dict = {}  # id(output tensor) -> (norm name, the tensor)
     read_from: dict = {}
 
@@ -424,7 +454,7 @@ def _norm_outputs(model: nn.Module, batch) -> dict:
         weight = getattr(module, "weight", None)
         if "Norm" in type(module).__name__ and isinstance(weight, nn.Parameter) and weight.dim() == 1:
             handles.append(module.register_forward_hook(after_norm(name)))
-        elif isinstance(module, W4Linear):
+        elif hasattr(module, "input_scale"):  # a W4Linear, or smoothquant's W8Linear
             handles.append(module.register_forward_pre_hook(before_linear(name)))
     try:
         _outputs(model, batch)

@@ -214,6 +214,17 @@ def operand_shape(expr, what: str, op: str, ndim: int | None = None) -> list[int
     return [int(d) for d in ty.shape]
 
 
+def register_operator(name: str, infer_type, legalize) -> None:
+    """Declare one of our Relax operators: its type rule, purity, legalization (to TE/TIR) and the
+    name TVMScript prints it by."""
+    from tvm.ir import register_op_attr
+
+    register_op_attr(name, "FInferType", infer_type)
+    register_op_attr(name, "FPurity", True)
+    register_op_attr(name, "FLegalize", legalize)
+    register_op_attr(name, "TScriptPrinterName", name)
+
+
 def same_tensor_type(a, b) -> bool:
     """Same dtype and the same static shape."""
     return (isinstance(a, relax.TensorType) and isinstance(b, relax.TensorType) and str(a.dtype) == str(b.dtype)

@@ -141,14 +141,41 @@ class TrainingJob:
             # last in model order (an LM head), and the tensor trains if any of its names does.
             shapes = {s.name: s.shape for s in imported.params}
             table += [(alias, shapes[name], kinds[name]) for alias, name in imported.aliases.items()]
+            # A quantized frozen base's weights (pe.quantize.awq / smoothquant) are buffers; the scheme
+            # sees them as the linear weights they stand for, so that its rules find the same blocks
+            # and layers as in the float model.
+            quantized = self._quantized_weights()
+            table += [(f"{quantized[s.name][0]}.weight", s.shape, "linear") for s in imported.buffers
+                      if s.name in quantized]
             decided = self.sparse_update.resolve(table)
             for alias, name in imported.aliases.items():
                 decided[name] = max(decided[name], decided.pop(alias), key=_training_rank)
+            for layer, kind in quantized.values():
+                if decided.pop(f"{layer}.weight", FROZEN) != FROZEN:
+                    raise JobError(f"sparse_update trains {layer}, whose weight is {kind} (a quantized frozen "
+                                   "base); give the scheme to the quantization too (pe.quantize.awq(..., "
+                                   "sparse_update=scheme)) so that the layers it trains stay float")
             return decided
         if self.is_onnx:
             return {p.name: FULL if p.dtype.startswith("float") else FROZEN for p in imported.params}
         frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
         return {p.name: FROZEN if p.name in frozen else FULL for p in imported.params}
+
+    def _quantized_weights(self) -> dict:
+        """{buffer name: (its layer, what it is)} of the model's quantized linear weights
+        (pockengine/awq.py's W4Linear.packed, pockengine/smoothquant.py's W8Linear.weight_int8)."""
+        if self.is_onnx:
+            return {}
+        from .awq import W4Linear
+        from .smoothquant import W8Linear
+
+        found = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, W4Linear):
+                found[f"{name}.packed"] = (name, "4-bit")
+            elif isinstance(module, W8Linear):
+                found[f"{name}.weight_int8"] = (name, "int8")
+        return found
 
     def state_dict_keys(self) -> list[str] | None:
         """The model's state_dict() key order (torch interleaves parameters and buffers by module)."""

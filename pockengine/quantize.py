@@ -30,17 +30,12 @@ import torch
 from torch import nn
 
 from .errors import JobError
+from .rounding import round_half_away
 
 INT8_MIN, INT8_MAX = -128, 127
 WEIGHT_MAX = 127  # symmetric weights: -127..127, as TFLite and CMSIS-NN keep them
 MULTIPLIER_BITS = 31  # m in [2^30, 2^31): the effective scale's 31 significant bits
 MAX_SHIFT = 62  # acc * m + 2^(n-1) stays inside int64 for |acc| < 2^31
-
-
-def round_half_away(t: torch.Tensor) -> torch.Tensor:
-    """Halves away from zero, exactly (frontend/quantized_ops.round_half_away)."""
-    whole = torch.trunc(t)
-    return whole + torch.where((t - whole).abs() >= 0.5, torch.sign(t), torch.zeros_like(t))
 
 
 def requantize(acc: torch.Tensor, multiplier: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -597,5 +592,7 @@ def _replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
-# 4-bit weights (AWQ) are made in awq.py; pe.quantize is where a user looks for them.
+# 4-bit weights (AWQ) and W8A8 (SmoothQuant) are made in awq.py and smoothquant.py; pe.quantize is
+# where a user looks for them.
 from .awq import W4Linear, awq, dequantized, rtn  # noqa: E402, F401
+from .smoothquant import W8Linear, smoothquant, w8a8  # noqa: E402, F401

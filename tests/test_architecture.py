@@ -15,9 +15,9 @@ PACKAGE = os.path.join(ROOT, "pockengine")
 # Lowest first. A module may import its own layer and those below (a module's layer: the longest
 # prefix of its dotted name listed here).
 LAYERS = (
-    ("leaves", ("errors", "validate", "random", "timing", "cache", "torch_kernels", "ir", "artifact_files",
+    ("leaves", ("errors", "validate", "random", "rounding", "timing", "cache", "torch_kernels", "ir", "artifact_files",
                 "targets.device_runner")),
-    ("the job", ("optim", "sparse", "awq", "lora", "quantize", "frontend", "job")),
+    ("the job", ("optim", "sparse", "awq", "smoothquant", "lora", "quantize", "frontend", "job")),
     ("autodiff", ("autodiff",)),
     ("passes", ("passes",)),
     ("analyses", ("analysis",)),

@@ -278,3 +278,49 @@ def test_awq_needs_calibration_but_round_to_nearest_does_not():
         pe.quantize.awq(mlp(), [])
     assert isinstance(pe.quantize.rtn(mlp(), group_size=16)[0], awq.W4Linear)
 
+
+
+def test_the_linears_a_scheme_trains_stay_float():
+    """Only the frozen base is quantized: last_blocks(1)'s block keeps its float linears (they train),
+    a LoRA or bias scheme leaves every linear to quantize."""
+    model = llama()
+    ids = lm_batches(1)[0][0]
+    last = pe.quantize.awq(model, [ids], group_size=64, sparse_update=pe.SparseUpdate.last_blocks(1))
+    kinds = {name: type(m).__name__ for name, m in last.named_modules() if isinstance(m, (nn.Linear, awq.W4Linear))}
+    assert all(kind == "Linear" for name, kind in kinds.items() if name.startswith("model.layers.1."))
+    assert all(kind == "W4Linear" for name, kind in kinds.items() if name.startswith("model.layers.0."))
+    for scheme in (pe.SparseUpdate.lora(4), pe.SparseUpdate.bias_and_norm()):
+        quantized = pe.quantize.rtn(model, group_size=64, sparse_update=scheme)
+        assert all(isinstance(m, awq.W4Linear) for name, m in quantized.named_modules()
+                   if name.startswith("model.layers.") and name.endswith("_proj"))
+
+
+def test_a_scheme_that_would_train_a_4_bit_weight_is_refused():
+    """last_blocks on a base quantized without the scheme: its last block's linears are 4-bit; the
+    error says to give the scheme to the quantization."""
+    base = pe.quantize.rtn(llama(), group_size=64)
+    ids, labels = lm_batches(1)[0]
+    job = pe.TrainingJob(base, (ids,), labels, causal_lm_loss, pe.optim.AdamW(lr=1e-3),
+                         sparse_update=pe.SparseUpdate.last_blocks(1))
+    with pytest.raises(JobError, match=r"trains model\.layers\.1\.self_attn\.q_proj, whose weight is 4-bit.*"
+                                       r"sparse_update=scheme"):
+        job.plan(job.import_model())
+
+
+def test_a_w4_step_counts_the_flops_of_the_float_one():
+    """The FLOP count (reports, per-kernel GFLOP/s) sees a 4-bit matmul and its data gradient as the
+    float matmuls they replace."""
+    from pockengine import pipeline
+    from pockengine.analysis.flops import step_flops
+
+    def flops(model):
+        job = pe.TrainingJob(model, (torch.randn(8, 40, dtype=torch.float64),), torch.randint(0, 5, (8,)),
+                             "cross_entropy", pe.optim.SGD(lr=0.1))
+        imported = pipeline.import_model(job)
+        step, _, _ = pipeline.derive_step(imported, job.optimizer, job.plan(imported))
+        return step_flops(step["train_step"])
+
+    plain = mlp()
+    for linear in (plain[0], plain[2]):
+        linear.weight.requires_grad_(False)  # as the 4-bit ones are
+    assert flops(pe.quantize.rtn(plain, group_size=16, skip=("4",))) == flops(plain) != {"forward": 0, "backward": 0}

@@ -13,7 +13,7 @@ import tvm_ffi
 from tvm import relax
 
 from ..autodiff.step import backward_start
-from ..frontend import quantized_ops
+from ..frontend import quantized_ops, w4_ops, w8_ops
 from ..ir import bindings_of, static_shape
 
 
@@ -40,10 +40,22 @@ def call_flops(call) -> int:
         grad_or_out = static_shape(call if op == quantized_ops.CONV2D else call.args[0])
         pixels = grad_or_out[0] * np.prod(grad_or_out[2:])
         return int(2 * pixels * sum(np.prod(static_shape(w)) for w in weights))
+    if op in w4_ops.OPS + w8_ops.OPS:  # a quantized weight [N, K] times every row of x (or dy)
+        return int(2 * np.prod(static_shape(call.args[0])[:-1]) * np.prod(_weight_shape(call)))
     if op == quantized_ops.CONV2D_WEIGHT_GRAD:  # each weight element sums over every output pixel
         grad = static_shape(call.args[1])
         return int(2 * np.prod(static_shape(call)) * grad[0] * np.prod(grad[2:]))
     return 0
+
+
+def _weight_shape(call) -> list[int]:
+    """[N, K] of the weight a quantized-weight matmul multiplies by (a packed 4-bit weight holds
+    two values a byte: K is x's or dx's last axis)."""
+    if call.op.name in w8_ops.OPS:
+        return static_shape(call.args[1])
+    rows = static_shape(call.args[1])[0]
+    depth = static_shape(call)[-1] if call.op.name == w4_ops.MATMUL_INPUT_GRAD else static_shape(call.args[0])[-1]
+    return [rows, depth]
 
 
 def step_flops(step_func) -> dict:

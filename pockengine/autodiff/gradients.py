@@ -51,7 +51,7 @@ from tvm.relax.op import (
 from tvm.relax.op.grad import max_pool2d_backward, no_grad, take_backward
 from tvm.relax.op.nn import conv2d, conv2d_transpose
 
-from ..frontend import quantized_ops, w4_ops
+from ..frontend import quantized_ops, w4_ops, w8_ops
 from . import linear_log_prob
 
 RULES: dict = {}
@@ -789,6 +789,16 @@ def w4_matmul_grad(orig_var, orig_call, output_grad, ctx):
     x_grad = w4_ops.w4_matmul_input_grad(output_grad, packed, scales, zeros, w4_ops.group_size_of(orig_call),
                                          _shape(x)[-1])
     return [x_grad, no_grad(packed), no_grad(scales), no_grad(zeros), no_grad(config)]
+
+
+@rule(w8_ops.W8_MATMUL)
+@rule(w8_ops.W8A8_MATMUL)
+def w8_matmul_grad(orig_var, orig_call, output_grad, ctx):
+    """y = x (q_w s_w)^T (W8), or its W8A8 form with x rounded per token  ->  x_grad = y_grad (q_w s_w)
+    (w8_matmul_input_grad, reading the int8 weight), straight through the rounding of x as
+    SmoothQuant's fake quantization is; the int8 weight and its scales are frozen: no gradient."""
+    _, weight, scales = orig_call.args
+    return [w8_ops.w8_matmul_input_grad(output_grad, weight, scales), no_grad(weight), no_grad(scales)]
 
 
 # ---------------------------------------------------------------- registration

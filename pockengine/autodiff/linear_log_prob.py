@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax, te, tirx, topi
-from tvm.ir import register_op_attr
 
-from ..ir import operand_shape
+from ..ir import operand_shape, register_operator
 
 OP_NAME = "pockengine.linear_log_prob"
 GRAD_OP_NAME = "pockengine.linear_log_prob_grad"
@@ -104,7 +103,4 @@ def _legalize_grad(builder, call):
 
 for _name, _infer, _legalize in ((OP_NAME, _infer_forward, _legalize_forward),
                                  (GRAD_OP_NAME, _infer_grad, _legalize_grad)):
-    register_op_attr(_name, "FInferType", _infer)
-    register_op_attr(_name, "FPurity", True)
-    register_op_attr(_name, "FLegalize", _legalize)
-    register_op_attr(_name, "TScriptPrinterName", _name)  # printed as itself, without a warning
+    register_operator(_name, _infer, _legalize)

@@ -35,9 +35,8 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax, te, tirx
-from tvm.ir import register_op_attr
 
-from ..ir import operand_shape
+from ..ir import operand_shape, register_operator
 
 QUANTIZE = "pockengine.quantize"
 CONV2D = "pockengine.quantized_conv2d"
@@ -389,7 +388,4 @@ for _name, _infer, _legalize in ((QUANTIZE, _infer_quantize, _legalizer(_quantiz
                                   _legalizer(_input_grad_te, "quantized_conv2d_input_grad", 2)),
                                  (CONV2D_WEIGHT_GRAD, _infer_weight_grad,
                                   _legalizer(_weight_grad_te, "quantized_conv2d_weight_grad", 2))):
-    register_op_attr(_name, "FInferType", _infer)
-    register_op_attr(_name, "FPurity", True)
-    register_op_attr(_name, "FLegalize", _legalize)
-    register_op_attr(_name, "TScriptPrinterName", _name)
+    register_operator(_name, _infer, _legalize)

@@ -28,7 +28,7 @@ from tvm import relax
 
 from ..errors import FrontendError, LossError, UnsupportedOpError
 from ..ir import bindings_of
-from . import FUNC_NAME, RNG_SEED, RNG_STEP, ImportedModel, Origin, TensorSpec, quantized_ops, w4_ops
+from . import FUNC_NAME, RNG_SEED, RNG_STEP, ImportedModel, Origin, TensorSpec, quantized_ops, w4_ops, w8_ops
 from .decompositions import decompose
 from .philox import RandomSource
 
@@ -695,8 +695,16 @@ def _w4_matmul(node, importer):
     return importer.block_builder.emit(w4_ops.w4_matmul(x, packed, scales, zeros, int(node.args[4])))
 
 
-_QUANTIZED_CONVERTERS = {  # pockengine/quantize.py's and pockengine/awq.py's operators
+def _w8_converter(make):
+    def convert(node, importer):
+        return importer.block_builder.emit(make(*(importer.env[a] for a in node.args[:3])))
+    return convert
+
+
+_QUANTIZED_CONVERTERS = {  # pockengine/quantize.py's, awq.py's and smoothquant.py's operators
     "w4_matmul.default": _w4_matmul,
+    "w8a8_matmul.default": _w8_converter(w8_ops.w8a8_matmul),
+    "w8_matmul.default": _w8_converter(w8_ops.w8_matmul),
     "quantize.default": _quantize,
     "quantized_conv2d.default": _quantized_conv2d,
     "quantized_add.default": _quantized_add,

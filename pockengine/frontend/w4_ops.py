@@ -16,9 +16,8 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax, te, tirx
-from tvm.ir import register_op_attr
 
-from ..ir import PANEL_OPERAND, operand_shape
+from ..ir import PANEL_OPERAND, operand_shape, register_operator
 
 MATMUL = "pockengine.w4_matmul"
 MATMUL_INPUT_GRAD = "pockengine.w4_matmul_input_grad"
@@ -113,7 +112,4 @@ def _legalizer(compute, name: str):
 for _name, _infer, _legalize in ((MATMUL, _infer_matmul, _legalizer(_matmul_te, "w4_matmul")),
                                  (MATMUL_INPUT_GRAD, _infer_input_grad,
                                   _legalizer(_input_grad_te, "w4_matmul_input_grad"))):
-    register_op_attr(_name, "FInferType", _infer)
-    register_op_attr(_name, "FPurity", True)
-    register_op_attr(_name, "FLegalize", _legalize)
-    register_op_attr(_name, "TScriptPrinterName", _name)
+    register_operator(_name, _infer, _legalize)

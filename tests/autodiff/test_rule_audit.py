@@ -37,10 +37,10 @@ from tvm import relax
 from tvm.relax import op as R
 from tvm.relax.op.grad import no_grad
 
-from pockengine import awq
+from pockengine import awq, smoothquant
 from pockengine.autodiff import gradients
 from pockengine.autodiff.linear_log_prob import linear_log_prob
-from pockengine.frontend import quantized_ops, w4_ops
+from pockengine.frontend import quantized_ops, w4_ops, w8_ops
 from pockengine.ir import without_kernel_argument_checks
 
 TOL = 1e-10  # scaled by max(1, max |expected|)
@@ -381,6 +381,18 @@ for lead, n_out, k_in, group in [((2, 3), 6, 40, 16), ((5,), 4, 33, 8), ((1,), 3
          lambda x, p=w4_packed, s=w4_scales, z=w4_zeros, g=group: w4_ops.w4_matmul(x, c(p), c(s), c(z), g),
          lambda x, q=codes, s=w4_scales, z=w4_zeros, g=group: x @ awq.dequantize_groups(t(q), t(s), t(z), g).T,
          rand(*lead, k_in))
+
+# Ours (frontend/w8_ops.py): int8 weights; W8A8 rounds x per token (straight through, as
+# pockengine/smoothquant.py's operator: its torch autograd is the reference).
+for lead, n_out, k_in in [((2, 3), 6, 40), ((5,), 4, 33)]:
+    w8_weight = ints(n_out, k_in, low=-127, high=128, dtype="int8")
+    w8_scales = rand(n_out, low=0.001) * 0.01
+    case("pockengine.w8_matmul", f"{shp(lead)}x{k_in},out={n_out}",
+         lambda x, w=w8_weight, s=w8_scales: w8_ops.w8_matmul(x, c(w), c(s)),
+         lambda x, w=w8_weight, s=w8_scales: smoothquant.w8_matmul_op(x, t(w), t(s)), rand(*lead, k_in))
+    case("pockengine.w8a8_matmul", f"{shp(lead)}x{k_in},out={n_out}",
+         lambda x, w=w8_weight, s=w8_scales: w8_ops.w8a8_matmul(x, c(w), c(s)),
+         lambda x, w=w8_weight, s=w8_scales: smoothquant.w8a8_matmul_op(x, t(w), t(s)), rand(*lead, k_in))
 
 for name, cshape, ashape, bshape in [
     ("same-shapes", (3, 4), (3, 4), (3, 4)), ("branch-broadcast-1x4", (3, 4), (1, 4), (3, 4)),

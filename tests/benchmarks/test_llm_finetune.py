@@ -25,7 +25,7 @@ def test_llm_finetune_benchmark_small(capsys):
     assert set(printed) == set(rows)
     for scheme, row in rows.items():  # the table's ratios are the measured rows'
         cells = printed[scheme]
-        assert cells[0] == f"{row['trained']:,}"
+        assert cells[0] == "float32" and cells[1] == f"{row['trained']:,}"
         assert f"{row['eager ms'] / row['ours ms']:.2f}x" in cells
         assert f"{row['eager MiB'] / row['ours MiB']:.2f}x" in cells
 
