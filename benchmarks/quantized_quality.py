@@ -2,7 +2,7 @@
 
     python benchmarks/quantized_quality.py                  # both models, printed as a table
     python benchmarks/quantized_quality.py --model llama    # one of them
-    python benchmarks/quantized_quality.py --plot build/quantized_quality.png
+    python benchmarks/quantized_quality.py --plot build/quantized_quality.png   # and how far from float32
 
 Two models with trained weights, nothing downloaded:
 - the pre-trained all-MiniLM-L6-v2 the minilm_sentiment example ships (6 BERT blocks, hidden 384):
@@ -12,9 +12,12 @@ Two models with trained weights, nothing downloaded:
 - the llama_finetune example's tiny LLaMA (4 blocks, hidden 256), pretrained here as the example's
   stage 1 does (300 compiled steps on generated English): its next-token loss on held-out English.
 Formats: float32; 4-bit weights in groups of 128 (the last group of the LLaMA's 688-wide MLP is
-shorter) by round-to-nearest (`pe.quantize.rtn`) and by AWQ (`pe.quantize.awq`, calibrated on 8
-training batches); the fine-tuned head stays float. Each format is the frozen base a fine-tune
-would start from.
+shorter) by round-to-nearest (`pe.quantize.rtn`) and by AWQ (`pe.quantize.awq`); int8 weights and
+per-token int8 activations (every linear W8A8: no scheme given) plain (`pe.quantize.w8a8`) and
+smoothed (`pe.quantize.smoothquant`, alpha 0.5). Calibration: 8 training batches. The head (the
+MiniLM's classifier, the LLaMA's tied LM head) stays float. Each format is the frozen base a
+fine-tune would start from; the MiniLM's fine-tuning trains biases and norms, which the int8
+layers, run before them, see as W8A8.
 """
 
 from __future__ import annotations
@@ -35,9 +38,6 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examp
 
 GROUP = 128
 CALIBRATION_BATCHES = 8
-FORMATS = ("float32", "W4 round-to-nearest", "W4 AWQ")
-
-
 def example(name: str):
     """examples/<name>/train.py as a module (both examples call their script train.py), its
     directory importable for its own imports."""
@@ -54,7 +54,9 @@ def quantized_bases(model, calibration, skip) -> dict:
     """{format: the model with its frozen linears in it}."""
     return {"float32": copy.deepcopy(model),
             "W4 round-to-nearest": pe.quantize.rtn(model, group_size=GROUP, skip=skip),
-            "W4 AWQ": pe.quantize.awq(model, calibration, group_size=GROUP, skip=skip)}
+            "W4 AWQ": pe.quantize.awq(model, calibration, group_size=GROUP, skip=skip),
+            "W8A8": pe.quantize.w8a8(model, calibration, skip=skip),
+            "W8A8 SmoothQuant": pe.quantize.smoothquant(model, calibration, alpha=0.5, skip=skip)}
 
 
 def minilm(epochs: int = 4) -> dict:
@@ -123,19 +125,31 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+# How each metric gets worse: the plot shows every format's loss against float32 (higher is worse).
+WORSE = {"cosine": ("1 - cosine to float32", lambda v, f: f - v),
+         "zero-shot %": ("zero-shot accuracy lost (points)", lambda v, f: f - v),
+         "fine-tuned %": ("fine-tuned accuracy lost (points)", lambda v, f: f - v),
+         "held-out loss": ("held-out loss added", lambda v, f: v - f)}
+
+
 def plot(results: dict, path: str) -> str:
+    """One panel per metric: each quantized format's distance from float32 (0: none)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [(model, metric) for model, rows in results.items() for metric in next(iter(rows.values()))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.6))
     for ax, (model, metric) in zip(np.atleast_1d(axes), panels):
-        names = list(results[model])
-        ax.bar(range(len(names)), [results[model][n][metric] for n in names], color=["grey", "tab:red", "tab:blue"])
-        ax.set_xticks(range(len(names)), [n.replace("W4 ", "W4\n") for n in names], fontsize=8)
-        ax.set_title(f"{model}: {metric}", fontsize=9)
+        label, worse = WORSE[metric]
+        names = [n for n in results[model] if n != "float32"]
+        reference = results[model]["float32"][metric]
+        ax.bar(range(len(names)), [worse(results[model][n][metric], reference) for n in names],
+               color=["tab:red", "tab:blue", "tab:orange", "tab:green"][:len(names)])
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(names)), names, fontsize=7, rotation=30, ha="right")
+        ax.set_title(f"{model}: {label}", fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -30,6 +30,20 @@ def test_llm_finetune_benchmark_small(capsys):
         assert f"{row['eager MiB'] / row['ours MiB']:.2f}x" in cells
 
 
+def test_llm_finetune_benchmark_on_a_w4_base(capsys):
+    """--base awq-w4: LoRA on the AWQ-quantized tiny LLaMA beside the float32 base; its planned
+    memory is below float's and the line under the table compares it with PyTorch's float32 LoRA."""
+    bench = load_example_module("benchmarks/llm_finetune.py", "llm_finetune")
+    rows = bench.main(["--small", "--repeats", "2", "--target", json.dumps(FAST_HOST), "--scheme", "LoRA r=8 (q, v)",
+                       "--base", "float32", "--base", "awq-w4"])
+    by_base = {r["base"]: r for r in rows}
+    assert set(by_base) == {"float32", "awq-w4"}
+    assert by_base["awq-w4"]["trained"] == by_base["float32"]["trained"]  # the same adapters
+    assert by_base["awq-w4"]["ours MiB"] < by_base["float32"]["ours MiB"]
+    out = capsys.readouterr().out
+    assert "LoRA r=8 (q, v) on the awq-w4 base: our peak" in out and "of PyTorch's on the float32 base" in out
+
+
 def test_llm_finetune_large_models_have_the_published_shapes():
     """--model smollm-135m / qwen2-0.5b build their transformers configs: the parameter counts are
     the published ones (134,515,008 and 494,032,768, tied heads counted once). Built on the meta
