@@ -24,7 +24,8 @@ optimizer state (sparse_memory.py's count). Compile: seconds of `pe.compile`, co
 
 Bases (--base, repeatable): float32 (default), and awq-w4: every frozen linear but the tied head in
 AWQ's 4-bit format (`pe.quantize.awq(..., sparse_update=scheme)`: a scheme's trained linears stay
-float; calibrated on 2 batches of the job's token distribution, groups of 128); PyTorch then trains
+float; calibrated on 2 batches of the job's token distribution, groups of 128), and awq-w4-all: the
+token embedding and the LM head tied to it too (one 4-bit table, `embeddings=True`); PyTorch trains
 the same W4 model (pockengine/awq.py's operator dequantizes each call, as a PyTorch QLoRA does).
 The line under the table compares each W4 scheme's memory with PyTorch's on the float32 base
 (the goal: LoRA on the W4 base in at most a quarter of PyTorch's float32 LoRA).
@@ -97,7 +98,7 @@ def build_model(model: str, size: str):
     raise ValueError(f"unknown model {model!r}; choose from {sorted(MODELS)}")
 
 
-BASES = ("float32", "awq-w4")
+BASES = ("float32", "awq-w4", "awq-w4-all")
 
 
 def make_job(scheme: str, size: str = "full", model: str = "tiny", base: str = "float32"):
@@ -106,10 +107,11 @@ def make_job(scheme: str, size: str = "full", model: str = "tiny", base: str = "
     s = SIZES[size if model == "tiny" else model]
     vocabulary = net.config.vocab_size if model != "tiny" else 256
     ids = torch.randint(0, vocabulary, (s["batch"], s["seq"]), generator=torch.Generator().manual_seed(0))
-    if base == "awq-w4":
+    if base.startswith("awq-w4"):
         g = torch.Generator().manual_seed(1)
         calibration = [torch.randint(0, vocabulary, (s["batch"], s["seq"]), generator=g) for _ in range(2)]
-        net = pe.quantize.awq(net, calibration, group_size=128, sparse_update=schemes()[scheme])
+        net = pe.quantize.awq(net, calibration, group_size=128, sparse_update=schemes()[scheme],
+                              embeddings=base == "awq-w4-all")
     elif base != "float32":
         raise ValueError(f"unknown base {base!r}; choose from {BASES}")
     name = f"{model.replace('-', '_').replace('.', '_')}_{base.replace('-', '_')}_{scheme}"

@@ -143,6 +143,20 @@ def _w4_backward(ctx, grad):
 w4_matmul_op.register_autograd(_w4_backward, setup_context=_w4_setup)
 
 
+@torch.library.custom_op("pockengine::w4_embedding", mutates_args=())
+def w4_embedding_op(ids: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    group_size: int, dim: int) -> torch.Tensor:
+    """Rows `ids` of the 4-bit table W [vocabulary, dim], dequantized: W[ids] in the scales' dtype."""
+    rows = ids.reshape(-1)
+    values = dequantize_groups(unpack_int4(packed[rows], dim), scales[rows], zeros[rows], group_size)
+    return values.reshape(*ids.shape, dim)
+
+
+@w4_embedding_op.register_fake
+def _(ids, packed, scales, zeros, group_size, dim):
+    return scales.new_empty((*ids.shape, dim))
+
+
 class W4Linear(nn.Module):
     """y = (x * input_scale) W^T + b, W = (q - z) s held packed (two 4-bit values a byte).
 
@@ -183,9 +197,49 @@ class W4Linear(nn.Module):
         return linear
 
     def extra_repr(self) -> str:
-        folded = "" if self.input_scale is not None else ", input scale folded"
+        scaled = ", input scaled" if self.input_scale is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, w_bit={self.w_bit}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}{folded}")
+                f"group_size={self.group_size}, bias={self.bias is not None}{scaled}")
+
+
+class W4Embedding(nn.Module):
+    """An nn.Embedding whose table is 4-bit, in W4Linear's format (rows: tokens, groups along the
+    embedding dimension). Tied to an LM head (`head`), it reads the head's buffers: one copy of the
+    table, as a tied float model has (its state dict names the table once, under the head). Frozen:
+    no gradient reaches the table."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx, head: W4Linear | None = None,
+                 q: torch.Tensor | None = None, scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None,
+                 group_size: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        if head is not None:
+            object.__setattr__(self, "tied_head", head)  # not a submodule: its buffers are the head's
+            self.group_size = head.group_size
+        else:
+            self.tied_head = None
+            self.group_size = int(group_size)
+            self.register_buffer("packed", pack_int4(q))
+            self.register_buffer("scales", scales.detach().clone())
+            self.register_buffer("zeros", zeros.to(torch.uint8))
+
+    def _table(self):
+        return self.tied_head if self.tied_head is not None else self
+
+    def forward(self, ids):
+        table = self._table()
+        return w4_embedding_op(ids, table.packed, table.scales, table.zeros, self.group_size, self.embedding_dim)
+
+    def as_float(self) -> nn.Module:
+        """The nn.Embedding of the dequantized table (frozen)."""
+        table = self._table()
+        weight = dequantize_groups(unpack_int4(table.packed, self.embedding_dim), table.scales, table.zeros,
+                                   self.group_size)
+        return nn.Embedding.from_pretrained(weight, freeze=True, padding_idx=self.padding_idx)
+
+    def extra_repr(self) -> str:
+        tied = ", tied to the LM head" if self.tied_head is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, w_bit=4, group_size={self.group_size}{tied}"
 
 
 def dequantized(model: nn.Module) -> nn.Module:
@@ -257,14 +311,16 @@ def clip_weight(weight: torch.Tensor, bounds: torch.Tensor, group_size: int) -> 
 
 
 def awq(model: nn.Module, calibration_batches, *, w_bit: int = 4, group_size: int = 128, skip=("lm_head",),
-        sparse_update=None, scale_search: bool = True, clip_search: bool = True, fold: bool = True,
-        max_tokens: int = 4096) -> nn.Module:
+        sparse_update=None, embeddings: bool = False, scale_search: bool = True, clip_search: bool = True,
+        fold: bool = True, max_tokens: int = 4096) -> nn.Module:
     """A copy of `model` with its linear layers' weights in AWQ's 4-bit format (see the module
     docstring). `calibration_batches`: model inputs (tensors, tuples of positional inputs or dicts
     of keyword inputs), a few batches of real data; `skip`: names (or globs, or name suffixes) of
     linears to leave float; `sparse_update`: the scheme the copy will be trained with, whose trained
     linears (wholly or in part: the last blocks of `last_blocks`) stay float too, as the frozen base
-    alone is quantized; `max_tokens`: calibration rows kept per linear (evenly subsampled)."""
+    alone is quantized; `embeddings`: also the frozen token embeddings (W4Embedding; an LM head tied to
+    one shares its 4-bit table, rounded to nearest: its rows are both a lookup and a matmul's);
+    `max_tokens`: calibration rows kept per linear (evenly subsampled)."""
     _check_format(w_bit, group_size)
     batches = list(calibration_batches or ())
     if (scale_search or clip_search) and not batches:
@@ -292,7 +348,36 @@ def awq(model: nn.Module, calibration_batches, *, w_bit: int = 4, group_size: in
             _replace(quantized, name, W4Linear(q, scales, zeros, group_size, linear.bias, input_scale, w_bit))
     if fold and scale_search:
         _fold_into_norms(quantized, groups, batches[0])
+    if embeddings:
+        _quantize_embeddings(quantized, w_bit, group_size, _trained_parameters(quantized, sparse_update))
     return quantized
+
+
+def _quantize_embeddings(model: nn.Module, w_bit: int, group_size: int, trained: set) -> None:
+    """Each frozen nn.Embedding becomes a W4Embedding; a Linear sharing its weight (a tied LM head)
+    becomes the W4Linear whose table the embedding reads."""
+    linears_by_weight = {id(m.weight): (name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for name, embedding in list(model.named_modules()):
+        if not isinstance(embedding, nn.Embedding) or f"{name}.weight" in trained:
+            continue
+        q, scales, zeros = quantize_groups(embedding.weight.detach(), w_bit, group_size)
+        rows, dim = embedding.weight.shape
+        tied = linears_by_weight.get(id(embedding.weight))
+        if tied is not None:
+            head = W4Linear(q, scales, zeros, group_size, tied[1].bias, None, w_bit)
+            _replace(model, tied[0], head)
+            _replace(model, name, W4Embedding(rows, dim, embedding.padding_idx, head=head))
+        else:
+            _replace(model, name, W4Embedding(rows, dim, embedding.padding_idx, q=q, scales=scales, zeros=zeros,
+                                              group_size=group_size))
+
+
+def _trained_parameters(model: nn.Module, sparse_update) -> set:
+    if sparse_update is None or sparse_update.lora_spec is not None:
+        return set()
+    from .sparse import FROZEN
+
+    return {name for name, rule in _resolve(model, sparse_update).items() if rule != FROZEN}
 
 
 def rtn(model: nn.Module, *, w_bit: int = 4, group_size: int = 128, skip=("lm_head",), sparse_update=None) -> nn.Module:
@@ -308,12 +393,17 @@ def _trained_linears(model: nn.Module, sparse_update) -> set:
         return set()
     from .sparse import FROZEN
 
-    kinds = {f"{name}.weight": kind for name, module in model.named_modules()
-             for kind in [_kind(module)] if kind is not None}
-    table = [(name, tuple(param.shape), kinds.get(name)) for name, param in model.named_parameters()]
-    decided = sparse_update.resolve(table)
+    decided = _resolve(model, sparse_update)
     return {name for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and decided.get(f"{name}.weight", FROZEN) != FROZEN}
+
+
+def _resolve(model: nn.Module, sparse_update) -> dict:
+    """{parameter name: rule} of `sparse_update` on the torch model (as job.plan resolves it on the
+    imported one)."""
+    kinds = {f"{name}.weight": kind for name, module in model.named_modules()
+             for kind in [_kind(module)] if kind is not None}
+    return sparse_update.resolve([(name, tuple(p.shape), kinds.get(name)) for name, p in model.named_parameters()])
 
 
 def _kind(module: nn.Module) -> str | None:

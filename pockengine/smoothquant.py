@@ -33,7 +33,15 @@ import copy
 import torch
 from torch import nn
 
-from .awq import _call, _chosen_linears, _fold_into_norms, _kind, _record_inputs, _replace, _trained_linears
+from .awq import (
+    _call,
+    _chosen_linears,
+    _fold_into_norms,
+    _record_inputs,
+    _replace,
+    _trained_linears,
+    _trained_parameters,
+)
 from .errors import JobError
 from .rounding import round_half_away
 
@@ -143,9 +151,9 @@ class W8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "W8A8" if self.activations == "int8" else "W8"
-        folded = "" if self.input_scale is not None else ", input scale folded"
+        scaled = ", input scaled" if self.input_scale is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, " \
-               f"bias={self.bias is not None}{folded}"
+               f"bias={self.bias is not None}{scaled}"
 
 
 # ---------------------------------------------------------------- the conversion
@@ -223,9 +231,4 @@ def _modules_with_trained_parameters(model: nn.Module, sparse_update) -> set:
 
         return {name for name, m in model.named_modules()
                 if isinstance(m, nn.Linear) and any(_matches(name, t) for t in sparse_update.lora_spec["targets"])}
-    from .sparse import FROZEN
-
-    kinds = {f"{name}.weight": kind for name, module in model.named_modules()
-             for kind in [_kind(module)] if kind is not None}
-    decided = sparse_update.resolve([(name, tuple(p.shape), kinds.get(name)) for name, p in model.named_parameters()])
-    return {name.rpartition(".")[0] for name, rule in decided.items() if rule != FROZEN}
+    return {name.rpartition(".")[0] for name in _trained_parameters(model, sparse_update)}

@@ -324,3 +324,40 @@ def test_a_w4_step_counts_the_flops_of_the_float_one():
     for linear in (plain[0], plain[2]):
         linear.weight.requires_grad_(False)  # as the 4-bit ones are
     assert flops(pe.quantize.rtn(plain, group_size=16, skip=("4",))) == flops(plain) != {"forward": 0, "backward": 0}
+
+
+@pytest.mark.usefixtures("llama_in_input_dtype")
+def test_a_tied_embedding_is_one_4_bit_table_for_the_lookup_and_the_head():
+    """embeddings=True: the LLaMA's embedding and the LM head tied to it read one 4-bit table (one
+    state tensor, named under the head); LoRA trains on it as PyTorch does on the dequantized model,
+    and a token id outside the table is refused before any state changes."""
+    from pockengine.errors import InputError
+
+    model = llama(torch.float64)
+    batches = lm_batches(3)
+    base = pe.quantize.awq(model, [ids for ids, _ in batches[:2]], group_size=64, embeddings=True)
+    assert isinstance(base.model.embed_tokens, awq.W4Embedding) and base.model.embed_tokens.tied_head is base.lm_head
+    assert {k for k in base.state_dict() if k.startswith(("lm_head", "model.embed_tokens"))} == {
+        "lm_head.packed", "lm_head.scales", "lm_head.zeros"}
+    scheme = pe.SparseUpdate.lora(4, ("q_proj", "v_proj"), alpha=8)
+    job = pe.TrainingJob(copy.deepcopy(base), (batches[0][0],), batches[0][1], causal_lm_loss,
+                         pe.optim.AdamW(lr=1e-3), sparse_update=scheme)
+    program = pe.compile(job, target=FAST_HOST)
+    assert [s.name for s in program.signature.state if "lm_head" in s.name or "embed" in s.name] == [
+        "lm_head.packed", "lm_head.scales", "lm_head.zeros"]
+    ours = [program.step(x, y) for x, y in batches]
+    reference = copy.deepcopy(base)
+    add_lora(reference, **scheme.lora_spec)
+    reference = pe.quantize.dequantized(reference)
+    assert isinstance(reference.model.embed_tokens, nn.Embedding)
+    for name, param in reference.named_parameters():
+        param.requires_grad_(name.endswith(("lora_A", "lora_B")))
+    np.testing.assert_allclose(ours, train_torch(reference, pe.optim.AdamW(lr=1e-3), batches, loss_fn=causal_lm_loss),
+                               rtol=1e-9)
+    before = program.state_dict()
+    bad = batches[0][0].clone()
+    bad[0, 3] = 1000  # the vocabulary is 0..999
+    with pytest.raises(InputError, match="1000"):
+        program.step(bad, batches[0][1])
+    after = program.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)

@@ -1,7 +1,7 @@
 """What keeps a compiled step from training on garbage silently, inside the step itself.
 
 `index_ranges` finds the integer batch inputs that index a tensor (class labels through
-cross-entropy's gather, token ids through an embedding's take) and the values the indexing accepts:
+cross-entropy's gather, token ids through an embedding's take, a 4-bit one's too) and the values the indexing accepts:
 TVM's gather and take read out of bounds without a word, where PyTorch raises ("Target 100 is out
 of bounds"). Float inputs must be finite: TVM's max(x, 0) turns NaN into 0 where PyTorch's ReLU
 keeps it, so a NaN would train on with a finite loss.
@@ -26,6 +26,7 @@ import tvm
 from tvm import relax
 from tvm.relax import op as R
 
+from ..frontend import w4_ops
 from ..ir import bindings_of, bound_values
 from . import linear_log_prob
 
@@ -69,6 +70,8 @@ def index_ranges(func, input_names: list[str], origins: dict) -> list[IndexRange
             data, index, axis = value.args[0], value.args[1], 1 if len(value.args[0].ty.shape) > 1 else 0
         elif name == linear_log_prob.OP_NAME:  # labels index the head's weight rows (the classes)
             data, index, axis = value.args[1], value.args[2], 0
+        elif name == w4_ops.TAKE:  # token ids index a 4-bit embedding's rows (its packed bytes)
+            data, index, axis = value.args[1], value.args[0], 0
         else:
             continue
         ignored = {int(value.attrs.ignore_index)} if name == "relax.nn.nll_loss" else set()

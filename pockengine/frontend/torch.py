@@ -695,6 +695,11 @@ def _w4_matmul(node, importer):
     return importer.block_builder.emit(w4_ops.w4_matmul(x, packed, scales, zeros, int(node.args[4])))
 
 
+def _w4_embedding(node, importer):
+    ids, packed, scales, zeros = (importer.env[a] for a in node.args[:4])
+    return importer.block_builder.emit(w4_ops.w4_take(ids, packed, scales, zeros, int(node.args[4]), int(node.args[5])))
+
+
 def _w8_converter(make):
     def convert(node, importer):
         return importer.block_builder.emit(make(*(importer.env[a] for a in node.args[:3])))
@@ -703,6 +708,7 @@ def _w8_converter(make):
 
 _QUANTIZED_CONVERTERS = {  # pockengine/quantize.py's, awq.py's and smoothquant.py's operators
     "w4_matmul.default": _w4_matmul,
+    "w4_embedding.default": _w4_embedding,
     "w8a8_matmul.default": _w8_converter(w8_ops.w8a8_matmul),
     "w8_matmul.default": _w8_converter(w8_ops.w8_matmul),
     "quantize.default": _quantize,

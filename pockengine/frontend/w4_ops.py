@@ -2,6 +2,7 @@
 
     w4_matmul(x, packed, scales, zeros, [group_size])             y[..., n] = sum_k x[..., k] W[n, k]
     w4_matmul_input_grad(dy, packed, scales, zeros, [group_size]) dx[..., k] = sum_n dy[..., n] W[n, k]
+    w4_take(ids, packed, scales, zeros, [group_size, dim])      y[..., k] = W[ids[...], k]   (a 4-bit embedding)
 
     W[n, k] = (q[n, k] - zeros[n, k / g]) * scales[n, k / g]
     q[n, k] = (packed[n, k / 2] >> 4 (k % 2)) & 15            two 4-bit values a byte, low nibble first
@@ -21,7 +22,8 @@ from ..ir import PANEL_OPERAND, operand_shape, register_operator
 
 MATMUL = "pockengine.w4_matmul"
 MATMUL_INPUT_GRAD = "pockengine.w4_matmul_input_grad"
-OPS = (MATMUL, MATMUL_INPUT_GRAD)
+TAKE = "pockengine.w4_take"
+OPS = (MATMUL, MATMUL_INPUT_GRAD)  # the matmuls
 CONFIG_INDEX = 4  # the integer configuration [group_size] is the last argument
 
 
@@ -44,6 +46,17 @@ def w4_matmul_input_grad(grad, packed, scales, zeros, group_size: int, in_featur
     """dx of w4_matmul from dy: its last axis is `in_features` long (the packed width may hold one more)."""
     config = relax.const(np.asarray([int(group_size), int(in_features)], dtype="int64"), "int64")
     return relax.Call(tvm.ir.Op.get(MATMUL_INPUT_GRAD), [grad, packed, scales, zeros, config])
+
+
+def w4_take(ids, packed, scales, zeros, group_size: int, dim: int) -> relax.Call:
+    config = relax.const(np.asarray([int(group_size), int(dim)], dtype="int64"), "int64")
+    return relax.Call(tvm.ir.Op.get(TAKE), [ids, packed, scales, zeros, config])
+
+
+def _infer_take(call, _builder):
+    ids = operand_shape(call.args[0], "ids", TAKE)
+    dim = int(call.args[CONFIG_INDEX].value.numpy()[1])
+    return relax.TensorType([*ids, dim], call.args[2].ty.dtype)
 
 
 def _infer_matmul(call, _builder):
@@ -101,6 +114,16 @@ def _input_grad_te(grad, packed, scales, zeros, *, config):
                       lambda *i: te.sum(grad[(*i[:-1], n)] * weight[n, i[-1]], axis=n), name="w4_matmul_input_grad")
 
 
+def _take_te(ids, packed, scales, zeros, *, config):
+    group_size, dim = config
+    rows = int(packed.shape[0])
+    weight = weight_element(packed, scales, zeros, group_size, scales.dtype)
+    # an id outside the table reads row 0 rather than memory past it (torch raises; the step's
+    # input checks refuse such ids before any kernel runs)
+    return te.compute((*ids.shape, dim), lambda *i: weight(tirx.max(tirx.min(ids(*i[:-1]).astype("int32"), rows - 1),
+                                                                      0), i[-1]), name="w4_take")
+
+
 def _legalizer(compute, name: str):
     def legalize(builder, call):
         config = [int(v) for v in call.args[CONFIG_INDEX].value.numpy()]
@@ -109,7 +132,8 @@ def _legalizer(compute, name: str):
     return legalize
 
 
-for _name, _infer, _legalize in ((MATMUL, _infer_matmul, _legalizer(_matmul_te, "w4_matmul")),
+for _name, _infer, _legalize in ((TAKE, _infer_take, _legalizer(_take_te, "w4_take")),
+                                 (MATMUL, _infer_matmul, _legalizer(_matmul_te, "w4_matmul")),
                                  (MATMUL_INPUT_GRAD, _infer_input_grad,
                                   _legalizer(_input_grad_te, "w4_matmul_input_grad"))):
     register_operator(_name, _infer, _legalize)
