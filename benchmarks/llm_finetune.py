@@ -25,10 +25,12 @@ optimizer state (sparse_memory.py's count). Compile: seconds of `pe.compile`, co
 Bases (--base, repeatable): float32 (default), and awq-w4: every frozen linear but the tied head in
 AWQ's 4-bit format (`pe.quantize.awq(..., sparse_update=scheme)`: a scheme's trained linears stay
 float; calibrated on 2 batches of the job's token distribution, groups of 128), and awq-w4-all: the
-token embedding and the LM head tied to it too (one 4-bit table, `embeddings=True`); PyTorch trains
-the same W4 model (pockengine/awq.py's operator dequantizes each call, as a PyTorch QLoRA does).
-The line under the table compares each W4 scheme's memory with PyTorch's on the float32 base
-(the goal: LoRA on the W4 base in at most a quarter of PyTorch's float32 LoRA).
+token embedding and the LM head tied to it too (one 4-bit table, `embeddings=True`), and
+smoothquant-w8a8: `pe.quantize.smoothquant(..., alpha=0.5, sparse_update=scheme)`, the layers before
+the first trained one W8A8, the others W8. PyTorch trains the same quantized model (the W4 operator
+dequantizes each call, as a PyTorch QLoRA does). The line under the table compares each quantized
+base's memory and speed with PyTorch's on the float32 base (the goals: LoRA on the W4 base in at
+most a quarter of PyTorch's float32 LoRA; the W8A8 sparse step at 1.5x its tokens/s).
 
 The anchor is PockEngine's LLaMA2-7B on a Jetson AGX Orin: 7.9x PyTorch's fine-tuning throughput.
 """
@@ -98,7 +100,7 @@ def build_model(model: str, size: str):
     raise ValueError(f"unknown model {model!r}; choose from {sorted(MODELS)}")
 
 
-BASES = ("float32", "awq-w4", "awq-w4-all")
+BASES = ("float32", "awq-w4", "awq-w4-all", "smoothquant-w8a8")
 
 
 def make_job(scheme: str, size: str = "full", model: str = "tiny", base: str = "float32"):
@@ -112,6 +114,10 @@ def make_job(scheme: str, size: str = "full", model: str = "tiny", base: str = "
         calibration = [torch.randint(0, vocabulary, (s["batch"], s["seq"]), generator=g) for _ in range(2)]
         net = pe.quantize.awq(net, calibration, group_size=128, sparse_update=schemes()[scheme],
                               embeddings=base == "awq-w4-all")
+    elif base == "smoothquant-w8a8":
+        g = torch.Generator().manual_seed(1)
+        calibration = [torch.randint(0, vocabulary, (s["batch"], s["seq"]), generator=g) for _ in range(2)]
+        net = pe.quantize.smoothquant(net, calibration, alpha=0.5, sparse_update=schemes()[scheme])
     elif base != "float32":
         raise ValueError(f"unknown base {base!r}; choose from {BASES}")
     name = f"{model.replace('-', '_').replace('.', '_')}_{base.replace('-', '_')}_{scheme}"
