@@ -453,8 +453,8 @@ def _record_inputs(model: nn.Module, chosen: dict, batches: list, max_tokens: in
 
     def hook(name):
         def record(_module, args):
-            x = args[0].detach()
-            rows[name].append(x.reshape(-1, x.shape[-1]))
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            rows[name].append(x[::max(1, x.shape[0] // max_tokens)][:max_tokens])  # bounded per batch
             if state["batch"] == 0:
                 leader = first_reader.setdefault(id(args[0]), (name, args[0]))[0]  # keeps the tensor alive
                 group_of[name] = leader

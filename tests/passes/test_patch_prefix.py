@@ -174,7 +174,10 @@ def bn_eval(model):
 
 def test_patched_mobilenetv2_trains_as_unpatched_in_float64():
     """MobileNetV2-0.35, MCUNetV3's scheme, BatchNorm frozen, 3 SGD-momentum steps at 48x48: the
-    first three blocks on a 3x3 grid. Same losses and weights, to the bit."""
+    first three blocks on a 3x3 grid. The same losses to the bit; the weights within float64's
+    rounding: on an AVX-512 host the trained layers' kernels of the two builds (far from the patched
+    prefix) differ in their last bits (3.5e-18 in the classifier), which the 2-core AVX2 host these
+    tests were written on did not show."""
     torch.manual_seed(0)
     model = bn_eval(mobilenetv2(width_mult=0.35, num_classes=10)).double()
     batches = make_batches((1, 3, 48, 48), 10, 3, dtype=torch.float64)
@@ -183,7 +186,7 @@ def test_patched_mobilenetv2_trains_as_unpatched_in_float64():
     assert patched.meta["patches"]["split"] == "features.3" and patched.meta["patches"]["grid"] == 3
     assert plain.meta["patches"] is None
     assert losses == plain_losses
-    assert max_scaled_diff(state, plain_state)[0] == 0.0
+    assert max_scaled_diff(state, plain_state)[0] <= 1e-15
     before, after = plain.memory_report(), patched.memory_report()
     assert after.by_category["planned_pool"] < before.by_category["planned_pool"]
     assert after.patches["grid"] == 3 and "patched prefix: up to features.3 on a 3x3 grid" in str(after)
