@@ -94,6 +94,13 @@ def add_lora(model, r: int = 8, targets=("q_proj", "v_proj"), alpha: float | Non
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, W4Linear))]
     chosen = [(name, m) for name, m in linears if any(_matches(name, t) for t in targets)]
+    # smoothquant.W8Linear by name: smoothquant reads this module's target matching (no import circle)
+    int8 = [name for name, m in model.named_modules()
+            if type(m).__name__ == "W8Linear" and any(_matches(name, t) for t in targets)]
+    if int8:
+        raise JobError(f"LoRA targets {int8[0]}, an int8 layer (pe.quantize.smoothquant): adapters beside an int8 "
+                       "base are not supported yet. Quantize the base with pe.quantize.awq (4-bit, adapters sit "
+                       "beside it), or leave the targets float (smoothquant(..., skip=[...]))")
     if not chosen:
         names = ", ".join(name for name, _ in linears[:30]) + (" ..." if len(linears) > 30 else "")
         raise JobError(f"LoRA targets {list(targets)} match no nn.Linear of the model; its linear layers: {names}")

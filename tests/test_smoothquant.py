@@ -206,3 +206,11 @@ def test_bad_arguments_are_refused(kwargs, message):
         pe.quantize.smoothquant(Outliers(), [torch.randn(4, 64)], **kwargs)
     with pytest.raises(JobError, match="at least one calibration batch"):
         pe.quantize.smoothquant(Outliers(), [])
+
+
+def test_lora_on_an_int8_layer_is_refused_naming_it():
+    base = pe.quantize.smoothquant(llama(), [lm_batches(1)[0][0]])
+    ids, labels = lm_batches(1)[0]
+    with pytest.raises(JobError, match=r"LoRA targets model\.layers\.0\.self_attn\.q_proj, an int8 layer.*awq"):
+        pe.TrainingJob(base, (ids,), labels, causal_lm_loss, pe.optim.AdamW(lr=1e-3),
+                       sparse_update=pe.SparseUpdate.lora(4))  # the job adds the adapters as it is made
