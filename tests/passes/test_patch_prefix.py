@@ -176,8 +176,8 @@ def test_patched_mobilenetv2_trains_as_unpatched_in_float64():
     """MobileNetV2-0.35, MCUNetV3's scheme, BatchNorm frozen, 3 SGD-momentum steps at 48x48: the
     first three blocks on a 3x3 grid. The same losses to the bit; the weights within float64's
     rounding: on an AVX-512 host the trained layers' kernels of the two builds (far from the patched
-    prefix) differ in their last bits (3.5e-18 in the classifier), which the 2-core AVX2 host these
-    tests were written on did not show."""
+    prefix) differ in their last bits (3.5e-18 in the classifier), which the host these tests were
+    written on did not show."""
     torch.manual_seed(0)
     model = bn_eval(mobilenetv2(width_mult=0.35, num_classes=10)).double()
     batches = make_batches((1, 3, 48, 48), 10, 3, dtype=torch.float64)
