@@ -225,6 +225,23 @@ def register_operator(name: str, infer_type, legalize) -> None:
     register_op_attr(name, "TScriptPrinterName", name)
 
 
+def te_legalizer(compute, name: str, config_index: int | None = None, marker: str | None = None):
+    """FLegalize of one of our operators: `compute(*its tensor arguments)` in TE, named `name`; with
+    `config_index`, the argument there is the operator's integer configuration (a constant, checked
+    by its type rule), passed as `compute(..., config=[...])` instead. `marker`: a PrimFunc attribute
+    holding the configuration, by which a target recognises the kernel while it is unfused (the
+    Cortex-M build swaps in hand-written SIMD C for int8 convolutions)."""
+    def legalize(builder, call):
+        tensors = [arg for i, arg in enumerate(call.args) if i != config_index]
+        if config_index is None:
+            return builder.call_te(compute, *tensors, primfunc_name_hint=name)
+        config = [int(v) for v in call.args[config_index].value.numpy()]
+        return builder.call_te(lambda *args: compute(*args, config=config), *tensors, primfunc_name_hint=name,
+                               primfunc_attrs={marker: config} if marker else None)
+
+    return legalize
+
+
 def same_tensor_type(a, b) -> bool:
     """Same dtype and the same static shape."""
     return (isinstance(a, relax.TensorType) and isinstance(b, relax.TensorType) and str(a.dtype) == str(b.dtype)

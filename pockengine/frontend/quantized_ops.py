@@ -36,7 +36,7 @@ import numpy as np
 import tvm
 from tvm import relax, te, tirx
 
-from ..ir import operand_shape, register_operator
+from ..ir import operand_shape, register_operator, te_legalizer
 
 QUANTIZE = "pockengine.quantize"
 CONV2D = "pockengine.quantized_conv2d"
@@ -356,7 +356,7 @@ def _add_te(x1, x2, *, config):
     return te.compute(x1.shape, element, name="quantized_add")
 
 
-def _mean_te(x, *, config=None):
+def _mean_te(x):
     n, c, h, w = (int(d) for d in x.shape)
     ry, rx = te.reduce_axis((0, h), name="ry"), te.reduce_axis((0, w), name="rx")
     total = te.compute((n, c), lambda b, o: te.sum(_to_int(x[b, o, ry, rx], "int32"), axis=[ry, rx]), name="total")
@@ -366,26 +366,13 @@ def _mean_te(x, *, config=None):
                       name="quantized_mean")
 
 
-def _legalizer(compute, name: str, config_index=None, marker=None):
-    """FLegalize of an operator: `compute(*tensor arguments, config=its integer configuration)` in TE.
-    `marker`: a PrimFunc attribute holding the configuration, by which a target recognises the
-    operator's kernel while it is unfused (the Cortex-M build swaps in hand-written SIMD C for it)."""
-    def legalize(builder, call):
-        config = config_of(call, config_index) if config_index is not None else None
-        tensors = [arg for i, arg in enumerate(call.args) if i != config_index]
-        attrs = {marker: config} if marker else None
-        return builder.call_te(lambda *args: compute(*args, config=config), *tensors, primfunc_name_hint=name,
-                               primfunc_attrs=attrs)
-
-    return legalize
-
-
-for _name, _infer, _legalize in ((QUANTIZE, _infer_quantize, _legalizer(_quantize_te, "quantize", 2)),
-                                 (CONV2D, _infer_conv, _legalizer(_conv_te, "quantized_conv2d", 5, CONV2D_KERNEL_ATTR)),
-                                 (ADD, _infer_add, _legalizer(_add_te, "quantized_add", 2)),
-                                 (MEAN, _infer_mean, _legalizer(_mean_te, "quantized_mean")),
+for _name, _infer, _legalize in ((QUANTIZE, _infer_quantize, te_legalizer(_quantize_te, "quantize", 2)),
+                                 (CONV2D, _infer_conv,
+                                  te_legalizer(_conv_te, "quantized_conv2d", 5, CONV2D_KERNEL_ATTR)),
+                                 (ADD, _infer_add, te_legalizer(_add_te, "quantized_add", 2)),
+                                 (MEAN, _infer_mean, te_legalizer(_mean_te, "quantized_mean")),
                                  (CONV2D_INPUT_GRAD, _infer_input_grad,
-                                  _legalizer(_input_grad_te, "quantized_conv2d_input_grad", 2)),
+                                  te_legalizer(_input_grad_te, "quantized_conv2d_input_grad", 2)),
                                  (CONV2D_WEIGHT_GRAD, _infer_weight_grad,
-                                  _legalizer(_weight_grad_te, "quantized_conv2d_weight_grad", 2))):
+                                  te_legalizer(_weight_grad_te, "quantized_conv2d_weight_grad", 2))):
     register_operator(_name, _infer, _legalize)

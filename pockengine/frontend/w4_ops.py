@@ -18,7 +18,7 @@ import numpy as np
 import tvm
 from tvm import relax, te, tirx
 
-from ..ir import PANEL_OPERAND, operand_shape, register_operator
+from ..ir import PANEL_OPERAND, operand_shape, register_operator, te_legalizer
 
 MATMUL = "pockengine.w4_matmul"
 MATMUL_INPUT_GRAD = "pockengine.w4_matmul_input_grad"
@@ -124,16 +124,8 @@ def _take_te(ids, packed, scales, zeros, *, config):
                                                                       0), i[-1]), name="w4_take")
 
 
-def _legalizer(compute, name: str):
-    def legalize(builder, call):
-        config = [int(v) for v in call.args[CONFIG_INDEX].value.numpy()]
-        return builder.call_te(lambda *args: compute(*args, config=config), *call.args[:CONFIG_INDEX],
-                               primfunc_name_hint=name)
-    return legalize
-
-
-for _name, _infer, _legalize in ((TAKE, _infer_take, _legalizer(_take_te, "w4_take")),
-                                 (MATMUL, _infer_matmul, _legalizer(_matmul_te, "w4_matmul")),
+for _name, _infer, _legalize in ((TAKE, _infer_take, te_legalizer(_take_te, "w4_take", CONFIG_INDEX)),
+                                 (MATMUL, _infer_matmul, te_legalizer(_matmul_te, "w4_matmul", CONFIG_INDEX)),
                                  (MATMUL_INPUT_GRAD, _infer_input_grad,
-                                  _legalizer(_input_grad_te, "w4_matmul_input_grad"))):
+                                  te_legalizer(_input_grad_te, "w4_matmul_input_grad", CONFIG_INDEX))):
     register_operator(_name, _infer, _legalize)

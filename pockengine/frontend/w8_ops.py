@@ -18,7 +18,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax, te, tirx
 
-from ..ir import PANEL_OPERAND, operand_shape, register_operator
+from ..ir import PANEL_OPERAND, operand_shape, register_operator, te_legalizer
 from .quantized_ops import round_half_away
 
 W8A8_MATMUL = "pockengine.w8a8_matmul"
@@ -98,14 +98,8 @@ def _w8a8_matmul_te(x, weight, scales):
                       * scales[i[-1]].astype(dtype), name="w8a8_matmul")
 
 
-def _legalizer(compute, name: str):
-    def legalize(builder, call):
-        return builder.call_te(compute, *call.args, primfunc_name_hint=name)
-    return legalize
-
-
-for _name, _infer, _legalize in ((W8A8_MATMUL, _infer_forward, _legalizer(_w8a8_matmul_te, "w8a8_matmul")),
-                                 (W8_MATMUL, _infer_forward, _legalizer(_w8_matmul_te, "w8_matmul")),
+for _name, _infer, _legalize in ((W8A8_MATMUL, _infer_forward, te_legalizer(_w8a8_matmul_te, "w8a8_matmul")),
+                                 (W8_MATMUL, _infer_forward, te_legalizer(_w8_matmul_te, "w8_matmul")),
                                  (W8_MATMUL_INPUT_GRAD, _infer_input_grad,
-                                  _legalizer(_input_grad_te, "w8_matmul_input_grad"))):
+                                  te_legalizer(_input_grad_te, "w8_matmul_input_grad"))):
     register_operator(_name, _infer, _legalize)
