@@ -489,6 +489,7 @@ def _fold_into_norms(model: nn.Module, groups: list, batch) -> None:
     """For each group whose input is a norm's output, move its input_scale into the norm's weight
     and bias, and keep the fold only if the model's outputs stay the same on `batch`."""
     producers = _norm_outputs(model, batch)
+    reference = None  # the model's outputs as it stands: before the first fold, then after each kept one
     for group in groups:
         layers = [model.get_submodule(name) for name in group]
         norm_name = producers.get(group[0])
@@ -497,7 +498,8 @@ def _fold_into_norms(model: nn.Module, groups: list, batch) -> None:
         norm = model.get_submodule(norm_name)
         if norm.weight.shape != layers[0].input_scale.shape:
             continue
-        reference = _outputs(model, batch)
+        if reference is None:
+            reference = _outputs(model, batch)
         saved = [layer.input_scale for layer in layers], norm.weight.detach().clone(), _bias_of(norm)
         scale = layers[0].input_scale
         with torch.no_grad():
@@ -506,13 +508,16 @@ def _fold_into_norms(model: nn.Module, groups: list, batch) -> None:
                 norm.bias.mul_(scale.to(norm.bias.dtype))
         for layer in layers:
             layer.input_scale = None
-        if not _same(reference, _outputs(model, batch)):
-            with torch.no_grad():
-                norm.weight.copy_(saved[1])
-                if saved[2] is not None:
-                    norm.bias.copy_(saved[2])
-            for layer, input_scale in zip(layers, saved[0]):
-                layer.input_scale = input_scale
+        folded = _outputs(model, batch)
+        if _same(reference, folded):
+            reference = folded
+            continue
+        with torch.no_grad():  # undone: the model is again the one `reference` was computed on
+            norm.weight.copy_(saved[1])
+            if saved[2] is not None:
+                norm.bias.copy_(saved[2])
+        for layer, input_scale in zip(layers, saved[0]):
+            layer.input_scale = input_scale
 
 
 def _bias_of(norm):
