@@ -340,7 +340,7 @@ def awq(model: nn.Module, calibration_batches, *, w_bit: int = 4, group_size: in
         for name in group:
             linear = chosen[name]
             weight = linear.weight.detach() * (scale if scale is not None else 1)
-            if clip_search and not any(_matches(name, n) for n in NOT_CLIPPED):
+            if clip_search and not any(module_name_matches(name, n) for n in NOT_CLIPPED):
                 x = inputs[name] if scale is None else inputs[name].to(weight.dtype) / scale
                 weight = clip_weight(weight, search_clip(x, weight, w_bit, group_size), group_size)
             q, scales, zeros = quantize_groups(weight, w_bit, group_size)
@@ -422,7 +422,9 @@ def _check_format(w_bit: int, group_size: int) -> None:
         raise JobError(f"quantize.awq: group_size must be an integer >= 2 (AWQ uses 128), got {group_size!r}")
 
 
-def _matches(name: str, pattern: str) -> bool:
+def module_name_matches(name: str, pattern: str) -> bool:
+    """A pattern names a module by its own name (`q_proj`), a path suffix (`self_attn.q_proj`) or a
+    glob: how `skip=` here and LoRA's targets (pockengine/lora.py) choose layers."""
     return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
 
 
@@ -434,7 +436,7 @@ def _chosen_linears(model: nn.Module, skip) -> dict:
         for param in module.parameters(recurse=False):
             holders.setdefault(id(param), set()).add(name)
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not any(_matches(name, p) for p in skip)
+            if isinstance(m, nn.Linear) and not any(module_name_matches(name, p) for p in skip)
             and len(holders[id(m.weight)]) == 1}
 
 

@@ -12,14 +12,14 @@ adapters in float beside a packed base they are never merged into.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 
 import torch
 from torch import nn
 
-from .awq import W4Linear
+from .awq import W4Linear, module_name_matches
 from .errors import JobError
+from .smoothquant import W8Linear
 
 LORA_A, LORA_B = "lora_A", "lora_B"
 
@@ -79,11 +79,6 @@ class LoRAW4Linear(W4Linear):
         return f"{W4Linear.extra_repr(self)}, r={self.r}, scale={self.scale}"
 
 
-def _matches(name: str, target: str) -> bool:
-    """A target names a module by its own name (`q_proj`), a path suffix (`self_attn.q_proj`) or a glob."""
-    return name == target or name.endswith("." + target) or fnmatch.fnmatchcase(name, target)
-
-
 def add_lora(model, r: int = 8, targets=("q_proj", "v_proj"), alpha: float | None = None, seed: int = 0) -> list:
     """Replace, in place, every nn.Linear of `model` whose name matches one of `targets` by a
     LoRALinear of rank `r` and scale alpha / r (alpha defaults to r: scale 1). Its base weight and
@@ -93,10 +88,9 @@ def add_lora(model, r: int = 8, targets=("q_proj", "v_proj"), alpha: float | Non
         raise JobError(f"LoRA rank must be an integer >= 1, got {r!r}")
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, W4Linear))]
-    chosen = [(name, m) for name, m in linears if any(_matches(name, t) for t in targets)]
-    # smoothquant.W8Linear by name: smoothquant reads this module's target matching (no import circle)
+    chosen = [(name, m) for name, m in linears if any(module_name_matches(name, t) for t in targets)]
     int8 = [name for name, m in model.named_modules()
-            if type(m).__name__ == "W8Linear" and any(_matches(name, t) for t in targets)]
+            if isinstance(m, W8Linear) and any(module_name_matches(name, t) for t in targets)]
     if int8:
         raise JobError(f"LoRA targets {int8[0]}, an int8 layer (pe.quantize.smoothquant): adapters beside an int8 "
                        "base are not supported yet. Quantize the base with pe.quantize.awq (4-bit, adapters sit "

@@ -41,6 +41,7 @@ from .awq import (
     _replace,
     _trained_linears,
     _trained_parameters,
+    module_name_matches,
 )
 from .errors import JobError
 from .rounding import round_half_away
@@ -227,8 +228,7 @@ def _run_before_training(model: nn.Module, chosen: dict, sparse_update, batch) -
 
 def _modules_with_trained_parameters(model: nn.Module, sparse_update) -> set:
     if sparse_update.lora_spec is not None:  # the adapters go beside the targets: those train
-        from .lora import _matches
-
+        targets = sparse_update.lora_spec["targets"]
         return {name for name, m in model.named_modules()
-                if isinstance(m, nn.Linear) and any(_matches(name, t) for t in sparse_update.lora_spec["targets"])}
+                if isinstance(m, nn.Linear) and any(module_name_matches(name, t) for t in targets)}
     return {name.rpartition(".")[0] for name in _trained_parameters(model, sparse_update)}
