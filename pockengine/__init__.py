@@ -15,8 +15,8 @@ TVM's are handled where library kernels run (torch_kernels.py).
 
 from . import errors
 
-__all__ = ["TrainingJob", "SparseUpdate", "compile", "load", "Program", "DeviceProgram", "to_torch", "optim",
-           "errors", "targets", "quantize"]
+__all__ = ["TrainingJob", "SparseUpdate", "compile", "compile_inference", "load", "Program", "InferenceProgram",
+           "DeviceProgram", "to_torch", "optim", "errors", "targets", "quantize"]
 
 
 def compile(job, target="host", *, tuning_logs=(), backend="tvm", patches=None, progress=None, verbose=False):  # noqa: A001 - the contract's name
@@ -40,6 +40,24 @@ def compile(job, target="host", *, tuning_logs=(), backend="tvm", patches=None, 
                        progress=print_progress if verbose else progress)
 
 
+def compile_inference(model, example_inputs, target="host", *, output=None, tuning_logs=(), progress=None,
+                      verbose=False, name="inference"):
+    """Compile the forward of a PyTorch model, in eval mode, into an InferenceProgram for this
+    machine: `program(*inputs)` returns `output(model(*inputs))` as a numpy array, for inputs of
+    the example inputs' shapes and dtypes; `program.export(dir)` writes the artifact and `load`
+    reads it back (it runs with numpy and the TVM runtime, without PyTorch). `output` picks the
+    tensor from what the model returns (default: the tensor itself, or a transformers output's
+    `.logits`). A quantized base (pe.quantize.awq, smoothquant) stays quantized and LoRA adapters
+    stay adapters. `tuning_logs`, `progress` and `verbose` as for compile."""
+    from .build import compile_inference as compile_forward
+    from .pipeline import print_progress
+
+    if verbose and progress is not None:
+        raise errors.InputError("compile_inference: pass verbose=True or progress=..., not both")
+    return compile_forward(model, example_inputs, target, output=output, tuning_logs=tuning_logs,
+                           progress=print_progress if verbose else progress, name=name)
+
+
 def load(directory, threads=None):
     """Load an exported artifact directory as a Program; `threads`: worker threads for its kernels
     (default: chosen step by step among the CPUs available to this process, see Program.threads)."""
@@ -50,6 +68,7 @@ def load(directory, threads=None):
 
 _LAZY = {"TrainingJob": ("job", "TrainingJob"), "SparseUpdate": ("sparse", "SparseUpdate"),
          "Program": ("runtime", "Program"), "DeviceProgram": ("runtime", "DeviceProgram"),
+         "InferenceProgram": ("runtime", "InferenceProgram"),
          "to_torch": ("frontend", "to_torch"),
          "optim": ("optim", None), "targets": ("targets", None), "quantize": ("quantize", None)}
 

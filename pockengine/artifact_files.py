@@ -176,13 +176,15 @@ def read_manifest(directory: str) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path} has format version {manifest.get('format_version')}, this PockEngine reads "
                             f"{FORMAT_VERSION}; rebuild the artifact")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    required = REQUIRED_KEYS if manifest.get("kind") != "inference" else set(REQUIRED_KEYS) - {"optimizer"}
+    missing = [k for k in REQUIRED_KEYS if k in required and k not in manifest]
     if missing or not isinstance(manifest.get("files"), dict) or "state" not in manifest["files"]:
         raise ArtifactError(f"{path} is incomplete or was edited: it lacks {', '.join(missing) or 'files.state'}; "
                             "rebuild the artifact")
     return manifest
 
 
-# What every manifest written by export() has, and load(), run and inspect read.
+# What every manifest written by export() has, and load(), run and inspect read (an inference
+# artifact's, kind "inference", has no optimizer).
 REQUIRED_KEYS = ("name", "target", "tvm_target", "optimizer", "source", "state_dict_keys", "signature", "parameters",
                  "buffers", "memory", "versions", "files")

@@ -10,9 +10,11 @@ runs on the device), keeping the fastest when the family offers alternatives.
 from __future__ import annotations
 
 from . import targets
+from .autodiff.step import STEP_FUNC
+from .errors import TargetError
 from .frontend import to_numpy
-from .pipeline import derive
-from .runtime import DeviceProgram, Program
+from .pipeline import STAGES, derive, derive_forward
+from .runtime import DeviceProgram, InferenceProgram, Program
 from .sparse import plan_to_json
 from .targets.families import family as family_of
 from .targets.family import BuildRequest
@@ -66,17 +68,57 @@ def _fastest(programs: list, job):
 
 
 def _meta(job, preset, derived) -> dict:
-    imported = derived.imported
+    meta = _meta_of_import(job.name, preset, derived)
     return {
-        "name": job.name,
-        "target": preset.name,
-        "family": preset.family,
-        "tvm_target": dict(preset.target().export()),
+        **meta,
         "optimizer": job.optimizer.to_json(),
-        "source": imported.source,
-        "state_dict_keys": job.state_dict_keys() or [s.name for s in imported.params + imported.buffers],
-        "non_persistent": sorted(imported.non_persistent),
-        "aliases": dict(imported.aliases),  # tied parameters: state_dict() returns them under both names
+        "state_dict_keys": job.state_dict_keys() or meta["state_dict_keys"],
         "plan": plan_to_json(derived.plan),
         "patches": derived.patches.to_json() if derived.patches is not None else None,
     }
+
+
+def _meta_of_import(name: str, preset, derived) -> dict:
+    imported = derived.imported
+    return {
+        "name": name,
+        "target": preset.name,
+        "family": preset.family,
+        "tvm_target": dict(preset.target().export()),
+        "source": imported.source,
+        "state_dict_keys": [s.name for s in imported.params + imported.buffers],
+        "non_persistent": sorted(imported.non_persistent),
+        "aliases": dict(imported.aliases),  # tied parameters: state_dict() returns them under both names
+    }
+
+
+def compile_inference(model, example_inputs, target="host", *, output=None, tuning_logs=(), progress=None,
+                      name: str = "inference") -> InferenceProgram:
+    """Compile `output(model(*example_inputs))`, the model in eval mode, into an InferenceProgram:
+    the pipeline behind `pockengine.compile_inference`, which takes the same arguments (and `verbose`)."""
+    preset = targets.resolve(target)
+    family = family_of(preset)
+    if not family.runs_here({"family": family.name}):
+        raise TargetError(f"compile_inference builds for this machine only (target 'host'), not {preset.name}: "
+                          "an inference artifact has no runner on a device yet. Build the training step for "
+                          f"{preset.name} with pockengine.compile, and run inference here")
+    preset.check_tools("build")
+    example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    progress = _without_autodiff(progress)
+    derived = derive_forward(model, example_inputs, output, progress)
+    built = family.build(BuildRequest(None, preset, derived, tuple(tuning_logs), "tvm", progress))[0]
+    out = derived.step_mod[STEP_FUNC].ret_ty.fields[0]
+    meta = {**_meta_of_import(name, preset, derived), **built.meta, "kind": InferenceProgram.KIND,
+            "state_dict_keys": list(model.state_dict().keys()),
+            "output": {"shape": [int(d) for d in out.shape], "dtype": str(out.dtype)}}
+    program = InferenceProgram(built.library, built.signature, built.state, built.report, meta, owns_library=True)
+    program.example = dict(zip([s.name for s in derived.signature.batch], [to_numpy(x) for x in example_inputs]))
+    return program
+
+
+def _without_autodiff(progress):
+    """`progress` counting the stages of an inference build, which has no autodiff stage."""
+    if progress is None:
+        return None
+    stages = [name for name in STAGES if name != "autodiff"]
+    return lambda _index, _total, name, seconds: progress(stages.index(name) + 1, len(stages), name, seconds)

@@ -142,6 +142,12 @@ def _without_pytorch(calls_its_kernels: bool = False) -> None:
 
 def cmd_run(args) -> int:
     manifest = read_manifest(args.artifact)
+    if manifest.get("kind") == "inference":
+        from .errors import InputError
+
+        raise InputError(f"{args.artifact} is an inference artifact (pockengine.compile_inference): `pockengine run` "
+                         "trains, and it trains nothing. Load it with pockengine.load and call it on the model's "
+                         "inputs, program(x)")
     _without_pytorch(calls_its_kernels=bool(manifest.get("backend", {}).get("library_kernels")))
     from .runtime import load
     from .targets.families import family as family_of
@@ -175,9 +181,14 @@ def cmd_inspect(args) -> int:
     print(f"artifact   {args.artifact}")
     print(f"job        {m['name']} ({m['source']})")
     print(f"target     {m['target']} ({m.get('family', 'host')})  {json.dumps(m['tvm_target'])}")
-    opt = {k: v for k, v in m["optimizer"].items() if k != "kind"}
-    print(f"optimizer  {m['optimizer']['kind']}({', '.join(f'{k}={v}' for k, v in opt.items())})")
+    if "optimizer" in m:
+        opt = {k: v for k, v in m["optimizer"].items() if k != "kind"}
+        print(f"optimizer  {m['optimizer']['kind']}({', '.join(f'{k}={v}' for k, v in opt.items())})")
+    else:
+        print("kind       inference (pockengine.compile_inference): the model's forward, nothing trained")
     print("inputs     " + ", ".join(f"{b['name']} {tuple(b['shape'])} {b['dtype']}" for b in sig["batch"]))
+    if "output" in m:
+        print(f"output     {tuple(m['output']['shape'])} {m['output']['dtype']}")
     params = m["parameters"]
     trained = [p for p in params if p["trained"]]
     n_el = lambda ps: sum(int(np.prod(p["shape"], dtype=np.int64)) for p in ps)

@@ -230,6 +230,41 @@ def derive(job, progress=None, patches=None) -> Derived:
     return Derived(imported, plan, step_mod, signature, optimizer_state, job.optimizer, choice)
 
 
+def derive_forward(model, example_inputs: tuple, output, progress=None) -> Derived:
+    """The import stage of an inference build (compile_inference): the model's forward, in eval
+    mode, as a step of no training: (inputs..., weights and buffers...) -> (the output,), every
+    parameter frozen, nothing written back. It is lowered, planned and built as a training step is."""
+    from .autodiff.guards import index_ranges
+    from .autodiff.step import BUFFER, FROZEN
+    from .frontend.torch import import_torch_forward
+
+    with stage("import", progress):
+        training = {module: module.training for module in model.modules()}
+        model.eval()  # dropout off, BatchNorm on its running statistics: what inference computes
+        try:
+            imported = import_torch_forward(model, example_inputs, output)
+        finally:
+            for module, mode in training.items():
+                module.training = mode
+        if imported.mutated_buffers or imported.random_sites:
+            what = (f"changes buffers ({', '.join(imported.mutated_buffers[:5])})" if imported.mutated_buffers
+                    else "samples random numbers")
+            raise InputError(f"the model {what} when it runs in eval mode; an inference artifact computes the "
+                             "same output every call and changes no state. Make those modules deterministic in "
+                             "eval mode")
+        # BatchNorm on its running statistics, then LayerNorm as arithmetic, as a training step has it:
+        # the same kernels, and TVM's own layer_norm kernel takes only float32 and float16.
+        mod = relax.transform.DecomposeOpsForInference(FUNC_NAME)(imported.mod)
+        mod = relax.transform.DecomposeOpsForTraining(FUNC_NAME)(mod)
+        func = fold_broadcasts(FUNC_NAME)(mod)[FUNC_NAME]
+        step_mod = tvm.IRModule({STEP_FUNC: func.with_attr("global_symbol", STEP_FUNC)})
+        categories = {**{s.name: FROZEN for s in imported.params}, **{s.name: BUFFER for s in imported.buffers}}
+        signature = StepSignature(batch=list(imported.inputs), state=list(imported.params) + list(imported.buffers),
+                                  categories=categories, outputs=[], loss_dtype=str(func.ret_ty.fields[0].dtype),
+                                  index_ranges=index_ranges(func, [s.name for s in imported.inputs], imported.origin))
+    return Derived(imported, {}, step_mod, signature, {}, None)
+
+
 # ---------------------------------------------------------------------- patch-based prefix
 
 PATCH_GRIDS = (2, 3, 4)

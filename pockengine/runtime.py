@@ -537,12 +537,14 @@ class Program(CompiledStep):
             self._check_inputs_are_not_returned(outs)
         return outs
 
+    _CALLED_AS = "step()"  # what the batch's errors name
+
     def _batch_arrays(self, batch) -> list:
         """The batch as numpy arrays, checked against the compiled shapes and dtypes."""
         specs = self.signature.batch
         if len(batch) != len(specs):
             names = ", ".join(s.name for s in specs)
-            raise InputError(f"step() takes {len(specs)} arrays ({names}), got {len(batch)}")
+            raise InputError(f"{self._CALLED_AS} takes {len(specs)} arrays ({names}), got {len(batch)}")
         arrays = []
         for i, (x, spec) in enumerate(zip(batch, specs)):
             a = to_numpy(x)
@@ -596,6 +598,30 @@ class Program(CompiledStep):
 
     def _file_table(self) -> dict:
         return {"library": LIBRARY, "state": STATE}
+
+
+class InferenceProgram(Program):
+    """A compiled forward (pockengine.compile_inference) that runs in this process: call it on the
+    model's inputs for its output. Its weights are state as a training program's are: read them
+    with state_dict, replace them with load_state_dict (a fine-tuning program's state_dict), write
+    the artifact with export and load it again with pockengine.load."""
+
+    KIND = "inference"  # the manifest's "kind"
+    _CALLED_AS = "the program"
+
+    def __call__(self, *inputs, check: bool = True) -> np.ndarray:
+        """The model's output on `inputs` (arrays of the compiled shapes and dtypes), a new array.
+        With `check` (the default) inputs holding NaN or infinite values, or ids out of the range
+        an embedding or a gather accepts, are refused (NumericsError, InputError) before they run."""
+        arrays = self._batch_arrays(inputs)
+        if check:
+            self.check_batch(arrays, "the input")
+        return self._run(self._batch_tensors(arrays), self._state)[0].numpy()
+
+    def step(self, *batch, check: bool = True) -> float:
+        raise InputError("this is an inference program (pockengine.compile_inference): it trains nothing. Call it "
+                         "on the model's inputs, program(x), for the output; train with a program of "
+                         "pockengine.compile and load its state_dict() into this one")
 
 
 class DeviceProgram(CompiledStep):
@@ -696,7 +722,8 @@ def load(directory: str, threads: int | None = None) -> Program | DeviceProgram:
             raise ArtifactError(f"{lib_path} is missing: the artifact is incomplete; "
                                 "rebuild it with `pockengine build`")
         _check_library(lib_path, manifest)
-        program = Program(lib_path, signature, state, report, meta, threads=threads)
+        kind = InferenceProgram if manifest.get("kind") == InferenceProgram.KIND else Program
+        program = kind(lib_path, signature, state, report, meta, threads=threads)
     else:
         files = {name: os.path.join(directory, name) for key, name in manifest["files"].items() if key != "state"}
         program = DeviceProgram({name: path for name, path in files.items() if os.path.exists(path)}, signature, state,

@@ -60,14 +60,26 @@ def test_transfer_digits_int8_with_qas_trains_close_to_float(tmp_path):
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 
-def test_llama_finetune_example_learns_the_new_text():
-    """Stage 1 (full pretraining) and stage 2 (the last 2 blocks) at reduced size: the held-out loss
-    on the fine-tuning text falls. (LoRA's numerics: tests/test_transformers.py; at this size, with
-    20 pretraining steps, q/v adapters on a near-random model move the loss too little to test.)"""
+def test_llama_finetune_example_learns_the_new_text_and_deploys_it(tmp_path):
+    """Stage 1 (full pretraining), stage 2 (the last 2 blocks on an AWQ-W4 base) at reduced size:
+    the held-out loss on the fine-tuning text falls; stage 3's exported inference artifact computes
+    the fine-tuned model's logits and generates with them. (LoRA's numerics:
+    tests/test_transformers.py; at this size, with 20 pretraining steps, q/v adapters on a
+    near-random model move the loss too little to test.)"""
     example = load_example_module("examples/llama_finetune/train.py", "llama_finetune")
-    result = example.main(["--scheme", "last-2-blocks", "--pretrain-steps", "20", "--steps", "80"])
+    result = example.main(["--scheme", "last-2-blocks", "--base", "awq-w4", "--pretrain-steps", "20", "--steps", "80",
+                           "--export", str(tmp_path / "inference")])
     assert result["after"] < result["before"] - 0.5
     assert np.isfinite(result["losses"]).all()
+    assert type(result["finetuned"].model.layers[0].mlp.up_proj).__name__ == "W4Linear"
+    assert os.path.isfile(tmp_path / "inference" / "manifest.json")
+    window = torch.full((1, example.GENERATE_WINDOW), example.PAD, dtype=torch.int64)
+    prompt = example.encode("three plus four is")[:-1]
+    window[0, :len(prompt)] = torch.tensor(prompt)
+    with torch.no_grad():
+        expected = result["finetuned"](window).logits.numpy()
+    assert np.abs(result["deployed"](window) - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert result["generated"].startswith("three plus four is") and len(result["generated"]) > 18
     job = load_job(os.path.join(ROOT, "examples", "llama_finetune", "train.py"))  # what `pockengine build` compiles
     assert job.sparse_update is not None and job.example_inputs[0].shape == (4, 128)
 

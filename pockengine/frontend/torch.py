@@ -64,30 +64,66 @@ class _ForwardLoss(nn.Module):
         return self.loss_fn(self.model(*inputs), target)
 
 
+class _Forward(nn.Module):
+    """The graph an inference artifact exports: the user's model and `output`, which picks the
+    tensor to return from what the model returns."""
+
+    def __init__(self, model: nn.Module, output):
+        super().__init__()
+        self.model = model
+        self.output = output
+
+    def forward(self, *inputs):
+        return self.output(self.model(*inputs))
+
+
 def import_torch(model: nn.Module, example_inputs: tuple, example_targets, loss, seed: int = 0) -> ImportedModel:
     """Export `loss(model(*example_inputs), example_targets)` and import it as `forward_loss`;
     `seed` is the initial value of the random generator's seed (used when the model samples)."""
     loss_fn = resolve_loss(loss)
-    args = tuple(example_inputs) + (example_targets,)
-    try:
-        with warnings.catch_warnings():  # torch's own deprecation chatter from inside export
-            warnings.simplefilter("ignore", FutureWarning)
-            ep = torch.export.export(_ForwardLoss(model, loss_fn), args, strict=False)
-            _views_as_reshapes(ep)
-            _stop_gradients(ep)
-            # Core ATen decomposition: fewer distinct ops to differentiate, and PyTorch's own
-            # semantics for composite ops (cross_entropy's ignore_index/label_smoothing, attention).
-            ep = decompose(ep)
-    except Exception as e:  # torch raises many kinds; the user needs the message, not the type
-        raise FrontendError(
-            f"torch.export could not capture the model with its loss: {type(e).__name__}: {str(e)[:2000]}\n"
-            "Fix: the model's forward (and the loss) must be exportable with torch.export.export "
-            "(no data-dependent Python control flow; see torch.export's documentation)."
-        ) from e
+    ep = _export(_ForwardLoss(model, loss_fn), tuple(example_inputs) + (example_targets,), "the model with its loss")
     _check_loss_is_scalar(ep)
     imported = _Importer(ep, seed).run()
     imported.gradient_scales = _gradient_scales(model, {s.name for s in imported.params})
     return imported
+
+
+def import_torch_forward(model: nn.Module, example_inputs: tuple, output) -> ImportedModel:
+    """Export `output(model(*example_inputs))` and import it as `forward_loss` without a target:
+    (inputs..., params..., buffers...) -> (the output,). The model is exported as it is (an
+    inference build puts it in eval mode first)."""
+    ep = _export(_Forward(model, output or model_output), tuple(example_inputs), "the model")
+    _check_single_output(ep)
+    return _Importer(ep, has_target=False).run()
+
+
+def model_output(out):
+    """What an inference build returns by default: the model's tensor, or a transformers output's logits."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise FrontendError(f"the model returns a {type(out).__name__}, not a tensor; pass output= to pick the tensor "
+                        "the artifact returns, e.g. output=lambda out: out[0]")
+
+
+def _export(module: nn.Module, args: tuple, what: str):
+    try:
+        with warnings.catch_warnings():  # torch's own deprecation chatter from inside export
+            warnings.simplefilter("ignore", FutureWarning)
+            ep = torch.export.export(module, args, strict=False)
+            _views_as_reshapes(ep)
+            _stop_gradients(ep)
+            # Core ATen decomposition: fewer distinct ops to differentiate, and PyTorch's own
+            # semantics for composite ops (cross_entropy's ignore_index/label_smoothing, attention).
+            return decompose(ep)
+    except Exception as e:  # torch raises many kinds; the user needs the message, not the type
+        raise FrontendError(
+            f"torch.export could not capture {what}: {type(e).__name__}: {str(e)[:2000]}\n"
+            f"Fix: the model's forward{' (and the loss)' if 'loss' in what else ''} must be exportable with "
+            "torch.export.export (no data-dependent Python control flow; see torch.export's documentation)."
+        ) from e
 
 
 def _gradient_scales(model: nn.Module, params: set) -> dict:
@@ -174,14 +210,27 @@ def _stop_gradients(ep) -> None:
         ep.graph_module.recompile()
 
 
-def _check_loss_is_scalar(ep) -> None:
+def _user_outputs(ep) -> list:
+    """The values (fake tensors, or None) of the exported program's user outputs."""
     outputs = [s for s in ep.graph_signature.output_specs
                if s.kind == torch.export.graph_signature.OutputKind.USER_OUTPUT]
     out_node = next(n for n in ep.graph.nodes if n.op == "output")
     by_name = {n.name: n for n in out_node.args[0] if isinstance(n, torch.fx.Node)}
-    if len(outputs) != 1:
-        raise LossError(f"the loss must return one tensor, it returned {len(outputs)} values")
-    val = by_name[outputs[0].arg.name].meta.get("val")
+    return [by_name[s.arg.name].meta.get("val") if s.arg.name in by_name else None for s in outputs]
+
+
+def _check_single_output(ep) -> None:
+    values = _user_outputs(ep)
+    if len(values) != 1 or not isinstance(values[0], torch.Tensor):
+        raise FrontendError(f"the model's output (after output=) must be one tensor, it is {len(values)} value(s); "
+                            "pass output=lambda out: out.logits (or the tensor you want) to pick one")
+
+
+def _check_loss_is_scalar(ep) -> None:
+    values = _user_outputs(ep)
+    if len(values) != 1:
+        raise LossError(f"the loss must return one tensor, it returned {len(values)} values")
+    val = values[0]
     if val is None or tuple(val.shape) != ():
         shape = None if val is None else tuple(val.shape)
         raise LossError(
@@ -215,11 +264,12 @@ def node_origin(node) -> Origin:
 class _Importer:
     """One import of one ExportedProgram."""
 
-    def __init__(self, ep, seed: int = 0):
+    def __init__(self, ep, seed: int = 0, has_target: bool = True):
         from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
         self.ep = ep
         self.seed = seed
+        self.has_target = has_target  # the last input is the loss's target (a training import)
         self.imp = ExportedProgramImporter()
         self.imp.update_convert_map(CONVERTERS)
 
@@ -264,8 +314,10 @@ class _Importer:
             else:  # lifted tensor constants are folded into the graph
                 constants[spec.arg.name] = ep.constants[spec.target]
         n_inputs = len(inputs)
-        inputs = [TensorSpec(f"input{i}" if n_inputs > 2 else "x", s.shape, s.dtype)
-                  for i, s in enumerate(inputs[:-1])] + [TensorSpec("target", inputs[-1].shape, inputs[-1].dtype)]
+        model_inputs, targets = (inputs[:-1], inputs[-1:]) if self.has_target else (inputs, [])
+        inputs = ([TensorSpec(f"input{i}" if len(model_inputs) > 1 else "x", s.shape, s.dtype)
+                   for i, s in enumerate(model_inputs)]
+                  + [TensorSpec("target", s.shape, s.dtype) for s in targets])
         user_var_list = list(user_vars.values())
 
         bb = imp.block_builder = _InputDtypeBlockBuilder()
