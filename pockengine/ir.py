@@ -176,6 +176,10 @@ AS_WRITTEN_ON_CPUS = "pockengine.as_written_on_cpus"
 # matmul's panels, one cache block at a time; inline_elementwise leaves it for that.
 PANEL_OPERAND = "pockengine.panel_operand"
 
+# A block annotation: an int8 dot product in the form of AVX-512 VNNI's vpdpbusd (frontend/w8_ops.py),
+# its value the register tile [rows, vectors]; passes/schedule_int8_dot.py tiles and tensorizes it.
+INT8_DOT = "pockengine.int8_dot"
+
 
 def map_kernels(mod, rewrite, include_scheduled: bool = False, named: bool = False):
     """A copy of `mod` where each TIR kernel not yet scheduled (see is_scheduled) is replaced by
@@ -196,6 +200,18 @@ def map_kernels(mod, rewrite, include_scheduled: bool = False, named: bool = Fal
     for gv, func in updates.items():
         mod[gv] = func
     return mod
+
+
+def with_new_params(mod, func_name: str, new_params: dict, rewriter):
+    """`mod` with the parameters of function `func_name` in `new_params` ({old Var: new Var})
+    replaced and its body rewritten by `rewriter` (a relax.PyExprMutator of `mod` whose rewrites
+    read the new ones)."""
+    func = mod[func_name]
+    body = rewriter.visit_expr(func.body)
+    params = [new_params.get(p, p) for p in func.params]
+    rewriter.builder_.update_func(mod.get_global_var(func_name),
+                                  relax.Function(params, body, func.ret_ty, attrs=func.attrs))
+    return rewriter.builder_.get()
 
 
 def static_shape(expr) -> list[int]:

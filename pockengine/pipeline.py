@@ -5,7 +5,8 @@
               (autodiff/step.py), chunk_linear_log_prob, fuse_variance, drop_saved_activations, reorder_updates,
               patch_prefix (when asked: a frozen prefix of the forward run patch by patch)
     switch    switch_backend: heavy ops measured faster as library kernels (host, --backend auto|library)
-    pack      transposed_matmuls, pack_frozen_weights (families whose kernels are schedule_cpu's)
+    pack      transposed_matmuls, pack_frozen_weights, interleave_int8_weights (families whose kernels are
+              schedule_cpu's)
     fuse      the family's library dispatch (TVM's), legalize_ops + TVM's fusion, drop_unit_reductions
     records   tuning logs: MetaSchedule records replace the kernels they match (tuning/database.py)
     schedule  the family's default schedules for the rest, then what every kernel gets (fast_math on CPUs)
@@ -39,6 +40,7 @@ from .analysis.memory_timeline import timeline
 from .autodiff.step import STEP_FUNC, StepSignature, build_train_step
 from .errors import InputError, InternalCompilerError, PockEngineError, UnsupportedOpError
 from .frontend import FUNC_NAME, quantized_ops
+from .frontend.w8_ops import has_int8_dot
 from .ir import static_shape
 from .passes.chunk_linear_log_prob import chunk_linear_log_prob
 from .passes.drop_saved_activations import drop_saved_activations
@@ -46,6 +48,7 @@ from .passes.drop_unit_reductions import drop_unit_reductions
 from .passes.fold_broadcasts import fold_broadcasts
 from .passes.fuse_linear_log_prob import fuse_linear_log_prob
 from .passes.fuse_variance import fuse_variance
+from .passes.interleave_int8_weights import int8_dot_weights, interleave_int8_weights
 from .passes.legalize_ops import legalize_and_fuse
 from .passes.narrow_quantized import narrow_quantized, narrowable_weights
 from .passes.pack_frozen_weights import pack_frozen_weights, panel_widths
@@ -64,9 +67,9 @@ from .tuning.database import TuningReport, apply_database, apply_logs
 # Our passes in the order they run (a family's schedule phase in its place); README's table follows it.
 PASSES = ("fold_broadcasts", "fuse_linear_log_prob", "prune_backward", "chunk_linear_log_prob", "fuse_variance",
           "drop_saved_activations", "reorder_updates", "narrow_quantized", "patch_prefix", "switch_backend",
-          "transposed_matmuls", "pack_frozen_weights", "legalize_ops", "drop_unit_reductions", "(tuning logs)",
-          "inline_elementwise", "schedule_cpu", "fast_math", "recompute_expansions", "schedule_reductions",
-          "update_in_place", "plan_arena")
+          "transposed_matmuls", "pack_frozen_weights", "interleave_int8_weights", "legalize_ops",
+          "drop_unit_reductions", "(tuning logs)", "schedule_int8_dot", "inline_elementwise", "schedule_cpu",
+          "fast_math", "recompute_expansions", "schedule_reductions", "update_in_place", "plan_arena")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,14 +398,19 @@ def patched_step(step_mod, signature: StepSignature, origin: dict, patches):
 
 def with_packed_weights(step_mod, signature: StepSignature, preset, lowering: Lowering):
     """The step with its forward-only frozen weights held as the panels its CPU matmuls read
-    (passes/pack_frozen_weights.py) and the signature that says so; unchanged for a family whose
-    kernels are not schedule_cpu's."""
+    (passes/pack_frozen_weights.py), and its W8A8 layers' frozen int8 weights in the VNNI dot
+    product's layout where the CPU has it (passes/interleave_int8_weights.py), and the signature
+    that says so; unchanged for a family whose kernels are not schedule_cpu's."""
     if not lowering.packs_frozen_weights:
         return step_mod, signature
     step_mod = transposed_matmuls()(step_mod)
     widths = panel_widths(step_mod[STEP_FUNC], signature, preset.vector_lanes(32), preset.cores,
                           preset.vector_registers)
-    return pack_frozen_weights(widths, signature, STEP_FUNC)(step_mod), signature.with_packed(widths)
+    step_mod, signature = pack_frozen_weights(widths, signature, STEP_FUNC)(step_mod), signature.with_packed(widths)
+    if not has_int8_dot(preset.target()):
+        return step_mod, signature
+    layouts = int8_dot_weights(step_mod[STEP_FUNC], signature)
+    return interleave_int8_weights(layouts, signature, STEP_FUNC)(step_mod), signature.with_layouts(layouts)
 
 
 def fusion_passes(lowering: Lowering, target) -> list:

@@ -3,6 +3,7 @@ references written here, the compiled int8 matmul bit for bit against the intege
 layers quantize their activations, and training on such a base against PyTorch (float64, 1e-9)."""
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -13,12 +14,13 @@ from tvm import relax
 
 import pockengine as pe
 from conftest import FAST_HOST, max_scaled_diff, train_torch
+from pockengine import pipeline
 from pockengine import smoothquant as sq
+from pockengine.autodiff.step import Int8DotLayout
 from pockengine.errors import JobError
 from pockengine.frontend import w8_ops
-from pockengine.passes.inline_elementwise import inline_elementwise
-from pockengine.passes.schedule_cpu import schedule_cpu
 from pockengine.targets import resolve
+from pockengine.targets.host import CPU_LOWERING
 
 transformers = pytest.importorskip("transformers")
 from test_transformers import causal_lm_loss, llama, llama_in_input_dtype, lm_batches  # noqa: E402, F401
@@ -46,46 +48,73 @@ def test_int8_formats_are_symmetric_and_round_halves_away():
     assert sq.quantize_tokens(x).tolist() == [[127, -64, 32], [0, 0, 0]]  # -63.5 -> -64; a zero row stays zero
 
 
-def compiled(op_builder, *arrays, scheduled=True):
-    """Build one call of a Relax operator for the host (legalized, then scheduled as the step's
-    kernels are) and run it on `arrays`."""
+# A host target without AVX-512 VNNI (this machine runs its code): w8a8_matmul's plain int32 form.
+WITHOUT_VNNI = {"kind": "llvm", "mcpu": "haswell", "num-cores": os.cpu_count() or 1}
+
+
+def compiled(op_builder, *arrays, scheduled=True, target="host"):
+    """Build one call of a Relax operator for a host target (legalized and fused, then scheduled,
+    as the step's kernels are: pipeline.kernels) and run it on `arrays`."""
     bb = relax.BlockBuilder()
     params = [relax.Var(f"a{i}", relax.TensorType(a.shape, str(a.dtype))) for i, a in enumerate(arrays)]
     with bb.function("main", params):
         with bb.dataflow():
             out = bb.emit_output(op_builder(*params))
         bb.emit_func_output(out)
-    mod = relax.transform.LegalizeOps()(bb.get())
-    preset = resolve("host")
-    lanes = preset.vector_lanes(arrays[0].dtype.itemsize * 8)
+    preset = resolve(target)
     if scheduled:
-        mod = inline_elementwise(lanes, preset.vector_registers)(mod)
-        mod = schedule_cpu(lanes, preset.cores, preset.vector_registers)(mod)
+        mod = pipeline.kernels(bb.get(), preset, CPU_LOWERING)
+    else:
+        with preset.target():
+            mod = tvm.transform.Sequential(pipeline.fusion_passes(CPU_LOWERING, preset.target()))(bb.get())
     vm = relax.VirtualMachine(tvm.compile(mod, target=preset.target()), tvm.cpu())
     return vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
 
 
-@pytest.mark.parametrize("scheduled", [False, True])
-def test_compiled_w8a8_matmul_is_the_integer_reference_bit_for_bit(scheduled):
-    """float32, a batch of sequences, an all-zero token and values exactly halfway between levels:
-    the int32 sums and the scaling, as the torch operator computes them."""
+@pytest.mark.parametrize("shape", [(2, 5, 48), (37, 50)])
+@pytest.mark.parametrize("target, scheduled", [("host", False), ("host", True), (WITHOUT_VNNI, True)])
+def test_compiled_w8a8_matmul_is_the_integer_reference_bit_for_bit(shape, target, scheduled):
+    """float32, sequences and a flat batch whose rows, depth and outputs fill no tile, an all-zero
+    token and values exactly halfway between levels: the int32 sums and the scaling, as the torch
+    operator computes them, with AVX-512 VNNI's form of the sums (this machine's host) and without."""
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((2, 5, 48)).astype("float32")
-    x[0, 1] = 0.0
-    x[1, 2, :2] = [127.0, 0.5]  # 0.5 / (127 / 127) = 0.5 exactly: rounds to 1
-    weight = rng.integers(-127, 128, (24, 48)).astype("int8")
-    scales = (rng.random(24) * 0.01 + 1e-3).astype("float32")
-    ours = compiled(w8_ops.w8a8_matmul, x, weight, scales, scheduled=scheduled)
+    x = rng.standard_normal(shape).astype("float32")
+    rows = x.reshape(-1, shape[-1])
+    rows[1] = 0.0
+    rows[2, :2] = [127.0, 0.5]  # 0.5 / (127 / 127) = 0.5 exactly: rounds to 1
+    outputs = 24 if len(shape) == 3 else 40
+    weight = rng.integers(-127, 128, (outputs, shape[-1])).astype("int8")
+    scales = (rng.random(outputs) * 0.01 + 1e-3).astype("float32")
+    ours = compiled(w8_ops.w8a8_matmul, x, weight, scales, scheduled=scheduled, target=target)
     # the integer reference: the sums in int64, then the same float32 scaling
     s_t = np.maximum(np.abs(x).max(-1, keepdims=True), np.float32(1e-5)) / np.float32(127)
     q_x = np.clip(np.trunc(x / s_t) + np.where(np.abs(x / s_t - np.trunc(x / s_t)) >= 0.5, np.sign(x / s_t), 0),
                   -127, 127).astype(np.int64)
-    assert q_x[1, 2, 1] == 1
+    assert q_x.reshape(-1, shape[-1])[2, 1] == 1
     acc = q_x @ weight.astype(np.int64).T
     expected = acc.astype(np.float32) * s_t * scales
     assert np.array_equal(ours, expected)
     torch_op = sq.w8a8_matmul_op(torch.tensor(x), torch.tensor(weight), torch.tensor(scales)).numpy()
     assert np.array_equal(torch_op, expected)
+
+
+def test_the_host_computes_w8a8_sums_with_vnni_instructions():
+    """On this machine (AVX-512 VNNI) the step's int8 sums are vpdpbusd instructions, tiled and
+    tensorized (passes/schedule_int8_dot.py), not int32 multiplies."""
+    preset = resolve("host")
+    if not w8_ops.has_int8_dot(preset.target()):
+        pytest.skip("this machine's CPU has no AVX-512 VNNI")
+    x = relax.Var("x", relax.TensorType((64, 96), "float32"))
+    weight = relax.Var("w", relax.TensorType((64, 96), "int8"))
+    scales = relax.Var("s", relax.TensorType((64,), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, weight, scales]):
+        with bb.dataflow():
+            out = bb.emit_output(w8_ops.w8a8_matmul(x, weight, scales))
+        bb.emit_func_output(out)
+    mod = pipeline.kernels(bb.get(), preset, CPU_LOWERING)
+    dots = [f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "vpdpbusd" in f.script()]
+    assert len(dots) == 1 and dots[0].attrs["tirx.is_scheduled"]
 
 
 def test_compiled_w8_matmul_and_its_data_gradient_match_pytorch_on_the_dequantized_weight():
@@ -155,16 +184,22 @@ def test_layers_before_the_first_trained_one_quantize_their_activations():
 
 
 @pytest.mark.usefixtures("llama_in_input_dtype")
-def test_last_block_on_a_smoothquant_llama_trains_like_pytorch():
+@pytest.mark.parametrize("target", ["fast host", "host"])
+def test_last_block_on_a_smoothquant_llama_trains_like_pytorch(target, tmp_path):
     """Block 0 W8A8 (its activations rounded per token), block 1 trained in float, the tied head
-    frozen float; PyTorch trains the same module (its straight-through W8A8 operator), float64."""
+    frozen float; PyTorch trains the same module (its straight-through W8A8 operator), float64.
+    "host" is this machine's CPU: with AVX-512 VNNI, block 0's int8 weights are held in the dot
+    product's layout (interleave_int8_weights) and its sums are vpdpbusd instructions."""
     model = llama(torch.float64)
     batches = lm_batches(4)
     scheme = pe.SparseUpdate.last_blocks(1)
     base = pe.quantize.smoothquant(model, [ids for ids, _ in batches[:2]], sparse_update=scheme)
     job = pe.TrainingJob(copy.deepcopy(base), (batches[0][0],), batches[0][1], causal_lm_loss,
                          pe.optim.AdamW(lr=1e-3), sparse_update=scheme)
-    program = pe.compile(job, target=FAST_HOST)
+    program = pe.compile(job, target=FAST_HOST if target == "fast host" else target)
+    interleaved = [name for name, layout in program.signature.packed.items() if isinstance(layout, Int8DotLayout)]
+    vnni = target == "host" and w8_ops.has_int8_dot(resolve("host").target())
+    assert len(interleaved) == (7 if vnni else 0)  # block 0's q, k, v, o, gate, up, down
     ours = [program.step(x, y) for x, y in batches]
     reference = copy.deepcopy(base)
     pe.sparse.apply_to_torch(reference, program.plan)
@@ -174,6 +209,9 @@ def test_last_block_on_a_smoothquant_llama_trains_like_pytorch():
     worst, where = max_scaled_diff({k: state[k] for k in reference.state_dict()}, reference.state_dict())
     assert worst <= 1e-9, f"{where} differs by {worst:.3g}"
     assert state["model.layers.0.mlp.up_proj.weight_int8"].dtype == np.int8
+    loaded = pe.load(program.export(str(tmp_path / "artifact")))
+    assert loaded.signature.packed == program.signature.packed
+    assert all(np.array_equal(v, state[k]) for k, v in loaded.state_dict().items())
 
 
 def test_a_w8_layer_the_backward_passes_through_trains_like_its_dequantized_linear():

@@ -51,6 +51,8 @@ def call_flops(call) -> int:
 def _weight_shape(call) -> list[int]:
     """[N, K] of the weight a quantized-weight matmul multiplies by (a packed 4-bit weight holds
     two values a byte: K is x's or dx's last axis)."""
+    if call.op.name == w8_ops.W8A8_MATMUL_INT8_DOT:  # its weight interleaved and padded: N scales, x's K
+        return [static_shape(call.args[2])[0], static_shape(call.args[0])[-1]]
     if call.op.name in w8_ops.OPS:
         return static_shape(call.args[1])
     rows = static_shape(call.args[1])[0]

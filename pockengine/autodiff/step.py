@@ -24,7 +24,7 @@ import tvm
 from tvm import relax
 
 from ..errors import JobError, LossError, UnsupportedOpError
-from ..frontend import FUNC_NAME, RNG_SEED, ImportedModel, TensorSpec
+from ..frontend import FUNC_NAME, RNG_SEED, ImportedModel, TensorSpec, w8_ops
 from ..ir import Substitute, bindings_of, bound_values, inline_body
 from ..optim import LR, STEP, UPDATE_PREFIX, Optimizer, _Emitter
 from ..sparse import FROZEN as FROZEN_RULE
@@ -87,6 +87,9 @@ class Panels:
         panels, depth, width = array.shape
         return np.ascontiguousarray(np.asarray(array).transpose(0, 2, 1).reshape(panels * width, depth))
 
+    def to_json(self) -> int:
+        return self.width
+
     def model_shape(self, shape) -> tuple:
         panels, depth, width = shape
         return (panels * width, depth)
@@ -94,6 +97,42 @@ class Panels:
     def packed_shape(self, shape) -> tuple:
         rows, depth = shape
         return (rows // self.width, depth, self.width)
+
+
+@dataclass(frozen=True)
+class Int8DotLayout:
+    """A frozen int8 weight W[N, K] of a W8A8 layer held as `[N' / 16, K' / 4, 16, 4]`, the layout
+    AVX-512 VNNI's dot product reads (frontend/w8_ops.py, passes/interleave_int8_weights.py): N
+    padded to N' (a multiple of 32) and K to K' (of 4) with zeros, made when the state is loaded;
+    state_dict() unmakes it."""
+
+    rows: int
+    depth: int
+
+    def packed_shape(self, shape=None) -> tuple:
+        return w8_ops.interleaved_shape(self.rows, self.depth)
+
+    def model_shape(self, shape=None) -> tuple:
+        return (self.rows, self.depth)
+
+    def pack(self, array: np.ndarray) -> np.ndarray:
+        blocks, quads, lanes, quad = self.packed_shape()
+        padded = np.zeros((blocks * lanes, quads * quad), dtype=np.asarray(array).dtype)
+        padded[:self.rows, :self.depth] = array
+        return np.ascontiguousarray(padded.reshape(blocks, lanes, quads, quad).transpose(0, 2, 1, 3))
+
+    def unpack(self, array: np.ndarray) -> np.ndarray:
+        blocks, quads, lanes, quad = array.shape
+        whole = np.asarray(array).transpose(0, 2, 1, 3).reshape(blocks * lanes, quads * quad)
+        return np.ascontiguousarray(whole[:self.rows, :self.depth])
+
+    def to_json(self) -> dict:
+        return {"layout": "int8_dot", "rows": self.rows, "depth": self.depth}
+
+
+def packed_layout_from_json(value):
+    """A StepSignature.packed entry from its JSON: a panel width, or a layout's dict."""
+    return Int8DotLayout(int(value["rows"]), int(value["depth"])) if isinstance(value, dict) else Panels(int(value))
 
 
 @dataclass
@@ -107,7 +146,7 @@ class StepSignature:
     loss_dtype: str
     # Partially trained parameters (model names) -> the two state tensors they are split into.
     partial: dict = field(default_factory=dict)
-    # Frozen weights the step reads as matmul panels (state name -> Panels).
+    # Frozen weights the step reads in a matmul's layout (state name -> Panels or Int8DotLayout).
     packed: dict = field(default_factory=dict)
     # Integer batch inputs used as indices and the values they may take (guards.IndexRange).
     index_ranges: list = field(default_factory=list)
@@ -145,10 +184,13 @@ class StepSignature:
 
     def with_packed(self, widths: dict) -> StepSignature:
         """This signature with the state tensors of `widths` ({name: panel width}) held as Panels."""
-        panels = {name: Panels(width) for name, width in widths.items()}
-        state = [TensorSpec(s.name, panels[s.name].packed_shape(s.shape), s.dtype) if s.name in panels else s
+        return self.with_layouts({name: Panels(width) for name, width in widths.items()})
+
+    def with_layouts(self, layouts: dict) -> StepSignature:
+        """This signature with the state tensors of `layouts` ({name: Panels or Int8DotLayout}) held so."""
+        state = [TensorSpec(s.name, layouts[s.name].packed_shape(s.shape), s.dtype) if s.name in layouts else s
                  for s in self.state]
-        return replace(self, state=state, packed={**self.packed, **panels})
+        return replace(self, state=state, packed={**self.packed, **layouts})
 
     def with_state_dtypes(self, dtypes: dict) -> StepSignature:
         """This signature with the state tensors of `dtypes` ({name: dtype}) stored in that dtype
@@ -163,7 +205,7 @@ class StepSignature:
             "outputs": ["loss"] + self.outputs,
             "loss_dtype": self.loss_dtype,
             "partial": {k: vars(v) for k, v in self.partial.items()},
-            "packed": {k: v.width for k, v in self.packed.items()},
+            "packed": {k: v.to_json() for k, v in self.packed.items()},
             "index_ranges": [r.to_json() for r in self.index_ranges],
             "checks_in_step": self.checks_in_step,
         }
@@ -177,7 +219,7 @@ class StepSignature:
             outputs=list(d["outputs"][1:]),
             loss_dtype=d["loss_dtype"],
             partial={k: SplitWeight(**v) for k, v in d.get("partial", {}).items()},
-            packed={k: Panels(v) for k, v in d.get("packed", {}).items()},
+            packed={k: packed_layout_from_json(v) for k, v in d.get("packed", {}).items()},
             index_ranges=[IndexRange.from_json(r) for r in d.get("index_ranges", [])],
             checks_in_step=bool(d.get("checks_in_step", False)),
         )

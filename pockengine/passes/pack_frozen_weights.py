@@ -27,7 +27,7 @@ import tvm
 from tvm import relax, te
 
 from ..autodiff.step import FROZEN, Panels, StepSignature
-from ..ir import bindings_of, op_name
+from ..ir import bindings_of, op_name, with_new_params
 from .schedule_cpu import column_panel_width
 from .transposed_matmuls import MATMUL_NT
 
@@ -87,12 +87,9 @@ def pack_frozen_weights(widths: dict, signature: StepSignature, func_name: str) 
                 width = widths[spec.name]
                 shape = Panels(width).packed_shape(tuple(int(d) for d in param.ty.shape))
                 packed[param] = (relax.Var(param.name, relax.TensorType(shape, param.ty.dtype)), width)
-        rewriter = _Rewriter(mod, packed)
-        body = rewriter.visit_expr(func.body)
-        params = [packed[p][0] if p in packed else p for p in func.params]
-        rewriter.builder_.update_func(mod.get_global_var(func_name), relax.Function(params, body, func.ret_ty,
-                                                                                     attrs=func.attrs))
-        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+        new_params = {param: panels for param, (panels, _) in packed.items()}
+        mod = with_new_params(mod, func_name, new_params, _Rewriter(mod, packed))
+        return relax.transform.DeadCodeElimination()(mod)
 
     return transform
 

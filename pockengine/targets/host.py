@@ -23,6 +23,7 @@ from ..ir import static_shape, without_kernel_argument_checks
 from ..passes.fast_math import fast_math
 from ..passes.inline_elementwise import inline_elementwise
 from ..passes.schedule_cpu import schedule_cpu
+from ..passes.schedule_int8_dot import schedule_int8_dot
 from ..passes.switch_backend import MODES, Choice, heavy_ops, library_kernels
 from ..timing import median_ms
 from ..tuning.database import open_logs
@@ -42,9 +43,10 @@ def _cpu_dataflow(target) -> list:
 
 
 def _cpu_schedules(preset, _target, _notes) -> list:
-    """The default schedule of every fused kernel not tuned (one loop nest, threads and vectors)."""
+    """The default schedule of every fused kernel not tuned: int8 dot products as VNNI instructions,
+    the rest one loop nest with threads and vectors."""
     lanes = preset.vector_lanes(32)
-    return [inline_elementwise(lanes, preset.vector_registers),
+    return [schedule_int8_dot(preset.cores), inline_elementwise(lanes, preset.vector_registers),
             schedule_cpu(lanes, preset.cores, preset.vector_registers)]
 
 

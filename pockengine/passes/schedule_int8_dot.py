@@ -1,0 +1,120 @@
+"""schedule_int8_dot: the int8 dot products of W8A8 layers (ir.INT8_DOT blocks, frontend/w8_ops.py)
+as AVX-512 VNNI instructions, in register tiles on every core.
+
+The block computes sums[r, no, ni] = sum over (ko, ki) of uint8 tokens[r, 4 ko + ki] times int8
+weight[no, ko, ni, ki]: its (ni, ki) loops are exactly one `vpdpbusd` (16 int32 sums, each adding
+four byte products). The schedule:
+  * splits the rows and the vectors into the register tile the legalization chose (rows x vectors
+    of sums, which it padded the matmul to), the reduction over ko outside the tile: each step of
+    ko loads the tile's weight vectors once and broadcasts each row's four bytes once;
+  * orders the tiles column block first, so a block's weights (vectors x 16 rows of the weight, the
+    whole depth) stay in cache while every row tile passes over them, and runs them on all cores;
+  * tensorizes (ni, ki) with our own vpdpbusd intrinsic (TVM's passes the byte operands as 16 x
+    int32, which this LLVM's signature refuses);
+  * computes the epilogue (the offset's correction and the scales, fused into the kernel) inside
+    the same column block, vectorized, while the sums are in cache.
+The kernel is then marked scheduled: the generic CPU schedules leave it alone. A kernel TVM refuses
+to schedule so is left to them (its loops are still the same integers).
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir
+from tvm.script import tirx as T
+
+from ..frontend.w8_ops import has_int8_dot
+from ..ir import INT8_DOT, kernel_schedule, map_kernels
+
+VNNI_DOT = "pockengine_vnni_dot_16x4"
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x4_description(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),
+                          c: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(c[0:16], a[0:4], b[0:16, 0:4])
+        T.writes(c[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x4_vnni(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),
+                   c: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(c[0:16], a[0:4], b[0:16, 0:4])
+        T.writes(c[0:16])
+        four_bytes = T.reinterpret(a.vload([0], "uint8x4"), dtype="int32")
+        c[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), c.vload([0], dtype="int32x16"),
+            T.reinterpret(T.broadcast(four_bytes, 16), dtype="int8x64"), b.vload([0, 0], dtype="int8x64"),
+            dtype="int32x16")
+
+
+if s_tir.TensorIntrin.get(VNNI_DOT, allow_missing=True) is None:
+    s_tir.TensorIntrin.register(VNNI_DOT, _dot_16x4_description, _dot_16x4_vnni)
+
+
+def schedule_int8_dot(cores: int) -> tvm.transform.Pass:
+    @tvm.transform.module_pass(opt_level=0, name="ScheduleInt8Dot")
+    def transform(mod, _ctx):
+        if not has_int8_dot():  # the current target's (w8_ops makes INT8_DOT blocks only for VNNI targets)
+            return mod
+        return map_kernels(mod, lambda func: schedule_kernel(func, cores))
+
+    return transform
+
+
+def schedule_kernel(func, cores: int):
+    sch = kernel_schedule(func)
+    try:
+        dots = [block for block in sch.get_child_blocks(sch.get_sblock("root"))
+                if INT8_DOT in sch.get(block).annotations]
+    except s_tir.schedule.ScheduleError:  # not a block-structured kernel
+        return None
+    if len(dots) != 1:
+        return None
+    dot = dots[0]
+    rows, vectors = (int(v) for v in sch.get(dot).annotations[INT8_DOT])
+    try:
+        consumers = sch.get_consumers(dot)  # the epilogue, when fused (tensorizing replaces the block)
+        row, column, lane, depth, quad = sch.get_loops(dot)
+        row_tiles, tile_row = sch.split(row, [None, rows])
+        column_blocks, tile_vector = sch.split(column, [None, vectors])
+        sch.reorder(column_blocks, row_tiles, depth, tile_row, tile_vector, lane, quad)
+        # In parallel before tensorizing (TVM refuses it over the tensorized block).
+        shared = _extent(sch, column_blocks) < cores  # too few column blocks: the row tiles share them
+        outer = sch.fuse(column_blocks, row_tiles) if shared else column_blocks
+        sch.parallel(outer)
+        init = sch.decompose_reduction(dot, depth)
+        sch.tensorize(lane, VNNI_DOT)
+        sch.unroll(tile_row)
+        sch.unroll(tile_vector)
+        sch.vectorize(sch.get_loops(init)[-1])
+        for consumer in consumers:
+            if shared:  # the epilogue runs after, on its own
+                sch.parallel(sch.get_loops(consumer)[0])
+            else:  # inside each column block, while its sums are in cache
+                sch.reverse_compute_at(consumer, outer)
+            _vectorize_innermost(sch, consumer)
+    except s_tir.schedule.ScheduleError:
+        return None
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _vectorize_innermost(sch, block) -> None:
+    loops = sch.get_loops(block)
+    if loops:
+        try:
+            sch.vectorize(loops[-1])
+        except s_tir.schedule.ScheduleError:
+            pass  # a loop TVM will not vectorize (a tail): it runs as a loop
+
+
+def _extent(sch, loop) -> int:
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tvm.tirx.IntImm) else 0
