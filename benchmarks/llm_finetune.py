@@ -20,7 +20,10 @@ same parameters frozen (LoRA: the same adapters) timed in fresh processes under 
 and PASSIVE and credited with the faster (see pockengine/bench.py; --small: unset only); tokens/s =
 batch x sequence / median step time. Memory: our planned peak (state, new state, arena, kernel
 workspace) and PyTorch's live tensors at the step's peak on top of its parameters, gradients and
-optimizer state (sparse_memory.py's count). Compile: seconds of `pe.compile`, cold.
+optimizer state (sparse_memory.py's count); and measured, each side's peak resident memory in a
+fresh process (ours: loading the exported artifact and training 3 steps with the TVM runtime;
+PyTorch's: building the job and timing its steps; both with their libraries). Compile: seconds of
+`pe.compile`, cold.
 
 Bases (--base, repeatable): float32 (default), and awq-w4: every frozen linear but the tied head in
 AWQ's 4-bit format (`pe.quantize.awq(..., sparse_update=scheme)`: a scheme's trained linears stay
@@ -200,6 +203,10 @@ def main(argv=None) -> list:
             row[f"{backend} compile stages"] = stages
             row[f"{backend} ms"] = program.time_step(*job.example_inputs, job.example_targets, repeats=args.repeats)
             row[f"{backend} MiB"] = program.memory_report().peak_bytes / 2**20
+            if backend == backends[0]:
+                print(f"[{scheme}] measuring the artifact's resident memory (a fresh process) ...", file=sys.stderr,
+                      flush=True)
+                row["ours RSS MiB"] = bench.runtime_peak_rss(program)
             plan = program.plan
             del program
         print(f"[{scheme}] {', '.join(peers)} (fresh processes) ...", file=sys.stderr, flush=True)
@@ -208,7 +215,7 @@ def main(argv=None) -> list:
             args.repeats, policies=(None,) if args.small else None, plan=plan)
         row.update({"trained": trained_values(job, plan), "eager ms": peer["eager"],
                     "eager policy": peer["eager wait policy"], "policies tried": peer["peer wait policies"],
-                    "torch.compile ms": peer.get("torch.compile"),
+                    "torch.compile ms": peer.get("torch.compile"), "eager RSS MiB": peer[bench.PEAK_RSS],
                     "eager MiB": torch_peak_bytes(make_job(scheme, size, args.model, base), plan) / 2**20})
         # The first backend's figures are "ours" (the default build).
         row.update({"ours ms": row[f"{backends[0]} ms"], "ours MiB": row[f"{backends[0]} MiB"],
@@ -224,7 +231,8 @@ def main(argv=None) -> list:
             print(f"{r['scheme']} on the {r['base']} base: our peak {r['ours MiB']:.1f} MiB = 1/"
                   f"{on_float['eager MiB'] / r['ours MiB']:.2f} of PyTorch's on the float32 base "
                   f"({on_float['eager MiB']:.1f} MiB); {tokens / r['ours ms'] * 1e3:,.0f} tokens/s against its "
-                  f"{tokens / on_float['eager ms'] * 1e3:,.0f}")
+                  f"{tokens / on_float['eager ms'] * 1e3:,.0f}; measured resident memory {r['ours RSS MiB']:.0f} MiB "
+                  f"= 1/{on_float['eager RSS MiB'] / r['ours RSS MiB']:.2f} of its {on_float['eager RSS MiB']:.0f} MiB")
     for r in rows:
         for backend in backends:
             stages = ", ".join(f"{name} {seconds:.1f}" for name, seconds in r[f"{backend} compile stages"].items())
@@ -232,7 +240,9 @@ def main(argv=None) -> list:
     tried = " / ".join(sorted({r["policies tried"] for r in rows}))  # what the peers were timed under
     print(f"speed-up = our tokens/s over PyTorch eager's with the same trainable set (its faster OpenMP wait policy "
           f"of {tried}: "
-          + ", ".join(f"{r['scheme']} {r['eager policy']}" for r in rows) + "); memory = PyTorch's bytes over ours; "
+          + ", ".join(f"{r['scheme']} {r['eager policy']}" for r in rows) + "); memory = PyTorch's bytes over ours "
+          "(planned; RSS = measured peak resident memory of a fresh process: ours loading the exported artifact and "
+          "training 3 steps, PyTorch's building the job and timing its steps); "
           f"vs eager full = our tokens/s over PyTorch's full fine-tuning. Anchor: PockEngine {ANCHOR}x (LLaMA2-7B, "
           "Jetson AGX Orin); goal here: 2x for the sparse schemes.")
     return rows
@@ -244,7 +254,7 @@ def table(rows: list, tokens: int, backends: list) -> str:
 
     columns = [("scheme", 18), ("base", 9), ("trained", 12)] + [(f"{b} tok/s", 11) for b in backends] + [
         ("eager tok/s", 12), ("compile tok/s", 14), ("speed-up", 9), ("ours MiB", 10), ("eager MiB", 10),
-        ("memory", 8), ("compile s", 10), ("vs eager full", 14)]
+        ("memory", 8), ("ours RSS", 9), ("eager RSS", 10), ("compile s", 10), ("vs eager full", 14)]
     lines = ["".join(f"{name:>{width}}" if i else f"{name:<{width}}" for i, (name, width) in enumerate(columns))]
     lines.append("-" * len(lines[0]))
     eager_full = next((r["eager ms"] for r in rows if r["scheme"] == "full" and r["base"] == "float32"), None)
@@ -253,7 +263,8 @@ def table(rows: list, tokens: int, backends: list) -> str:
         cells += [f"{rate(r[f'{b} ms']):>11}" for b in backends]
         cells += [f"{rate(r['eager ms']):>12}", f"{rate(r['torch.compile ms']):>14}",
                   f"{r['eager ms'] / r['ours ms']:>8.2f}x", f"{r['ours MiB']:>10.1f}", f"{r['eager MiB']:>10.1f}",
-                  f"{r['eager MiB'] / r['ours MiB']:>7.2f}x", f"{r['compile s']:>10.1f}",
+                  f"{r['eager MiB'] / r['ours MiB']:>7.2f}x", f"{r['ours RSS MiB']:>9.0f}",
+                  f"{r['eager RSS MiB']:>10.0f}", f"{r['compile s']:>10.1f}",
                   f"{eager_full / r['ours ms']:>13.2f}x" if eager_full else f"{'-':>14}"]
         lines.append("".join(cells))
     return "\n".join(lines)

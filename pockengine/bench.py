@@ -297,10 +297,42 @@ def report(rows: list[tuple[str, str, dict]]) -> str:
 
 
 def _peer_main(request: str) -> None:
-    """The fresh process's side of torch_times_in_fresh_processes: PyTorch's times, printed as JSON."""
+    """The fresh process's side of torch_times_in_fresh_processes: PyTorch's times and the process's
+    peak resident memory ("peak RSS MiB": building the job, then its steps), printed as JSON."""
     spec = json.loads(request)
     source = spec["source"]
     plan = None if spec.get("plan") is None else plan_from_json(spec["plan"])
     times = torch_times(JobSource(source["script"], source["factory"], tuple(source["args"])), spec["columns"],
                         spec["repeats"], plan)
-    print(json.dumps(times))
+    print(json.dumps({**times, PEAK_RSS: peak_rss_mib()}))
+
+
+PEAK_RSS = "peak RSS MiB"
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far: its memory's high-water mark (VmHWM), which a new
+    program starts afresh. Not getrusage's ru_maxrss: Linux carries that across exec, so a process
+    started by a larger one reports at least the parent's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("/proc/self/status has no VmHWM: peak memory is measured on Linux only")
+
+
+def runtime_peak_rss(program, steps: int = 3) -> float:
+    """The peak resident memory (MiB) of a fresh process that loads `program`'s exported artifact
+    and trains `steps` steps on its example batch, as a device would run it: the TVM runtime, numpy
+    and the state, no compiler and no PyTorch."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="pockengine-rss-") as scratch:
+        artifact = program.export(os.path.join(scratch, "artifact"))
+        code = ("import sys, json; import pockengine as pe; from pockengine.bench import peak_rss_mib; "
+                "p = pe.load(sys.argv[1]); batch = [p.example[s.name] for s in p.signature.batch]; "
+                f"[p.step(*batch) for _ in range({int(steps)})]; print(json.dumps(peak_rss_mib()))")
+        result = subprocess.run([sys.executable, "-c", code, artifact], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"measuring the artifact's memory failed:\n{result.stderr[-3000:]}")
+        return float(result.stdout.strip().splitlines()[-1])

@@ -28,6 +28,7 @@ import shutil
 import time
 import weakref
 import zipfile
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -713,21 +714,21 @@ def load(directory: str, threads: int | None = None) -> Program | DeviceProgram:
             raise ArtifactError(f"{path} is corrupt or truncated (sha256 differs from the manifest); "
                                 "rebuild the artifact")
     signature = StepSignature.from_json(manifest["signature"])
-    state = _read_state(os.path.join(directory, manifest["files"]["state"]), signature)
     meta = {k: v for k, v in manifest.items() if k not in _COMPUTED_KEYS}
     report = MemoryReport.from_json(manifest["memory"])
-    if runs_here(manifest):
-        lib_path = os.path.join(directory, manifest["files"]["library"])
-        if not os.path.isfile(lib_path):
-            raise ArtifactError(f"{lib_path} is missing: the artifact is incomplete; "
-                                "rebuild it with `pockengine build`")
-        _check_library(lib_path, manifest)
-        kind = InferenceProgram if manifest.get("kind") == InferenceProgram.KIND else Program
-        program = kind(lib_path, signature, state, report, meta, threads=threads)
-    else:
-        files = {name: os.path.join(directory, name) for key, name in manifest["files"].items() if key != "state"}
-        program = DeviceProgram({name: path for name, path in files.items() if os.path.exists(path)}, signature, state,
-                                report, meta)
+    with _StateFile(os.path.join(directory, manifest["files"]["state"]), signature) as state:
+        if runs_here(manifest):
+            lib_path = os.path.join(directory, manifest["files"]["library"])
+            if not os.path.isfile(lib_path):
+                raise ArtifactError(f"{lib_path} is missing: the artifact is incomplete; "
+                                    "rebuild it with `pockengine build`")
+            _check_library(lib_path, manifest)
+            kind = InferenceProgram if manifest.get("kind") == InferenceProgram.KIND else Program
+            program = kind(lib_path, signature, state, report, meta, threads=threads)
+        else:
+            files = {name: os.path.join(directory, name) for key, name in manifest["files"].items() if key != "state"}
+            program = DeviceProgram({name: path for name, path in files.items() if os.path.exists(path)}, signature,
+                                    state, report, meta)
     example = os.path.join(directory, EXAMPLE)
     if os.path.isfile(example):
         with np.load(example, allow_pickle=False) as npz:
@@ -746,21 +747,54 @@ def runs_here(manifest: dict) -> bool:
     return family(manifest).runs_here(manifest)
 
 
-def _read_state(path: str, signature: StepSignature) -> dict:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            state = {k: npz[k] for k in npz.files}
-    except FileNotFoundError:
-        raise ArtifactError(f"{path} is missing: the artifact is incomplete; rebuild it") from None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise ArtifactError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); rebuild the artifact "
-                            "or restore the state file") from None
-    for spec in signature.state:
-        if spec.name not in state:
-            raise ArtifactError(f"{path} lacks {spec.name}; the state does not belong to this artifact")
-        if tuple(state[spec.name].shape) != spec.shape:
-            raise ArtifactError(f"{path}: {spec.name} has shape {state[spec.name].shape}, expected {spec.shape}")
-    return state
+class _StateFile(Mapping):
+    """An artifact's state.npz, read one tensor at a time and checked against the signature as it is
+    read: a program copies each tensor into its own storage before the next is read, so loading
+    never holds the file's arrays and the program's copies of them all at once (twice the state)."""
+
+    def __init__(self, path: str, signature: StepSignature):
+        self.path = path
+        self._specs = {spec.name: spec for spec in signature.state}
+        try:
+            self._npz = np.load(path, allow_pickle=False)
+            names = set(self._npz.files)
+        except FileNotFoundError:
+            raise ArtifactError(f"{path} is missing: the artifact is incomplete; rebuild it") from None
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+            raise self._corrupt(e) from None
+        missing = [name for name in self._specs if name not in names]
+        if missing:
+            self.close()
+            raise ArtifactError(f"{path} lacks {missing[0]}; the state does not belong to this artifact")
+
+    def _corrupt(self, error) -> ArtifactError:
+        return ArtifactError(f"{self.path} is corrupt or truncated ({type(error).__name__}: {error}); rebuild the "
+                             "artifact or restore the state file")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        try:
+            array = self._npz[name]
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+            raise self._corrupt(e) from None
+        spec = self._specs.get(name)
+        if spec is not None and tuple(array.shape) != spec.shape:
+            raise ArtifactError(f"{self.path}: {name} has shape {array.shape}, expected {spec.shape}")
+        return array
+
+    def __iter__(self):
+        return iter(self._npz.files)
+
+    def __len__(self) -> int:
+        return len(self._npz.files)
+
+    def close(self) -> None:
+        self._npz.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _check_library(path: str, manifest: dict) -> None:

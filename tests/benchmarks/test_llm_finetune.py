@@ -19,7 +19,8 @@ def test_llm_finetune_benchmark_small(capsys):
     full, lora = rows["full"], rows["LoRA r=8 (q, v)"]
     assert lora["trained"] < full["trained"] / 50  # adapters only: 2 x 2 x (256 x 8 + 8 x d_out)
     assert lora["ours MiB"] < full["ours MiB"] and lora["eager MiB"] < full["eager MiB"]
-    assert all(r[k] > 0 for r in rows.values() for k in ("ours ms", "eager ms", "ours MiB", "eager MiB"))
+    assert all(r[k] > 0 for r in rows.values()
+               for k in ("ours ms", "eager ms", "ours MiB", "eager MiB", "ours RSS MiB", "eager RSS MiB"))
     out = capsys.readouterr().out
     printed = {line[:18].strip(): line[18:].split() for line in out.splitlines() if line[:18].strip() in rows}
     assert set(printed) == set(rows)
