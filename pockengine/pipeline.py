@@ -40,7 +40,7 @@ from .analysis.memory_timeline import timeline
 from .autodiff.step import STEP_FUNC, StepSignature, build_train_step
 from .errors import InputError, InternalCompilerError, PockEngineError, UnsupportedOpError
 from .frontend import FUNC_NAME, quantized_ops
-from .frontend.w8_ops import has_int8_dot
+from .frontend.w8_ops import int8_dot
 from .ir import static_shape
 from .passes.chunk_linear_log_prob import chunk_linear_log_prob
 from .passes.drop_saved_activations import drop_saved_activations
@@ -237,10 +237,15 @@ def derive_forward(model, example_inputs: tuple, output, progress=None) -> Deriv
     """The import stage of an inference build (compile_inference): the model's forward, in eval
     mode, as a step of no training: (inputs..., weights and buffers...) -> (the output,), every
     parameter frozen, nothing written back. It is lowered, planned and built as a training step is."""
+    import torch
+
     from .autodiff.guards import index_ranges
     from .autodiff.step import BUFFER, FROZEN
     from .frontend.torch import import_torch_forward
 
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"compile_inference takes a torch.nn.Module, got {type(model).__name__}; an ONNX model "
+                         "is compiled for training only (pockengine.TrainingJob)")
     with stage("import", progress):
         training = {module: module.training for module in model.modules()}
         model.eval()  # dropout off, BatchNorm on its running statistics: what inference computes
@@ -398,8 +403,8 @@ def patched_step(step_mod, signature: StepSignature, origin: dict, patches):
 
 def with_packed_weights(step_mod, signature: StepSignature, preset, lowering: Lowering):
     """The step with its forward-only frozen weights held as the panels its CPU matmuls read
-    (passes/pack_frozen_weights.py), and its W8A8 layers' frozen int8 weights in the VNNI dot
-    product's layout where the CPU has it (passes/interleave_int8_weights.py), and the signature
+    (passes/pack_frozen_weights.py), and its W8A8 layers' frozen int8 weights in the layout of the
+    CPU's int8 dot product where it has one (passes/interleave_int8_weights.py), and the signature
     that says so; unchanged for a family whose kernels are not schedule_cpu's."""
     if not lowering.packs_frozen_weights:
         return step_mod, signature
@@ -407,9 +412,10 @@ def with_packed_weights(step_mod, signature: StepSignature, preset, lowering: Lo
     widths = panel_widths(step_mod[STEP_FUNC], signature, preset.vector_lanes(32), preset.cores,
                           preset.vector_registers)
     step_mod, signature = pack_frozen_weights(widths, signature, STEP_FUNC)(step_mod), signature.with_packed(widths)
-    if not has_int8_dot(preset.target()):
+    form = int8_dot(preset.target())
+    if form is None:
         return step_mod, signature
-    layouts = int8_dot_weights(step_mod[STEP_FUNC], signature)
+    layouts = int8_dot_weights(step_mod[STEP_FUNC], signature, form)
     return interleave_int8_weights(layouts, signature, STEP_FUNC)(step_mod), signature.with_layouts(layouts)
 
 

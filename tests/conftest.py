@@ -141,6 +141,29 @@ def max_scaled_diff(ours: dict, theirs: dict, floor: float = 1.0) -> tuple[float
     return worst, where
 
 
+def trains_on_device_like_the_host(program, job, batches, directory: str) -> dict:
+    """Export `program` (`job` built for a device) to `directory`, train it on `batches` with
+    `pockengine run` (under qemu-aarch64 here) and check the losses and the trained state against
+    the host build's (the same kernels for another ISA: 1e-5). Returns the device's state_dict()."""
+    import subprocess
+    import sys
+
+    out = program.export(os.path.join(directory, "device"))
+    data = os.path.join(directory, "batches.npz")
+    np.savez(data, x=np.stack([x.numpy() for x, _ in batches]), target=np.stack([y.numpy() for _, y in batches]))
+    cli = os.path.join(os.path.dirname(sys.executable), "pockengine")
+    ran = subprocess.run([cli, "run", out, "--steps", str(len(batches)), "--data", data, "--save"],
+                         capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    losses = [float(line.split()[3]) for line in ran.stdout.splitlines() if line.startswith("step")]
+    host = pe.compile(job, target=FAST_HOST)
+    np.testing.assert_allclose(losses, [host.step(x, y) for x, y in batches], rtol=1e-5)
+    device = pe.load(out).state_dict()
+    worst, where = max_scaled_diff(device, host.state_dict())
+    assert worst <= 1e-5, f"{where} differs from the host build by {worst:.3g}"
+    return device
+
+
 @pytest.fixture(scope="module")
 def sysroot():
     """The aarch64 Python + TVM runtime run under qemu-aarch64 (fetched once, then cached)."""

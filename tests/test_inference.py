@@ -137,6 +137,8 @@ def test_what_an_inference_artifact_cannot_be_is_refused_with_the_fix():
     assert np.allclose(pe.compile_inference(Pair(), (x,), target=FAST_HOST, output=lambda out: out[1])(x), x * 2)
     with pytest.raises(InputError, match=r"changes buffers \(calls\)"):
         pe.compile_inference(Counter(), (x,), target=FAST_HOST)
+    with pytest.raises(InputError, match="takes a torch.nn.Module"):
+        pe.compile_inference("model.onnx", (x,), target=FAST_HOST)
     with pytest.raises(TargetError, match="this machine only"):
         pe.compile_inference(Pair(), (x,), target="rpi4", output=lambda out: out[0])
 

@@ -98,12 +98,15 @@ def test_compiled_w8a8_matmul_is_the_integer_reference_bit_for_bit(shape, target
     assert np.array_equal(torch_op, expected)
 
 
-def test_the_host_computes_w8a8_sums_with_vnni_instructions():
-    """On this machine (AVX-512 VNNI) the step's int8 sums are vpdpbusd instructions, tiled and
-    tensorized (passes/schedule_int8_dot.py), not int32 multiplies."""
-    preset = resolve("host")
-    if not w8_ops.has_int8_dot(preset.target()):
-        pytest.skip("this machine's CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("target, form, instruction", [("host", w8_ops.VNNI, "vpdpbusd"),
+                                                          ("jetson-orin-cpu", w8_ops.SDOT, "sdot")])
+def test_w8a8_sums_are_the_cpus_dot_product_instructions(target, form, instruction):
+    """This machine (AVX-512 VNNI) and the Jetson Orin's Cortex-A78 (Armv8.2 dotprod) sum a W8A8
+    layer's int8 products with their dot-product instruction, tiled and tensorized
+    (passes/schedule_int8_dot.py), not with int32 multiplies."""
+    preset = resolve(target)
+    if w8_ops.int8_dot(preset.target()) != form:
+        pytest.skip(f"{target}'s CPU has no {form.name}")
     x = relax.Var("x", relax.TensorType((64, 96), "float32"))
     weight = relax.Var("w", relax.TensorType((64, 96), "int8"))
     scales = relax.Var("s", relax.TensorType((64,), "float32"))
@@ -113,7 +116,7 @@ def test_the_host_computes_w8a8_sums_with_vnni_instructions():
             out = bb.emit_output(w8_ops.w8a8_matmul(x, weight, scales))
         bb.emit_func_output(out)
     mod = pipeline.kernels(bb.get(), preset, CPU_LOWERING)
-    dots = [f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "vpdpbusd" in f.script()]
+    dots = [f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and instruction in f.script()]
     assert len(dots) == 1 and dots[0].attrs["tirx.is_scheduled"]
 
 
@@ -198,7 +201,7 @@ def test_last_block_on_a_smoothquant_llama_trains_like_pytorch(target, tmp_path)
                          pe.optim.AdamW(lr=1e-3), sparse_update=scheme)
     program = pe.compile(job, target=FAST_HOST if target == "fast host" else target)
     interleaved = [name for name, layout in program.signature.packed.items() if isinstance(layout, Int8DotLayout)]
-    vnni = target == "host" and w8_ops.has_int8_dot(resolve("host").target())
+    vnni = target == "host" and w8_ops.int8_dot(resolve("host").target()) == w8_ops.VNNI
     assert len(interleaved) == (7 if vnni else 0)  # block 0's q, k, v, o, gate, up, down
     ours = [program.step(x, y) for x, y in batches]
     reference = copy.deepcopy(base)

@@ -101,16 +101,17 @@ class Panels:
 
 @dataclass(frozen=True)
 class Int8DotLayout:
-    """A frozen int8 weight W[N, K] of a W8A8 layer held as `[N' / 16, K' / 4, 16, 4]`, the layout
-    AVX-512 VNNI's dot product reads (frontend/w8_ops.py, passes/interleave_int8_weights.py): N
-    padded to N' (a multiple of 32) and K to K' (of 4) with zeros, made when the state is loaded;
-    state_dict() unmakes it."""
+    """A frozen int8 weight W[N, K] of a W8A8 layer held as `[N' / lanes, K' / 4, lanes, 4]`, the
+    layout a CPU's int8 dot product reads (frontend/w8_ops.py, passes/interleave_int8_weights.py): N
+    padded to N' (a whole register tile of columns) and K to K' (a multiple of 4) with zeros, made
+    when the state is loaded; state_dict() unmakes it."""
 
     rows: int
     depth: int
+    lanes: int  # sums per instruction: 16 (AVX-512 VNNI) or 4 (aarch64 sdot)
 
     def packed_shape(self, shape=None) -> tuple:
-        return w8_ops.interleaved_shape(self.rows, self.depth)
+        return w8_ops.interleaved_shape(self.rows, self.depth, self.lanes)
 
     def model_shape(self, shape=None) -> tuple:
         return (self.rows, self.depth)
@@ -127,12 +128,14 @@ class Int8DotLayout:
         return np.ascontiguousarray(whole[:self.rows, :self.depth])
 
     def to_json(self) -> dict:
-        return {"layout": "int8_dot", "rows": self.rows, "depth": self.depth}
+        return {"layout": "int8_dot", "rows": self.rows, "depth": self.depth, "lanes": self.lanes}
 
 
 def packed_layout_from_json(value):
     """A StepSignature.packed entry from its JSON: a panel width, or a layout's dict."""
-    return Int8DotLayout(int(value["rows"]), int(value["depth"])) if isinstance(value, dict) else Panels(int(value))
+    if isinstance(value, dict):
+        return Int8DotLayout(int(value["rows"]), int(value["depth"]), int(value["lanes"]))
+    return Panels(int(value))
 
 
 @dataclass

@@ -12,17 +12,20 @@ torch operator's bit for bit. The weight is read as stored (int8); in the two fl
 dequantization is a PANEL_OPERAND stage, computed a panel at a time into the matmul's packed
 operand on CPUs (as frontend/w4_ops.py's). Weights have no gradient (a W8 weight is frozen).
 
-On a CPU with AVX-512 VNNI, w8a8_matmul is legalized in the instruction's form: `vpdpbusd` adds
-four products of an unsigned and a signed byte into each of 16 int32 sums, so the tokens are
-quantized once into uint8 (q_x + 128, rows padded to the register tile, depth to 4), the weight is
-laid out as [N/16, K/4, 16, 4] (N padded to 32, with zero rows), and 128 times each row's sum of
-weights is subtracted from the int32 sums: the same integers, so the same bits. The dot product is
-an INT8_DOT block that passes/schedule_int8_dot.py tiles and tensorizes. A step whose W8A8 weights
-are frozen holds them laid out (passes/interleave_int8_weights.py: w8a8_matmul_int8_dot).
+On a CPU with an int8 dot-product instruction (Int8Dot: AVX-512 VNNI's `vpdpbusd`, Armv8.2's
+`sdot`), w8a8_matmul is legalized in the instruction's form: it adds four byte products into each
+of 16 (4) int32 sums, so the tokens are quantized once (rows padded to the register tile, depth to
+4), the weight is laid out as [N/16, K/4, 16, 4] (N padded to a tile of columns, with zero rows) and
+the sums are scaled as before: the same integers, so the same bits. vpdpbusd multiplies unsigned by
+signed bytes: the tokens are stored as q_x + 128 and 128 times each weight row's sum is subtracted
+from the sums. The dot product is an INT8_DOT block that passes/schedule_int8_dot.py tiles and
+tensorizes. A step whose W8A8 weights are frozen holds them laid out
+(passes/interleave_int8_weights.py: w8a8_matmul_int8_dot).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import tvm
@@ -71,8 +74,9 @@ def _infer_int8_dot(call, _builder):
     op = call.op.name
     x = operand_shape(call.args[0], "x", op)
     (rows,) = operand_shape(call.args[2], "weight scales", op)
-    expected = list(interleaved_shape(rows, x[-1]))
-    if operand_shape(call.args[1], "interleaved int8 weight", op) != expected:
+    given = operand_shape(call.args[1], "interleaved int8 weight", op, 4)
+    expected = list(interleaved_shape(rows, x[-1], given[2])) if given[2] in (VNNI.lanes, SDOT.lanes) else None
+    if given != expected:
         raise ValueError(f"{op}: x's last axis {x[-1]} and {rows} scales need an interleaved weight {expected}, got "
                          f"{operand_shape(call.args[1], 'interleaved int8 weight', op)}")
     return relax.TensorType([*x[:-1], rows], call.args[0].ty.dtype)
@@ -125,55 +129,87 @@ def _w8a8_matmul_te(x, weight, scales):
                       * scales[i[-1]].astype(dtype), name="w8a8_matmul")
 
 
-# The int8 dot product's register tile (rows x vectors of 16 sums: 16 of 32 AVX-512 registers; the
-# dot alone at 256x576x1536 on 2 cores (znver4): 942 GOP/s, 8 x 3 698, 4 x 4 633) and the padding
-# that makes every tile whole.
-DOT_ROWS, DOT_VECTORS, DOT_LANES, DOT_DEPTH = 8, 2, 16, 4
+DOT_ROWS, DOT_DEPTH = 8, 4  # register tiles of 8 rows; each instruction adds 4 byte products per sum
 UINT8_OFFSET = 128
 
 
-def has_int8_dot(target=None) -> bool:
-    """Whether the target (default: the current one) has AVX-512 VNNI's vpdpbusd."""
+@dataclasses.dataclass(frozen=True)
+class Int8Dot:
+    """A CPU's int8 dot-product instruction, which sums 4 byte products into each of `lanes` int32
+    sums: the weight's 4 bytes of `lanes` rows side by side, the token's 4 bytes broadcast.
+    `offset`: added to the tokens' int8 values when the instruction wants them unsigned (128 for
+    vpdpbusd, which multiplies unsigned by signed bytes; its sums then lose 128 x each weight row's
+    sum). `vectors`: vectors of sums in a register tile beside DOT_ROWS rows."""
+    name: str
+    lanes: int
+    offset: int
+    vectors: int
+    intrinsic: str  # the TensorIntrin passes/schedule_int8_dot.py tensorizes with
+
+    @property
+    def token_dtype(self) -> str:
+        return "uint8" if self.offset else "int8"
+
+
+# AVX-512 VNNI: 8 rows x 2 vectors of 16 sums, 16 of the 32 registers (the dot alone at 256x576x1536 on 2
+# cores, znver4: 942 GOP/s; 8 x 3 698, 4 x 4 633). Armv8.2 dotprod (sdot, signed x signed: no offset):
+# 8 x 4 vectors of 4 sums, 32 accumulators would be every register: 8 x 3 (untuned: only QEMU here).
+VNNI = Int8Dot("avx512-vnni", lanes=16, offset=UINT8_OFFSET, vectors=2, intrinsic="pockengine_vnni_dot_16x4")
+SDOT = Int8Dot("aarch64-sdot", lanes=4, offset=0, vectors=3, intrinsic="dot_4x4_i8i8s32_sdot")
+
+
+def int8_dot(target=None) -> Int8Dot | None:
+    """The int8 dot-product instruction of the target (default: the current one), or None."""
     from tvm.target import codegen
 
     target = target or tvm.target.Target.current(allow_none=True)
-    return (target is not None and target.kind.name == "llvm"
-            and bool(codegen.target_has_features("avx512vnni", target)))
+    if target is None or target.kind.name != "llvm":
+        return None
+    if "aarch64" in str(target.attrs.get("mtriple", "")):
+        return SDOT if codegen.target_has_features("dotprod", target) else None
+    return VNNI if codegen.target_has_features("avx512vnni", target) else None
 
 
-def interleaved_shape(outputs: int, depth: int) -> tuple:
-    """The dot product's layout of an int8 weight [outputs, depth]: [N' / 16, K' / 4, 16, 4], N
-    padded to a whole register tile of columns, K to a multiple of 4."""
-    column_tile = DOT_VECTORS * DOT_LANES
+def interleaved_shape(outputs: int, depth: int, lanes: int) -> tuple:
+    """The dot product's layout of an int8 weight [outputs, depth] for `lanes` sums per instruction:
+    [N' / lanes, K' / 4, lanes, 4], N padded to a whole register tile of columns, K to a multiple of 4."""
+    column_tile = _form_of(lanes).vectors * lanes
     padded_outputs = -(-outputs // column_tile) * column_tile
-    return (padded_outputs // DOT_LANES, -(-depth // DOT_DEPTH), DOT_LANES, DOT_DEPTH)
+    return (padded_outputs // lanes, -(-depth // DOT_DEPTH), lanes, DOT_DEPTH)
+
+
+def _form_of(lanes: int) -> Int8Dot:
+    return next(form for form in (VNNI, SDOT) if form.lanes == lanes)
 
 
 def _legalize_w8a8_matmul(builder, call):
     x, weight, scales = call.args
-    if has_int8_dot():
-        return _w8a8_matmul_int8_dot(builder, x, scales, weight=weight)
+    form = int8_dot()
+    if form is not None:
+        return _w8a8_matmul_int8_dot(builder, form, x, scales, weight=weight)
     return builder.call_te(_w8a8_matmul_te, x, weight, scales, primfunc_name_hint="w8a8_matmul")
 
 
 def _legalize_int8_dot(builder, call):
     x, interleaved, scales = call.args
-    return _w8a8_matmul_int8_dot(builder, x, scales, interleaved=interleaved)
+    return _w8a8_matmul_int8_dot(builder, _form_of(int(interleaved.ty.shape[2])), x, scales, interleaved=interleaved)
 
 
-def _w8a8_matmul_int8_dot(builder, x, scales, weight=None, interleaved=None):
-    """w8a8_matmul in vpdpbusd's form (see the module docstring), from the weight as stored or
-    already interleaved: the tokens' scales and uint8 values, the weight's layout when it is not
-    (a step whose int8 weights are frozen has it in its state), its rows' sums, the dot product
-    and the scaling."""
+def _w8a8_matmul_int8_dot(builder, form: Int8Dot, x, scales, weight=None, interleaved=None):
+    """w8a8_matmul in the form of the dot-product instruction `form` (see the module docstring),
+    from the weight as stored or already interleaved: the tokens' scales and (offset) values, the
+    weight's layout when it is not (a step whose int8 weights are frozen has it in its state), its
+    rows' sums when the tokens are offset, the dot product and the scaling."""
     *lead, depth = (int(d) for d in x.ty.shape)
     outputs = int(scales.ty.shape[0])
     rows = math.prod(lead)
     tile_rows = min(DOT_ROWS, rows)
     padded_rows = -(-rows // tile_rows) * tile_rows
-    blocks, quads, _, _ = interleaved_shape(outputs, depth)
-    padded_outputs, padded_depth = blocks * DOT_LANES, quads * DOT_DEPTH
+    lanes = form.lanes
+    blocks, quads, _, _ = interleaved_shape(outputs, depth, lanes)
+    padded_depth = quads * DOT_DEPTH
     dtype = str(x.ty.dtype)
+    offset = tirx.const(form.offset, dtype)
 
     def token_scales(x):
         k = te.reduce_axis((0, depth), name="k")
@@ -189,47 +225,50 @@ def _w8a8_matmul_int8_dot(builder, x, scales, weight=None, interleaved=None):
             r, k = tirx.min(r, rows - 1), tirx.min(k, depth - 1)
             q = tirx.max(tirx.min(round_half_away(x[(*_unflatten(r, lead), k)] / token_scale[r]),
                                   tirx.const(INT8_MAX, dtype)), tirx.const(-INT8_MAX, dtype))
-            return tirx.Select(inside, q + tirx.const(UINT8_OFFSET, dtype), tirx.const(UINT8_OFFSET, dtype))
-        return te.compute((padded_rows, padded_depth), lambda r, k: value(r, k).astype("uint8"),
-                          name="quantize_tokens_uint8")
+            return tirx.Select(inside, q + offset, offset)
+        return te.compute((padded_rows, padded_depth), lambda r, k: value(r, k).astype(form.token_dtype),
+                          name="quantize_tokens")
 
     def interleave(weight):
         def value(no, ko, ni, ki):
-            n, k = no * DOT_LANES + ni, ko * DOT_DEPTH + ki
+            n, k = no * lanes + ni, ko * DOT_DEPTH + ki
             return tirx.Select(tirx.all(n < outputs, k < depth),
                                weight[tirx.min(n, outputs - 1), tirx.min(k, depth - 1)], tirx.const(0, "int8"))
-        return te.compute((padded_outputs // DOT_LANES, padded_depth // DOT_DEPTH, DOT_LANES, DOT_DEPTH), value,
-                          name="interleave_int8_weight")
+        return te.compute((blocks, quads, lanes, DOT_DEPTH), value, name="interleave_int8_weight")
 
     def row_sums(interleaved):
         ko = te.reduce_axis((0, quads), name="ko")
         ki = te.reduce_axis((0, DOT_DEPTH), name="ki")
-        return te.compute((outputs,), lambda n: te.sum(interleaved[n // DOT_LANES, ko, n % DOT_LANES, ki]
+        return te.compute((outputs,), lambda n: te.sum(interleaved[n // lanes, ko, n % lanes, ki]
                                                        .astype("int32"), axis=[ko, ki]), name="weight_row_sums")
 
     def dot(quantized, interleaved):
         ko = te.reduce_axis((0, padded_depth // DOT_DEPTH), name="ko")
         ki = te.reduce_axis((0, DOT_DEPTH), name="ki")
-        return te.compute((padded_rows, padded_outputs // DOT_LANES, DOT_LANES),
+        return te.compute((padded_rows, blocks, lanes),
                           lambda r, no, ni: te.sum(quantized[r, ko * DOT_DEPTH + ki].astype("int32")
                                                    * interleaved[no, ko, ni, ki].astype("int32"), axis=[ko, ki]),
-                          name="int8_dot", attrs={INT8_DOT: [tile_rows, DOT_VECTORS]})
+                          name="int8_dot", attrs={INT8_DOT: [tile_rows, form.vectors]})
 
-    def rescale(sums, weight_sums, token_scale, scales):
+    def rescale(sums, token_scale, scales, weight_sums=None):
         def value(*i):
             r = _flatten(i[:-1], lead)
             n = i[-1]
-            total = sums[r, n // DOT_LANES, n % DOT_LANES] - tirx.const(UINT8_OFFSET, "int32") * weight_sums[n]
+            total = sums[r, n // lanes, n % lanes]
+            if weight_sums is not None:  # the tokens' offset times each weight row's sum
+                total = total - tirx.const(form.offset, "int32") * weight_sums[n]
             return total.astype(dtype) * token_scale[r] * scales[n].astype(dtype)
         return te.compute((*lead, outputs), value, name="w8a8_matmul")
 
     token_scale = builder.emit_te(token_scales, x, primfunc_name_hint="token_scales")
-    quantized = builder.emit_te(quantize, x, token_scale, primfunc_name_hint="quantize_tokens_uint8")
+    quantized = builder.emit_te(quantize, x, token_scale, primfunc_name_hint="quantize_tokens")
     if interleaved is None:
         interleaved = builder.emit_te(interleave, weight, primfunc_name_hint="interleave_int8_weight")
-    weight_sums = builder.emit_te(row_sums, interleaved, primfunc_name_hint="weight_row_sums")
     sums = builder.emit_te(dot, quantized, interleaved, primfunc_name_hint="int8_dot")
-    return builder.call_te(rescale, sums, weight_sums, token_scale, scales, primfunc_name_hint="w8a8_matmul")
+    if not form.offset:
+        return builder.call_te(rescale, sums, token_scale, scales, primfunc_name_hint="w8a8_matmul")
+    weight_sums = builder.emit_te(row_sums, interleaved, primfunc_name_hint="weight_row_sums")
+    return builder.call_te(rescale, sums, token_scale, scales, weight_sums, primfunc_name_hint="w8a8_matmul")
 
 
 def _unflatten(row, lead: list) -> tuple:

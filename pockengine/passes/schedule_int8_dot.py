@@ -1,18 +1,19 @@
 """schedule_int8_dot: the int8 dot products of W8A8 layers (ir.INT8_DOT blocks, frontend/w8_ops.py)
-as AVX-512 VNNI instructions, in register tiles on every core.
+as the CPU's dot-product instructions (AVX-512 VNNI's vpdpbusd, aarch64's sdot), in register tiles
+on every core.
 
-The block computes sums[r, no, ni] = sum over (ko, ki) of uint8 tokens[r, 4 ko + ki] times int8
-weight[no, ko, ni, ki]: its (ni, ki) loops are exactly one `vpdpbusd` (16 int32 sums, each adding
-four byte products). The schedule:
+The block computes sums[r, no, ni] = sum over (ko, ki) of the tokens' bytes tokens[r, 4 ko + ki]
+times the weight's weight[no, ko, ni, ki]: its (ni, ki) loops are exactly one instruction (16 int32
+sums, each adding four byte products; sdot: 4 sums). The schedule:
   * splits the rows and the vectors into the register tile the legalization chose (rows x vectors
     of sums, which it padded the matmul to), the reduction over ko outside the tile: each step of
     ko loads the tile's weight vectors once and broadcasts each row's four bytes once;
-  * orders the tiles column block first, so a block's weights (vectors x 16 rows of the weight, the
-    whole depth) stay in cache while every row tile passes over them, and runs them on all cores;
-  * tensorizes (ni, ki) with our own vpdpbusd intrinsic (TVM's passes the byte operands as 16 x
-    int32, which this LLVM's signature refuses);
-  * computes the epilogue (the offset's correction and the scales, fused into the kernel) inside
-    the same column block, vectorized, while the sums are in cache.
+  * orders the tiles column block first, so a block's weights (vectors x lanes rows of the weight,
+    the whole depth) stay in cache while every row tile passes over them, and runs them on all cores;
+  * tensorizes (ni, ki) with the instruction: our own vpdpbusd intrinsic (TVM's passes the byte
+    operands as 16 x int32, which this LLVM's signature refuses), TVM's sdot;
+  * computes the epilogue (the offset's correction and the scales), when fusion put it in the
+    kernel, inside the same column block while its sums are in cache.
 The kernel is then marked scheduled: the generic CPU schedules leave it alone. A kernel TVM refuses
 to schedule so is left to them (its loops are still the same integers).
 """
@@ -21,9 +22,10 @@ from __future__ import annotations
 
 import tvm
 from tvm import s_tir
+from tvm.s_tir.tensor_intrin import arm_cpu  # noqa: F401 - registers aarch64's sdot intrinsic
 from tvm.script import tirx as T
 
-from ..frontend.w8_ops import has_int8_dot
+from ..frontend import w8_ops
 from ..ir import INT8_DOT, kernel_schedule, map_kernels
 
 VNNI_DOT = "pockengine_vnni_dot_16x4"
@@ -57,19 +59,21 @@ def _dot_16x4_vnni(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16,
 
 if s_tir.TensorIntrin.get(VNNI_DOT, allow_missing=True) is None:
     s_tir.TensorIntrin.register(VNNI_DOT, _dot_16x4_description, _dot_16x4_vnni)
+assert VNNI_DOT == w8_ops.VNNI.intrinsic and s_tir.TensorIntrin.get(w8_ops.SDOT.intrinsic, allow_missing=True)
 
 
 def schedule_int8_dot(cores: int) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="ScheduleInt8Dot")
     def transform(mod, _ctx):
-        if not has_int8_dot():  # the current target's (w8_ops makes INT8_DOT blocks only for VNNI targets)
+        form = w8_ops.int8_dot()  # the current target's (w8_ops makes INT8_DOT blocks only for it)
+        if form is None:
             return mod
-        return map_kernels(mod, lambda func: schedule_kernel(func, cores))
+        return map_kernels(mod, lambda func: schedule_kernel(func, cores, form.intrinsic))
 
     return transform
 
 
-def schedule_kernel(func, cores: int):
+def schedule_kernel(func, cores: int, intrinsic: str):
     sch = kernel_schedule(func)
     try:
         dots = [block for block in sch.get_child_blocks(sch.get_sblock("root"))
@@ -91,7 +95,7 @@ def schedule_kernel(func, cores: int):
         outer = sch.fuse(column_blocks, row_tiles) if shared else column_blocks
         sch.parallel(outer)
         init = sch.decompose_reduction(dot, depth)
-        sch.tensorize(lane, VNNI_DOT)
+        sch.tensorize(lane, intrinsic)
         sch.unroll(tile_row)
         sch.unroll(tile_vector)
         sch.vectorize(sch.get_loops(init)[-1])

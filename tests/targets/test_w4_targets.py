@@ -1,10 +1,7 @@
 """4-bit weights (pockengine/awq.py) on the devices: a LoRA fine-tune on a W4 base built for a
 Raspberry Pi 4 and run under qemu-aarch64 against the host build, and built for a Jetson's GPU."""
 
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +10,7 @@ from test_awq import mlp
 from test_cuda import CROSS, assert_all_gpu, assert_ptx_for_sm87, derived, lowered_for, ptx_of
 
 import pockengine as pe
-from conftest import FAST_HOST, max_scaled_diff
+from conftest import trains_on_device_like_the_host
 from pockengine.targets.cuda import schedules
 
 
@@ -31,20 +28,7 @@ def test_a_w4_lora_artifact_trains_under_qemu_aarch64_like_the_host(sysroot, tmp
     """Built for a Raspberry Pi 4 (NEON), run by `pockengine run` under qemu-aarch64: the host
     build's losses and adapters (same kernels, another ISA: 1e-5)."""
     job, batches = w4_lora_job()
-    out = str(tmp_path / "rpi4")
-    pe.compile(job, target="rpi4").export(out)
-    data = str(tmp_path / "batches.npz")
-    np.savez(data, x=np.stack([x.numpy() for x, _ in batches]), target=np.stack([y.numpy() for _, y in batches]))
-    cli = os.path.join(os.path.dirname(sys.executable), "pockengine")
-    ran = subprocess.run([cli, "run", out, "--steps", str(len(batches)), "--data", data, "--save"],
-                         capture_output=True, text=True, timeout=600)
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    losses = [float(line.split()[3]) for line in ran.stdout.splitlines() if line.startswith("step")]
-    host = pe.compile(job, target=FAST_HOST)
-    np.testing.assert_allclose(losses, [host.step(x, y) for x, y in batches], rtol=1e-5)
-    device = pe.load(out).state_dict()
-    worst, where = max_scaled_diff(device, host.state_dict())
-    assert worst <= 1e-5, f"{where} differs from the host build by {worst:.3g}"
+    device = trains_on_device_like_the_host(pe.compile(job, target="rpi4"), job, batches, str(tmp_path))
     assert device["0.packed"].dtype == np.uint8
 
 
