@@ -757,7 +757,7 @@ class _StateFile(Mapping):
         self._specs = {spec.name: spec for spec in signature.state}
         try:
             self._npz = np.load(path, allow_pickle=False)
-            names = set(self._npz.files)
+            self._names = names = set(self._npz.files)
         except FileNotFoundError:
             raise ArtifactError(f"{path} is missing: the artifact is incomplete; rebuild it") from None
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
@@ -780,6 +780,9 @@ class _StateFile(Mapping):
         if spec is not None and tuple(array.shape) != spec.shape:
             raise ArtifactError(f"{self.path}: {name} has shape {array.shape}, expected {spec.shape}")
         return array
+
+    def __contains__(self, name) -> bool:  # without reading the tensor (Mapping's would)
+        return name in self._names
 
     def __iter__(self):
         return iter(self._npz.files)

@@ -118,6 +118,8 @@ def _export(module: nn.Module, args: tuple, what: str):
             # Core ATen decomposition: fewer distinct ops to differentiate, and PyTorch's own
             # semantics for composite ops (cross_entropy's ignore_index/label_smoothing, attention).
             return decompose(ep)
+    except FrontendError:  # ours, from inside the forward (model_output): it says what to do
+        raise
     except Exception as e:  # torch raises many kinds; the user needs the message, not the type
         raise FrontendError(
             f"torch.export could not capture {what}: {type(e).__name__}: {str(e)[:2000]}\n"
