@@ -28,8 +28,6 @@ from tvm.script import tirx as T
 from ..frontend import w8_ops
 from ..ir import INT8_DOT, kernel_schedule, map_kernels
 
-VNNI_DOT = "pockengine_vnni_dot_16x4"
-
 
 @T.prim_func(s_tir=True)
 def _dot_16x4_description(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),
@@ -57,9 +55,9 @@ def _dot_16x4_vnni(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16,
             dtype="int32x16")
 
 
-if s_tir.TensorIntrin.get(VNNI_DOT, allow_missing=True) is None:
-    s_tir.TensorIntrin.register(VNNI_DOT, _dot_16x4_description, _dot_16x4_vnni)
-assert VNNI_DOT == w8_ops.VNNI.intrinsic and s_tir.TensorIntrin.get(w8_ops.SDOT.intrinsic, allow_missing=True)
+# Registered under the name w8_ops.VNNI gives it (w8_ops.SDOT's is TVM's own, registered by arm_cpu's import).
+if s_tir.TensorIntrin.get(w8_ops.VNNI.intrinsic, allow_missing=True) is None:
+    s_tir.TensorIntrin.register(w8_ops.VNNI.intrinsic, _dot_16x4_description, _dot_16x4_vnni)
 
 
 def schedule_int8_dot(cores: int) -> tvm.transform.Pass:
