@@ -30,10 +30,13 @@ AWQ's 4-bit format (`pe.quantize.awq(..., sparse_update=scheme)`: a scheme's tra
 float; calibrated on 2 batches of the job's token distribution, groups of 128), and awq-w4-all: the
 token embedding and the LM head tied to it too (one 4-bit table, `embeddings=True`), and
 smoothquant-w8a8: `pe.quantize.smoothquant(..., alpha=0.5, sparse_update=scheme)`, the layers before
-the first trained one W8A8, the others W8. PyTorch trains the same quantized model (the W4 operator
-dequantizes each call, as a PyTorch QLoRA does). The line under the table compares each quantized
-base's memory and speed with PyTorch's on the float32 base (the goals: LoRA on the W4 base in at
-most a quarter of PyTorch's float32 LoRA; the W8A8 sparse step at 1.5x its tokens/s).
+the first trained one W8A8, the others W8 (LoRA: all W8, its adapters beside them). PyTorch trains the
+same quantized model (the W4 operator dequantizes each call, as a PyTorch QLoRA does). The LoRA
+schemes on the float32 base are also timed with Hugging Face PEFT's LoRA (the same rank, scale,
+layers and initial adapters; no dropout), in processes of its own: "PEFT tok/s", "PEFT RSS". The
+line under the table compares each quantized base's memory and speed with PyTorch's on the float32
+base (the goals: LoRA on the W4 base in at most a quarter of PyTorch's float32 LoRA; the W8A8 sparse
+step at 1.5x its tokens/s).
 
 The anchor is PockEngine's LLaMA2-7B on a Jetson AGX Orin: 7.9x PyTorch's fine-tuning throughput.
 """
@@ -128,6 +131,11 @@ def make_job(scheme: str, size: str = "full", model: str = "tiny", base: str = "
                           sparse_update=schemes()[scheme], name=name)
 
 
+def has_peft_peer(scheme: str, base: str) -> bool:
+    """Hugging Face PEFT times the LoRA schemes on the float32 base (its LoRA wraps nn.Linear layers)."""
+    return scheme.startswith("LoRA") and base == "float32"
+
+
 def torch_peak_bytes(job, plan) -> int:
     from sparse_memory import measure_torch
 
@@ -210,13 +218,18 @@ def main(argv=None) -> list:
             plan = program.plan
             del program
         print(f"[{scheme}] {', '.join(peers)} (fresh processes) ...", file=sys.stderr, flush=True)
-        peer = bench.torch_times_in_fresh_processes(
-            bench.JobSource(os.path.abspath(__file__), "make_job", (scheme, size, args.model, base)), peers,
-            args.repeats, policies=(None,) if args.small else None, plan=plan)
+        source = bench.JobSource(os.path.abspath(__file__), "make_job", (scheme, size, args.model, base))
+        policies = (None,) if args.small else None
+        peer = bench.torch_times_in_fresh_processes(source, peers, args.repeats, policies=policies, plan=plan)
         row.update({"trained": trained_values(job, plan), "eager ms": peer["eager"],
                     "eager policy": peer["eager wait policy"], "policies tried": peer["peer wait policies"],
                     "torch.compile ms": peer.get("torch.compile"), "eager RSS MiB": peer[bench.PEAK_RSS],
-                    "eager MiB": torch_peak_bytes(make_job(scheme, size, args.model, base), plan) / 2**20})
+                    "eager MiB": torch_peak_bytes(make_job(scheme, size, args.model, base), plan) / 2**20,
+                    "peft ms": None, "peft RSS MiB": None})
+        if has_peft_peer(scheme, base):  # in processes of its own: its resident memory is its own
+            print(f"[{scheme}] PEFT (fresh processes) ...", file=sys.stderr, flush=True)
+            peft = bench.torch_times_in_fresh_processes(source, ["peft"], args.repeats, policies=policies, plan=plan)
+            row.update({"peft ms": peft["peft"], "peft RSS MiB": peft[bench.PEAK_RSS]})
         # The first backend's figures are "ours" (the default build).
         row.update({"ours ms": row[f"{backends[0]} ms"], "ours MiB": row[f"{backends[0]} MiB"],
                     "compile s": row[f"{backends[0]} compile s"]})
@@ -253,18 +266,20 @@ def table(rows: list, tokens: int, backends: list) -> str:
         return f"{tokens / ms * 1e3:,.0f}" if ms else "-"
 
     columns = [("scheme", 18), ("base", 9), ("trained", 12)] + [(f"{b} tok/s", 11) for b in backends] + [
-        ("eager tok/s", 12), ("compile tok/s", 14), ("speed-up", 9), ("ours MiB", 10), ("eager MiB", 10),
-        ("memory", 8), ("ours RSS", 9), ("eager RSS", 10), ("compile s", 10), ("vs eager full", 14)]
+        ("eager tok/s", 12), ("PEFT tok/s", 11), ("compile tok/s", 14), ("speed-up", 9), ("ours MiB", 10),
+        ("eager MiB", 10), ("memory", 8), ("ours RSS", 9), ("eager RSS", 10), ("PEFT RSS", 9), ("compile s", 10),
+        ("vs eager full", 14)]
     lines = ["".join(f"{name:>{width}}" if i else f"{name:<{width}}" for i, (name, width) in enumerate(columns))]
     lines.append("-" * len(lines[0]))
     eager_full = next((r["eager ms"] for r in rows if r["scheme"] == "full" and r["base"] == "float32"), None)
     for r in rows:
         cells = [f"{r['scheme']:<18}", f"{r['base']:>9}", f"{r['trained']:>12,}"]
         cells += [f"{rate(r[f'{b} ms']):>11}" for b in backends]
-        cells += [f"{rate(r['eager ms']):>12}", f"{rate(r['torch.compile ms']):>14}",
+        cells += [f"{rate(r['eager ms']):>12}", f"{rate(r['peft ms']):>11}", f"{rate(r['torch.compile ms']):>14}",
                   f"{r['eager ms'] / r['ours ms']:>8.2f}x", f"{r['ours MiB']:>10.1f}", f"{r['eager MiB']:>10.1f}",
                   f"{r['eager MiB'] / r['ours MiB']:>7.2f}x", f"{r['ours RSS MiB']:>9.0f}",
-                  f"{r['eager RSS MiB']:>10.0f}", f"{r['compile s']:>10.1f}",
+                  f"{r['eager RSS MiB']:>10.0f}", f"{r['peft RSS MiB']:>9.0f}" if r["peft RSS MiB"] else f"{'-':>9}",
+                  f"{r['compile s']:>10.1f}",
                   f"{eager_full / r['ours ms']:>13.2f}x" if eager_full else f"{'-':>14}"]
         lines.append("".join(cells))
     return "\n".join(lines)

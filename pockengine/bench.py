@@ -71,18 +71,20 @@ def save_figure(fig, path: str) -> str:
     return path
 
 
-def torch_training_step(job, plan, compiled: bool = False):
-    """PyTorch's step for `job` (forward, loss, backward, optimizer) with `plan`'s frozen set."""
+def torch_training_step(job, plan, peer: str = "eager"):
+    """PyTorch's step for `job` (forward, loss, backward, optimizer) with `plan`'s frozen set; `peer`
+    "eager", "torch.compile" (the model compiled) or "peft" (a LoRA job's adapters as Hugging Face
+    PEFT's: peft_lora_model)."""
     import torch
 
     from .frontend.torch import resolve_loss
     from .sparse import apply_to_torch
 
     torch.manual_seed(0)
-    model = apply_to_torch(copy.deepcopy(job.model), plan)
+    model = peft_lora_model(job) if peer == "peft" else apply_to_torch(copy.deepcopy(job.model), plan)
     opt = job.optimizer.to_torch([p for p in model.parameters() if p.requires_grad])
     loss_fn = resolve_loss(job.loss)
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model) if peer == "torch.compile" else model
     inputs, target = job.example_inputs, job.example_targets
 
     def step():
@@ -91,6 +93,46 @@ def torch_training_step(job, plan, compiled: bool = False):
         opt.step()
 
     return step
+
+
+def peft_lora_model(job):
+    """A LoRA job's model with Hugging Face PEFT's adapters in place of ours: each LoRALinear back to
+    its nn.Linear (the same weight and bias), `peft.get_peft_model` with the same rank, scale and
+    layers (no dropout), and our initial adapters copied into PEFT's, so both train the same numbers.
+    PEFT's LoRA needs float base layers: a job on a quantized base is refused."""
+    import torch
+    from torch import nn
+
+    from .errors import JobError
+    from .lora import LoRALinear
+
+    spec = job.sparse_update.lora_spec if job.sparse_update is not None else None
+    if spec is None:
+        raise JobError(f"{job.name}: PEFT is a peer for LoRA jobs only (SparseUpdate.lora)")
+    import peft
+
+    model = copy.deepcopy(job.model)
+    adapters = {name: m for name, m in model.named_modules() if hasattr(m, "lora_A")}
+    quantized = [name for name, m in adapters.items() if not isinstance(m, LoRALinear)]
+    if quantized:
+        raise JobError(f"{job.name}: PEFT's LoRA needs float base layers; {quantized[0]} is "
+                       f"{type(adapters[quantized[0]]).__name__}")
+    for name, module in adapters.items():
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           dtype=module.weight.dtype)
+        linear.weight, linear.bias = module.weight, module.bias
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+    scales = {m.scale for m in adapters.values()}
+    config = peft.LoraConfig(r=spec["r"], lora_alpha=spec["r"] * scales.pop(), target_modules=sorted(adapters),
+                             lora_dropout=0.0, bias="none")
+    wrapped = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name, module in adapters.items():
+            layer = wrapped.base_model.model.get_submodule(name)
+            layer.lora_A["default"].weight.copy_(module.lora_A)
+            layer.lora_B["default"].weight.copy_(module.lora_B)
+    return wrapped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,8 +291,9 @@ def torch_times_in_fresh_processes(source: JobSource, columns, repeats: int, pol
 
 
 def torch_times(source: JobSource, columns, repeats: int, plan=None) -> dict:
-    """Median step times of PyTorch eager and/or torch.compile for the job, in this process, training
-    what `plan` trains (default: the job's plan, from an import of the model)."""
+    """Median step times of PyTorch eager, torch.compile and/or PEFT (columns: torch_training_step's
+    peers) for the job, in this process, training what `plan` trains (default: the job's plan, from
+    an import of the model)."""
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -259,7 +302,7 @@ def torch_times(source: JobSource, columns, repeats: int, plan=None) -> dict:
         plan = job.plan(job.import_model())
     times = {}
     for column in columns:
-        step = torch_training_step(job, plan, compiled=column == "torch.compile")
+        step = torch_training_step(job, plan, peer=column)
         start = time.perf_counter()
         step()  # torch.compile compiles here (minutes, cold)
         if column == "torch.compile":

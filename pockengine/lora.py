@@ -7,7 +7,9 @@ parameters, `<name>.lora_A` (r x in, Kaiming-uniform as PEFT initialises it) and
 to a copy of a job's model and trains only the adapters, so PockEngine's sparse updates and LoRA
 compare under the same compiler; `merge(state_dict)` folds trained adapters back into the weights.
 A 4-bit W4Linear (pockengine/awq.py) becomes a LoRAW4Linear the same way: QLoRA's setting, the
-adapters in float beside a packed base they are never merged into.
+adapters in float beside a packed base they are never merged into; an int8 W8Linear
+(pockengine/smoothquant.py) becomes a LoRAW8Linear, its adapters reading the layer's input before the
+SmoothQuant scale and (W8A8) the rounding.
 """
 
 from __future__ import annotations
@@ -79,22 +81,53 @@ class LoRAW4Linear(W4Linear):
         return f"{W4Linear.extra_repr(self)}, r={self.r}, scale={self.scale}"
 
 
+class LoRAW8Linear(W8Linear):
+    """An int8 W8Linear (pockengine/smoothquant.py) plus a rank-r update in float; the int8 weight, its
+    scales and the input scale are the base's buffers, under the same names."""
+
+    def __init__(self, base: W8Linear, r: int, alpha: float, generator: torch.Generator):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.activations = base.activations
+        for name in ("weight_int8", "weight_scale", "input_scale"):
+            self.register_buffer(name, getattr(base, name))
+        self.bias = base.bias
+        _add_adapters(self, r, alpha, base.weight_scale.dtype, generator)
+
+    def forward(self, x):
+        return W8Linear.forward(self, x) + _update(self, x)
+
+    def as_float(self) -> LoRALinear:
+        """For a W8 base, a LoRALinear on the dequantized weight with these adapters (the same Parameters)."""
+        adapted = LoRALinear(W8Linear.as_float(self), self.r, self.r * self.scale, torch.Generator())
+        adapted.scale, adapted.lora_A, adapted.lora_B = self.scale, self.lora_A, self.lora_B
+        return adapted
+
+    def extra_repr(self) -> str:
+        return f"{W8Linear.extra_repr(self)}, r={self.r}, scale={self.scale}"
+
+
+def _adapted_class(module: nn.Module):
+    """The LoRA class that adapts `module`, or None (not a linear layer, or adapted already)."""
+    if isinstance(module, (LoRAW4Linear, LoRAW8Linear)):
+        return None
+    for kind, adapted in ((W4Linear, LoRAW4Linear), (W8Linear, LoRAW8Linear), (nn.Linear, LoRALinear)):
+        if isinstance(module, kind):
+            return adapted
+    return None
+
+
 def add_lora(model, r: int = 8, targets=("q_proj", "v_proj"), alpha: float | None = None, seed: int = 0) -> list:
     """Replace, in place, every nn.Linear of `model` whose name matches one of `targets` by a
-    LoRALinear of rank `r` and scale alpha / r (alpha defaults to r: scale 1). Its base weight and
+    LoRALinear of rank `r` and scale alpha / r (alpha defaults to r: scale 1); a quantized base layer
+    (W4Linear, W8Linear) by its LoRAW4Linear / LoRAW8Linear. Its base weight and
     bias stop requiring gradients. Returns the replaced modules' names. The adapters' initial values
     come from `seed`, so the same call on two copies of a model gives the same adapters."""
     if not isinstance(r, int) or r < 1:
         raise JobError(f"LoRA rank must be an integer >= 1, got {r!r}")
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, W4Linear))]
+    linears = [(name, m) for name, m in model.named_modules() if _adapted_class(m) is not None]
     chosen = [(name, m) for name, m in linears if any(module_name_matches(name, t) for t in targets)]
-    int8 = [name for name, m in model.named_modules()
-            if isinstance(m, W8Linear) and any(module_name_matches(name, t) for t in targets)]
-    if int8:
-        raise JobError(f"LoRA targets {int8[0]}, an int8 layer (pe.quantize.smoothquant): adapters beside an int8 "
-                       "base are not supported yet. Quantize the base with pe.quantize.awq (4-bit, adapters sit "
-                       "beside it), or leave the targets float (smoothquant(..., skip=[...]))")
     if not chosen:
         names = ", ".join(name for name, _ in linears[:30]) + (" ..." if len(linears) > 30 else "")
         raise JobError(f"LoRA targets {list(targets)} match no nn.Linear of the model; its linear layers: {names}")
@@ -108,8 +141,7 @@ def add_lora(model, r: int = 8, targets=("q_proj", "v_proj"), alpha: float | Non
             base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
-        adapted = LoRAW4Linear if isinstance(base, W4Linear) else LoRALinear
-        setattr(owner, child, adapted(base, r, float(r if alpha is None else alpha), generator))
+        setattr(owner, child, _adapted_class(base)(base, r, float(r if alpha is None else alpha), generator))
     return [name for name, _ in chosen]
 
 
@@ -119,9 +151,10 @@ def merge(state_dict: dict, model) -> dict:
     (a LoRA job's `job.model`), which knows each adapter's scale."""
     merged = {k: v for k, v in state_dict.items() if not k.endswith((f".{LORA_A}", f".{LORA_B}"))}
     for name, module in model.named_modules():
-        if isinstance(module, LoRAW4Linear):
-            raise JobError(f"lora.merge: {name}'s base weight is 4-bit (quantize.awq); adding the adapters to it "
-                           "would round them away. Keep the adapters beside the base (its state dict as it is)")
+        if isinstance(module, (LoRAW4Linear, LoRAW8Linear)):
+            kind = "4-bit (quantize.awq)" if isinstance(module, LoRAW4Linear) else "int8 (quantize.smoothquant)"
+            raise JobError(f"lora.merge: {name}'s base weight is {kind}; adding the adapters to it would round "
+                           "them away. Keep the adapters beside the base (its state dict as it is)")
         if isinstance(module, LoRALinear):
             a, b = state_dict[f"{name}.{LORA_A}"], state_dict[f"{name}.{LORA_B}"]
             merged[f"{name}.weight"] = state_dict[f"{name}.weight"] + module.scale * (b @ a)

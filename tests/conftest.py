@@ -97,6 +97,24 @@ def train_torch(model, optimizer: pe.optim.Optimizer, batches, loss_fn=nn.functi
     return losses
 
 
+def assert_adapters_train_like_pytorch(program, losses, base, scheme, batches, optimizer, loss_fn):
+    """A LoRA program on a quantized `base` against PyTorch training the same adapters (add_lora,
+    same seed) on `base` with its weight-only layers dequantized (pe.quantize.dequantized; W8A8 ones
+    stay): `losses` (the program's, on `batches`) and the adapters after, float64, 1e-9."""
+    from pockengine.lora import add_lora
+
+    reference = copy.deepcopy(base)
+    add_lora(reference, **scheme.lora_spec)
+    reference = pe.quantize.dequantized(reference)
+    for name, param in reference.named_parameters():
+        param.requires_grad_(name.endswith(("lora_A", "lora_B")))
+    np.testing.assert_allclose(losses, train_torch(reference, optimizer, batches, loss_fn=loss_fn), rtol=1e-9)
+    state = program.state_dict()
+    adapters = {k: v for k, v in reference.state_dict().items() if "lora_" in k}
+    worst, where = max_scaled_diff({k: state[k] for k in adapters}, adapters)
+    assert worst <= 1e-9, f"{where} differs by {worst:.3g}"
+
+
 def compile_and_train(model, optimizer, batches, target="host", loss="cross_entropy"):
     """(program, losses): compile a copy of `model` (the original stays untouched for the oracle)."""
     job = pe.TrainingJob(copy.deepcopy(model), (batches[0][0],), batches[0][1], loss, optimizer)

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 import pockengine as pe
-from conftest import FAST_HOST, max_scaled_diff, train_torch
+from conftest import FAST_HOST, assert_adapters_train_like_pytorch, max_scaled_diff, train_torch
 from pockengine import awq
 from pockengine.errors import JobError
-from pockengine.lora import add_lora, merge
+from pockengine.lora import merge
 
 transformers = pytest.importorskip("transformers")
 from test_transformers import causal_lm_loss, llama, llama_in_input_dtype, lm_batches  # noqa: E402, F401
@@ -248,19 +248,9 @@ def test_lora_on_a_w4_llama_trains_like_pytorch_on_the_dequantized_base():
                          pe.optim.AdamW(lr=1e-3), sparse_update=scheme)
     program = pe.compile(job, target=FAST_HOST)
     ours = [program.step(x, y) for x, y in batches]
-    reference = copy.deepcopy(base)
-    add_lora(reference, **scheme.lora_spec)
-    reference = pe.quantize.dequantized(reference)
-    for name, param in reference.named_parameters():
-        param.requires_grad_(name.endswith(("lora_A", "lora_B")))
-    theirs = train_torch(reference, pe.optim.AdamW(lr=1e-3), batches, loss_fn=causal_lm_loss)
-    np.testing.assert_allclose(ours, theirs, rtol=1e-9)
-    state = program.state_dict()
-    adapters = {k: v for k, v in reference.state_dict().items() if "lora_" in k}
-    worst, where = max_scaled_diff({k: state[k] for k in adapters}, adapters)
-    assert worst <= 1e-9, f"{where} differs by {worst:.3g}"
+    assert_adapters_train_like_pytorch(program, ours, base, scheme, batches, pe.optim.AdamW(lr=1e-3), causal_lm_loss)
     with pytest.raises(JobError, match="4-bit"):
-        merge(state, job.model)
+        merge(program.state_dict(), job.model)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -346,14 +336,8 @@ def test_a_tied_embedding_is_one_4_bit_table_for_the_lookup_and_the_head():
     assert [s.name for s in program.signature.state if "lm_head" in s.name or "embed" in s.name] == [
         "lm_head.packed", "lm_head.scales", "lm_head.zeros"]
     ours = [program.step(x, y) for x, y in batches]
-    reference = copy.deepcopy(base)
-    add_lora(reference, **scheme.lora_spec)
-    reference = pe.quantize.dequantized(reference)
-    assert isinstance(reference.model.embed_tokens, nn.Embedding)
-    for name, param in reference.named_parameters():
-        param.requires_grad_(name.endswith(("lora_A", "lora_B")))
-    np.testing.assert_allclose(ours, train_torch(reference, pe.optim.AdamW(lr=1e-3), batches, loss_fn=causal_lm_loss),
-                               rtol=1e-9)
+    assert isinstance(pe.quantize.dequantized(base).model.embed_tokens, nn.Embedding)
+    assert_adapters_train_like_pytorch(program, ours, base, scheme, batches, pe.optim.AdamW(lr=1e-3), causal_lm_loss)
     before = program.state_dict()
     bad = batches[0][0].clone()
     bad[0, 3] = 1000  # the vocabulary is 0..999

@@ -13,12 +13,13 @@ from torch import nn
 from tvm import relax
 
 import pockengine as pe
-from conftest import FAST_HOST, max_scaled_diff, train_torch
+from conftest import FAST_HOST, assert_adapters_train_like_pytorch, max_scaled_diff, train_torch
 from pockengine import pipeline
 from pockengine import smoothquant as sq
 from pockengine.autodiff.step import Int8DotLayout
 from pockengine.errors import JobError
 from pockengine.frontend import w8_ops
+from pockengine.lora import LoRAW8Linear, merge
 from pockengine.targets import resolve
 from pockengine.targets.host import CPU_LOWERING
 
@@ -251,9 +252,27 @@ def test_bad_arguments_are_refused(kwargs, message):
         pe.quantize.smoothquant(Outliers(), [])
 
 
-def test_lora_on_an_int8_layer_is_refused_naming_it():
-    base = pe.quantize.smoothquant(llama(), [lm_batches(1)[0][0]])
-    ids, labels = lm_batches(1)[0]
-    with pytest.raises(JobError, match=r"LoRA targets model\.layers\.0\.self_attn\.q_proj, an int8 layer.*awq"):
-        pe.TrainingJob(base, (ids,), labels, causal_lm_loss, pe.optim.AdamW(lr=1e-3),
-                       sparse_update=pe.SparseUpdate.lora(4))  # the job adds the adapters as it is made
+@pytest.mark.usefixtures("llama_in_input_dtype")
+@pytest.mark.parametrize("quantized_for", ["the scheme", "no scheme"])
+def test_lora_on_a_smoothquant_llama_trains_like_pytorch_on_the_same_base(quantized_for):
+    """Adapters beside int8 layers (LoRAW8Linear). Quantized for the LoRA scheme, every layer is W8
+    (the backward passes through all of them): PyTorch trains the same adapters on the dequantized
+    base. Quantized without one, every layer is W8A8: PyTorch trains them on the same module (its
+    straight-through operator). float64, 1e-9; merging into the int8 weights is refused."""
+    model = llama(torch.float64)
+    batches = lm_batches(4)
+    scheme = pe.SparseUpdate.lora(4, ("q_proj", "v_proj", "down_proj"), alpha=8)
+    base = pe.quantize.smoothquant(model, [ids for ids, _ in batches[:2]],
+                                   sparse_update=scheme if quantized_for == "the scheme" else None)
+    job = pe.TrainingJob(copy.deepcopy(base), (batches[0][0],), batches[0][1], causal_lm_loss,
+                         pe.optim.AdamW(lr=1e-3), sparse_update=scheme)
+    adapted = job.model.model.layers[0].mlp.down_proj
+    assert isinstance(adapted, LoRAW8Linear)
+    assert adapted.activations == ("float" if quantized_for == "the scheme" else "int8")
+    program = pe.compile(job, target=FAST_HOST)
+    ours = [program.step(x, y) for x, y in batches]
+    assert_adapters_train_like_pytorch(program, ours, base, scheme, batches, pe.optim.AdamW(lr=1e-3), causal_lm_loss)
+    state = program.state_dict()
+    assert state["model.layers.0.self_attn.q_proj.weight_int8"].dtype == np.int8
+    with pytest.raises(JobError, match=r"q_proj's base weight is int8 \(quantize.smoothquant\)"):
+        merge(state, job.model)
