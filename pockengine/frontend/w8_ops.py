@@ -144,18 +144,23 @@ class Int8Dot:
     lanes: int
     offset: int
     vectors: int
-    intrinsic: str  # the TensorIntrin passes/schedule_int8_dot.py tensorizes with
+    llvm_intrinsic: str  # the instruction: (int32 x lanes sums, the tokens' bytes, the weight's bytes) -> sums
 
     @property
     def token_dtype(self) -> str:
         return "uint8" if self.offset else "int8"
 
+    @property
+    def intrinsic(self) -> str:
+        """The TensorIntrin passes/schedule_int8_dot.py registers and tensorizes with."""
+        return f"pockengine_{self.name}_{self.lanes}x{DOT_DEPTH}"
+
 
 # AVX-512 VNNI: 8 rows x 2 vectors of 16 sums, 16 of the 32 registers (the dot alone at 256x576x1536 on 2
 # cores, znver4: 942 GOP/s; 8 x 3 698, 4 x 4 633). Armv8.2 dotprod (sdot, signed x signed: no offset):
 # 8 x 4 vectors of 4 sums, 32 accumulators would be every register: 8 x 3 (untuned: only QEMU here).
-VNNI = Int8Dot("avx512-vnni", lanes=16, offset=UINT8_OFFSET, vectors=2, intrinsic="pockengine_vnni_dot_16x4")
-SDOT = Int8Dot("aarch64-sdot", lanes=4, offset=0, vectors=3, intrinsic="dot_4x4_i8i8s32_sdot")
+VNNI = Int8Dot("avx512-vnni", lanes=16, offset=UINT8_OFFSET, vectors=2, llvm_intrinsic="llvm.x86.avx512.vpdpbusd.512")
+SDOT = Int8Dot("aarch64-sdot", lanes=4, offset=0, vectors=3, llvm_intrinsic="llvm.aarch64.neon.sdot.v4i32.v16i8")
 
 
 def int8_dot(target=None) -> Int8Dot | None:

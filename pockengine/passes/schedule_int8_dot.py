@@ -10,8 +10,7 @@ sums, each adding four byte products; sdot: 4 sums). The schedule:
     ko loads the tile's weight vectors once and broadcasts each row's four bytes once;
   * orders the tiles column block first, so a block's weights (vectors x lanes rows of the weight,
     the whole depth) stay in cache while every row tile passes over them, and runs them on all cores;
-  * tensorizes (ni, ki) with the instruction: our own vpdpbusd intrinsic (TVM's passes the byte
-    operands as 16 x int32, which this LLVM's signature refuses), TVM's sdot;
+  * tensorizes (ni, ki) with the instruction (register_intrinsic: our own, for vpdpbusd and sdot);
   * computes the epilogue (the offset's correction and the scales), when fusion put it in the
     kernel, inside the same column block while its sums are in cache.
 The kernel is then marked scheduled: the generic CPU schedules leave it alone. A kernel TVM refuses
@@ -22,42 +21,52 @@ from __future__ import annotations
 
 import tvm
 from tvm import s_tir
-from tvm.s_tir.tensor_intrin import arm_cpu  # noqa: F401 - registers aarch64's sdot intrinsic
 from tvm.script import tirx as T
 
 from ..frontend import w8_ops
 from ..ir import INT8_DOT, kernel_schedule, map_kernels
 
 
-@T.prim_func(s_tir=True)
-def _dot_16x4_description(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),
-                          c: T.Buffer((16,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(c[0:16], a[0:4], b[0:16, 0:4])
-        T.writes(c[0:16])
-        for i in T.serial(0, 16):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+def register_intrinsic(form: w8_ops.Int8Dot) -> str:
+    """Register `form`'s instruction as a TensorIntrin (once; its name is form.intrinsic): `lanes` int32
+    sums, each adding the four products of the token's bytes (broadcast) and one weight row's four.
+    Ours for both instructions: TVM's VNNI intrinsic passes the bytes as 16 x int32, which this LLVM's
+    signature refuses, and importing tvm.s_tir.tensor_intrin for its sdot one parses every intrinsic
+    TVM has (CUDA's included): 2.5 minutes of every process that imported this module."""
+    if s_tir.TensorIntrin.get(form.intrinsic, allow_missing=True) is not None:
+        return form.intrinsic
+    lanes, depth, tokens = form.lanes, w8_ops.DOT_DEPTH, form.token_dtype
+    byte_vector, sum_vector = f"int8x{lanes * depth}", f"int32x{lanes}"
+    instruction = form.llvm_intrinsic
 
+    @T.prim_func(s_tir=True)
+    def description(a: T.Buffer((depth,), tokens, offset_factor=1),
+                    b: T.Buffer((lanes, depth), "int8", offset_factor=1),
+                    c: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:lanes], a[0:depth], b[0:lanes, 0:depth])
+            T.writes(c[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, depth):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
 
-@T.prim_func(s_tir=True)
-def _dot_16x4_vnni(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),
-                   c: T.Buffer((16,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(c[0:16], a[0:4], b[0:16, 0:4])
-        T.writes(c[0:16])
-        four_bytes = T.reinterpret(a.vload([0], "uint8x4"), dtype="int32")
-        c[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), c.vload([0], dtype="int32x16"),
-            T.reinterpret(T.broadcast(four_bytes, 16), dtype="int8x64"), b.vload([0, 0], dtype="int8x64"),
-            dtype="int32x16")
+    @T.prim_func(s_tir=True)
+    def implementation(a: T.Buffer((depth,), tokens, offset_factor=1),
+                       b: T.Buffer((lanes, depth), "int8", offset_factor=1),
+                       c: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:lanes], a[0:depth], b[0:lanes, 0:depth])
+            T.writes(c[0:lanes])
+            four_bytes = T.reinterpret(a.vload([0], f"{tokens}x{depth}"), dtype="int32")
+            c[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(instruction), c.vload([0], dtype=sum_vector),
+                T.reinterpret(T.broadcast(four_bytes, lanes), dtype=byte_vector), b.vload([0, 0], dtype=byte_vector),
+                dtype=sum_vector)
 
-
-# Registered under the name w8_ops.VNNI gives it (w8_ops.SDOT's is TVM's own, registered by arm_cpu's import).
-if s_tir.TensorIntrin.get(w8_ops.VNNI.intrinsic, allow_missing=True) is None:
-    s_tir.TensorIntrin.register(w8_ops.VNNI.intrinsic, _dot_16x4_description, _dot_16x4_vnni)
+    s_tir.TensorIntrin.register(form.intrinsic, description, implementation)
+    return form.intrinsic
 
 
 def schedule_int8_dot(cores: int) -> tvm.transform.Pass:
@@ -66,7 +75,8 @@ def schedule_int8_dot(cores: int) -> tvm.transform.Pass:
         form = w8_ops.int8_dot()  # the current target's (w8_ops makes INT8_DOT blocks only for it)
         if form is None:
             return mod
-        return map_kernels(mod, lambda func: schedule_kernel(func, cores, form.intrinsic))
+        intrinsic = register_intrinsic(form)
+        return map_kernels(mod, lambda func: schedule_kernel(func, cores, intrinsic))
 
     return transform
 
