@@ -178,3 +178,16 @@ def test_a_pass_added_in_the_pipeline_runs_for_every_target_family(monkeypatch):
         assert seen[before:] == [preset.target().kind.name] and program.meta["family"] == preset.family
         built.append(preset.family)
     assert "host" in built and len(set(built)) == len(built)
+
+
+def test_importing_the_compiler_parses_none_of_tvms_tensor_intrinsics():
+    """tvm.s_tir.tensor_intrin's __init__ parses every TVMScript intrinsic TVM ships (CUDA's too): it
+    cost every process that imported pockengine.build 2.5 minutes (the CLI, the artifact tests, the
+    tuning builders). The compiler registers the two it uses itself (passes/schedule_int8_dot.py)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pockengine, pockengine.build, pockengine.pipeline, pockengine.cli; "
+            "print([m for m in sys.modules if m.startswith('tvm.s_tir.tensor_intrin')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
