@@ -208,6 +208,49 @@ def test_grid_sample_on_the_gradient_path_names_the_op():
         pe.compile(job, target=FAST_HOST)
 
 
+class Interpolations(nn.Module):
+    """F.interpolate in the modes people use, after a trained conv (the gradient flows through each)."""
+
+    MODES = [dict(size=(7, 9), mode="bilinear"), dict(size=(7, 9), mode="bilinear", align_corners=True),
+             dict(scale_factor=1.5, mode="bilinear"), dict(size=(3, 4), mode="bilinear"),
+             dict(size=(7, 9), mode="nearest"), dict(scale_factor=2, mode="nearest"),
+             dict(size=(7, 9), mode="nearest-exact"), dict(size=(7, 9), mode="bicubic")]
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Linear(len(self.MODES) * 2, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        outs = [(torch.nn.functional.interpolate(x, **kw) ** 2).mean((2, 3)) for kw in self.MODES]
+        return self.head(torch.cat(outs, 1))
+
+
+def test_interpolation_trains_like_pytorch_in_every_mode():
+    """TVM's importer maps F.interpolate to image.resize2d with another arithmetic than PyTorch's:
+    'nearest' rounded half-pixel coordinates (PyTorch floors), a scale_factor's 1/scale was ignored
+    (1.5 on a 5-pixel axis reads other pixels), the source coordinates were float32. The import now
+    takes PyTorch's own decomposition (which needed integer clamps with one bound: TVM's converter
+    made them +-inf, an internal error). float64, 1e-10."""
+    model = Interpolations().double()
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(2, 2, 4, 5, dtype=torch.float64, generator=g), torch.tensor([0, 2])) for _ in range(3)]
+    _, (worst, where) = parity(model, batches, pe.optim.SGD(lr=0.1, momentum=0.9))
+    assert worst < 1e-10, where
+
+
+def test_antialiased_interpolation_is_refused_naming_the_fix():
+    class Shrink(nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.interpolate(x, size=(2, 2), mode="bilinear", antialias=True).flatten(1)
+
+    job = pe.TrainingJob(nn.Sequential(nn.Conv2d(2, 2, 1), Shrink(), nn.Linear(8, 3)), (torch.randn(2, 2, 5, 5),),
+                         torch.tensor([0, 2]), "cross_entropy", pe.optim.SGD(lr=0.1))
+    with pytest.raises(UnsupportedOpError, match=r"antialias=True\) at .* Fix: antialias=False"):
+        pe.compile(job, target=FAST_HOST)
+
+
 def test_loss_errors():
     model = nn.Linear(3, 2)
     x, y = torch.randn(4, 3), torch.randn(4, 2)

@@ -24,16 +24,29 @@ _decomposed: collections.OrderedDict = collections.OrderedDict()
 _lock = threading.Lock()
 
 
+def _table() -> dict:
+    """Core ATen's decompositions, and PyTorch's own for F.interpolate's nearest and bilinear modes:
+    TVM's importer maps those to image.resize2d with other arithmetic than PyTorch's (nearest as
+    half-pixel rounding, a scale_factor's 1/scale ignored, source coordinates in float32), while
+    PyTorch's decomposition is its definition in gathers and multiplies we already differentiate."""
+    from torch._decomp import get_decompositions
+
+    aten = torch.ops.aten
+    return {**torch.export.default_decompositions(), **get_decompositions([
+        aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default,
+        aten.upsample_bilinear2d.vec, aten.upsample_bilinear2d.default])}
+
+
 def decompose(ep):
-    """ep.run_decompositions() (core ATen), from the remembered result when an earlier export in this
-    process had the same graph."""
+    """ep.run_decompositions() (core ATen, and PyTorch's decompositions of interpolation: _table),
+    from the remembered result when an earlier export in this process had the same graph."""
     key = fingerprint(ep)
     with _lock:  # held while a kept graph is wrapped: ExportedProgram() sets attributes of the graph
         kept = _decomposed.get(key)
         if kept is not None:
             _decomposed.move_to_end(key)
             return kept.with_values_of(ep)
-    decomposed = ep.run_decompositions()
+    decomposed = ep.run_decompositions(_table())
     with _lock:
         _decomposed[key] = _Kept(decomposed, ep)
         while len(_decomposed) > KEPT:

@@ -710,6 +710,30 @@ def _rand(node, importer):
     return _uniform_like(node, importer, shape, dtype)
 
 
+def _clamp(node, importer):
+    """clamp(x, min, max) of an integer tensor with a bound left out (PyTorch's decomposition of
+    F.interpolate clamps its indices so): TVM's converter puts +-inf there, which an integer cannot
+    hold ("Cannot convert infinity to BigInt"). Float tensors take TVM's converter."""
+    x = importer.env[node.args[0]]
+    dtype = _dtype(x)
+    if not dtype.startswith(("int", "uint")):
+        return importer._clamp(node)
+    low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+    high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+    for bound, op in ((low, relax.op.maximum), (high, relax.op.minimum)):
+        if bound is not None:
+            x = importer.block_builder.emit(op(x, relax.const(int(bound), dtype)))
+    return x
+
+
+def _antialiased_bilinear(node, importer):
+    """F.interpolate(mode="bilinear", antialias=True): TVM's importer drops the antialiasing (a
+    different result when downsampling) and PyTorch has no decomposition of it to import instead."""
+    raise UnsupportedOpError(f"F.interpolate(mode='bilinear', antialias=True) at {node_origin(node)} is not "
+                             "supported: its antialiasing filter has no Relax form. Fix: antialias=False (the "
+                             "same result when upsampling), or downsample with F.avg_pool2d / F.adaptive_avg_pool2d.")
+
+
 _RANDOM_CONVERTERS = {
     "bernoulli.p": _bernoulli_p,
     "bernoulli.default": _bernoulli_tensor,
@@ -785,5 +809,7 @@ CONVERTERS = {
     "native_group_norm.default": _group_norm_functional,
     "cat.default": _cat,
     "cumsum.default": _cumsum,
+    "clamp.default": _clamp,
+    "_upsample_bilinear2d_aa.default": _antialiased_bilinear,
     "embedding.default": _embedding,
 }
