@@ -29,7 +29,8 @@ class TrainingJob:
     optimizer: a `pockengine.optim` optimizer (SGD, Adam, AdamW).
     sparse_update: a `SparseUpdate` scheme (or a dict of its rules) choosing the parameters, and the
         channels of them, to train; None trains every parameter with `requires_grad=True`. With
-        `SparseUpdate.lora(...)`, `job.model` is a copy of the model with the adapters added.
+        `SparseUpdate.lora(...)`, `job.model` is a copy of the model with the adapters added (with
+        `SparseUpdate.lite_residual(...)`, with the branches added).
     seed: the initial seed of the step's random generator (dropout and stochastic depth masks in
         training, pockengine/random.py), an int in [0, 2**63): the same seed gives the same masks on
         every target, step after step; it is state, saved and loaded with the optimizer's.
@@ -80,6 +81,9 @@ class TrainingJob:
         if self.is_onnx:
             if self.sparse_update is not None and self.sparse_update.lora_spec is not None:
                 raise JobError("SparseUpdate.lora adds adapters to a torch model; an ONNX model cannot take them")
+            if self.sparse_update is not None and self.sparse_update.lite_residual_spec is not None:
+                raise JobError("SparseUpdate.lite_residual adds branches to a torch model; an ONNX model cannot "
+                               "take them")
             return
         try:
             import torch
@@ -102,6 +106,14 @@ class TrainingJob:
             if x.numel() == 0:
                 raise JobError(f"{what} is empty (shape {tuple(x.shape)}): the step is compiled for the example "
                                "batch's shape; pass a batch of the size you will train with")
+        branches = self.sparse_update.lite_residual_spec if self.sparse_update is not None else None
+        if branches is not None:  # train a copy with the branches; the caller's model stays as it is
+            import copy
+
+            from .lite_residual import add_lite_residuals
+
+            self.model = copy.deepcopy(self.model)
+            self.lite_residual_blocks = add_lite_residuals(self.model, self.example_inputs, **branches)
         half = (torch.float16, torch.bfloat16)
         low = [(f"example_inputs[{i}]", x.dtype) for i, x in enumerate(self.example_inputs) if x.dtype in half]
         low += [(name, p.dtype) for name, p in self.model.named_parameters() if p.dtype in half][:1]

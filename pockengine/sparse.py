@@ -42,7 +42,8 @@ class SparseUpdate:
     rules: tuple = ()
     default: str = FROZEN
     # ("last_k", k), ("mcunetv3", n_bias_update, weight indices, ratios), ("last_blocks", k, part),
-    # ("bias_and_norm",) or ("lora", r, targets, alpha, seed): rules derived from the model
+    # ("bias_and_norm",), ("lora", r, targets, alpha, seed) or ("lite_residual", blocks, kernel_size,
+    # groups, downsample, expand, seed): rules derived from the model
     preset: tuple = ()
 
     def __post_init__(self):
@@ -114,6 +115,28 @@ class SparseUpdate:
             raise JobError(f"LoRA rank must be an integer >= 1, got {r!r}")
         targets = (targets,) if isinstance(targets, str) else tuple(targets)
         return cls(preset=("lora", r, targets, alpha, seed))
+
+    @classmethod
+    def lite_residual(cls, blocks=None, kernel_size: int = 5, groups: int = 2, downsample: int = 2,
+                      expand: float = 1.0, seed: int = 0) -> SparseUpdate:
+        """TinyTL: a lite residual branch beside each block (`blocks`: module names or globs; default:
+        the model's repeated blocks, pockengine.lite_residual.default_blocks), trained with every bias;
+        every weight of the model stays frozen (`| {"classifier": "full"}` trains a new head too). The
+        job trains a copy of its model with the branches added (pockengine.lite_residual)."""
+        from .lite_residual import check_arguments
+
+        check_arguments(kernel_size, groups, downsample, expand)
+        blocks = None if blocks is None else ((blocks,) if isinstance(blocks, str) else tuple(blocks))
+        return cls(preset=("lite_residual", blocks, kernel_size, groups, downsample, expand, seed))
+
+    @property
+    def lite_residual_spec(self) -> dict | None:
+        """The add_lite_residuals arguments of a lite residual scheme, else None."""
+        if not self.preset or self.preset[0] != "lite_residual":
+            return None
+        blocks, kernel_size, groups, downsample, expand, seed = self.preset[1:]
+        return {"blocks": blocks, "kernel_size": kernel_size, "groups": groups, "downsample": downsample,
+                "expand": expand, "seed": seed}
 
     @property
     def lora_spec(self) -> dict | None:
@@ -240,8 +263,16 @@ def _lora_rules(params, *_spec):
     return adapters
 
 
+def _lite_residual_rules(params, *_spec):
+    branches = [(name, FULL) for name, _, _ in params if ".lite_residual." in f".{name}"]
+    if not branches:
+        raise JobError("SparseUpdate.lite_residual: the model has no lite residual branches; pass the scheme to a "
+                       "TrainingJob, which adds them (pockengine.lite_residual.add_lite_residuals)")
+    return [("*", BIAS)] + branches
+
+
 _PRESET_RULES = {"last_k": _last_k_rules, "mcunetv3": _mcunetv3_rules, "last_blocks": _last_blocks_rules,
-                 "bias_and_norm": _bias_and_norm_rules, "lora": _lora_rules}
+                 "bias_and_norm": _bias_and_norm_rules, "lora": _lora_rules, "lite_residual": _lite_residual_rules}
 
 
 def _bias_of(names, i):

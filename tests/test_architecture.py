@@ -17,7 +17,7 @@ PACKAGE = os.path.join(ROOT, "pockengine")
 LAYERS = (
     ("leaves", ("errors", "validate", "random", "rounding", "timing", "cache", "torch_kernels", "ir", "artifact_files",
                 "targets.device_runner")),
-    ("the job", ("optim", "sparse", "awq", "smoothquant", "lora", "quantize", "frontend", "job")),
+    ("the job", ("optim", "sparse", "awq", "smoothquant", "lora", "lite_residual", "quantize", "frontend", "job")),
     ("autodiff", ("autodiff",)),
     ("passes", ("passes",)),
     ("analyses", ("analysis",)),
