@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import JobError
+from .frontend.torch import eval_mode
 
 LITE_RESIDUAL = "lite_residual"
 CHANNEL_DIVISOR = 8  # the branch's middle width is rounded to a multiple of this (TinyTL's make_divisible)
@@ -100,15 +101,12 @@ def _shapes(model: nn.Module, names: list, example_inputs: tuple) -> dict:
                 shapes[name] = (tuple(x.shape) if isinstance(x, torch.Tensor) else None,
                                 tuple(output.shape) if isinstance(output, torch.Tensor) else None)
         handles.append(model.get_submodule(name).register_forward_hook(record))
-    modes = {m: m.training for m in model.modules()}  # each module's own (a BatchNorm kept in eval mode)
     try:
-        with torch.no_grad():
-            model.eval()(*example_inputs)
+        with torch.no_grad(), eval_mode(model):
+            model(*example_inputs)
     finally:
         for handle in handles:
             handle.remove()
-        for m, training in modes.items():
-            m.training = training
     return shapes
 
 

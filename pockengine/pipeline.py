@@ -241,19 +241,14 @@ def derive_forward(model, example_inputs: tuple, output, progress=None) -> Deriv
 
     from .autodiff.guards import index_ranges
     from .autodiff.step import BUFFER, FROZEN
-    from .frontend.torch import import_torch_forward
+    from .frontend.torch import eval_mode, import_torch_forward
 
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"compile_inference takes a torch.nn.Module, got {type(model).__name__}; an ONNX model "
                          "is compiled for training only (pockengine.TrainingJob)")
     with stage("import", progress):
-        training = {module: module.training for module in model.modules()}
-        model.eval()  # dropout off, BatchNorm on its running statistics: what inference computes
-        try:
+        with eval_mode(model):  # dropout off, BatchNorm on its running statistics: what inference computes
             imported = import_torch_forward(model, example_inputs, output)
-        finally:
-            for module, mode in training.items():
-                module.training = mode
         if imported.mutated_buffers or imported.random_sites:
             what = (f"changes buffers ({', '.join(imported.mutated_buffers[:5])})" if imported.mutated_buffers
                     else "samples random numbers")

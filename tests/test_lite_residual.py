@@ -15,9 +15,9 @@ from pockengine import bench
 from pockengine.errors import JobError
 from pockengine.lite_residual import LiteResidualBranch, add_lite_residuals, default_blocks
 
-if not bench.import_vision_packages():
-    pytest.skip("torchvision is not installed", allow_module_level=True)
-import torchvision
+bench.import_vision_packages()  # the Makefile installs torchvision, timm and mcunet beside the venv
+import timm  # noqa: E402
+import torchvision  # noqa: E402
 
 
 def mobilenet_v2():
@@ -36,7 +36,6 @@ def test_the_branches_go_beside_each_models_blocks():
 
     mcunet = MobileNetV2(n_classes=5, width_mult=0.35, dropout_rate=0.0)
     assert default_blocks(mcunet)[:2] == ["blocks.0", "blocks.1"] and len(default_blocks(mcunet)) == len(mcunet.blocks)
-    timm = pytest.importorskip("timm")
     efficientnet = timm.create_model("efficientnet_b0", pretrained=False)
     blocks = default_blocks(efficientnet)
     assert blocks[0] == "blocks.0.0" and blocks[-1] == f"blocks.6.{len(efficientnet.blocks[6]) - 1}"

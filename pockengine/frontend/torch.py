@@ -16,6 +16,7 @@ refused, naming where the model uses them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
@@ -106,6 +107,19 @@ def model_output(out):
         return logits
     raise FrontendError(f"the model returns a {type(out).__name__}, not a tensor; pass output= to pick the tensor "
                         "the artifact returns, e.g. output=lambda out: out[0]")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """`model` in eval mode for the block; after it, each module back in its own mode (a BatchNorm kept
+    in eval mode inside a training model stays so, which model.train(was_training) would undo)."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 def _export(module: nn.Module, args: tuple, what: str):
