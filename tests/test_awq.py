@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from tvm import relax
 
 import pockengine as pe
 from conftest import FAST_HOST, assert_adapters_train_like_pytorch, max_scaled_diff, train_torch
-from pockengine import awq
+from pockengine import awq, pipeline
 from pockengine.errors import JobError
 from pockengine.lora import merge
 
 transformers = pytest.importorskip("transformers")
-from test_transformers import causal_lm_loss, llama, llama_in_input_dtype, lm_batches  # noqa: E402, F401
+from test_transformers import BATCH, SEQ, VOCAB, causal_lm_loss, llama, llama_in_input_dtype, lm_batches  # noqa: E402, F401
 
 
 def reference_groups(weight, group):
@@ -317,11 +318,18 @@ def test_a_w4_step_counts_the_flops_of_the_float_one():
 
 
 @pytest.mark.usefixtures("llama_in_input_dtype")
-def test_a_tied_embedding_is_one_4_bit_table_for_the_lookup_and_the_head():
+@pytest.mark.parametrize("fused_loss", [False, True], ids=["logits", "fused vocabulary loss"])
+def test_a_tied_embedding_is_one_4_bit_table_for_the_lookup_and_the_head(fused_loss, monkeypatch):
     """embeddings=True: the LLaMA's embedding and the LM head tied to it read one 4-bit table (one
     state tensor, named under the head); LoRA trains on it as PyTorch does on the dequantized model,
-    and a token id outside the table is refused before any state changes."""
+    and a token id outside the table is refused before any state changes. With the fused vocabulary
+    loss (a vocabulary of 2048 or more; forced here on 1000) the head is read packed a chunk of rows
+    at a time, forward and backward, and no float copy of it or whole logits exist."""
+    from pockengine.autodiff.linear_log_prob import GRAD_OP_NAME, OP_NAME
     from pockengine.errors import InputError
+    from pockengine.frontend import w4_ops
+    from pockengine.ir import op_name, static_shape
+    from pockengine.passes import chunk_linear_log_prob, fuse_linear_log_prob
 
     model = llama(torch.float64)
     batches = lm_batches(3)
@@ -332,6 +340,20 @@ def test_a_tied_embedding_is_one_4_bit_table_for_the_lookup_and_the_head():
     scheme = pe.SparseUpdate.lora(4, ("q_proj", "v_proj"), alpha=8)
     job = pe.TrainingJob(copy.deepcopy(base), (batches[0][0],), batches[0][1], causal_lm_loss,
                          pe.optim.AdamW(lr=1e-3), sparse_update=scheme)
+    if fused_loss:
+        monkeypatch.setattr(fuse_linear_log_prob, "MIN_CLASSES", 0)
+        monkeypatch.setattr(chunk_linear_log_prob, "MIN_CHUNK_ROWS", 16)
+        monkeypatch.setattr(chunk_linear_log_prob, "CHUNK_LOGITS_BYTES", 1)
+        imported = pipeline.import_model(job)
+        step = pipeline.derive_step(imported, job.optimizer, job.plan(imported))[0]["train_step"]
+        values = [b.value for block in step.body.blocks for b in block.bindings]
+        assert not {OP_NAME, GRAD_OP_NAME} & {op_name(v) for v in values}  # expanded into chunks
+        head_rows = [static_shape(v.args[0])[0] for v in values if op_name(v) in w4_ops.OPS
+                     and static_shape(v.args[1])[0] == VOCAB and len(static_shape(v.args[0])) == 2]
+        rows = BATCH * (SEQ - 1)
+        assert len(head_rows) >= 4 and sum(head_rows) == 2 * (rows + -rows % 8) and max(head_rows) == 16
+        assert not any(VOCAB in static_shape(v)[1:] and static_shape(v)[0] > 16 for v in values
+                       if isinstance(v, relax.Call) and isinstance(v.ty, relax.TensorType))
     program = pe.compile(job, target=FAST_HOST)
     assert [s.name for s in program.signature.state if "lm_head" in s.name or "embed" in s.name] == [
         "lm_head.packed", "lm_head.scales", "lm_head.zeros"]

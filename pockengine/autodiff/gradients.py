@@ -317,8 +317,10 @@ def linear_log_prob_grad(orig_var, orig_call, output_grad, ctx):
     One operator for both gradients, bound once (a tuple: the logits are computed again for it, in
     chunks, by passes/chunk_linear_log_prob.py; DCE drops the gradient nobody trains).
     """
-    x, weight, labels = orig_call.args
-    grads = ctx.emit(linear_log_prob.linear_log_prob_grad(x, weight, labels, output_grad))
+    x, weight, labels, *w4_operands = orig_call.args
+    grads = ctx.emit(linear_log_prob.linear_log_prob_grad(orig_call, output_grad))
+    if w4_operands:  # a 4-bit head is frozen: x's gradient only (read packed, as the forward reads it)
+        return [relax.TupleGetItem(grads, 0), no_grad(weight), no_grad(labels), *map(no_grad, w4_operands)]
     return [relax.TupleGetItem(grads, 0), relax.TupleGetItem(grads, 1), no_grad(labels)]
 
 

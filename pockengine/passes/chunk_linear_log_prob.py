@@ -8,6 +8,7 @@ For rows [s, e) of x (labels y, the label log-probabilities' gradient g):
     out    = gather(logits, y) - lse                       [rows]
     d      = g[:, None] * ((arange(V) == y[:, None]) - exp(logits - lse))
     x_grad[s:e] = d @ W;  W_grad += d^T @ x[s:e]
+(a 4-bit head: w4_ops's w4_matmul and w4_matmul_input_grad read W packed, and it has no gradient)
 The chunks' outputs and x gradients are concatenated, the W gradients summed; DCE drops the
 gradient nothing trains (a frozen tied embedding's).
 
@@ -31,7 +32,8 @@ import tvm
 from tvm import relax, te, topi
 from tvm.relax import op as R
 
-from ..autodiff.linear_log_prob import GRAD_OP_NAME, OP_NAME
+from ..autodiff.linear_log_prob import GRAD_OP_NAME, OP_NAME, w4_head
+from ..frontend import w4_ops
 from ..ir import Substitute, bindings_of, op_name, opaque_kernel, static_shape, step_pass, with_function
 
 CHUNK_LOGITS_BYTES = 16 << 20
@@ -95,7 +97,9 @@ class _Expansion:
         if len(forwards) != 1 or len(grads) != 1:
             return {}
         forward, grad = forwards[0], grads[0]
-        same_operands = all(a.same_as(c) for a, c in zip(forward.value.args, grad.value.args[:3]))
+        head_args = list(grad.value.args[:3]) + list(grad.value.args[4:])  # all but the output gradient
+        same_operands = len(head_args) == len(forward.value.args) and all(
+            a.same_as(c) for a, c in zip(forward.value.args, head_args))
         if not same_operands or self._depends_on(grad.value.args[3], forward.var):
             return {}
         return {grad.var: forward.var}
@@ -121,11 +125,11 @@ class _Expansion:
                         postponed[reads[0]].append(b)  # emitted after the chunks that compute what it reads
                         postponed_vars[reads[0]].add(b.var)
                     elif name == OP_NAME:
-                        rename[b.var] = self._chunks(bb, *value.args, None, want_forward=True)[0]
+                        rename[b.var] = self._chunks(bb, *value.args[:3], None, w4_head(value), want_forward=True)[0]
                     elif name == GRAD_OP_NAME:
-                        forward = pairs.get(b.var)
-                        out, x_grad, w_grad = self._chunks(bb, *value.args, want_forward=forward is not None)
-                        rename[b.var] = bb.emit(relax.Tuple([x_grad, w_grad]))
+                        forward, w4 = pairs.get(b.var), w4_head(value)
+                        out, x_grad, w_grad = self._chunks(bb, *value.args[:4], w4, want_forward=forward is not None)
+                        rename[b.var] = bb.emit(relax.Tuple([x_grad] if w4 else [x_grad, w_grad]))
                         if forward is not None:
                             rename[forward] = out
                             for later in postponed.pop(forward):
@@ -140,8 +144,10 @@ class _Expansion:
             bb.emit_func_output(outputs)
         return bb.get()
 
-    def _chunks(self, bb, x, weight, labels, out_grad, want_forward: bool):
-        """Emit the chunked computation: (out or None, x_grad or None, weight_grad or None)."""
+    def _chunks(self, bb, x, weight, labels, out_grad, w4, want_forward: bool):
+        """Emit the chunked computation: (out or None, x_grad or None, weight_grad or None). w4:
+        (scales, zeros, group size) of a 4-bit head, read packed by w4_ops's matmuls (no weight
+        gradient), else ()."""
         rows, hidden = static_shape(x)
         vocab = static_shape(weight)[0]
         dtype = str(x.ty.dtype)
@@ -157,14 +163,15 @@ class _Expansion:
         padded = rows + pad
         bounds = chunk_bounds(padded, vocab, tvm.DataType(dtype).bits // 8)
         classes = None if out_grad is None else bb.emit(R.expand_dims(R.arange(0, vocab, 1, str(labels.ty.dtype)), [0]))
-        weight_t = bb.emit(R.permute_dims(weight, [1, 0]))
+        weight_t = None if w4 else bb.emit(R.permute_dims(weight, [1, 0]))
         outs, x_grads, w_grad = [], [], None
         for start, stop in bounds:
             def rows_of(t, start=start, stop=stop):
                 return t if (start, stop) == (0, padded) else bb.emit(R.strided_slice(t, [0], [start], [stop]))
 
             x_rows, label_rows = rows_of(x), bb.emit(R.expand_dims(rows_of(labels), [1]))
-            logits = bb.emit(R.matmul(x_rows, weight_t, out_dtype=dtype))
+            logits = bb.emit(w4_ops.w4_matmul(x_rows, weight, *w4) if w4
+                             else R.matmul(x_rows, weight_t, out_dtype=dtype))
             top = bb.emit(R.max(logits, [1], keepdims=True))
             lse = bb.emit(R.add(top, R.log(R.sum(R.exp(R.subtract(logits, top)), [1], keepdims=True))))
             if want_forward:
@@ -175,6 +182,9 @@ class _Expansion:
             one_hot = R.astype(R.equal(classes, label_rows), dtype)
             grad_rows = bb.emit(R.expand_dims(rows_of(out_grad), [1]))
             logits_grad = bb.emit(R.multiply(grad_rows, R.subtract(one_hot, R.exp(R.subtract(logits, lse)))))
+            if w4:
+                x_grads.append(bb.emit(w4_ops.w4_matmul_input_grad(logits_grad, weight, *w4, hidden)))
+                continue
             x_grads.append(bb.emit(R.matmul(logits_grad, weight, out_dtype=dtype)))
             part = bb.emit(R.matmul(R.permute_dims(logits_grad, [1, 0]), x_rows, out_dtype=dtype))
             w_grad = part if w_grad is None else _opaque(bb, _add, w_grad, part)

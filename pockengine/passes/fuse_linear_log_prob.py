@@ -3,6 +3,7 @@ autodiff, so that the logits, their log-softmax and their gradient never exist w
 
 Cross-entropy, as torch's decomposition imports it, reads each row's label out of a log-softmax:
     logits = matmul(h[..., H], permute_dims(W[V, H]))        an nn.Linear without bias (LM heads)
+             (or w4_matmul(h, packed W, scales, zeros): a 4-bit head, pockengine/awq.py's W4Linear)
     rows   = reshape / strided_slice of logits on axes other than the last (the causal shift `[:, :-1]`)
     y      = gather_elements(log_softmax(rows[N, V], axis=-1), labels[N, 1], axis=1)
 becomes
@@ -23,6 +24,7 @@ from tvm import relax
 from tvm.relax import op as R
 
 from ..autodiff.linear_log_prob import FLOAT_DTYPES, linear_log_prob
+from ..frontend import w4_ops
 from ..ir import bindings_of, op_name, static_shape, step_pass
 
 MIN_CLASSES = 2048
@@ -65,7 +67,7 @@ def _row_view(value, vocab: int) -> bool:
 
 
 def _matches(bindings, output, min_classes: int) -> dict:
-    """{gather binding var: (views from the matmul outwards, h, W, labels)}."""
+    """{gather binding var: (views from the matmul outwards, h, W, w4, labels)}."""
     value_of = {b.var: b.value for b in bindings}
     uses = _uses(bindings, output)
     found = {}
@@ -84,21 +86,35 @@ def _matches(bindings, output, min_classes: int) -> dict:
         while value is not None and _row_view(value, vocab):
             views.append(value)
             value = _single_use_value(value.args[0], value_of, uses)
-        if op_name(value) != "relax.matmul":
+        head = _head(value, value_of)
+        if head is None:
             continue
-        h, transposed = value.args
-        weight_t = value_of.get(transposed)
-        if op_name(weight_t) != "relax.permute_dims":
-            continue
-        weight = weight_t.args[0]
-        if (len(static_shape(weight)) != 2 or [int(a) for a in weight_t.attrs.axes or [1, 0]] != [1, 0]
-                or static_shape(weight)[0] != vocab or vocab < min_classes or len(static_shape(h)) < 2):
+        h, weight, w4 = head
+        if static_shape(weight)[0] != vocab or vocab < min_classes or len(static_shape(h)) < 2:
             continue
         dtype = str(value.ty.dtype)
-        if dtype not in FLOAT_DTYPES or str(h.ty.dtype) != dtype or str(weight.ty.dtype) != dtype:
+        if dtype not in FLOAT_DTYPES or str(h.ty.dtype) != dtype or (not w4 and str(weight.ty.dtype) != dtype):
             continue
-        found[b.var] = (views[::-1], h, weight, labels)
+        found[b.var] = (views[::-1], h, weight, w4, labels)
     return found
+
+
+def _head(logits, value_of):
+    """(h, weight, w4) of a bias-free head's logits: matmul(h, permute_dims(W)), or a 4-bit head's
+    w4_matmul(h, packed, scales, zeros) (W = packed, w4 = (scales, zeros, group size)); else None."""
+    if op_name(logits) == w4_ops.MATMUL:
+        h, packed, scales, zeros, _ = logits.args
+        return h, packed, (scales, zeros, w4_ops.group_size_of(logits))
+    if op_name(logits) != "relax.matmul":
+        return None
+    h, transposed = logits.args
+    weight_t = value_of.get(transposed)
+    if op_name(weight_t) != "relax.permute_dims":
+        return None
+    weight = weight_t.args[0]
+    if len(static_shape(weight)) != 2 or [int(a) for a in weight_t.attrs.axes or [1, 0]] != [1, 0]:
+        return None
+    return h, weight, ()
 
 
 def _rewrite(func, name, bindings, matches):
@@ -109,7 +125,7 @@ def _rewrite(func, name, bindings, matches):
                 if b.var not in matches:
                     bb.emit_normalized(b)
                     continue
-                views, h, weight, labels = matches[b.var]
+                views, h, weight, w4, labels = matches[b.var]
                 hidden = static_shape(h)[-1]
                 for view in views:  # the logits' row selection, applied to the head's input
                     if op_name(view) == "relax.reshape":
@@ -120,7 +136,7 @@ def _rewrite(func, name, bindings, matches):
                 if len(static_shape(h)) != 2:
                     h = bb.emit(R.reshape(h, [rows, hidden]))
                 flat_labels = bb.emit(R.reshape(labels, [rows]))
-                log_prob = bb.emit(linear_log_prob(h, weight, flat_labels))
+                log_prob = bb.emit(linear_log_prob(h, weight, flat_labels, w4))
                 bb.emit_normalized(relax.VarBinding(b.var, bb.normalize(R.reshape(log_prob, [rows, 1]))))
         bb.emit_func_output(func.body.body)
     return bb.get()[name]

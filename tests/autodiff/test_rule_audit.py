@@ -382,6 +382,21 @@ for lead, n_out, k_in, group in [((2, 3), 6, 40, 16), ((5,), 4, 33, 8), ((1,), 3
          lambda x, q=codes, s=w4_scales, z=w4_zeros, g=group: x @ awq.dequantize_groups(t(q), t(s), t(z), g).T,
          rand(*lead, k_in))
 
+# The fused vocabulary loss on a 4-bit head (the LM head tied to a 4-bit embedding): only x has a
+# gradient; an odd hidden size and a shorter last group, labels at both ends of the vocabulary.
+for rows, vocab, hidden, group in [(7, 11, 9, 4), (3, 5, 16, 16)]:
+    codes = ints(vocab, hidden, high=16, dtype="uint8")
+    groups = -(-hidden // group)
+    w4_scales, w4_zeros = rand(vocab, groups, low=0.01), ints(vocab, groups, high=16, dtype="uint8")
+    w4_packed = awq.pack_int4(t(codes)).numpy()
+    labels = np.concatenate([[0, vocab - 1], ints(rows, high=vocab)])[:rows]
+    case("pockengine.linear_log_prob", f"4-bit head {rows}x{hidden},vocab={vocab},group={group}",
+         lambda x, p=w4_packed, s=w4_scales, z=w4_zeros, g=group, y=labels: linear_log_prob(
+             x, c(p), c(y), (c(s), c(z), g)),
+         lambda x, q=codes, s=w4_scales, z=w4_zeros, g=group, y=labels: torch.log_softmax(
+             x @ awq.dequantize_groups(t(q), t(s), t(z), g).T, -1).gather(1, t(y)[:, None]).squeeze(1),
+         rand(rows, hidden))
+
 # Ours (frontend/w8_ops.py): int8 weights; W8A8 rounds x per token (straight through, as
 # pockengine/smoothquant.py's operator: its torch autograd is the reference).
 for lead, n_out, k_in in [((2, 3), 6, 40), ((5,), 4, 33)]:
