@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .errors import JobError
+from .frontend.torch import eval_mode
 
 AWQ_GRID = 20  # llm-awq's n_grid, for the scale exponent and for the clipping ratio
 MAX_SHRINK = 0.5  # clipping tries ratios 1 - i / AWQ_GRID while i < MAX_SHRINK * AWQ_GRID
@@ -249,7 +250,7 @@ def dequantized(model: nn.Module) -> nn.Module:
     copied = copy.deepcopy(model)
     for name, module in list(copied.named_modules()):
         if callable(getattr(module, "as_float", None)) and getattr(module, "activations", "float") == "float":
-            _replace(copied, name, module.as_float())
+            replace_module(copied, name, module.as_float())
     return copied
 
 
@@ -345,7 +346,7 @@ def awq(model: nn.Module, calibration_batches, *, w_bit: int = 4, group_size: in
                 weight = clip_weight(weight, search_clip(x, weight, w_bit, group_size), group_size)
             q, scales, zeros = quantize_groups(weight, w_bit, group_size)
             input_scale = None if scale is None else 1 / scale
-            _replace(quantized, name, W4Linear(q, scales, zeros, group_size, linear.bias, input_scale, w_bit))
+            replace_module(quantized, name, W4Linear(q, scales, zeros, group_size, linear.bias, input_scale, w_bit))
     if fold and scale_search:
         _fold_into_norms(quantized, groups, batches[0])
     if embeddings:
@@ -365,10 +366,10 @@ def _quantize_embeddings(model: nn.Module, w_bit: int, group_size: int, trained:
         tied = linears_by_weight.get(id(embedding.weight))
         if tied is not None:
             head = W4Linear(q, scales, zeros, group_size, tied[1].bias, None, w_bit)
-            _replace(model, tied[0], head)
-            _replace(model, name, W4Embedding(rows, dim, embedding.padding_idx, head=head))
+            replace_module(model, tied[0], head)
+            replace_module(model, name, W4Embedding(rows, dim, embedding.padding_idx, head=head))
         else:
-            _replace(model, name, W4Embedding(rows, dim, embedding.padding_idx, q=q, scales=scales, zeros=zeros,
+            replace_module(model, name, W4Embedding(rows, dim, embedding.padding_idx, q=q, scales=scales, zeros=zeros,
                                               group_size=group_size))
 
 
@@ -463,17 +464,14 @@ def _record_inputs(model: nn.Module, chosen: dict, batches: list, max_tokens: in
         return record
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in chosen.items()]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for i, batch in enumerate(batches):
                 state["batch"] = i
                 _call(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     inputs = {}
     for name, parts in rows.items():
         if not parts:
@@ -562,13 +560,8 @@ def _norm_outputs(model: nn.Module, batch) -> dict:
 
 
 def _outputs(model: nn.Module, batch) -> list:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = _call(model, batch)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        out = _call(model, batch)
     return [t for t in _tensors(out)]
 
 
@@ -590,6 +583,8 @@ def _same(a: list, b: list) -> bool:
         for x, y in zip(a, b) if x.is_floating_point())
 
 
-def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
+def replace_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at `path` of `root`, in the train/eval mode of the module it replaces."""
     parent, _, name = path.rpartition(".")
+    module.train(root.get_submodule(path).training)
     setattr(root.get_submodule(parent) if parent else root, name, module)

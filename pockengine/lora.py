@@ -141,7 +141,8 @@ def add_lora(model, r: int = 8, targets=("q_proj", "v_proj"), alpha: float | Non
             base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
-        setattr(owner, child, _adapted_class(base)(base, r, float(r if alpha is None else alpha), generator))
+        adapted = _adapted_class(base)(base, r, float(r if alpha is None else alpha), generator)
+        setattr(owner, child, adapted.train(base.training))
     return [name for name, _ in chosen]
 
 

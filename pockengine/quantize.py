@@ -29,6 +29,7 @@ import operator
 import torch
 from torch import nn
 
+from .awq import replace_module
 from .errors import JobError
 from .rounding import round_half_away
 
@@ -552,7 +553,7 @@ class _Converter:
         module = QuantizedConv2d(int_weight.to(dtype), int_bias.to(dtype), conv, in_qparams, out_qparams,
                                  weight_scale, clip)
         self.root.get_submodule(node.target)  # the conv's own path: the state_dict keeps its names
-        _replace_submodule(self.root, node.target, module)
+        replace_module(self.root, node.target, module)
         self.env[last] = (self.graph.call_module(node.target, (x,)), out_qparams)
         self.counts["convolutions"] += 1
 
@@ -585,11 +586,6 @@ class _Converter:
         self.env[node] = (self.graph.node_copy(node, self._as_float), None)
         if node.op in ("call_module", "call_function", "call_method"):
             self.counts["float operations"] += 1
-
-
-def _replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
 # 4-bit weights (AWQ) and W8A8 (SmoothQuant) are made in awq.py and smoothquant.py; pe.quantize is

@@ -38,12 +38,13 @@ from .awq import (
     _chosen_linears,
     _fold_into_norms,
     _record_inputs,
-    _replace,
     _trained_linears,
     _trained_parameters,
     module_name_matches,
+    replace_module,
 )
 from .errors import JobError
+from .frontend.torch import eval_mode
 from .rounding import round_half_away
 
 INT8_MAX = 127
@@ -193,7 +194,7 @@ def smoothquant(model: nn.Module, calibration_batches, *, alpha: float = 0.5, sk
             linear = chosen[name]
             weight = linear.weight.detach() * (scale if scale is not None else 1)
             q, scales = quantize_rows(weight)
-            _replace(quantized, name, W8Linear(q, scales, linear.bias, None if scale is None else 1 / scale,
+            replace_module(quantized, name, W8Linear(q, scales, linear.bias, None if scale is None else 1 / scale,
                                                "int8" if name in before_training else "float"))
     if fold and smooth:
         _fold_into_norms(quantized, groups, batches[0])
@@ -214,14 +215,12 @@ def _run_before_training(model: nn.Module, chosen: dict, sparse_update, batch) -
     order: list = []
     handles = [module.register_forward_pre_hook(lambda _m, _a, name=name: order.append(name))
                for name, module in model.named_modules() if name in chosen or name in trained_modules]
-    was_training = model.training
     try:
-        with torch.no_grad():
-            _call(model.eval(), batch)
+        with eval_mode(model), torch.no_grad():
+            _call(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     first_trained = next((i for i, name in enumerate(order) if name in trained_modules), len(order))
     return {name for name in order[:first_trained] if name in chosen}
 

@@ -111,5 +111,5 @@ def reference_of(qmodel):
              pe_quantize.QuantizedAdd: ReferenceAdd, pe_quantize.QuantizedMean: ReferenceMean}
     for name, module in list(ref.named_modules()):
         if type(module) in kinds:
-            pe_quantize._replace_submodule(ref, name, kinds[type(module)](module))
+            pe_quantize.replace_module(ref, name, kinds[type(module)](module))
     return ref

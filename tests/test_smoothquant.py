@@ -276,3 +276,23 @@ def test_lora_on_a_smoothquant_llama_trains_like_pytorch_on_the_same_base(quanti
     assert state["model.layers.0.self_attn.q_proj.weight_int8"].dtype == np.int8
     with pytest.raises(JobError, match=r"q_proj's base weight is int8 \(quantize.smoothquant\)"):
         merge(state, job.model)
+
+
+@pytest.mark.parametrize("change", ["awq", "smoothquant with a scheme", "lora"])
+def test_quantizing_or_adapting_keeps_each_modules_own_train_or_eval_mode(change):
+    """Calibration runs the model in eval mode; the quantized copy comes back with every module in the
+    mode it had, a replaced linear in its predecessor's (a dropout a user put in eval mode inside a
+    training model stays so); LoRA's wrappers take their base layer's mode."""
+    model = llama(attention_dropout=0.1)
+    model.model.layers[1].self_attn.eval()
+    batches = [ids for ids, _ in lm_batches(2)]
+    if change == "awq":
+        base = pe.quantize.awq(model, batches, group_size=64)
+    elif change == "lora":
+        base = copy.deepcopy(model)
+        pe.lora.add_lora(base, 4, ("q_proj", "v_proj"))
+    else:
+        base = pe.quantize.smoothquant(model, batches, sparse_update=pe.SparseUpdate.last_blocks(1))
+    modes = {name: module.training for name, module in model.named_modules()}
+    assert not modes["model.layers.1.self_attn.q_proj"] and modes["model.layers.0.self_attn.q_proj"]
+    assert {name: module.training for name, module in base.named_modules() if name in modes} == modes
