@@ -15,8 +15,8 @@ TVM's are handled where library kernels run (torch_kernels.py).
 
 from . import errors
 
-__all__ = ["TrainingJob", "SparseUpdate", "compile", "compile_inference", "load", "Program", "InferenceProgram",
-           "DeviceProgram", "to_torch", "optim", "errors", "targets", "quantize"]
+__all__ = ["TrainingJob", "SparseUpdate", "search_sparse_update", "compile", "compile_inference", "load", "Program",
+           "InferenceProgram", "DeviceProgram", "to_torch", "optim", "errors", "targets", "quantize"]
 
 
 def compile(job, target="host", *, tuning_logs=(), backend="tvm", patches=None, progress=None, verbose=False):  # noqa: A001 - the contract's name
@@ -64,6 +64,17 @@ def load(directory, threads=None):
     from .runtime import load as _load
 
     return _load(directory, threads=threads)
+
+
+def search_sparse_update(job, budget=None, *, data, eval_data, target="host", **options):
+    """Find the sparse-update scheme that scores best on `eval_data` after short runs on `data` and
+    fits `budget` bytes (or a size such as "256KB"; default the target's SRAM) of training memory on
+    `target`: MCUNetV3's contribution analysis and a search over biases and per-layer channel ratios
+    (pockengine/sparse_search.py, which lists the options). Returns a SearchResult: `.scheme` (a
+    SparseUpdate), `.report()`, `.plot(png)`, `.save(json)`."""
+    from .sparse_search import search
+
+    return search(job, budget, data=data, eval_data=eval_data, target=target, **options)
 
 
 _LAZY = {"TrainingJob": ("job", "TrainingJob"), "SparseUpdate": ("sparse", "SparseUpdate"),

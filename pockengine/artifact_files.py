@@ -188,3 +188,21 @@ def read_manifest(directory: str) -> dict:
 # artifact's, kind "inference", has no optimizer).
 REQUIRED_KEYS = ("name", "target", "tvm_target", "optimizer", "source", "state_dict_keys", "signature", "parameters",
                  "buffers", "memory", "versions", "files")
+
+
+def write_file_atomically(path: str, data: bytes) -> str:
+    """Write one file so that a crash at any instant leaves the old file or the new one whole: the
+    bytes go to a temporary file beside it (flushed to disk), which is renamed over it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_TAG}{os.getpid()}-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())
+        os.replace(tmp, path)
+    except BaseException:
+        remove_path(tmp)
+        raise
+    return path

@@ -13,7 +13,7 @@ from . import targets
 from .autodiff.step import STEP_FUNC
 from .errors import TargetError
 from .frontend import to_numpy
-from .pipeline import STAGES, derive, derive_forward
+from .pipeline import STAGES, Derived, derive, derive_forward, derive_step, import_model, lower, memory_report
 from .runtime import DeviceProgram, InferenceProgram, Program
 from .sparse import plan_to_json
 from .targets.families import family as family_of
@@ -90,6 +90,22 @@ def _meta_of_import(name: str, preset, derived) -> dict:
         "non_persistent": sorted(imported.non_persistent),
         "aliases": dict(imported.aliases),  # tied parameters: state_dict() returns them under both names
     }
+
+
+def memory_plan(job, target="host", *, imported=None):
+    """The memory plan (analysis.memory_plan.MemoryReport, without timelines) of `compile(job,
+    target)` with TVM's untuned kernels, made without generating code: what the sparse-update search
+    compares schemes by. `imported`: the job's model as pipeline.import_model gave it, to import it
+    once for many schemes of the same model."""
+    preset = targets.resolve(target)
+    family = family_of(preset)
+    imported = import_model(job) if imported is None else imported
+    plan = job.plan(imported)
+    step_mod, signature, optimizer_state = derive_step(imported, job.optimizer, plan)
+    lowered = lower(step_mod, signature, preset, family.lowering)
+    derived = Derived(imported, plan, step_mod, signature, optimizer_state, job.optimizer)
+    derived.timelines = {}  # the report's timelines derive the full update again: not wanted here
+    return memory_report(lowered.mod, derived)
 
 
 def compile_inference(model, example_inputs, target="host", *, output=None, tuning_logs=(), progress=None,

@@ -1,4 +1,4 @@
-"""`pockengine` command line: build | tune | bench | run | inspect | targets.
+"""`pockengine` command line: build | tune | bench | run | inspect | targets | plan-sparse.
 
     pockengine build train.py --target host -o build/mlp [--tuning-log DIR]
     pockengine tune train.py --target host --trials 500 -o tuning_logs/host/mlp [--time-budget 600]
@@ -6,6 +6,7 @@
     pockengine run build/mlp --steps 20 [--data batches.npz] [--save] [--threads N]
     pockengine inspect build/mlp
     pockengine targets
+    pockengine plan-sparse train.py --target cortex-m4 --budget 200KB -o build/scheme.json
 
 Errors a user can cause print one line (`error: ...`) and exit with status 2, never a traceback.
 """
@@ -87,6 +88,64 @@ def cmd_build(args) -> int:
     if target.runner != "this machine":
         print(f"run it with `pockengine run {out} --steps N` ({target.runner})")
     return 0
+
+
+SEARCH_DATA = ("train_batches", "eval_batches")  # what plan-sparse reads from a train.py besides `job`
+
+
+def cmd_plan_sparse(args) -> int:
+    from .targets import resolve
+
+    target = resolve(_parse_target(args.target))
+    budget = None
+    if args.budget is not None:
+        from .sparse_search import parse_budget
+
+        budget = parse_budget(args.budget)  # a bad size is named before the user's script runs
+    elif not target.sram_bytes:
+        raise InputError(f"plan-sparse: {target.name} has no SRAM size to take as the budget; give --budget "
+                         "(bytes or a size such as 256KB)")
+    from . import search_sparse_update
+    from .job import load_script
+
+    scope = load_script(args.train_py)
+    missing = [name for name in SEARCH_DATA if scope.get(name) is None]
+    if missing:
+        raise InputError(f"{args.train_py} defines no {' or '.join(missing)}: plan-sparse trains on `train_batches` "
+                         "and scores on `eval_batches`, module-level lists of (inputs..., target) batches shaped as "
+                         "the job's example batch")
+    job = scope["job"]
+    out = args.output or os.path.join("build", f"{job.name}.sparse.json")
+    plot = args.plot or os.path.splitext(out)[0] + ".png"
+    for path in (out, plot):
+        _check_result_destination(path, args.force, args.train_py)
+    print(f"searching the sparse update of {args.train_py} (job {job.name!r}) for {target.name}", file=sys.stderr)
+    options = {"steps": args.steps} if args.steps else {}
+    result = search_sparse_update(job, budget, data=scope["train_batches"], eval_data=scope["eval_batches"],
+                                  target=target, weight_layers=args.weight_layers, **options)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    result.save(out)
+    result.plot(plot)
+    print(result.report())
+    print(f"wrote {out} and {plot}; train with it: sparse_update=pockengine.SparseUpdate.load({out!r})")
+    return 0
+
+
+def _check_result_destination(path: str, force: bool, script: str) -> None:
+    """plan-sparse overwrites its own results only (a JSON with a "scheme", a PNG beside one)."""
+    if not os.path.exists(path) or force:
+        if os.path.isdir(path) or os.path.abspath(path) == os.path.abspath(script):
+            raise InputError(f"{path} is {'a directory' if os.path.isdir(path) else 'the script'}; give another -o")
+        return
+    json_path = os.path.splitext(path)[0] + ".json"
+    try:
+        with open(json_path) as f:
+            ours = isinstance(json.load(f).get("scheme"), dict)
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise InputError(f"{path} exists and is not an earlier plan-sparse result; give another -o or --force to "
+                         "replace it")
 
 
 def _print_summaries(meta: dict, detailed: bool = False) -> None:
@@ -307,6 +366,20 @@ def make_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the raw manifest")
     i.add_argument("--plot", metavar="PNG", help="draw the step's memory timeline (and the full update's) to a PNG")
     i.set_defaults(func=cmd_inspect)
+
+    ps = sub.add_parser("plan-sparse", help="search the sparse-update scheme of a train.py that fits a memory "
+                        "budget on a target (its `train_batches` and `eval_batches` score the candidates)")
+    ps.add_argument("train_py")
+    ps.add_argument("--target", default="host", help="preset name, TVM tag or JSON target dict (default: host)")
+    ps.add_argument("--budget", help="training memory: bytes or a size such as 256KB (default: the target's SRAM)")
+    ps.add_argument("-o", "--output", help="the result's JSON (default: build/<job name>.sparse.json)")
+    ps.add_argument("--plot", metavar="PNG", help="accuracy against memory (default: beside the JSON)")
+    ps.add_argument("--steps", type=positive_int, help="training steps of each candidate's run (default: one pass "
+                    "over train_batches)")
+    ps.add_argument("--weight-layers", type=positive_int, default=6,
+                    help="how many layers before the classifier may train weights (default 6)")
+    ps.add_argument("--force", action="store_true", help="replace files at -o / --plot that are not earlier results")
+    ps.set_defaults(func=cmd_plan_sparse)
 
     t = sub.add_parser("targets", help="list target presets and whether this machine can build them")
     t.add_argument("--missing-packages", action="store_true",

@@ -215,6 +215,11 @@ def _default_name(model) -> str:
 
 def load_job(path: str) -> TrainingJob:
     """Execute a train.py and return its module-level `job`."""
+    return load_script(path)["job"]
+
+
+def load_script(path: str) -> dict:
+    """Execute a train.py and return its module-level names; its `job` checked to be a TrainingJob."""
     import runpy
 
     if not os.path.isfile(path):
@@ -235,4 +240,4 @@ def load_job(path: str) -> TrainingJob:
         raise JobError(f"{path} defines no `job`: add a module-level `job = pockengine.TrainingJob(...)`")
     if not isinstance(job, TrainingJob):
         raise JobError(f"`job` in {path} is a {type(job).__name__}, not a pockengine.TrainingJob")
-    return job
+    return scope

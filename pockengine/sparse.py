@@ -146,6 +146,41 @@ class SparseUpdate:
         r, targets, alpha, seed = self.preset[1:]
         return {"r": r, "targets": targets, "alpha": alpha, "seed": seed}
 
+    # ------------------------------------------------------------------ saving
+
+    def to_json(self) -> dict:
+        return {"rules": [list(r) for r in self.rules], "default": self.default,
+                "preset": [list(x) if isinstance(x, tuple) else x for x in self.preset]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> SparseUpdate:
+        """The scheme to_json wrote (or a saved search result's "scheme")."""
+        data = data.get("scheme", data) if isinstance(data, dict) else data
+        if not isinstance(data, dict) or not {"rules", "default"} <= set(data):
+            raise JobError(f"not a saved sparse-update scheme (a dict with 'rules' and 'default'): {str(data)[:200]}")
+        preset = tuple(tuple(x) if isinstance(x, list) else x for x in data.get("preset", ()))
+        return cls(tuple(tuple(r) for r in data["rules"]), data["default"], preset)
+
+    def save(self, path: str) -> str:
+        """Write the scheme as JSON (atomically); SparseUpdate.load(path) reads it back."""
+        import json
+
+        from .artifact_files import write_file_atomically
+
+        return write_file_atomically(path, json.dumps(self.to_json(), indent=1).encode())
+
+    @classmethod
+    def load(cls, path: str) -> SparseUpdate:
+        """A scheme saved by save() or inside a search result's JSON (pockengine plan-sparse)."""
+        import json
+
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise JobError(f"cannot read a sparse-update scheme from {path}: {e}") from None
+        return cls.from_json(data)
+
     # ------------------------------------------------------------------ resolution
 
     def expand(self, params) -> list:

@@ -30,7 +30,8 @@ LAYERS = (
     ("tuning search", ("tuning.search",)),
     ("runtime", ("runtime", "optimizer_state")),
     ("build", ("build",)),
-    ("front doors", ("bench", "cli", "__main__", "")),  # "": the package itself (pockengine/__init__.py)
+    # "": the package itself (pockengine/__init__.py)
+    ("front doors", ("bench", "sparse_search", "cli", "__main__", "")),
 )
 
 

@@ -6,6 +6,7 @@ accuracy, trained parameters and planned memory for each.
 
     python examples/transfer_digits/train.py
     pockengine build examples/transfer_digits/train.py     # the job below: the channel-ratio scheme
+    pockengine plan-sparse examples/transfer_digits/train.py --budget 64KB   # a scheme searched for
 """
 
 import copy
@@ -72,6 +73,18 @@ job = pe.TrainingJob(
     sparse_update=SCHEMES["channel ratio"],
     name="transfer_digits",
 )
+
+
+
+def batches_of(x, y):
+    return [(images(x[i:i + BATCH]), torch.from_numpy(y[i:i + BATCH].astype("int64")))
+            for i in range(0, len(x) - BATCH + 1, BATCH)]
+
+
+# What `pockengine plan-sparse examples/transfer_digits/train.py --budget 64KB` trains each candidate
+# scheme on (one pass) and scores it by.
+train_batches = batches_of(x_new_train, y_new_train)
+eval_batches = [(images(x_new_test), torch.from_numpy(y_new_test.astype("int64")))]
 
 
 def pretrain(net, epochs=15):
