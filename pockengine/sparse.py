@@ -159,6 +159,9 @@ class SparseUpdate:
         if not isinstance(data, dict) or not {"rules", "default"} <= set(data):
             raise JobError(f"not a saved sparse-update scheme (a dict with 'rules' and 'default'): {str(data)[:200]}")
         preset = tuple(tuple(x) if isinstance(x, list) else x for x in data.get("preset", ()))
+        if preset and preset[0] not in _PRESET_RULES:
+            raise JobError(f"a saved sparse-update scheme names an unknown preset {preset[0]!r}; known: "
+                           f"{sorted(_PRESET_RULES)}")
         return cls(tuple(tuple(r) for r in data["rules"]), data["default"], preset)
 
     def save(self, path: str) -> str:

@@ -11,7 +11,7 @@ Units are MCUNetV3's: the convs are the conv, depthwise and linear weights in mo
 one the classifier, which always trains (a new task's head). A scheme is `mcunetv3(k, weights,
 ratios)`: the biases of the last k convs and each chosen conv's weight at a channel ratio.
 
-1. Contribution analysis. One host build trains every parameter; a candidate's short fine-tuning
+1. Contribution analysis. One build on this machine trains every parameter; a candidate's short fine-tuning
    run is that step with what the candidate does not train put back after every step (the channels
    past a ratio too), which is the trajectory of the candidate's own sparse build (tested against
    one). Contribution = the metric (held-out top-1 accuracy) after the run minus the baseline's (the
@@ -45,7 +45,7 @@ from .errors import InputError, JobError
 from .sparse import FROZEN, FULL, SparseUpdate
 
 RATIOS = (0.125, 0.25, 0.5, 1.0)
-UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
+UNITS = {"b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}  # KB, MB, GB read as KiB, MiB, GiB
 VERIFIED_CANDIDATES = 8  # real plans tried, best first, before settling for less
 
 

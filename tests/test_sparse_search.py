@@ -169,6 +169,10 @@ def test_the_result_saves_loads_and_builds(searched, tmp_path):
     assert scheme == result.scheme
     rebuilt = pe.compile(sparse_search._with_scheme(copy.deepcopy(job), scheme), FAST_HOST)
     assert rebuilt.plan == pe.compile(sparse_search._with_scheme(job, result.scheme), FAST_HOST).plan
+    assert pe.SparseUpdate.load(scheme.save(str(tmp_path / "scheme.json"))) == scheme
+    (tmp_path / "bad.json").write_text(json.dumps({"rules": [], "default": "frozen", "preset": ["magic", 1]}))
+    with pytest.raises(JobError, match="unknown preset 'magic'"):
+        pe.SparseUpdate.load(str(tmp_path / "bad.json"))
     report = result.report()
     assert "chosen:" in report and "weight features.6.weight" in report and "full" in report
     assert result.plot(str(tmp_path / "search.png")) and (tmp_path / "search.png").stat().st_size > 1000
