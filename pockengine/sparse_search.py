@@ -125,7 +125,7 @@ class SearchResult:
         lines += ["", "contributions (metric over the classifier alone's; training memory KiB):",
                   f"{'unit':<44}" + "".join(f"{'x' + _ratio(r):>16}" for r in ratios)]
         for index, by_ratio in self.weight_points.items():
-            cells = "".join(f"{_gain(by_ratio[r], self.baseline):>16}" for r in ratios)
+            cells = "".join(f"{_gain(by_ratio[r], self.baseline) if r in by_ratio else '-':>16}" for r in ratios)
             lines.append(f"{'weight ' + self.convs[index]:<44.43}{cells}")
         for p in self.bias_points:
             lines.append(f"{p.label[:43]:<44}{_gain(p, self.baseline):>16}")
@@ -230,7 +230,7 @@ def search(job, budget=None, *, data, eval_data, target="host", steps=None, weig
     depths = _depths(bias_depths, len(convs))
     candidates = list(range(max(0, head - _positive_int(weight_layers, "weight_layers")), head))
     presets = _default_presets(len(convs)) if presets is None else dict(presets)
-    say = _Progress(progress, 3 + len(depths) + len(candidates) * len(ratios) + len(presets))
+    say = _Progress(progress, 3 + len(depths) + len(candidates) * len(ratios) + len(presets))  # at most
 
     def planned(scheme) -> int:
         return training_memory(memory_plan(_with_scheme(job, scheme), preset, imported=imported))
@@ -256,8 +256,9 @@ def search(job, budget=None, *, data, eval_data, target="host", steps=None, weig
                        f"classifier alone plans {baseline.memory / 1024:.1f} KiB of training memory (activations "
                        "and the trained part); give a larger budget, a smaller batch or resolution")
     bias_points = [measured(f"biases of the last {k} convs", Choice(k, classifier)) for k in depths]
+    shapes = {p.name: tuple(p.shape) for p in imported.params}
     weight_points = {i: {r: measured(f"weight {convs[i]} x{_ratio(r)}", Choice(1, ((i, r),) + classifier))
-                         for r in ratios} for i in candidates}
+                         for r in _distinct_ratios(ratios, shapes[convs[i]], kinds[convs[i]])} for i in candidates}
 
     front = _pareto_front(baseline, bias_points, weight_points, head)
     admissible = sorted((p for p in front if p.estimated_memory <= budget), key=lambda p: -p.estimated_metric)
@@ -355,6 +356,18 @@ def _pareto_front(baseline: Point, bias_points: list, weight_points: dict, head:
         points.append(Point(f"searched: {_short(choice)}", choice, estimated_metric=base_metric + gain,
                             estimated_memory=base_memory + memory))
     return points
+
+
+def _distinct_ratios(ratios: list, shape: tuple, kind: str) -> list:
+    """The ratios that train different numbers of a weight's channels (sparse._partial's count), at
+    least one: a 3-channel input conv has 1/4 (1 channel), 1/2 (2) and 1 (all), not 1/8 (none)."""
+    total = shape[0 if kind == "depthwise" else 1]
+    kept = {}
+    for r in ratios:
+        channels = int(round(r * total))
+        if channels >= 1:
+            kept.setdefault(channels, r)
+    return sorted(kept.values())
 
 
 def _prune(entries: list) -> list:

@@ -178,6 +178,13 @@ def test_the_result_saves_loads_and_builds(searched, tmp_path):
     assert result.plot(str(tmp_path / "search.png")) and (tmp_path / "search.png").stat().st_size > 1000
 
 
+def test_ratios_that_train_no_channel_or_the_same_channels_are_not_candidates():
+    assert sparse_search._distinct_ratios([0.125, 0.25, 0.5, 1.0], (8, 1, 3, 3), "conv") == [1.0]
+    assert sparse_search._distinct_ratios([0.125, 0.25, 0.5, 1.0], (16, 3, 1, 1), "conv") == [0.25, 0.5, 1.0]
+    assert sparse_search._distinct_ratios([0.125, 0.25, 0.5, 1.0], (8, 1, 3, 3), "depthwise") == [0.125, 0.25, 0.5,
+                                                                                                  1.0]
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"data": []}, InputError, "data has no batch"),
     ({"data": [(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))]}, InputError, r"data\[0\] has shapes"),
