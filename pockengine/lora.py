@@ -55,56 +55,53 @@ class LoRALinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, scale={self.scale}"
 
 
-class LoRAW4Linear(W4Linear):
-    """A 4-bit W4Linear (pockengine/awq.py: QLoRA's setting) plus a rank-r update in float; the packed
-    weight, its scales and zero points are the base's buffers, under the same names."""
+class _QuantizedBaseLoRA:
+    """LoRA beside a quantized base layer (mixed in before its class): the base's buffers and
+    attributes under the same names, a rank-r update in float added to the base's output."""
 
-    def __init__(self, base: W4Linear, r: int, alpha: float, generator: torch.Generator):
+    BASE_ATTRIBUTES: tuple = ()  # copied from the base besides in/out_features
+    BASE_BUFFERS: tuple = ()
+    SCALES: str = ""  # the buffer whose dtype the adapters take
+
+    def __init__(self, base, r: int, alpha: float, generator: torch.Generator):
         nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.group_size, self.w_bit = base.group_size, base.w_bit
-        for name in ("packed", "scales", "zeros", "input_scale"):
+        for name in ("in_features", "out_features", *self.BASE_ATTRIBUTES):
+            setattr(self, name, getattr(base, name))
+        for name in self.BASE_BUFFERS:
             self.register_buffer(name, getattr(base, name))
         self.bias = base.bias
-        _add_adapters(self, r, alpha, base.scales.dtype, generator)
+        _add_adapters(self, r, alpha, getattr(base, self.SCALES).dtype, generator)
 
     def forward(self, x):
-        return W4Linear.forward(self, x) + _update(self, x)
+        return super().forward(x) + _update(self, x)
 
     def as_float(self) -> LoRALinear:
         """A LoRALinear on the dequantized base, with these adapters (the same Parameters)."""
-        adapted = LoRALinear(W4Linear.as_float(self), self.r, self.r * self.scale, torch.Generator())
+        adapted = LoRALinear(super().as_float(), self.r, self.r * self.scale, torch.Generator())
         adapted.scale, adapted.lora_A, adapted.lora_B = self.scale, self.lora_A, self.lora_B
         return adapted
 
     def extra_repr(self) -> str:
-        return f"{W4Linear.extra_repr(self)}, r={self.r}, scale={self.scale}"
+        return f"{super().extra_repr()}, r={self.r}, scale={self.scale}"
 
 
-class LoRAW8Linear(W8Linear):
+class LoRAW4Linear(_QuantizedBaseLoRA, W4Linear):
+    """A 4-bit W4Linear (pockengine/awq.py: QLoRA's setting) plus a rank-r update in float; the packed
+    weight, its scales and zero points are the base's buffers, under the same names."""
+
+    BASE_ATTRIBUTES = ("group_size", "w_bit")
+    BASE_BUFFERS = ("packed", "scales", "zeros", "input_scale")
+    SCALES = "scales"
+
+
+class LoRAW8Linear(_QuantizedBaseLoRA, W8Linear):
     """An int8 W8Linear (pockengine/smoothquant.py) plus a rank-r update in float; the int8 weight, its
-    scales and the input scale are the base's buffers, under the same names."""
+    scales and the input scale are the base's buffers, under the same names. For a W8 base, as_float
+    is a LoRALinear on the dequantized weight."""
 
-    def __init__(self, base: W8Linear, r: int, alpha: float, generator: torch.Generator):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.activations = base.activations
-        for name in ("weight_int8", "weight_scale", "input_scale"):
-            self.register_buffer(name, getattr(base, name))
-        self.bias = base.bias
-        _add_adapters(self, r, alpha, base.weight_scale.dtype, generator)
-
-    def forward(self, x):
-        return W8Linear.forward(self, x) + _update(self, x)
-
-    def as_float(self) -> LoRALinear:
-        """For a W8 base, a LoRALinear on the dequantized weight with these adapters (the same Parameters)."""
-        adapted = LoRALinear(W8Linear.as_float(self), self.r, self.r * self.scale, torch.Generator())
-        adapted.scale, adapted.lora_A, adapted.lora_B = self.scale, self.lora_A, self.lora_B
-        return adapted
-
-    def extra_repr(self) -> str:
-        return f"{W8Linear.extra_repr(self)}, r={self.r}, scale={self.scale}"
+    BASE_ATTRIBUTES = ("activations",)
+    BASE_BUFFERS = ("weight_int8", "weight_scale", "input_scale")
+    SCALES = "weight_scale"
 
 
 def _adapted_class(module: nn.Module):
