@@ -13,7 +13,7 @@ from . import targets
 from .autodiff.step import STEP_FUNC
 from .errors import TargetError
 from .frontend import to_numpy
-from .pipeline import STAGES, Derived, derive, derive_forward, derive_step, import_model, lower, memory_report
+from .pipeline import STAGES, derive, derive_forward, lower, memory_report
 from .runtime import DeviceProgram, InferenceProgram, Program
 from .sparse import plan_to_json
 from .targets.families import family as family_of
@@ -98,12 +98,8 @@ def memory_plan(job, target="host", *, imported=None):
     compares schemes by. `imported`: the job's model as pipeline.import_model gave it, to import it
     once for many schemes of the same model."""
     preset = targets.resolve(target)
-    family = family_of(preset)
-    imported = import_model(job) if imported is None else imported
-    plan = job.plan(imported)
-    step_mod, signature, optimizer_state = derive_step(imported, job.optimizer, plan)
-    lowered = lower(step_mod, signature, preset, family.lowering)
-    derived = Derived(imported, plan, step_mod, signature, optimizer_state, job.optimizer)
+    derived = derive(job, imported=imported)
+    lowered = lower(derived.step_mod, derived.signature, preset, family_of(preset).lowering)
     derived.timelines = {}  # the report's timelines derive the full update again: not wanted here
     return memory_report(lowered.mod, derived)
 

@@ -221,11 +221,12 @@ class Derived:
         return timelines
 
 
-def derive(job, progress=None, patches=None) -> Derived:
+def derive(job, progress=None, patches=None, imported=None) -> Derived:
     """The import and autodiff stages of a build; `patches` as `pockengine.compile` takes it (see
-    patched_step)."""
+    patched_step); `imported`: the job's model as import_model gave it (the import stage then
+    skipped: one import serves many schemes of a model)."""
     with stage("import", progress):
-        imported = import_model(job)
+        imported = import_model(job) if imported is None else imported
     with stage("autodiff", progress, imported.origin):
         plan = job.plan(imported)
         step_mod, signature, optimizer_state = derive_step(imported, job.optimizer, plan)
