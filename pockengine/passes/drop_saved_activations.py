@@ -38,6 +38,11 @@ RECOMPUTABLE = {
     "relax.not_equal", "relax.logical_and", "relax.logical_or", "relax.logical_not",
     "relax.reshape", "relax.expand_dims", "relax.squeeze", "relax.broadcast_to",
 }
+# Constant tensors: recomputed from their shape alone. A `*_like` op reads its input only for the
+# shape, so the recomputation is written without it (torch's safe softmax, for one, saved a zero
+# tensor as large as the attention probabilities for a `where` in the backward).
+FILLS = {"relax.full": None, "relax.zeros": 0, "relax.ones": 1,
+         "relax.full_like": None, "relax.zeros_like": 0, "relax.ones_like": 1}
 MAX_RECOMPUTE_OPS = 16  # per saved tensor: bounds the extra work
 
 
@@ -76,6 +81,13 @@ def _inputs(value) -> list:
     return list(dict.fromkeys(relax.analysis.free_vars(value)))
 
 
+def _fill(value, ty):
+    """The constant tensor `value` (an op of FILLS) computes, from its type alone."""
+    constant = FILLS[op_name(value)]
+    fill = value.args[-1] if constant is None else relax.const(constant, str(ty.dtype))
+    return relax.op.full(ty.shape, fill, str(ty.dtype))
+
+
 def _is_mask(binding) -> bool:
     """Elementwise, and smaller than a float activation (a bool or integer mask)."""
     ty = binding.var.ty
@@ -112,7 +124,7 @@ class _Plan:
 
     def recomputable(self, var) -> bool:
         b = self.producer.get(var)
-        return b is not None and op_name(b.value) in RECOMPUTABLE
+        return b is not None and (op_name(b.value) in RECOMPUTABLE or op_name(b.value) in FILLS)
 
     def leaves(self, var):
         """Forward tensors that recomputing `var` reads, stopping at saved ones; None if too costly."""
@@ -127,7 +139,8 @@ class _Plan:
                 leaves.add(v)
                 return True
             count += 1
-            return count <= MAX_RECOMPUTE_OPS and all(visit(u) for u in _inputs(self.producer[v].value))
+            value = self.producer[v].value
+            return count <= MAX_RECOMPUTE_OPS and (op_name(value) in FILLS or all(visit(u) for u in _inputs(value)))
 
         return leaves if visit(var) else None
 
@@ -195,9 +208,12 @@ def _rewrite(bindings, params, outputs, opaque_copy):
         if var in plan.saved or var in plan.pinned or not plan.recomputable(var):
             return var
         b = plan.producer[var]
-        mapping = {v: materialize(v) for v in _inputs(b.value) if v in plan.producer}
         new_var = relax.DataflowVar(var.name + RECOMPUTED_SUFFIX, var.ty)
-        out.append(relax.VarBinding(new_var, Substitute(mapping).visit_expr(b.value)))
+        if op_name(b.value) in FILLS:
+            out.append(relax.VarBinding(new_var, _fill(b.value, var.ty)))
+        else:
+            mapping = {v: materialize(v) for v in _inputs(b.value) if v in plan.producer}
+            out.append(relax.VarBinding(new_var, Substitute(mapping).visit_expr(b.value)))
         recomputed[var] = new_var
         return new_var
 

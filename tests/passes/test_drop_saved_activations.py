@@ -98,3 +98,48 @@ def test_weights_match_pytorch_with_frozen_statistics_and_masks():
     assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-9
     worst, where = max_scaled_diff(program.state_dict(), reference.state_dict())
     assert worst < 1e-9, where
+
+
+class CausalAttention(nn.Module):
+    """One attention head through torch's scaled_dot_product_attention, whose math decomposition
+    (safe softmax) zeroes fully masked rows with a `where` against a tensor of zeros."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, 10)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+        return self.out(nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).mean(dim=1))
+
+
+def test_constant_tensors_are_filled_again_not_saved():
+    torch.manual_seed(0)
+    tokens = 12
+    job = pe.TrainingJob(CausalAttention().double(), (torch.randn(4, tokens, 16, dtype=torch.float64),),
+                         torch.randint(0, 10, (4,)), "cross_entropy", pe.optim.SGD(lr=0.1))
+    imported = job.import_model()
+    before, _, _ = build_train_step(imported, job.optimizer, job.plan(imported))
+    after = drop_saved_activations(STEP_FUNC)(before)
+
+    def probability_sized(mod):
+        """The saved (batch, tokens, tokens) tensors, by producing op."""
+        value = {b.var: b.value for block in mod[STEP_FUNC].body.blocks for b in block.bindings}
+        return sorted(value[v].op.name for v in saved_activations(mod[STEP_FUNC])
+                      if tuple(int(d) for d in v.ty.shape) == (4, tokens, tokens))
+
+    # The backward reads the softmax (its own rule) and the `where` after it (the matmul with V,
+    # through a broadcast). Recomputing the `where` reads a zero tensor as large as it: filled again.
+    assert probability_sized(before) == ["relax.broadcast_to", "relax.nn.softmax"]
+    assert probability_sized(after) == ["relax.nn.softmax"]
+    # the same weights as PyTorch after a few steps
+    batches = make_batches((4, tokens, 16), 10, steps=4, dtype=torch.float64)
+    program = pe.compile(job, target=FAST_HOST)
+    ours = [program.step(x, y) for x, y in batches]
+    reference = copy.deepcopy(job.model)
+    theirs = train_torch(reference, job.optimizer, batches)
+    assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-9
+    worst, where = max_scaled_diff(program.state_dict(), reference.state_dict())
+    assert worst < 1e-9, where
