@@ -2,12 +2,14 @@
 
     python benchmarks/kernel_gflops.py --model smollm-135m --scheme last-2-blocks
     python benchmarks/kernel_gflops.py --model qwen2-0.5b --scheme biases+norms
+    python benchmarks/kernel_gflops.py --model qwen2-0.5b --scheme last-2-blocks --base smoothquant-w8a8
     python benchmarks/kernel_gflops.py --model resnet18-high-b8
     python benchmarks/kernel_gflops.py --small            # the tiny LLM (CI)
 
 The step is compiled untuned for the target (host by default), run `--repeats` times with every
 kernel call timed from the virtual machine (Program.kernel_times), and each kernel's FLOPs counted on
-its TIR (2 x multiply-accumulates: passes/flops.kernel_flops). A plain matmul kernel (a[M, K] times
+its TIR (2 x multiply-accumulates: passes/flops.kernel_flops; an int8 kernel's are counted the same,
+and its PyTorch column is the float32 matmul eager runs for that layer). A plain matmul kernel (a[M, K] times
 b[K, N] or the transpose of b[N, K], with a batch) is then timed in PyTorch on the same shape,
 `torch.matmul` on as many threads as the target has cores: what eager runs for that layer. Kernels
 with an epilogue count its matmul only; convolutions and other reductions have no PyTorch column.
@@ -38,10 +40,12 @@ from pockengine.targets.families import family  # noqa: E402
 LLM_MODELS = ("smollm-135m", "qwen2-0.5b", "tiny")
 
 
-def make_job(model: str, scheme: str | None, small: bool) -> pe.TrainingJob:
+def make_job(model: str, scheme: str | None, small: bool, base: str = "float32") -> pe.TrainingJob:
     if model in LLM_MODELS:
         return llm_finetune.make_job(scheme or llm_finetune.default_schemes(model)[0],
-                                     "small" if small else "full", model)
+                                     "small" if small else "full", model, base)
+    if base != "float32":
+        raise SystemExit(f"--base {base} quantizes an LLM's linears; {model} is not one of {LLM_MODELS}")
     return step_time.job_for(model, scheme or "full", small)
 
 
@@ -133,13 +137,15 @@ def main(argv=None) -> list[dict]:
                         choices=LLM_MODELS + tuple(w["name"] for w in step_time.workloads(True)))
     parser.add_argument("--scheme", help="default: the model's first benchmark scheme (LLMs), full (CNNs)")
     parser.add_argument("--small", action="store_true", help="the tiny LLM at its CI size")
+    parser.add_argument("--base", default="float32", choices=llm_finetune.BASES,
+                        help="the LLM's frozen base (llm_finetune.py's bases)")
     parser.add_argument("--target", default="host")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--top", type=int, default=20, help="kernels listed (most time first)")
     parser.add_argument("--plot", default=os.path.join("build", "kernel_gflops.png"), help="PNG to draw")
     args = parser.parse_args(argv)
     model = "tiny" if args.small else args.model
-    job = make_job(model, args.scheme, args.small)
+    job = make_job(model, args.scheme, args.small, args.base)
     rows = kernel_table(job, args.target, args.repeats, args.top)
     title = f"{job.name}: kernels of one training step, {args.target}, untuned"
     print(report(rows, title))

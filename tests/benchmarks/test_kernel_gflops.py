@@ -44,3 +44,9 @@ def test_kernel_gflops_benchmark_small(tmp_path, capsys):
     assert os.path.getsize(plot) > 0
     out = capsys.readouterr().out
     assert "torch GF/s" in out and "the listed matmuls" in out
+
+
+def test_a_quantized_base_is_for_the_llms_only():
+    bench = load_example_module("benchmarks/kernel_gflops.py", "kernel_gflops")
+    with pytest.raises(SystemExit, match="quantizes an LLM's linears"):
+        bench.make_job("resnet18-high-b8", None, True, "smoothquant-w8a8")
