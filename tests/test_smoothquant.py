@@ -72,10 +72,11 @@ def compiled(op_builder, *arrays, scheduled=True, target="host"):
     return vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 48), (37, 50)])
+@pytest.mark.parametrize("shape", [(2, 5, 48), (37, 50), (2, 8, 40)])
 @pytest.mark.parametrize("target, scheduled", [("host", False), ("host", True), (WITHOUT_VNNI, True)])
 def test_compiled_w8a8_matmul_is_the_integer_reference_bit_for_bit(shape, target, scheduled):
-    """float32, sequences and a flat batch whose rows, depth and outputs fill no tile, an all-zero
+    """float32, sequences and a flat batch whose rows, depth and outputs fill no tile (and 16 rows,
+    two whole tiles, which VNNI's row of ones for the weight's row sums makes three), an all-zero
     token and values exactly halfway between levels: the int32 sums and the scaling, as the torch
     operator computes them, with AVX-512 VNNI's form of the sums (this machine's host) and without."""
     rng = np.random.default_rng(1)
@@ -119,6 +120,8 @@ def test_w8a8_sums_are_the_cpus_dot_product_instructions(target, form, instructi
     mod = pipeline.kernels(bb.get(), preset, CPU_LOWERING)
     dots = [f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and instruction in f.script()]
     assert len(dots) == 1 and dots[0].attrs["tirx.is_scheduled"]
+    # vpdpbusd's offset is corrected with the weight's row sums, summed by the same instruction
+    assert not any("row_sums" in gv.name_hint for gv in mod.get_global_vars())
 
 
 def test_compiled_w8_matmul_and_its_data_gradient_match_pytorch_on_the_dequantized_weight():
