@@ -241,9 +241,11 @@ def main(argv=None) -> list:
     for r in rows:
         on_float = next((f for f in rows if f["base"] == "float32" and f["scheme"] == r["scheme"]), None)
         if r["base"] != "float32" and on_float is not None:
+            rates = ", ".join(f"{tokens / r[f'{b} ms'] * 1e3:,.0f} ({b}, {on_float['eager ms'] / r[f'{b} ms']:.2f}x)"
+                              for b in backends)
             print(f"{r['scheme']} on the {r['base']} base: our peak {r['ours MiB']:.1f} MiB = 1/"
                   f"{on_float['eager MiB'] / r['ours MiB']:.2f} of PyTorch's on the float32 base "
-                  f"({on_float['eager MiB']:.1f} MiB); {tokens / r['ours ms'] * 1e3:,.0f} tokens/s against its "
+                  f"({on_float['eager MiB']:.1f} MiB); tokens/s {rates} against its "
                   f"{tokens / on_float['eager ms'] * 1e3:,.0f}; measured resident memory {r['ours RSS MiB']:.0f} MiB "
                   f"= 1/{on_float['eager RSS MiB'] / r['ours RSS MiB']:.2f} of its {on_float['eager RSS MiB']:.0f} MiB")
     for r in rows:
