@@ -2,7 +2,9 @@
 narrower) so that each compiles in seconds on 2 cores while keeping every block type of the family:
 residual and bottleneck blocks, depthwise and grouped convolutions, squeeze-excite, channel shuffle,
 dense concatenation, ceil-mode pooling, LayerNorm2d and layer scale, patch embeddings, shifted windows,
-distillation tokens, reparameterised branches, GroupNorm.
+distillation tokens, reparameterised branches, GroupNorm. MCUNet's own models are whole: the
+`mbv2-w0.35` baseline and a network of its search space (tests/targets/test_mcunet_models.py trains
+them on every target).
 
 Dropout and stochastic depth are set to 0 here (see hf_models.py). MODELS: name -> (package, factory,
 input size); SCHEMES: name -> (label, model -> the sparse scheme checked for it).
@@ -166,6 +168,31 @@ def mcunet_mixed_kernels():
                                          ks=[3, 5, 7, 5, 3, 7], expand_ratio=4, depth_param=1)
 
 
+def mcunet_mbv2_w035():
+    """MCUNet's `mbv2-w0.35` baseline (its model zoo's `mbv2-w0.35-r144_imagenet`) at full depth: the
+    package's MobileNetV2 at width 0.35, which is what that configuration describes."""
+    return mcunet_networks().MobileNetV2(n_classes=CLASSES, width_mult=0.35, dropout_rate=0.0)
+
+
+# A network of MCUNet's search space, kernel size, expansion and depth chosen per block and stage (the
+# `mcunet-in*` models are such choices; their configurations are downloaded at run time).
+MCUNET_SUBNET = {"ks": [3, 5, 7, 3, 5, 7, 3, 5, 7, 3, 5, 7, 3, 5, 7, 3, 5, 7, 3, 5], "e": [3, 4, 6] * 7,
+                 "d": [2, 3, 2, 3, 2, 1]}
+
+
+def mcunet_space_subnet():
+    """A subnet of the mcunet package's once-for-all ProxylessNAS supernet at width 0.35 (kernels 3/5/7,
+    expansions 3/4/6, 2-4 blocks a stage): the space TinyNAS searches MCUNet's models in, built as a
+    plain ProxylessNASNets, the class the released `mcunet-in*` configurations build."""
+    _import_vision_packages()
+    from mcunet.tinynas.elastic_nn.networks import OFAProxylessNASNets
+
+    supernet = OFAProxylessNASNets(n_classes=CLASSES, dropout_rate=0.0, width_mult_list=0.35, ks_list=[3, 5, 7],
+                                   expand_ratio_list=[3, 4, 6], depth_list=[2, 3, 4])
+    supernet.set_active_subnet(**MCUNET_SUBNET)
+    return supernet.get_active_subnet(preserve_weight=True)
+
+
 def image_batches(size):
     return make_batches((BATCH, 3, size, size), CLASSES, STEPS)
 
@@ -191,6 +218,8 @@ MODELS = {
     "timm fastvit_t8": ("timm", timm_fastvit, 32),
     "mcunet mobilenet_v2": ("mcunet", mcunet_mobilenet_v2, 64),
     "mcunet mixed kernels": ("mcunet", mcunet_mixed_kernels, 64),
+    "mcunet mbv2-w0.35": ("mcunet", mcunet_mbv2_w035, 48),
+    "mcunet search-space subnet": ("mcunet", mcunet_space_subnet, 48),
 }
 
 
@@ -228,6 +257,8 @@ SCHEMES = {
     "timm fastvit_t8": BIASES,
     "mcunet mobilenet_v2": TINY_TRAINING,
     "mcunet mixed kernels": TINY_TRAINING,
+    "mcunet mbv2-w0.35": TINY_TRAINING,
+    "mcunet search-space subnet": TINY_TRAINING,
 }
 
 
