@@ -8,7 +8,8 @@ one suffices. Two rewrites, both exact (the backward computes the same values):
   * recompute: a saved tensor produced by cheap elementwise ops (BatchNorm's normalisation, ReLU6's
     output, ...) is recomputed inside the backward from the tensors it was computed from, when those
     are saved anyway or no larger. Fusion folds the recomputation into the backward kernels. A
-    conv-BN-ReLU6 block then keeps only the conv's output.
+    conv-BN-ReLU6 block then keeps only the conv's output. A constant tensor (`full`, `zeros_like`,
+    ...) is filled again from its type, reading nothing.
   * masks forward: a backward value that depends on forward tensors only and is smaller than them,
     such as ReLU's `x > 0` (1 byte per element instead of 4), is computed in the forward right after
     its inputs exist, so the float activation dies at its last forward use. A bias-only layer after

@@ -169,8 +169,8 @@ def mcunet_mixed_kernels():
 
 
 def mcunet_mbv2_w035():
-    """MCUNet's `mbv2-w0.35` baseline (its model zoo's `mbv2-w0.35-r144_imagenet`) at full depth: the
-    package's MobileNetV2 at width 0.35, which is what that configuration describes."""
+    """MCUNet's `mbv2-w0.35` baseline (its model zoo's `mbv2-w0.35-r144_imagenet`, whose configuration
+    is downloaded at run time): MobileNetV2 at width 0.35 and its whole depth, as the package builds it."""
     return mcunet_networks().MobileNetV2(n_classes=CLASSES, width_mult=0.35, dropout_rate=0.0)
 
 
