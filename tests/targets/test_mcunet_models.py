@@ -1,15 +1,13 @@
 """MCUNet's own models (the mcunet package, random-initialised: tests/zoo/vision_models.py) on every
 target, whole: the network of MCUNet's search space with MCUNetV3's kind of sparse update on a
-Cortex-M4 under QEMU (in its 256 KiB) and built for a Jetson Orin's GPU (this machine has none),
-`mbv2-w0.35` fully updated on a Raspberry Pi 4 (aarch64) under QEMU. What runs is compared with the
-host build and PyTorch eager (float32, a few steps); both models' float64 parity on the host is the
-zoo's (tests/zoo/test_timm_and_mcunet.py)."""
+Cortex-M4 under QEMU (in its 256 KiB) and built for a Jetson Orin's GPU (this machine has none).
+`mbv2-w0.35` trains fully on a Raspberry Pi 4 under qemu-aarch64 in tests/targets/test_aarch64.py.
+What runs is compared with the host build and PyTorch eager (float32, a few steps); both models'
+float64 parity on the host is the zoo's (tests/zoo/test_timm_and_mcunet.py)."""
 
 import copy
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -47,16 +45,17 @@ def frozen_batchnorm(model):
 
 
 def check_against_host_and_torch(job, reference, batches, losses, state, optimizer):
+    """The device's losses and written-back state against the host build's (VS_HOST) and PyTorch
+    eager's (VS_TORCH), over the state the device returns (a firmware returns what it trains)."""
     host = pe.compile(job, target=FAST_HOST)
     np.testing.assert_allclose(losses, [host.step(x, y) for x, y in batches], rtol=VS_HOST)
-    host_state = host.state_dict()
-    worst, where = max_scaled_diff({k: state[k] for k in host_state if k in state},
-                                   {k: host_state[k] for k in host_state if k in state})
+    host_state, expected = host.state_dict(), reference.state_dict()
+    shared = [k for k in state if k in host_state and k in expected]
+    assert any(k.endswith(".weight") for k in shared), f"the device returned no weight: {sorted(state)[:5]}"
+    worst, where = max_scaled_diff({k: state[k] for k in shared}, {k: host_state[k] for k in shared})
     assert worst <= VS_HOST, f"{where} differs from the host build by {worst:.3g}"
     np.testing.assert_allclose(losses, train_torch(reference, optimizer, batches), rtol=VS_TORCH)
-    expected = reference.state_dict()
-    worst, where = max_scaled_diff({k: state[k] for k in expected if k in state},
-                                   {k: expected[k] for k in expected if k in state})
+    worst, where = max_scaled_diff({k: state[k] for k in shared}, {k: expected[k] for k in shared})
     assert worst <= VS_TORCH, f"{where} differs from PyTorch by {worst:.3g}"
 
 
@@ -100,29 +99,9 @@ def test_the_search_space_network_builds_for_a_jetson_orin_gpu():
         ptx = f.read()
     assert nvcc.ptx_header(ptx)["target"] == "sm_87" and b".entry" in ptx
     gpu = program.meta["cuda"]
-    assert gpu["kernels"] > 50 and "unscheduled" not in gpu["schedules"]
-
-
-def test_mbv2_w035_trains_fully_on_a_raspberry_pi_4_under_qemu(sysroot, tmp_path):
-    """Every weight and bias, SGD with momentum, batch 2 at 32x32, for the Pi 4's Cortex-A72, run by
-    `pockengine run` under qemu-aarch64. BatchNorm is frozen: in training mode, its statistics over
-    the last stages' 2 x 1 x 1 pixels make any float32 run diverge from another within 3 steps
-    (tests/targets/test_aarch64.py trains it in training mode on MobileNetV2's first stages)."""
-    model = frozen_batchnorm(vision_models.mcunet_mbv2_w035())
-    assert len(model.blocks) == 17  # MobileNetV2's whole depth
-    batches = make_batches((2, 3, 32, 32), vision_models.CLASSES, STEPS)
-    optimizer = pe.optim.SGD(lr=0.05, momentum=0.9)
-    job = pe.TrainingJob(copy.deepcopy(model), (batches[0][0],), batches[0][1], "cross_entropy", optimizer,
-                         name="mbv2_w035_rpi4")
-    out = str(tmp_path / "rpi4")
-    pe.compile(job, target="rpi4").export(out)
-    data = str(tmp_path / "batches.npz")
-    np.savez(data, x=np.stack([x.numpy() for x, _ in batches]), target=np.stack([y.numpy() for _, y in batches]))
-    cli = os.path.join(os.path.dirname(sys.executable), "pockengine")
-    ran = subprocess.run([cli, "run", out, "--steps", str(STEPS), "--data", data, "--save"],
-                         capture_output=True, text=True, timeout=900)
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    assert "under qemu-aarch64" in ran.stdout
-    losses = [float(line.split()[3]) for line in ran.stdout.splitlines() if line.startswith("step")]
-    assert len(losses) == STEPS
-    check_against_host_and_torch(job, model, batches, losses, pe.load(out).state_dict(), optimizer)
+    assert gpu["kernels"] > 50 and gpu["kernels"] == sum(gpu["schedules"].values())
+    assert "unscheduled" not in gpu["schedules"]
+    # dlight's Matmul rule raises on a conv weight-gradient kernel (the channel-ratio projections'):
+    # the next rule (Fallback) must take it instead of the whole module failing.
+    assert gpu["schedules"].get("Fallback", 0) > 0
+    assert program.memory_report().n_storages == 1

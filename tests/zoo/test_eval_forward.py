@@ -32,7 +32,7 @@ def check_eval_parity(model, inputs, output=None, tolerance=TOLERANCE):
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "vit", "timm convnext_atto",
-                                  "mcunet mobilenet_v2"])
+                                  "mcunet mixed kernels"])
 def test_vision_models_in_eval_mode(name):
     model, _, batches = vision_models.build(name)
     (x,), _ = batches[0]

@@ -157,10 +157,6 @@ def timm_fastvit():
     return timm_model("fastvit_t8", drop_rate=0.0, drop_path_rate=0.0, layers=(1, 1, 1, 1))
 
 
-def mcunet_mobilenet_v2():
-    return mcunet_networks().MobileNetV2(n_classes=CLASSES, width_mult=0.35, dropout_rate=0.0, depth_param=1)
-
-
 def mcunet_mixed_kernels():
     """MCUNet's search space (kernel 3/5/7 per block, ProxylessNAS blocks): its released configurations
     are downloaded at run time, so the same block types come from the package's builder."""
@@ -216,7 +212,6 @@ MODELS = {
     "timm resnet (group norm)": ("timm", timm_resnet_group_norm, 32),
     "timm ghostnet_050": ("timm", timm_ghostnet, 32),
     "timm fastvit_t8": ("timm", timm_fastvit, 32),
-    "mcunet mobilenet_v2": ("mcunet", mcunet_mobilenet_v2, 64),
     "mcunet mixed kernels": ("mcunet", mcunet_mixed_kernels, 64),
     "mcunet mbv2-w0.35": ("mcunet", mcunet_mbv2_w035, 48),
     "mcunet search-space subnet": ("mcunet", mcunet_space_subnet, 48),
@@ -255,7 +250,6 @@ SCHEMES = {
     "timm resnet (group norm)": TINY_TRAINING,
     "timm ghostnet_050": BIASES,
     "timm fastvit_t8": BIASES,
-    "mcunet mobilenet_v2": TINY_TRAINING,
     "mcunet mixed kernels": TINY_TRAINING,
     "mcunet mbv2-w0.35": TINY_TRAINING,
     "mcunet search-space subnet": TINY_TRAINING,
