@@ -20,7 +20,7 @@ import os
 import tempfile
 
 from .errors import ArtifactError
-from .targets.device_runner import EXAMPLE, remove_path, remove_stale, umask, writer_alive
+from .targets.device_runner import EXAMPLE, remove_path, remove_stale, umask, write_atomically, writer_alive
 
 FORMAT = "pockengine-artifact"
 FORMAT_VERSION = 2  # 2: partially trained weights are stored as their two parts
@@ -32,6 +32,7 @@ RUNNER = "run_step.py"  # device_runner.py, for a device without PockEngine (aar
 PTX_FILE, SOURCE_FILE = "kernels.ptx", "kernels.cu"  # a CUDA build's kernels, for inspection
 PROJECT = "project"  # a Cortex-M build's C project
 TMP_TAG, OLD_TAG = ".tmp-", ".old-"
+WRITE_TMP_PREFIX = ".pockengine-write-"  # write_file_atomically's temporary files, beside the user's
 
 
 def is_artifact(path: str) -> bool:
@@ -191,18 +192,21 @@ REQUIRED_KEYS = ("name", "target", "tvm_target", "optimizer", "source", "state_d
 
 
 def write_file_atomically(path: str, data: bytes) -> str:
-    """Write one file so that a crash at any instant leaves the old file or the new one whole: the
-    bytes go to a temporary file beside it (flushed to disk), which is renamed over it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_TAG}{os.getpid()}-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, path)
-    except BaseException:
-        remove_path(tmp)
-        raise
-    return path
+    """Write one file (a saved scheme, a report's plot) so that a crash at any instant leaves the old
+    file or the new one whole."""
+    return write_atomically(path, lambda f: f.write(data), WRITE_TMP_PREFIX)
+
+
+def write_figure(fig, path: str) -> str:
+    """Write a matplotlib figure as a PNG at `path` (directories made, the file written atomically)
+    and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
+    plt.close(fig)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return write_file_atomically(path, image.getvalue())

@@ -61,14 +61,10 @@ def import_vision_packages() -> bool:
 
 
 def save_figure(fig, path: str) -> str:
-    """Write a benchmark's matplotlib figure as a PNG at `path` (directories made) and close it."""
-    import matplotlib.pyplot as plt
+    """Write a benchmark's matplotlib figure as a PNG at `path` (artifact_files.write_figure)."""
+    from .artifact_files import write_figure
 
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return write_figure(fig, path)
 
 
 def torch_training_step(job, plan, peer: str = "eager"):

@@ -326,12 +326,17 @@ def _bias_of(names, i):
     return None
 
 
+def ratio_channels(ratio, shape, kind) -> tuple:
+    """(channels trained, their axis, the axis' size) of a conv/linear weight of `shape` at `ratio`:
+    the first round(ratio * C) input channels (a depthwise conv's: its channels)."""
+    axis = 0 if kind == "depthwise" else 1
+    return int(round(ratio * shape[axis])), axis, shape[axis]
+
+
 def _partial(name, ratio, shape, kind):
     if kind not in ("conv", "depthwise", "linear") or not name.endswith("weight"):
         raise JobError(f"sparse_update ratio {ratio} on {name}: channel ratios apply to conv and linear weights only")
-    axis = 0 if kind == "depthwise" else 1
-    total = shape[axis]
-    channels = int(round(ratio * total))
+    channels, axis, total = ratio_channels(ratio, shape, kind)
     if channels == 0:
         raise JobError(f"sparse_update ratio {ratio} on {name} keeps 0 of its {total} channels; "
                        "use a larger ratio or 'frozen'")

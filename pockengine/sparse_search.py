@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import json
 import math
 import re
@@ -42,7 +41,7 @@ import time
 import numpy as np
 
 from .errors import InputError, JobError
-from .sparse import FROZEN, FULL, SparseUpdate
+from .sparse import FROZEN, FULL, SparseUpdate, ratio_channels
 
 RATIOS = (0.125, 0.25, 0.5, 1.0)
 UNITS = {"b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}  # KB, MB, GB read as KiB, MiB, GiB
@@ -156,13 +155,9 @@ class SearchResult:
         ax.set_ylabel("held-out metric")
         ax.set_title("sparse-update search")
         ax.legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
-        image = io.BytesIO()
-        fig.savefig(image, format="png", dpi=120)
-        plt.close(fig)
-        from .artifact_files import write_file_atomically
+        from .artifact_files import write_figure
 
-        return write_file_atomically(path, image.getvalue())
+        return write_figure(fig, path)
 
     def to_json(self) -> dict:
         return {"scheme": self.scheme.to_json(), "budget": self.budget, "target": self.target,
@@ -359,12 +354,11 @@ def _pareto_front(baseline: Point, bias_points: list, weight_points: dict, head:
 
 
 def _distinct_ratios(ratios: list, shape: tuple, kind: str) -> list:
-    """The ratios that train different numbers of a weight's channels (sparse._partial's count), at
-    least one: a 3-channel input conv has 1/4 (1 channel), 1/2 (2) and 1 (all), not 1/8 (none)."""
-    total = shape[0 if kind == "depthwise" else 1]
+    """The ratios that train different numbers of a weight's channels, at least one: a 3-channel
+    input conv has 1/4 (1 channel), 1/2 (2) and 1 (all), not 1/8 (none)."""
     kept = {}
     for r in ratios:
-        channels = int(round(r * total))
+        channels = ratio_channels(r, shape, kind)[0]
         if channels >= 1:
             kept.setdefault(channels, r)
     return sorted(kept.values())

@@ -188,3 +188,19 @@ def test_the_device_runner_resumes_from_its_saved_state(program, tmp_path):
     assert resumed == straight
     with np.load(os.path.join(path, "state.npz")) as state:
         assert int(state["step"]) == int(pe.load(str(tmp_path / "straight")).optimizer_state_dict()["step"]) + 5
+
+
+def test_a_saved_scheme_replaces_the_file_whole_and_clears_what_a_killed_writer_left(tmp_path):
+    """SparseUpdate.save (and the search's JSON and plot) write beside the user's files: the new file
+    or the old one, a dead writer's temporary file removed, the user's own files left alone."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid no process has now
+    litter = tmp_path / f".pockengine-write-{dead.pid}-x1"
+    litter.write_bytes(b"\0" * 100)
+    mine = tmp_path / ".tmp-1-notes"  # a user's file with a temporary-looking name
+    mine.write_text("keep")
+    path = str(tmp_path / "scheme.json")
+    pe.SparseUpdate.bias_only().save(path)
+    pe.SparseUpdate.last_k(2).save(path)
+    assert pe.SparseUpdate.load(path).to_json() == pe.SparseUpdate.last_k(2).to_json()
+    assert sorted(os.listdir(tmp_path)) == [".tmp-1-notes", "scheme.json"] and mine.read_text() == "keep"

@@ -144,14 +144,19 @@ STATE_TMP_PREFIX = ".state-"
 
 
 def write_npz(path: str, arrays: dict) -> None:
-    """Write atomically: a crash leaves the old file or the new one, never half of one. The temporary
-    name carries this process's pid; what a killed writer left is removed here."""
-    directory = os.path.dirname(path) or "."
-    remove_stale(directory, STATE_TMP_PREFIX)
-    fd, tmp = tempfile.mkstemp(prefix=f"{STATE_TMP_PREFIX}{os.getpid()}-", suffix=".npz", dir=directory)
+    write_atomically(path, lambda f: np.savez(f, **arrays), STATE_TMP_PREFIX, ".npz")
+
+
+def write_atomically(path: str, write, prefix: str, suffix: str = "") -> str:
+    """Write `path` with `write(binary file)` so that a crash at any instant leaves the old file or the
+    new one, never half of one: into a temporary file beside it (flushed to disk), renamed over it.
+    The temporary name is `<prefix><pid>-...`; what a killed writer left is removed here."""
+    directory = os.path.dirname(os.path.abspath(path))
+    remove_stale(directory, prefix)
+    fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=suffix, dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private
@@ -159,6 +164,7 @@ def write_npz(path: str, arrays: dict) -> None:
     except BaseException:
         remove_path(tmp)
         raise
+    return path
 
 
 @contextlib.contextmanager
