@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from .awq import W4Linear, module_name_matches
+from .awq import W4Linear, module_name_matches, replace_module
 from .errors import JobError
 from .smoothquant import W8Linear
 
@@ -132,14 +132,11 @@ def add_lora(model, r: int = 8, targets=("q_proj", "v_proj"), alpha: float | Non
     for name, base in chosen:
         if r > min(base.in_features, base.out_features):
             raise JobError(f"LoRA rank {r} exceeds {name}'s size ({base.out_features} x {base.in_features})")
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
         if isinstance(base, nn.Linear):
             base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
-        adapted = _adapted_class(base)(base, r, float(r if alpha is None else alpha), generator)
-        setattr(owner, child, adapted.train(base.training))
+        replace_module(model, name, _adapted_class(base)(base, r, float(r if alpha is None else alpha), generator))
     return [name for name, _ in chosen]
 
 
