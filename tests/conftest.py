@@ -41,6 +41,14 @@ def mobilenetv2(**kw):
     return load_example_module("examples/mobilenetv2/mobilenetv2.py", "mobilenetv2").MobileNetV2(**kw)
 
 
+def bn_eval(model):
+    """BatchNorm in eval mode (statistics frozen), as TinyTL and MCUNetV3 fine-tune on microcontrollers."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    return model
+
+
 class MLP(nn.Module):
     def __init__(self, d_in=32, hidden=64, classes=10):
         super().__init__()

@@ -19,7 +19,7 @@ import tvm
 from tvm import relax
 
 import pockengine as pe
-from conftest import FAST_HOST, load_example_module, make_batches, max_scaled_diff, mobilenetv2
+from conftest import FAST_HOST, bn_eval, load_example_module, make_batches, max_scaled_diff, mobilenetv2
 from pockengine import pipeline
 from pockengine.errors import InputError
 from pockengine.passes.patch_prefix import NotPatchable, Window, patch_prefix, plan_patch, prefix_of, tiles
@@ -163,13 +163,6 @@ def trained(model, batches, patches, target=FAST_HOST, scheme=SCHEME):
     program = pe.compile(job_for(model, batches, scheme=scheme), target=target, patches=patches)
     losses = [program.step(x, y) for x, y in batches]
     return program, losses, program.state_dict()
-
-
-def bn_eval(model):
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.eval()
-    return model
 
 
 def test_patched_mobilenetv2_trains_as_unpatched_in_float64():

@@ -9,10 +9,9 @@ import subprocess
 import sys
 
 import numpy as np
-import torch
 
 import pockengine as pe
-from conftest import FAST_HOST, load_example_module, make_batches, max_scaled_diff, train_torch
+from conftest import FAST_HOST, bn_eval, load_example_module, make_batches, max_scaled_diff, train_torch
 
 VS_HOST = 1e-5
 VS_TORCH = 1e-4
@@ -25,11 +24,8 @@ def test_mcunets_mbv2_artifact_trains_under_qemu_like_the_host_and_pytorch(sysro
     training mode, its statistics over the last stages' 2 x 1 x 1 pixels make any two float32 runs
     part within 3 steps (its training-mode kernels are the host's, checked there)."""
     vision_models = load_example_module("tests/zoo/vision_models.py", "vision_models")
-    model = vision_models.mcunet_mbv2_w035()
+    model = bn_eval(vision_models.mcunet_mbv2_w035())
     assert len(model.blocks) == 17  # MobileNetV2's whole depth
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.eval()
     batches = make_batches((2, 3, 32, 32), vision_models.CLASSES, 2 * STEPS)
     optimizer = pe.optim.SGD(lr=0.05, momentum=0.9)
     job = pe.TrainingJob(copy.deepcopy(model), (batches[0][0],), batches[0][1], "cross_entropy", optimizer,

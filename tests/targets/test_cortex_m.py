@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import pockengine as pe
-from conftest import FAST_HOST, MLP, ROOT, make_batches, max_scaled_diff, mobilenetv2, train_torch
+from conftest import FAST_HOST, MLP, ROOT, bn_eval, make_batches, max_scaled_diff, mobilenetv2, train_torch
 from pockengine.artifact_files import PROJECT
 from pockengine.errors import MemoryLimitError, ToolchainError
 from pockengine.sparse import apply_to_torch
@@ -33,14 +33,6 @@ pytestmark = pytest.mark.skipif(
 VS_HOST = 1e-5
 VS_TORCH = 1e-4
 STEPS = 4
-
-
-def bn_eval(model):
-    """BatchNorm in eval mode, as TinyTL and MCUNetV3 fine-tune on microcontrollers."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.eval()
-    return model
 
 
 def train_on_device(job, target, batches, directory):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import pockengine as pe
-from conftest import FAST_HOST, load_example_module, make_batches, max_scaled_diff, train_torch
+from conftest import FAST_HOST, bn_eval, load_example_module, make_batches, max_scaled_diff, train_torch
 from pockengine.sparse import apply_to_torch
 
 VS_HOST = 1e-5
@@ -34,14 +34,6 @@ def mcunetv3_scheme(model):
     projections, the classifier: MCUNetV3's kind of scheme for this network's 256 KiB."""
     n = layers_of(model)  # ... last block's projection, feature mix, classifier
     return pe.SparseUpdate.mcunetv3(12, [n - 6, n - 3, n - 1], [0.125, 0.125, 1])
-
-
-def frozen_batchnorm(model):
-    """BatchNorm in eval mode, as TinyTL and MCUNetV3 fine-tune on microcontrollers."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.eval()
-    return model
 
 
 def check_against_host_and_torch(job, reference, batches, losses, state, optimizer):
@@ -65,7 +57,7 @@ def test_the_search_space_network_trains_sparsely_on_a_cortex_m4(tmp_path):
     from pockengine.artifact_files import PROJECT
     from pockengine.targets import cortex_m, resolve
 
-    model = frozen_batchnorm(vision_models.mcunet_space_subnet())
+    model = bn_eval(vision_models.mcunet_space_subnet())
     assert type(model).__name__ == "ProxylessNASNets" and len(model.blocks) == 14
     batches = make_batches((1, 3, 32, 32), vision_models.CLASSES, STEPS)
     optimizer = pe.optim.SGD(lr=0.05)
@@ -90,7 +82,7 @@ def test_the_search_space_network_builds_for_a_jetson_orin_gpu():
     from pockengine.artifact_files import PTX_FILE
     from pockengine.targets.cuda import nvcc
 
-    model = frozen_batchnorm(vision_models.mcunet_space_subnet())
+    model = bn_eval(vision_models.mcunet_space_subnet())
     x, y = make_batches((2, 3, 32, 32), vision_models.CLASSES, 1)[0]
     job = pe.TrainingJob(model, (x,), y, "cross_entropy", pe.optim.SGD(lr=0.05), sparse_update=mcunetv3_scheme(model),
                          name="mcunet_subnet_orin")
