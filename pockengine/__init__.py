@@ -15,8 +15,9 @@ TVM's are handled where library kernels run (torch_kernels.py).
 
 from . import errors
 
-__all__ = ["TrainingJob", "SparseUpdate", "search_sparse_update", "compile", "compile_inference", "load", "Program",
-           "InferenceProgram", "DeviceProgram", "to_torch", "optim", "errors", "targets", "quantize"]
+__all__ = ["TrainingJob", "SparseUpdate", "search_sparse_update", "analyze_sparse_update", "compile",
+           "compile_inference", "load", "Program", "InferenceProgram", "DeviceProgram", "to_torch", "optim", "errors",
+           "targets", "quantize"]
 
 
 def compile(job, target="host", *, tuning_logs=(), backend="tvm", patches=None, progress=None, verbose=False):  # noqa: A001 - the contract's name
@@ -75,6 +76,15 @@ def search_sparse_update(job, budget=None, *, data, eval_data, target="host", **
     from .sparse_search import search
 
     return search(job, budget, data=data, eval_data=eval_data, target=target, **options)
+
+
+def analyze_sparse_update(job, *, data, eval_data, target="host", **options):
+    """The search's contribution analysis alone (what each bias depth and weight ratio buys on
+    `eval_data`, what it costs on `target`): `.choose(budget)` returns the SearchResult at a budget,
+    as search_sparse_update does, and may be called for several budgets without training again."""
+    from .sparse_search import analyze
+
+    return analyze(job, data=data, eval_data=eval_data, target=target, **options)
 
 
 _LAZY = {"TrainingJob": ("job", "TrainingJob"), "SparseUpdate": ("sparse", "SparseUpdate"),

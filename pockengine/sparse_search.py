@@ -7,6 +7,9 @@ ratios, a model trains under a memory budget, chosen from what each measurably b
     print(result.report()); result.plot("search.png")
     result.save("search.json")                  # pe.SparseUpdate.load("search.json") reads the scheme
 
+    analysis = pe.analyze_sparse_update(job, data=train_batches, eval_data=held_out, target="cortex-m7")
+    small, large = analysis.choose("128KB"), analysis.choose("256KB")   # one analysis, several budgets
+
 Units are MCUNetV3's: the convs are the conv, depthwise and linear weights in model order, the last
 one the classifier, which always trains (a new task's head). A scheme is `mcunetv3(k, weights,
 ratios)`: the biases of the last k convs and each chosen conv's weight at a channel ratio.
@@ -178,14 +181,27 @@ class SearchResult:
 # ------------------------------------------------------------------ the search
 
 
-def search(job, budget=None, *, data, eval_data, target="host", steps=None, weight_layers=6, bias_depths=None,
-           ratios=RATIOS, metric=None, presets=None, run_target=None, progress=True) -> SearchResult:
+def search(job, budget=None, *, data, eval_data, target="host", progress=True, **options) -> SearchResult:
     """Search the sparse-update scheme of `job`'s model that scores best on `eval_data` after
-    training on `data` under `budget` bytes of training memory on `target` (see the module's text).
+    training on `data` under `budget` bytes of training memory on `target` (see the module's text):
+    `analyze(job, ...).choose(budget)`, the budget checked before the analysis starts.
+
+    budget: bytes or a size ("256KB"); default the target's SRAM (microcontrollers) less the stack the
+    runtime reserves and the input batch. The other options are analyze's.
+    """
+    from . import targets
+
+    _budget(budget, targets.resolve(target), job)  # a bad budget fails before minutes of analysis
+    analysis = analyze(job, data=data, eval_data=eval_data, target=target, progress=progress, **options)
+    return analysis.choose(budget)
+
+
+def analyze(job, *, data, eval_data, target="host", steps=None, weight_layers=6, bias_depths=None, ratios=RATIOS,
+            metric=None, presets=None, run_target=None, progress=True) -> Analysis:
+    """The contribution analysis of `job`'s model for `target` (steps 1 and 2 of the module's text),
+    from which `.choose(budget)` searches a scheme at any number of budgets without training again.
 
     data, eval_data: lists of batches `(inputs..., target)` shaped as the job's example batch.
-    budget: bytes or a size ("256KB"); default the target's SRAM (microcontrollers) less the stack the
-    runtime reserves and the input batch.
     steps: training steps of each run (default: one pass over `data`).
     weight_layers: how many convs before the classifier are weight candidates.
     bias_depths: the bias depths tried (default 5 points from the classifier alone to every conv).
@@ -204,7 +220,6 @@ def search(job, budget=None, *, data, eval_data, target="host", steps=None, weig
 
     started = time.perf_counter()
     preset = targets.resolve(target)
-    budget = _budget(budget, preset, job)
     data, eval_data = _batches(data, job, "data"), _batches(eval_data, job, "eval_data")
     steps = len(data) if steps is None else _positive_int(steps, "steps")
     ratios = _ratios(ratios)
@@ -225,13 +240,10 @@ def search(job, budget=None, *, data, eval_data, target="host", steps=None, weig
     depths = _depths(bias_depths, len(convs))
     candidates = list(range(max(0, head - _positive_int(weight_layers, "weight_layers")), head))
     presets = _default_presets(len(convs)) if presets is None else dict(presets)
-    say = _Progress(progress, 3 + len(depths) + len(candidates) * len(ratios) + len(presets))  # at most
+    say = _Progress(progress, 2 + len(depths) + len(candidates) * len(ratios) + len(presets))  # at most
 
     def planned(scheme) -> int:
         return training_memory(memory_plan(_with_scheme(job, scheme), preset, imported=imported))
-
-    def trained(scheme) -> float:
-        return runner.run(_with_scheme(job, scheme).plan(imported))
 
     if run_target is None:
         family = family_of(preset)
@@ -240,52 +252,86 @@ def search(job, budget=None, *, data, eval_data, target="host", steps=None, weig
     runner = _Runner(compile_job(_with_scheme(job, SparseUpdate.full()), run_target), job.model, data, eval_data, steps,
                      metric)
 
+    def trained(scheme) -> float:
+        return runner.run(_with_scheme(job, scheme).plan(imported))
+
     def measured(label, choice) -> Point:
         say(f"{label}: training {steps} steps, planning for {preset.name}")
         return Point(label, choice, trained(choice.scheme()), planned(choice.scheme()))
 
     classifier = ((head, 1.0),)
     baseline = measured("classifier only", Choice(1, classifier))
-    if baseline.memory > budget:  # the least this search trains: nothing else can fit
-        raise JobError(f"search_sparse_update: no scheme fits {budget / 1024:.1f} KiB on {preset.name}: the "
-                       f"classifier alone plans {baseline.memory / 1024:.1f} KiB of training memory (activations "
-                       "and the trained part); give a larger budget, a smaller batch or resolution")
     bias_points = [measured(f"biases of the last {k} convs", Choice(k, classifier)) for k in depths]
     shapes = {p.name: tuple(p.shape) for p in imported.params}
     weight_points = {i: {r: measured(f"weight {convs[i]} x{_ratio(r)}", Choice(1, ((i, r),) + classifier))
                          for r in _distinct_ratios(ratios, shapes[convs[i]], kinds[convs[i]])} for i in candidates}
-
-    front = _pareto_front(baseline, bias_points, weight_points, head)
-    admissible = sorted((p for p in front if p.estimated_memory <= budget), key=lambda p: -p.estimated_metric)
-    verified, chosen = [], None
-    for point in admissible[:VERIFIED_CANDIDATES]:
-        say.note(f"planning the front point {point.label} for real")
-        point.memory = planned(point.choice.scheme())
-        verified.append(point)
-        if point.memory <= budget:
-            chosen = point
-            break
-    measured_points = [baseline, *bias_points, *(p for by in weight_points.values() for p in by.values())]
-    if chosen is None:  # the front's best estimates all planned over: the best measured unit that fits
-        fitting = [p for p in measured_points if p.memory <= budget]
-        chosen = max(fitting, key=lambda p: p.metric, default=None)
-        if chosen is not None:
-            chosen = dataclasses.replace(chosen, estimated_metric=chosen.metric, estimated_memory=chosen.memory)
-    if chosen is None:
-        cheapest = min(measured_points, key=lambda p: p.memory)
-        raise JobError(f"search_sparse_update: no scheme fits {budget / 1024:.1f} KiB on {preset.name}: the "
-                       f"smallest, {cheapest.label}, plans {cheapest.memory / 1024:.1f} KiB of training memory "
-                       "(activations and the trained part); give a larger budget, a smaller batch or resolution")
-    say(f"training the chosen scheme ({chosen.label})")
-    chosen.metric = trained(chosen.choice.scheme())
-
     preset_points = []
     for label, scheme in presets.items():
         say(f"preset {label}")
         preset_points.append(Point(label, None, trained(scheme), planned(scheme)))
     say.done()
-    return SearchResult(chosen.choice.scheme(), chosen.choice, budget, preset.name, convs, baseline, bias_points,
-                        weight_points, front, verified, chosen, preset_points, time.perf_counter() - started)
+    return Analysis(job, preset, convs, head, baseline, bias_points, weight_points, preset_points, trained, planned,
+                    progress, time.perf_counter() - started)
+
+
+@dataclasses.dataclass
+class Analysis:
+    """What each unit buys on the task and what it costs on the target; choose(budget) searches it."""
+    job: object
+    preset: object  # the target
+    convs: list
+    head: int
+    baseline: Point
+    bias_points: list
+    weight_points: dict
+    presets: list
+    trained: object  # scheme -> metric after the short run (the analysis's build)
+    planned: object  # scheme -> training memory on the target (memory planner)
+    progress: bool
+    seconds: float
+
+    @property
+    def front(self) -> list:
+        return _pareto_front(self.baseline, self.bias_points, self.weight_points, self.head)
+
+    def choose(self, budget=None) -> SearchResult:
+        """The best scheme under `budget` (bytes or a size; default the target's SRAM less the stack
+        the runtime reserves and the input batch): the front's best estimates planned for real until
+        one fits, then trained once to measure it (step 3 of the module's text)."""
+        started = time.perf_counter()
+        preset, baseline = self.preset, self.baseline
+        budget = _budget(budget, preset, self.job)
+        if baseline.memory > budget:  # the least this search trains: nothing else can fit
+            raise JobError(f"search_sparse_update: no scheme fits {budget / 1024:.1f} KiB on {preset.name}: the "
+                           f"classifier alone plans {baseline.memory / 1024:.1f} KiB of training memory "
+                           "(activations and the trained part); give a larger budget, a smaller batch or resolution")
+        say = _Progress(self.progress, 1)
+        front = self.front
+        admissible = sorted((p for p in front if p.estimated_memory <= budget), key=lambda p: -p.estimated_metric)
+        verified, chosen = [], None
+        for point in admissible[:VERIFIED_CANDIDATES]:
+            say.note(f"planning the front point {point.label} for real")
+            point.memory = self.planned(point.choice.scheme())
+            verified.append(point)
+            if point.memory <= budget:
+                chosen = point
+                break
+        measured_points = [baseline, *self.bias_points, *(p for by in self.weight_points.values() for p in by.values())]
+        if chosen is None:  # the front's best estimates all planned over: the best measured unit that fits
+            fitting = [p for p in measured_points if p.memory <= budget]
+            chosen = max(fitting, key=lambda p: p.metric, default=None)
+            if chosen is not None:
+                chosen = dataclasses.replace(chosen, estimated_metric=chosen.metric, estimated_memory=chosen.memory)
+        if chosen is None:
+            cheapest = min(measured_points, key=lambda p: p.memory)
+            raise JobError(f"search_sparse_update: no scheme fits {budget / 1024:.1f} KiB on {preset.name}: the "
+                           f"smallest, {cheapest.label}, plans {cheapest.memory / 1024:.1f} KiB of training memory "
+                           "(activations and the trained part); give a larger budget, a smaller batch or resolution")
+        say(f"training the chosen scheme ({chosen.label})")
+        chosen.metric = self.trained(chosen.choice.scheme())
+        return SearchResult(chosen.choice.scheme(), chosen.choice, budget, preset.name, self.convs, baseline,
+                            self.bias_points, self.weight_points, front, verified, chosen, self.presets,
+                            self.seconds + time.perf_counter() - started)
 
 
 def top1_accuracy(model, eval_data) -> float:

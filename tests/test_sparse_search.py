@@ -131,6 +131,12 @@ def searched(tmp_path_factory):
     return job, options, baseline, full, pe.search_sparse_update(job, (baseline + full) // 2, **options)
 
 
+@pytest.fixture(scope="module")
+def analysis(searched):
+    job, options, *_ = searched
+    return pe.analyze_sparse_update(job, **options)
+
+
 def test_the_search_picks_the_best_front_point_whose_real_plan_fits(searched):
     job, _, baseline, full, result = searched
     assert baseline < result.budget < full
@@ -149,16 +155,27 @@ def test_the_search_picks_the_best_front_point_whose_real_plan_fits(searched):
     assert 0 <= result.chosen.metric <= 1 and {p.label for p in result.presets} >= {"full", "last 2 layers"}
 
 
-def test_a_budget_that_admits_one_choice_gets_it(searched):
-    job, options, baseline, _, _ = searched
-    result = pe.search_sparse_update(job, baseline, **options)
+def test_a_budget_that_admits_one_choice_gets_it(searched, analysis):
+    _, _, baseline, _, _ = searched
+    result = analysis.choose(baseline)
     assert result.choice == Choice(1, ((3, 1.0),)) and result.chosen.memory == baseline
 
 
-def test_a_budget_nothing_fits_says_what_the_smallest_needs(searched):
+def test_one_analysis_chooses_at_every_budget_as_the_search_does(searched, analysis):
+    _, _, baseline, full, result = searched
+    again = analysis.choose((baseline + full) // 2)
+    assert again.choice == result.choice and again.chosen.memory == result.chosen.memory
+    assert again.chosen.metric == result.chosen.metric  # the same build, the same runs: the same numbers
+    largest = analysis.choose(full)
+    assert largest.chosen.estimated_metric >= again.chosen.estimated_metric and largest.chosen.memory <= full
+
+
+def test_a_budget_nothing_fits_says_what_the_smallest_needs(searched, analysis):
     job, options, baseline, _, _ = searched
     with pytest.raises(JobError, match=r"no scheme fits .* the classifier alone plans"):
-        pe.search_sparse_update(job, baseline // 2, **options)
+        analysis.choose(baseline // 2)
+    with pytest.raises(InputError, match="budget 'lots'"):  # before any analysis starts
+        pe.search_sparse_update(job, "lots", **options)
 
 
 def test_the_result_saves_loads_and_builds(searched, tmp_path):
