@@ -72,14 +72,16 @@ def _add_branch(block: nn.Module, args, output):
 def default_blocks(model: nn.Module) -> list:
     """The model's blocks, as TinyTL picks them: the items of the shallowest numbered containers
     (`features.<i>`, `blocks.<i>`, `layer1.<i>`), those of their most common class (MobileNetV2's
-    InvertedResidual, not its stem and last convolutions); when those items are plain containers
-    (timm's stages), every item inside them (`blocks.<i>.<j>`)."""
+    InvertedResidual, not its stem and last convolutions); when those items are plain containers of
+    blocks (timm's stages), every item inside them (`blocks.<i>.<j>`); plain containers of layers
+    (`nn.Sequential(conv, norm, activation)`) are the blocks themselves."""
     items = [(name, m) for name, m in model.named_modules() if re.fullmatch(r"(.+\.)?\d+", name)]
     if not items:
         return []
     depth = min(name.count(".") for name, _ in items)
     shallowest = [(name, m) for name, m in items if name.count(".") == depth]
-    if all(type(m) in (nn.Sequential, nn.ModuleList) for _, m in shallowest):  # stages: all their items
+    if all(type(m) in (nn.Sequential, nn.ModuleList) for _, m in shallowest) and any(
+            next(child.children(), None) is not None for _, stage in shallowest for child in stage.children()):
         return [f"{name}.{child}" for name, stage in shallowest for child, _ in stage.named_children()]
     counts: dict = {}
     for _, m in shallowest:
@@ -173,9 +175,33 @@ def add_lite_residuals(model: nn.Module, example_inputs, blocks=None, kernel_siz
         branch = LiteResidualBranch(in_shape[1], out_shape[1], stride, size, branch_groups, pooling, middle)
         _initialise(branch, generator)
         module = modules[name]
+        if isinstance(module, nn.Sequential):  # its forward runs every child: it must pass the branch by
+            _skip_the_branch_in_sequence(name, module)
         module.add_module(LITE_RESIDUAL, branch.to(dtype))
         module.register_forward_hook(_add_branch)
     return names
+
+
+def _sequential_forward(self, x):
+    for child_name, child in self._modules.items():
+        if child_name != LITE_RESIDUAL:
+            x = child(x)
+    return x
+
+
+def _skip_the_branch_in_sequence(name: str, block: nn.Sequential) -> None:
+    """Give an nn.Sequential block (conv, norm, activation) a class whose forward runs its children
+    but the branch (the hook adds that): the parameters keep their names, a wrapper would rename them."""
+    cls = type(block)
+    if cls.forward is not nn.Sequential.forward:
+        raise JobError(f"lite_residual: {name} is a {cls.__name__}, an nn.Sequential with its own forward, and a "
+                       "branch registered under it would change what that forward runs; name the modules around "
+                       "or inside it instead (SparseUpdate.lite_residual(blocks=[...]))")
+    block.__class__ = _SEQUENCES_WITH_BRANCH.setdefault(cls, type(cls.__name__, (cls,), {
+        "forward": _sequential_forward, "__module__": cls.__module__}))
+
+
+_SEQUENCES_WITH_BRANCH: dict = {}
 
 
 def _stride(size_in, size_out) -> int | None:

@@ -40,6 +40,12 @@ def test_the_branches_go_beside_each_models_blocks():
     blocks = default_blocks(efficientnet)
     assert blocks[0] == "blocks.0.0" and blocks[-1] == f"blocks.6.{len(efficientnet.blocks[6]) - 1}"
     assert len(blocks) == sum(len(stage) for stage in efficientnet.blocks)
+    # plain conv-BN-ReLU containers (examples/transfer_digits' SmallCNN) are the blocks, not their layers
+    def conv_block(cin, cout):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+    plain = nn.Module()
+    plain.features = nn.Sequential(conv_block(1, 8), conv_block(8, 8))
+    assert default_blocks(plain) == ["features.0", "features.1"]
 
 
 def test_branch_shapes_follow_tinytl():
@@ -88,15 +94,8 @@ def test_lite_residual_trains_like_the_same_modules_in_pytorch():
     program = pe.compile(job, target=FAST_HOST)
     trained = {name for name, rule in program.plan.items() if rule != "frozen"}
     assert trained == {name for name in program.plan if "lite_residual" in name or name.endswith(".bias")}
-    ours = [program.step(x, y) for x, y in batches]
-    reference = copy.deepcopy(model)
-    add_lite_residuals(reference, (batches[0][0],))
-    pe.sparse.apply_to_torch(reference, program.plan)
-    np.testing.assert_allclose(ours, train_torch(reference, pe.optim.SGD(lr=0.1, momentum=0.9), batches),
-                               rtol=1e-10)
+    trains_like_pytorch(program, model, batches)
     state = program.state_dict()
-    worst, where = max_scaled_diff(state, reference.state_dict())
-    assert worst <= 1e-10, f"{where} differs by {worst:.3g}"
     original = model.state_dict()
     assert all(np.array_equal(state[k], original[k].numpy()) for k in original if k.endswith(".weight"))
     rows = {r.layer: r for r in program.memory_report().layers}
@@ -137,3 +136,48 @@ def test_blocks_that_cannot_take_a_branch_are_named():
     with pytest.raises(JobError, match="no numbered blocks"):
         pe.TrainingJob(Flat(), (torch.randn(2, 3, 2, 2),), y, "cross_entropy", pe.optim.SGD(lr=0.1),
                        sparse_update=pe.SparseUpdate.lite_residual())
+
+
+def test_sequential_blocks_keep_their_layers_and_the_upsampling_saves_nothing_of_its_size():
+    """Branches beside nn.Sequential(conv, BN, ReLU) blocks (examples/transfer_digits' SmallCNN):
+    the Sequential's forward must not run the branch registered under it as one more layer (the
+    job failed to export). The branch's bilinear upsampling keeps nothing of the block output's size
+    for the backward (its gathered corners were kept: take_backward read only their shape). The
+    step trains as PyTorch does (float64)."""
+    def conv_block(cin, cout, stride):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU6())
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.features = nn.Sequential(conv_block(1, 8, 1), conv_block(8, 16, 2))
+    model.pool, model.flat, model.classifier = nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3)
+    model = model.double()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 1, 16, 16, dtype=torch.float64, generator=g), torch.randint(0, 3, (4,), generator=g))
+               for _ in range(3)]
+    scheme = pe.SparseUpdate.lite_residual() | {"classifier": "full"}
+    job = pe.TrainingJob(copy.deepcopy(model), (batches[0][0],), batches[0][1], "cross_entropy",
+                         pe.optim.SGD(lr=0.1, momentum=0.9), sparse_update=scheme)
+    assert job.lite_residual_blocks == ["features.0", "features.1"]
+    assert [name for name, _ in job.model.features[0].named_children()] == ["0", "1", "2", "lite_residual"]
+    assert set(job.model.state_dict()) - set(model.state_dict()) == {
+        k for k in job.model.state_dict() if ".lite_residual." in k}  # every model parameter keeps its name
+    program = pe.compile(job, target=FAST_HOST)
+    # the hook's addition and upsampling are the blocks' own operators: they keep nothing (they kept
+    # two tensors of the block output's size at features.0, four of a quarter of it at features.1)
+    saved = {r.layer: r.saved_activation_bytes for r in program.memory_report().layers}
+    assert saved.get("features.0", 0) == saved.get("features.1", 0) == 0, saved
+    trains_like_pytorch(program, model, batches)
+
+
+def trains_like_pytorch(program, model, batches):
+    """The program's steps (SGD with momentum 0.9, lr 0.1) against PyTorch training `model` with the
+    same branches (the same seed) and the same frozen set: losses and state to 1e-10 (float64)."""
+    ours = [program.step(x, y) for x, y in batches]
+    reference = copy.deepcopy(model)
+    add_lite_residuals(reference, (batches[0][0],))
+    pe.sparse.apply_to_torch(reference, program.plan)
+    np.testing.assert_allclose(ours, train_torch(reference, pe.optim.SGD(lr=0.1, momentum=0.9), batches),
+                               rtol=1e-10)
+    worst, where = max_scaled_diff(program.state_dict(), reference.state_dict())
+    assert worst <= 1e-10, f"{where} differs by {worst:.3g}"

@@ -46,6 +46,7 @@ from tvm.relax.op import (
     tanh,
     triu,
     where,
+    zeros,
     zeros_like,
 )
 from tvm.relax.op.grad import max_pool2d_backward, no_grad, take_backward
@@ -291,14 +292,22 @@ def take_grad(orig_var, orig_call, output_grad, ctx):
     axis = int(orig_call.attrs.axis) if orig_call.attrs.axis is not None else None
     if axis is None:  # take over the flattened input
         flat = reshape(output_grad, [-1])
-        grad = take_backward(flat, reshape(x, [-1]), reshape(index, [-1]), 0)
+        grad = take_backward(flat, _like(reshape(x, [-1])), reshape(index, [-1]), 0)
         return [reshape(grad, x.ty.shape), no_grad(index)]
     axis = axis % len(_shape(x))
     shape = _shape(x)
     count = int(np.prod(_shape(index), dtype=np.int64))
     grad_shape = shape[:axis] + [count] + shape[axis + 1:]
-    grad = take_backward(reshape(output_grad, grad_shape), x, reshape(index, [count]), axis)
+    grad = take_backward(reshape(output_grad, grad_shape), _like(x), reshape(index, [count]), axis)
     return [grad, no_grad(index)]
+
+
+def _like(x):
+    """For an operator that reads only x's type (take_backward's x): zeros of
+    x's shape and dtype when x is a forward intermediate, which passing x would keep alive until the
+    backward as a saved activation (bilinear interpolation's four gathered corners, each the
+    output's size); x itself when it is the step's input or state (an embedding table), alive anyway."""
+    return zeros(x.ty.shape, x.ty.dtype) if isinstance(x, relax.DataflowVar) else x
 
 
 @rule("relax.gather_elements")
@@ -306,7 +315,8 @@ def gather_elements_grad(orig_var, orig_call, output_grad, ctx):
     """y = gather_elements(x, index, axis)  ->  x_grad = scatter_add(zeros_like(x), index, y_grad, axis)"""
     x, index = orig_call.args
     axis = int(orig_call.attrs.axis)
-    return [scatter_elements(zeros_like(x), index, output_grad, axis, "add"), no_grad(index)]
+    # zeros from x's type, not zeros_like(x): that would keep the forward's x alive for the backward
+    return [scatter_elements(zeros(x.ty.shape, x.ty.dtype), index, output_grad, axis, "add"), no_grad(index)]
 
 
 @rule(linear_log_prob.OP_NAME)
