@@ -3,6 +3,7 @@
 import copy
 import importlib.util
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -33,6 +34,7 @@ FAST_HOST = {"kind": "llvm", "num-cores": os.cpu_count() or 1, "opt-level": 0}
 def load_example_module(relpath: str, name: str):
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import would: dataclasses and pickling look the module up there
     spec.loader.exec_module(module)
     return module
 

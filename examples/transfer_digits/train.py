@@ -107,11 +107,11 @@ def accuracy(net, state_dict):
     return float((predicted == y_new_test).mean())
 
 
-def fine_tune(pretrained, scheme, lr, epochs=20, seed=0):
+def fine_tune(pretrained, scheme, lr, epochs=20, seed=0, target="host"):
     net = copy.deepcopy(pretrained)
     j = pe.TrainingJob(net, job.example_inputs, job.example_targets, "cross_entropy",
                        pe.optim.SGD(lr=lr, momentum=0.9), sparse_update=scheme)
-    program = pe.compile(j)
+    program = pe.compile(j, target)
     rng = np.random.default_rng(seed)
     x, y = images(x_new_train).numpy(), y_new_train.astype("int64")
     for _ in range(epochs):
