@@ -3,7 +3,7 @@
     block(x)  ->  block(x) + upsample(branch(x))
     branch = avg-pool(downsample) -> conv k x k (groups, the block's stride, no bias) -> BatchNorm -> ReLU
              -> conv 1 x 1 (no bias) -> BatchNorm (its scale zero-initialised) ; upsampled bilinearly
-             to the block's output size
+             to the block's output size (as two products with the interpolation matrices)
 
 The branch works at 1/downsample of the block's input resolution, so its activations cost a fraction
 of the block's; its last BatchNorm starts at zero, so training starts from the model's own function
@@ -23,9 +23,11 @@ dropping the `lite_residual` entries, and torch.export traces the hook).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import re
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -65,8 +67,32 @@ def _add_branch(block: nn.Module, args, output):
     branch = getattr(block, LITE_RESIDUAL)
     residual = branch(args[0])
     if not branch.pooled_to_one:
-        residual = nn.functional.interpolate(residual, size=output.shape[2:], mode="bilinear", align_corners=False)
+        residual = upsample_bilinear(residual, tuple(output.shape[2:]))
     return output + residual
+
+
+def upsample_bilinear(x: torch.Tensor, size: tuple) -> torch.Tensor:
+    """F.interpolate(x, size, mode="bilinear", align_corners=False) as two products with its
+    interpolation matrices (rows, then columns; the same values to rounding). Its backward is two
+    products with their transposes, which keep nothing of the output's size: the decomposed
+    interpolation gathers four corners of the output's size and its backward scatters each back."""
+    rows = _bilinear_weights(x.shape[2], size[0]).to(dtype=x.dtype, device=x.device)
+    columns = _bilinear_weights(x.shape[3], size[1]).to(dtype=x.dtype, device=x.device)
+    return torch.matmul(torch.matmul(rows, x), columns.T)
+
+
+@functools.cache
+def _bilinear_weights(size_in: int, size_out: int) -> torch.Tensor:
+    """(size_out, size_in), float64: the weights of bilinear interpolation along one axis, as
+    PyTorch's upsample_bilinear2d takes them for an output size (half-pixel centres, scale in/out,
+    the source coordinate clamped at 0 and its upper neighbour at the last pixel)."""
+    source = np.maximum((np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5, 0.0)
+    lower = np.minimum(np.floor(source).astype(np.int64), size_in - 1)
+    upper = np.minimum(lower + 1, size_in - 1)
+    weights = np.zeros((size_out, size_in))
+    np.add.at(weights, (np.arange(size_out), lower), 1.0 - (source - lower))
+    np.add.at(weights, (np.arange(size_out), upper), source - lower)
+    return torch.from_numpy(weights)
 
 
 def default_blocks(model: nn.Module) -> list:

@@ -181,3 +181,15 @@ def trains_like_pytorch(program, model, batches):
                                rtol=1e-10)
     worst, where = max_scaled_diff(program.state_dict(), reference.state_dict())
     assert worst <= 1e-10, f"{where} differs by {worst:.3g}"
+
+
+@pytest.mark.parametrize("size_in, size_out", [((8, 8), (16, 16)), ((4, 4), (16, 16)), ((3, 5), (7, 10)),
+                                               ((2, 2), (3, 3)), ((7, 7), (7, 7))])
+def test_the_branch_upsamples_as_f_interpolate_does(size_in, size_out):
+    """The branch's bilinear upsampling (two products with interpolation matrices) computes what
+    F.interpolate(mode="bilinear", align_corners=False) does, odd and equal sizes included."""
+    from pockengine.lite_residual import upsample_bilinear
+
+    x = torch.randn(2, 3, *size_in, dtype=torch.float64)
+    expected = nn.functional.interpolate(x, size=size_out, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(upsample_bilinear(x, size_out), expected, rtol=0, atol=1e-13)
