@@ -240,6 +240,29 @@ def test_interpolation_trains_like_pytorch_in_every_mode():
     assert worst < 1e-10, where
 
 
+def test_bilinear_upsampling_keeps_nothing_of_the_outputs_size_for_the_backward():
+    """F.interpolate's decomposition gathers four corners of the output's size; the gradient of
+    each gather (take) read only its input's shape, yet kept the tensor alive into the backward:
+    the gathered corners and the upsampled conv output were saved activations. Only the conv's
+    input is now (the weight gradient's)."""
+    from pockengine.analysis.memory_plan import saved_activations
+    from pockengine.build import derive
+
+    class Upsampled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(4, 4, 1), nn.Linear(4, 3)
+
+        def forward(self, x):
+            up = torch.nn.functional.interpolate(self.conv(x), size=(16, 16), mode="bilinear", align_corners=False)
+            return self.head(up.mean((2, 3)))
+
+    x = torch.randn(2, 4, 8, 8)
+    job = pe.TrainingJob(Upsampled(), (x,), torch.tensor([0, 2]), "cross_entropy", pe.optim.SGD(lr=0.1))
+    saved = saved_activations(derive(job).step_mod["train_step"])
+    assert max(saved.values()) <= x.numel() * 4 and sum(saved.values()) < 2 * x.numel() * 4, sorted(saved.values())
+
+
 def test_antialiased_interpolation_is_refused_naming_the_fix():
     class Shrink(nn.Module):
         def forward(self, x):

@@ -142,8 +142,8 @@ def test_sequential_blocks_keep_their_layers_and_the_upsampling_saves_nothing_of
     """Branches beside nn.Sequential(conv, BN, ReLU) blocks (examples/transfer_digits' SmallCNN):
     the Sequential's forward must not run the branch registered under it as one more layer (the
     job failed to export). The branch's bilinear upsampling keeps nothing of the block output's size
-    for the backward (its gathered corners were kept: take_backward read only their shape). The
-    step trains as PyTorch does (float64)."""
+    for the backward (F.interpolate's decomposition kept its gathered corners, then scattered them
+    back one by one). The step trains as PyTorch does (float64)."""
     def conv_block(cin, cout, stride):
         return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU6())
 

@@ -303,16 +303,16 @@ def take_grad(orig_var, orig_call, output_grad, ctx):
 
 
 def _like(x):
-    """For an operator that reads only x's type (take_backward's x): zeros of
-    x's shape and dtype when x is a forward intermediate, which passing x would keep alive until the
-    backward as a saved activation (bilinear interpolation's four gathered corners, each the
-    output's size); x itself when it is the step's input or state (an embedding table), alive anyway."""
+    """x for an operator that reads only its type (take_backward's x): zeros of x's shape and dtype
+    when x is a forward intermediate, which passing x would keep alive until the backward as a saved
+    activation (a decomposed bilinear interpolation's four gathered corners, each the output's
+    size); x itself when it is the step's input or state (an embedding table), alive anyway."""
     return zeros(x.ty.shape, x.ty.dtype) if isinstance(x, relax.DataflowVar) else x
 
 
 @rule("relax.gather_elements")
 def gather_elements_grad(orig_var, orig_call, output_grad, ctx):
-    """y = gather_elements(x, index, axis)  ->  x_grad = scatter_add(zeros_like(x), index, y_grad, axis)"""
+    """y = gather_elements(x, index, axis)  ->  x_grad = scatter_add(zeros(shape(x)), index, y_grad, axis)"""
     x, index = orig_call.args
     axis = int(orig_call.attrs.axis)
     # zeros from x's type, not zeros_like(x): that would keep the forward's x alive for the backward
