@@ -76,23 +76,25 @@ def upsample_bilinear(x: torch.Tensor, size: tuple) -> torch.Tensor:
     interpolation matrices (rows, then columns; the same values to rounding). Its backward is two
     products with their transposes, which keep nothing of the output's size: the decomposed
     interpolation gathers four corners of the output's size and its backward scatters each back."""
-    rows = _bilinear_weights(x.shape[2], size[0]).to(dtype=x.dtype, device=x.device)
-    columns = _bilinear_weights(x.shape[3], size[1]).to(dtype=x.dtype, device=x.device)
+    # int(): under torch.export the sizes are symbolic, and neither a cache key nor a constant may
+    # hold one past the trace (an eager forward after compile tripped over the dead shape guard)
+    rows = torch.tensor(_bilinear_weights(int(x.shape[2]), int(size[0])), dtype=x.dtype, device=x.device)
+    columns = torch.tensor(_bilinear_weights(int(x.shape[3]), int(size[1])), dtype=x.dtype, device=x.device)
     return torch.matmul(torch.matmul(rows, x), columns.T)
 
 
 @functools.cache
-def _bilinear_weights(size_in: int, size_out: int) -> torch.Tensor:
-    """(size_out, size_in), float64: the weights of bilinear interpolation along one axis, as
-    PyTorch's upsample_bilinear2d takes them for an output size (half-pixel centres, scale in/out,
-    the source coordinate clamped at 0 and its upper neighbour at the last pixel)."""
+def _bilinear_weights(size_in: int, size_out: int) -> np.ndarray:
+    """(size_out, size_in): the weights of bilinear interpolation along one axis, as PyTorch's
+    upsample_bilinear2d takes them for an output size (half-pixel centres, scale in/out, the source
+    coordinate clamped at 0 and its upper neighbour at the last pixel). Callers copy it."""
     source = np.maximum((np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5, 0.0)
     lower = np.minimum(np.floor(source).astype(np.int64), size_in - 1)
     upper = np.minimum(lower + 1, size_in - 1)
     weights = np.zeros((size_out, size_in))
     np.add.at(weights, (np.arange(size_out), lower), 1.0 - (source - lower))
     np.add.at(weights, (np.arange(size_out), upper), source - lower)
-    return torch.from_numpy(weights)
+    return weights
 
 
 def default_blocks(model: nn.Module) -> list:
