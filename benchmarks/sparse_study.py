@@ -53,8 +53,9 @@ from pockengine.build import memory_plan  # noqa: E402
 from pockengine.sparse_search import top1_accuracy, training_memory  # noqa: E402
 
 KiB = 1024
-SCHEMES = ("full", "last-k (last block + head)", "bias-only + classifier", "lite residual + biases + classifier",
-           "MCUNetV3 hand-written")  # each task's hand-written schemes, by label
+FULL, LAST_K, BIAS_ONLY = "full", "last-k (last block + head)", "bias-only + classifier"
+LITE, HANDWRITTEN = "lite residual + biases + classifier", "MCUNetV3 hand-written"
+SCHEMES = (FULL, LAST_K, BIAS_ONLY, LITE, HANDWRITTEN)  # each task's hand-written schemes, by label
 
 
 # ------------------------------------------------------------------ the generated shapes task
@@ -144,10 +145,7 @@ class Task:
     batch: int
     epochs: int
     target: str  # memory planned for
-    schemes: dict  # {label: (SparseUpdate, learning rate)}
-    handwritten: str  # the label of the hand-written MCUNetV3 scheme
-    last_k: str
-    bias_only: str
+    schemes: dict  # {label: (SparseUpdate, learning rate)}, labels SCHEMES
     search_lr: float  # the searched schemes' learning rate
     search_options: dict
     optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adam"
@@ -200,15 +198,14 @@ def digits_task(small: bool) -> Task:
     y = digits.y_new_train.astype("int64")
     held = len(x) // 5
     test = (digits.images(digits.x_new_test).numpy(), digits.y_new_test.astype("int64"))
-    schemes = {"full": (pe.SparseUpdate.full(), 0.05), "last-k (last block + head)": (pe.SparseUpdate.last_k(3), 0.05),
-               "bias-only + classifier": (pe.SparseUpdate.bias_only() | {"classifier": "full"}, 0.1),
-               "lite residual + biases + classifier": (pe.SparseUpdate.lite_residual() | {"classifier": "full"}, 0.1),
+    schemes = {FULL: (pe.SparseUpdate.full(), 0.05), LAST_K: (pe.SparseUpdate.last_k(3), 0.05),
+               BIAS_ONLY: (pe.SparseUpdate.bias_only() | {"classifier": "full"}, 0.1),
+               LITE: (pe.SparseUpdate.lite_residual() | {"classifier": "full"}, 0.1),
                # the example's channel-ratio scheme in MCUNetV3's terms (5 convs, the classifier last)
-               "MCUNetV3 hand-written": (pe.SparseUpdate.mcunetv3(5, [2, 3, 4], [0.25, 0.5, 1]), 0.05)}
+               HANDWRITTEN: (pe.SparseUpdate.mcunetv3(5, [2, 3, 4], [0.25, 0.5, 1]), 0.05)}
     options = dict(weight_layers=1, ratios=(0.5,), bias_depths=[3]) if small else {}
     return Task("digits", model, (x[held:], y[held:]), (x[:held], y[:held]), test, digits.BATCH, 2 if small else 20,
-                "host", schemes, "MCUNetV3 hand-written", "last-k (last block + head)", "bias-only + classifier", 0.05,
-                options,
+                "host", schemes, search_lr=0.05, search_options=options,
                 pretrain_seconds=time.perf_counter() - started)
 
 
@@ -227,18 +224,14 @@ def shapes_task(small: bool) -> Task:
     train = render_shapes(TARGET_SHAPES, per_class * len(TARGET_SHAPES), size, rng, new_domain=True)
     val = render_shapes(TARGET_SHAPES, 20 if small else 300, size, rng, new_domain=True)
     test = render_shapes(TARGET_SHAPES, 20 if small else 2000, size, rng, new_domain=True)
-    schemes = {"full": (pe.SparseUpdate.full(), 3e-4),
-               "last-k (last block + head)": (pe.SparseUpdate.last_k(9), 1e-3),
-               "bias-only + classifier": (pe.SparseUpdate.bias_only() | {"classifier.*": "full"}, 3e-3),
-               "lite residual + biases + classifier": (pe.SparseUpdate.lite_residual() | {"classifier.*": "full"},
-                                                       3e-3),
+    schemes = {FULL: (pe.SparseUpdate.full(), 3e-4), LAST_K: (pe.SparseUpdate.last_k(9), 1e-3),
+               BIAS_ONLY: (pe.SparseUpdate.bias_only() | {"classifier.*": "full"}, 3e-3),
+               LITE: (pe.SparseUpdate.lite_residual() | {"classifier.*": "full"}, 3e-3),
                # benchmarks/mcu_memory.py's: biases of the last 12 convs, 1/8 of two late 1x1 convs' input
                # channels, the classifier
-               "MCUNetV3 hand-written": (pe.SparseUpdate.mcunetv3(12, "47-50-52", "0.125-0.125-1"), 3e-3)}
-    return Task("shapes", model, train, val, test, 8, 1 if small else 10, "cortex-m7", schemes,
-                "MCUNetV3 hand-written", "last-k (last block + head)", "bias-only + classifier", 3e-3, {},
-                optimizer="adam",
-                pretrain_seconds=time.perf_counter() - started)
+               HANDWRITTEN: (pe.SparseUpdate.mcunetv3(12, "47-50-52", "0.125-0.125-1"), 3e-3)}
+    return Task("shapes", model, train, val, test, 8, 1 if small else 10, "cortex-m7", schemes, search_lr=3e-3,
+                search_options={}, optimizer="adam", pretrain_seconds=time.perf_counter() - started)
 
 
 def pretrain_shapes(model, data, epochs: int, batch: int = 64):
@@ -317,12 +310,12 @@ def study(task: Task, seeds, log, only=None) -> dict:
                                         run_target=task.build_target, **task.search_options)
     log(f"  contribution analysis: {analysis.seconds:.0f} s")
     budgets = {}
-    if task.handwritten in rows:
-        budgets["hand-written's memory"] = rows[task.handwritten].memory
-    if task.last_k in rows:
-        budgets["1/2 of last-k's"] = rows[task.last_k].memory // 2
-    if task.bias_only in rows:
-        budgets["bias-only's memory"] = rows[task.bias_only].memory
+    if HANDWRITTEN in rows:
+        budgets["hand-written's memory"] = rows[HANDWRITTEN].memory
+    if LAST_K in rows:
+        budgets["1/2 of last-k's"] = rows[LAST_K].memory // 2
+    if BIAS_ONLY in rows:
+        budgets["bias-only's memory"] = rows[BIAS_ONLY].memory
     searches = {}
     for what, budget in budgets.items():
         if budget < analysis.baseline.memory:
@@ -343,7 +336,7 @@ def study(task: Task, seeds, log, only=None) -> dict:
 
 def table(task: Task, outcome: dict) -> str:
     rows = outcome["rows"]
-    full = rows.get("full")
+    full = rows.get(FULL)
     lines = [f"{task.name}: test accuracy after {task.epochs} epochs (mean ± sd over seeds); training memory "
              f"planned for {task.target}",
              f"{'scheme':<40}{'lr':>7}{'test accuracy':>16}{'vs full':>9}{'trained params':>16}{'memory KiB':>12}"
@@ -363,12 +356,10 @@ def table(task: Task, outcome: dict) -> str:
 def goals(task: Task, outcome: dict) -> str:
     """The issue's goals, measured: each compares two schemes the study ran (skipped otherwise)."""
     rows = outcome["rows"]
-    lite = "lite residual + biases + classifier"
-    pairs = [("searched at hand-written's memory", task.handwritten,
-              "searched at the hand-written scheme's memory vs it"),
-             ("searched at 1/2 of last-k's", task.last_k, "searched at 1/2 of last-k's memory vs last-k"),
-             ("searched at bias-only's memory", task.bias_only, "searched at bias-only's memory vs bias-only"),
-             (lite, "full", "lite residual + biases vs full fine-tuning")]
+    pairs = [("searched at hand-written's memory", HANDWRITTEN, "searched at the hand-written scheme's memory vs it"),
+             ("searched at 1/2 of last-k's", LAST_K, "searched at 1/2 of last-k's memory vs last-k"),
+             ("searched at bias-only's memory", BIAS_ONLY, "searched at bias-only's memory vs bias-only"),
+             (LITE, FULL, "lite residual + biases vs full fine-tuning")]
     out = [f"{task.name} goals:"]
     for mine, theirs, what in pairs:
         if mine in rows and theirs in rows:
