@@ -3,6 +3,7 @@
     python benchmarks/sparse_study.py                    # both tasks, 3 seeds (about 20 minutes on 2 cores)
     python benchmarks/sparse_study.py --task shapes --plot build/sparse_study.png --json build/study.json
     python benchmarks/sparse_study.py --small            # what CI runs: the digits task, tiny, one seed
+    python benchmarks/sparse_study.py --task shapes --analysis-passes 3   # longer contribution runs
 
 A network is pretrained (plain PyTorch, the "cloud" part), gets a new classifier, and is fine-tuned
 on a new task through PockEngine under each scheme; test accuracy is the mean ± sd over seeds (the
@@ -399,12 +400,14 @@ def main(argv=None) -> int:
     parser.add_argument("--small", action="store_true", help="the digits task, tiny, one seed (CI)")
     parser.add_argument("--scheme", action="append", choices=SCHEMES, help="only this hand-written scheme (repeat; "
                         "default all); the searches run at the budgets the chosen ones give")
+    parser.add_argument("--analysis-passes", type=int, default=1, help="passes over the training data of each "
+                        "contribution run of the search (default 1: the search's own default)")
     parser.add_argument("--build-target", default="host", help="what the runs compile for (a target of this machine)")
     parser.add_argument("--plot", help="write accuracy against memory as a PNG here")
     parser.add_argument("--json", help="write the results as JSON here")
     args = parser.parse_args(argv)
-    if args.seeds < 1:
-        parser.error("--seeds must be at least 1")
+    if args.seeds < 1 or args.analysis_passes < 1:
+        parser.error("--seeds and --analysis-passes must be at least 1")
     names = ["digits"] if args.small else ["digits", "shapes"] if args.task == "both" else [args.task]
     seeds = range(1 if args.small else args.seeds)
     build_target = json.loads(args.build_target) if args.build_target.lstrip().startswith("{") else args.build_target
@@ -416,6 +419,8 @@ def main(argv=None) -> int:
     for name in names:
         task = (digits_task if name == "digits" else shapes_task)(args.small)
         task.build_target = build_target
+        if args.analysis_passes > 1:
+            task.search_options["steps"] = args.analysis_passes * (len(task.train[0]) // task.batch)
         tasks.append(task)
         outcomes.append(study(task, seeds, log, args.scheme))
         print(table(task, outcomes[-1]) + "\n" + goals(task, outcomes[-1]) + "\n", flush=True)
