@@ -46,7 +46,10 @@ import torch
 from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.join(HERE, "..", "examples", "mobilenetv2")]
+sys.path[:0] = [HERE, os.path.join(HERE, "..", "examples", "mobilenetv2")]
+
+from quantized_quality import example  # noqa: E402
+from sparse_memory import freeze_batchnorm  # noqa: E402
 
 import pockengine as pe  # noqa: E402
 from pockengine import bench  # noqa: E402
@@ -169,27 +172,8 @@ class Task:
                 for i in range(0, len(x) - self.batch + 1, self.batch)]
 
 
-def _load_example(relpath: str):
-    """An example script as a module, by its path (a module named `transfer_digits` may be imported
-    already: the tests load the example under that name)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"sparse_study_{relpath.split('/')[0]}",
-                                                  os.path.join(HERE, "..", "examples", relpath))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def freeze_batchnorm(model):
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-    return model
-
-
 def digits_task(small: bool) -> Task:
-    digits = _load_example("transfer_digits/train.py")
+    digits = example("transfer_digits")  # by path, as `transfer_digits_train`: the tests load a `transfer_digits`
     started = time.perf_counter()
     torch.manual_seed(0)
     model = digits.SmallCNN()
@@ -289,11 +273,8 @@ def fine_tune(task: Task, label: str, scheme, lr: float, seeds, log) -> Row:
         job.model.load_state_dict(program.state_dict(as_torch=True))
         accuracies.append(top1_accuracy(job.model, task.batches(task.test) if task.batch > 1 else
                                         [tuple(map(torch.from_numpy, task.test))]))
-    sig = program.signature
-    trained = sum(int(np.prod(sig.trained_shapes.get(s.name, s.shape))) for s in sig.state
-                  if sig.categories[s.name] == "param")
     memory = training_memory(memory_plan(job, task.target))
-    row = Row(label, lr, accuracies, trained, memory, time.perf_counter() - started)
+    row = Row(label, lr, accuracies, program.signature.trained_elements, memory, time.perf_counter() - started)
     log(f"  {label}: {100 * row.mean:.1f}% ± {100 * row.sd:.1f}, {memory / KiB:.1f} KiB ({row.seconds:.0f} s)")
     return row
 

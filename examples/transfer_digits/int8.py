@@ -107,9 +107,7 @@ class Runner:
         self.program = pe.compile(job)
         self.initial_state = self.program.state_dict()
         self.initial_optimizer_state = self.program.optimizer_state_dict()
-        sig = self.program.signature
-        self.trained_params = sum(int(np.prod(sig.trained_shapes.get(s.name, s.shape))) for s in sig.state
-                                  if sig.categories[s.name] == "param")
+        self.trained_params = self.program.signature.trained_elements
         self.planned_bytes = self.program.memory_report().peak_bytes
 
     def fine_tune(self, data, lr: float, epochs: int, seed: int) -> None:

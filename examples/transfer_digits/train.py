@@ -118,10 +118,7 @@ def fine_tune(pretrained, scheme, lr, epochs=20, seed=0, target="host"):
         order = rng.permutation(len(x))
         for i in range(0, len(order) - BATCH + 1, BATCH):
             program.step(x[order[i:i + BATCH]], y[order[i:i + BATCH]])
-    sig = program.signature
-    trained = sum(int(np.prod(sig.trained_shapes.get(s.name, s.shape))) for s in sig.state
-                  if sig.categories[s.name] == "param")
-    return accuracy(net, program.state_dict()), trained, program.memory_report().peak_bytes
+    return accuracy(net, program.state_dict()), program.signature.trained_elements, program.memory_report().peak_bytes
 
 
 if __name__ == "__main__":

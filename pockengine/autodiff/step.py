@@ -163,6 +163,11 @@ class StepSignature:
         shapes = {s.name: s.shape for s in self.state}
         return {name: shapes[split.trained] for name, split in self.partial.items()}
 
+    @property
+    def trained_elements(self) -> int:
+        """How many parameter values the step trains (a partially trained weight: its trained channels)."""
+        return sum(int(np.prod(s.shape)) for s in self.state if self.categories[s.name] == PARAM)
+
     def state_aliases(self) -> dict:
         """{position in train_step's returned tuple: index of the parameter holding the old value}:
         which output may be written over which input (update_in_place)."""
